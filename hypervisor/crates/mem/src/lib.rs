@@ -1,0 +1,2 @@
+//! Memory multiplexing engine (work in progress, see issue 3).
+#![no_std]
