@@ -88,3 +88,8 @@ pub fn vm_stats() -> Result<VmStats, HypercallError> {
     )?;
     Ok(stats)
 }
+
+/// Does nothing in the hypervisor: one bare VMCALL round trip.
+pub fn nop() {
+    let _ = call(Hypercall::Nop, 0, 0, 0);
+}

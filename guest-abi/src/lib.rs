@@ -55,6 +55,8 @@ pub enum Hypercall {
     Report = 5,
     /// `vm_stats(gpa, len) -> size`: write this VM's [`VmStats`] at `gpa`.
     VmStats = 6,
+    /// `nop() -> 0`: does nothing; measures the bare hypercall round trip.
+    Nop = 7,
 }
 
 impl Hypercall {
@@ -67,6 +69,7 @@ impl Hypercall {
             4 => Self::Yield,
             5 => Self::Report,
             6 => Self::VmStats,
+            7 => Self::Nop,
             _ => return None,
         })
     }
