@@ -1,1 +1,127 @@
-#![no_std]
+//! The boot manifest: the TOML file that declares which VMs the hypervisor runs.
+//!
+//! This crate owns the manifest's schema, its parsing and its validation, and nothing else: the
+//! hypervisor hands it the text of the `manifest` boot module plus what the host offers
+//! ([`HostLimits`]), and gets back the VMs to build and the errors to print. `cargo xtask
+//! manifest check` runs the same code on the host, so a manifest that passes there passes at
+//! boot (given the same images and memory).
+//!
+//! Error policy: a manifest that is not TOML at all, or declares no `[[vm]]`, is a
+//! [`FatalError`]. Anything else is a [`ManifestError`] tied to one place; a VM with an error is
+//! skipped and every valid VM still runs, so one typo does not take the whole machine down.
+//! Every error names the VM (by name, or `#N` when it has no usable name), the key and the line.
+//!
+//! The schema is documented in `docs/manifest.md`. In short:
+//!
+//! ```toml
+//! [defaults]
+//! quantum_us = 10000        # optional
+//!
+//! [[vm]]
+//! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
+//! memory_mib = 4            # required, >= 2
+//! image = "hello"           # required, name of the GRUB module2 holding the guest ELF
+//! cmdline = "verbose"       # optional, default ""
+//! quantum_us = 5000         # optional, default [defaults].quantum_us or 10000
+//! vcpus = 1                 # optional, default 1 (only 1 is supported for now)
+//! ```
+//!
+//! The crate is `no_std` + `alloc`; it parses with the `toml` crate's spanned parse tree
+//! ([`toml::de::DeTable`]) rather than a serde derive, because the derive stops at the first
+//! error and loses the positions that the messages need.
+
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+mod error;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::RangeInclusive;
+
+pub use error::{ErrorKind, FatalError, ManifestError, Scope};
+
+/// Longest VM name, in bytes (names appear in every log line of the VM, so keep them short).
+pub const NAME_MAX: usize = 31;
+/// The characters allowed in VM and image names, as shown in error messages.
+pub const NAME_CHARS: &str = "A-Z a-z 0-9 _ . -";
+/// Smallest `memory_mib`: what the boot area, an image and a stack need.
+pub const MEMORY_MIB_MIN: u64 = guest_abi::boot::MIN_MEMORY_BYTES >> 20;
+/// Largest `memory_mib` whose size in bytes still fits in a `u64`.
+pub const MEMORY_MIB_MAX: u64 = u64::MAX >> 20;
+/// Longest `cmdline`, in bytes.
+pub const CMDLINE_MAX: usize = guest_abi::boot::CMDLINE_MAX;
+/// `quantum_us` when neither the VM nor `[defaults]` sets it.
+pub const DEFAULT_QUANTUM_US: u64 = 10_000;
+/// Allowed `quantum_us`, in microseconds.
+pub const QUANTUM_US_RANGE: RangeInclusive<u64> = 100..=1_000_000;
+
+/// One VM that passed every check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Unique in the manifest; 1..=[`NAME_MAX`] bytes of [`NAME_CHARS`].
+    pub name: String,
+    /// RAM size: guest-physical `0..memory_mib MiB`.
+    pub memory_mib: u64,
+    /// Name of the boot module that holds the guest ELF.
+    pub image: String,
+    /// Command line handed to the guest (at most [`CMDLINE_MAX`] bytes).
+    pub cmdline: String,
+    /// Scheduling quantum in microseconds, within [`QUANTUM_US_RANGE`].
+    pub quantum_us: u64,
+    /// Number of vCPUs (always 1 for now).
+    pub vcpus: u32,
+    /// 1-based line of the VM's `[[vm]]` header.
+    pub line: Option<usize>,
+}
+
+impl VmConfig {
+    /// RAM size in bytes (cannot overflow: `memory_mib` <= [`MEMORY_MIB_MAX`]).
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// What the host offers, to check the VMs against. `None` means "not known, do not check".
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostLimits<'a> {
+    /// Names of the available images (the boot modules' names).
+    pub images: Option<&'a [&'a str]>,
+    /// Memory the host can give to guests, in bytes; a VM larger than this can never run.
+    pub memory_bytes: Option<u64>,
+}
+
+/// The result of a manifest that could be parsed: the valid VMs in file order and every error,
+/// in file order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub vms: Vec<VmConfig>,
+    pub errors: Vec<ManifestError>,
+}
+
+/// Parses and validates a manifest.
+///
+/// Returns `Err` only when no VM can be taken from the text (invalid TOML, no `[[vm]]`, `vm` not
+/// an array of tables). Otherwise every problem is in [`Manifest::errors`] and the VMs without
+/// problems are in [`Manifest::vms`] (which may then be empty).
+pub fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, FatalError> {
+    validate::parse(text, host)
+}
+
+/// [`parse`] for raw bytes, e.g. a boot module: rejects text that is not UTF-8 with its position.
+pub fn parse_bytes(bytes: &[u8], host: &HostLimits<'_>) -> Result<Manifest, FatalError> {
+    match core::str::from_utf8(bytes) {
+        Ok(text) => parse(text, host),
+        Err(e) => {
+            // The prefix up to the error is valid UTF-8 by definition.
+            let good = core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
+            let (line, column) = validate::Lines::new(good).line_col(good.len());
+            Err(FatalError::NotUtf8 { line, column })
+        }
+    }
+}

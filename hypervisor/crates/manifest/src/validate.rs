@@ -1,0 +1,431 @@
+//! The schema check: walks the spanned TOML tree, turns each `[[vm]]` into a [`VmConfig`] or a
+//! list of errors, and maps byte offsets to lines.
+//!
+//! Every table is walked key by key against a fixed list of known keys, so unknown keys are
+//! caught at every level and all problems of a VM are reported together (not just the first).
+
+use alloc::borrow::ToOwned;
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::{
+    ErrorKind, FatalError, HostLimits, Manifest, ManifestError, Scope, VmConfig, CMDLINE_MAX,
+    DEFAULT_QUANTUM_US, MEMORY_MIB_MAX, MEMORY_MIB_MIN, NAME_MAX, QUANTUM_US_RANGE,
+};
+
+const TOP_KEYS: &[&str] = &["defaults", "vm"];
+const DEFAULTS_KEYS: &[&str] = &["quantum_us"];
+const VM_KEYS: &[&str] = &[
+    "name",
+    "memory_mib",
+    "image",
+    "cmdline",
+    "quantum_us",
+    "vcpus",
+];
+const VM_REQUIRED: &[&str] = &["name", "memory_mib", "image"];
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// Maps byte offsets of a text to 1-based lines and columns.
+pub(crate) struct Lines<'a> {
+    text: &'a str,
+    /// Byte offset of the start of each line.
+    starts: Vec<usize>,
+}
+
+impl<'a> Lines<'a> {
+    pub(crate) fn new(text: &'a str) -> Self {
+        let starts = core::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self { text, starts }
+    }
+
+    pub(crate) fn line(&self, offset: usize) -> usize {
+        // `starts[0] == 0`, so at least one start is <= any offset.
+        self.starts.partition_point(|&start| start <= offset)
+    }
+
+    /// Line and column (in characters, as editors count) of `offset`.
+    pub(crate) fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let line = self.line(offset);
+        let start = self.starts[line - 1];
+        let column = self
+            .text
+            .get(start..offset)
+            .map_or(offset - start, |s| s.chars().count());
+        (line, column + 1)
+    }
+}
+
+/// Errors gathered during the walk, with the byte offset they are reported in order of.
+struct Errors<'a> {
+    lines: &'a Lines<'a>,
+    list: Vec<(usize, ManifestError)>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, offset: usize, scope: Scope, key: Option<&str>, kind: ErrorKind) {
+        let error = ManifestError {
+            scope,
+            key: key.map(ToOwned::to_owned),
+            line: Some(self.lines.line(offset)),
+            kind,
+        };
+        self.list.push((offset, error));
+    }
+
+    /// The errors in file order (stable: errors at the same place keep the order found).
+    fn into_sorted(mut self) -> Vec<ManifestError> {
+        self.list.sort_by_key(|(offset, _)| *offset);
+        self.list.into_iter().map(|(_, e)| e).collect()
+    }
+}
+
+/// The `quantum_us` a VM gets when it does not set one.
+#[derive(Clone, Copy)]
+enum Inherited {
+    Value(u64),
+    /// `[defaults]` tried to set it but the value (at this line) is unusable.
+    Invalid(Option<usize>),
+}
+
+pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, FatalError> {
+    let lines = Lines::new(text);
+    let doc = DeTable::parse(text).map_err(|e| {
+        let (line, column) = match e.span() {
+            Some(span) => {
+                let (l, c) = lines.line_col(span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        FatalError::Syntax {
+            line,
+            column,
+            message: e.message().to_owned(),
+        }
+    })?;
+
+    let mut vm = None;
+    let mut defaults = None;
+    let mut unknown = Vec::new();
+    for (key, value) in doc.get_ref().iter() {
+        match key.get_ref().as_ref() {
+            "vm" => vm = Some(value),
+            "defaults" => defaults = Some(value),
+            _ => unknown.push(key),
+        }
+    }
+    unknown.sort_by_key(|key| key.span().start);
+
+    let entries = match vm.map(|v| (v, v.get_ref())) {
+        Some((_, DeValue::Array(entries))) if !entries.is_empty() => entries,
+        Some((v, other)) if !matches!(other, DeValue::Array(_)) => {
+            return Err(FatalError::VmNotArray {
+                line: Some(lines.line(v.span().start)),
+                found: other.type_str(),
+            })
+        }
+        _ => {
+            let unknown_keys = unknown
+                .iter()
+                .map(|k| (k.get_ref().to_string(), Some(lines.line(k.span().start))))
+                .collect();
+            return Err(FatalError::NoVms { unknown_keys });
+        }
+    };
+
+    let mut errors = Errors {
+        lines: &lines,
+        list: Vec::new(),
+    };
+    for key in unknown {
+        errors.push(
+            key.span().start,
+            Scope::TopLevel,
+            Some(key.get_ref()),
+            ErrorKind::UnknownKey { known: TOP_KEYS },
+        );
+    }
+    let inherited = match defaults {
+        Some(value) => check_defaults(value, &mut errors),
+        None => Inherited::Value(DEFAULT_QUANTUM_US),
+    };
+
+    // Name -> line of the `name` key of the first VM that uses it.
+    let mut names = BTreeMap::new();
+    let vms = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| check_vm(i + 1, entry, inherited, host, &mut names, &mut errors))
+        .collect();
+    Ok(Manifest {
+        vms,
+        errors: errors.into_sorted(),
+    })
+}
+
+fn check_defaults(value: &Value<'_>, errors: &mut Errors<'_>) -> Inherited {
+    let at = value.span().start;
+    let table = match value.get_ref() {
+        DeValue::Table(table) => table,
+        other => {
+            errors.push(
+                at,
+                Scope::TopLevel,
+                Some("defaults"),
+                ErrorKind::WrongType {
+                    expected: "table",
+                    found: other.type_str(),
+                },
+            );
+            return Inherited::Invalid(Some(errors.lines.line(at)));
+        }
+    };
+    let mut quantum = Inherited::Value(DEFAULT_QUANTUM_US);
+    for (key, value) in table.iter() {
+        let name: &str = key.get_ref();
+        match name {
+            "quantum_us" => {
+                match integer_in(value, *QUANTUM_US_RANGE.start(), *QUANTUM_US_RANGE.end()) {
+                    Ok(q) => quantum = Inherited::Value(q),
+                    Err(kind) => {
+                        let at = value.span().start;
+                        errors.push(at, Scope::Defaults, Some(name), kind);
+                        quantum = Inherited::Invalid(Some(errors.lines.line(at)));
+                    }
+                }
+            }
+            _ => errors.push(
+                key.span().start,
+                Scope::Defaults,
+                Some(name),
+                ErrorKind::UnknownKey {
+                    known: DEFAULTS_KEYS,
+                },
+            ),
+        }
+    }
+    quantum
+}
+
+/// Checks the `index`-th `[[vm]]` (1-based). Returns the VM if it has no problem; otherwise
+/// records its problems and returns `None`.
+fn check_vm(
+    index: usize,
+    entry: &Value<'_>,
+    inherited: Inherited,
+    host: &HostLimits<'_>,
+    names: &mut BTreeMap<String, Option<usize>>,
+    errors: &mut Errors<'_>,
+) -> Option<VmConfig> {
+    let header = entry.span().start;
+    let table = match entry.get_ref() {
+        DeValue::Table(table) => table,
+        other => {
+            let kind = ErrorKind::WrongType {
+                expected: "table",
+                found: other.type_str(),
+            };
+            errors.push(header, Scope::Vm { index, name: None }, None, kind);
+            return None;
+        }
+    };
+
+    // (offset, key, problem); the scope is only known once the name is settled.
+    let mut problems: Vec<(usize, String, ErrorKind)> = Vec::new();
+    let mut name: Option<(&str, usize)> = None;
+    let mut memory_mib = None;
+    let mut image = None;
+    let mut cmdline = "";
+    let mut quantum_us = None;
+    let vcpus = 1;
+
+    for (spanned_key, value) in table.iter() {
+        let key: &str = spanned_key.get_ref();
+        let at = value.span().start;
+        let result = match key {
+            "name" => string(value).and_then(|s| {
+                check_name(s, Some(NAME_MAX))?;
+                name = Some((s, at));
+                Ok(())
+            }),
+            "memory_mib" => integer_in(value, MEMORY_MIB_MIN, MEMORY_MIB_MAX).and_then(|mib| {
+                memory_mib = Some(mib);
+                match host.memory_bytes {
+                    Some(host_bytes) if mib << 20 > host_bytes => {
+                        Err(ErrorKind::MemoryExceedsHost {
+                            memory_mib: mib,
+                            host_mib: host_bytes >> 20,
+                        })
+                    }
+                    _ => Ok(()),
+                }
+            }),
+            "image" => string(value).and_then(|s| {
+                check_name(s, None)?;
+                image = Some(s);
+                match host.images {
+                    Some(images) if !images.contains(&s) => Err(ErrorKind::ImageNotFound {
+                        image: s.to_owned(),
+                    }),
+                    _ => Ok(()),
+                }
+            }),
+            "cmdline" => string(value).and_then(|s| {
+                cmdline = s;
+                if s.len() > CMDLINE_MAX {
+                    Err(ErrorKind::TooLong {
+                        len: s.len(),
+                        max: CMDLINE_MAX,
+                    })
+                } else {
+                    Ok(())
+                }
+            }),
+            "quantum_us" => integer_in(value, *QUANTUM_US_RANGE.start(), *QUANTUM_US_RANGE.end())
+                .map(|q| quantum_us = Some(q)),
+            "vcpus" => match value.get_ref() {
+                // Any other integer, even one that overflows, gets the "not supported"
+                // message rather than a range error: that is what the user needs to know.
+                DeValue::Integer(n) if i128::from_str_radix(n.as_str(), n.radix()) == Ok(1) => {
+                    Ok(())
+                }
+                DeValue::Integer(n) => Err(ErrorKind::VcpusUnsupported {
+                    value: n.to_string(),
+                }),
+                other => Err(ErrorKind::WrongType {
+                    expected: "integer",
+                    found: other.type_str(),
+                }),
+            },
+            _ => {
+                let kind = ErrorKind::UnknownKey { known: VM_KEYS };
+                problems.push((spanned_key.span().start, key.to_owned(), kind));
+                Ok(())
+            }
+        };
+        if let Err(kind) = result {
+            problems.push((at, key.to_owned(), kind));
+        }
+    }
+
+    for key in VM_REQUIRED {
+        if !table.contains_key(*key) {
+            problems.push((header, (*key).to_owned(), ErrorKind::MissingKey));
+        }
+    }
+    let quantum_us = match (quantum_us, inherited) {
+        (Some(q), _) => Some(q),
+        (None, _) if table.contains_key("quantum_us") => None, // invalid, already reported
+        (None, Inherited::Value(q)) => Some(q),
+        (None, Inherited::Invalid(defaults_line)) => {
+            let kind = ErrorKind::InvalidDefault { defaults_line };
+            problems.push((header, "quantum_us".to_owned(), kind));
+            None
+        }
+    };
+
+    // A VM is called by its name only if the name is valid and not taken by an earlier VM.
+    let mut scope_name = None;
+    if let Some((n, at)) = name {
+        let line = errors.lines.line(at);
+        match names.get(n) {
+            Some(&first_line) => problems.push((
+                at,
+                "name".to_owned(),
+                ErrorKind::DuplicateName {
+                    name: n.to_owned(),
+                    first_line,
+                },
+            )),
+            None => {
+                names.insert(n.to_owned(), Some(line));
+                scope_name = Some(n.to_owned());
+            }
+        }
+    }
+
+    if let (true, Some((name, _)), Some(memory_mib), Some(image), Some(quantum_us)) =
+        (problems.is_empty(), name, memory_mib, image, quantum_us)
+    {
+        return Some(VmConfig {
+            name: name.to_owned(),
+            memory_mib,
+            image: image.to_owned(),
+            cmdline: cmdline.to_owned(),
+            quantum_us,
+            vcpus,
+            line: Some(errors.lines.line(header)),
+        });
+    }
+    debug_assert!(!problems.is_empty(), "a rejected VM must have a reason");
+    for (at, key, kind) in problems {
+        let scope = Scope::Vm {
+            index,
+            name: scope_name.clone(),
+        };
+        errors.push(at, scope, Some(&key), kind);
+    }
+    None
+}
+
+fn string<'v>(value: &'v Value<'_>) -> Result<&'v str, ErrorKind> {
+    match value.get_ref() {
+        DeValue::String(s) => Ok(s),
+        other => Err(ErrorKind::WrongType {
+            expected: "string",
+            found: other.type_str(),
+        }),
+    }
+}
+
+/// An integer within `min..=max`.
+fn integer_in(value: &Value<'_>, min: u64, max: u64) -> Result<u64, ErrorKind> {
+    let DeValue::Integer(int) = value.get_ref() else {
+        return Err(ErrorKind::WrongType {
+            expected: "integer",
+            found: value.get_ref().type_str(),
+        });
+    };
+    // TOML integers are i64, but the parser keeps the literal: parse wide so that anything
+    // that does not fit is simply out of range.
+    i128::from_str_radix(int.as_str(), int.radix())
+        .ok()
+        .filter(|n| (i128::from(min)..=i128::from(max)).contains(n))
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| ErrorKind::OutOfRange {
+            value: int.to_string(),
+            min,
+            max,
+        })
+}
+
+/// VM and image names: non-empty, at most `max` bytes, only [`crate::NAME_CHARS`]. Images are
+/// held to the same alphabet because an image name is both a GRUB module name (split on
+/// whitespace) and a file name under `boot/guests/` on the host.
+fn check_name(s: &str, max: Option<usize>) -> Result<(), ErrorKind> {
+    if s.is_empty() {
+        return Err(ErrorKind::Empty);
+    }
+    if let Some(max) = max.filter(|&max| s.len() > max) {
+        return Err(ErrorKind::TooLong { len: s.len(), max });
+    }
+    match s
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        Some(ch) => Err(ErrorKind::BadChar {
+            value: s.to_owned(),
+            ch,
+        }),
+        None => Ok(()),
+    }
+}
