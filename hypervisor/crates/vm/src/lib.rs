@@ -1,0 +1,23 @@
+//! The VM model: everything about a VM that is policy or bookkeeping, not hardware.
+//!
+//! - [`frames`]: the physical frame allocator over the boot memory map.
+//! - [`memory`]: a VM's guest-physical memory (which frame backs which page) and checked copies
+//!   in and out of it.
+//! - [`hypercall`]: decoding and checking of every hypercall (guest-abi's ABI).
+//! - [`uart`]: the emulated 16550 that each VM sees at COM1, and the console line buffer.
+//! - [`policy`]: what the guest sees for CPUID, which MSRs it may touch, what unknown ports do.
+//! - [`sched`]: round-robin scheduling with quanta, and per-VM statistics.
+//!
+//! This crate never executes a privileged instruction and never dereferences a physical
+//! address: the kernel passes it a [`memory::PhysMemory`] that does. So all of it runs under
+//! `cargo test` on the host.
+#![no_std]
+
+extern crate alloc;
+
+pub mod frames;
+pub mod hypercall;
+pub mod memory;
+pub mod policy;
+pub mod sched;
+pub mod uart;

@@ -1,0 +1,210 @@
+//! The VMX control bits this hypervisor asks for, by name (SDM Vol. 3C, 25.6 and 25.7-25.8).
+
+use bitflags::bitflags;
+
+bitflags! {
+    /// Pin-based VM-execution controls (SDM 25.6.1, Table 25-5).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct PinBased: u32 {
+        const EXTERNAL_INTERRUPT_EXITING = 1 << 0;
+        const NMI_EXITING = 1 << 3;
+        const VIRTUAL_NMIS = 1 << 5;
+        const ACTIVATE_PREEMPTION_TIMER = 1 << 6;
+    }
+
+    /// Primary processor-based VM-execution controls (SDM 25.6.2, Table 25-6).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct PrimaryProcBased: u32 {
+        const INTERRUPT_WINDOW_EXITING = 1 << 2;
+        const USE_TSC_OFFSETTING = 1 << 3;
+        const HLT_EXITING = 1 << 7;
+        const INVLPG_EXITING = 1 << 9;
+        const MWAIT_EXITING = 1 << 10;
+        const RDPMC_EXITING = 1 << 11;
+        const RDTSC_EXITING = 1 << 12;
+        const CR3_LOAD_EXITING = 1 << 15;
+        const CR3_STORE_EXITING = 1 << 16;
+        const CR8_LOAD_EXITING = 1 << 19;
+        const CR8_STORE_EXITING = 1 << 20;
+        const USE_TPR_SHADOW = 1 << 21;
+        const MOV_DR_EXITING = 1 << 23;
+        const UNCONDITIONAL_IO_EXITING = 1 << 24;
+        const USE_IO_BITMAPS = 1 << 25;
+        const MONITOR_TRAP_FLAG = 1 << 27;
+        const USE_MSR_BITMAPS = 1 << 28;
+        const MONITOR_EXITING = 1 << 29;
+        const PAUSE_EXITING = 1 << 30;
+        const ACTIVATE_SECONDARY_CONTROLS = 1 << 31;
+    }
+
+    /// Secondary processor-based VM-execution controls (SDM 25.6.2, Table 25-7).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SecondaryProcBased: u32 {
+        const VIRTUALIZE_APIC_ACCESSES = 1 << 0;
+        const ENABLE_EPT = 1 << 1;
+        const DESCRIPTOR_TABLE_EXITING = 1 << 2;
+        const ENABLE_RDTSCP = 1 << 3;
+        const ENABLE_VPID = 1 << 5;
+        const WBINVD_EXITING = 1 << 6;
+        const UNRESTRICTED_GUEST = 1 << 7;
+        const ENABLE_INVPCID = 1 << 12;
+        const ENABLE_XSAVES_XRSTORS = 1 << 20;
+        const USE_TSC_SCALING = 1 << 25;
+    }
+
+    /// Primary VM-exit controls (SDM 25.7.1, Table 25-13).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ExitControls: u32 {
+        const SAVE_DEBUG_CONTROLS = 1 << 2;
+        const HOST_ADDRESS_SPACE_SIZE = 1 << 9;
+        const ACK_INTERRUPT_ON_EXIT = 1 << 15;
+        const SAVE_IA32_PAT = 1 << 18;
+        const LOAD_IA32_PAT = 1 << 19;
+        const SAVE_IA32_EFER = 1 << 20;
+        const LOAD_IA32_EFER = 1 << 21;
+        const SAVE_PREEMPTION_TIMER = 1 << 22;
+    }
+
+    /// VM-entry controls (SDM 25.8.1, Table 25-15).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct EntryControls: u32 {
+        const LOAD_DEBUG_CONTROLS = 1 << 2;
+        const IA32E_MODE_GUEST = 1 << 9;
+        const LOAD_IA32_PAT = 1 << 14;
+        const LOAD_IA32_EFER = 1 << 15;
+    }
+}
+
+use crate::caps::{Capabilities, ControlError, ControlKind};
+
+/// The negotiated control words of every VMCS this hypervisor builds, plus the optional
+/// features they turned on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmcsControls {
+    pub pin: u32,
+    pub primary: u32,
+    pub secondary: u32,
+    pub exit: u32,
+    pub entry: u32,
+    /// EPT accessed/dirty flags are enabled in the EPTP.
+    pub ept_ad: bool,
+    /// VPIDs tag the guests' TLB entries.
+    pub vpid: bool,
+    /// The CPU saves the remaining preemption-timer count on exit, so a quantum survives exits.
+    pub save_preemption_timer: bool,
+    /// IA32_EFER is switched by the VM-entry/VM-exit load controls (else by IA-32e mode guest).
+    pub load_efer: bool,
+}
+
+/// Why VMX cannot be used the way this hypervisor needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NegotiationError {
+    Control(ControlError),
+    /// EPT with a 4-level walk and write-back tables is required for guest memory isolation.
+    NoEpt,
+    /// The VMX-preemption timer is required to preempt guests.
+    NoPreemptionTimer,
+}
+
+impl From<ControlError> for NegotiationError {
+    fn from(e: ControlError) -> Self {
+        Self::Control(e)
+    }
+}
+
+impl core::fmt::Display for NegotiationError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Control(e) => e.fmt(f),
+            Self::NoEpt => f.write_str("EPT (4-level, write-back) is not supported"),
+            Self::NoPreemptionTimer => f.write_str("the VMX-preemption timer is not supported"),
+        }
+    }
+}
+
+impl VmcsControls {
+    /// Chooses every control word from the capability MSRs.
+    ///
+    /// Required: external-interrupt and NMI exiting and the preemption timer (the hypervisor
+    /// must get the CPU back), HLT exiting, I/O and MSR bitmaps (the device and MSR policies),
+    /// EPT, a 64-bit host and a 64-bit (IA-32e mode) guest. Wanted when offered: VPID, EPT A/D
+    /// bits, RDTSCP/INVPCID/XSAVES pass-through (so those instructions do not #UD in guests),
+    /// saving the preemption timer, and switching IA32_EFER through the VMCS.
+    pub fn negotiate(caps: &Capabilities) -> Result<Self, NegotiationError> {
+        if !caps.ept_usable() {
+            return Err(NegotiationError::NoEpt);
+        }
+        if !caps.preemption_timer() {
+            return Err(NegotiationError::NoPreemptionTimer);
+        }
+        let pin = caps.pin_based().negotiate(
+            ControlKind::PinBased,
+            (PinBased::EXTERNAL_INTERRUPT_EXITING
+                | PinBased::NMI_EXITING
+                | PinBased::ACTIVATE_PREEMPTION_TIMER)
+                .bits(),
+            0,
+        )?;
+        let primary = caps.primary_proc_based().negotiate(
+            ControlKind::PrimaryProcBased,
+            (PrimaryProcBased::HLT_EXITING
+                | PrimaryProcBased::USE_IO_BITMAPS
+                | PrimaryProcBased::USE_MSR_BITMAPS
+                | PrimaryProcBased::ACTIVATE_SECONDARY_CONTROLS)
+                .bits(),
+            0,
+        )?;
+        let wanted2 = SecondaryProcBased::ENABLE_VPID
+            | SecondaryProcBased::ENABLE_RDTSCP
+            | SecondaryProcBased::ENABLE_INVPCID
+            | SecondaryProcBased::ENABLE_XSAVES_XRSTORS;
+        let secondary = caps.secondary_proc_based().negotiate(
+            ControlKind::SecondaryProcBased,
+            SecondaryProcBased::ENABLE_EPT.bits(),
+            wanted2.bits(),
+        )?;
+        let vpid = secondary & SecondaryProcBased::ENABLE_VPID.bits() != 0 && caps.vpid_usable();
+        let secondary = if vpid {
+            secondary
+        } else {
+            secondary & !SecondaryProcBased::ENABLE_VPID.bits()
+        };
+        let exit = caps.exit().negotiate(
+            ControlKind::Exit,
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE | ExitControls::ACK_INTERRUPT_ON_EXIT).bits(),
+            (ExitControls::SAVE_IA32_EFER
+                | ExitControls::LOAD_IA32_EFER
+                | ExitControls::SAVE_PREEMPTION_TIMER)
+                .bits(),
+        )?;
+        let entry = caps.entry().negotiate(
+            ControlKind::Entry,
+            EntryControls::IA32E_MODE_GUEST.bits(),
+            EntryControls::LOAD_IA32_EFER.bits(),
+        )?;
+        // EFER is switched by the VMCS only when all three controls are on; otherwise none is
+        // used, and IA-32e mode guest sets the guest's LMA/LME on entry (SDM 27.3.2.1).
+        let efer_bits = (ExitControls::SAVE_IA32_EFER | ExitControls::LOAD_IA32_EFER).bits();
+        let load_efer =
+            exit & efer_bits == efer_bits && entry & EntryControls::LOAD_IA32_EFER.bits() != 0;
+        let (exit, entry) = if load_efer {
+            (exit, entry)
+        } else {
+            (
+                exit & !(efer_bits & !caps.exit().must_be_one()),
+                entry & !(EntryControls::LOAD_IA32_EFER.bits() & !caps.entry().must_be_one()),
+            )
+        };
+        Ok(Self {
+            pin,
+            primary,
+            secondary,
+            exit,
+            entry,
+            ept_ad: caps.ept_ad_bits(),
+            vpid,
+            save_preemption_timer: exit & ExitControls::SAVE_PREEMPTION_TIMER.bits() != 0,
+            load_efer,
+        })
+    }
+}
