@@ -677,3 +677,105 @@ fn fatal_display_without_position() {
     };
     assert_eq!(e.to_string(), "invalid TOML: boom");
 }
+
+// ---- Properties ----------------------------------------------------------------------------
+
+mod properties {
+    use super::*;
+    use proptest::collection::{btree_set, vec};
+    use proptest::prelude::*;
+
+    /// A TOML basic string holding `s`.
+    fn toml_string(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&alloc::format!("\\u{:04x}", u32::from(c))),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn check_lines(text: &str, m: &Manifest) {
+        let last = text.split('\n').count();
+        for e in &m.errors {
+            let line = e.line.expect("every error has a line");
+            assert!((1..=last).contains(&line), "{e} outside 1..={last}");
+        }
+    }
+
+    proptest! {
+        /// The hypervisor parses whatever module it is given: no input may panic it.
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,400}") {
+            if let Ok(m) = parse(&text, &NO_HOST) {
+                check_lines(&text, &m);
+            }
+        }
+
+        /// Near-valid input reaches the schema checks (unlike random text, which rarely parses).
+        #[test]
+        fn mutated_demo_never_panics(
+            edits in vec((0..DEMO.len(), "[\\[\\]\"=#\n a-z0-9._-]{0,3}"), 1..4),
+        ) {
+            let mut text = String::from(DEMO);
+            for (at, insert) in edits {
+                let at = (0..=at.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap();
+                text.insert_str(at, &insert);
+            }
+            let images = ["hello"];
+            let host = HostLimits { images: Some(&images), memory_bytes: Some(8 << 20) };
+            if let Ok(m) = parse(&text, &host) {
+                check_lines(&text, &m);
+                prop_assert!(m.vms.len() <= 2 || text.matches("[[vm]]").count() > 2);
+            }
+        }
+
+        /// Valid VMs come back exactly as written, in order, with their header lines.
+        #[test]
+        fn valid_vms_round_trip(
+            names in btree_set("[A-Za-z0-9_.-]{1,31}", 1..6),
+            memory in vec(MEMORY_MIB_MIN..1u64 << 20, 6),
+            quantum in vec(proptest::option::of(QUANTUM_US_RANGE), 6),
+            cmdline in vec(proptest::option::of("\\PC{0,40}"), 6),
+            default_quantum in proptest::option::of(QUANTUM_US_RANGE),
+        ) {
+            let mut text = String::new();
+            if let Some(q) = default_quantum {
+                text += &alloc::format!("[defaults]\nquantum_us = {q}\n\n");
+            }
+            let mut expected = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let line = text.matches('\n').count() + 1;
+                text += &alloc::format!(
+                    "[[vm]]\nname = {}\nmemory_mib = {}\nimage = \"img\"\n",
+                    toml_string(name),
+                    memory[i]
+                );
+                if let Some(q) = quantum[i] {
+                    text += &alloc::format!("quantum_us = {q}\n");
+                }
+                if let Some(c) = &cmdline[i] {
+                    text += &alloc::format!("cmdline = {}\n", toml_string(c));
+                }
+                text += "\n";
+                expected.push(VmConfig {
+                    name: name.clone(),
+                    memory_mib: memory[i],
+                    image: "img".into(),
+                    cmdline: cmdline[i].clone().unwrap_or_default(),
+                    quantum_us: quantum[i].or(default_quantum).unwrap_or(DEFAULT_QUANTUM_US),
+                    vcpus: 1,
+                    line: Some(line),
+                });
+            }
+            let m = parse(&text, &NO_HOST).unwrap();
+            prop_assert_eq!(m.errors, []);
+            prop_assert_eq!(m.vms, expected);
+        }
+    }
+}

@@ -223,7 +223,7 @@ fn check_vm(
     entry: &Value<'_>,
     inherited: Inherited,
     host: &HostLimits<'_>,
-    names: &mut BTreeMap<String, Option<usize>>,
+    names: &mut BTreeMap<String, usize>,
     errors: &mut Errors<'_>,
 ) -> Option<VmConfig> {
     let header = entry.span().start;
@@ -343,11 +343,11 @@ fn check_vm(
                 "name".to_owned(),
                 ErrorKind::DuplicateName {
                     name: n.to_owned(),
-                    first_line,
+                    first_line: Some(first_line),
                 },
             )),
             None => {
-                names.insert(n.to_owned(), Some(line));
+                names.insert(n.to_owned(), line);
                 scope_name = Some(n.to_owned());
             }
         }
