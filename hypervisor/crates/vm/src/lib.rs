@@ -1,5 +1,6 @@
 //! The VM model: everything about a VM that is policy or bookkeeping, not hardware.
 //!
+//! - [`elf`], [`boot`]: loading a guest ELF image and building the 64-bit boot area.
 //! - [`frames`]: the physical frame allocator over the boot memory map.
 //! - [`memory`]: a VM's guest-physical memory (which frame backs which page) and checked copies
 //!   in and out of it.
@@ -15,6 +16,8 @@
 
 extern crate alloc;
 
+pub mod boot;
+pub mod elf;
 pub mod frames;
 pub mod hypercall;
 pub mod memory;
