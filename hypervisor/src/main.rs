@@ -1,6 +1,260 @@
+//! The hypervisor kernel: boots from GRUB (Multiboot2), reads the boot manifest, creates the VMs
+//! it declares and runs them under VT-x with EPT until they have all stopped.
+//!
+//! Flow: `boot.rs` (32-bit entry, long mode) -> [`kmain`]: serial log, descriptor tables, boot
+//! information, frame allocator and heap, CPU and ACPI facts, TSC calibration, VMX checks and
+//! VMXON, manifest, VM creation, round-robin run loop ([`vm::run_all`]), statistics, shutdown.
+//! See docs/architecture.md.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
+
+mod acpi_tables;
+mod arch;
+mod boot;
+mod platform;
+mod serial;
+mod vm;
+mod vmx;
+
+use alloc::{string::String, vec::Vec};
+use core::ops::Range;
+use core::sync::atomic::Ordering;
+
+use hv_vm::frames::FrameAllocator;
+use linked_list_allocator::LockedHeap;
+use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
+
+const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
+/// Physical memory the boot page tables map (and so the most the frame allocator uses).
+const IDENTITY_MAPPED: u64 = 4 << 30;
+const HEAP_SIZE: usize = 16 << 20;
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+#[repr(C, align(4096))]
+struct HeapArea([u8; HEAP_SIZE]);
+static mut HEAP_AREA: HeapArea = HeapArea([0; HEAP_SIZE]);
+
+extern "C" {
+    static __kernel_start: u8;
+    static __kernel_end: u8;
+}
+
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    loop {}
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    serial::emergency_print(format_args!("\n[PANIC] {info}\n"));
+    platform::shutdown()
+}
+
+/// Command-line settings of the hypervisor (`multiboot2 /boot/hypervisor.elf KEY=VALUE ...`).
+fn apply_cmdline(cmdline: &str) {
+    for word in cmdline.split_whitespace() {
+        match word.split_once('=') {
+            Some(("log", level)) => match level.parse::<log::LevelFilter>() {
+                Ok(l) => log::set_max_level(l),
+                Err(_) => log::warn!(target: "hv", "ignoring unknown log level \"{level}\""),
+            },
+            Some(("exit", "emulator")) => platform::EXIT_EMULATOR.store(true, Ordering::Relaxed),
+            Some(("exit", "halt")) => platform::EXIT_EMULATOR.store(false, Ordering::Relaxed),
+            _ => log::warn!(target: "hv", "ignoring unknown command-line word \"{word}\""),
+        }
+    }
+}
+
+/// Entered from `boot.rs` in 64-bit mode on the boot stack.
+#[no_mangle]
+extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
+    serial::init();
+    arch::init();
+    platform::mask_pic();
+    if magic != MULTIBOOT2_MAGIC {
+        log::error!(target: "hv", "not started by a Multiboot2 loader (magic {magic:#x})");
+        platform::halt_forever();
+    }
+    // SAFETY: GRUB passed this address with the Multiboot2 magic; the structure is in memory
+    // we never hand out (reserved below) and identity-mapped.
+    let mbi = match unsafe { BootInformation::load(info_addr as *const BootInformationHeader) } {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!(target: "hv", "bad Multiboot2 boot information: {e:?}");
+            platform::halt_forever();
+        }
+    };
+    let cmdline = mbi.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+    apply_cmdline(cmdline);
+
+    // SAFETY: the heap area is a static used only by the allocator, initialised once here.
+    unsafe { HEAP.lock().init((&raw mut HEAP_AREA).cast::<u8>(), HEAP_SIZE) };
+
+    let mut frames = build_frame_allocator(&mbi);
+    log::info!(target: "hv", "muxvisor {} booting; command line \"{cmdline}\"; {} MiB free for VMs",
+        env!("CARGO_PKG_VERSION"), frames.free_bytes() >> 20);
+    report_cpu_and_acpi(&mbi);
+    // Let the VMs use SSE: the host never does (soft-float target), but FXSAVE needs OSFXSR.
+    // SAFETY: setting CR4.OSFXSR/OSXMMEXCPT only enables FXSAVE/SSE instructions.
+    unsafe {
+        let mut cr4: u64;
+        core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
+        cr4 |= (1 << 9) | (1 << 10);
+        core::arch::asm!("mov cr4, {}", in(reg) cr4, options(nomem, nostack));
+    }
+
+    let host = match start_vmx(&mut frames) {
+        Ok(h) => h,
+        Err(e) => {
+            log::error!(target: "hv", "VT-x not available: {e}");
+            log::info!(target: "hv", "halting");
+            platform::shutdown();
+        }
+    };
+
+    let mut vms = create_vms(&mbi, &host, &mut frames);
+    if vms.is_empty() {
+        log::error!(target: "hv", "no VMs to run");
+        platform::shutdown();
+    }
+    log::info!(target: "hv", "{} VMs created; running them round-robin", vms.len());
+    vm::run_all(&mut vms, &host);
+
+    let mut exited = 0;
+    for v in &vms {
+        log::info!(target: "stats", "{}", v.stats_line());
+        if matches!(v.state, hv_vm::sched::VmState::Exited(_)) {
+            exited += 1;
+        }
+    }
+    log::info!(target: "hv", "all VMs stopped: {exited} exited, {} failed", vms.len() - exited);
+    for v in vms {
+        v.release(&mut frames);
+    }
+    platform::shutdown()
+}
+
+fn build_frame_allocator(mbi: &BootInformation) -> FrameAllocator {
+    let mut available: Vec<Range<u64>> = Vec::new();
+    if let Some(map) = mbi.memory_map_tag() {
+        for area in map.memory_areas() {
+            if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available {
+                available.push(area.start_address()..area.end_address());
+            }
+        }
+    }
+    // Only the addresses of the linker symbols are taken.
+    let kernel = (&raw const __kernel_start) as u64..(&raw const __kernel_end) as u64;
+    let mut reserved = Vec::from([
+        0..0x10_0000, // real-mode area, BIOS data, ROMs
+        kernel,
+        mbi.start_address() as u64..mbi.end_address() as u64,
+    ]);
+    for m in mbi.module_tags() {
+        reserved.push(u64::from(m.start_address())..u64::from(m.end_address()));
+    }
+    FrameAllocator::new(&available, &reserved, IDENTITY_MAPPED)
+}
+
+fn report_cpu_and_acpi(mbi: &BootInformation) {
+    let cpuid = raw_cpuid::CpuId::new();
+    let vendor = cpuid.get_vendor_info();
+    let brand = cpuid.get_processor_brand_string();
+    log::info!(target: "hv", "CPU: {} \"{}\"",
+        vendor.as_ref().map_or("unknown", |v| v.as_str()),
+        brand.as_ref().map_or("", |b| b.as_str().trim()));
+    let rsdp = mbi
+        .rsdp_v2_tag()
+        .map(|t| t as *const _ as *const u8 as usize + 8)
+        .or_else(|| mbi.rsdp_v1_tag().map(|t| t as *const _ as *const u8 as usize + 8));
+    match rsdp.map(acpi_tables::read_madt) {
+        Some(Ok(m)) => log::info!(target: "hv", "ACPI MADT: {} processors ({} enabled), {} I/O APICs, local APIC at {:#x}",
+            m.processors, m.enabled_processors, m.io_apics, m.local_apic_address),
+        Some(Err(e)) => log::warn!(target: "hv", "ACPI tables unreadable: {e:?}"),
+        None => log::warn!(target: "hv", "no ACPI RSDP from the bootloader"),
+    }
+}
+
+fn alloc_filled(frames: &mut FrameAllocator, byte: u8) -> Option<u64> {
+    let frame = frames.alloc()?;
+    // SAFETY: a fresh 4 KiB frame from the allocator, identity-mapped and ours.
+    unsafe { core::ptr::write_bytes(frame as *mut u8, byte, 4096) };
+    Some(frame)
+}
+
+fn start_vmx(frames: &mut FrameAllocator) -> Result<vm::HostVmx, vmx::VmxUnavailable> {
+    if !vmx::cpu_has_vmx() {
+        return Err(vmx::VmxUnavailable::NotIntelVmx);
+    }
+    let caps = vmx::read_capabilities();
+    let controls = hv_vmx::controls::VmcsControls::negotiate(&caps).map_err(vmx::VmxUnavailable::Unusable)?;
+    log::info!(target: "hv", "VMX: EPT yes (A/D bits {}), VPID {}, unrestricted guest {}, TSC scaling {}, preemption timer rate 2^{}",
+        yes(controls.ept_ad), yes(controls.vpid), yes(caps.unrestricted_guest()), yes(caps.tsc_scaling()),
+        caps.preemption_timer_rate());
+    log::debug!(target: "hv", "VMX controls: pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x}",
+        controls.pin, controls.primary, controls.secondary, controls.exit, controls.entry);
+    let oom = vmx::VmxUnavailable::VmxonFailed;
+    let region = alloc_filled(frames, 0).ok_or(oom)?;
+    vmx::enable(&caps, region)?;
+    let tsc_hz = platform::calibrate_tsc_hz();
+    log::info!(target: "hv", "VMXON done; TSC {} kHz", tsc_hz / 1000);
+    let (msr_bitmap, io_bitmap_a, io_bitmap_b) = match (
+        alloc_filled(frames, 0xff),
+        alloc_filled(frames, 0xff),
+        alloc_filled(frames, 0xff),
+    ) {
+        (Some(a), Some(b), Some(c)) => (a, b, c),
+        _ => return Err(vmx::VmxUnavailable::VmxonFailed),
+    };
+    Ok(vm::HostVmx { caps, controls, tsc_hz, msr_bitmap, io_bitmap_a, io_bitmap_b })
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn module_bytes(m: &multiboot2::ModuleTag) -> &'static [u8] {
+    // SAFETY: GRUB loaded the module at start..end; that memory is reserved from the frame
+    // allocator, identity-mapped, and never written.
+    unsafe {
+        core::slice::from_raw_parts(m.start_address() as usize as *const u8, m.module_size() as usize)
+    }
+}
+
+fn create_vms(mbi: &BootInformation, host: &vm::HostVmx, frames: &mut FrameAllocator) -> Vec<vm::Vm> {
+    let mut images: Vec<(String, &'static [u8])> = Vec::new();
+    let mut manifest: Option<&'static [u8]> = None;
+    for m in mbi.module_tags() {
+        let name = m.cmdline().unwrap_or("").trim();
+        let name = name.rsplit('/').next().unwrap_or(name);
+        if name == "manifest" {
+            manifest = Some(module_bytes(m));
+        } else {
+            images.push((String::from(name), module_bytes(m)));
+        }
+    }
+    let Some(text) = manifest else {
+        log::error!(target: "manifest", "no module named \"manifest\" (add `module2 /boot/manifest.toml manifest` to the GRUB entry)");
+        return Vec::new();
+    };
+    let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
+    let limits = hv_manifest::HostLimits { images: Some(&names), memory_bytes: Some(frames.free_bytes()) };
+    let manifest = match hv_manifest::parse_bytes(text, &limits) {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!(target: "manifest", "{e}");
+            return Vec::new();
+        }
+    };
+    for e in &manifest.errors {
+        log::error!(target: "manifest", "{e}");
+    }
+    let mut vms = Vec::new();
+    for config in &manifest.vms {
+        let image = images.iter().find(|(n, _)| *n == config.image).map(|(_, b)| *b).unwrap_or(&[]);
+        match vm::Vm::create(vms.len() as u32, config, image, host, frames) {
+            Ok(v) => vms.push(v),
+            Err(e) => log::error!(target: "hv", "vm \"{}\" not started: {e}", config.name),
+        }
+    }
+    vms
 }

@@ -1,0 +1,87 @@
+//! Policy knobs and their defaults.
+
+use crate::backend::PAGE_SIZE;
+use crate::compress::MAX_COMPRESSED;
+use crate::error::Error;
+use crate::page::MAX_SIMILARITY_BLOCKS;
+
+/// Engine policy. `Config::default()` gives the documented defaults; every field can be changed
+/// before `Engine::new`, which validates them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Pages one [`crate::Engine::scan_step`] visits (the scan rate is this per call; the caller
+    /// decides how often to call). Default 4096 (16 MiB per step).
+    pub pages_per_scan: usize,
+    /// A page not accessed for this many consecutive scan visits (rounds) is cold: it may be
+    /// patched or compressed, and a cold shared page is unmapped so its frame can be
+    /// compressed. Default 2.
+    pub cold_rounds: u8,
+    /// Map zero pages onto one shared zero frame. Default true.
+    pub zero_pages: bool,
+    /// Share identical pages (content hash + byte comparison). Default true.
+    pub share_identical: bool,
+    /// Store cold pages as patches against similar pages. Default true.
+    pub patching: bool,
+    /// Compress cold pages. Default true.
+    pub compression: bool,
+    /// Also compress shared frames all of whose mappers are cold. Default true.
+    pub compress_shared: bool,
+    /// Number of 64-byte blocks hashed per page for the similarity index (1..=8). Default 4.
+    pub similarity_blocks: u8,
+    /// Seed that fixes the block positions. Default 0x5eed_d1ff_e4e0_91e5.
+    pub similarity_seed: u64,
+    /// Reference candidates tried (by descending number of matching blocks) per cold page.
+    /// Default 2.
+    pub similarity_candidates: u8,
+    /// Similarity index entries per guest page of a domain (the index is a bounded, lossy
+    /// cache of that size). Default 4.
+    pub similarity_entries_per_page: u8,
+    /// A patch is kept only if it is at most this many bytes (and smaller than the page's
+    /// compressed size). Difference Engine used half a page. Default 2048.
+    pub patch_cutoff: usize,
+    /// A compressed page is kept only if it is at most this many bytes. Default 3072.
+    pub compress_cutoff: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            pages_per_scan: 4096,
+            cold_rounds: 2,
+            zero_pages: true,
+            share_identical: true,
+            patching: true,
+            compression: true,
+            compress_shared: true,
+            similarity_blocks: 4,
+            similarity_seed: 0x5eed_d1ff_e4e0_91e5,
+            similarity_candidates: 2,
+            similarity_entries_per_page: 4,
+            patch_cutoff: 2048,
+            compress_cutoff: 3072,
+        }
+    }
+}
+
+impl Config {
+    /// Checks every knob's range.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.pages_per_scan == 0 {
+            return Err(Error::InvalidConfig("pages_per_scan must be at least 1"));
+        }
+        if self.similarity_blocks == 0 || self.similarity_blocks as usize > MAX_SIMILARITY_BLOCKS
+        {
+            return Err(Error::InvalidConfig("similarity_blocks must be 1..=8"));
+        }
+        if self.similarity_candidates == 0 {
+            return Err(Error::InvalidConfig("similarity_candidates must be at least 1"));
+        }
+        if self.patch_cutoff < 1 || self.patch_cutoff > PAGE_SIZE {
+            return Err(Error::InvalidConfig("patch_cutoff must be 1..=4096"));
+        }
+        if self.compress_cutoff < 1 || self.compress_cutoff > MAX_COMPRESSED.min(PAGE_SIZE) {
+            return Err(Error::InvalidConfig("compress_cutoff must be 1..=4096"));
+        }
+        Ok(())
+    }
+}

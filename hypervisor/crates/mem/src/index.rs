@@ -1,0 +1,293 @@
+//! Hash indexes keyed by content hashes.
+//!
+//! Keys are XXH3 outputs, already uniformly distributed, so both tables use the key's low bits
+//! as the bucket directly (no second hash). Values are packed references that are never
+//! `u64::MAX`, which marks an empty slot.
+//!
+//! - [`U64Map`]: exact map, open addressing with linear probing and backward-shift deletion,
+//!   grows at 50% load. Used for the identical-content indexes, where a lost entry would be a
+//!   lost share.
+//! - [`SimTable`]: lossy 4-way set-associative table of fixed capacity. Used for the similarity
+//!   index, whose entries are only hints (every hit is re-checked by encoding a patch): a
+//!   collision evicts an entry instead of growing the table, so its memory stays bounded.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+const EMPTY: u64 = u64::MAX;
+
+/// Exact map from 64-bit hash to a packed reference.
+pub struct U64Map {
+    slots: Vec<(u64, u64)>,
+    len: usize,
+}
+
+impl Default for U64Map {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl U64Map {
+    /// An empty map (allocates on first insert).
+    pub fn new() -> Self {
+        U64Map {
+            slots: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    fn find(&self, key: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = key as usize & mask;
+        loop {
+            let (k, v) = self.slots[i];
+            if v == EMPTY {
+                return None;
+            }
+            if k == key {
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The value stored under `key`.
+    pub fn get(&self, key: u64) -> Option<u64> {
+        self.find(key).map(|i| self.slots[i].1)
+    }
+
+    /// Inserts or replaces.
+    pub fn insert(&mut self, key: u64, value: u64) {
+        debug_assert_ne!(value, EMPTY);
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.mask();
+        let mut i = key as usize & mask;
+        loop {
+            let (k, v) = self.slots[i];
+            if v == EMPTY {
+                self.slots[i] = (key, value);
+                self.len += 1;
+                return;
+            }
+            if k == key {
+                self.slots[i].1 = value;
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Removes `key` if it maps to `value` (so a stale owner never removes a newer entry).
+    pub fn remove_if(&mut self, key: u64, value: u64) -> bool {
+        match self.find(key) {
+            Some(i) if self.slots[i].1 == value => {
+                self.remove_at(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn remove_at(&mut self, mut hole: usize) {
+        let mask = self.mask();
+        self.slots[hole] = (0, EMPTY);
+        self.len -= 1;
+        // Backward-shift: pull later entries of the probe run into the hole when their home
+        // bucket does not lie cyclically in (hole, j].
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let (k, v) = self.slots[j];
+            if v == EMPTY {
+                return;
+            }
+            let home = k as usize & mask;
+            let between = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if !between {
+                self.slots[hole] = (k, v);
+                self.slots[j] = (0, EMPTY);
+                hole = j;
+            }
+        }
+    }
+
+    fn grow(&mut self) {
+        let new_cap = (self.slots.len() * 2).max(64);
+        let old = core::mem::replace(&mut self.slots, vec![(0, EMPTY); new_cap]);
+        self.len = 0;
+        for (k, v) in old {
+            if v != EMPTY {
+                self.insert(k, v);
+            }
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * core::mem::size_of::<(u64, u64)>()
+    }
+}
+
+const WAYS: usize = 4;
+
+/// Lossy set-associative map from 64-bit key to a packed reference.
+pub struct SimTable {
+    slots: Vec<(u64, u64)>,
+}
+
+impl Default for SimTable {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl SimTable {
+    /// A table with room for at least `entries` entries (rounded to a power of two, at least one
+    /// set).
+    pub fn with_capacity(entries: usize) -> Self {
+        let sets = entries.div_ceil(WAYS).next_power_of_two().max(1);
+        SimTable {
+            slots: vec![(0, EMPTY); sets * WAYS],
+        }
+    }
+
+    /// Capacity in entries.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn set(&self, key: u64) -> usize {
+        let sets = self.slots.len() / WAYS;
+        (key as usize & (sets - 1)) * WAYS
+    }
+
+    /// The value stored under `key`, if it has not been evicted.
+    pub fn get(&self, key: u64) -> Option<u64> {
+        let s = self.set(key);
+        self.slots[s..s + WAYS]
+            .iter()
+            .find(|(k, v)| *v != EMPTY && *k == key)
+            .map(|&(_, v)| v)
+    }
+
+    /// Inserts or replaces; may evict another key of the same set.
+    pub fn insert(&mut self, key: u64, value: u64) {
+        debug_assert_ne!(value, EMPTY);
+        let s = self.set(key);
+        let set = &mut self.slots[s..s + WAYS];
+        if let Some(slot) = set.iter_mut().find(|(k, v)| *v == EMPTY || *k == key) {
+            *slot = (key, value);
+            return;
+        }
+        // Evict a way chosen by high key bits: cheap and uncorrelated with the set index.
+        set[(key >> 62) as usize % WAYS] = (key, value);
+    }
+
+    /// Rebuilds with room for `entries`, keeping what fits.
+    pub fn resize(&mut self, entries: usize) {
+        let old = core::mem::replace(self, SimTable::with_capacity(entries));
+        for (k, v) in old.slots {
+            if v != EMPTY {
+                self.insert(k, v);
+            }
+        }
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * core::mem::size_of::<(u64, u64)>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_insert_get_remove_with_collisions() {
+        let mut m = U64Map::new();
+        // Keys sharing low bits collide into one probe run.
+        let keys: Vec<u64> = (0..200u64).map(|i| (i << 32) | 5).collect();
+        for (i, &k) in keys.iter().enumerate() {
+            m.insert(k, i as u64);
+        }
+        assert_eq!(m.len(), 200);
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(m.get(k), Some(i as u64));
+        }
+        assert!(!m.remove_if(keys[3], 999), "wrong value keeps the entry");
+        for (i, &k) in keys.iter().enumerate().step_by(2) {
+            assert!(m.remove_if(k, i as u64));
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            let want = if i % 2 == 0 { None } else { Some(i as u64) };
+            assert_eq!(m.get(k), want, "key {i}");
+        }
+        m.insert(keys[1], 7);
+        assert_eq!(m.get(keys[1]), Some(7));
+        assert_eq!(m.len(), 100);
+    }
+
+    #[test]
+    fn map_matches_model_under_random_ops() {
+        let mut m = U64Map::new();
+        let mut model = alloc::collections::BTreeMap::new();
+        let mut x = 88172645463325252u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = (x % 512) * 0x1000_0001; // few low-bit patterns: long probe runs
+            let val = x >> 40;
+            if x & 1 == 0 {
+                m.insert(key, val);
+                model.insert(key, val);
+            } else if let Some(&v) = model.get(&key) {
+                assert!(m.remove_if(key, v));
+                model.remove(&key);
+            }
+            assert_eq!(m.len(), model.len());
+        }
+        for (&k, &v) in &model {
+            assert_eq!(m.get(k), Some(v));
+        }
+    }
+
+    #[test]
+    fn sim_table_is_bounded_and_keeps_recent() {
+        let mut t = SimTable::with_capacity(16);
+        assert_eq!(t.capacity(), 16);
+        for k in 0..1000u64 {
+            t.insert(k, k);
+        }
+        assert_eq!(t.get(999), Some(999));
+        let kept = (0..1000u64).filter(|&k| t.get(k) == Some(k)).count();
+        assert_eq!(kept, 16);
+        t.resize(64);
+        assert_eq!(t.get(999), Some(999));
+    }
+}

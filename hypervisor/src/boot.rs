@@ -1,0 +1,138 @@
+//! The Multiboot2 entry: header, 32-bit entry, switch to long mode (SDM Vol. 3A, 10.8.5).
+//!
+//! GRUB enters `_start32` in 32-bit protected mode with paging off, EAX = the Multiboot2 magic,
+//! EBX = the physical address of the boot information (Multiboot2 spec, 3.3). This file builds
+//! an identity map of the first 4 GiB with 2 MiB pages, enables PAE and IA32_EFER.LME, turns
+//! paging on, loads a 64-bit GDT and jumps to `kmain(magic, info)` on the boot stack. It owns
+//! nothing after that: the Rust side installs its own GDT, TSS and IDT.
+
+/// Size of the boot stack, also the hypervisor's only stack (one physical CPU).
+pub const STACK_SIZE: usize = 256 * 1024;
+
+core::arch::global_asm!(
+    r#"
+    .section .multiboot2, "a"
+    .align 8
+mb2_header:
+    .long 0xe85250d6                      /* magic */
+    .long 0                               /* architecture: i386 protected mode */
+    .long mb2_header_end - mb2_header
+    .long 0x100000000 - (0xe85250d6 + (mb2_header_end - mb2_header))
+    /* Module alignment tag (type 6): modules start on page boundaries. */
+    .align 8
+    .short 6, 0
+    .long 8
+    /* End tag. */
+    .align 8
+    .short 0, 0
+    .long 8
+mb2_header_end:
+
+    .section .boot.text, "ax"
+    .code32
+    .global _start32
+_start32:
+    cli
+    cld
+    mov esp, offset {stack} + {stack_size}
+    mov edi, eax                          /* magic: 1st argument of kmain */
+    mov esi, ebx                          /* boot information: 2nd argument */
+
+    /* PML4[0] -> PDPT; PDPT[0..4] -> PD0..PD3; PDn[i] -> 2 MiB page (n * 512 + i). */
+    mov eax, offset {pdpt}
+    or eax, 0x3
+    mov [{pml4}], eax
+    xor ecx, ecx
+1:
+    mov eax, ecx
+    shl eax, 12
+    add eax, offset {pd}
+    or eax, 0x3
+    mov [{pdpt} + ecx * 8], eax
+    inc ecx
+    cmp ecx, 4
+    jne 1b
+    xor ecx, ecx
+2:
+    mov eax, ecx
+    shl eax, 21
+    or eax, 0x83                          /* present, writable, 2 MiB page */
+    mov [{pd} + ecx * 8], eax
+    inc ecx
+    cmp ecx, 2048
+    jne 2b
+
+    mov eax, offset {pml4}
+    mov cr3, eax
+    mov eax, cr4
+    or eax, (1 << 5)                      /* CR4.PAE */
+    mov cr4, eax
+    mov ecx, 0xc0000080                   /* IA32_EFER */
+    rdmsr
+    or eax, (1 << 8)                      /* LME */
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80010001                    /* PG | WP | PE */
+    mov cr0, eax
+
+    lgdt [boot_gdt_ptr]
+    push 0x08
+    mov eax, offset long_mode_entry
+    push eax
+    retf
+
+    .code64
+long_mode_entry:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    xor eax, eax
+    mov fs, ax
+    mov gs, ax
+    mov edi, edi
+    mov esi, esi
+    mov rsp, offset {stack} + {stack_size}
+    xor ebp, ebp
+    call {kmain}
+4:
+    hlt
+    jmp 4b
+
+    .section .rodata
+    .align 16
+boot_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff              /* 0x08: 64-bit code */
+    .quad 0x00cf92000000ffff              /* 0x10: data */
+boot_gdt_end:
+    .align 4
+    .global boot_gdt_ptr
+boot_gdt_ptr:
+    .short boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
+    "#,
+    stack = sym BOOT_STACK,
+    stack_size = const STACK_SIZE,
+    pml4 = sym BOOT_PML4,
+    pdpt = sym BOOT_PDPT,
+    pd = sym BOOT_PD,
+    kmain = sym crate::kmain,
+);
+
+#[repr(C, align(4096))]
+struct PageTable([u64; 512]);
+
+#[repr(C, align(16))]
+struct Stack([u8; STACK_SIZE]);
+
+/// Boot page tables: in .bss, zero-filled by GRUB's ELF loader. Written only by `_start32`.
+#[no_mangle]
+static mut BOOT_PML4: PageTable = PageTable([0; 512]);
+#[no_mangle]
+static mut BOOT_PDPT: PageTable = PageTable([0; 512]);
+#[no_mangle]
+static mut BOOT_PD: [PageTable; 4] = [const { PageTable([0; 512]) }; 4];
+#[no_mangle]
+static mut BOOT_STACK: Stack = Stack([0; STACK_SIZE]);
+
