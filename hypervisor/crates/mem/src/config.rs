@@ -69,12 +69,13 @@ impl Config {
         if self.pages_per_scan == 0 {
             return Err(Error::InvalidConfig("pages_per_scan must be at least 1"));
         }
-        if self.similarity_blocks == 0 || self.similarity_blocks as usize > MAX_SIMILARITY_BLOCKS
-        {
+        if self.similarity_blocks == 0 || self.similarity_blocks as usize > MAX_SIMILARITY_BLOCKS {
             return Err(Error::InvalidConfig("similarity_blocks must be 1..=8"));
         }
         if self.similarity_candidates == 0 {
-            return Err(Error::InvalidConfig("similarity_candidates must be at least 1"));
+            return Err(Error::InvalidConfig(
+                "similarity_candidates must be at least 1",
+            ));
         }
         if self.patch_cutoff < 1 || self.patch_cutoff > PAGE_SIZE {
             return Err(Error::InvalidConfig("patch_cutoff must be 1..=4096"));

@@ -68,11 +68,19 @@ impl fmt::Display for Error {
                 write!(f, "gfn {:#x} outside the memory of VM {}", gfn.0, vm.0)
             }
             Error::NotMapped { vm, gfn } => {
-                write!(f, "gfn {:#x} of VM {} is private but not mapped", gfn.0, vm.0)
+                write!(
+                    f,
+                    "gfn {:#x} of VM {} is private but not mapped",
+                    gfn.0, vm.0
+                )
             }
             Error::OutOfFrames => f.write_str("out of host frames"),
             Error::Corrupt { vm, gfn, kind } => {
-                write!(f, "stored page gfn {:#x} of VM {} is corrupt: ", gfn.0, vm.0)?;
+                write!(
+                    f,
+                    "stored page gfn {:#x} of VM {} is corrupt: ",
+                    gfn.0, vm.0
+                )?;
                 match kind {
                     CorruptKind::Patch(e) => write!(f, "{e}"),
                     CorruptKind::Compressed(e) => write!(f, "{e}"),

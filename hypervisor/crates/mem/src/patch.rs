@@ -352,7 +352,10 @@ mod tests {
         assert_eq!(apply(&[1, 0], &mut p), Err(PatchError::Truncated));
         assert_eq!(apply(&[1, 0, 0], &mut p), Err(PatchError::EmptyRun));
         assert_eq!(apply(&[1, 0, 4, 9], &mut p), Err(PatchError::Truncated));
-        assert_eq!(apply(&[1, 0x80, 0x80, 0x80], &mut p), Err(PatchError::Overlong));
+        assert_eq!(
+            apply(&[1, 0x80, 0x80, 0x80], &mut p),
+            Err(PatchError::Overlong)
+        );
         // skip 4095, then a 2-byte fill: past the end.
         assert_eq!(
             apply(&[1, 0xff, 0x1f, 5, 1], &mut p),

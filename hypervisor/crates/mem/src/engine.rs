@@ -1,0 +1,1717 @@
+//! The engine: per-page state machine, scanner and fault handler.
+//!
+//! See the crate documentation for the design; this module holds the mechanics. Every
+//! transition that changes what a guest sees follows the same protocol:
+//!
+//! 1. write-protect the page (and a partner page, if any) through the backend, so its bytes are
+//!    frozen from here on;
+//! 2. check on the frozen bytes (compare byte for byte, re-hash, encode, compress);
+//! 3. on success switch the mapping and free the old frame; on failure restore write access.
+//!
+//! Fault-ins allocate first and change state only once nothing can fail any more, so an
+//! allocation failure leaves the page exactly as it was.
+
+use crate::arena::{BlobArena, BlobRef};
+use crate::backend::{Access, DomainId, Frame, Gfn, MemoryBackend, Page, VmId, PAGE_SIZE};
+use crate::compress::{self, MAX_COMPRESSED};
+use crate::config::Config;
+use crate::error::{CorruptKind, Error};
+use crate::index::{SimTable, U64Map};
+use crate::page::{
+    hash_page, is_zero, similarity_keys, similarity_positions, zero_page_hash,
+    MAX_SIMILARITY_BLOCKS,
+};
+use crate::patch;
+use crate::stats::{Counters, Stats};
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// The page's hash field holds the hash of its content at the last visit.
+const F_HASHED: u8 = 1;
+/// The hash was the same on two consecutive visits (the page is not volatile).
+const F_STABLE: u8 = 2;
+/// Cold processing found nothing worth doing; not retried until the content changes.
+const F_NO_GAIN: u8 = 4;
+/// The page is the entry for its hash in its domain's unstable index.
+const F_INDEXED: u8 = 8;
+
+/// Similarity index values with this bit refer to an object, without it to a page.
+const OBJ_BIT: u64 = 1 << 63;
+/// Bytes of the reference id in front of a stored patch.
+const PATCH_HEADER: usize = 4;
+
+/// State of a guest page. See the crate docs for the state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    /// Own frame, mapped writable.
+    Private,
+    /// Mapped read-only onto the zero frame.
+    Zero,
+    /// Mapped read-only onto a resident object's frame; `payload` is the object.
+    Mapped,
+    /// Not present; the content is object `payload` (resident or compressed).
+    Unmapped,
+    /// Not present; the content is a patch (blob `payload`) against a resident object.
+    Patched,
+}
+
+/// Per-page metadata: 16 bytes.
+#[derive(Clone, Copy, Debug)]
+struct PageMeta {
+    hash: u64,
+    payload: u32,
+    kind: Kind,
+    /// Consecutive scan visits without the accessed bit set.
+    age: u8,
+    flags: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<PageMeta>() == 16);
+
+impl PageMeta {
+    const PRIVATE: PageMeta = PageMeta {
+        hash: 0,
+        payload: 0,
+        kind: Kind::Private,
+        age: 0,
+        flags: 0,
+    };
+}
+
+/// Where an object's content is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    /// Not in use (on the free list).
+    Free,
+    /// In a frame, read-only, possibly mapped by pages.
+    Frame(Frame),
+    /// Compressed in the blob store; no page maps it.
+    Blob(BlobRef),
+}
+
+/// A refcounted, immutable piece of page content shared by pages and patches of one domain.
+#[derive(Clone, Copy, Debug)]
+struct Object {
+    hash: u64,
+    store: Store,
+    /// Pages in state Mapped or Unmapped that reference it.
+    page_refs: u32,
+    /// Of those, pages in state Mapped.
+    mapped: u32,
+    /// Patches that use it as their reference (they pin it resident).
+    patch_refs: u32,
+    domain: u32,
+    /// Compression was tried and did not meet the cutoff.
+    incompressible: bool,
+    /// Compression was tried and met the cutoff (so cold mappers may be unmapped).
+    compressible: bool,
+}
+
+struct VmSlot {
+    id: VmId,
+    domain: usize,
+    pages: Vec<PageMeta>,
+}
+
+/// Content indexes of one sharing domain. Nothing ever looks across domains.
+struct DomainIndex {
+    id: DomainId,
+    pages: u64,
+    /// Content hash -> object (resident or compressed): the stable tree of KSM.
+    shared: U64Map,
+    /// Content hash -> private page seen stable with that hash: the unstable tree of KSM.
+    unstable: U64Map,
+    /// Similarity key -> page or object: candidate references for patches.
+    similar: SimTable,
+}
+
+/// A page position, resolved once per operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    slot: usize,
+    gfn: usize,
+    vm: VmId,
+    domain: usize,
+}
+
+impl Loc {
+    fn gfn(self) -> Gfn {
+        Gfn(self.gfn as u64)
+    }
+
+    fn packed(self) -> u64 {
+        ((self.slot as u64) << 32) | self.gfn as u64
+    }
+}
+
+/// What one scan visit did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The page changed representation.
+    Changed,
+    /// Nothing now, but a later visit may act (volatile, warming up, not cold yet).
+    Pending,
+    /// Nothing to do unless the guest touches the page.
+    Final,
+}
+
+/// A reference for a patch.
+#[derive(Clone, Copy, Debug)]
+enum Reference {
+    Object { id: u32, frame: Frame },
+    Page { at: Loc, frame: Frame },
+}
+
+impl Reference {
+    fn frame(self) -> Frame {
+        match self {
+            Reference::Object { frame, .. } | Reference::Page { frame, .. } => frame,
+        }
+    }
+}
+
+/// Result of a [`Engine::scan`] call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Pages visited.
+    pub pages: u64,
+    /// Pages that changed representation.
+    pub changes: u64,
+    /// Rounds (full passes over all pages) that ended during the call.
+    pub rounds_completed: u64,
+}
+
+/// How a fault was resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultResolution {
+    /// The page was already mapped with the needed access (e.g. a fault that raced with the
+    /// scanner); nothing changed.
+    Spurious,
+    /// A read of an unmapped shared page: mapped read-only onto the resident shared frame.
+    MappedShared,
+    /// A read of a compressed shared page: decompressed into a new shared frame, mapped
+    /// read-only.
+    DecompressedShared,
+    /// A compressed page with one owner: decompressed into the VM's own writable frame.
+    Decompressed,
+    /// A patched page: decoded into the VM's own writable frame.
+    Unpatched,
+    /// A write to a shared page: the VM got its own writable copy.
+    CopiedOnWrite,
+    /// A write to a shared frame the VM was the only user of: the frame became its own, no copy.
+    TookOver,
+    /// A write to a zero page: the VM got a fresh zeroed writable frame.
+    ZeroFilled,
+}
+
+/// The memory multiplexing engine. It does not own memory: every call that touches memory
+/// takes the [`MemoryBackend`].
+pub struct Engine {
+    config: Config,
+    positions: [u8; MAX_SIMILARITY_BLOCKS],
+    zero_hash: u64,
+    vms: Vec<Option<VmSlot>>,
+    vm_slots: BTreeMap<VmId, usize>,
+    domains: Vec<DomainIndex>,
+    objects: Vec<Object>,
+    free_objects: Vec<u32>,
+    blobs: BlobArena,
+    zero_frame: Option<Frame>,
+    total_pages: u64,
+    cursor: (usize, usize),
+    round_changes: u64,
+    round_pending: u64,
+    /// The current round covered every page from its start (no VM added mid-round).
+    round_clean: bool,
+    last_round_converged: bool,
+    counters: Counters,
+    pages_private: u64,
+    pages_zero: u64,
+    pages_shared: u64,
+    pages_patched: u64,
+    scratch_page: Box<Page>,
+    scratch_lz: Box<[u8]>,
+    scratch_patch: Box<Page>,
+    scratch_best: Box<Page>,
+}
+
+fn boxed_page() -> Box<Page> {
+    let b: Box<[u8]> = vec![0u8; PAGE_SIZE].into_boxed_slice();
+    match b.try_into() {
+        Ok(p) => p,
+        Err(_) => unreachable!("length is PAGE_SIZE"),
+    }
+}
+
+impl Engine {
+    /// Creates an engine with `config` (validated).
+    pub fn new(config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        let positions =
+            similarity_positions(config.similarity_seed, config.similarity_blocks as usize);
+        Ok(Engine {
+            config,
+            positions,
+            zero_hash: zero_page_hash(),
+            vms: Vec::new(),
+            vm_slots: BTreeMap::new(),
+            domains: Vec::new(),
+            objects: Vec::new(),
+            free_objects: Vec::new(),
+            blobs: BlobArena::new(),
+            zero_frame: None,
+            total_pages: 0,
+            cursor: (0, 0),
+            round_changes: 0,
+            round_pending: 0,
+            round_clean: true,
+            last_round_converged: false,
+            counters: Counters::default(),
+            pages_private: 0,
+            pages_zero: 0,
+            pages_shared: 0,
+            pages_patched: 0,
+            scratch_page: boxed_page(),
+            scratch_lz: vec![0u8; MAX_COMPRESSED].into_boxed_slice(),
+            scratch_patch: boxed_page(),
+            scratch_best: boxed_page(),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Registers a VM of `pages` pages (gfn `0..pages`) in sharing domain `domain`. Every page
+    /// must be mapped writable onto a frame the VM owns (gfns with no mapping are skipped: holes).
+    pub fn add_vm(&mut self, vm: VmId, domain: DomainId, pages: u64) -> Result<(), Error> {
+        if self.vm_slots.contains_key(&vm) {
+            return Err(Error::DuplicateVm(vm));
+        }
+        if pages > u32::MAX as u64 || self.vms.len() >= (1 << 31) {
+            return Err(Error::TooManyPages(vm));
+        }
+        let d = match self.domains.iter().position(|d| d.id == domain) {
+            Some(d) => d,
+            None => {
+                self.domains.push(DomainIndex {
+                    id: domain,
+                    pages: 0,
+                    shared: U64Map::new(),
+                    unstable: U64Map::new(),
+                    similar: SimTable::with_capacity(0),
+                });
+                self.domains.len() - 1
+            }
+        };
+        let per_page = self.config.similarity_entries_per_page as u64;
+        let dom = &mut self.domains[d];
+        dom.pages += pages;
+        if self.config.patching {
+            dom.similar
+                .resize((dom.pages.saturating_mul(per_page)).min(1 << 30) as usize);
+        }
+        let slot = self.vms.len();
+        self.vms.push(Some(VmSlot {
+            id: vm,
+            domain: d,
+            pages: vec![PageMeta::PRIVATE; pages as usize],
+        }));
+        self.vm_slots.insert(vm, slot);
+        self.total_pages += pages;
+        self.pages_private += pages;
+        self.round_clean = false;
+        log::info!(
+            "hv-mem: VM {} added: {} pages, sharing domain {}",
+            vm.0,
+            pages,
+            domain.0
+        );
+        Ok(())
+    }
+
+    /// Unregisters a VM. Every page the engine mapped (zero, shared) is unmapped and every
+    /// reference it held is dropped; afterwards every page still mapped in the VM is a private
+    /// frame that the caller owns and frees with the VM.
+    pub fn remove_vm<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        vm: VmId,
+    ) -> Result<(), Error> {
+        let slot = *self.vm_slots.get(&vm).ok_or(Error::UnknownVm(vm))?;
+        let (domain, n) = {
+            let s = self.slot(slot);
+            (s.domain, s.pages.len())
+        };
+        for gfn in 0..n {
+            let at = Loc {
+                slot,
+                gfn,
+                vm,
+                domain,
+            };
+            let meta = self.meta(at);
+            match meta.kind {
+                Kind::Private => self.unindex(at),
+                Kind::Zero => {
+                    mem.unmap(vm, at.gfn());
+                }
+                Kind::Mapped => {
+                    mem.unmap(vm, at.gfn());
+                    let o = &mut self.objects[meta.payload as usize];
+                    o.page_refs -= 1;
+                    o.mapped -= 1;
+                    self.release_if_unused(mem, meta.payload);
+                }
+                Kind::Unmapped => {
+                    self.objects[meta.payload as usize].page_refs -= 1;
+                    self.release_if_unused(mem, meta.payload);
+                }
+                Kind::Patched => {
+                    let blob = BlobRef::from_raw(meta.payload);
+                    if let Some(base) = self.patch_base(blob) {
+                        self.objects[base as usize].patch_refs -= 1;
+                        self.release_if_unused(mem, base);
+                    }
+                    self.blobs.free(blob);
+                }
+            }
+            self.count_kind(meta.kind, false);
+        }
+        // Every zero page of this VM is gone from the count now; drop the frame if unused.
+        self.release_zero_frame_if_unused(mem);
+        self.domains[domain].pages -= n as u64;
+        self.total_pages -= n as u64;
+        self.vms[slot] = None;
+        self.vm_slots.remove(&vm);
+        log::info!("hv-mem: VM {} removed", vm.0);
+        Ok(())
+    }
+
+    fn slot(&self, slot: usize) -> &VmSlot {
+        match self.vms.get(slot) {
+            Some(Some(s)) => s,
+            _ => unreachable!("slot {slot} is live"),
+        }
+    }
+
+    fn meta(&self, at: Loc) -> PageMeta {
+        self.slot(at.slot).pages[at.gfn]
+    }
+
+    fn meta_mut(&mut self, at: Loc) -> &mut PageMeta {
+        match self.vms.get_mut(at.slot) {
+            Some(Some(s)) => &mut s.pages[at.gfn],
+            _ => unreachable!("slot {} is live", at.slot),
+        }
+    }
+
+    fn locate(&self, vm: VmId, gfn: Gfn) -> Result<Loc, Error> {
+        let slot = *self.vm_slots.get(&vm).ok_or(Error::UnknownVm(vm))?;
+        let s = self.slot(slot);
+        if gfn.0 >= s.pages.len() as u64 {
+            return Err(Error::GfnOutOfRange { vm, gfn });
+        }
+        Ok(Loc {
+            slot,
+            gfn: gfn.0 as usize,
+            vm,
+            domain: s.domain,
+        })
+    }
+
+    fn count_kind(&mut self, kind: Kind, add: bool) {
+        let c = match kind {
+            Kind::Private => &mut self.pages_private,
+            Kind::Zero => &mut self.pages_zero,
+            Kind::Mapped | Kind::Unmapped => &mut self.pages_shared,
+            Kind::Patched => &mut self.pages_patched,
+        };
+        if add {
+            *c += 1;
+        } else {
+            *c -= 1;
+        }
+    }
+
+    /// Changes a page's kind and payload, keeping the gauges right. `reset` forgets the
+    /// scanner's history (used when a page becomes private again after a fault).
+    fn set_page(&mut self, at: Loc, kind: Kind, payload: u32, reset: bool) {
+        let m = self.meta_mut(at);
+        let old = m.kind;
+        m.kind = kind;
+        m.payload = payload;
+        if reset {
+            m.flags = 0;
+            m.age = 0;
+        }
+        self.count_kind(old, false);
+        self.count_kind(kind, true);
+    }
+
+    /// Removes the page from its domain's unstable index if it is the entry there.
+    fn unindex(&mut self, at: Loc) {
+        let m = self.meta(at);
+        if m.flags & F_INDEXED != 0 {
+            self.domains[at.domain]
+                .unstable
+                .remove_if(m.hash, at.packed());
+            self.meta_mut(at).flags &= !F_INDEXED;
+        }
+    }
+
+    fn content_hash(&self, content: &Page) -> u64 {
+        if is_zero(content) {
+            self.zero_hash
+        } else {
+            hash_page(content)
+        }
+    }
+
+    fn new_object(&mut self, obj: Object) -> u32 {
+        match self.free_objects.pop() {
+            Some(id) => {
+                self.objects[id as usize] = obj;
+                id
+            }
+            None => {
+                self.objects.push(obj);
+                (self.objects.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Frees an object nobody references any more.
+    fn release_if_unused<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, id: u32) {
+        let o = self.objects[id as usize];
+        if o.page_refs != 0 || o.patch_refs != 0 {
+            return;
+        }
+        match o.store {
+            Store::Frame(f) => mem.free_frame(f),
+            Store::Blob(b) => self.blobs.free(b),
+            Store::Free => return,
+        }
+        self.domains[o.domain as usize]
+            .shared
+            .remove_if(o.hash, id as u64);
+        self.objects[id as usize].store = Store::Free;
+        self.free_objects.push(id);
+    }
+
+    fn release_zero_frame_if_unused<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M) {
+        if self.pages_zero == 0 {
+            if let Some(z) = self.zero_frame.take() {
+                mem.free_frame(z);
+            }
+        }
+    }
+
+    fn patch_base(&self, blob: BlobRef) -> Option<u32> {
+        let data = self.blobs.get(blob)?;
+        let id = data.get(..PATCH_HEADER)?;
+        Some(u32::from_le_bytes([id[0], id[1], id[2], id[3]]))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Scanning
+    // ---------------------------------------------------------------------------------------
+
+    /// Visits up to [`Config::pages_per_scan`] pages. See [`Engine::scan`].
+    pub fn scan_step<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M) -> ScanReport {
+        let n = self.config.pages_per_scan as u64;
+        self.scan_inner(mem, n, false)
+    }
+
+    /// Visits up to `max_pages` pages, continuing where the previous call stopped and wrapping
+    /// around all VMs (one wrap is a round). Each visit reads the page's accessed/dirty state and,
+    /// depending on its state, merges it with the zero frame or an identical page, or (when cold)
+    /// patches or compresses it. Never allocates a frame; frees the frames it saves.
+    pub fn scan<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, max_pages: u64) -> ScanReport {
+        self.scan_inner(mem, max_pages, false)
+    }
+
+    /// Scans until the current round ends (a full round if the previous call ended one).
+    pub fn scan_round<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M) -> ScanReport {
+        self.scan_inner(mem, u64::MAX, true)
+    }
+
+    /// Whether the last completed round was a full round that changed nothing and left nothing
+    /// pending (no volatile, warming-up or not-yet-cold page): further scans would change
+    /// nothing until a guest touches memory.
+    pub fn converged(&self) -> bool {
+        self.last_round_converged
+    }
+
+    /// Scans whole rounds until [`Engine::converged`], at most `max_rounds`. Returns the rounds
+    /// scanned, or `None` if it did not converge.
+    pub fn run_until_converged<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        max_rounds: u64,
+    ) -> Option<u64> {
+        for r in 1..=max_rounds {
+            let rep = self.scan_round(mem);
+            if rep.rounds_completed == 0 {
+                return None; // no pages at all
+            }
+            if self.converged() {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// Rounds completed so far.
+    pub fn rounds(&self) -> u64 {
+        self.counters.rounds
+    }
+
+    fn finish_round(&mut self) {
+        self.counters.rounds += 1;
+        self.last_round_converged =
+            self.round_clean && self.round_changes == 0 && self.round_pending == 0;
+        self.round_changes = 0;
+        self.round_pending = 0;
+        self.round_clean = true;
+    }
+
+    fn scan_inner<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        max_pages: u64,
+        stop_at_round_end: bool,
+    ) -> ScanReport {
+        let mut rep = ScanReport::default();
+        if self.total_pages == 0 {
+            return rep;
+        }
+        while rep.pages < max_pages {
+            let (slot, gfn) = self.cursor;
+            if slot >= self.vms.len() {
+                self.finish_round();
+                rep.rounds_completed += 1;
+                self.cursor = (0, 0);
+                if stop_at_round_end {
+                    break;
+                }
+                continue;
+            }
+            let at = match &self.vms[slot] {
+                Some(vm) if gfn < vm.pages.len() => Loc {
+                    slot,
+                    gfn,
+                    vm: vm.id,
+                    domain: vm.domain,
+                },
+                _ => {
+                    self.cursor = (slot + 1, 0);
+                    continue;
+                }
+            };
+            let outcome = self.scan_page(mem, at);
+            self.cursor = (slot, gfn + 1);
+            rep.pages += 1;
+            match outcome {
+                Outcome::Changed => {
+                    rep.changes += 1;
+                    self.round_changes += 1;
+                }
+                Outcome::Pending => self.round_pending += 1,
+                Outcome::Final => {}
+            }
+        }
+        rep
+    }
+
+    fn scan_page<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc) -> Outcome {
+        self.counters.pages_scanned += 1;
+        let meta = self.meta(at);
+        match meta.kind {
+            Kind::Private => self.scan_private(mem, at),
+            Kind::Mapped => self.scan_mapped(mem, at, meta.payload),
+            Kind::Unmapped => self.scan_unmapped(mem, meta.payload),
+            Kind::Zero | Kind::Patched => Outcome::Final,
+        }
+    }
+
+    fn age(&mut self, at: Loc, accessed: bool) -> u8 {
+        let m = self.meta_mut(at);
+        m.age = if accessed { 0 } else { m.age.saturating_add(1) };
+        m.age
+    }
+
+    fn scan_private<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc) -> Outcome {
+        let Some(mapping) = mem.mapping(at.vm, at.gfn()) else {
+            return Outcome::Final; // a hole in guest RAM
+        };
+        let frame = mapping.frame;
+        let accessed = mem.test_and_clear_accessed(at.vm, at.gfn());
+        // Clear dirty *before* reading: a write after this point sets it again and the next
+        // visit re-hashes.
+        let dirty = mem.test_and_clear_dirty(at.vm, at.gfn());
+        let age = self.age(at, accessed);
+        let meta = self.meta(at);
+        if dirty || meta.flags & F_HASHED == 0 {
+            let h = self.content_hash(mem.frame(frame));
+            self.counters.pages_hashed += 1;
+            if meta.flags & F_HASHED == 0 || h != meta.hash {
+                // First visit or changed content: volatile for now. Remember the hash; the page
+                // becomes a candidate only if the next visit finds the same hash.
+                if meta.flags & F_HASHED != 0 {
+                    self.counters.volatile_skips += 1;
+                }
+                self.unindex(at);
+                let m = self.meta_mut(at);
+                m.hash = h;
+                m.flags = F_HASHED;
+                return Outcome::Pending;
+            }
+        }
+        self.meta_mut(at).flags |= F_STABLE;
+        let h = meta.hash;
+
+        if self.config.zero_pages && h == self.zero_hash && self.merge_zero(mem, at, frame) {
+            return Outcome::Changed;
+        }
+        if self.config.share_identical {
+            if let Some(obj) = self.domains[at.domain].shared.get(h) {
+                if self.join_object(mem, at, frame, obj as u32) {
+                    return Outcome::Changed;
+                }
+            }
+            let me = at.packed();
+            match self.domains[at.domain].unstable.get(h) {
+                Some(other) if other == me => {}
+                found => {
+                    let partner = found.and_then(|o| self.valid_partner(mem, o, at.domain, h));
+                    match partner {
+                        Some((p, pf)) => {
+                            if self.pair(mem, at, frame, p, pf) {
+                                return Outcome::Changed;
+                            }
+                        }
+                        None => {
+                            self.domains[at.domain].unstable.insert(h, me);
+                            self.meta_mut(at).flags |= F_INDEXED;
+                        }
+                    }
+                }
+            }
+        }
+        let cold = age >= self.config.cold_rounds;
+        if cold && self.meta(at).flags & F_NO_GAIN == 0 {
+            match self.reduce_cold(mem, at, frame) {
+                Outcome::Changed => return Outcome::Changed,
+                Outcome::Pending => return Outcome::Pending,
+                Outcome::Final => self.meta_mut(at).flags |= F_NO_GAIN,
+            }
+        }
+        if self.config.patching {
+            self.index_similar(mem, at.domain, frame, at.packed());
+        }
+        if cold || self.meta(at).flags & F_NO_GAIN != 0 {
+            Outcome::Final
+        } else {
+            Outcome::Pending
+        }
+    }
+
+    fn scan_mapped<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc, id: u32) -> Outcome {
+        let accessed = mem.test_and_clear_accessed(at.vm, at.gfn());
+        let age = self.age(at, accessed);
+        let o = self.objects[id as usize];
+        if !self.config.compression
+            || o.patch_refs > 0
+            || o.incompressible
+            || (o.page_refs > 1 && !self.config.compress_shared)
+        {
+            return Outcome::Final;
+        }
+        if age < self.config.cold_rounds {
+            return Outcome::Pending;
+        }
+        let Store::Frame(f) = o.store else {
+            return Outcome::Final; // cannot happen: a mapped object is resident
+        };
+        if o.mapped == 1 {
+            // The last mapper: compress, then unmap it and drop the frame.
+            let Some(blob) = self.compress_to_blob(mem, f) else {
+                self.objects[id as usize].incompressible = true;
+                return Outcome::Final;
+            };
+            mem.unmap(at.vm, at.gfn());
+            mem.free_frame(f);
+            let o = &mut self.objects[id as usize];
+            o.mapped = 0;
+            o.store = Store::Blob(blob);
+            self.set_page(at, Kind::Unmapped, id, false);
+            self.counters.shared_compressed += 1;
+            self.counters.cold_unmaps += 1;
+            return Outcome::Changed;
+        }
+        if !o.compressible {
+            // Unmapping cold mappers only pays if the frame will compress once all are cold.
+            let cutoff = self.config.compress_cutoff;
+            if compress::compress(mem.frame(f), &mut self.scratch_lz[..cutoff]).is_none() {
+                self.objects[id as usize].incompressible = true;
+                return Outcome::Final;
+            }
+            self.objects[id as usize].compressible = true;
+        }
+        mem.unmap(at.vm, at.gfn());
+        self.objects[id as usize].mapped -= 1;
+        self.set_page(at, Kind::Unmapped, id, false);
+        self.counters.cold_unmaps += 1;
+        Outcome::Changed
+    }
+
+    fn scan_unmapped<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, id: u32) -> Outcome {
+        // A resident object no page maps any more (its last mapper took a copy, or a read
+        // fault-in was followed by a CoW) is compressed when one of its unmapped pages is seen.
+        let o = self.objects[id as usize];
+        let Store::Frame(f) = o.store else {
+            return Outcome::Final;
+        };
+        if o.mapped != 0
+            || o.patch_refs != 0
+            || o.incompressible
+            || !self.config.compression
+            || (o.page_refs > 1 && !self.config.compress_shared)
+        {
+            return Outcome::Final;
+        }
+        match self.compress_to_blob(mem, f) {
+            Some(blob) => {
+                mem.free_frame(f);
+                self.objects[id as usize].store = Store::Blob(blob);
+                self.counters.shared_compressed += 1;
+                Outcome::Changed
+            }
+            None => {
+                self.objects[id as usize].incompressible = true;
+                Outcome::Final
+            }
+        }
+    }
+
+    /// Compresses a frame nobody can write into a new blob, if it meets the cutoff.
+    fn compress_to_blob<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &M,
+        f: Frame,
+    ) -> Option<BlobRef> {
+        let cutoff = self.config.compress_cutoff;
+        let n = compress::compress(mem.frame(f), &mut self.scratch_lz[..cutoff])?;
+        self.blobs.store(&[&self.scratch_lz[..n]]).ok()
+    }
+
+    fn protect<M: MemoryBackend + ?Sized>(mem: &mut M, at: Loc, frame: Frame) {
+        mem.map(at.vm, at.gfn(), frame, false);
+    }
+
+    fn unprotect<M: MemoryBackend + ?Sized>(mem: &mut M, at: Loc, frame: Frame) {
+        mem.map(at.vm, at.gfn(), frame, true);
+    }
+
+    /// The page's check failed on frozen bytes: its content moved since it was hashed. Forget
+    /// the hash so the next visit starts the stability check again.
+    fn content_moved(&mut self, at: Loc) {
+        self.unindex(at);
+        self.meta_mut(at).flags = 0;
+        self.counters.compare_mismatches += 1;
+    }
+
+    fn merge_zero<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        frame: Frame,
+    ) -> bool {
+        Self::protect(mem, at, frame);
+        if !is_zero(mem.frame(frame)) {
+            Self::unprotect(mem, at, frame);
+            self.content_moved(at);
+            return false;
+        }
+        match self.zero_frame {
+            // The first zero page's frame becomes the zero frame: no copy, no allocation.
+            None => self.zero_frame = Some(frame),
+            Some(z) => {
+                mem.map(at.vm, at.gfn(), z, false);
+                mem.free_frame(frame);
+            }
+        }
+        self.unindex(at);
+        self.set_page(at, Kind::Zero, 0, false);
+        self.counters.merges_zero += 1;
+        true
+    }
+
+    /// Merges a stable private page into an existing object with the same hash.
+    fn join_object<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        frame: Frame,
+        id: u32,
+    ) -> bool {
+        let h = self.meta(at).hash;
+        let Some(&o) = self.objects.get(id as usize) else {
+            return false;
+        };
+        if o.store == Store::Free || o.domain as usize != at.domain || o.hash != h {
+            return false;
+        }
+        Self::protect(mem, at, frame);
+        let equal = match o.store {
+            Store::Frame(f) => mem.frame(frame) == mem.frame(f),
+            Store::Blob(b) => match self.blobs.get(b) {
+                Some(data) => {
+                    compress::decompress(data, &mut self.scratch_page).is_ok()
+                        && *self.scratch_page == *mem.frame(frame)
+                }
+                None => false,
+            },
+            Store::Free => false,
+        };
+        if !equal {
+            Self::unprotect(mem, at, frame);
+            self.counters.compare_mismatches += 1;
+            return false;
+        }
+        let cold = self.meta(at).age >= self.config.cold_rounds;
+        let kind = match o.store {
+            Store::Frame(f) => {
+                mem.map(at.vm, at.gfn(), f, false);
+                mem.free_frame(frame);
+                self.objects[id as usize].mapped += 1;
+                Kind::Mapped
+            }
+            Store::Blob(_) if cold => {
+                mem.unmap(at.vm, at.gfn());
+                mem.free_frame(frame);
+                Kind::Unmapped
+            }
+            Store::Blob(b) => {
+                // A warm page joining compressed content: keep its frame as the object's frame
+                // (it is read-only already) instead of unmapping a page that is in use.
+                self.blobs.free(b);
+                let o = &mut self.objects[id as usize];
+                o.store = Store::Frame(frame);
+                o.mapped += 1;
+                Kind::Mapped
+            }
+            Store::Free => return false,
+        };
+        self.objects[id as usize].page_refs += 1;
+        self.unindex(at);
+        self.set_page(at, kind, id, false);
+        self.counters.merges_identical += 1;
+        true
+    }
+
+    /// Resolves an unstable-index entry to a private, stable page of the same domain with hash
+    /// `h`, still mapped writable.
+    fn valid_partner<M: MemoryBackend + ?Sized>(
+        &self,
+        mem: &M,
+        packed: u64,
+        domain: usize,
+        h: u64,
+    ) -> Option<(Loc, Frame)> {
+        let slot = (packed >> 32) as usize;
+        let gfn = (packed & 0xffff_ffff) as usize;
+        let vm = self.vms.get(slot)?.as_ref()?;
+        if vm.domain != domain {
+            return None;
+        }
+        let m = vm.pages.get(gfn)?;
+        if m.kind != Kind::Private || m.flags & (F_HASHED | F_STABLE) != F_HASHED | F_STABLE {
+            return None;
+        }
+        if m.hash != h {
+            return None;
+        }
+        let mapping = mem.mapping(vm.id, Gfn(gfn as u64))?;
+        if !mapping.writable {
+            return None;
+        }
+        Some((
+            Loc {
+                slot,
+                gfn,
+                vm: vm.id,
+                domain,
+            },
+            mapping.frame,
+        ))
+    }
+
+    /// Makes a new shared object out of two identical private pages: `other`'s frame becomes
+    /// the shared frame, `at`'s frame is freed.
+    fn pair<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        frame: Frame,
+        other: Loc,
+        other_frame: Frame,
+    ) -> bool {
+        debug_assert_eq!(at.domain, other.domain, "never compare across domains");
+        Self::protect(mem, at, frame);
+        Self::protect(mem, other, other_frame);
+        if mem.frame(frame) != mem.frame(other_frame) {
+            Self::unprotect(mem, at, frame);
+            Self::unprotect(mem, other, other_frame);
+            self.counters.compare_mismatches += 1;
+            return false;
+        }
+        // Hash the frozen bytes: the hashes seen before protection are only hints.
+        let h = self.content_hash(mem.frame(other_frame));
+        let id = self.new_object(Object {
+            hash: h,
+            store: Store::Frame(other_frame),
+            page_refs: 2,
+            mapped: 2,
+            patch_refs: 0,
+            domain: at.domain as u32,
+            incompressible: false,
+            compressible: false,
+        });
+        mem.map(at.vm, at.gfn(), other_frame, false);
+        mem.free_frame(frame);
+        self.unindex(at);
+        self.unindex(other);
+        self.set_page(at, Kind::Mapped, id, false);
+        self.set_page(other, Kind::Mapped, id, false);
+        self.domains[at.domain].shared.insert(h, id as u64);
+        if self.config.patching {
+            self.index_similar(mem, at.domain, other_frame, OBJ_BIT | id as u64);
+        }
+        self.counters.merges_identical += 1;
+        true
+    }
+
+    /// Records a page or object as a candidate patch reference under its similarity keys.
+    fn index_similar<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &M,
+        domain: usize,
+        frame: Frame,
+        value: u64,
+    ) {
+        let mut keys = [None; MAX_SIMILARITY_BLOCKS];
+        let n = self.config.similarity_blocks as usize;
+        similarity_keys(mem.frame(frame), &self.positions[..n], &mut keys);
+        let table = &mut self.domains[domain].similar;
+        for k in keys.iter().flatten() {
+            table.insert(*k, value);
+        }
+    }
+
+    /// A cold, stable private page: store it as a patch or compressed, whichever is smaller and
+    /// meets its cutoff. Returns Changed, Pending (the content moved under us) or Final (no
+    /// gain: the page stays private and writable).
+    fn reduce_cold<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        frame: Frame,
+    ) -> Outcome {
+        if !self.config.patching && !self.config.compression {
+            return Outcome::Final;
+        }
+        Self::protect(mem, at, frame);
+        let h = self.content_hash(mem.frame(frame));
+        if h != self.meta(at).hash {
+            Self::unprotect(mem, at, frame);
+            self.content_moved(at);
+            return Outcome::Pending;
+        }
+        let lz = if self.config.compression {
+            let cutoff = self.config.compress_cutoff;
+            compress::compress(mem.frame(frame), &mut self.scratch_lz[..cutoff])
+        } else {
+            None
+        };
+        if self.config.patching {
+            // A patch must beat compression (counting its reference id) to be worth its pinned
+            // reference.
+            let limit = match lz {
+                Some(n) => self
+                    .config
+                    .patch_cutoff
+                    .min(n.saturating_sub(PATCH_HEADER + 1)),
+                None => self.config.patch_cutoff,
+            };
+            if limit > 0 {
+                if let Some((reference, len)) = self.find_patch(mem, at, frame, limit) {
+                    if self.commit_patch(mem, at, frame, reference, len) {
+                        return Outcome::Changed;
+                    }
+                }
+            }
+        }
+        if let Some(n) = lz {
+            if let Ok(blob) = self.blobs.store(&[&self.scratch_lz[..n]]) {
+                let id = self.new_object(Object {
+                    hash: h,
+                    store: Store::Blob(blob),
+                    page_refs: 1,
+                    mapped: 0,
+                    patch_refs: 0,
+                    domain: at.domain as u32,
+                    incompressible: false,
+                    compressible: true,
+                });
+                if self.config.share_identical {
+                    self.domains[at.domain].shared.insert(h, id as u64);
+                }
+                mem.unmap(at.vm, at.gfn());
+                mem.free_frame(frame);
+                self.unindex(at);
+                self.set_page(at, Kind::Unmapped, id, false);
+                self.counters.pages_compressed += 1;
+                return Outcome::Changed;
+            }
+        }
+        Self::unprotect(mem, at, frame);
+        Outcome::Final
+    }
+
+    /// Resolves a similarity index entry to a usable reference: a resident object of the
+    /// domain, or another stable private page of the domain (not yet protected).
+    fn resolve_reference<M: MemoryBackend + ?Sized>(
+        &self,
+        mem: &M,
+        value: u64,
+        at: Loc,
+    ) -> Option<Reference> {
+        if value & OBJ_BIT != 0 {
+            let id = (value & !OBJ_BIT) as u32;
+            let o = self.objects.get(id as usize)?;
+            if o.domain as usize != at.domain {
+                return None;
+            }
+            return match o.store {
+                Store::Frame(frame) => Some(Reference::Object { id, frame }),
+                _ => None,
+            };
+        }
+        if value == at.packed() {
+            return None;
+        }
+        let slot = (value >> 32) as usize;
+        let gfn = (value & 0xffff_ffff) as usize;
+        let vm = self.vms.get(slot)?.as_ref()?;
+        if vm.domain != at.domain {
+            return None;
+        }
+        let m = vm.pages.get(gfn)?;
+        if m.kind != Kind::Private || m.flags & F_STABLE == 0 {
+            return None;
+        }
+        let mapping = mem.mapping(vm.id, Gfn(gfn as u64))?;
+        if !mapping.writable {
+            return None;
+        }
+        Some(Reference::Page {
+            at: Loc {
+                slot,
+                gfn,
+                vm: vm.id,
+                domain: at.domain,
+            },
+            frame: mapping.frame,
+        })
+    }
+
+    /// Finds the best patch (at most `limit` bytes) of the frozen page at `at` against the
+    /// candidates its similarity keys point to. The winning reference, if a page, is left
+    /// write-protected; every other candidate page is restored. The patch is in
+    /// `scratch_best`.
+    fn find_patch<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        frame: Frame,
+        mut limit: usize,
+    ) -> Option<(Reference, usize)> {
+        let n = self.config.similarity_blocks as usize;
+        let mut keys = [None; MAX_SIMILARITY_BLOCKS];
+        similarity_keys(mem.frame(frame), &self.positions[..n], &mut keys);
+        // Candidates with their votes (matching blocks), best first.
+        let mut cands = [(0u64, 0u8); MAX_SIMILARITY_BLOCKS];
+        let mut count = 0;
+        let table = &self.domains[at.domain].similar;
+        for k in keys.iter().flatten() {
+            let Some(v) = table.get(*k) else { continue };
+            if v == at.packed() {
+                continue;
+            }
+            match cands[..count].iter_mut().find(|(c, _)| *c == v) {
+                Some(c) => c.1 += 1,
+                None => {
+                    cands[count] = (v, 1);
+                    count += 1;
+                }
+            }
+        }
+        cands[..count].sort_by_key(|c| core::cmp::Reverse(c.1));
+        let mut best: Option<(Reference, usize)> = None;
+        for &(value, _) in cands[..count]
+            .iter()
+            .take(self.config.similarity_candidates as usize)
+        {
+            let Some(reference) = self.resolve_reference(mem, value, at) else {
+                continue;
+            };
+            if let Reference::Page { at: r, frame: rf } = reference {
+                Self::protect(mem, r, rf);
+            }
+            let encoded = patch::encode(
+                mem.frame(frame),
+                mem.frame(reference.frame()),
+                &mut self.scratch_patch[..limit],
+            );
+            match encoded {
+                Some(len) => {
+                    core::mem::swap(&mut self.scratch_patch, &mut self.scratch_best);
+                    if let Some((Reference::Page { at: r, frame: rf }, _)) = best {
+                        Self::unprotect(mem, r, rf);
+                    }
+                    best = Some((reference, len));
+                    if len <= 1 {
+                        break;
+                    }
+                    limit = len - 1;
+                }
+                None => {
+                    if let Reference::Page { at: r, frame: rf } = reference {
+                        Self::unprotect(mem, r, rf);
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    /// Turns a frozen private page into a resident object (a patch reference).
+    fn page_to_object<M: MemoryBackend + ?Sized>(&mut self, mem: &M, at: Loc, frame: Frame) -> u32 {
+        let h = self.content_hash(mem.frame(frame));
+        let id = self.new_object(Object {
+            hash: h,
+            store: Store::Frame(frame),
+            page_refs: 1,
+            mapped: 1,
+            patch_refs: 0,
+            domain: at.domain as u32,
+            incompressible: false,
+            compressible: false,
+        });
+        self.unindex(at);
+        self.set_page(at, Kind::Mapped, id, false);
+        if self.config.share_identical {
+            self.domains[at.domain].shared.insert(h, id as u64);
+        }
+        self.index_similar(mem, at.domain, frame, OBJ_BIT | id as u64);
+        id
+    }
+
+    fn commit_patch<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        frame: Frame,
+        reference: Reference,
+        len: usize,
+    ) -> bool {
+        let base = match reference {
+            Reference::Object { id, .. } => id,
+            // The reference page is frozen already; it becomes a shared read-only frame. If
+            // storing the patch fails below it simply stays that way (a valid state).
+            Reference::Page { at: r, frame: rf } => self.page_to_object(mem, r, rf),
+        };
+        let stored = self
+            .blobs
+            .store(&[&base.to_le_bytes(), &self.scratch_best[..len]]);
+        let Ok(blob) = stored else {
+            return false;
+        };
+        self.objects[base as usize].patch_refs += 1;
+        mem.unmap(at.vm, at.gfn());
+        mem.free_frame(frame);
+        self.unindex(at);
+        self.set_page(at, Kind::Patched, blob.raw(), false);
+        self.counters.patches_made += 1;
+        true
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Faults
+    // ---------------------------------------------------------------------------------------
+
+    /// Resolves an EPT violation (or, for [`crate::PlainMemory`], an emulated guest fault) on
+    /// `gfn` of `vm`. On success the page is mapped so that `access` succeeds: read faults on a
+    /// shared page get a read-only mapping, write faults always a private writable frame holding
+    /// exactly the bytes the VM last wrote.
+    ///
+    /// On `Err(OutOfFrames)` (or `Corrupt`) nothing changed: the page keeps its shared, patched
+    /// or compressed state and its content; the caller retries later or stops the VM.
+    pub fn fault<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        vm: VmId,
+        gfn: Gfn,
+        access: Access,
+    ) -> Result<FaultResolution, Error> {
+        let at = self.locate(vm, gfn)?;
+        let meta = self.meta(at);
+        let result = match (meta.kind, access) {
+            (Kind::Private, _) => {
+                let m = mem.mapping(vm, gfn).ok_or(Error::NotMapped { vm, gfn })?;
+                if access == Access::Write && !m.writable {
+                    // Not expected (the engine restores write access before it returns), but
+                    // harmless to repair.
+                    log::warn!(
+                        "hv-mem: private gfn {:#x} of VM {} was read-only",
+                        gfn.0,
+                        vm.0
+                    );
+                    mem.map(vm, gfn, m.frame, true);
+                }
+                Ok(FaultResolution::Spurious)
+            }
+            (Kind::Zero, Access::Read) => {
+                if let Some(z) = self.zero_frame {
+                    mem.map(vm, gfn, z, false);
+                }
+                Ok(FaultResolution::Spurious)
+            }
+            (Kind::Zero, Access::Write) => {
+                let f = mem.alloc_frame().map_err(|_| self.oom())?;
+                mem.frame_mut(f).fill(0);
+                mem.map(vm, gfn, f, true);
+                self.set_page(at, Kind::Private, 0, true);
+                self.release_zero_frame_if_unused(mem);
+                self.counters.faults_zero += 1;
+                self.counters.cow_breaks += 1;
+                Ok(FaultResolution::ZeroFilled)
+            }
+            (Kind::Mapped, Access::Read) => {
+                if let Store::Frame(f) = self.objects[meta.payload as usize].store {
+                    mem.map(vm, gfn, f, false);
+                }
+                Ok(FaultResolution::Spurious)
+            }
+            (Kind::Mapped | Kind::Unmapped, Access::Write) => self.break_share(mem, at, meta),
+            (Kind::Unmapped, Access::Read) => self.fault_in_shared(mem, at, meta.payload),
+            (Kind::Patched, _) => self.unpatch(mem, at, meta.payload),
+        };
+        if result == Ok(FaultResolution::Spurious) {
+            self.counters.faults_spurious += 1;
+        }
+        result
+    }
+
+    fn oom(&mut self) -> Error {
+        self.counters.faults_out_of_frames += 1;
+        log::debug!("hv-mem: fault-in failed: out of frames");
+        Error::OutOfFrames
+    }
+
+    fn corrupt(at: Loc, kind: CorruptKind) -> Error {
+        log::error!(
+            "hv-mem: stored page gfn {:#x} of VM {} is corrupt",
+            at.gfn,
+            at.vm.0
+        );
+        Error::Corrupt {
+            vm: at.vm,
+            gfn: at.gfn(),
+            kind,
+        }
+    }
+
+    /// Decompresses blob `b` into frame `f`.
+    fn decompress_into<M: MemoryBackend + ?Sized>(
+        &self,
+        mem: &mut M,
+        at: Loc,
+        b: BlobRef,
+        f: Frame,
+    ) -> Result<(), Error> {
+        let data = self
+            .blobs
+            .get(b)
+            .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
+        compress::decompress(data, mem.frame_mut(f))
+            .map_err(|e| Self::corrupt(at, CorruptKind::Compressed(e)))
+    }
+
+    /// A write to a page that references an object: give the VM its own frame.
+    fn break_share<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        meta: PageMeta,
+    ) -> Result<FaultResolution, Error> {
+        let id = meta.payload;
+        let o = self.objects[id as usize];
+        let was_mapped = meta.kind == Kind::Mapped;
+        let sole = o.page_refs == 1 && o.patch_refs == 0;
+        let resolution = match (o.store, sole) {
+            (Store::Frame(f), true) => {
+                // Nobody else can see this frame: it simply becomes the VM's again.
+                mem.map(at.vm, at.gfn(), f, true);
+                self.objects[id as usize].store = Store::Free;
+                self.drop_object_slot(id);
+                self.counters.cow_takeovers += 1;
+                FaultResolution::TookOver
+            }
+            (Store::Frame(src), false) => {
+                let f = mem.alloc_frame().map_err(|_| self.oom())?;
+                mem.copy_frame(src, f);
+                mem.map(at.vm, at.gfn(), f, true);
+                FaultResolution::CopiedOnWrite
+            }
+            (Store::Blob(b), _) => {
+                let f = mem.alloc_frame().map_err(|_| self.oom())?;
+                if let Err(e) = self.decompress_into(mem, at, b, f) {
+                    mem.free_frame(f);
+                    return Err(e);
+                }
+                mem.map(at.vm, at.gfn(), f, true);
+                self.counters.faults_decompressed += 1;
+                if sole {
+                    FaultResolution::Decompressed
+                } else {
+                    FaultResolution::CopiedOnWrite
+                }
+            }
+            (Store::Free, _) => return Err(Self::corrupt(at, CorruptKind::Metadata)),
+        };
+        if resolution != FaultResolution::TookOver {
+            let o = &mut self.objects[id as usize];
+            o.page_refs -= 1;
+            if was_mapped {
+                o.mapped -= 1;
+            }
+            self.release_if_unused(mem, id);
+        }
+        self.set_page(at, Kind::Private, 0, true);
+        self.counters.cow_breaks += 1;
+        Ok(resolution)
+    }
+
+    /// Drops an object whose storage was handed over (no frame or blob to free).
+    fn drop_object_slot(&mut self, id: u32) {
+        let o = self.objects[id as usize];
+        self.domains[o.domain as usize]
+            .shared
+            .remove_if(o.hash, id as u64);
+        let o = &mut self.objects[id as usize];
+        o.page_refs = 0;
+        o.mapped = 0;
+        o.store = Store::Free;
+        self.free_objects.push(id);
+    }
+
+    /// A read of an unmapped page that references an object.
+    fn fault_in_shared<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        id: u32,
+    ) -> Result<FaultResolution, Error> {
+        let o = self.objects[id as usize];
+        match o.store {
+            Store::Frame(f) => {
+                mem.map(at.vm, at.gfn(), f, false);
+                self.objects[id as usize].mapped += 1;
+                self.set_page(at, Kind::Mapped, id, true);
+                self.counters.faults_shared += 1;
+                Ok(FaultResolution::MappedShared)
+            }
+            Store::Blob(b) => {
+                let f = mem.alloc_frame().map_err(|_| self.oom())?;
+                if let Err(e) = self.decompress_into(mem, at, b, f) {
+                    mem.free_frame(f);
+                    return Err(e);
+                }
+                self.blobs.free(b);
+                self.counters.faults_decompressed += 1;
+                if o.page_refs == 1 && o.patch_refs == 0 {
+                    // Only this page uses it: make it private and writable, no second fault on
+                    // the next write.
+                    mem.map(at.vm, at.gfn(), f, true);
+                    self.drop_object_slot(id);
+                    self.set_page(at, Kind::Private, 0, true);
+                    Ok(FaultResolution::Decompressed)
+                } else {
+                    mem.map(at.vm, at.gfn(), f, false);
+                    let o = &mut self.objects[id as usize];
+                    o.store = Store::Frame(f);
+                    o.mapped += 1;
+                    self.set_page(at, Kind::Mapped, id, true);
+                    Ok(FaultResolution::DecompressedShared)
+                }
+            }
+            Store::Free => Err(Self::corrupt(at, CorruptKind::Metadata)),
+        }
+    }
+
+    /// Any access to a patched page: rebuild it into the VM's own frame.
+    fn unpatch<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        at: Loc,
+        raw: u32,
+    ) -> Result<FaultResolution, Error> {
+        let blob = BlobRef::from_raw(raw);
+        let base = self
+            .patch_base(blob)
+            .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
+        let Some(Store::Frame(rf)) = self.objects.get(base as usize).map(|o| o.store) else {
+            return Err(Self::corrupt(at, CorruptKind::Metadata));
+        };
+        let f = mem.alloc_frame().map_err(|_| self.oom())?;
+        mem.copy_frame(rf, f);
+        let data = self.blobs.get(blob).unwrap_or(&[]);
+        if let Err(e) = patch::apply(&data[PATCH_HEADER..], mem.frame_mut(f)) {
+            mem.free_frame(f);
+            return Err(Self::corrupt(at, CorruptKind::Patch(e)));
+        }
+        mem.map(at.vm, at.gfn(), f, true);
+        self.blobs.free(blob);
+        self.objects[base as usize].patch_refs -= 1;
+        self.release_if_unused(mem, base);
+        self.set_page(at, Kind::Private, 0, true);
+        self.counters.faults_patched += 1;
+        Ok(FaultResolution::Unpatched)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Inspection
+    // ---------------------------------------------------------------------------------------
+
+    /// Reconstructs the bytes of a page as the guest would read them, without changing any
+    /// state (no fault-in, no accessed bit). For verification, debugging and migration.
+    pub fn read_page<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &M,
+        vm: VmId,
+        gfn: Gfn,
+        out: &mut Page,
+    ) -> Result<(), Error> {
+        let at = self.locate(vm, gfn)?;
+        let meta = self.meta(at);
+        match meta.kind {
+            Kind::Private => {
+                let m = mem.mapping(vm, gfn).ok_or(Error::NotMapped { vm, gfn })?;
+                out.copy_from_slice(mem.frame(m.frame));
+            }
+            Kind::Zero => out.fill(0),
+            Kind::Mapped | Kind::Unmapped => match self.objects[meta.payload as usize].store {
+                Store::Frame(f) => out.copy_from_slice(mem.frame(f)),
+                Store::Blob(b) => {
+                    let data = self
+                        .blobs
+                        .get(b)
+                        .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
+                    compress::decompress(data, out)
+                        .map_err(|e| Self::corrupt(at, CorruptKind::Compressed(e)))?;
+                }
+                Store::Free => return Err(Self::corrupt(at, CorruptKind::Metadata)),
+            },
+            Kind::Patched => {
+                let blob = BlobRef::from_raw(meta.payload);
+                let base = self
+                    .patch_base(blob)
+                    .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
+                let Some(Store::Frame(rf)) = self.objects.get(base as usize).map(|o| o.store)
+                else {
+                    return Err(Self::corrupt(at, CorruptKind::Metadata));
+                };
+                let data = self.blobs.get(blob).unwrap_or(&[]);
+                patch::decode(&data[PATCH_HEADER..], mem.frame(rf), out)
+                    .map_err(|e| Self::corrupt(at, CorruptKind::Patch(e)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A snapshot of the accounting.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            vms: self.vm_slots.len() as u64,
+            pages_total: self.total_pages,
+            pages_private: self.pages_private,
+            pages_zero: self.pages_zero,
+            pages_shared: self.pages_shared,
+            pages_patched: self.pages_patched,
+            counters: self.counters,
+            ..Stats::default()
+        };
+        for o in &self.objects {
+            match o.store {
+                Store::Free => continue,
+                Store::Frame(_) => {
+                    s.objects_resident += 1;
+                    if o.page_refs == 0 {
+                        s.objects_reference_only += 1;
+                    }
+                }
+                Store::Blob(b) => {
+                    s.objects_compressed += 1;
+                    s.bytes_compressed += self.blobs.get(b).map_or(0, |d| d.len()) as u64;
+                }
+            }
+            s.frames_saved_shared += o.page_refs.saturating_sub(1) as u64;
+        }
+        let zero_frame = self.zero_frame.is_some() as u64;
+        s.frames_in_use = self.pages_private + s.objects_resident + zero_frame;
+        s.frames_saved_zero = self.pages_zero.saturating_sub(zero_frame);
+        s.frames_saved_patched = self.pages_patched.saturating_sub(s.objects_reference_only);
+        s.frames_saved_compressed = s.objects_compressed;
+        s.bytes_patches = self.blobs.live_bytes() as u64 - s.bytes_compressed;
+        s.bytes_blob_heap = self.blobs.heap_bytes() as u64;
+        let pages: usize = self
+            .vms
+            .iter()
+            .flatten()
+            .map(|v| v.pages.capacity() * core::mem::size_of::<PageMeta>())
+            .sum();
+        let indexes: usize = self
+            .domains
+            .iter()
+            .map(|d| d.shared.heap_bytes() + d.unstable.heap_bytes() + d.similar.heap_bytes())
+            .sum();
+        s.bytes_metadata = (pages
+            + indexes
+            + self.objects.capacity() * core::mem::size_of::<Object>()
+            + self.free_objects.capacity() * 4
+            + self.vms.capacity() * core::mem::size_of::<Option<VmSlot>>()
+            + 3 * PAGE_SIZE
+            + MAX_COMPRESSED) as u64;
+        s
+    }
+
+    /// Checks every internal invariant against the backend: page counts, object reference
+    /// counts, and that every mapping is what the page's state says (private pages writable,
+    /// shared pages read-only on the object's frame, unmapped pages not present). Meant for
+    /// tests and debug builds; costs a walk over all pages.
+    pub fn check_consistency<M: MemoryBackend + ?Sized>(&self, mem: &M) -> Result<(), String> {
+        let mut counts = [0u64; 5];
+        let mut refs = vec![(0u32, 0u32, 0u32); self.objects.len()];
+        for vm in self.vms.iter().flatten() {
+            for (gfn, m) in vm.pages.iter().enumerate() {
+                let g = Gfn(gfn as u64);
+                let mapping = mem.mapping(vm.id, g);
+                counts[m.kind as usize] += 1;
+                let here = || format!("VM {} gfn {:#x} ({:?})", vm.id.0, gfn, m.kind);
+                match m.kind {
+                    Kind::Private => {
+                        if let Some(mp) = mapping {
+                            if !mp.writable {
+                                return Err(format!("{}: private but read-only", here()));
+                            }
+                        }
+                    }
+                    Kind::Zero => match (mapping, self.zero_frame) {
+                        (Some(mp), Some(z)) if mp.frame == z && !mp.writable => {}
+                        _ => return Err(format!("{}: not mapped on the zero frame", here())),
+                    },
+                    Kind::Mapped | Kind::Unmapped => {
+                        let id = m.payload as usize;
+                        let o = self
+                            .objects
+                            .get(id)
+                            .ok_or_else(|| format!("{}: dangling object", here()))?;
+                        if o.domain as usize != vm.domain {
+                            return Err(format!("{}: object of another domain", here()));
+                        }
+                        refs[id].0 += 1;
+                        if m.kind == Kind::Mapped {
+                            refs[id].1 += 1;
+                            match (mapping, o.store) {
+                                (Some(mp), Store::Frame(f)) if mp.frame == f && !mp.writable => {}
+                                _ => return Err(format!("{}: wrong shared mapping", here())),
+                            }
+                        } else if mapping.is_some() {
+                            return Err(format!("{}: unmapped page is present", here()));
+                        }
+                    }
+                    Kind::Patched => {
+                        if mapping.is_some() {
+                            return Err(format!("{}: patched page is present", here()));
+                        }
+                        let base = self
+                            .patch_base(BlobRef::from_raw(m.payload))
+                            .ok_or_else(|| format!("{}: dangling patch", here()))?;
+                        let o = self
+                            .objects
+                            .get(base as usize)
+                            .ok_or_else(|| format!("{}: dangling reference", here()))?;
+                        if !matches!(o.store, Store::Frame(_)) {
+                            return Err(format!("{}: reference not resident", here()));
+                        }
+                        if o.domain as usize != vm.domain {
+                            return Err(format!("{}: reference of another domain", here()));
+                        }
+                        refs[base as usize].2 += 1;
+                    }
+                }
+            }
+        }
+        let want = [
+            self.pages_private,
+            self.pages_zero,
+            0,
+            0,
+            self.pages_patched,
+        ];
+        if counts[0] != want[0]
+            || counts[1] != want[1]
+            || counts[2] + counts[3] != self.pages_shared
+            || counts[4] != want[4]
+        {
+            return Err(format!("page counts {counts:?} disagree with gauges"));
+        }
+        if (self.pages_zero > 0) != self.zero_frame.is_some() {
+            return Err(String::from(
+                "zero frame kept without zero pages (or missing)",
+            ));
+        }
+        for (id, o) in self.objects.iter().enumerate() {
+            let (p, m, r) = refs[id];
+            if o.store == Store::Free {
+                if p + m + r != 0 {
+                    return Err(format!("object {id} is free but referenced"));
+                }
+                continue;
+            }
+            if (o.page_refs, o.mapped, o.patch_refs) != (p, m, r) {
+                return Err(format!(
+                    "object {id}: counts {:?} but found {:?}",
+                    (o.page_refs, o.mapped, o.patch_refs),
+                    (p, m, r)
+                ));
+            }
+            if p == 0 && r == 0 {
+                return Err(format!("object {id} is unreferenced but live"));
+            }
+            if matches!(o.store, Store::Blob(_)) && (m != 0 || r != 0) {
+                return Err(format!("object {id} is compressed but mapped or pinned"));
+            }
+        }
+        Ok(())
+    }
+}
