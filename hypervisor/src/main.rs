@@ -121,7 +121,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
 
     let mut exited = 0;
     for v in &vms {
-        log::info!(target: "stats", "{}", v.stats_line());
+        println!("[INFO] stats {}", v.stats_line());
         if matches!(v.state, hv_vm::sched::VmState::Exited(_)) {
             exited += 1;
         }

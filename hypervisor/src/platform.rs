@@ -102,6 +102,7 @@ pub fn calibrate_tsc_hz() -> u64 {
 
 /// Stops the machine: in an emulator (exit=emulator) ask it to exit, else halt forever.
 pub fn shutdown() -> ! {
+    crate::serial::drain();
     if EXIT_EMULATOR.load(Ordering::Relaxed) {
         // SAFETY: these ports are only written when the command line says we run in an
         // emulator: 0x8900 is Bochs's shutdown port, 0xF4 QEMU's isa-debug-exit (exit status

@@ -40,6 +40,17 @@ pub fn emergency_print(args: fmt::Arguments) {
     let _ = port.write_fmt(args);
 }
 
+/// Waits until the UART has sent every byte (LSR bit 6, transmitter empty), so that nothing
+/// is lost when the machine stops right after; bounded, in case there is no UART at all.
+pub fn drain() {
+    for _ in 0..1_000_000 {
+        // SAFETY: reading COM1's line status register has no side effects.
+        if unsafe { crate::platform::inb(COM1 + 5) } & 0x40 != 0 {
+            return;
+        }
+    }
+}
+
 struct Logger;
 
 static LOGGER: Logger = Logger;
