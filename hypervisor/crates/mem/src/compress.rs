@@ -20,11 +20,14 @@ impl fmt::Display for DecompressError {
     }
 }
 
-/// Compresses `page` into `out`. Returns the compressed length, or `None` if it does not fit in
-/// `out` (pass a slice as long as the largest result worth keeping: the encoder gives up as soon
-/// as the output is full).
-pub fn compress(page: &Page, out: &mut [u8]) -> Option<usize> {
-    lz4_flex::block::compress_into(page, out).ok()
+/// Compresses `page` into `out`, which must hold at least [`MAX_COMPRESSED`] bytes (the LZ4
+/// encoder insists on room for the worst case). Returns the compressed length if it is at most
+/// `cutoff`, else `None` (also `None` if `out` is too short).
+pub fn compress(page: &Page, out: &mut [u8], cutoff: usize) -> Option<usize> {
+    match lz4_flex::block::compress_into(page, out) {
+        Ok(n) if n <= cutoff => Some(n),
+        _ => None,
+    }
 }
 
 /// Decompresses `data` into `out`. Total: any input either yields exactly one page or an error.
@@ -47,13 +50,14 @@ mod tests {
             *b = (i / 64) as u8;
         }
         let mut buf = vec![0u8; MAX_COMPRESSED];
-        let n = compress(&page, &mut buf).unwrap();
+        let n = compress(&page, &mut buf, PAGE_SIZE).unwrap();
         assert!(n < 512, "{n}");
         let mut out = [1u8; PAGE_SIZE];
         decompress(&buf[..n], &mut out).unwrap();
         assert_eq!(out, page);
-        // Too small an output is a clean refusal.
-        assert_eq!(compress(&page, &mut buf[..8]), None);
+        // A cutoff below the size, or too small an output, is a clean refusal.
+        assert_eq!(compress(&page, &mut buf, n - 1), None);
+        assert_eq!(compress(&page, &mut buf[..8], PAGE_SIZE), None);
         // A truncated block is an error, not a panic.
         assert_eq!(decompress(&buf[..n - 1], &mut out), Err(DecompressError));
         assert_eq!(decompress(&[], &mut out), Err(DecompressError));
@@ -69,9 +73,9 @@ mod tests {
             x ^= x << 17;
             *b = x as u8;
         }
-        let mut buf = vec![0u8; 3 * PAGE_SIZE / 4];
-        assert_eq!(compress(&page, &mut buf), None);
-        let mut big = vec![0u8; MAX_COMPRESSED];
-        assert!(compress(&page, &mut big).is_some());
+        let mut buf = vec![0u8; MAX_COMPRESSED];
+        assert_eq!(compress(&page, &mut buf, 3 * PAGE_SIZE / 4), None);
+        let n = compress(&page, &mut buf, MAX_COMPRESSED).unwrap();
+        assert!(n > PAGE_SIZE, "random data grows: {n}");
     }
 }

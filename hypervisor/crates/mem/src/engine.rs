@@ -128,6 +128,10 @@ struct DomainIndex {
     unstable: U64Map,
     /// Similarity key -> page or object: candidate references for patches.
     similar: SimTable,
+    /// The domain's zero frame (one per domain: not even zeros are shared across domains).
+    zero_frame: Option<Frame>,
+    /// Pages of the domain mapped onto it.
+    zero_pages: u64,
 }
 
 /// A page position, resolved once per operation.
@@ -221,7 +225,6 @@ pub struct Engine {
     objects: Vec<Object>,
     free_objects: Vec<u32>,
     blobs: BlobArena,
-    zero_frame: Option<Frame>,
     total_pages: u64,
     cursor: (usize, usize),
     round_changes: u64,
@@ -264,7 +267,6 @@ impl Engine {
             objects: Vec::new(),
             free_objects: Vec::new(),
             blobs: BlobArena::new(),
-            zero_frame: None,
             total_pages: 0,
             cursor: (0, 0),
             round_changes: 0,
@@ -306,6 +308,8 @@ impl Engine {
                     shared: U64Map::new(),
                     unstable: U64Map::new(),
                     similar: SimTable::with_capacity(0),
+                    zero_frame: None,
+                    zero_pages: 0,
                 });
                 self.domains.len() - 1
             }
@@ -383,9 +387,12 @@ impl Engine {
                 }
             }
             self.count_kind(meta.kind, false);
+            if meta.kind == Kind::Zero {
+                self.domains[domain].zero_pages -= 1;
+            }
         }
         // Every zero page of this VM is gone from the count now; drop the frame if unused.
-        self.release_zero_frame_if_unused(mem);
+        self.release_zero_frame_if_unused(mem, domain);
         self.domains[domain].pages -= n as u64;
         self.total_pages -= n as u64;
         self.vms[slot] = None;
@@ -453,6 +460,13 @@ impl Engine {
         }
         self.count_kind(old, false);
         self.count_kind(kind, true);
+        let d = &mut self.domains[at.domain];
+        if old == Kind::Zero {
+            d.zero_pages -= 1;
+        }
+        if kind == Kind::Zero {
+            d.zero_pages += 1;
+        }
     }
 
     /// Removes the page from its domain's unstable index if it is the entry there.
@@ -505,9 +519,14 @@ impl Engine {
         self.free_objects.push(id);
     }
 
-    fn release_zero_frame_if_unused<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M) {
-        if self.pages_zero == 0 {
-            if let Some(z) = self.zero_frame.take() {
+    fn release_zero_frame_if_unused<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        domain: usize,
+    ) {
+        let d = &mut self.domains[domain];
+        if d.zero_pages == 0 {
+            if let Some(z) = d.zero_frame.take() {
                 mem.free_frame(z);
             }
         }
@@ -582,6 +601,30 @@ impl Engine {
         self.round_clean = true;
     }
 
+    /// Moves the cursor forward to the first page at or after it, wrapping past the last VM.
+    /// Returns whether it wrapped (a round ended). Needs at least one page to exist.
+    fn settle_cursor(&mut self) -> bool {
+        let (mut slot, mut gfn) = self.cursor;
+        let mut wrapped = false;
+        loop {
+            match self.vms.get(slot) {
+                Some(Some(vm)) if gfn < vm.pages.len() => break,
+                Some(_) => {
+                    slot += 1;
+                    gfn = 0;
+                }
+                None if wrapped => break, // no page at all (guarded by the caller)
+                None => {
+                    wrapped = true;
+                    slot = 0;
+                    gfn = 0;
+                }
+            }
+        }
+        self.cursor = (slot, gfn);
+        wrapped
+    }
+
     fn scan_inner<M: MemoryBackend + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -592,31 +635,26 @@ impl Engine {
         if self.total_pages == 0 {
             return rep;
         }
+        // The cursor may point past a VM removed since the last call.
+        if self.settle_cursor() {
+            self.finish_round();
+            rep.rounds_completed += 1;
+            if stop_at_round_end {
+                return rep;
+            }
+        }
         while rep.pages < max_pages {
             let (slot, gfn) = self.cursor;
-            if slot >= self.vms.len() {
-                self.finish_round();
-                rep.rounds_completed += 1;
-                self.cursor = (0, 0);
-                if stop_at_round_end {
-                    break;
-                }
-                continue;
-            }
             let at = match &self.vms[slot] {
-                Some(vm) if gfn < vm.pages.len() => Loc {
+                Some(vm) => Loc {
                     slot,
                     gfn,
                     vm: vm.id,
                     domain: vm.domain,
                 },
-                _ => {
-                    self.cursor = (slot + 1, 0);
-                    continue;
-                }
+                None => unreachable!("settled cursor points at a live VM"),
             };
             let outcome = self.scan_page(mem, at);
-            self.cursor = (slot, gfn + 1);
             rep.pages += 1;
             match outcome {
                 Outcome::Changed => {
@@ -625,6 +663,14 @@ impl Engine {
                 }
                 Outcome::Pending => self.round_pending += 1,
                 Outcome::Final => {}
+            }
+            self.cursor = (slot, gfn + 1);
+            if self.settle_cursor() {
+                self.finish_round();
+                rep.rounds_completed += 1;
+                if stop_at_round_end {
+                    break;
+                }
             }
         }
         rep
@@ -759,7 +805,7 @@ impl Engine {
         if !o.compressible {
             // Unmapping cold mappers only pays if the frame will compress once all are cold.
             let cutoff = self.config.compress_cutoff;
-            if compress::compress(mem.frame(f), &mut self.scratch_lz[..cutoff]).is_none() {
+            if compress::compress(mem.frame(f), &mut self.scratch_lz, cutoff).is_none() {
                 self.objects[id as usize].incompressible = true;
                 return Outcome::Final;
             }
@@ -808,7 +854,7 @@ impl Engine {
         f: Frame,
     ) -> Option<BlobRef> {
         let cutoff = self.config.compress_cutoff;
-        let n = compress::compress(mem.frame(f), &mut self.scratch_lz[..cutoff])?;
+        let n = compress::compress(mem.frame(f), &mut self.scratch_lz, cutoff)?;
         self.blobs.store(&[&self.scratch_lz[..n]]).ok()
     }
 
@@ -840,9 +886,9 @@ impl Engine {
             self.content_moved(at);
             return false;
         }
-        match self.zero_frame {
+        match self.domains[at.domain].zero_frame {
             // The first zero page's frame becomes the zero frame: no copy, no allocation.
-            None => self.zero_frame = Some(frame),
+            None => self.domains[at.domain].zero_frame = Some(frame),
             Some(z) => {
                 mem.map(at.vm, at.gfn(), z, false);
                 mem.free_frame(frame);
@@ -1037,7 +1083,7 @@ impl Engine {
         }
         let lz = if self.config.compression {
             let cutoff = self.config.compress_cutoff;
-            compress::compress(mem.frame(frame), &mut self.scratch_lz[..cutoff])
+            compress::compress(mem.frame(frame), &mut self.scratch_lz, cutoff)
         } else {
             None
         };
@@ -1290,7 +1336,7 @@ impl Engine {
                 Ok(FaultResolution::Spurious)
             }
             (Kind::Zero, Access::Read) => {
-                if let Some(z) = self.zero_frame {
+                if let Some(z) = self.domains[at.domain].zero_frame {
                     mem.map(vm, gfn, z, false);
                 }
                 Ok(FaultResolution::Spurious)
@@ -1300,7 +1346,7 @@ impl Engine {
                 mem.frame_mut(f).fill(0);
                 mem.map(vm, gfn, f, true);
                 self.set_page(at, Kind::Private, 0, true);
-                self.release_zero_frame_if_unused(mem);
+                self.release_zero_frame_if_unused(mem, at.domain);
                 self.counters.faults_zero += 1;
                 self.counters.cow_breaks += 1;
                 Ok(FaultResolution::ZeroFilled)
@@ -1505,7 +1551,7 @@ impl Engine {
     /// Reconstructs the bytes of a page as the guest would read them, without changing any
     /// state (no fault-in, no accessed bit). For verification, debugging and migration.
     pub fn read_page<M: MemoryBackend + ?Sized>(
-        &mut self,
+        &self,
         mem: &M,
         vm: VmId,
         gfn: Gfn,
@@ -1576,7 +1622,11 @@ impl Engine {
             }
             s.frames_saved_shared += o.page_refs.saturating_sub(1) as u64;
         }
-        let zero_frame = self.zero_frame.is_some() as u64;
+        let zero_frame = self
+            .domains
+            .iter()
+            .filter(|d| d.zero_frame.is_some())
+            .count() as u64;
         s.frames_in_use = self.pages_private + s.objects_resident + zero_frame;
         s.frames_saved_zero = self.pages_zero.saturating_sub(zero_frame);
         s.frames_saved_patched = self.pages_patched.saturating_sub(s.objects_reference_only);
@@ -1625,7 +1675,7 @@ impl Engine {
                             }
                         }
                     }
-                    Kind::Zero => match (mapping, self.zero_frame) {
+                    Kind::Zero => match (mapping, self.domains[vm.domain].zero_frame) {
                         (Some(mp), Some(z)) if mp.frame == z && !mp.writable => {}
                         _ => return Err(format!("{}: not mapped on the zero frame", here())),
                     },
@@ -1671,24 +1721,25 @@ impl Engine {
                 }
             }
         }
-        let want = [
-            self.pages_private,
-            self.pages_zero,
-            0,
-            0,
-            self.pages_patched,
-        ];
-        if counts[0] != want[0]
-            || counts[1] != want[1]
+        if counts[0] != self.pages_private
+            || counts[1] != self.pages_zero
             || counts[2] + counts[3] != self.pages_shared
-            || counts[4] != want[4]
+            || counts[4] != self.pages_patched
         {
             return Err(format!("page counts {counts:?} disagree with gauges"));
         }
-        if (self.pages_zero > 0) != self.zero_frame.is_some() {
-            return Err(String::from(
-                "zero frame kept without zero pages (or missing)",
-            ));
+        for (i, d) in self.domains.iter().enumerate() {
+            let zeros = self
+                .vms
+                .iter()
+                .flatten()
+                .filter(|v| v.domain == i)
+                .flat_map(|v| v.pages.iter())
+                .filter(|m| m.kind == Kind::Zero)
+                .count() as u64;
+            if zeros != d.zero_pages || (zeros > 0) != d.zero_frame.is_some() {
+                return Err(format!("domain {}: zero frame or count wrong", d.id.0));
+            }
         }
         for (id, o) in self.objects.iter().enumerate() {
             let (p, m, r) = refs[id];

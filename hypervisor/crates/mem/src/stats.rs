@@ -13,7 +13,7 @@ pub struct Counters {
     pub rounds: u64,
     /// Visits that found a page's hash changed since the previous visit (volatile: skipped).
     pub volatile_skips: u64,
-    /// Pages mapped onto the zero frame.
+    /// Pages mapped onto a zero frame (one per sharing domain).
     pub merges_zero: u64,
     /// Pages merged with an identical page or shared frame.
     pub merges_identical: u64,
@@ -55,7 +55,7 @@ pub struct Stats {
     pub pages_total: u64,
     /// Pages backed by their own writable frame.
     pub pages_private: u64,
-    /// Pages mapped onto the zero frame.
+    /// Pages mapped onto a zero frame (one per sharing domain).
     pub pages_zero: u64,
     /// Pages that reference a shared frame or a compressed object (mapped or not).
     pub pages_shared: u64,
@@ -67,9 +67,9 @@ pub struct Stats {
     pub objects_compressed: u64,
     /// Resident objects kept only as patch references (no page maps them any more).
     pub objects_reference_only: u64,
-    /// Host frames the engine's pages use: private pages + resident objects + the zero frame.
+    /// Host frames the engine's pages use: private pages + resident objects + the zero frames.
     pub frames_in_use: u64,
-    /// Frames saved by zero pages (zero pages minus the zero frame).
+    /// Frames saved by zero pages (zero pages minus the zero frames).
     pub frames_saved_zero: u64,
     /// Frames saved by sharing: sum over objects of (pages referencing it - 1).
     pub frames_saved_shared: u64,

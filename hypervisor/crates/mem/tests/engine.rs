@@ -1,0 +1,632 @@
+//! Behaviour of the engine through its public API, over `PlainMemory`.
+
+mod common;
+
+use common::{assert_vm, random_page, text_page};
+use hv_mem::{
+    access_read, access_write, Config, DomainId, Engine, Error, FaultResolution, Frame, Gfn,
+    Mapping, MemoryBackend, OutOfFrames, Page, PlainMemory, VmId, PAGE_SIZE,
+};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+const D0: DomainId = DomainId(0);
+const D1: DomainId = DomainId(1);
+
+fn setup(config: Config, vms: &[(VmId, DomainId, &[Page])]) -> (Engine, PlainMemory) {
+    let mut engine = Engine::new(config).unwrap();
+    let mut mem = PlainMemory::new();
+    for (vm, domain, pages) in vms {
+        mem.create_vm_with(*vm, pages.len() as u64, |gfn, p| *p = pages[gfn as usize])
+            .unwrap();
+        engine.add_vm(*vm, *domain, pages.len() as u64).unwrap();
+    }
+    (engine, mem)
+}
+
+fn converge(engine: &mut Engine, mem: &mut PlainMemory) {
+    let rounds = engine.run_until_converged(mem, 20);
+    assert!(rounds.is_some(), "did not converge");
+    engine.check_consistency(mem).unwrap();
+}
+
+fn only_sharing() -> Config {
+    Config {
+        patching: false,
+        compression: false,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn zero_pages_map_to_one_frame_and_break_on_write() {
+    let vm = VmId(1);
+    let mut pages: Vec<Page> = (0..16).map(|i| random_page(i + 100)).collect();
+    for p in pages.iter_mut().step_by(2) {
+        *p = [0; PAGE_SIZE];
+    }
+    let (mut engine, mut mem) = setup(Config::default(), &[(vm, D0, &pages)]);
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    assert_eq!(s.pages_zero, 8);
+    assert_eq!(s.frames_saved_zero, 7);
+    // 8 random pages stay private (incompressible, nothing similar) + one zero frame.
+    assert_eq!(s.pages_private, 8);
+    assert_eq!(mem.frames_in_use(), 9);
+    assert_eq!(s.frames_in_use, 9);
+    assert_vm(&engine, &mem, vm, &pages);
+
+    // Reads of a zero page need no fault: it is mapped read-only.
+    assert_eq!(mem.guest_read(vm, Gfn(4)).unwrap(), &[0u8; PAGE_SIZE]);
+    // A write breaks it out with a fresh zeroed frame.
+    let r = access_write(&mut engine, &mut mem, vm, Gfn(4), 100, b"hello").unwrap();
+    assert_eq!(r, Some(FaultResolution::ZeroFilled));
+    pages[4][100..105].copy_from_slice(b"hello");
+    assert_vm(&engine, &mem, vm, &pages);
+    assert_eq!(engine.stats().counters.faults_zero, 1);
+    engine.check_consistency(&mem).unwrap();
+}
+
+#[test]
+fn identical_pages_are_shared_and_copy_on_write_restores_them() {
+    let (a, b) = (VmId(1), VmId(2));
+    let common: Vec<Page> = (0..4).map(random_page).collect();
+    let mut pa = common.clone();
+    pa.push(random_page(50));
+    let mut pb = common.clone();
+    pb.push(random_page(51));
+    let (mut engine, mut mem) = setup(only_sharing(), &[(a, D0, &pa), (b, D0, &pb)]);
+    assert_eq!(mem.frames_in_use(), 10);
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    assert_eq!(s.pages_shared, 8);
+    assert_eq!(s.objects_resident, 4);
+    assert_eq!(s.frames_saved_shared, 4);
+    assert_eq!(mem.frames_in_use(), 6);
+    assert_eq!(s.counters.merges_identical, 4);
+    // Shared pages are mapped read-only onto the same frame.
+    let (ma, mb) = (
+        mem.mapping(a, Gfn(2)).unwrap(),
+        mem.mapping(b, Gfn(2)).unwrap(),
+    );
+    assert_eq!(ma.frame, mb.frame);
+    assert!(!ma.writable && !mb.writable);
+
+    // A write by A copies; B keeps the original bytes.
+    let r = access_write(&mut engine, &mut mem, a, Gfn(2), 4000, &[9; 96]).unwrap();
+    assert_eq!(r, Some(FaultResolution::CopiedOnWrite));
+    pa[2][4000..].fill(9);
+    // Now B is the only user: its write takes the frame over without a copy.
+    let r = access_write(&mut engine, &mut mem, b, Gfn(2), 0, &[1]).unwrap();
+    assert_eq!(r, Some(FaultResolution::TookOver));
+    pb[2][0] = 1;
+    assert_vm(&engine, &mem, a, &pa);
+    assert_vm(&engine, &mem, b, &pb);
+    let s = engine.stats();
+    assert_eq!(s.counters.cow_breaks, 2);
+    assert_eq!(s.counters.cow_takeovers, 1);
+    assert_eq!(mem.frames_in_use(), 7);
+    engine.check_consistency(&mem).unwrap();
+}
+
+#[test]
+fn volatile_pages_are_skipped() {
+    let (a, b) = (VmId(1), VmId(2));
+    let pages: Vec<Page> = (0..4).map(random_page).collect();
+    let (mut engine, mut mem) = setup(only_sharing(), &[(a, D0, &pages), (b, D0, &pages)]);
+    for round in 0..8u64 {
+        // Both VMs rewrite page 0 with the same new bytes before every round: identical at
+        // every scan, but its hash never holds still for two visits.
+        for vm in [a, b] {
+            access_write(&mut engine, &mut mem, vm, Gfn(0), 0, &round.to_le_bytes()).unwrap();
+        }
+        engine.scan_round(&mut mem);
+        for vm in [a, b] {
+            assert!(mem.mapping(vm, Gfn(0)).unwrap().writable, "round {round}");
+        }
+    }
+    let s = engine.stats();
+    assert_eq!(s.pages_shared, 6, "the three stable pages are shared");
+    assert!(s.counters.volatile_skips >= 12, "{:?}", s.counters);
+    assert!(!engine.converged());
+    engine.check_consistency(&mem).unwrap();
+}
+
+/// Returns `page` with a few bytes changed at `n` places.
+fn mutate(mut page: Page, seed: u64, n: usize) -> Page {
+    let mut r = common::Rng(seed | 1);
+    for _ in 0..n {
+        let at = (r.next() % (PAGE_SIZE as u64 - 8)) as usize;
+        page[at..at + 8].copy_from_slice(&r.next().to_le_bytes());
+    }
+    page
+}
+
+#[test]
+fn similar_pages_are_patched_against_an_immutable_reference() {
+    let (a, b) = (VmId(1), VmId(2));
+    let mut pa: Vec<Page> = (0..8).map(|i| random_page(i + 7)).collect();
+    let mut pb: Vec<Page> = pa
+        .iter()
+        .enumerate()
+        .map(|(i, p)| mutate(*p, i as u64 + 1000, 3))
+        .collect();
+    let (mut engine, mut mem) = setup(Config::default(), &[(a, D0, &pa), (b, D0, &pb)]);
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    assert_eq!(s.pages_patched, 8, "{s:?}");
+    assert_eq!(s.objects_resident, 8);
+    assert_eq!(mem.frames_in_use(), 8);
+    assert!(s.bytes_patches <= 8 * 64, "{}", s.bytes_patches);
+    assert_eq!(s.frames_saved_patched, 8);
+    assert_vm(&engine, &mem, a, &pa);
+    assert_vm(&engine, &mem, b, &pb);
+
+    // Fault-in of a patched page gives back its bytes in a private frame.
+    let got = *access_read(&mut engine, &mut mem, b, Gfn(3)).unwrap();
+    assert_eq!(got, pb[3]);
+    assert!(mem.mapping(b, Gfn(3)).unwrap().writable);
+
+    // Writing a reference page copies it: the patches against it stay valid.
+    let r = access_write(&mut engine, &mut mem, a, Gfn(2), 0, &[0xee; 64]).unwrap();
+    assert_eq!(r, Some(FaultResolution::CopiedOnWrite));
+    pa[2][..64].fill(0xee);
+    assert_vm(&engine, &mem, a, &pa);
+    assert_vm(&engine, &mem, b, &pb);
+    let s = engine.stats();
+    assert_eq!(s.objects_reference_only, 1);
+    // Once its last patch is faulted in, the reference-only frame is freed.
+    access_write(&mut engine, &mut mem, b, Gfn(2), 10, b"x").unwrap();
+    pb[2][10] = b'x';
+    assert_eq!(engine.stats().objects_reference_only, 0);
+    assert_vm(&engine, &mem, b, &pb);
+    assert_eq!(engine.stats().counters.faults_patched, 2);
+    engine.check_consistency(&mem).unwrap();
+}
+
+#[test]
+fn cold_pages_are_compressed_and_hot_ones_are_not() {
+    let vm = VmId(3);
+    let mut pages: Vec<Page> = (0..8).map(|i| text_page(i * 77 + 1)).collect();
+    pages.push(random_page(5));
+    let config = Config {
+        patching: false,
+        ..Config::default()
+    };
+    let (mut engine, mut mem) = setup(config, &[(vm, D0, &pages)]);
+    for _ in 0..6 {
+        for gfn in 0..4 {
+            assert!(mem.touch(vm, Gfn(gfn)));
+        }
+        engine.scan_round(&mut mem);
+    }
+    let s = engine.stats();
+    assert_eq!(s.objects_compressed, 4, "{s:?}");
+    assert_eq!(s.counters.pages_compressed, 4);
+    assert!(s.bytes_compressed < 4 * PAGE_SIZE as u64 / 2);
+    for gfn in 0..4 {
+        assert!(
+            mem.mapping(vm, Gfn(gfn)).unwrap().writable,
+            "hot page {gfn}"
+        );
+    }
+    for gfn in 4..8 {
+        assert!(mem.mapping(vm, Gfn(gfn)).is_none(), "cold page {gfn}");
+    }
+    assert!(
+        mem.mapping(vm, Gfn(8)).unwrap().writable,
+        "incompressible stays"
+    );
+    assert_vm(&engine, &mem, vm, &pages);
+    assert_eq!(mem.frames_in_use(), 5);
+
+    let r = engine
+        .fault(&mut mem, vm, Gfn(5), hv_mem::Access::Read)
+        .unwrap();
+    assert_eq!(r, FaultResolution::Decompressed);
+    assert!(mem.mapping(vm, Gfn(5)).unwrap().writable);
+    access_write(&mut engine, &mut mem, vm, Gfn(6), 7, b"new").unwrap();
+    pages[6][7..10].copy_from_slice(b"new");
+    assert_vm(&engine, &mem, vm, &pages);
+    let s = engine.stats();
+    assert_eq!(s.counters.faults_decompressed, 2);
+    assert_eq!(s.objects_compressed, 2);
+    engine.check_consistency(&mem).unwrap();
+}
+
+#[test]
+fn cold_shared_frames_are_compressed_and_fault_back_shared() {
+    let (a, b, c) = (VmId(1), VmId(2), VmId(3));
+    let pages: Vec<Page> = (0..4).map(|i| text_page(i + 40)).collect();
+    let (mut engine, mut mem) = setup(
+        Config {
+            patching: false,
+            ..Config::default()
+        },
+        &[(a, D0, &pages), (b, D0, &pages), (c, D0, &pages)],
+    );
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    assert_eq!(s.objects_compressed, 4, "{s:?}");
+    assert_eq!(s.pages_shared, 12);
+    assert_eq!(s.frames_saved_shared, 8);
+    assert_eq!(s.frames_saved_compressed, 4);
+    assert_eq!(mem.frames_in_use(), 0);
+    // A read decompresses once into a shared frame; the next VM's read just maps it.
+    let r = engine
+        .fault(&mut mem, a, Gfn(1), hv_mem::Access::Read)
+        .unwrap();
+    assert_eq!(r, FaultResolution::DecompressedShared);
+    let r = engine
+        .fault(&mut mem, b, Gfn(1), hv_mem::Access::Read)
+        .unwrap();
+    assert_eq!(r, FaultResolution::MappedShared);
+    assert_eq!(mem.frames_in_use(), 1);
+    let r = access_write(&mut engine, &mut mem, c, Gfn(1), 0, b"c").unwrap();
+    assert_eq!(r, Some(FaultResolution::CopiedOnWrite));
+    let mut pc = pages.clone();
+    pc[1][0] = b'c';
+    assert_vm(&engine, &mem, a, &pages);
+    assert_vm(&engine, &mem, b, &pages);
+    assert_vm(&engine, &mem, c, &pc);
+    engine.check_consistency(&mem).unwrap();
+    // Left alone, everything goes cold and compressed again.
+    converge(&mut engine, &mut mem);
+    assert_eq!(engine.stats().objects_compressed, 5);
+    assert_vm(&engine, &mem, c, &pc);
+}
+
+/// A VM with every kind of page: zero, shared (twice), similar, compressible, unique.
+fn mixed_vms() -> Vec<(VmId, DomainId, Vec<Page>)> {
+    let base: Vec<Page> = (0..4).map(|i| random_page(i + 300)).collect();
+    let mut vms = Vec::new();
+    for v in 0..2u64 {
+        let mut pages = vec![[0u8; PAGE_SIZE]; 2];
+        pages.extend(base.iter().copied()); // identical across the VMs
+        pages.push(mutate(base[0], 9 + v, 2)); // similar to a shared page
+        pages.push(text_page(v + 900)); // compressible
+        pages.push(random_page(v + 500)); // unique, incompressible
+        vms.push((VmId(v as u32 + 1), D0, pages));
+    }
+    vms
+}
+
+fn setup_mixed(config: Config) -> (Engine, PlainMemory, Vec<(VmId, DomainId, Vec<Page>)>) {
+    let vms = mixed_vms();
+    let refs: Vec<(VmId, DomainId, &[Page])> =
+        vms.iter().map(|(v, d, p)| (*v, *d, p.as_slice())).collect();
+    let (engine, mem) = setup(config, &refs);
+    (engine, mem, vms)
+}
+
+#[test]
+fn accounting_adds_up() {
+    let (mut engine, mut mem, vms) = setup_mixed(Config::default());
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    assert_eq!(s.vms, 2);
+    assert_eq!(s.pages_total, 18);
+    assert_eq!(
+        s.pages_total,
+        s.pages_private + s.pages_zero + s.pages_shared + s.pages_patched
+    );
+    assert_eq!(s.frames_in_use, mem.frames_in_use() as u64);
+    assert_eq!(s.frames_saved(), s.pages_total - s.frames_in_use);
+    assert_eq!(s.pages_zero, 4);
+    assert_eq!(s.frames_saved_zero, 3);
+    assert!(s.pages_patched >= 1, "{s:?}");
+    assert!(s.objects_compressed >= 2, "{s:?}");
+    assert!(s.bytes_patches > 0 && s.bytes_compressed > 0);
+    assert!(s.bytes_blob_heap >= s.bytes_patches + s.bytes_compressed);
+    assert!(s.bytes_metadata > 0);
+    assert!(s.footprint_bytes() > s.frames_in_use * PAGE_SIZE as u64);
+    let c = s.counters;
+    assert_eq!(c.rounds, engine.rounds());
+    assert!(c.pages_scanned >= c.rounds * 18);
+    assert!(c.pages_hashed >= 18);
+    assert_eq!(c.merges_zero, 4);
+    for (vm, _, pages) in &vms {
+        assert_vm(&engine, &mem, *vm, pages);
+    }
+}
+
+#[test]
+fn running_out_of_frames_leaves_every_page_intact() {
+    let (mut engine, mut mem, mut vms) = setup_mixed(Config::default());
+    converge(&mut engine, &mut mem);
+    let before = engine.stats();
+    assert!(before.pages_zero > 0 && before.pages_shared > 0 && before.pages_patched > 0);
+    mem.set_frame_budget(Some(mem.frames_in_use()));
+    let (mut read_failed, mut write_failed) = (0, 0);
+    for (vm, _, pages) in &vms {
+        for gfn in 0..pages.len() as u64 {
+            // Reads of patched/compressed pages need a frame; reads of zero/shared frames that
+            // are resident do not.
+            match access_read(&mut engine, &mut mem, *vm, Gfn(gfn)) {
+                Ok(p) => assert!(p == &pages[gfn as usize]),
+                Err(Error::OutOfFrames) => read_failed += 1,
+                Err(e) => panic!("{e}"),
+            }
+            let private = mem.mapping(*vm, Gfn(gfn)).is_some_and(|m| m.writable);
+            match access_write(
+                &mut engine,
+                &mut mem,
+                *vm,
+                Gfn(gfn),
+                0,
+                &[pages[gfn as usize][0]],
+            ) {
+                Ok(_) => assert!(private, "write to {gfn} needed no frame"),
+                Err(Error::OutOfFrames) => {
+                    assert!(!private);
+                    write_failed += 1
+                }
+                Err(e) => panic!("{e}"),
+            }
+            engine.check_consistency(&mem).unwrap();
+        }
+    }
+    // Only the private (unique, incompressible) pages could be written; patched and compressed
+    // pages could not even be read.
+    assert_eq!(write_failed, before.pages_total - before.pages_private);
+    assert!(read_failed >= 2, "{read_failed}");
+    assert_eq!(
+        engine.stats().counters.faults_out_of_frames,
+        read_failed + write_failed
+    );
+    for (vm, _, pages) in &vms {
+        assert_vm(&engine, &mem, *vm, pages);
+    }
+    // With frames again, every fault-in succeeds and gives back the exact bytes.
+    mem.set_frame_budget(None);
+    for (vm, _, pages) in vms.iter_mut() {
+        for gfn in 0..pages.len() {
+            access_write(&mut engine, &mut mem, *vm, Gfn(gfn as u64), 0, &[0xab]).unwrap();
+            pages[gfn][0] = 0xab;
+        }
+        assert_vm(&engine, &mem, *vm, pages);
+    }
+    engine.check_consistency(&mem).unwrap();
+}
+
+#[test]
+fn out_of_frames_in_the_middle_of_a_mixed_run() {
+    // Budget exactly one frame above what is in use: the first fault-in that needs a frame
+    // succeeds, the next one fails, and the failure changes nothing.
+    let (mut engine, mut mem, vms) = setup_mixed(Config::default());
+    converge(&mut engine, &mut mem);
+    mem.set_frame_budget(Some(mem.frames_in_use() + 1));
+    let (vm, _, pages) = &vms[0];
+    let mut outcomes = Vec::new();
+    for gfn in 0..pages.len() as u64 {
+        outcomes.push(engine.fault(&mut mem, *vm, Gfn(gfn), hv_mem::Access::Write));
+    }
+    assert!(outcomes.iter().any(|o| o.is_ok()));
+    assert!(outcomes.contains(&Err(Error::OutOfFrames)));
+    engine.check_consistency(&mem).unwrap();
+    for (vm, _, pages) in &vms {
+        assert_vm(&engine, &mem, *vm, pages);
+    }
+}
+
+/// A backend that records which frames the engine reads, to prove what it compares.
+struct Recorder {
+    inner: PlainMemory,
+    reads: RefCell<Vec<Frame>>,
+}
+
+impl MemoryBackend for Recorder {
+    fn mapping(&self, vm: VmId, gfn: Gfn) -> Option<Mapping> {
+        self.inner.mapping(vm, gfn)
+    }
+    fn map(&mut self, vm: VmId, gfn: Gfn, frame: Frame, writable: bool) {
+        self.inner.map(vm, gfn, frame, writable)
+    }
+    fn unmap(&mut self, vm: VmId, gfn: Gfn) {
+        self.inner.unmap(vm, gfn)
+    }
+    fn frame(&self, frame: Frame) -> &Page {
+        self.reads.borrow_mut().push(frame);
+        self.inner.frame(frame)
+    }
+    fn frame_mut(&mut self, frame: Frame) -> &mut Page {
+        self.inner.frame_mut(frame)
+    }
+    fn copy_frame(&mut self, src: Frame, dst: Frame) {
+        self.reads.borrow_mut().push(src);
+        self.inner.copy_frame(src, dst)
+    }
+    fn alloc_frame(&mut self) -> Result<Frame, OutOfFrames> {
+        self.inner.alloc_frame()
+    }
+    fn free_frame(&mut self, frame: Frame) {
+        self.inner.free_frame(frame)
+    }
+    fn test_and_clear_accessed(&mut self, vm: VmId, gfn: Gfn) -> bool {
+        self.inner.test_and_clear_accessed(vm, gfn)
+    }
+    fn test_and_clear_dirty(&mut self, vm: VmId, gfn: Gfn) -> bool {
+        self.inner.test_and_clear_dirty(vm, gfn)
+    }
+}
+
+#[test]
+fn different_domains_are_never_shared_patched_or_compared() {
+    // Four VMs: 1 and 2 in domain 0, 3 and 4 in domain 1, all with the same identical and
+    // similar pages, plus zero pages.
+    let base: Vec<Page> = (0..6).map(|i| random_page(i + 60)).collect();
+    let mut pages = base.clone();
+    pages.push(mutate(base[1], 3, 2));
+    pages.push([0; PAGE_SIZE]);
+    let vms = [(VmId(1), D0), (VmId(2), D0), (VmId(3), D1), (VmId(4), D1)];
+    let mut engine = Engine::new(Config::default()).unwrap();
+    let mut mem = Recorder {
+        inner: PlainMemory::new(),
+        reads: RefCell::new(Vec::new()),
+    };
+    let mut owner: BTreeMap<Frame, DomainId> = BTreeMap::new();
+    for (vm, d) in vms {
+        mem.inner
+            .create_vm_with(vm, pages.len() as u64, |g, p| *p = pages[g as usize])
+            .unwrap();
+        engine.add_vm(vm, d, pages.len() as u64).unwrap();
+        for g in 0..pages.len() as u64 {
+            owner.insert(mem.inner.mapping(vm, Gfn(g)).unwrap().frame, d);
+        }
+    }
+    // One page per call: every frame read during a call must belong to the scanned page's
+    // domain. The engine never allocates while scanning, so frame ownership never changes.
+    for _ in 0..12 * 4 * pages.len() {
+        mem.reads.borrow_mut().clear();
+        engine.scan(&mut mem, 1);
+        let reads = mem.reads.borrow();
+        let domains: std::collections::BTreeSet<DomainId> =
+            reads.iter().map(|f| owner[f]).collect();
+        assert!(
+            domains.len() <= 1,
+            "one scan step read frames of {domains:?}"
+        );
+    }
+    assert!(engine.converged());
+    engine.check_consistency(&mem).unwrap();
+    let s = engine.stats();
+    // Per domain: 6 objects shared by 2 pages, 1 zero frame; the similar pages are patched
+    // (or identical across the pair): the domains mirror each other exactly.
+    assert_eq!(s.pages_zero, 4);
+    assert_eq!(s.frames_saved_zero, 2, "one zero frame per domain");
+    assert_eq!(s.frames_saved_shared % 2, 0);
+    // Every shared frame's mappers are in one domain.
+    for (vm, _) in vms {
+        for g in 0..pages.len() as u64 {
+            if let Some(m) = mem.inner.mapping(vm, Gfn(g)) {
+                assert_eq!(
+                    owner[&m.frame],
+                    vms[(vm.0 - 1) as usize].1,
+                    "VM {} gfn {g}",
+                    vm.0
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn domain_isolation_with_nothing_else_to_gain() {
+    // Two VMs with identical content in different domains: nothing may be saved at all.
+    let pages: Vec<Page> = (0..6).map(|i| random_page(i + 1)).collect();
+    let (mut engine, mut mem) = setup(
+        Config::default(),
+        &[(VmId(1), D0, &pages), (VmId(2), D1, &pages)],
+    );
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    assert_eq!(s.frames_saved(), 0, "{s:?}");
+    assert_eq!(mem.frames_in_use(), 12);
+    assert_eq!(s.counters.compare_mismatches, 0);
+    // Same content in one domain: all shared.
+    let (mut engine, mut mem) = setup(
+        Config::default(),
+        &[(VmId(1), D0, &pages), (VmId(2), D0, &pages)],
+    );
+    converge(&mut engine, &mut mem);
+    assert_eq!(engine.stats().frames_saved_shared, 6);
+}
+
+#[test]
+fn remove_vm_releases_every_reference() {
+    let (mut engine, mut mem, vms) = setup_mixed(Config::default());
+    converge(&mut engine, &mut mem);
+    // Fault a few pages in so there is a mix of states.
+    access_read(&mut engine, &mut mem, VmId(1), Gfn(7)).unwrap();
+    access_write(&mut engine, &mut mem, VmId(2), Gfn(3), 0, b"z").unwrap();
+    let mut second = vms[1].2.clone();
+    second[3][0] = b'z';
+    engine.remove_vm(&mut mem, VmId(1)).unwrap();
+    mem.destroy_vm(VmId(1));
+    engine.check_consistency(&mem).unwrap();
+    assert_vm(&engine, &mem, VmId(2), &second);
+    assert_eq!(
+        engine.fault(&mut mem, VmId(1), Gfn(0), hv_mem::Access::Read),
+        Err(Error::UnknownVm(VmId(1)))
+    );
+    assert_eq!(engine.stats().frames_in_use, mem.frames_in_use() as u64);
+    converge(&mut engine, &mut mem);
+    engine.remove_vm(&mut mem, VmId(2)).unwrap();
+    mem.destroy_vm(VmId(2));
+    assert_eq!(mem.frames_in_use(), 0, "no frame leaked");
+    let s = engine.stats();
+    assert_eq!((s.vms, s.pages_total, s.frames_in_use), (0, 0, 0));
+    assert_eq!(s.bytes_patches + s.bytes_compressed, 0);
+}
+
+#[test]
+fn api_errors_are_typed() {
+    let (mut engine, mut mem) = setup(Config::default(), &[(VmId(1), D0, &[[0; PAGE_SIZE]])]);
+    assert_eq!(
+        engine.add_vm(VmId(1), D0, 1),
+        Err(Error::DuplicateVm(VmId(1)))
+    );
+    assert_eq!(
+        engine.fault(&mut mem, VmId(1), Gfn(1), hv_mem::Access::Read),
+        Err(Error::GfnOutOfRange {
+            vm: VmId(1),
+            gfn: Gfn(1)
+        })
+    );
+    assert_eq!(
+        engine.fault(&mut mem, VmId(1), Gfn(0), hv_mem::Access::Write),
+        Ok(FaultResolution::Spurious)
+    );
+    let bad = [
+        Config {
+            similarity_blocks: 0,
+            ..Config::default()
+        },
+        Config {
+            similarity_blocks: 9,
+            ..Config::default()
+        },
+        Config {
+            patch_cutoff: 5000,
+            ..Config::default()
+        },
+        Config {
+            compress_cutoff: 0,
+            ..Config::default()
+        },
+        Config {
+            pages_per_scan: 0,
+            ..Config::default()
+        },
+        Config {
+            similarity_candidates: 0,
+            ..Config::default()
+        },
+    ];
+    for c in bad {
+        assert!(matches!(Engine::new(c), Err(Error::InvalidConfig(_))));
+    }
+}
+
+#[test]
+fn scan_step_respects_the_page_budget_and_rounds_wrap() {
+    let pages: Vec<Page> = (0..10).map(random_page).collect();
+    let (mut engine, mut mem) = setup(
+        Config {
+            pages_per_scan: 3,
+            ..Config::default()
+        },
+        &[(VmId(1), D0, &pages), (VmId(2), D0, &pages[..5])],
+    );
+    let mut total = 0;
+    let mut rounds = 0;
+    for _ in 0..10 {
+        let r = engine.scan_step(&mut mem);
+        assert_eq!(r.pages, 3);
+        total += r.pages;
+        rounds += r.rounds_completed;
+    }
+    assert_eq!(total, 30);
+    assert_eq!(rounds, 2, "15 pages per round");
+    assert_eq!(engine.rounds(), 2);
+}
