@@ -276,8 +276,10 @@ fn cold_shared_frames_are_compressed_and_fault_back_shared() {
     assert_vm(&engine, &mem, c, &pc);
 }
 
+type VmSpec = (VmId, DomainId, Vec<Page>);
+
 /// A VM with every kind of page: zero, shared (twice), similar, compressible, unique.
-fn mixed_vms() -> Vec<(VmId, DomainId, Vec<Page>)> {
+fn mixed_vms() -> Vec<VmSpec> {
     let base: Vec<Page> = (0..4).map(|i| random_page(i + 300)).collect();
     let mut vms = Vec::new();
     for v in 0..2u64 {
@@ -291,7 +293,7 @@ fn mixed_vms() -> Vec<(VmId, DomainId, Vec<Page>)> {
     vms
 }
 
-fn setup_mixed(config: Config) -> (Engine, PlainMemory, Vec<(VmId, DomainId, Vec<Page>)>) {
+fn setup_mixed(config: Config) -> (Engine, PlainMemory, Vec<VmSpec>) {
     let vms = mixed_vms();
     let refs: Vec<(VmId, DomainId, &[Page])> =
         vms.iter().map(|(v, d, p)| (*v, *d, p.as_slice())).collect();
@@ -380,9 +382,9 @@ fn running_out_of_frames_leaves_every_page_intact() {
     // With frames again, every fault-in succeeds and gives back the exact bytes.
     mem.set_frame_budget(None);
     for (vm, _, pages) in vms.iter_mut() {
-        for gfn in 0..pages.len() {
+        for (gfn, page) in pages.iter_mut().enumerate() {
             access_write(&mut engine, &mut mem, *vm, Gfn(gfn as u64), 0, &[0xab]).unwrap();
-            pages[gfn][0] = 0xab;
+            page[0] = 0xab;
         }
         assert_vm(&engine, &mem, *vm, pages);
     }
