@@ -53,6 +53,10 @@ fn write_struct<T: Copy>(
     if len < size {
         return err(HypercallError::BadLength);
     }
+    // The whole buffer the guest names must be its own, not just the part we fill.
+    if mem.check(gpa, len).is_err() {
+        return err(HypercallError::BadAddress);
+    }
     // SAFETY: T is one of guest-abi's `#[repr(C)]` structs of integers and byte arrays, with
     // no padding; viewing it as bytes reads only initialized memory.
     let bytes =
@@ -63,7 +67,8 @@ fn write_struct<T: Copy>(
     }
 }
 
-/// Whether a report key is acceptable: 1..=REPORT_KEY_MAX bytes of `[A-Za-z0-9_.-]`.
+/// Whether a report key's content is acceptable: non-empty, only `[A-Za-z0-9_.-]` (its length
+/// limit is checked before it is read).
 fn valid_key(key: &[u8]) -> bool {
     !key.is_empty()
         && key.len() as u64 <= REPORT_KEY_MAX
@@ -101,7 +106,7 @@ pub fn handle<'s>(
         }
         Hypercall::Report => {
             let (gpa, len, value) = (args.a0, args.a1, args.a2);
-            if len == 0 || len > REPORT_KEY_MAX {
+            if len > REPORT_KEY_MAX {
                 return err(HypercallError::BadLength);
             }
             let buf = &mut scratch[..len as usize];
@@ -190,9 +195,14 @@ mod tests {
     fn report_keys_are_checked() {
         let (v, key) = run(call(Hypercall::Report, 0x100, 9, 42));
         assert_eq!((v, key.unwrap()), (42, b"hello.key".to_vec()));
+        // Empty key: the range is checked first, then the content.
         assert_eq!(
             run(call(Hypercall::Report, 0x100, 0, 1)).0,
-            HypercallError::BadLength.to_rax()
+            HypercallError::BadArgument.to_rax()
+        );
+        assert_eq!(
+            run(call(Hypercall::Report, SIZE + 1, 0, 1)).0,
+            HypercallError::BadAddress.to_rax()
         );
         assert_eq!(
             run(call(Hypercall::Report, 0x100, REPORT_KEY_MAX + 1, 1)).0,
@@ -225,6 +235,15 @@ mod tests {
         );
         assert_eq!(
             run(call(Hypercall::VmInfo, SIZE - 8, size, 0)).0,
+            HypercallError::BadAddress.to_rax()
+        );
+        // A buffer that runs past the end is refused even if the struct would fit.
+        assert_eq!(
+            run(call(Hypercall::VmInfo, SIZE - 4096, 4097, 0)).0,
+            HypercallError::BadAddress.to_rax()
+        );
+        assert_eq!(
+            run(call(Hypercall::VmInfo, 0, u64::MAX, 0)).0,
             HypercallError::BadAddress.to_rax()
         );
         let ssize = core::mem::size_of::<VmStats>() as u64;
