@@ -11,7 +11,11 @@ use core::ptr::NonNull;
 struct IdentityHandler;
 
 impl AcpiHandler for IdentityHandler {
-    unsafe fn map_physical_region<T>(&self, physical_address: usize, size: usize) -> PhysicalMapping<Self, T> {
+    unsafe fn map_physical_region<T>(
+        &self,
+        physical_address: usize,
+        size: usize,
+    ) -> PhysicalMapping<Self, T> {
         // SAFETY: the boot page tables identity-map the first 4 GiB, where firmware places the
         // ACPI tables; the caller (the acpi crate) guarantees a T lives there.
         unsafe {
@@ -46,7 +50,10 @@ pub fn read_madt(rsdp: usize) -> Result<MadtSummary, acpi::AcpiError> {
     // which is identity-mapped and kept intact).
     let tables = unsafe { AcpiTables::from_rsdp(IdentityHandler, rsdp)? };
     let madt = tables.find_table::<Madt>()?;
-    let mut summary = MadtSummary { local_apic_address: madt.get().local_apic_address, ..Default::default() };
+    let mut summary = MadtSummary {
+        local_apic_address: madt.get().local_apic_address,
+        ..Default::default()
+    };
     for entry in madt.get().entries() {
         match entry {
             MadtEntry::LocalApic(e) => {

@@ -84,7 +84,10 @@ pub fn init() {
             | (((limit >> 16) & 0xf) << 48)
             | (((base >> 24) & 0xff) << 56);
         (*gdt)[4] = base >> 32;
-        let ptr = DescriptorPointer { limit: (size_of::<[u64; 5]>() - 1) as u16, base: gdt as u64 };
+        let ptr = DescriptorPointer {
+            limit: (size_of::<[u64; 5]>() - 1) as u16,
+            base: gdt as u64,
+        };
         core::arch::asm!(
             "lgdt [{ptr}]",
             "push {cs}",
@@ -117,7 +120,10 @@ pub fn init() {
                 _reserved: 0,
             };
         }
-        let ptr = DescriptorPointer { limit: (size_of::<[IdtEntry; 32]>() - 1) as u16, base: idt as u64 };
+        let ptr = DescriptorPointer {
+            limit: (size_of::<[IdtEntry; 32]>() - 1) as u16,
+            base: idt as u64,
+        };
         core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack));
     }
 }
@@ -138,7 +144,12 @@ fn exception_stub_address(vector: usize) -> u64 {
         static exception_stubs: [u64; 32];
     }
     // SAFETY: `exception_stubs` is the read-only table of 32 addresses emitted below.
-    unsafe { (&raw const exception_stubs).cast::<u64>().add(vector).read() }
+    unsafe {
+        (&raw const exception_stubs)
+            .cast::<u64>()
+            .add(vector)
+            .read()
+    }
 }
 
 // Each stub pushes a zero error code where the CPU does not push one (SDM 6.13), then the
@@ -229,13 +240,38 @@ struct ExceptionFrame {
 }
 
 const EXCEPTION_NAMES: [&str; 32] = [
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
-    "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor overrun",
-    "#TS invalid TSS", "#NP segment not present", "#SS stack fault", "#GP general protection",
-    "#PF page fault", "reserved 15", "#MF x87 error", "#AC alignment check", "#MC machine check",
-    "#XM SIMD error", "#VE virtualization", "#CP control protection", "reserved 22", "reserved 23",
-    "reserved 24", "reserved 25", "reserved 26", "reserved 27", "#HV hypervisor injection",
-    "#VC VMM communication", "#SX security", "reserved 31",
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved 15",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD error",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved 22",
+    "reserved 23",
+    "reserved 24",
+    "reserved 25",
+    "reserved 26",
+    "reserved 27",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved 31",
 ];
 
 extern "C" fn exception(frame: &ExceptionFrame) -> ! {
@@ -254,9 +290,31 @@ extern "C" fn exception(frame: &ExceptionFrame) -> ! {
          [FATAL] rsi={:#018x} rdi={:#018x} rbp={:#018x} r8={:#018x}\n\
          [FATAL] r9={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}\n\
          [FATAL] r13={:#018x} r14={:#018x} r15={:#018x}\n",
-        f.vector, EXCEPTION_NAMES[(f.vector & 31) as usize], f.error_code, f.rip, f.cs, f.rflags,
-        f.rsp, f.ss, cr2, cr3, f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.r8, f.r9, f.r10,
-        f.r11, f.r12, f.r13, f.r14, f.r15,
+        f.vector,
+        EXCEPTION_NAMES[(f.vector & 31) as usize],
+        f.error_code,
+        f.rip,
+        f.cs,
+        f.rflags,
+        f.rsp,
+        f.ss,
+        cr2,
+        cr3,
+        f.rax,
+        f.rbx,
+        f.rcx,
+        f.rdx,
+        f.rsi,
+        f.rdi,
+        f.rbp,
+        f.r8,
+        f.r9,
+        f.r10,
+        f.r11,
+        f.r12,
+        f.r13,
+        f.r14,
+        f.r15,
     ));
     crate::platform::shutdown()
 }

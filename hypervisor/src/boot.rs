@@ -135,4 +135,3 @@ static mut BOOT_PDPT: PageTable = PageTable([0; 512]);
 static mut BOOT_PD: [PageTable; 4] = [const { PageTable([0; 512]) }; 4];
 #[no_mangle]
 static mut BOOT_STACK: Stack = Stack([0; STACK_SIZE]);
-

@@ -83,11 +83,17 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
             platform::halt_forever();
         }
     };
-    let cmdline = mbi.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+    let cmdline = mbi
+        .command_line_tag()
+        .and_then(|t| t.cmdline().ok())
+        .unwrap_or("");
     apply_cmdline(cmdline);
 
     // SAFETY: the heap area is a static used only by the allocator, initialised once here.
-    unsafe { HEAP.lock().init((&raw mut HEAP_AREA).cast::<u8>(), HEAP_SIZE) };
+    unsafe {
+        HEAP.lock()
+            .init((&raw mut HEAP_AREA).cast::<u8>(), HEAP_SIZE)
+    };
 
     let mut frames = build_frame_allocator(&mbi);
     log::info!(target: "hv", "muxvisor {} booting; command line \"{cmdline}\"; {} MiB free for VMs",
@@ -165,10 +171,15 @@ fn report_cpu_and_acpi(mbi: &BootInformation) {
     let rsdp = mbi
         .rsdp_v2_tag()
         .map(|t| t as *const _ as *const u8 as usize + 8)
-        .or_else(|| mbi.rsdp_v1_tag().map(|t| t as *const _ as *const u8 as usize + 8));
+        .or_else(|| {
+            mbi.rsdp_v1_tag()
+                .map(|t| t as *const _ as *const u8 as usize + 8)
+        });
     match rsdp.map(acpi_tables::read_madt) {
-        Some(Ok(m)) => log::info!(target: "hv", "ACPI MADT: {} processors ({} enabled), {} I/O APICs, local APIC at {:#x}",
-            m.processors, m.enabled_processors, m.io_apics, m.local_apic_address),
+        Some(Ok(m)) => {
+            log::info!(target: "hv", "ACPI MADT: {} processors ({} enabled), {} I/O APICs, local APIC at {:#x}",
+            m.processors, m.enabled_processors, m.io_apics, m.local_apic_address)
+        }
         Some(Err(e)) => log::warn!(target: "hv", "ACPI tables unreadable: {e:?}"),
         None => log::warn!(target: "hv", "no ACPI RSDP from the bootloader"),
     }
@@ -186,7 +197,8 @@ fn start_vmx(frames: &mut FrameAllocator) -> Result<vm::HostVmx, vmx::VmxUnavail
         return Err(vmx::VmxUnavailable::NotIntelVmx);
     }
     let caps = vmx::read_capabilities();
-    let controls = hv_vmx::controls::VmcsControls::negotiate(&caps).map_err(vmx::VmxUnavailable::Unusable)?;
+    let controls =
+        hv_vmx::controls::VmcsControls::negotiate(&caps).map_err(vmx::VmxUnavailable::Unusable)?;
     log::info!(target: "hv", "VMX: EPT yes (A/D bits {}), VPID {}, unrestricted guest {}, TSC scaling {}, preemption timer rate 2^{}",
         yes(controls.ept_ad), yes(controls.vpid), yes(caps.unrestricted_guest()), yes(caps.tsc_scaling()),
         caps.preemption_timer_rate());
@@ -205,22 +217,40 @@ fn start_vmx(frames: &mut FrameAllocator) -> Result<vm::HostVmx, vmx::VmxUnavail
         (Some(a), Some(b), Some(c)) => (a, b, c),
         _ => return Err(vmx::VmxUnavailable::VmxonFailed),
     };
-    Ok(vm::HostVmx { caps, controls, tsc_hz, msr_bitmap, io_bitmap_a, io_bitmap_b })
+    Ok(vm::HostVmx {
+        caps,
+        controls,
+        tsc_hz,
+        msr_bitmap,
+        io_bitmap_a,
+        io_bitmap_b,
+    })
 }
 
 fn yes(b: bool) -> &'static str {
-    if b { "yes" } else { "no" }
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
 }
 
 fn module_bytes(m: &multiboot2::ModuleTag) -> &'static [u8] {
     // SAFETY: GRUB loaded the module at start..end; that memory is reserved from the frame
     // allocator, identity-mapped, and never written.
     unsafe {
-        core::slice::from_raw_parts(m.start_address() as usize as *const u8, m.module_size() as usize)
+        core::slice::from_raw_parts(
+            m.start_address() as usize as *const u8,
+            m.module_size() as usize,
+        )
     }
 }
 
-fn create_vms(mbi: &BootInformation, host: &vm::HostVmx, frames: &mut FrameAllocator) -> Vec<vm::Vm> {
+fn create_vms(
+    mbi: &BootInformation,
+    host: &vm::HostVmx,
+    frames: &mut FrameAllocator,
+) -> Vec<vm::Vm> {
     let mut images: Vec<(String, &'static [u8])> = Vec::new();
     let mut manifest: Option<&'static [u8]> = None;
     for m in mbi.module_tags() {
@@ -237,7 +267,10 @@ fn create_vms(mbi: &BootInformation, host: &vm::HostVmx, frames: &mut FrameAlloc
         return Vec::new();
     };
     let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
-    let limits = hv_manifest::HostLimits { images: Some(&names), memory_bytes: Some(frames.free_bytes()) };
+    let limits = hv_manifest::HostLimits {
+        images: Some(&names),
+        memory_bytes: Some(frames.free_bytes()),
+    };
     let manifest = match hv_manifest::parse_bytes(text, &limits) {
         Ok(m) => m,
         Err(e) => {
@@ -250,7 +283,11 @@ fn create_vms(mbi: &BootInformation, host: &vm::HostVmx, frames: &mut FrameAlloc
     }
     let mut vms = Vec::new();
     for config in &manifest.vms {
-        let image = images.iter().find(|(n, _)| *n == config.image).map(|(_, b)| *b).unwrap_or(&[]);
+        let image = images
+            .iter()
+            .find(|(n, _)| *n == config.image)
+            .map(|(_, b)| *b)
+            .unwrap_or(&[]);
         match vm::Vm::create(vms.len() as u32, config, image, host, frames) {
             Ok(v) => vms.push(v),
             Err(e) => log::error!(target: "hv", "vm \"{}\" not started: {e}", config.name),

@@ -13,7 +13,9 @@ pub static EXIT_EMULATOR: AtomicBool = AtomicBool::new(false);
 /// whose device it owns.
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: delegated to the caller.
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
 }
 
 /// # Safety
@@ -21,7 +23,9 @@ pub unsafe fn outb(port: u16, value: u8) {
 pub unsafe fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: delegated to the caller.
-    unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
+    };
     value
 }
 
@@ -30,7 +34,9 @@ pub unsafe fn inb(port: u16) -> u8 {
 pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: delegated to the caller.
-    unsafe { core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack))
+    };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -73,8 +79,8 @@ pub fn mask_pic() {
 pub fn calibrate_tsc_hz() -> u64 {
     const PIT_HZ: u64 = 1_193_182;
     const TICKS: u64 = 11_932; // ~10 ms
-    // SAFETY: ports 0x61 (speaker/gate), 0x43 (PIT mode), 0x42 (channel 2) belong to the PIT,
-    // which nothing else in the hypervisor uses.
+                               // SAFETY: ports 0x61 (speaker/gate), 0x43 (PIT mode), 0x42 (channel 2) belong to the PIT,
+                               // which nothing else in the hypervisor uses.
     unsafe {
         let gate = inb(0x61);
         outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off

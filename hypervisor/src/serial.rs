@@ -62,7 +62,12 @@ impl Log for Logger {
 
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
-            print(format_args!("[{}] {}: {}\n", record.level(), record.target(), record.args()));
+            print(format_args!(
+                "[{}] {}: {}\n",
+                record.level(),
+                record.target(),
+                record.args()
+            ));
         }
     }
 

@@ -132,8 +132,9 @@ impl Vm {
         if frames.free_frames() < pages + pages / 256 + 16 {
             return Err(VmError::OutOfMemory);
         }
-        let image_info = hv_vm::elf::parse(image, gboot::IMAGE_MIN_GPA, bytes.saturating_sub(64 * 1024))
-            .map_err(VmError::Image)?;
+        let image_info =
+            hv_vm::elf::parse(image, gboot::IMAGE_MIN_GPA, bytes.saturating_sub(64 * 1024))
+                .map_err(VmError::Image)?;
         let mut backing = Vec::with_capacity(pages as usize);
         for _ in 0..pages {
             let frame = frames.alloc().ok_or(VmError::OutOfMemory)?;
@@ -144,16 +145,21 @@ impl Vm {
         let mut tables = TableFrames(frames);
         let mut ept = Ept::new(&mut tables).map_err(VmError::Ept)?;
         for (page, &frame) in memory.frames().iter().enumerate() {
-            ept.map(&mut tables, page as u64 * 4096, frame, EptPerms::RWX).map_err(VmError::Ept)?;
+            ept.map(&mut tables, page as u64 * 4096, frame, EptPerms::RWX)
+                .map_err(VmError::Ept)?;
         }
         let mut phys = IdentityPhys;
         for seg in &image_info.segments {
             let data = &image[seg.offset as usize..(seg.offset + seg.filesz) as usize];
             // The ELF parser checked the segment against the memory size.
-            memory.write(&mut phys, seg.gpa, data).map_err(|_| VmError::OutOfMemory)?;
+            memory
+                .write(&mut phys, seg.gpa, data)
+                .map_err(|_| VmError::OutOfMemory)?;
         }
         for (gpa, data) in hv_vm::boot::boot_area(bytes, &config.cmdline) {
-            memory.write(&mut phys, gpa, &data).map_err(|_| VmError::OutOfMemory)?;
+            memory
+                .write(&mut phys, gpa, &data)
+                .map_err(|_| VmError::OutOfMemory)?;
         }
         let vmcs = frames.alloc().ok_or(VmError::OutOfMemory)?;
         zero_frame(vmcs);
@@ -170,7 +176,10 @@ impl Vm {
             ept,
             eptp,
             vmcs,
-            regs: GuestRegisters { rdi: gboot::BOOT_INFO_GPA, ..Default::default() },
+            regs: GuestRegisters {
+                rdi: gboot::BOOT_INFO_GPA,
+                ..Default::default()
+            },
             launched: false,
             state: VmState::Runnable,
             acct: Accounting::default(),
@@ -230,7 +239,11 @@ impl Vm {
         vmwrite(f::HOST_CR3, cr3);
         vmwrite(f::HOST_CR4, cr4);
         vmwrite(f::HOST_CS_SELECTOR, crate::arch::CODE_SELECTOR.into());
-        for sel in [f::HOST_SS_SELECTOR, f::HOST_DS_SELECTOR, f::HOST_ES_SELECTOR] {
+        for sel in [
+            f::HOST_SS_SELECTOR,
+            f::HOST_DS_SELECTOR,
+            f::HOST_ES_SELECTOR,
+        ] {
             vmwrite(sel, crate::arch::DATA_SELECTOR.into());
         }
         vmwrite(f::HOST_FS_SELECTOR, 0);
@@ -246,7 +259,9 @@ impl Vm {
         vmwrite(f::HOST_IA32_SYSENTER_EIP, 0);
         if c.load_efer {
             // SAFETY: IA32_EFER exists on every x86_64 CPU.
-            vmwrite(f::HOST_IA32_EFER, unsafe { crate::platform::rdmsr(0xc000_0080) });
+            vmwrite(f::HOST_IA32_EFER, unsafe {
+                crate::platform::rdmsr(0xc000_0080)
+            });
         }
         vmwrite(f::HOST_RIP, vmx::vm_exit_landing as *const () as u64);
 
@@ -280,11 +295,36 @@ impl Vm {
         vmwrite(f::GUEST_CS_LIMIT, 0xffff_ffff);
         vmwrite(f::GUEST_CS_ACCESS_RIGHTS, 0xa09b); // present, code, L=1, G=1
         for (sel, base, limit, ar) in [
-            (f::GUEST_SS_SELECTOR, f::GUEST_SS_BASE, f::GUEST_SS_LIMIT, f::GUEST_SS_ACCESS_RIGHTS),
-            (f::GUEST_DS_SELECTOR, f::GUEST_DS_BASE, f::GUEST_DS_LIMIT, f::GUEST_DS_ACCESS_RIGHTS),
-            (f::GUEST_ES_SELECTOR, f::GUEST_ES_BASE, f::GUEST_ES_LIMIT, f::GUEST_ES_ACCESS_RIGHTS),
-            (f::GUEST_FS_SELECTOR, f::GUEST_FS_BASE, f::GUEST_FS_LIMIT, f::GUEST_FS_ACCESS_RIGHTS),
-            (f::GUEST_GS_SELECTOR, f::GUEST_GS_BASE, f::GUEST_GS_LIMIT, f::GUEST_GS_ACCESS_RIGHTS),
+            (
+                f::GUEST_SS_SELECTOR,
+                f::GUEST_SS_BASE,
+                f::GUEST_SS_LIMIT,
+                f::GUEST_SS_ACCESS_RIGHTS,
+            ),
+            (
+                f::GUEST_DS_SELECTOR,
+                f::GUEST_DS_BASE,
+                f::GUEST_DS_LIMIT,
+                f::GUEST_DS_ACCESS_RIGHTS,
+            ),
+            (
+                f::GUEST_ES_SELECTOR,
+                f::GUEST_ES_BASE,
+                f::GUEST_ES_LIMIT,
+                f::GUEST_ES_ACCESS_RIGHTS,
+            ),
+            (
+                f::GUEST_FS_SELECTOR,
+                f::GUEST_FS_BASE,
+                f::GUEST_FS_LIMIT,
+                f::GUEST_FS_ACCESS_RIGHTS,
+            ),
+            (
+                f::GUEST_GS_SELECTOR,
+                f::GUEST_GS_BASE,
+                f::GUEST_GS_LIMIT,
+                f::GUEST_GS_ACCESS_RIGHTS,
+            ),
         ] {
             vmwrite(sel, data);
             vmwrite(base, 0);
@@ -347,7 +387,8 @@ impl Vm {
 
     fn console_bytes(&mut self, bytes: &[u8]) {
         let name = &self.name;
-        self.console.push(bytes, |line| print_console_line(name, line));
+        self.console
+            .push(bytes, |line| print_console_line(name, line));
     }
 
     /// Stops the VM for good, with a report.
@@ -374,7 +415,11 @@ impl Vm {
         };
         let mut line = format!(
             "vm={} state={} cpu_us={} runs={} exits={}",
-            self.name, state, s.cpu_us, s.runs, self.acct.total_exits()
+            self.name,
+            state,
+            s.cpu_us,
+            s.runs,
+            self.acct.total_exits()
         );
         for kind in ExitKind::ALL {
             line.push_str(&format!(" {}={}", kind.name(), s.exits[kind as usize]));
@@ -386,7 +431,10 @@ impl Vm {
 fn print_console_line(name: &str, line: &[u8]) {
     // Guests may write anything: show bytes that are not printable UTF-8 as escapes.
     let text = String::from_utf8_lossy(line);
-    let clean: String = text.chars().map(|c| if c.is_control() { '.' } else { c }).collect();
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { '.' } else { c })
+        .collect();
     crate::println!("{name} | {clean}");
 }
 
@@ -407,7 +455,10 @@ fn advance_rip() {
 
 fn inject_gp() {
     // Vector 13, type 3 (hardware exception), deliver error code, valid (SDM 25.8.3).
-    vmwrite(f::ENTRY_INTERRUPTION_INFO, 13 | (3 << 8) | (1 << 11) | (1 << 31));
+    vmwrite(
+        f::ENTRY_INTERRUPTION_INFO,
+        13 | (3 << 8) | (1 << 11) | (1 << 31),
+    );
     vmwrite(f::ENTRY_EXCEPTION_ERROR_CODE, 0);
 }
 
@@ -445,7 +496,11 @@ fn handle_exit(vm: &mut Vm, host: &HostVmx) -> Next {
         }
         reason::RDMSR | reason::WRMSR => {
             let write = exit::basic_reason(raw_reason) == reason::WRMSR;
-            vm.acct.count_exit(if write { ExitKind::MsrWrite } else { ExitKind::MsrRead });
+            vm.acct.count_exit(if write {
+                ExitKind::MsrWrite
+            } else {
+                ExitKind::MsrRead
+            });
             handle_msr(vm, write);
             Next::Resume
         }
@@ -470,17 +525,25 @@ fn handle_exit(vm: &mut Vm, host: &HostVmx) -> Next {
             let rip = vmread(f::GUEST_RIP);
             if vm.memory.check(gpa, 1).is_err() {
                 let mib = vm.config.memory_mib;
-                vm.fail(format_args!("EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: outside the VM's {mib} MiB",
-                    v.access.name()));
+                vm.fail(format_args!(
+                    "EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: outside the VM's {mib} MiB",
+                    v.access.name()
+                ));
             } else {
-                vm.fail(format_args!("EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: permissions {:#b}",
-                    v.access.name(), v.present_perms));
+                vm.fail(format_args!(
+                    "EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: permissions {:#b}",
+                    v.access.name(),
+                    v.present_perms
+                ));
             }
             Next::Stopped
         }
         reason::TRIPLE_FAULT => {
             vm.acct.count_exit(ExitKind::Other);
-            vm.fail(format_args!("triple fault at rip={:#x}", vmread(f::GUEST_RIP)));
+            vm.fail(format_args!(
+                "triple fault at rip={:#x}",
+                vmread(f::GUEST_RIP)
+            ));
             Next::Stopped
         }
         reason::EXCEPTION_OR_NMI => {
@@ -491,7 +554,10 @@ fn handle_exit(vm: &mut Vm, host: &HostVmx) -> Next {
         other => {
             vm.acct.count_exit(ExitKind::Other);
             let _ = host;
-            vm.fail(format_args!("unhandled VM exit, reason {other} at rip={:#x}", vmread(f::GUEST_RIP)));
+            vm.fail(format_args!(
+                "unhandled VM exit, reason {other} at rip={:#x}",
+                vmread(f::GUEST_RIP)
+            ));
             Next::Stopped
         }
     }
@@ -499,16 +565,30 @@ fn handle_exit(vm: &mut Vm, host: &HostVmx) -> Next {
 
 fn handle_vmcall(vm: &mut Vm) -> Next {
     let r = &vm.regs;
-    let args = Args { nr: r.rax, a0: r.rdi, a1: r.rsi, a2: r.rdx, a3: r.r10 };
+    let args = Args {
+        nr: r.rax,
+        a0: r.rdi,
+        a1: r.rsi,
+        a2: r.rdx,
+        a3: r.r10,
+    };
     let info = vm.info();
     let mut scratch = [0u8; guest_abi::CONSOLE_WRITE_MAX as usize];
     let mut phys = IdentityPhys;
-    let (rax, next) = match hypercall::handle(args, &vm.memory, &mut phys, &info, &vm.acct.stats, &mut scratch) {
+    let (rax, next) = match hypercall::handle(
+        args,
+        &vm.memory,
+        &mut phys,
+        &info,
+        &vm.acct.stats,
+        &mut scratch,
+    ) {
         Outcome::Return(v) => (v, Next::Resume),
         Outcome::Console(bytes) => {
             let n = bytes.len() as u64;
             let name = &vm.name;
-            vm.console.push(bytes, |line| print_console_line(name, line));
+            vm.console
+                .push(bytes, |line| print_console_line(name, line));
             (n, Next::Resume)
         }
         Outcome::Report(key, value) => {
@@ -529,7 +609,10 @@ fn handle_vmcall(vm: &mut Vm) -> Next {
 fn handle_io(vm: &mut Vm) -> Next {
     let io = IoExit::from_qualification(vmread(f::EXIT_QUALIFICATION));
     if io.string {
-        vm.fail(format_args!("string I/O (INS/OUTS) to port {:#x} is not supported", io.port));
+        vm.fail(format_args!(
+            "string I/O (INS/OUTS) to port {:#x} is not supported",
+            io.port
+        ));
         return Next::Stopped;
     }
     let mask: u64 = match io.size {
@@ -618,7 +701,9 @@ pub fn run_all(vms: &mut [Vm], host: &HostVmx) {
     let mut last_on_cpu: Option<usize> = None;
     loop {
         let states: Vec<VmState> = vms.iter().map(|v| v.state).collect();
-        let Some(i) = sched::next_runnable(&states, current) else { break };
+        let Some(i) = sched::next_runnable(&states, current) else {
+            break;
+        };
         current = Some(i);
         if last_on_cpu != Some(i) {
             let (out, into) = match last_on_cpu {
@@ -642,11 +727,17 @@ pub fn run_all(vms: &mut [Vm], host: &HostVmx) {
         let start = rdtsc();
         vm.acct.schedule_in(start);
         let deadline = start.saturating_add(quantum);
-        vmwrite(f::PREEMPTION_TIMER_VALUE, sched::preemption_timer_value(quantum, rate).into());
+        vmwrite(
+            f::PREEMPTION_TIMER_VALUE,
+            sched::preemption_timer_value(quantum, rate).into(),
+        );
         loop {
             if !host.controls.save_preemption_timer {
                 let left = deadline.saturating_sub(rdtsc());
-                vmwrite(f::PREEMPTION_TIMER_VALUE, sched::preemption_timer_value(left, rate).into());
+                vmwrite(
+                    f::PREEMPTION_TIMER_VALUE,
+                    sched::preemption_timer_value(left, rate).into(),
+                );
             }
             // SAFETY: the VM's VMCS is current with complete host state; regs is the VM's own.
             let failed = unsafe { vmx::run_guest(&mut vm.regs, u64::from(vm.launched)) };

@@ -46,7 +46,11 @@ pub fn read_capabilities() -> Capabilities {
         let has_true = basic & (1 << 55) != 0;
         let procbased = rdmsr(msr::IA32_VMX_PROCBASED_CTLS);
         let has_secondary = procbased & (1 << 63) != 0;
-        let procbased2 = if has_secondary { rdmsr(msr::IA32_VMX_PROCBASED_CTLS2) } else { 0 };
+        let procbased2 = if has_secondary {
+            rdmsr(msr::IA32_VMX_PROCBASED_CTLS2)
+        } else {
+            0
+        };
         let has_ept_vpid = procbased2 & ((1 << 33) | (1 << 37)) != 0;
         let true_or = |m: u32, plain: u64| if has_true { rdmsr(m) } else { plain };
         let pinbased = rdmsr(msr::IA32_VMX_PINBASED_CTLS);
@@ -63,7 +67,11 @@ pub fn read_capabilities() -> Capabilities {
             true_exit: true_or(msr::IA32_VMX_TRUE_EXIT_CTLS, exit),
             true_entry: true_or(msr::IA32_VMX_TRUE_ENTRY_CTLS, entry),
             procbased2,
-            ept_vpid: if has_ept_vpid { rdmsr(msr::IA32_VMX_EPT_VPID_CAP) } else { 0 },
+            ept_vpid: if has_ept_vpid {
+                rdmsr(msr::IA32_VMX_EPT_VPID_CAP)
+            } else {
+                0
+            },
             misc: rdmsr(msr::IA32_VMX_MISC),
             cr0_fixed0: rdmsr(msr::IA32_VMX_CR0_FIXED0),
             cr0_fixed1: rdmsr(msr::IA32_VMX_CR0_FIXED1),
@@ -128,7 +136,9 @@ pub fn vmread(field: u32) -> u64 {
     let value: u64;
     // SAFETY: VMREAD only reads the current VMCS; the hypervisor is in VMX root operation with
     // a current VMCS whenever it handles a VM.
-    unsafe { asm!("vmread {}, {}", out(reg) value, in(reg) u64::from(field), options(nostack, nomem)) };
+    unsafe {
+        asm!("vmread {}, {}", out(reg) value, in(reg) u64::from(field), options(nostack, nomem))
+    };
     value
 }
 

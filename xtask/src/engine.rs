@@ -13,7 +13,14 @@ use std::time::{Duration, Instant};
 
 /// Debian packages the emulator runs need.
 const PACKAGES: &[&str] = &[
-    "bochs", "bochsbios", "vgabios", "grub-pc-bin", "grub-efi-amd64-bin", "grub-common", "xorriso", "mtools",
+    "bochs",
+    "bochsbios",
+    "vgabios",
+    "grub-pc-bin",
+    "grub-efi-amd64-bin",
+    "grub-common",
+    "xorriso",
+    "mtools",
     "qemu-system-x86",
 ];
 
@@ -26,7 +33,11 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// Installs the missing packages with apt-get when root; otherwise says what to run.
@@ -89,7 +100,11 @@ pub fn cpuinfo_has_vmx(cpuinfo: &str) -> bool {
 pub fn pick_vmx_engine() -> Engine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let kvm_intel = Path::new("/sys/module/kvm_intel").exists();
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if cpuinfo_has_vmx(&cpuinfo) && kvm_intel && kvm {
         Engine::QemuKvm
     } else {
@@ -161,12 +176,16 @@ pub fn boot(
         }
     };
     let out = std::fs::File::create(dir.join("emulator.out")).map_err(|e| e.to_string())?;
-    cmd.stdin(Stdio::null()).stdout(out.try_clone().map_err(|e| e.to_string())?).stderr(out);
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(out);
     if !stream {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", engine.name()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", engine.name()))?;
     let start = Instant::now();
     let mut shown = 0usize;
     loop {
@@ -186,7 +205,9 @@ pub fn boot(
         }
         if timeout.is_some_and(|t| start.elapsed() > t) {
             let pid = child.id();
-            let _ = Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{pid}")])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
             return Ok(false);
@@ -195,7 +216,10 @@ pub fn boot(
     }
     if stream {
         if let Ok(bytes) = std::fs::read(serial) {
-            print!("{}", String::from_utf8_lossy(bytes.get(shown..).unwrap_or_default()));
+            print!(
+                "{}",
+                String::from_utf8_lossy(bytes.get(shown..).unwrap_or_default())
+            );
         }
     }
     Ok(true)
@@ -207,8 +231,12 @@ mod tests {
 
     #[test]
     fn vmx_flag_detection() {
-        assert!(cpuinfo_has_vmx("processor : 0\nflags\t\t: fpu vme vmx sse\n"));
-        assert!(!cpuinfo_has_vmx("flags\t\t: fpu svm sse\nvmx_flags : foo\n"));
+        assert!(cpuinfo_has_vmx(
+            "processor : 0\nflags\t\t: fpu vme vmx sse\n"
+        ));
+        assert!(!cpuinfo_has_vmx(
+            "flags\t\t: fpu svm sse\nvmx_flags : foo\n"
+        ));
         assert!(!cpuinfo_has_vmx("flags : fpu vmxx\n"));
     }
 }

@@ -7,22 +7,36 @@ use std::process::Command;
 use crate::{bin_dir, root, run_cmd};
 
 /// Stages `dir/iso/` and writes `dir/boot.iso`. `images` are test-guests binaries.
-pub fn make_iso(dir: &Path, manifest: &Path, images: &[String], cmdline: &str) -> Result<PathBuf, String> {
+pub fn make_iso(
+    dir: &Path,
+    manifest: &Path,
+    images: &[String],
+    cmdline: &str,
+) -> Result<PathBuf, String> {
     let tree = dir.join("iso");
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(tree.join("boot/grub")).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(tree.join("boot/guests")).map_err(|e| e.to_string())?;
     let copy = |from: &Path, to: &Path| {
-        std::fs::copy(from, to).map(|_| ()).map_err(|e| format!("{}: {e}", from.display()))
+        std::fs::copy(from, to)
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", from.display()))
     };
-    copy(&bin_dir().join("hypervisor"), &tree.join("boot/hypervisor.elf"))?;
+    copy(
+        &bin_dir().join("hypervisor"),
+        &tree.join("boot/hypervisor.elf"),
+    )?;
     copy(manifest, &tree.join("boot/manifest.toml"))?;
     let mut modules = String::new();
     for img in images {
-        copy(&bin_dir().join(img), &tree.join(format!("boot/guests/{img}.elf")))?;
+        copy(
+            &bin_dir().join(img),
+            &tree.join(format!("boot/guests/{img}.elf")),
+        )?;
         modules.push_str(&format!("    module2 /boot/guests/{img}.elf {img}\n"));
     }
-    let template = std::fs::read_to_string(root().join("boot/grub.cfg.in")).map_err(|e| e.to_string())?;
+    let template =
+        std::fs::read_to_string(root().join("boot/grub.cfg.in")).map_err(|e| e.to_string())?;
     let cfg = template
         .replace("@CMDLINE@", format!("exit=emulator {cmdline}").trim())
         .replace("@MODULES@\n", &modules);
@@ -35,7 +49,10 @@ pub fn make_iso(dir: &Path, manifest: &Path, images: &[String], cmdline: &str) -
         .output()
         .map_err(|e| format!("cannot run grub-mkrescue: {e}"))?;
     if !out.status.success() {
-        return Err(format!("grub-mkrescue failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "grub-mkrescue failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(iso)
 }

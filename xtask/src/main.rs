@@ -53,7 +53,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 /// The repository root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// Where the bare-metal binaries land.
@@ -63,7 +66,10 @@ pub fn bin_dir() -> PathBuf {
 
 /// Runs a command in the repository root; Err names it when it fails.
 pub fn run_cmd(cmd: &mut Command) -> Result<(), String> {
-    let status = cmd.current_dir(root()).status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -78,7 +84,14 @@ fn cargo() -> Command {
 /// Builds the kernel and the test guests (release: Bochs runs them).
 pub fn build() -> Result<(), String> {
     run_cmd(cargo().args([
-        "build", "--release", "-p", "hypervisor", "-p", "test-guests", "--target", "x86_64-unknown-none",
+        "build",
+        "--release",
+        "-p",
+        "hypervisor",
+        "-p",
+        "test-guests",
+        "--target",
+        "x86_64-unknown-none",
     ]))
 }
 
@@ -90,7 +103,8 @@ fn run(args: &[&str]) -> Result<(), String> {
     };
     engine::ensure_packages()?;
     build()?;
-    let text = std::fs::read_to_string(&manifest).map_err(|e| format!("{}: {e}", manifest.display()))?;
+    let text =
+        std::fs::read_to_string(&manifest).map_err(|e| format!("{}: {e}", manifest.display()))?;
     let parsed = hv_manifest::parse(&text, &hv_manifest::HostLimits::default())
         .map_err(|e| format!("{}: {e}", manifest.display()))?;
     let mut images: Vec<String> = parsed.vms.iter().map(|v| v.image.clone()).collect();
@@ -118,24 +132,51 @@ fn test() -> Result<(), String> {
             failed += 1;
         }
     };
-    step("cargo fmt --check", run_cmd(cargo().args(["fmt", "--all", "--", "--check"])));
+    step(
+        "cargo fmt --check",
+        run_cmd(cargo().args(["fmt", "--all", "--", "--check"])),
+    );
     step(
         "clippy (host crates)",
         run_cmd(cargo().args([
-            "clippy", "--workspace", "--exclude", "hypervisor", "--exclude", "test-guests", "--all-targets", "--",
-            "-D", "warnings",
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "hypervisor",
+            "--exclude",
+            "test-guests",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
         ])),
     );
     step(
         "clippy (bare-metal crates)",
         run_cmd(cargo().args([
-            "clippy", "--release", "-p", "hypervisor", "-p", "test-guests", "--target", "x86_64-unknown-none", "--",
-            "-D", "warnings",
+            "clippy",
+            "--release",
+            "-p",
+            "hypervisor",
+            "-p",
+            "test-guests",
+            "--target",
+            "x86_64-unknown-none",
+            "--",
+            "-D",
+            "warnings",
         ])),
     );
     step(
         "host unit tests",
-        run_cmd(cargo().args(["test", "--workspace", "--exclude", "hypervisor", "--exclude", "test-guests"])),
+        run_cmd(cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "hypervisor",
+            "--exclude",
+            "test-guests",
+        ])),
     );
     match scenario::qemu_test(&[]) {
         Ok((p, f)) => {

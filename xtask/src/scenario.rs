@@ -46,7 +46,12 @@ pub fn judge(s: &Scenario, log: &str) -> Result<(), String> {
             return Err(format!("expected line not found: {e:?}"));
         }
     }
-    for r in s.reject.iter().map(String::as_str).chain(ALWAYS_REJECT.iter().copied()) {
+    for r in s
+        .reject
+        .iter()
+        .map(String::as_str)
+        .chain(ALWAYS_REJECT.iter().copied())
+    {
         if let Some(l) = log.lines().find(|l| l.contains(r)) {
             return Err(format!("rejected text {r:?} found: {l:?}"));
         }
@@ -55,12 +60,27 @@ pub fn judge(s: &Scenario, log: &str) -> Result<(), String> {
         let times = cpu_times(log);
         let mut got = Vec::new();
         for vm in &f.vms {
-            got.push(*times.get(vm).ok_or(format!("no stats line with cpu_us for vm {vm}"))?);
+            got.push(
+                *times
+                    .get(vm)
+                    .ok_or(format!("no stats line with cpu_us for vm {vm}"))?,
+            );
         }
-        let (min, max) = (*got.iter().min().unwrap_or(&0), *got.iter().max().unwrap_or(&0));
-        let spread = if min == 0 { f64::INFINITY } else { (max - min) as f64 / min as f64 };
+        let (min, max) = (
+            *got.iter().min().unwrap_or(&0),
+            *got.iter().max().unwrap_or(&0),
+        );
+        let spread = if min == 0 {
+            f64::INFINITY
+        } else {
+            (max - min) as f64 / min as f64
+        };
         if spread > f.tolerance {
-            return Err(format!("CPU times {got:?} us differ by {:.1}% > {:.0}%", spread * 100.0, f.tolerance * 100.0));
+            return Err(format!(
+                "CPU times {got:?} us differ by {:.1}% > {:.0}%",
+                spread * 100.0,
+                f.tolerance * 100.0
+            ));
         }
         println!("  cpu_fairness: {got:?} us, spread {:.1}%", spread * 100.0);
     }
@@ -104,7 +124,14 @@ fn run_one(name: &str, dir: &Path, vmx_engine: Engine) -> Result<String, String>
     let iso = crate::image::make_iso(&work, &dir.join("manifest.toml"), &s.images, &s.cmdline)?;
     let serial = work.join("serial.log");
     let start = Instant::now();
-    let finished = engine::boot(engine, &iso, &serial, &work, Some(Duration::from_secs(s.timeout_s)), false)?;
+    let finished = engine::boot(
+        engine,
+        &iso,
+        &serial,
+        &work,
+        Some(Duration::from_secs(s.timeout_s)),
+        false,
+    )?;
     let secs = start.elapsed().as_secs_f64();
     let log = String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
     let verdict = judge(&s, &log).and_then(|()| {
@@ -115,7 +142,11 @@ fn run_one(name: &str, dir: &Path, vmx_engine: Engine) -> Result<String, String>
         }
     });
     match verdict {
-        Ok(()) => Ok(format!("{} ({}, {secs:.1} s)", engine.name(), s.description)),
+        Ok(()) => Ok(format!(
+            "{} ({}, {secs:.1} s)",
+            engine.name(),
+            s.description
+        )),
         Err(e) => {
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -138,7 +169,11 @@ pub fn qemu_test(names: &[&str]) -> Result<(usize, usize), String> {
     for entry in std::fs::read_dir(&base).map_err(|e| format!("{}: {e}", base.display()))? {
         let path = entry.map_err(|e| e.to_string())?.path();
         if path.join("scenario.toml").exists() {
-            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             if names.is_empty() || names.contains(&name.as_str()) {
                 all.push((name, path));
             }
@@ -151,14 +186,20 @@ pub fn qemu_test(names: &[&str]) -> Result<(usize, usize), String> {
         }
     }
     let vmx_engine = engine::pick_vmx_engine();
-    println!("qemu-test: {} scenarios; VT-x engine: {}", all.len(), vmx_engine.describe());
+    println!(
+        "qemu-test: {} scenarios; VT-x engine: {}",
+        all.len(),
+        vmx_engine.describe()
+    );
     let queue = Arc::new(Mutex::new(all));
     let results = Arc::new(Mutex::new((0usize, 0usize)));
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let (queue, results) = (queue.clone(), results.clone());
             std::thread::spawn(move || loop {
-                let Some((name, dir)) = queue.lock().expect("queue").pop() else { break };
+                let Some((name, dir)) = queue.lock().expect("queue").pop() else {
+                    break;
+                };
                 let r = run_one(&name, &dir, vmx_engine);
                 let mut res = results.lock().expect("results");
                 match r {
@@ -195,7 +236,10 @@ mod tests {
             images: vec![],
             expect: expect.iter().map(|s| s.to_string()).collect(),
             reject: reject.iter().map(|s| s.to_string()).collect(),
-            cpu_fairness: fair.map(|t| Fairness { vms: vec!["a".into(), "b".into()], tolerance: t }),
+            cpu_fairness: fair.map(|t| Fairness {
+                vms: vec!["a".into(), "b".into()],
+                tolerance: t,
+            }),
         }
     }
 
@@ -225,7 +269,11 @@ mod tests {
             let dir = entry.unwrap().path();
             if dir.join("scenario.toml").exists() {
                 let s = load(&dir).unwrap();
-                assert!(matches!(s.engine.as_str(), "vmx" | "no-vmx"), "{}", dir.display());
+                assert!(
+                    matches!(s.engine.as_str(), "vmx" | "no-vmx"),
+                    "{}",
+                    dir.display()
+                );
                 assert!(dir.join("manifest.toml").exists(), "{}", dir.display());
             }
         }
