@@ -59,9 +59,11 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Where the bare-metal binaries land.
+/// Where the bare-metal binaries land (honouring CARGO_TARGET_DIR, relative to the root).
 pub fn bin_dir() -> PathBuf {
-    root().join("target/x86_64-unknown-none/release")
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), |d| root().join(d));
+    target.join("x86_64-unknown-none/release")
 }
 
 /// Runs a command in the repository root; Err names it when it fails.
