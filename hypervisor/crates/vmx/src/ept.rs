@@ -91,7 +91,7 @@ impl Ept {
     }
 
     fn check(gpa: u64, hpa: u64) -> Result<(), EptError> {
-        if gpa % 4096 != 0 || gpa >= GPA_LIMIT {
+        if !gpa.is_multiple_of(4096) || gpa >= GPA_LIMIT {
             return Err(EptError::BadAddress(gpa));
         }
         if hpa & !ADDR_MASK != 0 {
@@ -101,9 +101,9 @@ impl Ept {
     }
 
     /// The leaf entry slot for `gpa`, creating intermediate tables when `create`.
-    fn leaf_slot<'f>(
+    fn leaf_slot(
         &self,
-        frames: &'f mut impl FrameSource,
+        frames: &mut impl FrameSource,
         gpa: u64,
         create: bool,
     ) -> Result<Option<(u64, usize)>, EptError> {
