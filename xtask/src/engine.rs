@@ -1,242 +1,590 @@
-//! Emulators: which one can run VT-x guests here, how to boot an ISO on it, and the system
-//! packages they need.
+//! Emulators that boot the ISO: which one to use, and how to run it.
 //!
-//! QEMU+KVM is used only when the host really exposes VT-x (`vmx` in /proc/cpuinfo and the
-//! kvm_intel module loaded): our AMD machines have a paravirtual /dev/kvm (kvm_pvm) that opens
-//! fine but cannot run a hypervisor. Otherwise Bochs, which emulates VT-x with EPT. QEMU TCG
-//! (no VT-x) serves the "VT-x missing" scenario. Every run has a hard time limit and is killed
-//! with its whole process group; the serial log is the only verdict.
+//! The hypervisor needs VT-x with EPT. That comes either from the host (QEMU with KVM and nested
+//! VMX, on an Intel host that exposes it) or from Bochs, which emulates VT-x with EPT in software.
+//! QEMU+KVM is chosen only when all of these hold:
+//!
+//! 1. `/proc/cpuinfo` lists the `vmx` flag;
+//! 2. `/dev/kvm` opens read-write;
+//! 3. a probe works: QEMU with `-accel kvm -cpu host,+vmx` boots a 512-byte boot sector that
+//!    executes CPUID and reports through `isa-debug-exit` whether the guest sees VMX.
+//!
+//! `/dev/kvm` alone proves nothing: some cloud machines have a paravirtual KVM (`kvm_pvm`) that
+//! cannot even run real-mode firmware. Anything else gets Bochs. QEMU's TCG has no VMX at all; it
+//! serves the `no-vmx` scenarios, which check the hypervisor's "VT-x not available" path.
+//!
+//! Every run writes its files into one run directory (`serial.log`, the engine's own log and
+//! output, the Bochs configuration) and has a hard deadline after which the emulator's whole
+//! process group is killed. Pass/fail comes only from `serial.log`: Bochs exits with status 1 both
+//! on the hypervisor's clean shutdown and on a fatal error.
 
-use std::path::Path;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Debian packages the emulator runs need.
-const PACKAGES: &[&str] = &[
-    "bochs",
-    "bochsbios",
-    "vgabios",
-    "grub-pc-bin",
-    "grub-efi-amd64-bin",
-    "grub-common",
-    "xorriso",
-    "mtools",
-    "qemu-system-x86",
-];
+use crate::error::{Error, IoContext, Result};
+use crate::process::{on_path, Ending, GroupChild};
 
-fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
-}
+/// Guest RAM of the emulated machine, MiB (Bochs and QEMU alike).
+pub const MEMORY_MIB: u32 = 256;
+/// Bochs CPU model: VT-x with EPT, VPID, unrestricted guest, the preemption timer and TSC
+/// scaling (DESIGN.md section 4).
+pub const BOCHS_CPU_MODEL: &str = "corei7_skylake_x";
+/// Emulated instructions per emulated second. With `clock: sync=none` this fixes the ratio of
+/// guest-visible time to instructions (the scenarios' quanta are sized for it), not the speed.
+pub const BOCHS_IPS: u64 = 4_000_000;
+/// Bochs's system BIOS and VGA BIOS (packages bochsbios and vgabios).
+const BOCHS_BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+const BOCHS_VGA_BIOS: &str = "/usr/share/bochs/VGABIOS-lgpl-latest";
+const QEMU: &str = "qemu-system-x86_64";
+/// Environment variable that forces the VT-x engine: `bochs` or `qemu-kvm` (default: detect).
+pub const ENGINE_ENV: &str = "XTASK_ENGINE";
+/// Deadline of the KVM probe; a working KVM answers in well under a second.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
-}
-
-/// Installs the missing packages with apt-get when root; otherwise says what to run.
-pub fn ensure_packages() -> Result<(), String> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let cmd = format!("apt-get update && apt-get install -y {}", missing.join(" "));
-    if !is_root() {
-        return Err(format!("missing system packages; run as root:\n  {cmd}"));
-    }
-    println!("xtask: installing {}", missing.join(" "));
-    let status = Command::new("sh")
-        .args(["-c", &cmd])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run apt-get: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{cmd}` failed ({status})"))
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A way to boot the ISO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
+    /// Bochs with an emulated VT-x CPU.
     Bochs,
+    /// QEMU on KVM with nested VMX.
     QemuKvm,
+    /// QEMU's TCG: no VT-x.
     QemuTcg,
 }
 
 impl Engine {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Bochs => "Bochs (emulated VT-x with EPT; this host has no usable hardware VT-x)",
-            Self::QemuKvm => "QEMU+KVM (the host exposes VT-x)",
-            Self::QemuTcg => "QEMU TCG (no VT-x)",
-        }
-    }
+    /// Short name for messages (`PASS hello (bochs, 3.1 s)`).
     pub fn name(self) -> &'static str {
         match self {
-            Self::Bochs => "bochs",
-            Self::QemuKvm => "qemu-kvm",
-            Self::QemuTcg => "qemu-tcg",
+            Engine::Bochs => "bochs",
+            Engine::QemuKvm => "qemu-kvm",
+            Engine::QemuTcg => "qemu-tcg",
         }
     }
 }
 
-/// Whether a /proc/cpuinfo text shows VT-x.
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The VT-x engine picked for this host, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmxChoice {
+    /// The engine, if any can run the hypervisor.
+    pub engine: Option<Engine>,
+    /// Why this engine (or none): printed for the user.
+    pub reason: String,
+}
+
+/// The facts about the host that decide the VT-x engine.
+#[derive(Debug, Clone)]
+pub struct HostFacts {
+    /// `vmx` in the CPU flags of /proc/cpuinfo.
+    pub cpu_has_vmx: bool,
+    /// Whether /dev/kvm opened read-write, or why not.
+    pub kvm: std::result::Result<(), String>,
+    /// Whether `qemu-system-x86_64` is on PATH.
+    pub qemu: bool,
+    /// Whether `bochs` is on PATH.
+    pub bochs: bool,
+    /// A forced choice (`XTASK_ENGINE`), if any.
+    pub forced: Option<String>,
+}
+
+impl HostFacts {
+    /// Reads the facts from this machine.
+    pub fn gather() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let kvm = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(drop)
+            .map_err(|e| e.to_string());
+        HostFacts {
+            cpu_has_vmx: cpuinfo_has_vmx(&cpuinfo),
+            kvm,
+            qemu: on_path(QEMU),
+            bochs: on_path("bochs"),
+            forced: std::env::var(ENGINE_ENV)
+                .ok()
+                .filter(|v| !v.is_empty() && v != "auto"),
+        }
+    }
+}
+
+/// Whether any `flags` line of /proc/cpuinfo text lists `vmx` (as a whole word).
 pub fn cpuinfo_has_vmx(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx"))
+    cpuinfo.lines().any(|line| {
+        let Some((key, value)) = line.split_once(':') else {
+            return false;
+        };
+        key.trim() == "flags" && value.split_whitespace().any(|flag| flag == "vmx")
+    })
 }
 
-/// The engine for VT-x scenarios on this host.
-pub fn pick_vmx_engine() -> Engine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let kvm_intel = Path::new("/sys/module/kvm_intel").exists();
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if cpuinfo_has_vmx(&cpuinfo) && kvm_intel && kvm {
-        Engine::QemuKvm
-    } else {
-        Engine::Bochs
-    }
-}
-
-fn bochsrc(iso: &Path, serial: &Path, dir: &Path) -> String {
-    format!(
-        "memory: guest=256, host=256
-romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot
-vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest
-cpu: model=corei7_skylake_x, count=1, ips=4000000, reset_on_triple_fault=0
-clock: sync=none
-ata0-master: type=cdrom, path={iso}, status=inserted
-boot: cdrom
-com1: enabled=1, mode=file, dev={serial}
-port_e9_hack: enabled=1
-display_library: rfb, options=\"timeout=0\"
-sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
-speaker: enabled=0
-panic: action=fatal
-error: action=report
-log: {log}
-",
-        iso = iso.display(),
-        serial = serial.display(),
-        log = dir.join("bochs.log").display(),
-    )
-}
-
-/// Boots `iso` on `engine`, serial console to `serial`, until the emulator exits or `timeout`
-/// passes (then its process group is killed). With `stream`, the console is copied to stdout as
-/// it grows. Returns whether it ended by itself.
-pub fn boot(
-    engine: Engine,
-    iso: &Path,
-    serial: &Path,
-    dir: &Path,
-    timeout: Option<Duration>,
-    stream: bool,
-) -> Result<bool, String> {
-    let _ = std::fs::remove_file(serial);
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let mut cmd = match engine {
-        Engine::Bochs => {
-            let rc = dir.join("bochsrc");
-            std::fs::write(&rc, bochsrc(iso, serial, dir)).map_err(|e| e.to_string())?;
-            let cmds = dir.join("bochs-commands");
-            std::fs::write(&cmds, "continue\nquit\n").map_err(|e| e.to_string())?;
-            let mut c = Command::new("bochs");
-            c.arg("-q").arg("-f").arg(&rc).arg("-rc").arg(&cmds);
-            c
-        }
-        Engine::QemuKvm | Engine::QemuTcg => {
-            let mut c = Command::new("qemu-system-x86_64");
-            if engine == Engine::QemuKvm {
-                c.args(["-accel", "kvm", "-cpu", "host,+vmx"]);
-            } else {
-                c.args(["-accel", "tcg", "-cpu", "qemu64"]);
+/// Picks the VT-x engine from `facts`; `probe_kvm` runs only when the cheap checks pass.
+pub fn choose_vmx_engine(
+    facts: &HostFacts,
+    probe_kvm: impl FnOnce() -> std::result::Result<(), String>,
+) -> VmxChoice {
+    let bochs = |why: String| {
+        if facts.bochs {
+            VmxChoice {
+                engine: Some(Engine::Bochs),
+                reason: why,
             }
-            c.args(["-m", "256M", "-display", "none", "-no-reboot"])
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-                .arg("-cdrom")
-                .arg(iso)
-                .arg("-serial")
-                .arg(format!("file:{}", serial.display()));
-            c
+        } else {
+            VmxChoice {
+                engine: None,
+                reason: format!("{why}, and Bochs is not installed (run `cargo xtask deps`)"),
+            }
         }
     };
-    let out = std::fs::File::create(dir.join("emulator.out")).map_err(|e| e.to_string())?;
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(|e| e.to_string())?)
-        .stderr(out);
-    if !stream {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", engine.name()))?;
-    let start = Instant::now();
-    let mut shown = 0usize;
-    loop {
-        if stream {
-            if let Ok(bytes) = std::fs::read(serial) {
-                if bytes.len() > shown {
-                    use std::io::Write;
-                    let mut o = std::io::stdout();
-                    let _ = o.write_all(&bytes[shown..]);
-                    let _ = o.flush();
-                    shown = bytes.len();
-                }
+    match facts.forced.as_deref() {
+        Some("bochs") => return bochs(format!("{ENGINE_ENV}=bochs")),
+        Some("qemu-kvm") | None => {}
+        Some(other) => {
+            return VmxChoice {
+                engine: None,
+                reason: format!("{ENGINE_ENV}={other}: expected bochs, qemu-kvm or auto"),
             }
         }
-        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
-            break;
-        }
-        if timeout.is_some_and(|t| start.elapsed() > t) {
-            let pid = child.id();
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{pid}")])
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
-    if stream {
-        if let Ok(bytes) = std::fs::read(serial) {
-            print!(
-                "{}",
-                String::from_utf8_lossy(bytes.get(shown..).unwrap_or_default())
-            );
+    let forced_kvm = facts.forced.is_some();
+    let kvm_problem = if !facts.cpu_has_vmx {
+        Some("the host CPU has no vmx flag in /proc/cpuinfo".to_owned())
+    } else if let Err(e) = &facts.kvm {
+        Some(format!("/dev/kvm does not open ({e})"))
+    } else if !facts.qemu {
+        Some(format!("{QEMU} is not installed"))
+    } else {
+        probe_kvm()
+            .err()
+            .map(|e| format!("the KVM probe failed: {e}"))
+    };
+    match kvm_problem {
+        None => VmxChoice {
+            engine: Some(Engine::QemuKvm),
+            reason: "the host has VT-x and a working KVM with nested VMX".to_owned(),
+        },
+        Some(problem) if forced_kvm => VmxChoice {
+            engine: None,
+            reason: format!("{ENGINE_ENV}=qemu-kvm, but {problem}"),
+        },
+        Some(problem) => bochs(problem),
+    }
+}
+
+/// Detects the VT-x engine of this machine (runs the KVM probe when it applies).
+pub fn detect_vmx_engine(scratch: &Path) -> VmxChoice {
+    let facts = HostFacts::gather();
+    choose_vmx_engine(&facts, || probe_kvm(scratch))
+}
+
+/// A real-mode boot sector: CPUID leaf 1, then writes 1 (VMX visible) or 2 (not) to the
+/// isa-debug-exit port 0xf4, so QEMU exits with status 3 or 5.
+fn probe_boot_sector() -> [u8; 512] {
+    #[rustfmt::skip]
+    const CODE: &[u8] = &[
+        0x66, 0xB8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+        0x0F, 0xA2,                         // cpuid
+        0xB0, 0x02,                         // mov al, 2
+        0x66, 0x0F, 0xBA, 0xE1, 0x05,       // bt ecx, 5 (VMX)
+        0x73, 0x02,                         // jnc +2
+        0xB0, 0x01,                         // mov al, 1
+        0xE6, 0xF4,                         // out 0xf4, al
+        0xF4,                               // hlt
+        0xEB, 0xFD,                         // jmp hlt
+    ];
+    let mut sector = [0u8; 512];
+    sector[..CODE.len()].copy_from_slice(CODE);
+    sector[510] = 0x55;
+    sector[511] = 0xAA;
+    sector
+}
+
+/// Boots [`probe_boot_sector`] under `-accel kvm -cpu host,+vmx`.
+fn probe_kvm(scratch: &Path) -> std::result::Result<(), String> {
+    fs::create_dir_all(scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+    let image = scratch.join("kvm-probe.img");
+    fs::write(&image, probe_boot_sector())
+        .map_err(|e| format!("writing {}: {e}", image.display()))?;
+    let mut command = Command::new(QEMU);
+    command
+        .args([
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host,+vmx",
+            "-m",
+            "16M",
+            "-display",
+            "none",
+        ])
+        .args(["-nodefaults", "-no-reboot", "-boot", "a", "-drive"])
+        .arg(format!("file={},format=raw,if=floppy", qemu_escape(&image)))
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = GroupChild::spawn(&mut command).map_err(|e| e.to_string())?;
+    match child
+        .wait_with_deadline(KVM_PROBE_TIMEOUT, || {})
+        .map_err(|e| e.to_string())?
+    {
+        Ending::TimedOut => Err(format!(
+            "a boot sector did not finish within {} s under KVM",
+            KVM_PROBE_TIMEOUT.as_secs()
+        )),
+        Ending::Exited(status) => match status.code() {
+            Some(3) => Ok(()),
+            Some(5) => Err("the KVM guest does not see VMX (no nested virtualisation)".to_owned()),
+            _ => Err(format!("QEMU with KVM failed ({status})")),
+        },
+    }
+}
+
+/// QEMU splits option values at commas; a literal comma is written twice.
+fn qemu_escape(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// One boot of an ISO.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// The engine.
+    pub engine: Engine,
+    /// The ISO to boot.
+    pub iso: PathBuf,
+    /// Where the run's files go (created if needed; `serial.log` is truncated).
+    pub dir: PathBuf,
+    /// Hard deadline of the emulator run.
+    pub timeout: Duration,
+}
+
+impl BootSpec {
+    /// The hypervisor's serial log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// The emulator's stdout and stderr.
+    pub fn emulator_output(&self) -> PathBuf {
+        self.dir.join("emulator.out")
+    }
+}
+
+/// How a boot ended.
+#[derive(Debug, Clone)]
+pub struct BootOutcome {
+    /// Exit or timeout.
+    pub ending: Ending,
+    /// Wall time from start to exit (or kill).
+    pub wall: Duration,
+}
+
+/// Boots `spec`, calling `on_tick` about every 50 ms while the emulator runs.
+pub fn boot(spec: &BootSpec, on_tick: impl FnMut()) -> Result<BootOutcome> {
+    fs::create_dir_all(&spec.dir).context(|| format!("creating {}", spec.dir.display()))?;
+    let serial = spec.serial_log();
+    // The emulator appends to or recreates the file; start from an empty one either way, so a
+    // stale log can never pass a test.
+    fs::write(&serial, b"").context(|| format!("truncating {}", serial.display()))?;
+    let iso = absolute(&spec.iso)?;
+    let mut command = match spec.engine {
+        Engine::Bochs => bochs_command(spec, &iso)?,
+        Engine::QemuKvm | Engine::QemuTcg => {
+            let mut command = Command::new(QEMU);
+            command.args(qemu_args(spec.engine, &iso, &absolute(&serial)?));
+            command
+        }
+    };
+    let output_path = spec.emulator_output();
+    let output =
+        fs::File::create(&output_path).context(|| format!("creating {}", output_path.display()))?;
+    let output_err = output
+        .try_clone()
+        .context(|| "duplicating a file handle".to_owned())?;
+    command
+        .current_dir(&spec.dir)
+        .stdin(Stdio::null())
+        .stdout(output)
+        .stderr(output_err);
+    let start = Instant::now();
+    let mut child = GroupChild::spawn(&mut command)?;
+    let ending = child.wait_with_deadline(spec.timeout, on_tick)?;
+    Ok(BootOutcome {
+        ending,
+        wall: start.elapsed(),
+    })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).context(|| format!("resolving {}", path.display()))
+}
+
+/// Writes the Bochs configuration and debugger script into the run directory and returns the
+/// command: `bochs -q -f bochsrc -rc bochs.cmds`.
+fn bochs_command(spec: &BootSpec, iso: &Path) -> Result<Command> {
+    for rom in [BOCHS_BIOS, BOCHS_VGA_BIOS] {
+        // `exists` follows symlinks: the VGA BIOS is a link into the vgabios package.
+        if !Path::new(rom).exists() {
+            return Err(Error::Deps(format!(
+                "{rom} is missing (packages bochsbios, vgabios); run `cargo xtask deps`"
+            )));
         }
     }
-    Ok(true)
+    let dir = absolute(&spec.dir)?;
+    let config = bochsrc(iso, &dir.join("serial.log"), &dir.join("bochs.log"))
+        .map_err(|message| Error::Failed(format!("bochs: {message}")))?;
+    let rc_path = dir.join("bochsrc");
+    fs::write(&rc_path, config).context(|| format!("writing {}", rc_path.display()))?;
+    // The Debian build includes Bochs's debugger, which stops at a prompt before the first
+    // instruction: this script lets it run, and quits the debugger when the machine stops.
+    let cmds_path = dir.join("bochs.cmds");
+    fs::write(&cmds_path, "continue\nquit\n")
+        .context(|| format!("writing {}", cmds_path.display()))?;
+    let mut command = Command::new("bochs");
+    command
+        .arg("-q")
+        .arg("-f")
+        .arg(&rc_path)
+        .arg("-rc")
+        .arg(&cmds_path);
+    Ok(command)
+}
+
+/// The Bochs configuration: 256 MiB, a Skylake-X CPU with VT-x/EPT, deterministic time, boot from
+/// the ISO, COM1 into `serial`, no GUI, and fatal panics.
+pub fn bochsrc(iso: &Path, serial: &Path, log: &Path) -> std::result::Result<String, String> {
+    let quoted = |path: &Path| {
+        let text = path.display().to_string();
+        if text.contains('"') || text.contains('\n') {
+            Err(format!("path {text:?} cannot be written into a bochsrc"))
+        } else {
+            Ok(format!("\"{text}\""))
+        }
+    };
+    let (iso, serial, log) = (quoted(iso)?, quoted(serial)?, quoted(log)?);
+    Ok(format!(
+        "# Written by cargo xtask (xtask/src/engine.rs) for one run.\n\
+         memory: guest={MEMORY_MIB}, host={MEMORY_MIB}\n\
+         romimage: file={BOCHS_BIOS}, options=fastboot\n\
+         vgaromimage: file={BOCHS_VGA_BIOS}\n\
+         cpu: model={BOCHS_CPU_MODEL}, count=1, ips={BOCHS_IPS}, reset_on_triple_fault=0\n\
+         # Time follows the instruction count: runs are exactly repeatable, and RDTSC counts\n\
+         # instructions.\n\
+         clock: sync=none\n\
+         boot: cdrom\n\
+         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         com1: enabled=1, mode=file, dev={serial}\n\
+         port_e9_hack: enabled=1\n\
+         # Without a dummy sound driver Bochs aborts at start on machines without ALSA devices.\n\
+         sound: driver=dummy\n\
+         speaker: enabled=0\n\
+         mouse: enabled=0\n\
+         # Debian's Bochs has no `nogui`; rfb with timeout=0 runs headless without waiting for a\n\
+         # viewer (a second instance takes the next free port).\n\
+         display_library: rfb, options=\"timeout=0\"\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         log: {log}\n"
+    ))
+}
+
+/// QEMU's arguments: KVM with the host CPU plus VMX, or TCG's qemu64 (no VMX).
+pub fn qemu_args(engine: Engine, iso: &Path, serial: &Path) -> Vec<String> {
+    let (accel, cpu) = match engine {
+        Engine::QemuKvm => ("kvm", "host,+vmx"),
+        Engine::QemuTcg | Engine::Bochs => ("tcg", "qemu64"),
+    };
+    [
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        &format!("{MEMORY_MIB}M"),
+        "-cdrom",
+        &qemu_escape(iso),
+        "-serial",
+        &format!("file:{}", qemu_escape(serial)),
+        "-display",
+        "none",
+        // No NIC: nothing boots from the network, and no option ROM is needed.
+        "-nic",
+        "none",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const INTEL_VMX: &str = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vme de \
+                             pse tsc msr vmx smx est tm2\nbugs\t\t: spectre_v1\n\nprocessor\t: 1\n\
+                             flags\t\t: fpu vme vmx\n";
+    // A cloud guest like ours: `hypervisor` flag, no vmx (and `vmx` only inside other words).
+    const NO_VMX: &str = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr hypervisor \
+                          vmx_ept_ad avx512vl\nvmx flags\t: vnmi preemption_timer\n";
+
+    fn facts(vmx: bool, kvm: bool, qemu: bool, bochs: bool) -> HostFacts {
+        HostFacts {
+            cpu_has_vmx: vmx,
+            kvm: if kvm {
+                Ok(())
+            } else {
+                Err("Permission denied".into())
+            },
+            qemu,
+            bochs,
+            forced: None,
+        }
+    }
+
     #[test]
     fn vmx_flag_detection() {
-        assert!(cpuinfo_has_vmx(
-            "processor : 0\nflags\t\t: fpu vme vmx sse\n"
-        ));
-        assert!(!cpuinfo_has_vmx(
-            "flags\t\t: fpu svm sse\nvmx_flags : foo\n"
-        ));
-        assert!(!cpuinfo_has_vmx("flags : fpu vmxx\n"));
+        assert!(cpuinfo_has_vmx(INTEL_VMX));
+        // `vmx flags` is a different line, and `vmx_ept_ad` is not `vmx`.
+        assert!(!cpuinfo_has_vmx(NO_VMX));
+        assert!(!cpuinfo_has_vmx(""));
+    }
+
+    #[test]
+    fn kvm_when_everything_works() {
+        let choice = choose_vmx_engine(&facts(true, true, true, true), || Ok(()));
+        assert_eq!(choice.engine, Some(Engine::QemuKvm));
+    }
+
+    #[test]
+    fn bochs_without_vmx_and_no_probe() {
+        let choice = choose_vmx_engine(&facts(false, true, true, true), || {
+            panic!("the probe must not run without vmx")
+        });
+        assert_eq!(choice.engine, Some(Engine::Bochs));
+        assert!(choice.reason.contains("no vmx flag"), "{}", choice.reason);
+    }
+
+    #[test]
+    fn bochs_when_kvm_does_not_open() {
+        let choice = choose_vmx_engine(&facts(true, false, true, true), || panic!("no probe"));
+        assert_eq!(choice.engine, Some(Engine::Bochs));
+        assert!(choice.reason.contains("/dev/kvm"), "{}", choice.reason);
+    }
+
+    #[test]
+    fn bochs_when_the_probe_fails() {
+        // A paravirtual /dev/kvm (kvm_pvm) opens fine but cannot run the probe.
+        let choice = choose_vmx_engine(&facts(true, true, true, true), || {
+            Err("timed out".to_owned())
+        });
+        assert_eq!(choice.engine, Some(Engine::Bochs));
+        assert!(
+            choice.reason.contains("probe failed: timed out"),
+            "{}",
+            choice.reason
+        );
+    }
+
+    #[test]
+    fn none_without_bochs() {
+        let choice = choose_vmx_engine(&facts(false, false, true, false), || Ok(()));
+        assert_eq!(choice.engine, None);
+        assert!(
+            choice.reason.contains("Bochs is not installed"),
+            "{}",
+            choice.reason
+        );
+    }
+
+    #[test]
+    fn forced_engines() {
+        let mut f = facts(true, true, true, true);
+        f.forced = Some("bochs".into());
+        assert_eq!(
+            choose_vmx_engine(&f, || panic!("no probe")).engine,
+            Some(Engine::Bochs)
+        );
+        f.forced = Some("qemu-kvm".into());
+        assert_eq!(
+            choose_vmx_engine(&f, || Ok(())).engine,
+            Some(Engine::QemuKvm)
+        );
+        // Forcing KVM on a host without it is an error, not a silent fallback.
+        let choice = choose_vmx_engine(&f, || Err("no".into()));
+        assert_eq!(choice.engine, None);
+        f.forced = Some("vmware".into());
+        assert_eq!(choose_vmx_engine(&f, || Ok(())).engine, None);
+    }
+
+    #[test]
+    fn probe_sector_is_bootable() {
+        let sector = probe_boot_sector();
+        assert_eq!(&sector[510..], &[0x55, 0xAA]);
+        // The exit values 1 and 2 become QEMU exit statuses 3 and 5 ((v << 1) | 1).
+        assert!(sector.windows(2).any(|w| w == [0xB0, 0x01]));
+        assert!(sector.windows(2).any(|w| w == [0xE6, 0xF4]));
+    }
+
+    #[test]
+    fn bochsrc_has_the_measured_settings() {
+        let rc = bochsrc(
+            Path::new("/r/a.iso"),
+            Path::new("/r/serial.log"),
+            Path::new("/r/bochs.log"),
+        )
+        .unwrap();
+        for line in [
+            "memory: guest=256, host=256",
+            "cpu: model=corei7_skylake_x, count=1, ips=4000000, reset_on_triple_fault=0",
+            "clock: sync=none",
+            "boot: cdrom",
+            "ata0-master: type=cdrom, path=\"/r/a.iso\", status=inserted",
+            "com1: enabled=1, mode=file, dev=\"/r/serial.log\"",
+            "display_library: rfb, options=\"timeout=0\"",
+            "panic: action=fatal",
+            "error: action=report",
+            "log: \"/r/bochs.log\"",
+        ] {
+            assert!(rc.lines().any(|l| l == line), "missing `{line}` in:\n{rc}");
+        }
+        assert!(bochsrc(Path::new("/a\"b.iso"), Path::new("/s"), Path::new("/l")).is_err());
+    }
+
+    #[test]
+    fn qemu_command_lines() {
+        let kvm = qemu_args(
+            Engine::QemuKvm,
+            Path::new("/r/x.iso"),
+            Path::new("/r/s,1.log"),
+        );
+        let text = kvm.join(" ");
+        assert!(
+            text.starts_with("-accel kvm -cpu host,+vmx -m 256M -cdrom /r/x.iso"),
+            "{text}"
+        );
+        assert!(text.contains("-serial file:/r/s,,1.log"), "{text}");
+        assert!(
+            text.contains("-device isa-debug-exit,iobase=0xf4,iosize=0x04"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-display none") && text.contains("-no-reboot"),
+            "{text}"
+        );
+        let tcg = qemu_args(Engine::QemuTcg, Path::new("/x.iso"), Path::new("/s"));
+        assert!(tcg.join(" ").starts_with("-accel tcg -cpu qemu64 "));
     }
 }

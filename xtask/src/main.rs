@@ -1,199 +1,98 @@
-//! `cargo xtask <command>`: everything around the hypervisor that runs on the host.
+//! `cargo xtask <command>`: everything around the hypervisor that runs on the host: building,
+//! imaging, booting in an emulator, the integration tests and the benchmarks.
 //!
-//! - `deps`: checks (and as root installs) the Debian packages the other commands need.
-//! - `build`: the kernel and the test guests for `x86_64-unknown-none`.
-//! - `iso --manifest FILE --images a,b [-o OUT]`: a bootable GRUB ISO.
-//! - `run [--manifest FILE]`: builds the demo ISO and boots it on the best engine, streaming the
-//!   serial console.
-//! - `qemu-test [SCENARIO...]`: the integration scenarios of tests/scenarios.
-//! - `test`: formatting, clippy, host unit tests and `qemu-test`; ends with `N passed, N failed`.
-//! - `manifest check FILE`: validates a boot manifest with the hypervisor's own parser.
+//! Commands (`cargo xtask help` prints them):
+//! - `deps`: the Debian packages the emulator commands need (installed when root) and the
+//!   `x86_64-unknown-none` Rust target.
+//! - `build`: the kernel and the test guests (release, `x86_64-unknown-none`).
+//! - `iso`: a bootable GRUB ISO (BIOS+UEFI) with a manifest and guest images.
+//! - `run`: boots the demo (or a manifest) on the best VT-x engine and streams the serial log.
+//! - `qemu-test`: the integration scenarios of tests/scenarios, judged by their serial logs.
+//! - `test`: fmt, clippy, host unit tests, build and `qemu-test`; ends with `N passed, N failed`.
+//! - `bench exits`: VM exit round-trip cost under Bochs.
+//! - `manifest check`: validates a boot manifest with the hypervisor's own parser.
 
+mod bench;
+mod build;
+mod cli;
+mod deps;
 mod engine;
-mod image;
+mod error;
+mod iso;
 mod manifest_cmd;
+mod process;
+mod qemu_test;
+mod run_cmd;
 mod scenario;
+mod test_cmd;
+mod workspace;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
+
+use error::{Error, Result};
+use workspace::Workspace;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+  deps                        check the system packages (bochs, grub, xorriso, mtools, qemu) and
+                              the x86_64-unknown-none target; as root, install what is missing
+  build                       build the hypervisor and the test guests (release)
+  iso --manifest FILE --images a,b,... [--cmdline \"WORDS\"] -o OUT.iso
+                              make a bootable ISO (GRUB, BIOS+UEFI)
+  run [--manifest FILE] [--timeout-s N]
+                              boot the demo (examples/demo.toml) or FILE and stream the serial log
+  qemu-test [SCENARIO...] [--jobs N]
+                              run the integration scenarios (tests/scenarios)
+  test                        fmt + clippy + unit tests + build + qemu-test;
+                              ends with `N passed, N failed`
+  bench exits [--n N]         VM exit round-trip cost under Bochs (runs N and 4N)
+  manifest check FILE [--images DIR] [--memory-mib N]
+                              validate a boot manifest
+
+environment: XTASK_ENGINE=bochs|qemu-kvm|auto forces or detects the VT-x engine";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = match strs.as_slice() {
-        ["deps"] => engine::ensure_packages(),
-        ["build"] => build(),
-        ["iso", rest @ ..] => image::iso_command(rest),
-        ["run", rest @ ..] => run(rest),
-        ["qemu-test", rest @ ..] => scenario::qemu_test(rest).map(|_| ()),
-        ["test"] => test(),
-        ["manifest", "check", ..] => manifest_cmd::check(&args[2..]),
-        _ => Err(String::from(USAGE)),
-    };
-    match result {
+    let ws = Workspace::locate();
+    match dispatch(&ws, &args) {
         Ok(()) => ExitCode::SUCCESS,
+        // The command printed its verdict already; its last line must stay the last one.
+        Err(Error::AlreadyReported) => ExitCode::FAILURE,
+        Err(Error::Usage(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(2)
+        }
         Err(e) => {
-            // `test` has already printed its closing line, which must stay the last one.
-            if !e.is_empty() {
-                eprintln!("xtask: {e}");
-            }
+            eprintln!("xtask: error: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <command>
-  deps                          check/install the system packages (bochs, grub, xorriso, qemu...)
-  build                         build the hypervisor and the test guests
-  iso --manifest F --images a,b [--cmdline S] [-o OUT.iso]
-  run [--manifest F]            boot the demo (examples/demo.toml) and stream its console
-  qemu-test [SCENARIO...]       run the integration scenarios (tests/scenarios)
-  test                          fmt + clippy + unit tests + qemu-test, ends with 'N passed, N failed'
-  manifest check F [--images DIR] [--memory-mib N]";
-
-/// The repository root (xtask lives one level below it).
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent")
-        .to_path_buf()
-}
-
-/// Where the bare-metal binaries land (honouring CARGO_TARGET_DIR, relative to the root).
-pub fn bin_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), |d| root().join(d));
-    target.join("x86_64-unknown-none/release")
-}
-
-/// Runs a command in the repository root; Err names it when it fails.
-pub fn run_cmd(cmd: &mut Command) -> Result<(), String> {
-    let status = cmd
-        .current_dir(root())
-        .status()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{cmd:?} failed ({status})"))
+fn dispatch(ws: &Workspace, args: &[String]) -> Result<()> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["deps", ..] => deps::run(&args[1..]),
+        ["build", ..] => build::run(ws, &args[1..]),
+        ["iso", ..] => iso::run(ws, &args[1..]),
+        ["run", ..] => run_cmd::run(ws, &args[1..]),
+        ["qemu-test", ..] => with_interrupts(|| qemu_test::run(ws, &args[1..])),
+        ["test", ..] => with_interrupts(|| test_cmd::run(ws, &args[1..])),
+        ["bench", "exits", ..] => with_interrupts(|| bench::exits(ws, &args[2..])),
+        ["manifest", "check", ..] => manifest_cmd::check(&args[2..]).map_err(Error::Failed),
+        [] | ["help" | "-h" | "--help", ..] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        [other, ..] => Err(Error::Usage(format!(
+            "unknown command `{other}`\n\n{USAGE}"
+        ))),
     }
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| String::from("cargo")))
-}
-
-/// Builds the kernel and the test guests (release: Bochs runs them).
-pub fn build() -> Result<(), String> {
-    run_cmd(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "hypervisor",
-        "-p",
-        "test-guests",
-        "--target",
-        "x86_64-unknown-none",
-    ]))
-}
-
-fn run(args: &[&str]) -> Result<(), String> {
-    let manifest = match args {
-        [] => root().join("examples/demo.toml"),
-        ["--manifest", f] => PathBuf::from(f),
-        _ => return Err(String::from("usage: cargo xtask run [--manifest FILE]")),
-    };
-    engine::ensure_packages()?;
-    build()?;
-    let text =
-        std::fs::read_to_string(&manifest).map_err(|e| format!("{}: {e}", manifest.display()))?;
-    let parsed = hv_manifest::parse(&text, &hv_manifest::HostLimits::default())
-        .map_err(|e| format!("{}: {e}", manifest.display()))?;
-    let mut images: Vec<String> = parsed.vms.iter().map(|v| v.image.clone()).collect();
-    images.sort();
-    images.dedup();
-    let dir = root().join("target/run");
-    let iso = image::make_iso(&dir, &manifest, &images, "")?;
-    let engine = engine::pick_vmx_engine();
-    println!("xtask: booting {} on {}", iso.display(), engine.describe());
-    let serial = dir.join("serial.log");
-    engine::boot(engine, &iso, &serial, &dir, None, true)?;
-    Ok(())
-}
-
-fn test() -> Result<(), String> {
-    let mut passed = 0;
-    let mut failed = 0;
-    let mut step = |name: &str, result: Result<(), String>| match result {
-        Ok(()) => {
-            println!("PASS {name}");
-            passed += 1;
-        }
-        Err(e) => {
-            println!("FAIL {name}: {e}");
-            failed += 1;
-        }
-    };
-    step(
-        "cargo fmt --check",
-        run_cmd(cargo().args(["fmt", "--all", "--", "--check"])),
-    );
-    step(
-        "clippy (host crates)",
-        run_cmd(cargo().args([
-            "clippy",
-            "--workspace",
-            "--exclude",
-            "hypervisor",
-            "--exclude",
-            "test-guests",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])),
-    );
-    step(
-        "clippy (bare-metal crates)",
-        run_cmd(cargo().args([
-            "clippy",
-            "--release",
-            "-p",
-            "hypervisor",
-            "-p",
-            "test-guests",
-            "--target",
-            "x86_64-unknown-none",
-            "--",
-            "-D",
-            "warnings",
-        ])),
-    );
-    step(
-        "host unit tests",
-        run_cmd(cargo().args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "hypervisor",
-            "--exclude",
-            "test-guests",
-        ])),
-    );
-    match scenario::qemu_test(&[]) {
-        Ok((p, f)) => {
-            passed += p;
-            failed += f;
-        }
-        Err(e) => {
-            println!("FAIL qemu-test: {e}");
-            failed += 1;
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed == 0 {
-        Ok(())
-    } else {
-        Err(String::new())
-    }
+/// Runs `command` with Ctrl-C taking the emulators down with xtask.
+fn with_interrupts(command: impl FnOnce() -> Result<()>) -> Result<()> {
+    process::install_interrupt_handler();
+    command()
 }
