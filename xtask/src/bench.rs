@@ -97,9 +97,6 @@ pub fn exits(ws: &Workspace, args: &[String]) -> Result<()> {
         secs(extra_wall),
         exits_per_s
     );
-    if small.report(KINDS[0].1)? != large.report(KINDS[0].1)? {
-        println!("  note: the per-iteration ticks differ between the runs (not deterministic?)");
-    }
     println!();
     println!("Row for docs/benchmarks.md:");
     println!(

@@ -270,10 +270,12 @@ fn run_one(ws: &Workspace, engines: &Engines, dir: &ScenarioDir) -> Report {
             spec.emulator_output().display()
         ));
         let tail = scenario::tail(&log, TAIL_LINES);
-        text.push_str(&format!(
-            "    --- last {} lines of the serial log ---\n",
-            tail.len()
-        ));
+        if !tail.is_empty() {
+            text.push_str(&format!(
+                "    --- last {} lines of the serial log ---\n",
+                tail.len()
+            ));
+        }
         for line in tail {
             text.push_str(&format!("    | {line}\n"));
         }
