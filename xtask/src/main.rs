@@ -15,11 +15,14 @@
 mod bench;
 mod build;
 mod cli;
+mod corpus;
 mod deps;
 mod engine;
 mod error;
 mod iso;
+mod ksm;
 mod manifest_cmd;
+mod mem_bench;
 mod process;
 mod qemu_test;
 mod run_cmd;
@@ -80,6 +83,8 @@ fn dispatch(ws: &Workspace, args: &[String]) -> Result<()> {
         ["qemu-test", ..] => with_interrupts(|| qemu_test::run(ws, &args[1..])),
         ["test", ..] => with_interrupts(|| test_cmd::run(ws, &args[1..])),
         ["bench", "exits", ..] => with_interrupts(|| bench::exits(ws, &args[2..])),
+        ["bench", "mem", ..] => mem_bench::run(&args[2..]).map_err(Error::Failed),
+        ["corpus", ..] => corpus::run(&args[1..]).map_err(Error::Failed),
         ["manifest", "check", ..] => manifest_cmd::check(&args[2..]).map_err(Error::Failed),
         [] | ["help" | "-h" | "--help", ..] => {
             println!("{USAGE}");
