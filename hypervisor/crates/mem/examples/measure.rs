@@ -6,7 +6,8 @@
 //!   --domains N           spread the VMs over N sharing domains (default 1)
 //!   --patch-cutoff B      Config::patch_cutoff
 //!   --compress-cutoff B   Config::compress_cutoff
-//!   --no-patching / --no-compression
+//!   --sim-blocks N / --sim-entries N / --candidates N / --cold N   similarity and cold knobs
+//!   --no-patching / --no-compression / --no-codec-profile
 //!   --synthetic VMS:MIB   instead of images, VMs of generated pages (no real-guest claim)
 //! ```
 //!
@@ -20,6 +21,7 @@ struct Args {
     domains: u32,
     config: Config,
     synthetic: Option<(u32, usize)>,
+    codec_profile: bool,
 }
 
 fn parse() -> Args {
@@ -28,6 +30,7 @@ fn parse() -> Args {
         domains: 1,
         config: Config::default(),
         synthetic: None,
+        codec_profile: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -40,6 +43,11 @@ fn parse() -> Args {
             "--domains" => a.domains = num("--domains") as u32,
             "--patch-cutoff" => a.config.patch_cutoff = num("--patch-cutoff"),
             "--compress-cutoff" => a.config.compress_cutoff = num("--compress-cutoff"),
+            "--sim-blocks" => a.config.similarity_blocks = num("--sim-blocks") as u8,
+            "--sim-entries" => a.config.similarity_entries_per_page = num("--sim-entries") as u8,
+            "--candidates" => a.config.similarity_candidates = num("--candidates") as u8,
+            "--cold" => a.config.cold_rounds = num("--cold") as u8,
+            "--no-codec-profile" => a.codec_profile = false,
             "--no-patching" => a.config.patching = false,
             "--no-compression" => a.config.compression = false,
             "--synthetic" => {
@@ -121,9 +129,43 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// LZ4 size histogram and codec speed over the non-zero pages of one image.
+fn codec_profile(image: &[u8]) {
+    use hv_mem::compress::{compress, decompress, MAX_COMPRESSED};
+    let mut buf = vec![0u8; MAX_COMPRESSED];
+    let mut out: Page = [0; PAGE_SIZE];
+    let mut hist = [0u64; 9];
+    let (mut tc, mut td, mut n, mut bytes) = (0f64, 0f64, 0u64, 0u64);
+    for page in image.chunks_exact(PAGE_SIZE) {
+        let page: &Page = page.try_into().unwrap();
+        if hv_mem::page::is_zero(page) {
+            continue;
+        }
+        let t = Instant::now();
+        let c = compress(page, &mut buf, MAX_COMPRESSED).unwrap();
+        tc += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        decompress(&buf[..c], &mut out).unwrap();
+        td += t.elapsed().as_secs_f64();
+        hist[(c / 512).min(8)] += 1;
+        n += 1;
+        bytes += c as u64;
+    }
+    println!(
+        "lz4 over {n} non-zero pages: avg {} B, compress {:.2} us/page, decompress {:.2} us/page",
+        bytes / n.max(1),
+        tc * 1e6 / n as f64,
+        td * 1e6 / n as f64
+    );
+    println!("lz4 size histogram (512 B buckets, last = 4096+): {hist:?}");
+}
+
 fn main() {
     let args = parse();
     let images = load(&args);
+    if args.codec_profile {
+        codec_profile(&images[0]);
+    }
     let total_bytes: u64 = images.iter().map(|i| i.len() as u64).sum();
     println!(
         "{} VMs, {:.0} MiB of guest RAM, {} domain(s)",
@@ -139,7 +181,9 @@ fn main() {
         ..Config::default()
     };
     let (mut ksm, mut ksm_mem) = setup(&images, ksm_config, args.domains);
-    let rounds = ksm.run_until_converged(&mut ksm_mem, 50).expect("KSM-like converges");
+    let rounds = ksm
+        .run_until_converged(&mut ksm_mem, 50)
+        .expect("KSM-like converges");
     let k = ksm.stats();
     println!(
         "sharing only (KSM-like): {rounds} rounds, frames {} ({:.1} MiB), footprint {:.1} MiB",

@@ -34,12 +34,18 @@ pub struct Config {
     /// Default 2.
     pub similarity_candidates: u8,
     /// Similarity index entries per guest page of a domain (the index is a bounded, lossy
-    /// cache of that size). Default 4.
+    /// cache of that size, 8 bytes an entry). Default 2: on real Linux guests 4 entries found
+    /// 0.3% more patches for 2 MiB more index per 512 MiB of guests, 1 entry 3% fewer.
     pub similarity_entries_per_page: u8,
     /// A patch is kept only if it is at most this many bytes (and smaller than the page's
-    /// compressed size). Difference Engine used half a page. Default 2048.
+    /// compressed size). Difference Engine used half a page. Default 1024: on real Linux guests
+    /// the average kept patch is ~60 bytes and the patch-must-beat-LZ4 rule decides almost
+    /// every case, so 512, 1024 and 2048 gave footprints within 0.2% (1024 the smallest).
     pub patch_cutoff: usize,
-    /// A compressed page is kept only if it is at most this many bytes. Default 3072.
+    /// A compressed page is kept only if it is at most this many bytes. Default 3584 (7/8 of a
+    /// page): on real Linux guests ~9% of non-zero pages compress to 3072..3584 bytes, and
+    /// keeping them cut the total footprint by 3.3% against a 3072 cutoff; 4096 gains only 0.2%
+    /// more for pages that barely compress.
     pub compress_cutoff: usize,
 }
 
@@ -56,9 +62,9 @@ impl Default for Config {
             similarity_blocks: 4,
             similarity_seed: 0x5eed_d1ff_e4e0_91e5,
             similarity_candidates: 2,
-            similarity_entries_per_page: 4,
-            patch_cutoff: 2048,
-            compress_cutoff: 3072,
+            similarity_entries_per_page: 2,
+            patch_cutoff: 1024,
+            compress_cutoff: 3584,
         }
     }
 }

@@ -39,8 +39,9 @@ const F_NO_GAIN: u8 = 4;
 /// The page is the entry for its hash in its domain's unstable index.
 const F_INDEXED: u8 = 8;
 
-/// Similarity index values with this bit refer to an object, without it to a page.
-const OBJ_BIT: u64 = 1 << 63;
+/// Similarity index values with this bit refer to an object, without it to a page (by its
+/// global page number).
+const OBJ_BIT: u32 = 1 << 31;
 /// Bytes of the reference id in front of a stored patch.
 const PATCH_HEADER: usize = 4;
 
@@ -94,27 +95,70 @@ enum Store {
     Blob(BlobRef),
 }
 
+const STORE_FREE: u64 = u64::MAX;
+const STORE_BLOB: u64 = 1 << 63;
+
+impl Store {
+    /// Packs into 8 bytes: frame numbers are below 2^63 (they are addresses >> 12).
+    fn pack(self) -> u64 {
+        match self {
+            Store::Free => STORE_FREE,
+            Store::Frame(f) => {
+                debug_assert!(f.0 < STORE_BLOB);
+                f.0
+            }
+            Store::Blob(b) => STORE_BLOB | b.raw() as u64,
+        }
+    }
+
+    fn unpack(raw: u64) -> Store {
+        if raw == STORE_FREE {
+            Store::Free
+        } else if raw & STORE_BLOB != 0 {
+            Store::Blob(BlobRef::from_raw(raw as u32))
+        } else {
+            Store::Frame(Frame(raw))
+        }
+    }
+}
+
 /// A refcounted, immutable piece of page content shared by pages and patches of one domain.
 #[derive(Clone, Copy, Debug)]
 struct Object {
     hash: u64,
-    store: Store,
+    /// A packed [`Store`].
+    store: u64,
     /// Pages in state Mapped or Unmapped that reference it.
     page_refs: u32,
     /// Of those, pages in state Mapped.
     mapped: u32,
     /// Patches that use it as their reference (they pin it resident).
     patch_refs: u32,
-    domain: u32,
+    domain: u16,
     /// Compression was tried and did not meet the cutoff.
     incompressible: bool,
     /// Compression was tried and met the cutoff (so cold mappers may be unmapped).
     compressible: bool,
 }
 
+const _: () = assert!(core::mem::size_of::<Object>() == 32);
+
+impl Object {
+    fn store(&self) -> Store {
+        Store::unpack(self.store)
+    }
+
+    fn set_store(&mut self, store: Store) {
+        self.store = store.pack();
+    }
+}
+
 struct VmSlot {
     id: VmId,
     domain: usize,
+    /// Global page number of gfn 0 (global numbers are never reused, so a stale similarity
+    /// entry can never name a page of a later VM).
+    base: u64,
     pages: Vec<PageMeta>,
 }
 
@@ -167,16 +211,10 @@ enum Outcome {
 /// A reference for a patch.
 #[derive(Clone, Copy, Debug)]
 enum Reference {
-    Object { id: u32, frame: Frame },
+    /// An object: resident in `frame`, or compressed (`None`).
+    Object { id: u32, frame: Option<Frame> },
+    /// A stable private page, which becomes an object if chosen.
     Page { at: Loc, frame: Frame },
-}
-
-impl Reference {
-    fn frame(self) -> Frame {
-        match self {
-            Reference::Object { frame, .. } | Reference::Page { frame, .. } => frame,
-        }
-    }
 }
 
 /// Result of a [`Engine::scan`] call.
@@ -220,10 +258,16 @@ pub struct Engine {
     positions: [u8; MAX_SIMILARITY_BLOCKS],
     zero_hash: u64,
     vms: Vec<Option<VmSlot>>,
+    /// `vms[i].base`, kept also for removed slots, for global page number lookups.
+    slot_bases: Vec<u64>,
+    next_base: u64,
     vm_slots: BTreeMap<VmId, usize>,
     domains: Vec<DomainIndex>,
     objects: Vec<Object>,
     free_objects: Vec<u32>,
+    /// Resident objects that lost their last page but are still patch references: compressed
+    /// at the next scan call rather than in the fault path that orphaned them.
+    orphans: Vec<u32>,
     blobs: BlobArena,
     total_pages: u64,
     cursor: (usize, usize),
@@ -241,6 +285,7 @@ pub struct Engine {
     scratch_lz: Box<[u8]>,
     scratch_patch: Box<Page>,
     scratch_best: Box<Page>,
+    scratch_ref: Box<Page>,
 }
 
 fn boxed_page() -> Box<Page> {
@@ -262,10 +307,13 @@ impl Engine {
             positions,
             zero_hash: zero_page_hash(),
             vms: Vec::new(),
+            slot_bases: Vec::new(),
+            next_base: 0,
             vm_slots: BTreeMap::new(),
             domains: Vec::new(),
             objects: Vec::new(),
             free_objects: Vec::new(),
+            orphans: Vec::new(),
             blobs: BlobArena::new(),
             total_pages: 0,
             cursor: (0, 0),
@@ -282,6 +330,7 @@ impl Engine {
             scratch_lz: vec![0u8; MAX_COMPRESSED].into_boxed_slice(),
             scratch_patch: boxed_page(),
             scratch_best: boxed_page(),
+            scratch_ref: boxed_page(),
         })
     }
 
@@ -298,6 +347,9 @@ impl Engine {
         }
         if pages > u32::MAX as u64 || self.vms.len() >= (1 << 31) {
             return Err(Error::TooManyPages(vm));
+        }
+        if self.domains.len() >= u16::MAX as usize && !self.domains.iter().any(|d| d.id == domain) {
+            return Err(Error::InvalidConfig("more than 65535 sharing domains"));
         }
         let d = match self.domains.iter().position(|d| d.id == domain) {
             Some(d) => d,
@@ -325,8 +377,11 @@ impl Engine {
         self.vms.push(Some(VmSlot {
             id: vm,
             domain: d,
+            base: self.next_base,
             pages: vec![PageMeta::PRIVATE; pages as usize],
         }));
+        self.slot_bases.push(self.next_base);
+        self.next_base += pages;
         self.vm_slots.insert(vm, slot);
         self.total_pages += pages;
         self.pages_private += pages;
@@ -371,10 +426,12 @@ impl Engine {
                     let o = &mut self.objects[meta.payload as usize];
                     o.page_refs -= 1;
                     o.mapped -= 1;
+                    self.note_orphan(meta.payload);
                     self.release_if_unused(mem, meta.payload);
                 }
                 Kind::Unmapped => {
                     self.objects[meta.payload as usize].page_refs -= 1;
+                    self.note_orphan(meta.payload);
                     self.release_if_unused(mem, meta.payload);
                 }
                 Kind::Patched => {
@@ -417,6 +474,29 @@ impl Engine {
             Some(Some(s)) => &mut s.pages[at.gfn],
             _ => unreachable!("slot {} is live", at.slot),
         }
+    }
+
+    /// The global page number of a page, if it fits a similarity index entry.
+    fn global(&self, at: Loc) -> Option<u32> {
+        let g = self.slot(at.slot).base + at.gfn as u64;
+        (g < OBJ_BIT as u64).then_some(g as u32)
+    }
+
+    /// The live page a global page number names, if any.
+    fn by_global(&self, g: u32) -> Option<Loc> {
+        let g = g as u64;
+        let slot = self
+            .slot_bases
+            .partition_point(|&b| b <= g)
+            .checked_sub(1)?;
+        let vm = self.vms.get(slot)?.as_ref()?;
+        let gfn = (g - vm.base) as usize;
+        (gfn < vm.pages.len()).then_some(Loc {
+            slot,
+            gfn,
+            vm: vm.id,
+            domain: vm.domain,
+        })
     }
 
     fn locate(&self, vm: VmId, gfn: Gfn) -> Result<Loc, Error> {
@@ -501,13 +581,44 @@ impl Engine {
         }
     }
 
+    /// Remembers a resident object that only patches use any more, to compress it later.
+    fn note_orphan(&mut self, id: u32) {
+        let o = &self.objects[id as usize];
+        if o.page_refs == 0 && o.patch_refs > 0 && matches!(o.store(), Store::Frame(_)) {
+            self.orphans.push(id);
+        }
+    }
+
+    /// Compresses the orphaned references noted since the last scan. Returns how many changed.
+    fn compress_orphans<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M) -> u64 {
+        let mut changed = 0;
+        while let Some(id) = self.orphans.pop() {
+            let o = self.objects[id as usize];
+            let Store::Frame(f) = o.store() else { continue };
+            if o.page_refs != 0 || o.patch_refs == 0 || o.incompressible || !self.config.compression
+            {
+                continue;
+            }
+            match self.compress_to_blob(mem, f) {
+                Some(blob) => {
+                    mem.free_frame(f);
+                    self.objects[id as usize].set_store(Store::Blob(blob));
+                    self.counters.shared_compressed += 1;
+                    changed += 1;
+                }
+                None => self.objects[id as usize].incompressible = true,
+            }
+        }
+        changed
+    }
+
     /// Frees an object nobody references any more.
     fn release_if_unused<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, id: u32) {
         let o = self.objects[id as usize];
         if o.page_refs != 0 || o.patch_refs != 0 {
             return;
         }
-        match o.store {
+        match o.store() {
             Store::Frame(f) => mem.free_frame(f),
             Store::Blob(b) => self.blobs.free(b),
             Store::Free => return,
@@ -515,7 +626,7 @@ impl Engine {
         self.domains[o.domain as usize]
             .shared
             .remove_if(o.hash, id as u64);
-        self.objects[id as usize].store = Store::Free;
+        self.objects[id as usize].set_store(Store::Free);
         self.free_objects.push(id);
     }
 
@@ -530,6 +641,14 @@ impl Engine {
                 mem.free_frame(z);
             }
         }
+    }
+
+    /// The patch proper of a stored patch (after its reference id).
+    fn patch_bytes(&self, blob: BlobRef) -> &[u8] {
+        self.blobs
+            .get(blob)
+            .and_then(|d| d.get(PATCH_HEADER..))
+            .unwrap_or(&[])
     }
 
     fn patch_base(&self, blob: BlobRef) -> Option<u32> {
@@ -594,6 +713,10 @@ impl Engine {
 
     fn finish_round(&mut self) {
         self.counters.rounds += 1;
+        for d in &mut self.domains {
+            d.unstable.compact();
+            d.shared.compact();
+        }
         self.last_round_converged =
             self.round_clean && self.round_changes == 0 && self.round_pending == 0;
         self.round_changes = 0;
@@ -635,6 +758,9 @@ impl Engine {
         if self.total_pages == 0 {
             return rep;
         }
+        let orphans = self.compress_orphans(mem);
+        rep.changes += orphans;
+        self.round_changes += orphans;
         // The cursor may point past a VM removed since the last call.
         if self.settle_cursor() {
             self.finish_round();
@@ -760,7 +886,9 @@ impl Engine {
             }
         }
         if self.config.patching {
-            self.index_similar(mem, at.domain, frame, at.packed());
+            if let Some(g) = self.global(at) {
+                self.index_similar(mem, at.domain, frame, g);
+            }
         }
         if cold || self.meta(at).flags & F_NO_GAIN != 0 {
             Outcome::Final
@@ -774,7 +902,6 @@ impl Engine {
         let age = self.age(at, accessed);
         let o = self.objects[id as usize];
         if !self.config.compression
-            || o.patch_refs > 0
             || o.incompressible
             || (o.page_refs > 1 && !self.config.compress_shared)
         {
@@ -783,7 +910,7 @@ impl Engine {
         if age < self.config.cold_rounds {
             return Outcome::Pending;
         }
-        let Store::Frame(f) = o.store else {
+        let Store::Frame(f) = o.store() else {
             return Outcome::Final; // cannot happen: a mapped object is resident
         };
         if o.mapped == 1 {
@@ -796,7 +923,7 @@ impl Engine {
             mem.free_frame(f);
             let o = &mut self.objects[id as usize];
             o.mapped = 0;
-            o.store = Store::Blob(blob);
+            o.set_store(Store::Blob(blob));
             self.set_page(at, Kind::Unmapped, id, false);
             self.counters.shared_compressed += 1;
             self.counters.cold_unmaps += 1;
@@ -822,11 +949,10 @@ impl Engine {
         // A resident object no page maps any more (its last mapper took a copy, or a read
         // fault-in was followed by a CoW) is compressed when one of its unmapped pages is seen.
         let o = self.objects[id as usize];
-        let Store::Frame(f) = o.store else {
+        let Store::Frame(f) = o.store() else {
             return Outcome::Final;
         };
         if o.mapped != 0
-            || o.patch_refs != 0
             || o.incompressible
             || !self.config.compression
             || (o.page_refs > 1 && !self.config.compress_shared)
@@ -836,7 +962,7 @@ impl Engine {
         match self.compress_to_blob(mem, f) {
             Some(blob) => {
                 mem.free_frame(f);
-                self.objects[id as usize].store = Store::Blob(blob);
+                self.objects[id as usize].set_store(Store::Blob(blob));
                 self.counters.shared_compressed += 1;
                 Outcome::Changed
             }
@@ -912,11 +1038,11 @@ impl Engine {
         let Some(&o) = self.objects.get(id as usize) else {
             return false;
         };
-        if o.store == Store::Free || o.domain as usize != at.domain || o.hash != h {
+        if o.store() == Store::Free || o.domain as usize != at.domain || o.hash != h {
             return false;
         }
         Self::protect(mem, at, frame);
-        let equal = match o.store {
+        let equal = match o.store() {
             Store::Frame(f) => mem.frame(frame) == mem.frame(f),
             Store::Blob(b) => match self.blobs.get(b) {
                 Some(data) => {
@@ -933,7 +1059,7 @@ impl Engine {
             return false;
         }
         let cold = self.meta(at).age >= self.config.cold_rounds;
-        let kind = match o.store {
+        let kind = match o.store() {
             Store::Frame(f) => {
                 mem.map(at.vm, at.gfn(), f, false);
                 mem.free_frame(frame);
@@ -950,7 +1076,7 @@ impl Engine {
                 // (it is read-only already) instead of unmapping a page that is in use.
                 self.blobs.free(b);
                 let o = &mut self.objects[id as usize];
-                o.store = Store::Frame(frame);
+                o.set_store(Store::Frame(frame));
                 o.mapped += 1;
                 Kind::Mapped
             }
@@ -1023,11 +1149,11 @@ impl Engine {
         let h = self.content_hash(mem.frame(other_frame));
         let id = self.new_object(Object {
             hash: h,
-            store: Store::Frame(other_frame),
+            store: Store::Frame(other_frame).pack(),
             page_refs: 2,
             mapped: 2,
             patch_refs: 0,
-            domain: at.domain as u32,
+            domain: at.domain as u16,
             incompressible: false,
             compressible: false,
         });
@@ -1039,7 +1165,7 @@ impl Engine {
         self.set_page(other, Kind::Mapped, id, false);
         self.domains[at.domain].shared.insert(h, id as u64);
         if self.config.patching {
-            self.index_similar(mem, at.domain, other_frame, OBJ_BIT | id as u64);
+            self.index_similar(mem, at.domain, other_frame, OBJ_BIT | id);
         }
         self.counters.merges_identical += 1;
         true
@@ -1051,7 +1177,7 @@ impl Engine {
         mem: &M,
         domain: usize,
         frame: Frame,
-        value: u64,
+        value: u32,
     ) {
         let mut keys = [None; MAX_SIMILARITY_BLOCKS];
         let n = self.config.similarity_blocks as usize;
@@ -1109,16 +1235,21 @@ impl Engine {
             if let Ok(blob) = self.blobs.store(&[&self.scratch_lz[..n]]) {
                 let id = self.new_object(Object {
                     hash: h,
-                    store: Store::Blob(blob),
+                    store: Store::Blob(blob).pack(),
                     page_refs: 1,
                     mapped: 0,
                     patch_refs: 0,
-                    domain: at.domain as u32,
+                    domain: at.domain as u16,
                     incompressible: false,
                     compressible: true,
                 });
                 if self.config.share_identical {
                     self.domains[at.domain].shared.insert(h, id as u64);
+                }
+                if self.config.patching {
+                    // Compressed objects are patch references too: a similar page seen later
+                    // patches against this one instead of being compressed on its own.
+                    self.index_similar(mem, at.domain, frame, OBJ_BIT | id);
                 }
                 mem.unmap(at.vm, at.gfn());
                 mem.free_frame(frame);
@@ -1132,49 +1263,44 @@ impl Engine {
         Outcome::Final
     }
 
-    /// Resolves a similarity index entry to a usable reference: a resident object of the
-    /// domain, or another stable private page of the domain (not yet protected).
+    /// Resolves a similarity index entry to a usable reference: an object of the domain
+    /// (resident or compressed), or another stable private page of the domain (not yet
+    /// protected).
     fn resolve_reference<M: MemoryBackend + ?Sized>(
         &self,
         mem: &M,
-        value: u64,
+        value: u32,
         at: Loc,
     ) -> Option<Reference> {
         if value & OBJ_BIT != 0 {
-            let id = (value & !OBJ_BIT) as u32;
+            let id = value & !OBJ_BIT;
             let o = self.objects.get(id as usize)?;
             if o.domain as usize != at.domain {
                 return None;
             }
-            return match o.store {
-                Store::Frame(frame) => Some(Reference::Object { id, frame }),
-                _ => None,
+            return match o.store() {
+                Store::Frame(frame) => Some(Reference::Object {
+                    id,
+                    frame: Some(frame),
+                }),
+                Store::Blob(_) => Some(Reference::Object { id, frame: None }),
+                Store::Free => None,
             };
         }
-        if value == at.packed() {
+        let r = self.by_global(value)?;
+        if r.domain != at.domain || (r.slot, r.gfn) == (at.slot, at.gfn) {
             return None;
         }
-        let slot = (value >> 32) as usize;
-        let gfn = (value & 0xffff_ffff) as usize;
-        let vm = self.vms.get(slot)?.as_ref()?;
-        if vm.domain != at.domain {
-            return None;
-        }
-        let m = vm.pages.get(gfn)?;
+        let m = self.meta(r);
         if m.kind != Kind::Private || m.flags & F_STABLE == 0 {
             return None;
         }
-        let mapping = mem.mapping(vm.id, Gfn(gfn as u64))?;
+        let mapping = mem.mapping(r.vm, r.gfn())?;
         if !mapping.writable {
             return None;
         }
         Some(Reference::Page {
-            at: Loc {
-                slot,
-                gfn,
-                vm: vm.id,
-                domain: at.domain,
-            },
+            at: r,
             frame: mapping.frame,
         })
     }
@@ -1194,12 +1320,13 @@ impl Engine {
         let mut keys = [None; MAX_SIMILARITY_BLOCKS];
         similarity_keys(mem.frame(frame), &self.positions[..n], &mut keys);
         // Candidates with their votes (matching blocks), best first.
-        let mut cands = [(0u64, 0u8); MAX_SIMILARITY_BLOCKS];
+        let mut cands = [(0u32, 0u8); MAX_SIMILARITY_BLOCKS];
         let mut count = 0;
+        let me = self.global(at);
         let table = &self.domains[at.domain].similar;
         for k in keys.iter().flatten() {
             let Some(v) = table.get(*k) else { continue };
-            if v == at.packed() {
+            if Some(v) == me {
                 continue;
             }
             match cands[..count].iter_mut().find(|(c, _)| *c == v) {
@@ -1219,12 +1346,32 @@ impl Engine {
             let Some(reference) = self.resolve_reference(mem, value, at) else {
                 continue;
             };
-            if let Reference::Page { at: r, frame: rf } = reference {
-                Self::protect(mem, r, rf);
+            let ref_frame = match reference {
+                Reference::Page { at: r, frame: rf } => {
+                    Self::protect(mem, r, rf);
+                    Some(rf)
+                }
+                Reference::Object { frame, .. } => frame,
+            };
+            if let Reference::Object { id, frame: None } = reference {
+                // A compressed reference: encode against its decompressed bytes.
+                let Store::Blob(b) = self.objects[id as usize].store() else {
+                    continue;
+                };
+                let Some(data) = self.blobs.get(b) else {
+                    continue;
+                };
+                if compress::decompress(data, &mut self.scratch_ref).is_err() {
+                    continue;
+                }
             }
+            let reference_bytes: &Page = match ref_frame {
+                Some(f) => mem.frame(f),
+                None => &self.scratch_ref,
+            };
             let encoded = patch::encode(
                 mem.frame(frame),
-                mem.frame(reference.frame()),
+                reference_bytes,
                 &mut self.scratch_patch[..limit],
             );
             match encoded {
@@ -1254,11 +1401,11 @@ impl Engine {
         let h = self.content_hash(mem.frame(frame));
         let id = self.new_object(Object {
             hash: h,
-            store: Store::Frame(frame),
+            store: Store::Frame(frame).pack(),
             page_refs: 1,
             mapped: 1,
             patch_refs: 0,
-            domain: at.domain as u32,
+            domain: at.domain as u16,
             incompressible: false,
             compressible: false,
         });
@@ -1267,7 +1414,7 @@ impl Engine {
         if self.config.share_identical {
             self.domains[at.domain].shared.insert(h, id as u64);
         }
-        self.index_similar(mem, at.domain, frame, OBJ_BIT | id as u64);
+        self.index_similar(mem, at.domain, frame, OBJ_BIT | id);
         id
     }
 
@@ -1352,7 +1499,7 @@ impl Engine {
                 Ok(FaultResolution::ZeroFilled)
             }
             (Kind::Mapped, Access::Read) => {
-                if let Store::Frame(f) = self.objects[meta.payload as usize].store {
+                if let Store::Frame(f) = self.objects[meta.payload as usize].store() {
                     mem.map(vm, gfn, f, false);
                 }
                 Ok(FaultResolution::Spurious)
@@ -1413,11 +1560,11 @@ impl Engine {
         let o = self.objects[id as usize];
         let was_mapped = meta.kind == Kind::Mapped;
         let sole = o.page_refs == 1 && o.patch_refs == 0;
-        let resolution = match (o.store, sole) {
+        let resolution = match (o.store(), sole) {
             (Store::Frame(f), true) => {
                 // Nobody else can see this frame: it simply becomes the VM's again.
                 mem.map(at.vm, at.gfn(), f, true);
-                self.objects[id as usize].store = Store::Free;
+                self.objects[id as usize].set_store(Store::Free);
                 self.drop_object_slot(id);
                 self.counters.cow_takeovers += 1;
                 FaultResolution::TookOver
@@ -1450,6 +1597,7 @@ impl Engine {
             if was_mapped {
                 o.mapped -= 1;
             }
+            self.note_orphan(id);
             self.release_if_unused(mem, id);
         }
         self.set_page(at, Kind::Private, 0, true);
@@ -1466,7 +1614,7 @@ impl Engine {
         let o = &mut self.objects[id as usize];
         o.page_refs = 0;
         o.mapped = 0;
-        o.store = Store::Free;
+        o.set_store(Store::Free);
         self.free_objects.push(id);
     }
 
@@ -1478,7 +1626,7 @@ impl Engine {
         id: u32,
     ) -> Result<FaultResolution, Error> {
         let o = self.objects[id as usize];
-        match o.store {
+        match o.store() {
             Store::Frame(f) => {
                 mem.map(at.vm, at.gfn(), f, false);
                 self.objects[id as usize].mapped += 1;
@@ -1504,7 +1652,7 @@ impl Engine {
                 } else {
                     mem.map(at.vm, at.gfn(), f, false);
                     let o = &mut self.objects[id as usize];
-                    o.store = Store::Frame(f);
+                    o.set_store(Store::Frame(f));
                     o.mapped += 1;
                     self.set_page(at, Kind::Mapped, id, true);
                     Ok(FaultResolution::DecompressedShared)
@@ -1525,13 +1673,25 @@ impl Engine {
         let base = self
             .patch_base(blob)
             .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
-        let Some(Store::Frame(rf)) = self.objects.get(base as usize).map(|o| o.store) else {
-            return Err(Self::corrupt(at, CorruptKind::Metadata));
+        let reference = match self.objects.get(base as usize).map(|o| o.store()) {
+            Some(Store::Free) | None => return Err(Self::corrupt(at, CorruptKind::Metadata)),
+            Some(store) => store,
         };
         let f = mem.alloc_frame().map_err(|_| self.oom())?;
-        mem.copy_frame(rf, f);
-        let data = self.blobs.get(blob).unwrap_or(&[]);
-        if let Err(e) = patch::apply(&data[PATCH_HEADER..], mem.frame_mut(f)) {
+        // Rebuild in the new frame: the reference's bytes first (copied or decompressed), then
+        // the patch on top.
+        match reference {
+            Store::Frame(rf) => mem.copy_frame(rf, f),
+            Store::Blob(b) => {
+                if let Err(e) = self.decompress_into(mem, at, b, f) {
+                    mem.free_frame(f);
+                    return Err(e);
+                }
+            }
+            Store::Free => unreachable!("checked above"),
+        }
+        let data = self.patch_bytes(blob);
+        if let Err(e) = patch::apply(data, mem.frame_mut(f)) {
             mem.free_frame(f);
             return Err(Self::corrupt(at, CorruptKind::Patch(e)));
         }
@@ -1565,7 +1725,7 @@ impl Engine {
                 out.copy_from_slice(mem.frame(m.frame));
             }
             Kind::Zero => out.fill(0),
-            Kind::Mapped | Kind::Unmapped => match self.objects[meta.payload as usize].store {
+            Kind::Mapped | Kind::Unmapped => match self.objects[meta.payload as usize].store() {
                 Store::Frame(f) => out.copy_from_slice(mem.frame(f)),
                 Store::Blob(b) => {
                     let data = self
@@ -1582,12 +1742,19 @@ impl Engine {
                 let base = self
                     .patch_base(blob)
                     .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
-                let Some(Store::Frame(rf)) = self.objects.get(base as usize).map(|o| o.store)
-                else {
-                    return Err(Self::corrupt(at, CorruptKind::Metadata));
-                };
-                let data = self.blobs.get(blob).unwrap_or(&[]);
-                patch::decode(&data[PATCH_HEADER..], mem.frame(rf), out)
+                match self.objects.get(base as usize).map(|o| o.store()) {
+                    Some(Store::Frame(rf)) => out.copy_from_slice(mem.frame(rf)),
+                    Some(Store::Blob(b)) => {
+                        let data = self
+                            .blobs
+                            .get(b)
+                            .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
+                        compress::decompress(data, out)
+                            .map_err(|e| Self::corrupt(at, CorruptKind::Compressed(e)))?;
+                    }
+                    _ => return Err(Self::corrupt(at, CorruptKind::Metadata)),
+                }
+                patch::apply(self.patch_bytes(blob), out)
                     .map_err(|e| Self::corrupt(at, CorruptKind::Patch(e)))?;
             }
         }
@@ -1606,18 +1773,26 @@ impl Engine {
             counters: self.counters,
             ..Stats::default()
         };
+        // Frames kept only as patch references are charged to patching.
+        let mut resident_references = 0;
         for o in &self.objects {
-            match o.store {
+            if o.page_refs == 0 && o.store() != Store::Free {
+                s.objects_reference_only += 1;
+            }
+            match o.store() {
                 Store::Free => continue,
                 Store::Frame(_) => {
                     s.objects_resident += 1;
                     if o.page_refs == 0 {
-                        s.objects_reference_only += 1;
+                        resident_references += 1;
                     }
                 }
                 Store::Blob(b) => {
                     s.objects_compressed += 1;
                     s.bytes_compressed += self.blobs.get(b).map_or(0, |d| d.len()) as u64;
+                    if o.page_refs > 0 {
+                        s.frames_saved_compressed += 1;
+                    }
                 }
             }
             s.frames_saved_shared += o.page_refs.saturating_sub(1) as u64;
@@ -1629,8 +1804,7 @@ impl Engine {
             .count() as u64;
         s.frames_in_use = self.pages_private + s.objects_resident + zero_frame;
         s.frames_saved_zero = self.pages_zero.saturating_sub(zero_frame);
-        s.frames_saved_patched = self.pages_patched.saturating_sub(s.objects_reference_only);
-        s.frames_saved_compressed = s.objects_compressed;
+        s.frames_saved_patched = self.pages_patched.saturating_sub(resident_references);
         s.bytes_patches = self.blobs.live_bytes() as u64 - s.bytes_compressed;
         s.bytes_blob_heap = self.blobs.heap_bytes() as u64;
         let pages: usize = self
@@ -1691,7 +1865,7 @@ impl Engine {
                         refs[id].0 += 1;
                         if m.kind == Kind::Mapped {
                             refs[id].1 += 1;
-                            match (mapping, o.store) {
+                            match (mapping, o.store()) {
                                 (Some(mp), Store::Frame(f)) if mp.frame == f && !mp.writable => {}
                                 _ => return Err(format!("{}: wrong shared mapping", here())),
                             }
@@ -1710,8 +1884,8 @@ impl Engine {
                             .objects
                             .get(base as usize)
                             .ok_or_else(|| format!("{}: dangling reference", here()))?;
-                        if !matches!(o.store, Store::Frame(_)) {
-                            return Err(format!("{}: reference not resident", here()));
+                        if o.store() == Store::Free {
+                            return Err(format!("{}: reference freed", here()));
                         }
                         if o.domain as usize != vm.domain {
                             return Err(format!("{}: reference of another domain", here()));
@@ -1743,7 +1917,7 @@ impl Engine {
         }
         for (id, o) in self.objects.iter().enumerate() {
             let (p, m, r) = refs[id];
-            if o.store == Store::Free {
+            if o.store() == Store::Free {
                 if p + m + r != 0 {
                     return Err(format!("object {id} is free but referenced"));
                 }
@@ -1759,8 +1933,8 @@ impl Engine {
             if p == 0 && r == 0 {
                 return Err(format!("object {id} is unreferenced but live"));
             }
-            if matches!(o.store, Store::Blob(_)) && (m != 0 || r != 0) {
-                return Err(format!("object {id} is compressed but mapped or pinned"));
+            if matches!(o.store(), Store::Blob(_)) && m != 0 {
+                return Err(format!("object {id} is compressed but mapped"));
             }
         }
         Ok(())

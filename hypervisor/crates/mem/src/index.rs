@@ -7,9 +7,10 @@
 //! - [`U64Map`]: exact map, open addressing with linear probing and backward-shift deletion,
 //!   grows at 50% load. Used for the identical-content indexes, where a lost entry would be a
 //!   lost share.
-//! - [`SimTable`]: lossy 4-way set-associative table of fixed capacity. Used for the similarity
-//!   index, whose entries are only hints (every hit is re-checked by encoding a patch): a
-//!   collision evicts an entry instead of growing the table, so its memory stays bounded.
+//! - [`SimTable`]: lossy 4-way set-associative table of fixed capacity, 8 bytes per entry. Used
+//!   for the similarity index, whose entries are only hints (every hit is re-checked by encoding
+//!   a patch): a collision evicts an entry instead of growing the table, so its memory stays
+//!   bounded.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -136,6 +137,20 @@ impl U64Map {
         }
     }
 
+    /// Shrinks the table when it is mostly empty (after many removals), keeping every entry.
+    pub fn compact(&mut self) {
+        if self.slots.len() > 64 && self.len * 8 < self.slots.len() {
+            let want = (self.len * 4).next_power_of_two().max(64);
+            let old = core::mem::replace(&mut self.slots, vec![(0, EMPTY); want]);
+            self.len = 0;
+            for (k, v) in old {
+                if v != EMPTY {
+                    self.insert(k, v);
+                }
+            }
+        }
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.len
@@ -153,10 +168,14 @@ impl U64Map {
 }
 
 const WAYS: usize = 4;
+const EMPTY32: u32 = u32::MAX;
 
-/// Lossy set-associative map from 64-bit key to a packed reference.
+/// Lossy set-associative map from a 64-bit key to a 32-bit reference, 8 bytes per entry: only
+/// the key's high 32 bits are kept (the tag), and the tag's low bits pick the set, so a resize
+/// can re-home every entry. A tag match on a different key (a 2^-32 chance per probe) only
+/// returns a wrong hint, which callers tolerate.
 pub struct SimTable {
-    slots: Vec<(u64, u64)>,
+    slots: Vec<(u32, u32)>,
 }
 
 impl Default for SimTable {
@@ -171,7 +190,7 @@ impl SimTable {
     pub fn with_capacity(entries: usize) -> Self {
         let sets = entries.div_ceil(WAYS).next_power_of_two().max(1);
         SimTable {
-            slots: vec![(0, EMPTY); sets * WAYS],
+            slots: vec![(0, EMPTY32); sets * WAYS],
         }
     }
 
@@ -180,46 +199,58 @@ impl SimTable {
         self.slots.len()
     }
 
-    fn set(&self, key: u64) -> usize {
+    fn set_of_tag(&self, tag: u32) -> usize {
         let sets = self.slots.len() / WAYS;
-        (key as usize & (sets - 1)) * WAYS
+        (tag as usize & (sets - 1)) * WAYS
+    }
+
+    fn tag(key: u64) -> u32 {
+        (key >> 32) as u32
     }
 
     /// The value stored under `key`, if it has not been evicted.
-    pub fn get(&self, key: u64) -> Option<u64> {
-        let s = self.set(key);
+    pub fn get(&self, key: u64) -> Option<u32> {
+        let tag = Self::tag(key);
+        let s = self.set_of_tag(tag);
         self.slots[s..s + WAYS]
             .iter()
-            .find(|(k, v)| *v != EMPTY && *k == key)
+            .find(|(t, v)| *v != EMPTY32 && *t == tag)
             .map(|&(_, v)| v)
     }
 
-    /// Inserts or replaces; may evict another key of the same set.
-    pub fn insert(&mut self, key: u64, value: u64) {
-        debug_assert_ne!(value, EMPTY);
-        let s = self.set(key);
+    /// Inserts or replaces; may evict another key of the same set. `value` must not be
+    /// `u32::MAX`.
+    pub fn insert(&mut self, key: u64, value: u32) {
+        debug_assert_ne!(value, EMPTY32);
+        let tag = Self::tag(key);
+        self.insert_tagged(tag, value);
+    }
+
+    fn insert_tagged(&mut self, tag: u32, value: u32) {
+        let s = self.set_of_tag(tag);
         let set = &mut self.slots[s..s + WAYS];
-        if let Some(slot) = set.iter_mut().find(|(k, v)| *v == EMPTY || *k == key) {
-            *slot = (key, value);
+        if let Some(slot) = set.iter_mut().find(|(t, v)| *v == EMPTY32 || *t == tag) {
+            *slot = (tag, value);
             return;
         }
-        // Evict a way chosen by high key bits: cheap and uncorrelated with the set index.
-        set[(key >> 62) as usize % WAYS] = (key, value);
+        // Evict a way chosen by the tag's top bits: cheap and (for tables of fewer than 2^30
+        // sets) independent of the set index.
+        set[(tag >> 30) as usize % WAYS] = (tag, value);
     }
 
     /// Rebuilds with room for `entries`, keeping what fits.
     pub fn resize(&mut self, entries: usize) {
         let old = core::mem::replace(self, SimTable::with_capacity(entries));
-        for (k, v) in old.slots {
-            if v != EMPTY {
-                self.insert(k, v);
+        for (tag, v) in old.slots {
+            if v != EMPTY32 {
+                self.insert_tagged(tag, v);
             }
         }
     }
 
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * core::mem::size_of::<(u64, u64)>()
+        self.slots.capacity() * core::mem::size_of::<(u32, u32)>()
     }
 }
 
@@ -250,6 +281,15 @@ mod tests {
         m.insert(keys[1], 7);
         assert_eq!(m.get(keys[1]), Some(7));
         assert_eq!(m.len(), 100);
+        for (i, &k) in keys.iter().enumerate().skip(1).step_by(2).skip(3) {
+            assert!(m.remove_if(k, i as u64));
+        }
+        let before = m.heap_bytes();
+        m.compact();
+        assert!(m.heap_bytes() < before);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m.get(keys[1]), Some(7));
+        assert_eq!(m.get(keys[3]), Some(3));
     }
 
     #[test]
@@ -281,13 +321,19 @@ mod tests {
     fn sim_table_is_bounded_and_keeps_recent() {
         let mut t = SimTable::with_capacity(16);
         assert_eq!(t.capacity(), 16);
+        let key = |k: u64| k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 0xffff_ffff;
         for k in 0..1000u64 {
-            t.insert(k, k);
+            t.insert(key(k), k as u32);
         }
-        assert_eq!(t.get(999), Some(999));
-        let kept = (0..1000u64).filter(|&k| t.get(k) == Some(k)).count();
+        assert_eq!(t.get(key(999)), Some(999));
+        let kept = (0..1000u64)
+            .filter(|&k| t.get(key(k)) == Some(k as u32))
+            .count();
         assert_eq!(kept, 16);
+        t.insert(key(999), 5);
+        assert_eq!(t.get(key(999)), Some(5));
         t.resize(64);
-        assert_eq!(t.get(999), Some(999));
+        assert_eq!(t.capacity(), 64);
+        assert_eq!(t.get(key(999)), Some(5));
     }
 }

@@ -22,5 +22,5 @@ pub use backend::{
 pub use config::Config;
 pub use engine::{Engine, FaultResolution, ScanReport};
 pub use error::{CorruptKind, Error};
-pub use plain::{access_read, access_write, GuestFault, PlainMemory};
+pub use plain::{access_read, access_write, GuestFault, PlainMemory, SPARE_FRAMES};
 pub use stats::{Counters, Stats};

@@ -7,9 +7,11 @@
 //! EPT violation would occur). [`access_read`] and [`access_write`] run the whole loop: access,
 //! fault into the engine, retry.
 //!
-//! Frames are individually boxed, so freeing one really returns its memory to the heap; an
-//! optional frame budget makes [`MemoryBackend::alloc_frame`] fail, to test running out of
-//! frames.
+//! Frames are individually boxed. A freed frame goes on a free list of at most
+//! [`SPARE_FRAMES`] frames and is reused by the next allocation, like a hypervisor's frame
+//! allocator (so fault-in latency measures the engine, not the host's page faults); beyond that
+//! freed frames go back to the heap. An optional frame budget makes
+//! [`MemoryBackend::alloc_frame`] fail, to test running out of frames.
 
 use crate::backend::PAGE_SIZE;
 use crate::backend::{Access, Frame, Gfn, Mapping, MemoryBackend, OutOfFrames, Page, VmId};
@@ -21,6 +23,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 const NO_FRAME: u64 = u64::MAX;
+/// Freed frames kept for reuse (64 MiB).
+pub const SPARE_FRAMES: usize = 16384;
 const W: u8 = 1;
 const A: u8 = 2;
 const D: u8 = 4;
@@ -47,6 +51,7 @@ pub enum GuestFault {
 pub struct PlainMemory {
     frames: Vec<Option<Box<Page>>>,
     free_slots: Vec<u64>,
+    spare: Vec<Box<Page>>,
     in_use: usize,
     peak: usize,
     budget: Option<usize>,
@@ -272,7 +277,7 @@ impl MemoryBackend for PlainMemory {
         if self.budget.is_some_and(|b| self.in_use >= b) {
             return Err(OutOfFrames);
         }
-        let page = new_page();
+        let page = self.spare.pop().unwrap_or_else(new_page);
         let index = match self.free_slots.pop() {
             Some(i) => {
                 self.frames[i as usize] = Some(page);
@@ -293,11 +298,15 @@ impl MemoryBackend for PlainMemory {
             .frames
             .get_mut(frame.0 as usize)
             .expect("PlainMemory: free of a frame that never existed");
+        let page = slot.take();
         assert!(
-            slot.take().is_some(),
+            page.is_some(),
             "PlainMemory: double free of frame {:#x}",
             frame.0
         );
+        if self.spare.len() < SPARE_FRAMES {
+            self.spare.extend(page);
+        }
         self.free_slots.push(frame.0);
         self.in_use -= 1;
     }

@@ -63,9 +63,10 @@ pub struct Stats {
     pub pages_patched: u64,
     /// Shared objects kept in a frame.
     pub objects_resident: u64,
-    /// Shared objects kept compressed (each has at least one page).
+    /// Shared objects kept compressed.
     pub objects_compressed: u64,
-    /// Resident objects kept only as patch references (no page maps them any more).
+    /// Objects (resident or compressed) kept only as patch references: no page refers to
+    /// them any more.
     pub objects_reference_only: u64,
     /// Host frames the engine's pages use: private pages + resident objects + the zero frames.
     pub frames_in_use: u64,
@@ -73,9 +74,11 @@ pub struct Stats {
     pub frames_saved_zero: u64,
     /// Frames saved by sharing: sum over objects of (pages referencing it - 1).
     pub frames_saved_shared: u64,
-    /// Frames saved by patching: patched pages minus reference-only frames kept for them.
+    /// Frames saved by patching: patched pages minus resident reference-only frames kept for
+    /// them.
     pub frames_saved_patched: u64,
-    /// Frames saved by compression: compressed objects (their cost is `bytes_compressed`).
+    /// Frames saved by compression: compressed objects that pages refer to (their cost is
+    /// `bytes_compressed`).
     pub frames_saved_compressed: u64,
     /// Bytes of live patches (including their 4-byte reference id).
     pub bytes_patches: u64,
