@@ -1,4 +1,172 @@
-//! Memory multiplexing engine (docs: see below).
+//! # hv-mem: the memory multiplexing engine
+//!
+//! Works on the 4 KiB pages of many VMs and makes them cost less host memory, with four
+//! mechanisms: zero pages map onto one zero frame, identical pages share one read-only frame
+//! (VMware ESX, Linux KSM), cold pages similar to another page are stored as a small patch
+//! against it (Difference Engine), and other cold pages are compressed with LZ4. Any access to a
+//! page gives back exactly the bytes the VM last wrote.
+//!
+//! `no_std` + `alloc`. The engine owns the policy and the bookkeeping; it touches memory and
+//! mappings only through the [`MemoryBackend`] trait: the hypervisor implements it over EPT,
+//! the host benchmark and the tests use [`PlainMemory`] (heap frames plus an emulated MMU).
+//!
+//! ```
+//! use hv_mem::*;
+//! let mut mem = PlainMemory::new();
+//! let mut engine = Engine::new(Config::default()).unwrap();
+//! for vm in [VmId(1), VmId(2)] {
+//!     // Two VMs with the same 64 pages of content (a real user loads guest-RAM images).
+//!     mem.create_vm_with(vm, 64, |gfn, page| page[..8].copy_from_slice(&gfn.to_le_bytes()))
+//!         .unwrap();
+//!     engine.add_vm(vm, DomainId(0), 64).unwrap();
+//! }
+//! engine.run_until_converged(&mut mem, 20).expect("static memory converges");
+//! assert!(engine.stats().frames_saved() > 64);
+//! // A guest write goes through the MMU; a write to a shared page faults into the engine
+//! // (the EPT violation path) and gets a private copy.
+//! access_write(&mut engine, &mut mem, VmId(1), Gfn(3), 100, b"hello").unwrap();
+//! let page = access_read(&mut engine, &mut mem, VmId(1), Gfn(3)).unwrap();
+//! assert_eq!(&page[100..105], b"hello");
+//! assert_eq!(&page[..8], &3u64.to_le_bytes());
+//! ```
+//!
+//! ## Driving it
+//! - [`Engine::add_vm`] registers a VM's pages (all mapped writable on frames it owns) in a
+//!   sharing domain; [`Engine::remove_vm`] drops everything the engine holds for it.
+//! - [`Engine::scan`] / [`Engine::scan_step`] visit pages round-robin over all VMs (a full pass
+//!   is a *round*); call them at the rate you want to spend CPU on. [`Engine::scan_round`],
+//!   [`Engine::converged`] and [`Engine::run_until_converged`] for batch use. Scanning never
+//!   allocates a frame.
+//! - [`Engine::fault`] on an EPT violation (`Access::Read` or `Access::Write`). Reads of a shared
+//!   page get a read-only mapping; writes always end with a private writable frame.
+//! - [`Engine::read_page`] reconstructs any page without changing state; [`Engine::stats`] the
+//!   accounting; [`Engine::check_consistency`] checks every invariant against the backend.
+//!
+//! ## Page state machine
+//! ```text
+//!                 scan: zero, stable                  write fault (new zeroed frame)
+//!    ┌──────────┐ ─────────────────────────▶ Zero ─────────────────────────────┐
+//!    │          │ scan: stable, same content as an object/another page         │
+//!    │          │ ─────────────────────────▶ Mapped(obj) ── write fault: copy ─┤
+//!    │ Private  │                             │  ▲       (or take the frame    │
+//!    │ (own RW  │                 scan: cold  │  │ read    over if sole user)  │
+//!    │  frame)  │                             ▼  │ fault                       │
+//!    │          │ scan: cold, compresses ──▶ Unmapped(obj) ── write fault ─────┤
+//!    │          │ scan: cold, patch smaller ▶ Patched(blob) ── any fault ──────┤
+//!    └──────────┘ ◀────────────────────────────────────────────────────────────┘
+//! ```
+//! - **Private**: the VM's own frame, mapped writable. The scanner tracks its hash and age.
+//! - **Zero**: mapped read-only on the domain's zero frame.
+//! - **Mapped(obj)**: mapped read-only on the frame of a shared *object*.
+//! - **Unmapped(obj)**: not present; the content is object `obj`, resident or compressed.
+//! - **Patched**: not present; the content is a patch against a reference object.
+//!
+//! An *object* is immutable, refcounted content of one domain: in a frame (mapped read-only by
+//! its Mapped pages) or LZ4-compressed in the blob store (then no page maps it). It counts the
+//! pages that refer to it, those that map it, and the patches that use it as their reference;
+//! it is freed when all three are zero. A compressed private page is just an object with one
+//! page, so a later identical page joins it like any shared content. An object all of whose
+//! mappers went cold is compressed (shared frames of idle VMs cost a compressed copy, not a
+//! frame); the next read decompresses it once into a shared frame.
+//!
+//! ## What a scan visit does
+//! 1. Reads and clears the page's accessed bit: accessed resets its age, else age + 1. A page
+//!    is *cold* once its age reaches [`Config::cold_rounds`].
+//! 2. Private page: if it is dirty (or never hashed), hash it (XXH3-64; an all-zero page,
+//!    tested with 64-bit words, gets the precomputed zero hash).
+//!    **Volatile pages are skipped**: like KSM's unstable tree, a page is a candidate only when
+//!    its hash is the same on two consecutive visits; a changed hash is remembered and the page
+//!    waits for the next round (`volatile_skips`). A clean page keeps its hash without re-hashing.
+//! 3. Stable page: zero -> zero frame; else look its hash up in the domain's *shared index*
+//!    (hash -> object) and then in the *unstable index* (hash -> another stable private page);
+//!    a hit is confirmed **byte for byte** before anything is shared (never on the hash
+//!    alone). Two matching private pages become a new object that reuses one of their frames.
+//! 4. Stable and cold, with no identical page: compress it (LZ4) and look for a *similar* page
+//!    through the similarity index; keep whichever is smaller, a patch if it beats both the
+//!    compressed size and [`Config::patch_cutoff`], else the compressed page if it is at most
+//!    [`Config::compress_cutoff`], else nothing (the page is marked and not retried until its
+//!    content changes).
+//! 5. Every stable private page, every new object and every compressed page is recorded in the
+//!    similarity index as a candidate reference.
+//!
+//! **Protocol for every merge**: write-protect the page(s) through the backend first, then
+//! compare / re-hash / encode the frozen bytes, then switch the mapping and free the old frame;
+//! on a mismatch restore write access. Hashes taken before protection are only hints. This is
+//! what makes it safe for vCPUs to keep running on other cores while the scanner works (their
+//! writes during the check fault and wait for the engine's lock).
+//!
+//! **Convergence**: a round that changed nothing and left nothing pending (no volatile, warming
+//! or not-yet-cold page) means further scans change nothing until a guest touches memory;
+//! [`Engine::converged`] reports it. On static images this takes `cold_rounds + 2` rounds.
+//!
+//! ## Similar pages (Difference Engine)
+//! The similarity index is keyed by hashes of [`Config::similarity_blocks`] 64-byte blocks at
+//! fixed block positions drawn once from a seeded generator ([`Config::similarity_seed`]; all
+//! pages use the same positions). All-zero blocks are not indexed (they would make every page
+//! look alike). A cold page looks up its keys, ranks the candidates by matching blocks, and
+//! encodes a patch against the best [`Config::similarity_candidates`]. The index is a bounded,
+//! lossy cache ([`Config::similarity_entries_per_page`] entries of 8 bytes per page); every hit
+//! is re-validated, so a stale entry costs only a failed attempt.
+//!
+//! The **reference stays immutable** while patches point at it: it is always an object (a
+//! private reference page is turned into one, mapped read-only in its VM), and an object is
+//! never modified: a write to it by a VM is a copy-on-write break, and the object lives on as
+//! long as a patch refers to it (it may be compressed then; decoding a patch against a
+//! compressed reference decompresses it first).
+//!
+//! ## Patch format
+//! Defined in [`patch`]: `VERSION run*`, each run `skip:varint head:varint payload` with
+//! `head = len << 1 | fill`: skip `skip` bytes unchanged from the reference, then `len` literal
+//! bytes, or one byte repeated `len` times. Runs compare the pages at the same offsets.
+//! Decoding is checked and total: malformed input returns a [`patch::PatchError`], never panics
+//! and never touches memory outside the output page. A stored patch is prefixed with its
+//! reference's 4-byte object id.
+//!
+//! ## Sharing domains
+//! Each VM belongs to one [`DomainId`]. Every content index (shared, unstable, similarity) and
+//! the zero frame exist per domain, and objects record their domain, so pages of VMs in
+//! different domains are never shared, patched against each other, or even compared.
+//!
+//! ## Running out of frames
+//! Scanning frees frames and never allocates one. A fault-in allocates first and changes
+//! state only once nothing can fail any more: when [`MemoryBackend::alloc_frame`] fails,
+//! [`Engine::fault`] returns [`Error::OutOfFrames`] and the page stays exactly as it was
+//! (shared, patched or compressed, readable through [`Engine::read_page`]); the hypervisor
+//! retries or stops the VM. Heap exhaustion while storing a blob makes the merge not happen.
+//!
+//! ## Knobs ([`Config`]) and defaults
+//! | knob | default | meaning |
+//! |---|---|---|
+//! | `pages_per_scan` | 4096 | pages per [`Engine::scan_step`] (16 MiB) |
+//! | `cold_rounds` | 2 | visits without access before a page is cold |
+//! | `zero_pages`, `share_identical`, `patching`, `compression` | on | mechanisms |
+//! | `compress_shared` | on | compress shared frames once all their mappers are cold |
+//! | `similarity_blocks` | 4 | 64-byte blocks hashed per page (1..=8) |
+//! | `similarity_seed` | fixed | chooses the block positions |
+//! | `similarity_candidates` | 2 | references tried per cold page |
+//! | `similarity_entries_per_page` | 2 | size of the similarity index |
+//! | `patch_cutoff` | 1024 B | largest patch kept (and it must beat LZ4) |
+//! | `compress_cutoff` | 3584 B | largest compressed page kept |
+//!
+//! The cutoffs and index size were chosen by measuring real Linux guests (Debian 6.1 kernel
+//! booted to its initramfs under QEMU/TCG, 256 MiB each, raw RAM images) with
+//! `examples/measure.rs`: the kept patches average 40-65 bytes, and the footprint (frames +
+//! blob heap + metadata) was 0.45-0.48 of a sharing-only (KSM-like) configuration of the same
+//! engine, 0.46-0.50 of its frames alone.
+//!
+//! ## Accounting
+//! [`Stats`] (from [`Engine::stats`]) has gauges: pages by state, objects resident/compressed,
+//! frames in use, frames saved by zero pages, sharing, patching and compression (they add up
+//! to pages minus frames in use), bytes of patches, of compressed data, of the blob heap and
+//! of metadata; and cumulative [`Counters`]: pages scanned and hashed, rounds, volatile skips,
+//! merges by kind, CoW breaks, fault-ins by kind, out-of-frame failures.
+//!
+//! ## Costs
+//! Measured on the same images (release build, one core of the development VM): a hashing
+//! round 5.6-6.7 GB/s, a round after convergence ~50 GB/s, the round that compresses and
+//! patches ~0.5-0.7 GB/s (LZ4 compression ~7 us per page). Fault-in p99: decompression ~6 us,
+//! patch ~3 us, mapping a resident shared frame ~0.2 us. Metadata: 16 bytes per page, 32 per
+//! object, the indexes (~1.6% of guest memory in total on those images).
 #![no_std]
 #![deny(missing_docs)]
 

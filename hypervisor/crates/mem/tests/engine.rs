@@ -632,3 +632,76 @@ fn scan_step_respects_the_page_budget_and_rounds_wrap() {
     assert_eq!(rounds, 2, "15 pages per round");
     assert_eq!(engine.rounds(), 2);
 }
+
+#[test]
+fn patches_against_compressed_references() {
+    let (a, b) = (VmId(1), VmId(2));
+    let mut pa: Vec<Page> = (0..4).map(|i| text_page(i + 70)).collect();
+    let pb: Vec<Page> = pa
+        .iter()
+        .enumerate()
+        .map(|(i, p)| mutate(*p, i as u64 + 99, 2))
+        .collect();
+    let (mut engine, mut mem) = setup(Config::default(), &[(a, D0, &pa), (b, D0, &pb)]);
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    // A's pages compress first (nothing similar yet); B's pages are then patched against
+    // those compressed objects, which beats compressing them on their own.
+    assert_eq!(s.objects_compressed, 4, "{s:?}");
+    assert_eq!(s.pages_patched, 4, "{s:?}");
+    assert_eq!(mem.frames_in_use(), 0);
+    assert!(s.bytes_patches < 4 * 100, "{}", s.bytes_patches);
+    assert_vm(&engine, &mem, b, &pb);
+
+    // Writing a reference decompresses a private copy; the compressed reference stays for the
+    // patch, which still decodes.
+    let r = access_write(&mut engine, &mut mem, a, Gfn(1), 0, b"A").unwrap();
+    assert_eq!(r, Some(FaultResolution::CopiedOnWrite));
+    pa[1][0] = b'A';
+    assert_eq!(engine.stats().objects_reference_only, 1);
+    assert_vm(&engine, &mem, a, &pa);
+    assert_vm(&engine, &mem, b, &pb);
+    let got = *access_read(&mut engine, &mut mem, b, Gfn(1)).unwrap();
+    assert_eq!(got, pb[1]);
+    // The last patch gone, the reference-only object is freed.
+    assert_eq!(engine.stats().objects_reference_only, 0);
+    engine.check_consistency(&mem).unwrap();
+}
+
+#[test]
+fn orphaned_resident_references_are_compressed() {
+    let (a, b) = (VmId(1), VmId(2));
+    let mut pa: Vec<Page> = (0..2).map(|i| text_page(i + 500)).collect();
+    let pb: Vec<Page> = pa.iter().map(|p| mutate(*p, 5, 1)).collect();
+    let (mut engine, mut mem) = setup(Config::default(), &[(a, D0, &pa), (b, D0, &pb)]);
+    // A keeps using its pages, so they stay resident; B's go cold and are patched against
+    // them, which turns A's pages into read-only reference frames.
+    for _ in 0..4 {
+        for g in 0..2 {
+            assert!(mem.touch(a, Gfn(g)));
+        }
+        engine.scan_round(&mut mem);
+    }
+    let s = engine.stats();
+    assert_eq!(s.pages_patched, 2, "{s:?}");
+    assert_eq!(s.objects_resident, 2);
+    assert!(!mem.mapping(a, Gfn(0)).unwrap().writable);
+    // A writes page 0: it gets a copy; the frame it leaves behind only serves B's patch...
+    let r = access_write(&mut engine, &mut mem, a, Gfn(0), 9, b"hot").unwrap();
+    assert_eq!(r, Some(FaultResolution::CopiedOnWrite));
+    pa[0][9..12].copy_from_slice(b"hot");
+    assert_eq!(engine.stats().objects_reference_only, 1);
+    let frames = mem.frames_in_use();
+    // ...so the next scan compresses it.
+    let rep = engine.scan(&mut mem, 1);
+    assert!(rep.changes >= 1);
+    let s = engine.stats();
+    assert_eq!(s.objects_compressed, 1, "{s:?}");
+    assert_eq!(s.counters.shared_compressed, 1);
+    assert_eq!(mem.frames_in_use(), frames - 1);
+    assert_vm(&engine, &mem, a, &pa);
+    assert_vm(&engine, &mem, b, &pb);
+    let got = *access_read(&mut engine, &mut mem, b, Gfn(0)).unwrap();
+    assert_eq!(got, pb[0]);
+    engine.check_consistency(&mem).unwrap();
+}
