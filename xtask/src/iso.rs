@@ -109,6 +109,10 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
     if !manifest.is_file() {
         return Err(Error::config(&manifest, "no such file"));
     }
+    validate_cmdline(cmdline)?;
+    for image in &images {
+        validate_image_name(image)?;
+    }
     deps::ensure_packages()?;
     build::build_all(ws)?;
     let spec = IsoSpec::from_build(ws, &manifest, &images, cmdline)?;

@@ -10,6 +10,8 @@
 //! - `qemu-test`: the integration scenarios of tests/scenarios, judged by their serial logs.
 //! - `test`: fmt, clippy, host unit tests, build and `qemu-test`; ends with `N passed, N failed`.
 //! - `bench exits`: VM exit round-trip cost under Bochs.
+//! - `bench mem`: the memory engine against Linux KSM on raw guest-RAM images (mem_bench.rs).
+//! - `corpus`: real Linux guest-RAM images made under QEMU, for `bench mem` (corpus.rs).
 //! - `manifest check`: validates a boot manifest with the hypervisor's own parser.
 
 mod bench;
@@ -50,6 +52,8 @@ usage: cargo xtask <command> [options]
   test                        fmt + clippy + unit tests + build + qemu-test;
                               ends with `N passed, N failed`
   bench exits [--n N]         VM exit round-trip cost under Bochs (runs N and 4N)
+  bench mem --images DIR ...  memory engine vs KSM on raw guest-RAM images
+  corpus [--out DIR] ...      make real Linux guest-RAM images under QEMU
   manifest check FILE [--images DIR] [--memory-mib N]
                               validate a boot manifest
 
