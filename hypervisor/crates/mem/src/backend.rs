@@ -77,6 +77,13 @@ impl fmt::Display for OutOfFrames {
 ///   without hardware A/D bits must return `true` (the conservative answer): then nothing ever
 ///   looks cold (no compression or patching) and every scan rehashes every page.
 /// - A freshly mapped writable page counts as dirty.
+/// - `frame` may be asked for the frame of a page the guest can still write (to hash it, test
+///   it for zero, or sample similarity blocks). The engine uses such bytes only as hints and
+///   acts only on bytes read after write-protecting the page; an implementation whose vCPUs run
+///   concurrently with the scanner must hand out memory that tolerates concurrent writes (for
+///   EPT: the identity-mapped frame, read as plain bytes; a torn read only spoils a hint).
+/// - The engine calls every method with its own lock held (it is `&mut self`); the hypervisor
+///   serialises `scan` and `fault` calls, e.g. with one spin lock around the engine.
 pub trait MemoryBackend {
     /// The current mapping of a guest page, or `None` if it is not present (or not guest RAM).
     fn mapping(&self, vm: VmId, gfn: Gfn) -> Option<Mapping>;
