@@ -1823,7 +1823,9 @@ impl Engine {
             + self.objects.capacity() * core::mem::size_of::<Object>()
             + self.free_objects.capacity() * 4
             + self.vms.capacity() * core::mem::size_of::<Option<VmSlot>>()
-            + 3 * PAGE_SIZE
+            + self.slot_bases.capacity() * 8
+            + self.orphans.capacity() * 4
+            + 4 * PAGE_SIZE
             + MAX_COMPRESSED) as u64;
         s
     }
