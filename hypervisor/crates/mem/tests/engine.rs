@@ -705,3 +705,16 @@ fn orphaned_resident_references_are_compressed() {
     assert_eq!(got, pb[0]);
     engine.check_consistency(&mem).unwrap();
 }
+
+#[test]
+fn works_through_a_trait_object() {
+    // The hypervisor may hold its EPT backend as `dyn MemoryBackend`.
+    let pages: Vec<Page> = (0..4).map(|i| text_page(i % 2)).collect();
+    let (mut engine, mut mem) = setup(Config::default(), &[(VmId(9), D0, &pages)]);
+    let backend: &mut dyn MemoryBackend = &mut mem;
+    assert!(engine.run_until_converged(backend, 10).is_some());
+    let r = engine.fault(backend, VmId(9), Gfn(0), hv_mem::Access::Read);
+    assert!(r.is_ok());
+    engine.check_consistency(backend).unwrap();
+    assert_vm(&engine, &mem, VmId(9), &pages);
+}

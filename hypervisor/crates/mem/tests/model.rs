@@ -204,6 +204,7 @@ fn run_case(
     w.engine.run_until_converged(&mut w.mem, 10);
     w.check()?;
 
+    let mut budget = None;
     for op in ops.iter().cloned() {
         match op {
             Op::Write {
@@ -243,10 +244,15 @@ fn run_case(
                 }
             }
             Op::Scan { pages } => {
+                // Scanning only ever frees frames: it works with no frame to spare.
+                let before = w.mem.frames_in_use();
+                w.mem.set_frame_budget(Some(before));
                 w.engine.scan(&mut w.mem, pages);
+                prop_assert!(w.mem.frames_in_use() <= before);
+                w.mem.set_frame_budget(budget);
             }
             Op::Budget(slack) => {
-                let budget = slack.map(|s| w.mem.frames_in_use() + s);
+                budget = slack.map(|s| w.mem.frames_in_use() + s);
                 w.mem.set_frame_budget(budget);
             }
         }
