@@ -163,7 +163,7 @@
 //!
 //! ## Costs
 //! Measured on the same images (release build, one core of the development VM): a hashing
-//! round 5.6-6.7 GB/s, a round after convergence ~50 GB/s, the round that compresses and
+//! round 4.3-6.7 GB/s (depending on machine load), a round after convergence ~50 GB/s, the round that compresses and
 //! patches ~0.5-0.7 GB/s (LZ4 compression ~7 us per page). Fault-in p99: decompression ~6 us,
 //! patch ~3 us, mapping a resident shared frame ~0.2 us. Metadata: 16 bytes per page, 32 per
 //! object, the indexes (~1.6% of guest memory in total on those images).
