@@ -3,9 +3,9 @@
 //! The tree is staged as
 //!
 //! ```text
-//! boot/hypervisor.elf          the kernel (Multiboot2)
+//! boot/hypervisor.elf          the kernel (Multiboot2), without debug information
 //! boot/manifest.toml           GRUB module named `manifest`
-//! boot/guests/<image>.elf      GRUB module named `<image>`, one per image
+//! boot/guests/<image>.elf      GRUB module named `<image>`, one per image (also stripped)
 //! boot/grub/grub.cfg           rendered from boot/grub.cfg.in
 //! ```
 //!
@@ -19,6 +19,7 @@ use std::process::Command;
 use crate::build;
 use crate::cli::{Args, Spec};
 use crate::deps;
+use crate::elf;
 use crate::error::{Error, IoContext, Result};
 use crate::process;
 use crate::workspace::Workspace;
@@ -154,10 +155,10 @@ pub fn make_iso(ws: &Workspace, spec: &IsoSpec, staging: &Path, out: &Path) -> R
     for dir in [boot.join("grub"), boot.join("guests")] {
         fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
     }
-    copy(&spec.kernel, &boot.join("hypervisor.elf"))?;
+    copy_elf(&spec.kernel, &boot.join("hypervisor.elf"))?;
     copy(&spec.manifest, &boot.join("manifest.toml"))?;
     for (name, elf) in &spec.images {
-        copy(elf, &boot.join("guests").join(format!("{name}.elf")))?;
+        copy_elf(elf, &boot.join("guests").join(format!("{name}.elf")))?;
     }
     let cfg_path = boot.join("grub").join("grub.cfg");
     fs::write(&cfg_path, grub_cfg).context(|| format!("writing {}", cfg_path.display()))?;
@@ -174,6 +175,13 @@ pub fn make_iso(ws: &Workspace, spec: &IsoSpec, staging: &Path, out: &Path) -> R
         .arg(staging);
     process::run_captured(&mut mkrescue)?;
     Ok(())
+}
+
+/// Copies an ELF without what no loader reads (see [`elf::boot_copy`]).
+fn copy_elf(from: &Path, to: &Path) -> Result<()> {
+    let bytes = fs::read(from).context(|| format!("reading {}", from.display()))?;
+    let copy = elf::boot_copy(&bytes).map_err(|e| Error::config(from, e.to_string()))?;
+    fs::write(to, copy).context(|| format!("writing {}", to.display()))
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {

@@ -19,6 +19,7 @@ mod build;
 mod cli;
 mod corpus;
 mod deps;
+mod elf;
 mod engine;
 mod error;
 mod iso;
