@@ -14,6 +14,8 @@
 //! - `corpus`: real Linux guest-RAM images made under QEMU, for `bench mem` (corpus.rs).
 //! - `manifest check`: validates a boot manifest with the hypervisor's own parser.
 
+#![recursion_limit = "256"]
+
 mod bench;
 mod build;
 mod cli;

@@ -130,7 +130,8 @@ mod tests {
 
     #[test]
     fn freed_frames_are_reused() {
-        let mut a = FrameAllocator::new(&[0..0x3000], &[], u64::MAX);
+        let ram: Range<u64> = 0..0x3000;
+        let mut a = FrameAllocator::new(core::slice::from_ref(&ram), &[], u64::MAX);
         let f = a.alloc().unwrap();
         a.alloc().unwrap();
         a.alloc().unwrap();
