@@ -1017,10 +1017,12 @@ impl Report<'_> {
         );
         let _ = writeln!(
             out,
-            "  upper bound: exhaustive search on {} pages found {} better patches, +{:.1} MiB estimated",
+            "  upper bound: exhaustive search on {} pages found {} better patches, +{:.1} MiB \
+             (+-{:.1}) estimated",
             self.ub.exhaustive.sampled,
             self.ub.exhaustive.improved,
-            mib(self.ub.exhaustive.estimated_extra_bytes as f64)
+            mib(self.ub.exhaustive.estimated_extra_bytes as f64),
+            mib(self.ub.exhaustive.estimated_extra_stderr_bytes as f64)
         );
 
         let _ = writeln!(out, "\nEngine:");
@@ -1173,6 +1175,7 @@ impl Report<'_> {
         let part = |p: &upper_bound::Part| json!({"pages": p.pages, "stored_bytes": p.stored_bytes, "saved_bytes": p.saved_bytes});
         json!({
             "machine": machine_info(),
+            "source": provenance(),
             "images_dir": self.images_dir.display().to_string(),
             "images": self.names.iter().zip(self.sizes).map(|(n, b)| json!({"name": n, "bytes": b})).collect::<Vec<_>>(),
             "image_bytes": self.image_bytes,
@@ -1218,6 +1221,7 @@ impl Report<'_> {
                 "exhaustive_sampled": ub.exhaustive.sampled,
                 "exhaustive_improved": ub.exhaustive.improved,
                 "exhaustive_estimated_extra_bytes": ub.exhaustive.estimated_extra_bytes,
+                "exhaustive_estimated_extra_stderr_bytes": ub.exhaustive.estimated_extra_stderr_bytes,
                 "seconds": ub.seconds,
             },
             "ksm": ksm,
@@ -1374,6 +1378,25 @@ fn decimate(samples: &[ksm::KsmSample], n: usize) -> Vec<ksm::KsmSample> {
     (0..n)
         .map(|i| samples[i * (samples.len() - 1) / (n - 1)])
         .collect()
+}
+
+/// Which engine was measured: the commit, and whether hv-mem had uncommitted changes.
+fn provenance() -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let dirty =
+        git(&["status", "--porcelain", "--", "hypervisor/crates/mem"]).map(|s| !s.is_empty());
+    json!({ "commit": git(&["rev-parse", "HEAD"]), "hv_mem_uncommitted_changes": dirty })
 }
 
 fn machine_info() -> Value {

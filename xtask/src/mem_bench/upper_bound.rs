@@ -56,6 +56,8 @@ pub struct ExhaustiveSample {
     pub mean_extra_bytes: f64,
     /// `mean_extra_bytes` times the number of distinct pages: the estimate added to the bound.
     pub estimated_extra_bytes: u64,
+    /// Standard error of that estimate (sample standard deviation / sqrt(sample) x pages).
+    pub estimated_extra_stderr_bytes: u64,
 }
 
 /// The bound and its parts.
@@ -329,7 +331,7 @@ pub fn compute(pages: &[&Page], exhaustive_sample: usize) -> UpperBound {
     // Exhaustive search for a deterministic, evenly spread sample of distinct pages.
     let n = distinct.len();
     let sample = exhaustive_sample.min(n);
-    let mut extra_total = 0u64;
+    let mut extras: Vec<f64> = Vec::with_capacity(sample);
     for s in 0..sample {
         let i = (s * n) / sample.max(1) + (n / sample.max(1)) / 2;
         let i = i.min(n - 1);
@@ -362,13 +364,19 @@ pub fn compute(pages: &[&Page], exhaustive_sample: usize) -> UpperBound {
         let extra = exhaustive_saving.saturating_sub(solution_saving[i] as usize);
         if extra > 0 {
             ub.exhaustive.improved += 1;
-            extra_total += extra as u64;
         }
+        extras.push(extra as f64);
     }
     ub.exhaustive.sampled = sample as u64;
     if sample > 0 {
-        ub.exhaustive.mean_extra_bytes = extra_total as f64 / sample as f64;
-        ub.exhaustive.estimated_extra_bytes = (ub.exhaustive.mean_extra_bytes * n as f64) as u64;
+        let mean = extras.iter().sum::<f64>() / sample as f64;
+        ub.exhaustive.mean_extra_bytes = mean;
+        ub.exhaustive.estimated_extra_bytes = (mean * n as f64) as u64;
+        if sample > 1 {
+            let var = extras.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / (sample - 1) as f64;
+            ub.exhaustive.estimated_extra_stderr_bytes =
+                (var.sqrt() / (sample as f64).sqrt() * n as f64) as u64;
+        }
     }
     ub.saved_bytes = ub.index_saved_bytes + ub.exhaustive.estimated_extra_bytes;
     ub.seconds = t0.elapsed().as_secs_f64();
