@@ -425,6 +425,44 @@ fn sample(pid: u32, t0: Instant, cpu0: f64) -> Result<KsmSample, KsmError> {
     })
 }
 
+/// Decides from successive samples when KSM has converged: `stable_scans` full scans without
+/// a change in what is merged.
+#[derive(Clone, Copy, Debug)]
+struct Convergence {
+    scans0: u64,
+    stable_scans: u64,
+    last_change: KsmSample,
+}
+
+impl Convergence {
+    /// `first` is the sample taken at `run=1`; `scans0` the full-scan count before it.
+    fn new(first: KsmSample, scans0: u64, stable_scans: u64) -> Self {
+        Convergence {
+            scans0,
+            stable_scans,
+            last_change: first,
+        }
+    }
+
+    /// Feeds the next sample; true once converged.
+    fn observe(&mut self, s: KsmSample) -> bool {
+        let merged = |x: &KsmSample| (x.pages_shared, x.pages_sharing, x.ksm_zero_pages);
+        if merged(&s) != merged(&self.last_change) {
+            self.last_change = s;
+        }
+        // KSM merges a page no earlier than its second scan (the first only checksums it), so
+        // demand a few scans before calling a run that never changed converged.
+        let scans = s.full_scans - self.scans0;
+        scans >= self.stable_scans + 2
+            && s.full_scans - self.last_change.full_scans >= self.stable_scans
+    }
+
+    /// The first sample that showed the final merged counts.
+    fn last_change(&self) -> KsmSample {
+        self.last_change
+    }
+}
+
 /// Loads `images` once and measures KSM at each setting in turn, unmerging in between.
 pub fn measure(
     images: &[PathBuf],
@@ -480,7 +518,7 @@ fn measure_one(
     write_knob("run", "1")?;
 
     let mut samples = vec![sample(pid, t0, cpu0)?];
-    let mut last_change = samples[0];
+    let mut tracker = Convergence::new(samples[0], scans0, rule.stable_scans);
     let converged = loop {
         std::thread::sleep(rule.sample_every);
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -488,27 +526,14 @@ fn measure_one(
         }
         let s = sample(pid, t0, cpu0)?;
         samples.push(s);
-        if (s.pages_shared, s.pages_sharing, s.ksm_zero_pages)
-            != (
-                last_change.pages_shared,
-                last_change.pages_sharing,
-                last_change.ksm_zero_pages,
-            )
-        {
-            last_change = s;
-        }
-        // KSM merges a page no earlier than its second scan (the first only checksums it), so
-        // demand a few scans before calling a run that never changed converged.
-        let scans = s.full_scans - scans0;
-        if scans >= rule.stable_scans + 2
-            && s.full_scans - last_change.full_scans >= rule.stable_scans
-        {
+        if tracker.observe(s) {
             break true;
         }
         if t0.elapsed() >= rule.cap {
             break false;
         }
     };
+    let last_change = tracker.last_change();
     let last = *samples.last().expect("at least one sample");
     let end = if converged { last_change } else { last };
     Ok(KsmResult {
@@ -527,4 +552,70 @@ fn measure_one(
         converged,
         samples,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(full_scans: u64, pages_sharing: u64) -> KsmSample {
+        KsmSample {
+            full_scans,
+            pages_sharing,
+            pages_shared: pages_sharing / 10,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn converges_after_stable_scans_following_the_last_change() {
+        let mut c = Convergence::new(at(10, 0), 10, 2);
+        // Scan 1 only checksums; merging happens during scans 2 and 3.
+        assert!(!c.observe(at(11, 0)));
+        assert!(!c.observe(at(11, 500)));
+        assert!(!c.observe(at(12, 900)));
+        assert!(!c.observe(at(13, 1000)));
+        assert!(!c.observe(at(14, 1000)));
+        assert_eq!(c.last_change().pages_sharing, 1000);
+        assert!(c.observe(at(15, 1000)), "two full scans without change");
+        assert_eq!(c.last_change().full_scans, 13);
+    }
+
+    #[test]
+    fn a_run_that_never_merges_needs_warm_up_scans() {
+        let mut c = Convergence::new(at(0, 0), 0, 1);
+        assert!(!c.observe(at(1, 0)));
+        assert!(!c.observe(at(2, 0)));
+        assert!(c.observe(at(3, 0)));
+    }
+
+    #[test]
+    fn a_late_change_restarts_the_count() {
+        let mut c = Convergence::new(at(0, 0), 0, 2);
+        for scan in 1..=4 {
+            c.observe(at(scan, 100));
+        }
+        assert!(!c.observe(at(5, 90)), "unmerged pages count as a change");
+        assert!(!c.observe(at(6, 90)));
+        assert!(c.observe(at(7, 90)));
+    }
+
+    #[test]
+    fn saved_bytes_counts_sharing_and_zero_pages() {
+        let s = KsmSample {
+            pages_sharing: 3,
+            pages_shared: 1,
+            ksm_zero_pages: 2,
+            ..Default::default()
+        };
+        assert_eq!(s.saved_bytes(), 5 * 4096);
+    }
+
+    #[test]
+    fn ksmd_cpu_time_is_readable_when_ksm_exists() {
+        // Reads only: never changes KSM settings from a test.
+        if let Ok(pid) = ksmd_pid() {
+            assert!(ksmd_cpu_seconds(pid).unwrap() >= 0.0);
+        }
+    }
 }

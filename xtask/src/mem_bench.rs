@@ -1173,61 +1173,82 @@ impl Report<'_> {
             .collect();
         let ub = self.ub;
         let part = |p: &upper_bound::Part| json!({"pages": p.pages, "stored_bytes": p.stored_bytes, "saved_bytes": p.saved_bytes});
-        json!({
-            "machine": machine_info(),
-            "source": provenance(),
-            "images_dir": self.images_dir.display().to_string(),
-            "images": self.names.iter().zip(self.sizes).map(|(n, b)| json!({"name": n, "bytes": b})).collect::<Vec<_>>(),
-            "image_bytes": self.image_bytes,
-            "pages": s.pages_total,
-            "saved_bytes": self.engine_saved(),
-            "saved_percent": pct(self.engine_saved() as f64, self.image_bytes),
-            "footprint_bytes": s.footprint_bytes(),
-            "saved_by": saved_by,
-            "cpu_seconds": e.cpu_seconds,
-            "cpu_seconds_total": e.cpu_seconds_total,
-            "wall_seconds": e.wall_seconds,
-            "rounds": e.rounds,
-            "converged": e.converged,
-            "scan": {
-                "pages_visited": c.pages_scanned,
-                "pages_hashed": c.pages_hashed,
-                "gb_per_s_per_core": self.scan_gbps(),
-                "last_round_cpu_seconds": e.last_round.0,
-                "last_round_pages": e.last_round.1,
-            },
-            "metadata_bytes": s.bytes_metadata,
-            "metadata_bytes_per_page": s.bytes_metadata as f64 / s.pages_total.max(1) as f64,
-            "blob_heap_bytes": s.bytes_blob_heap,
-            "frames_in_use": s.frames_in_use,
-            "backend_frames_in_use": e.backend_frames,
-            "mismatched_pages": e.mismatched_pages,
-            "accounting_consistent": self.accounting_consistent(),
-            "fault_in": faults,
-            "fault_in_errors": e.fault_errors,
-            "engine_config": format!("{:?}", e.config),
-            "counters": format!("{:?}", c),
-            "curve": curve(&mut e.curve.iter().map(|p| (p.cpu_seconds, p.saved_bytes))),
-            "upper_bound_saved_bytes": ub.saved_bytes,
-            "upper_bound": {
-                "zero": part(&ub.zero),
-                "identical": part(&ub.identical),
-                "patched": part(&ub.patched),
-                "compressed": part(&ub.compressed),
-                "pages": ub.pages,
-                "distinct_pages": ub.distinct_pages,
-                "raw_pages": ub.raw_pages,
-                "index_saved_bytes": ub.index_saved_bytes,
-                "exhaustive_sampled": ub.exhaustive.sampled,
-                "exhaustive_improved": ub.exhaustive.improved,
-                "exhaustive_estimated_extra_bytes": ub.exhaustive.estimated_extra_bytes,
-                "exhaustive_estimated_extra_stderr_bytes": ub.exhaustive.estimated_extra_stderr_bytes,
-                "seconds": ub.seconds,
-            },
-            "ksm": ksm,
-            "ksm_skipped": self.ksm_skipped,
-            "targets": targets,
-        })
+        // Built in parts: one json! literal this size exceeds the default macro recursion limit.
+        let upper_bound = json!({
+            "zero": part(&ub.zero),
+            "identical": part(&ub.identical),
+            "patched": part(&ub.patched),
+            "compressed": part(&ub.compressed),
+            "pages": ub.pages,
+            "distinct_pages": ub.distinct_pages,
+            "raw_pages": ub.raw_pages,
+            "index_saved_bytes": ub.index_saved_bytes,
+            "exhaustive_sampled": ub.exhaustive.sampled,
+            "exhaustive_improved": ub.exhaustive.improved,
+            "exhaustive_estimated_extra_bytes": ub.exhaustive.estimated_extra_bytes,
+            "exhaustive_estimated_extra_stderr_bytes": ub.exhaustive.estimated_extra_stderr_bytes,
+            "seconds": ub.seconds,
+        });
+        let scan = json!({
+            "pages_visited": c.pages_scanned,
+            "pages_hashed": c.pages_hashed,
+            "gb_per_s_per_core": self.scan_gbps(),
+            "last_round_cpu_seconds": e.last_round.0,
+            "last_round_pages": e.last_round.1,
+        });
+        let images: Vec<Value> = self
+            .names
+            .iter()
+            .zip(self.sizes)
+            .map(|(n, b)| json!({"name": n, "bytes": b}))
+            .collect();
+        let mut root = serde_json::Map::new();
+        let mut put = |k: &str, v: Value| {
+            root.insert(k.to_string(), v);
+        };
+        put("machine", machine_info());
+        put("source", provenance());
+        put("images_dir", json!(self.images_dir.display().to_string()));
+        put("images", json!(images));
+        put("image_bytes", json!(self.image_bytes));
+        put("pages", json!(s.pages_total));
+        put("saved_bytes", json!(self.engine_saved()));
+        put(
+            "saved_percent",
+            json!(pct(self.engine_saved() as f64, self.image_bytes)),
+        );
+        put("footprint_bytes", json!(s.footprint_bytes()));
+        put("saved_by", Value::Object(saved_by));
+        put("cpu_seconds", json!(e.cpu_seconds));
+        put("cpu_seconds_total", json!(e.cpu_seconds_total));
+        put("wall_seconds", json!(e.wall_seconds));
+        put("rounds", json!(e.rounds));
+        put("converged", json!(e.converged));
+        put("scan", scan);
+        put("metadata_bytes", json!(s.bytes_metadata));
+        put(
+            "metadata_bytes_per_page",
+            json!(s.bytes_metadata as f64 / s.pages_total.max(1) as f64),
+        );
+        put("blob_heap_bytes", json!(s.bytes_blob_heap));
+        put("frames_in_use", json!(s.frames_in_use));
+        put("backend_frames_in_use", json!(e.backend_frames));
+        put("mismatched_pages", json!(e.mismatched_pages));
+        put("accounting_consistent", json!(self.accounting_consistent()));
+        put("fault_in", Value::Object(faults));
+        put("fault_in_errors", json!(e.fault_errors));
+        put("engine_config", json!(format!("{:?}", e.config)));
+        put("counters", json!(format!("{:?}", c)));
+        put(
+            "curve",
+            curve(&mut e.curve.iter().map(|p| (p.cpu_seconds, p.saved_bytes))),
+        );
+        put("upper_bound_saved_bytes", json!(ub.saved_bytes));
+        put("upper_bound", upper_bound);
+        put("ksm", json!(ksm));
+        put("ksm_skipped", json!(self.ksm_skipped));
+        put("targets", json!(targets));
+        Value::Object(root)
     }
 
     /// Savings (% of image bytes) against CPU seconds, log-scaled x axis.
@@ -1488,6 +1509,49 @@ mod tests {
         assert!(run.cpu_seconds <= run.cpu_seconds_total);
         assert!(run.faults.contains_key("zero (write)"));
         assert_eq!(run.fault_errors, 0);
+
+        // The outputs carry the documented keys and add up.
+        let ub = upper_bound::compute(&images.pages(), 4);
+        let sizes: Vec<u64> = images.data.iter().map(|d| d.len() as u64).collect();
+        let report = Report {
+            images_dir: Path::new("synthetic"),
+            names: &images.names,
+            sizes: &sizes,
+            image_bytes: images.total_bytes(),
+            engine: &run,
+            ub: &ub,
+            ksm: &[],
+            ksm_skipped: Some("test"),
+            ksm_cap: Duration::from_secs(1),
+        };
+        assert!(report.accounting_consistent());
+        let j = report.json();
+        for key in [
+            "image_bytes",
+            "saved_bytes",
+            "saved_by",
+            "cpu_seconds",
+            "upper_bound_saved_bytes",
+            "ksm",
+        ] {
+            assert!(j.get(key).is_some(), "JSON lacks {key}");
+        }
+        assert_eq!(j["image_bytes"], json!(2u64 << 20));
+        assert_eq!(j["saved_bytes"], json!(net_saved(&run.stats)));
+        let by_parts: i64 = j["saved_by"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|m| m["net_bytes"].as_i64().unwrap())
+            .sum();
+        assert_eq!(by_parts, net_saved(&run.stats));
+        assert!(
+            ub.saved_bytes as i64 >= net_saved(&run.stats),
+            "the bound bounds the engine"
+        );
+        assert!(report.table().contains("hv-mem engine"));
+        let svg = report.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     }
 
     #[test]
