@@ -575,6 +575,8 @@ fn sample_faults(
 
 /// Entry point after argument parsing.
 fn bench(opts: &Options) -> Result<(), BenchError> {
+    // Before anything runs: the tree may change while we measure.
+    let source = provenance();
     let images = load_images(&opts.images)?;
     let image_bytes = images.total_bytes();
     eprintln!(
@@ -620,6 +622,7 @@ fn bench(opts: &Options) -> Result<(), BenchError> {
     };
 
     let report = Report {
+        source,
         images_dir: &opts.images,
         names: &names,
         sizes: &sizes,
@@ -663,6 +666,8 @@ fn mib(bytes: f64) -> f64 {
 
 /// Everything the outputs are made from.
 struct Report<'a> {
+    /// [`provenance`] at the start of the run.
+    source: Value,
     images_dir: &'a Path,
     names: &'a [String],
     sizes: &'a [u64],
@@ -1207,7 +1212,7 @@ impl Report<'_> {
             root.insert(k.to_string(), v);
         };
         put("machine", machine_info());
-        put("source", provenance());
+        put("source", self.source.clone());
         put("images_dir", json!(self.images_dir.display().to_string()));
         put("images", json!(images));
         put("image_bytes", json!(self.image_bytes));
@@ -1401,7 +1406,8 @@ fn decimate(samples: &[ksm::KsmSample], n: usize) -> Vec<ksm::KsmSample> {
         .collect()
 }
 
-/// Which engine was measured: the commit, and whether hv-mem had uncommitted changes.
+/// Which engine is measured: the commit, and whether hv-mem has uncommitted changes (taken when
+/// the run starts, which is when the release re-execution has just built it).
 fn provenance() -> Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1514,6 +1520,7 @@ mod tests {
         let ub = upper_bound::compute(&images.pages(), 4);
         let sizes: Vec<u64> = images.data.iter().map(|d| d.len() as u64).collect();
         let report = Report {
+            source: provenance(),
             images_dir: Path::new("synthetic"),
             names: &images.names,
             sizes: &sizes,
