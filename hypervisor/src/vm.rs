@@ -12,7 +12,7 @@ use guest_abi::{boot as gboot, ExitKind, VmInfo, VM_INFO_MAGIC};
 use hv_manifest::VmConfig;
 use hv_vm::{
     frames::FrameAllocator,
-    hypercall::{self, Args, Outcome},
+    hypercall::{self, Args, Outcome, Scratch},
     memory::{GuestMemory, PhysMemory},
     policy::{self, MsrAccess},
     sched::{self, Accounting, VmState},
@@ -115,6 +115,12 @@ pub struct Vm {
     console: LineBuffer,
     fx: Box<FxArea>,
     cr2: u64,
+    /// What the VmInfo hypercall returns; it never changes, so it is built once.
+    info: VmInfo,
+    /// Where hypercall arguments are copied out of guest memory. Kept per VM and never zeroed
+    /// per call: the hypercall layer only hands out the bytes it has just filled, and zeroing
+    /// 4 KiB on every VMCALL once cost more than the rest of the exit path together.
+    scratch: Box<Scratch>,
 }
 
 impl Vm {
@@ -167,7 +173,7 @@ impl Vm {
         fx.0[0..2].copy_from_slice(&0x037fu16.to_le_bytes()); // FCW: all x87 exceptions masked
         fx.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR: all SSE exceptions masked
         let eptp = ept.eptp(host.controls.ept_ad);
-        let vm = Self {
+        let mut vm = Self {
             name: config.name.clone(),
             target: format!("vm {}", config.name),
             id,
@@ -187,7 +193,10 @@ impl Vm {
             console: LineBuffer::default(),
             fx,
             cr2: 0,
+            info: VmInfo::default(),
+            scratch: Box::new([0; guest_abi::CONSOLE_WRITE_MAX as usize]),
         };
+        vm.info = vm.build_info();
         vm.init_vmcs(host, image_info.entry);
         // The EPT is new, but its root frame may have backed an earlier VM's EPT: drop any
         // translations the CPU still caches for it (SDM 29.4.3.1).
@@ -370,7 +379,7 @@ impl Vm {
         frames.free(self.vmcs);
     }
 
-    fn info(&self) -> VmInfo {
+    fn build_info(&self) -> VmInfo {
         let mut info = VmInfo {
             magic: VM_INFO_MAGIC,
             vm_id: self.id,
@@ -572,16 +581,15 @@ fn handle_vmcall(vm: &mut Vm) -> Next {
         a2: r.rdx,
         a3: r.r10,
     };
-    let info = vm.info();
-    let mut scratch = [0u8; guest_abi::CONSOLE_WRITE_MAX as usize];
     let mut phys = IdentityPhys;
+    // Disjoint field borrows: the outcome may point into `vm.scratch` while the console is fed.
     let (rax, next) = match hypercall::handle(
         args,
         &vm.memory,
         &mut phys,
-        &info,
+        &vm.info,
         &vm.acct.stats,
-        &mut scratch,
+        &mut vm.scratch,
     ) {
         Outcome::Return(v) => (v, Next::Resume),
         Outcome::Console(bytes) => {
