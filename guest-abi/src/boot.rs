@@ -7,7 +7,8 @@
 //!   the VM;
 //! - a flat GDT at [`GDT_GPA`] with a 64-bit code segment (selector 0x08) and a data segment
 //!   (selector 0x10); no IDT (IDTR limit 0): a guest that wants to catch exceptions loads its own;
-//! - `RFLAGS` = 0x2 (interrupts off), `RSP` = the top of memory, 16-byte aligned;
+//! - `RFLAGS` = 0x2 (interrupts off), `RSP` = the top of memory, 16-byte aligned (today
+//!   `memory_bytes - 16`);
 //! - `RDI` = guest-physical address of a [`BootInfo`] at [`BOOT_INFO_GPA`], followed by the
 //!   command line.
 //!

@@ -46,14 +46,16 @@ pub enum Hypercall {
     ConsoleWrite = 1,
     /// `exit(code) -> !`: stop this VM with an exit code; the call does not return.
     Exit = 2,
-    /// `vm_info(gpa, len) -> size`: write a [`VmInfo`] at `gpa`; `len` must be at least its size.
+    /// `vm_info(gpa, len) -> size`: write a [`VmInfo`] at `gpa`; `len` must be at least its size,
+    /// and the whole declared buffer `[gpa, gpa + len)` must lie in the VM's memory.
     VmInfo = 3,
     /// `yield() -> 0`: give the rest of this quantum to the other VMs.
     Yield = 4,
     /// `report(key_gpa, key_len, value) -> 0`: log `key=value` for tests and benchmarks; the key
-    /// is UTF-8, at most [`REPORT_KEY_MAX`] bytes, of `[A-Za-z0-9_.-]`.
+    /// is at most [`REPORT_KEY_MAX`] bytes of `[A-Za-z0-9_.-]` and not empty. The address range is
+    /// checked first: an empty key at a bad address is `BadAddress`, at a good one `BadArgument`.
     Report = 5,
-    /// `vm_stats(gpa, len) -> size`: write this VM's [`VmStats`] at `gpa`.
+    /// `vm_stats(gpa, len) -> size`: write this VM's [`VmStats`] at `gpa`; checked as `vm_info`.
     VmStats = 6,
     /// `nop() -> 0`: does nothing; measures the bare hypercall round trip.
     Nop = 7,
