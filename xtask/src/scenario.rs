@@ -15,7 +15,14 @@
 //! [cpu_fairness]          # optional, from the `[INFO] stats vm=NAME ... cpu_us=N` lines
 //! vms = ["busy-1", "busy-2"]
 //! tolerance = 0.20        # (max - min) / min of cpu_us
+//! end_tolerance = 0.10    # optional: spread of the VMs' `busy_end_tsc` reports over the run
 //! ```
+//!
+//! Equal work gives equal `cpu_us` under any scheduler, so `tolerance` checks the accounting.
+//! `end_tolerance` checks the scheduling: from each VM's `report busy_start_tsc=` and
+//! `report busy_end_tsc=` lines, `(last end - first end) / (last end - first start)`. A fair
+//! round robin ends equal work within about one round (a fraction of a percent); running the VMs
+//! one after the other spreads their ends over `(n - 1) / n` of the run.
 //!
 //! Everything here is pure (text in, verdict out), so it is unit-tested against sample logs.
 
@@ -75,6 +82,9 @@ pub struct Fairness {
     pub vms: Vec<String>,
     /// Largest allowed `(max - min) / min`.
     pub tolerance: f64,
+    /// Largest allowed spread of the VMs' end times over the run, when given.
+    #[serde(default)]
+    pub end_tolerance: Option<f64>,
 }
 
 /// A scenario found on disk.
@@ -182,6 +192,13 @@ impl Scenario {
             if !(fairness.tolerance.is_finite() && fairness.tolerance >= 0.0) {
                 return Err("cpu_fairness.tolerance must be a number >= 0".to_owned());
             }
+            if let Some(t) = fairness.end_tolerance {
+                if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+                    return Err(
+                        "cpu_fairness.end_tolerance must be a number from 0 to 1".to_owned()
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -204,6 +221,8 @@ pub struct FairnessReport {
     pub cpu_us: Vec<(String, u64)>,
     /// `(max - min) / min`.
     pub spread: f64,
+    /// `(last end - first end) / (last end - first start)` of the TSC reports, when checked.
+    pub end_spread: Option<f64>,
 }
 
 impl FairnessReport {
@@ -215,10 +234,14 @@ impl FairnessReport {
             .map(|(vm, us)| format!("{vm}={us}"))
             .collect();
         format!(
-            "cpu_fairness: cpu_us {}; spread {:.1}% (limit {:.1}%)",
+            "cpu_fairness: cpu_us {}; spread {:.1}% (limit {:.1}%){}",
             times.join(" "),
             self.spread * 100.0,
-            tolerance * 100.0
+            tolerance * 100.0,
+            match self.end_spread {
+                Some(e) => format!("; ends spread over {:.2}% of the run", e * 100.0),
+                None => String::new(),
+            }
         )
     }
 }
@@ -275,6 +298,16 @@ pub fn judge(scenario: &Scenario, log: &str) -> Verdict {
                         report.summary(fairness.tolerance)
                     ));
                 }
+                if let (Some(spread), Some(limit)) = (report.end_spread, fairness.end_tolerance) {
+                    if spread > limit {
+                        verdict.failures.push(format!(
+                            "scheduling not fair: equal work ended spread over {:.2}% of the run \
+                             (limit {:.2}%)",
+                            spread * 100.0,
+                            limit * 100.0
+                        ));
+                    }
+                }
                 verdict.fairness = Some(report);
             }
             Err(message) => verdict.failures.push(format!("cpu_fairness: {message}")),
@@ -321,7 +354,46 @@ fn check_fairness(fairness: &Fairness, lines: &[&str]) -> Result<FairnessReport,
         return Err(format!("a VM got no CPU time at all ({cpu_us:?})"));
     }
     let spread = (max - min) as f64 / min as f64;
-    Ok(FairnessReport { cpu_us, spread })
+    let end_spread = match fairness.end_tolerance {
+        Some(_) => Some(end_spread(&fairness.vms, lines)?),
+        None => None,
+    };
+    Ok(FairnessReport {
+        cpu_us,
+        spread,
+        end_spread,
+    })
+}
+
+/// The value of the last `[INFO] vm VM: report KEY=N` line.
+fn report_value(lines: &[&str], vm: &str, key: &str) -> Option<u64> {
+    let prefix = format!("[INFO] vm {vm}: report {key}=");
+    lines
+        .iter()
+        .rev()
+        .find_map(|line| line.split_once(prefix.as_str()))
+        .and_then(|(_, value)| value.trim().parse().ok())
+}
+
+/// `(last end - first end) / (last end - first start)` of the VMs' busy TSC reports.
+fn end_spread(vms: &[String], lines: &[&str]) -> Result<f64, String> {
+    let mut starts = Vec::with_capacity(vms.len());
+    let mut ends = Vec::with_capacity(vms.len());
+    for vm in vms {
+        let start = report_value(lines, vm, "busy_start_tsc")
+            .ok_or_else(|| format!("no busy_start_tsc report from vm {vm}"))?;
+        let end = report_value(lines, vm, "busy_end_tsc")
+            .ok_or_else(|| format!("no busy_end_tsc report from vm {vm}"))?;
+        if end <= start {
+            return Err(format!("vm {vm} reports its work ending before it started"));
+        }
+        starts.push(start);
+        ends.push(end);
+    }
+    let first_start = starts.iter().copied().min().unwrap_or(0);
+    let first_end = ends.iter().copied().min().unwrap_or(0);
+    let last_end = ends.iter().copied().max().unwrap_or(0);
+    Ok((last_end - first_end) as f64 / (last_end - first_start) as f64)
 }
 
 /// The last `n` lines of `log`.
@@ -374,6 +446,7 @@ reject = [": stopped:", "[ERROR]"]
         s.cpu_fairness = Some(Fairness {
             vms: vms.iter().map(|v| v.to_string()).collect(),
             tolerance,
+            end_tolerance: None,
         });
         s
     }
@@ -572,6 +645,62 @@ tolerance = 0.20
             "{:?}",
             verdict.failures
         );
+    }
+
+    /// The hello log plus busy TSC reports: both VMs start at 1000; they end at `end_a`, `end_b`.
+    fn log_with_ends(end_a: u64, end_b: u64) -> String {
+        format!(
+            "{HELLO_LOG}[INFO] vm hello-a: report busy_start_tsc=1000\n\
+             [INFO] vm hello-b: report busy_start_tsc=1000\n\
+             [INFO] vm hello-a: report busy_end_tsc={end_a}\n\
+             [INFO] vm hello-b: report busy_end_tsc={end_b}\n"
+        )
+    }
+
+    fn with_end_tolerance(end_tolerance: f64) -> Scenario {
+        let mut s = with_fairness(&["hello-a", "hello-b"], 0.05);
+        s.cpu_fairness.as_mut().unwrap().end_tolerance = Some(end_tolerance);
+        s
+    }
+
+    #[test]
+    fn interleaved_ends_pass_the_scheduling_check() {
+        // Ends 1,000 ticks apart over a 100,000-tick run: 1%.
+        let verdict = judge(&with_end_tolerance(0.10), &log_with_ends(100_000, 101_000));
+        assert!(verdict.passed(), "{:?}", verdict.failures);
+        let spread = verdict.fairness.unwrap().end_spread.unwrap();
+        assert!((spread - 1_000.0 / 100_000.0).abs() < 1e-12, "{spread}");
+    }
+
+    #[test]
+    fn sequential_ends_fail_the_scheduling_check() {
+        // One VM ran to completion before the other started its share: ends half a run apart.
+        let verdict = judge(&with_end_tolerance(0.10), &log_with_ends(51_000, 101_000));
+        assert_eq!(verdict.failures.len(), 1, "{:?}", verdict.failures);
+        assert!(
+            verdict.failures[0].starts_with("scheduling not fair")
+                && verdict.failures[0].contains("50.00%"),
+            "{:?}",
+            verdict.failures
+        );
+    }
+
+    #[test]
+    fn scheduling_check_needs_the_reports() {
+        let verdict = judge(&with_end_tolerance(0.10), HELLO_LOG);
+        assert_eq!(
+            verdict.failures,
+            vec!["cpu_fairness: no busy_start_tsc report from vm hello-a"]
+        );
+        let verdict = judge(&with_end_tolerance(0.10), &log_with_ends(900, 2000));
+        assert!(
+            verdict.failures[0].contains("ending before it started"),
+            "{:?}",
+            verdict.failures
+        );
+        let bad = HELLO_SCENARIO.to_owned()
+            + "[cpu_fairness]\nvms=[\"a\",\"b\"]\ntolerance=0.2\nend_tolerance=2.0\n";
+        assert!(parse(&bad).unwrap_err().contains("end_tolerance"));
     }
 
     #[test]
