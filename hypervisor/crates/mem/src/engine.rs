@@ -16,7 +16,7 @@ use crate::backend::{Access, DomainId, Frame, Gfn, MemoryBackend, Page, VmId, PA
 use crate::compress::{self, MAX_COMPRESSED};
 use crate::config::Config;
 use crate::error::{CorruptKind, Error};
-use crate::index::{SimTable, U64Map};
+use crate::index::{SimTable, U32Map};
 use crate::page::{
     hash_page, is_zero, similarity_keys, similarity_positions, zero_page_hash,
     MAX_SIMILARITY_BLOCKS,
@@ -24,7 +24,6 @@ use crate::page::{
 use crate::patch;
 use crate::stats::{Counters, Stats};
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -38,6 +37,16 @@ const F_STABLE: u8 = 2;
 const F_NO_GAIN: u8 = 4;
 /// The page is the entry for its hash in its domain's unstable index.
 const F_INDEXED: u8 = 8;
+/// The page has a write history the scanner saw (a share broken by a write, a hash that
+/// changed between visits, content that moved during a check, or an access before its first
+/// visit): it is merged only after its hash held for two consecutive visits.
+const F_WATCH: u8 = 16;
+/// The page (with its current content) was recorded in the similarity index.
+const F_SIM: u8 = 32;
+
+/// Smallest similarity index of a domain that has any entry (8 KiB), so that small domains
+/// do not thrash a table of a few sets.
+const MIN_SIM_ENTRIES: u64 = 1024;
 
 /// Similarity index values with this bit refer to an object, without it to a page (by its
 /// global page number).
@@ -61,27 +70,39 @@ enum Kind {
     Patched,
 }
 
-/// Per-page metadata: 16 bytes.
+/// Per-page metadata: 7 bytes (packed: it exists for every guest page, so every byte here is
+/// half a MiB per 256 MiB guest... times eight guests).
 #[derive(Clone, Copy, Debug)]
+#[repr(C, packed)]
 struct PageMeta {
-    hash: u64,
-    payload: u32,
+    /// Private pages: the content hash (XXH3-64, low 32 bits) seen at the last visit, valid
+    /// with `F_HASHED`. Other kinds: the payload (object id, or blob handle of a patch).
+    word: u32,
     kind: Kind,
     /// Consecutive scan visits without the accessed bit set.
     age: u8,
     flags: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<PageMeta>() == 16);
+const _: () = assert!(core::mem::size_of::<PageMeta>() == 7);
 
 impl PageMeta {
     const PRIVATE: PageMeta = PageMeta {
-        hash: 0,
-        payload: 0,
+        word: 0,
         kind: Kind::Private,
         age: 0,
         flags: 0,
     };
+
+    /// The payload of a non-private page.
+    fn payload(self) -> u32 {
+        self.word
+    }
+
+    /// The content hash of a private page (valid with `F_HASHED`).
+    fn hash(self) -> u32 {
+        self.word
+    }
 }
 
 /// Where an object's content is.
@@ -125,9 +146,10 @@ impl Store {
 /// A refcounted, immutable piece of page content shared by pages and patches of one domain.
 #[derive(Clone, Copy, Debug)]
 struct Object {
-    hash: u64,
-    /// A packed [`Store`].
-    store: u64,
+    /// Content hash (XXH3-64, low 32 bits): its key in the domain's shared index.
+    hash: u32,
+    /// A packed [`Store`], as two halves so that the object needs only 4-byte alignment.
+    store: [u32; 2],
     /// Pages in state Mapped or Unmapped that reference it.
     page_refs: u32,
     /// Of those, pages in state Mapped.
@@ -141,16 +163,21 @@ struct Object {
     compressible: bool,
 }
 
-const _: () = assert!(core::mem::size_of::<Object>() == 32);
+const _: () = assert!(core::mem::size_of::<Object>() == 28);
 
 impl Object {
     fn store(&self) -> Store {
-        Store::unpack(self.store)
+        Store::unpack(self.store[0] as u64 | (self.store[1] as u64) << 32)
     }
 
     fn set_store(&mut self, store: Store) {
-        self.store = store.pack();
+        self.store = split(store.pack());
     }
+}
+
+/// A packed [`Store`] as the two halves [`Object::store`] keeps.
+fn split(raw: u64) -> [u32; 2] {
+    [raw as u32, (raw >> 32) as u32]
 }
 
 struct VmSlot {
@@ -167,11 +194,16 @@ struct DomainIndex {
     id: DomainId,
     pages: u64,
     /// Content hash -> object (resident or compressed): the stable tree of KSM.
-    shared: U64Map,
-    /// Content hash -> private page seen stable with that hash: the unstable tree of KSM.
-    unstable: U64Map,
-    /// Similarity key -> page or object: candidate references for patches.
+    shared: U32Map,
+    /// Content hash -> private page (global page number) seen stable with that hash: the
+    /// unstable tree of KSM. Dropped when the engine converges.
+    unstable: U32Map,
+    /// Similarity key -> page or object: candidate references for patches. Sized by
+    /// `sources`, not by the domain's pages: zero pages and pages that merged with an
+    /// identical page never need an entry.
     similar: SimTable,
+    /// Pages and objects recorded in `similar` so far (its capacity follows this).
+    sources: u64,
     /// The domain's zero frame (one per domain: not even zeros are shared across domains).
     zero_frame: Option<Frame>,
     /// Pages of the domain mapped onto it.
@@ -190,10 +222,6 @@ struct Loc {
 impl Loc {
     fn gfn(self) -> Gfn {
         Gfn(self.gfn as u64)
-    }
-
-    fn packed(self) -> u64 {
-        ((self.slot as u64) << 32) | self.gfn as u64
     }
 }
 
@@ -256,12 +284,13 @@ pub enum FaultResolution {
 pub struct Engine {
     config: Config,
     positions: [u8; MAX_SIMILARITY_BLOCKS],
-    zero_hash: u64,
+    zero_hash: u32,
     vms: Vec<Option<VmSlot>>,
     /// `vms[i].base`, kept also for removed slots, for global page number lookups.
     slot_bases: Vec<u64>,
     next_base: u64,
-    vm_slots: BTreeMap<VmId, usize>,
+    /// VM id -> slot, sorted by id.
+    vm_slots: Vec<(VmId, usize)>,
     domains: Vec<DomainIndex>,
     objects: Vec<Object>,
     free_objects: Vec<u32>,
@@ -305,11 +334,11 @@ impl Engine {
         Ok(Engine {
             config,
             positions,
-            zero_hash: zero_page_hash(),
+            zero_hash: zero_page_hash() as u32,
             vms: Vec::new(),
             slot_bases: Vec::new(),
             next_base: 0,
-            vm_slots: BTreeMap::new(),
+            vm_slots: Vec::new(),
             domains: Vec::new(),
             objects: Vec::new(),
             free_objects: Vec::new(),
@@ -342,9 +371,10 @@ impl Engine {
     /// Registers a VM of `pages` pages (gfn `0..pages`) in sharing domain `domain`. Every page
     /// must be mapped writable onto a frame the VM owns (gfns with no mapping are skipped: holes).
     pub fn add_vm(&mut self, vm: VmId, domain: DomainId, pages: u64) -> Result<(), Error> {
-        if self.vm_slots.contains_key(&vm) {
-            return Err(Error::DuplicateVm(vm));
-        }
+        let pos = match self.vm_slots.binary_search_by_key(&vm, |&(id, _)| id) {
+            Ok(_) => return Err(Error::DuplicateVm(vm)),
+            Err(pos) => pos,
+        };
         if pages > u32::MAX as u64 || self.vms.len() >= (1 << 31) {
             return Err(Error::TooManyPages(vm));
         }
@@ -357,22 +387,17 @@ impl Engine {
                 self.domains.push(DomainIndex {
                     id: domain,
                     pages: 0,
-                    shared: U64Map::new(),
-                    unstable: U64Map::new(),
+                    shared: U32Map::new(),
+                    unstable: U32Map::new(),
                     similar: SimTable::with_capacity(0),
+                    sources: 0,
                     zero_frame: None,
                     zero_pages: 0,
                 });
                 self.domains.len() - 1
             }
         };
-        let per_page = self.config.similarity_entries_per_page as u64;
-        let dom = &mut self.domains[d];
-        dom.pages += pages;
-        if self.config.patching {
-            dom.similar
-                .resize((dom.pages.saturating_mul(per_page)).min(1 << 30) as usize);
-        }
+        self.domains[d].pages += pages;
         let slot = self.vms.len();
         self.vms.push(Some(VmSlot {
             id: vm,
@@ -382,7 +407,7 @@ impl Engine {
         }));
         self.slot_bases.push(self.next_base);
         self.next_base += pages;
-        self.vm_slots.insert(vm, slot);
+        self.vm_slots.insert(pos, (vm, slot));
         self.total_pages += pages;
         self.pages_private += pages;
         self.round_clean = false;
@@ -403,7 +428,7 @@ impl Engine {
         mem: &mut M,
         vm: VmId,
     ) -> Result<(), Error> {
-        let slot = *self.vm_slots.get(&vm).ok_or(Error::UnknownVm(vm))?;
+        let slot = self.slot_of(vm)?;
         let (domain, n) = {
             let s = self.slot(slot);
             (s.domain, s.pages.len())
@@ -423,19 +448,21 @@ impl Engine {
                 }
                 Kind::Mapped => {
                     mem.unmap(vm, at.gfn());
-                    let o = &mut self.objects[meta.payload as usize];
+                    let id = meta.payload();
+                    let o = &mut self.objects[id as usize];
                     o.page_refs -= 1;
                     o.mapped -= 1;
-                    self.note_orphan(meta.payload);
-                    self.release_if_unused(mem, meta.payload);
+                    self.note_orphan(id);
+                    self.release_if_unused(mem, id);
                 }
                 Kind::Unmapped => {
-                    self.objects[meta.payload as usize].page_refs -= 1;
-                    self.note_orphan(meta.payload);
-                    self.release_if_unused(mem, meta.payload);
+                    let id = meta.payload();
+                    self.objects[id as usize].page_refs -= 1;
+                    self.note_orphan(id);
+                    self.release_if_unused(mem, id);
                 }
                 Kind::Patched => {
-                    let blob = BlobRef::from_raw(meta.payload);
+                    let blob = BlobRef::from_raw(meta.payload());
                     if let Some(base) = self.patch_base(blob) {
                         self.objects[base as usize].patch_refs -= 1;
                         self.release_if_unused(mem, base);
@@ -453,9 +480,16 @@ impl Engine {
         self.domains[domain].pages -= n as u64;
         self.total_pages -= n as u64;
         self.vms[slot] = None;
-        self.vm_slots.remove(&vm);
+        self.vm_slots.retain(|&(id, _)| id != vm);
         log::info!("hv-mem: VM {} removed", vm.0);
         Ok(())
+    }
+
+    fn slot_of(&self, vm: VmId) -> Result<usize, Error> {
+        self.vm_slots
+            .binary_search_by_key(&vm, |&(id, _)| id)
+            .map(|i| self.vm_slots[i].1)
+            .map_err(|_| Error::UnknownVm(vm))
     }
 
     fn slot(&self, slot: usize) -> &VmSlot {
@@ -500,7 +534,7 @@ impl Engine {
     }
 
     fn locate(&self, vm: VmId, gfn: Gfn) -> Result<Loc, Error> {
-        let slot = *self.vm_slots.get(&vm).ok_or(Error::UnknownVm(vm))?;
+        let slot = self.slot_of(vm)?;
         let s = self.slot(slot);
         if gfn.0 >= s.pages.len() as u64 {
             return Err(Error::GfnOutOfRange { vm, gfn });
@@ -533,9 +567,11 @@ impl Engine {
         let m = self.meta_mut(at);
         let old = m.kind;
         m.kind = kind;
-        m.payload = payload;
+        m.word = payload;
         if reset {
-            m.flags = 0;
+            // Back to private after a fault: the guest is using the page, so it must prove
+            // stable again (two visits with one hash) before the scanner merges it.
+            m.flags = F_WATCH;
             m.age = 0;
         }
         self.count_kind(old, false);
@@ -553,18 +589,21 @@ impl Engine {
     fn unindex(&mut self, at: Loc) {
         let m = self.meta(at);
         if m.flags & F_INDEXED != 0 {
-            self.domains[at.domain]
-                .unstable
-                .remove_if(m.hash, at.packed());
+            if let Some(g) = self.global(at) {
+                self.domains[at.domain].unstable.remove_if(m.hash(), g);
+            }
             self.meta_mut(at).flags &= !F_INDEXED;
         }
     }
 
-    fn content_hash(&self, content: &Page) -> u64 {
+    /// The content hash the indexes use: XXH3-64 of the page, low 32 bits (an all-zero page,
+    /// found with an early-exit word test, gets the precomputed zero hash without hashing).
+    /// 32 bits are plenty for a hint that every user confirms byte for byte.
+    fn content_hash(&self, content: &Page) -> u32 {
         if is_zero(content) {
             self.zero_hash
         } else {
-            hash_page(content)
+            hash_page(content) as u32
         }
     }
 
@@ -575,6 +614,12 @@ impl Engine {
                 id
             }
             None => {
+                // Grow by a quarter rather than doubling: the table is metadata charged to
+                // the engine, and most objects are made in one or two rounds.
+                if self.objects.len() == self.objects.capacity() {
+                    let more = (self.objects.len() / 4).max(256);
+                    self.objects.reserve_exact(more);
+                }
                 self.objects.push(obj);
                 (self.objects.len() - 1) as u32
             }
@@ -623,9 +668,7 @@ impl Engine {
             Store::Blob(b) => self.blobs.free(b),
             Store::Free => return,
         }
-        self.domains[o.domain as usize]
-            .shared
-            .remove_if(o.hash, id as u64);
+        self.domains[o.domain as usize].shared.remove_if(o.hash, id);
         self.objects[id as usize].set_store(Store::Free);
         self.free_objects.push(id);
     }
@@ -719,9 +762,30 @@ impl Engine {
         }
         self.last_round_converged =
             self.round_clean && self.round_changes == 0 && self.round_pending == 0;
+        if self.last_round_converged {
+            self.drop_unstable();
+        }
         self.round_changes = 0;
         self.round_pending = 0;
         self.round_clean = true;
+    }
+
+    /// After a round that changed nothing, the unstable index only holds private pages that
+    /// found no twin and gain nothing from patching or compression: drop it (and the pages'
+    /// `F_INDEXED` marks). A page enters it again only when its content changes and holds
+    /// still (see `scan_private`), so the index is rebuilt from changed pages alone.
+    fn drop_unstable(&mut self) {
+        if self.domains.iter().all(|d| d.unstable.is_empty()) {
+            return;
+        }
+        for d in &mut self.domains {
+            d.unstable.clear();
+        }
+        for vm in self.vms.iter_mut().flatten() {
+            for m in vm.pages.iter_mut() {
+                m.flags &= !F_INDEXED;
+            }
+        }
     }
 
     /// Moves the cursor forward to the first page at or after it, wrapping past the last VM.
@@ -807,8 +871,8 @@ impl Engine {
         let meta = self.meta(at);
         match meta.kind {
             Kind::Private => self.scan_private(mem, at),
-            Kind::Mapped => self.scan_mapped(mem, at, meta.payload),
-            Kind::Unmapped => self.scan_unmapped(mem, meta.payload),
+            Kind::Mapped => self.scan_mapped(mem, at, meta.payload()),
+            Kind::Unmapped => self.scan_unmapped(mem, meta.payload()),
             Kind::Zero | Kind::Patched => Outcome::Final,
         }
     }
@@ -830,67 +894,91 @@ impl Engine {
         let dirty = mem.test_and_clear_dirty(at.vm, at.gfn());
         let age = self.age(at, accessed);
         let meta = self.meta(at);
+        let was_stable = meta.flags & F_STABLE != 0;
         if dirty || meta.flags & F_HASHED == 0 {
             let h = self.content_hash(mem.frame(frame));
             self.counters.pages_hashed += 1;
-            if meta.flags & F_HASHED == 0 || h != meta.hash {
-                // First visit or changed content: volatile for now. Remember the hash; the page
-                // becomes a candidate only if the next visit finds the same hash.
+            let first_sight = meta.flags & (F_HASHED | F_WATCH) == 0;
+            if first_sight && !accessed {
+                // Never seen before and not touched since it was mapped: nothing says it is
+                // volatile, so it is a candidate at once (merging it costs one fault if the
+                // guest writes it later; that write marks it F_WATCH).
+                let m = self.meta_mut(at);
+                m.word = h;
+                m.flags = F_HASHED;
+            } else if meta.flags & F_HASHED == 0 || h != meta.hash() {
+                // Changed content, a page back from a fault, or one the guest touched before
+                // the first visit: volatile for now. Remember the hash; the page becomes a
+                // candidate only if the next visit finds the same hash.
                 if meta.flags & F_HASHED != 0 {
                     self.counters.volatile_skips += 1;
                 }
                 self.unindex(at);
                 let m = self.meta_mut(at);
-                m.hash = h;
-                m.flags = F_HASHED;
+                m.word = h;
+                m.flags = F_HASHED | F_WATCH;
                 return Outcome::Pending;
             }
         }
         self.meta_mut(at).flags |= F_STABLE;
-        let h = meta.hash;
+        let h = self.meta(at).hash();
 
+        // Cheap merges first: the zero frame, then an identical object or page.
         if self.config.zero_pages && h == self.zero_hash && self.merge_zero(mem, at, frame) {
             return Outcome::Changed;
         }
+        let mut just_indexed = false;
         if self.config.share_identical {
             if let Some(obj) = self.domains[at.domain].shared.get(h) {
-                if self.join_object(mem, at, frame, obj as u32) {
+                if self.join_object(mem, at, frame, obj) {
                     return Outcome::Changed;
                 }
             }
-            let me = at.packed();
-            match self.domains[at.domain].unstable.get(h) {
-                Some(other) if other == me => {}
-                found => {
-                    let partner = found.and_then(|o| self.valid_partner(mem, o, at.domain, h));
-                    match partner {
-                        Some((p, pf)) => {
+            if let Some(me) = self.global(at) {
+                match self.domains[at.domain].unstable.get(h) {
+                    Some(other) if other == me => {}
+                    found => {
+                        let partner = found.and_then(|o| self.valid_partner(mem, o, at.domain, h));
+                        if let Some((p, pf)) = partner {
                             if self.pair(mem, at, frame, p, pf) {
                                 return Outcome::Changed;
                             }
-                        }
-                        None => {
+                        } else if !was_stable || found.is_some() {
+                            // A page enters the index when it turns stable (or takes over a
+                            // stale entry), not on every visit: after convergence drops the
+                            // index, unchanged pages stay out of it.
                             self.domains[at.domain].unstable.insert(h, me);
                             self.meta_mut(at).flags |= F_INDEXED;
+                            just_indexed = true;
                         }
                     }
                 }
             }
         }
+        // Expensive work (patch, LZ4) only for cold pages, and never on the visit that put
+        // the page in the unstable index: its identical twins (in later VMs of the round)
+        // must be able to find it there before it is patched or compressed.
         let cold = age >= self.config.cold_rounds;
-        if cold && self.meta(at).flags & F_NO_GAIN == 0 {
+        let defer = just_indexed && !was_stable;
+        if cold && !defer && self.meta(at).flags & F_NO_GAIN == 0 {
             match self.reduce_cold(mem, at, frame) {
                 Outcome::Changed => return Outcome::Changed,
                 Outcome::Pending => return Outcome::Pending,
                 Outcome::Final => self.meta_mut(at).flags |= F_NO_GAIN,
             }
         }
-        if self.config.patching {
+        // A page stays as it is: record it once as a candidate reference for similar pages,
+        // when cold processing left it alone, or at once when the guest is using it (it will
+        // not go cold soon). A page going cold is recorded when it is processed (as itself, or
+        // as the compressed object it becomes), which keeps the first round free of this work.
+        let flags = self.meta(at).flags;
+        if self.config.patching && flags & F_SIM == 0 && (flags & F_NO_GAIN != 0 || age == 0) {
             if let Some(g) = self.global(at) {
                 self.index_similar(mem, at.domain, frame, g);
+                self.meta_mut(at).flags |= F_SIM;
             }
         }
-        if cold || self.meta(at).flags & F_NO_GAIN != 0 {
+        if !defer && (cold || self.meta(at).flags & F_NO_GAIN != 0) {
             Outcome::Final
         } else {
             Outcome::Pending
@@ -996,7 +1084,7 @@ impl Engine {
     /// the hash so the next visit starts the stability check again.
     fn content_moved(&mut self, at: Loc) {
         self.unindex(at);
-        self.meta_mut(at).flags = 0;
+        self.meta_mut(at).flags = F_WATCH;
         self.counters.compare_mismatches += 1;
     }
 
@@ -1034,7 +1122,7 @@ impl Engine {
         frame: Frame,
         id: u32,
     ) -> bool {
-        let h = self.meta(at).hash;
+        let h = self.meta(at).hash();
         let Some(&o) = self.objects.get(id as usize) else {
             return false;
         };
@@ -1094,36 +1182,26 @@ impl Engine {
     fn valid_partner<M: MemoryBackend + ?Sized>(
         &self,
         mem: &M,
-        packed: u64,
+        global: u32,
         domain: usize,
-        h: u64,
+        h: u32,
     ) -> Option<(Loc, Frame)> {
-        let slot = (packed >> 32) as usize;
-        let gfn = (packed & 0xffff_ffff) as usize;
-        let vm = self.vms.get(slot)?.as_ref()?;
-        if vm.domain != domain {
+        let at = self.by_global(global)?;
+        if at.domain != domain {
             return None;
         }
-        let m = vm.pages.get(gfn)?;
+        let m = self.meta(at);
         if m.kind != Kind::Private || m.flags & (F_HASHED | F_STABLE) != F_HASHED | F_STABLE {
             return None;
         }
-        if m.hash != h {
+        if m.hash() != h {
             return None;
         }
-        let mapping = mem.mapping(vm.id, Gfn(gfn as u64))?;
+        let mapping = mem.mapping(at.vm, at.gfn())?;
         if !mapping.writable {
             return None;
         }
-        Some((
-            Loc {
-                slot,
-                gfn,
-                vm: vm.id,
-                domain,
-            },
-            mapping.frame,
-        ))
+        Some((at, mapping.frame))
     }
 
     /// Makes a new shared object out of two identical private pages: `other`'s frame becomes
@@ -1149,7 +1227,7 @@ impl Engine {
         let h = self.content_hash(mem.frame(other_frame));
         let id = self.new_object(Object {
             hash: h,
-            store: Store::Frame(other_frame).pack(),
+            store: split(Store::Frame(other_frame).pack()),
             page_refs: 2,
             mapped: 2,
             patch_refs: 0,
@@ -1163,7 +1241,7 @@ impl Engine {
         self.unindex(other);
         self.set_page(at, Kind::Mapped, id, false);
         self.set_page(other, Kind::Mapped, id, false);
-        self.domains[at.domain].shared.insert(h, id as u64);
+        self.domains[at.domain].shared.insert(h, id);
         if self.config.patching {
             self.index_similar(mem, at.domain, other_frame, OBJ_BIT | id);
         }
@@ -1182,9 +1260,17 @@ impl Engine {
         let mut keys = [None; MAX_SIMILARITY_BLOCKS];
         let n = self.config.similarity_blocks as usize;
         similarity_keys(mem.frame(frame), &self.positions[..n], &mut keys);
-        let table = &mut self.domains[domain].similar;
+        let per_source = self.config.similarity_entries_per_page as u64;
+        let d = &mut self.domains[domain];
+        d.sources += 1;
+        // Capacity follows the pages and objects that were recorded (never more than the
+        // domain's pages allow): grow by a quarter when it is exceeded, rehashing what is in.
+        let want = (d.sources.min(d.pages) * per_source).clamp(MIN_SIM_ENTRIES, 1 << 30) as usize;
+        if want > d.similar.capacity() {
+            d.similar.resize(want + want / 4);
+        }
         for k in keys.iter().flatten() {
-            table.insert(*k, value);
+            d.similar.insert(*k, value);
         }
     }
 
@@ -1202,7 +1288,7 @@ impl Engine {
         }
         Self::protect(mem, at, frame);
         let h = self.content_hash(mem.frame(frame));
-        if h != self.meta(at).hash {
+        if h != self.meta(at).hash() {
             Self::unprotect(mem, at, frame);
             self.content_moved(at);
             return Outcome::Pending;
@@ -1235,7 +1321,7 @@ impl Engine {
             if let Ok(blob) = self.blobs.store(&[&self.scratch_lz[..n]]) {
                 let id = self.new_object(Object {
                     hash: h,
-                    store: Store::Blob(blob).pack(),
+                    store: split(Store::Blob(blob).pack()),
                     page_refs: 1,
                     mapped: 0,
                     patch_refs: 0,
@@ -1244,7 +1330,7 @@ impl Engine {
                     compressible: true,
                 });
                 if self.config.share_identical {
-                    self.domains[at.domain].shared.insert(h, id as u64);
+                    self.domains[at.domain].shared.insert(h, id);
                 }
                 if self.config.patching {
                     // Compressed objects are patch references too: a similar page seen later
@@ -1401,7 +1487,7 @@ impl Engine {
         let h = self.content_hash(mem.frame(frame));
         let id = self.new_object(Object {
             hash: h,
-            store: Store::Frame(frame).pack(),
+            store: split(Store::Frame(frame).pack()),
             page_refs: 1,
             mapped: 1,
             patch_refs: 0,
@@ -1412,7 +1498,7 @@ impl Engine {
         self.unindex(at);
         self.set_page(at, Kind::Mapped, id, false);
         if self.config.share_identical {
-            self.domains[at.domain].shared.insert(h, id as u64);
+            self.domains[at.domain].shared.insert(h, id);
         }
         self.index_similar(mem, at.domain, frame, OBJ_BIT | id);
         id
@@ -1499,14 +1585,14 @@ impl Engine {
                 Ok(FaultResolution::ZeroFilled)
             }
             (Kind::Mapped, Access::Read) => {
-                if let Store::Frame(f) = self.objects[meta.payload as usize].store() {
+                if let Store::Frame(f) = self.objects[meta.payload() as usize].store() {
                     mem.map(vm, gfn, f, false);
                 }
                 Ok(FaultResolution::Spurious)
             }
             (Kind::Mapped | Kind::Unmapped, Access::Write) => self.break_share(mem, at, meta),
-            (Kind::Unmapped, Access::Read) => self.fault_in_shared(mem, at, meta.payload),
-            (Kind::Patched, _) => self.unpatch(mem, at, meta.payload),
+            (Kind::Unmapped, Access::Read) => self.fault_in_shared(mem, at, meta.payload()),
+            (Kind::Patched, _) => self.unpatch(mem, at, meta.payload()),
         };
         if result == Ok(FaultResolution::Spurious) {
             self.counters.faults_spurious += 1;
@@ -1556,7 +1642,7 @@ impl Engine {
         at: Loc,
         meta: PageMeta,
     ) -> Result<FaultResolution, Error> {
-        let id = meta.payload;
+        let id = meta.payload();
         let o = self.objects[id as usize];
         let was_mapped = meta.kind == Kind::Mapped;
         let sole = o.page_refs == 1 && o.patch_refs == 0;
@@ -1608,9 +1694,7 @@ impl Engine {
     /// Drops an object whose storage was handed over (no frame or blob to free).
     fn drop_object_slot(&mut self, id: u32) {
         let o = self.objects[id as usize];
-        self.domains[o.domain as usize]
-            .shared
-            .remove_if(o.hash, id as u64);
+        self.domains[o.domain as usize].shared.remove_if(o.hash, id);
         let o = &mut self.objects[id as usize];
         o.page_refs = 0;
         o.mapped = 0;
@@ -1725,7 +1809,7 @@ impl Engine {
                 out.copy_from_slice(mem.frame(m.frame));
             }
             Kind::Zero => out.fill(0),
-            Kind::Mapped | Kind::Unmapped => match self.objects[meta.payload as usize].store() {
+            Kind::Mapped | Kind::Unmapped => match self.objects[meta.payload() as usize].store() {
                 Store::Frame(f) => out.copy_from_slice(mem.frame(f)),
                 Store::Blob(b) => {
                     let data = self
@@ -1738,7 +1822,7 @@ impl Engine {
                 Store::Free => return Err(Self::corrupt(at, CorruptKind::Metadata)),
             },
             Kind::Patched => {
-                let blob = BlobRef::from_raw(meta.payload);
+                let blob = BlobRef::from_raw(meta.payload());
                 let base = self
                     .patch_base(blob)
                     .ok_or_else(|| Self::corrupt(at, CorruptKind::Metadata))?;
@@ -1818,12 +1902,17 @@ impl Engine {
             .iter()
             .map(|d| d.shared.heap_bytes() + d.unstable.heap_bytes() + d.similar.heap_bytes())
             .sum();
+        // Everything the engine holds on the heap besides the blob store: per-page state, the
+        // indexes, the object table and its free list, the VM and domain tables, the scratch
+        // buffers.
         s.bytes_metadata = (pages
             + indexes
             + self.objects.capacity() * core::mem::size_of::<Object>()
             + self.free_objects.capacity() * 4
             + self.vms.capacity() * core::mem::size_of::<Option<VmSlot>>()
             + self.slot_bases.capacity() * 8
+            + self.vm_slots.capacity() * core::mem::size_of::<(VmId, usize)>()
+            + self.domains.capacity() * core::mem::size_of::<DomainIndex>()
             + self.orphans.capacity() * 4
             + 4 * PAGE_SIZE
             + MAX_COMPRESSED) as u64;
@@ -1856,7 +1945,7 @@ impl Engine {
                         _ => return Err(format!("{}: not mapped on the zero frame", here())),
                     },
                     Kind::Mapped | Kind::Unmapped => {
-                        let id = m.payload as usize;
+                        let id = m.payload() as usize;
                         let o = self
                             .objects
                             .get(id)
@@ -1880,7 +1969,7 @@ impl Engine {
                             return Err(format!("{}: patched page is present", here()));
                         }
                         let base = self
-                            .patch_base(BlobRef::from_raw(m.payload))
+                            .patch_base(BlobRef::from_raw(m.payload()))
                             .ok_or_else(|| format!("{}: dangling patch", here()))?;
                         let o = self
                             .objects

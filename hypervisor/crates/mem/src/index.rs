@@ -1,38 +1,41 @@
-//! Hash indexes keyed by content hashes.
+//! Hash indexes keyed by (truncated) content hashes.
 //!
-//! Keys are XXH3 outputs, already uniformly distributed, so both tables use the key's low bits
-//! as the bucket directly (no second hash). Values are packed references that are never
-//! `u64::MAX`, which marks an empty slot.
+//! Keys are XXH3 outputs, already uniformly distributed, so both tables use the key bits
+//! directly to pick a bucket (no second hash). Values are packed references that are never
+//! `u32::MAX`, which marks an empty slot. Both tables store 8 bytes per slot: a 32-bit key
+//! (or tag) and a 32-bit value. Every hit is only a hint that the caller confirms (byte for
+//! byte, or by encoding a patch), so a 32-bit key that two different contents share costs at
+//! most a failed comparison or a missed opportunity, never a wrong result.
 //!
-//! - [`U64Map`]: exact map, open addressing with linear probing and backward-shift deletion,
-//!   grows at 50% load. Used for the identical-content indexes, where a lost entry would be a
-//!   lost share.
-//! - [`SimTable`]: lossy 4-way set-associative table of fixed capacity, 8 bytes per entry. Used
-//!   for the similarity index, whose entries are only hints (every hit is re-checked by encoding
-//!   a patch): a collision evicts an entry instead of growing the table, so its memory stays
-//!   bounded.
+//! - [`U32Map`]: exact map, open addressing with linear probing and backward-shift deletion,
+//!   grows at 3/4 load and shrinks when mostly empty. Used for the identical-content indexes,
+//!   where a lost entry would be a lost share.
+//! - [`SimTable`]: lossy 4-way set-associative table, 8 bytes per entry, whose capacity the
+//!   caller sets (and grows) to the number of pages that can use it. Used for the similarity
+//!   index, whose entries are only hints (every hit is re-checked by encoding a patch): a
+//!   collision evicts an entry instead of growing the table, so its memory stays bounded.
 
 use alloc::vec;
 use alloc::vec::Vec;
 
-const EMPTY: u64 = u64::MAX;
+const EMPTY: u32 = u32::MAX;
 
-/// Exact map from 64-bit hash to a packed reference.
-pub struct U64Map {
-    slots: Vec<(u64, u64)>,
+/// Exact map from a 32-bit key to a 32-bit value (never `u32::MAX`), 8 bytes per slot.
+pub struct U32Map {
+    slots: Vec<(u32, u32)>,
     len: usize,
 }
 
-impl Default for U64Map {
+impl Default for U32Map {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl U64Map {
+impl U32Map {
     /// An empty map (allocates on first insert).
     pub fn new() -> Self {
-        U64Map {
+        U32Map {
             slots: Vec::new(),
             len: 0,
         }
@@ -42,7 +45,7 @@ impl U64Map {
         self.slots.len() - 1
     }
 
-    fn find(&self, key: u64) -> Option<usize> {
+    fn find(&self, key: u32) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
         }
@@ -61,15 +64,15 @@ impl U64Map {
     }
 
     /// The value stored under `key`.
-    pub fn get(&self, key: u64) -> Option<u64> {
+    pub fn get(&self, key: u32) -> Option<u32> {
         self.find(key).map(|i| self.slots[i].1)
     }
 
     /// Inserts or replaces.
-    pub fn insert(&mut self, key: u64, value: u64) {
+    pub fn insert(&mut self, key: u32, value: u32) {
         debug_assert_ne!(value, EMPTY);
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.grow();
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.rebuild((self.slots.len() * 2).max(64));
         }
         let mask = self.mask();
         let mut i = key as usize & mask;
@@ -89,7 +92,7 @@ impl U64Map {
     }
 
     /// Removes `key` if it maps to `value` (so a stale owner never removes a newer entry).
-    pub fn remove_if(&mut self, key: u64, value: u64) -> bool {
+    pub fn remove_if(&mut self, key: u32, value: u32) -> bool {
         match self.find(key) {
             Some(i) if self.slots[i].1 == value => {
                 self.remove_at(i);
@@ -126,9 +129,8 @@ impl U64Map {
         }
     }
 
-    fn grow(&mut self) {
-        let new_cap = (self.slots.len() * 2).max(64);
-        let old = core::mem::replace(&mut self.slots, vec![(0, EMPTY); new_cap]);
+    fn rebuild(&mut self, cap: usize) {
+        let old = core::mem::replace(&mut self.slots, vec![(0, EMPTY); cap]);
         self.len = 0;
         for (k, v) in old {
             if v != EMPTY {
@@ -140,15 +142,14 @@ impl U64Map {
     /// Shrinks the table when it is mostly empty (after many removals), keeping every entry.
     pub fn compact(&mut self) {
         if self.slots.len() > 64 && self.len * 8 < self.slots.len() {
-            let want = (self.len * 4).next_power_of_two().max(64);
-            let old = core::mem::replace(&mut self.slots, vec![(0, EMPTY); want]);
-            self.len = 0;
-            for (k, v) in old {
-                if v != EMPTY {
-                    self.insert(k, v);
-                }
-            }
+            self.rebuild((self.len * 2).next_power_of_two().max(64));
         }
+    }
+
+    /// Drops every entry and the table's memory.
+    pub fn clear(&mut self) {
+        self.slots = Vec::new();
+        self.len = 0;
     }
 
     /// Number of entries.
@@ -163,17 +164,17 @@ impl U64Map {
 
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * core::mem::size_of::<(u64, u64)>()
+        self.slots.capacity() * core::mem::size_of::<(u32, u32)>()
     }
 }
 
 const WAYS: usize = 4;
-const EMPTY32: u32 = u32::MAX;
 
 /// Lossy set-associative map from a 64-bit key to a 32-bit reference, 8 bytes per entry: only
-/// the key's high 32 bits are kept (the tag), and the tag's low bits pick the set, so a resize
-/// can re-home every entry. A tag match on a different key (a 2^-32 chance per probe) only
-/// returns a wrong hint, which callers tolerate.
+/// the key's high 32 bits are kept (the tag), and the tag picks the set by multiply-shift
+/// (`tag * sets >> 32`), so the table can have any number of sets and a resize can re-home
+/// every entry. A tag match on a different key (a 2^-32 chance per probe) only returns a
+/// wrong hint, which callers tolerate.
 pub struct SimTable {
     slots: Vec<(u32, u32)>,
 }
@@ -185,12 +186,11 @@ impl Default for SimTable {
 }
 
 impl SimTable {
-    /// A table with room for at least `entries` entries (rounded to a power of two, at least one
-    /// set).
+    /// A table with room for at least `entries` entries (whole sets of 4; none for 0).
     pub fn with_capacity(entries: usize) -> Self {
-        let sets = entries.div_ceil(WAYS).next_power_of_two().max(1);
+        let sets = entries.div_ceil(WAYS);
         SimTable {
-            slots: vec![(0, EMPTY32); sets * WAYS],
+            slots: vec![(0, EMPTY); sets * WAYS],
         }
     }
 
@@ -200,8 +200,8 @@ impl SimTable {
     }
 
     fn set_of_tag(&self, tag: u32) -> usize {
-        let sets = self.slots.len() / WAYS;
-        (tag as usize & (sets - 1)) * WAYS
+        let sets = (self.slots.len() / WAYS) as u64;
+        ((tag as u64 * sets) >> 32) as usize * WAYS
     }
 
     fn tag(key: u64) -> u32 {
@@ -210,39 +210,46 @@ impl SimTable {
 
     /// The value stored under `key`, if it has not been evicted.
     pub fn get(&self, key: u64) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
         let tag = Self::tag(key);
         let s = self.set_of_tag(tag);
         self.slots[s..s + WAYS]
             .iter()
-            .find(|(t, v)| *v != EMPTY32 && *t == tag)
+            .find(|(t, v)| *v != EMPTY && *t == tag)
             .map(|&(_, v)| v)
     }
 
     /// Inserts or replaces; may evict another key of the same set. `value` must not be
-    /// `u32::MAX`.
+    /// `u32::MAX`. Does nothing while the table has no capacity.
     pub fn insert(&mut self, key: u64, value: u32) {
-        debug_assert_ne!(value, EMPTY32);
-        let tag = Self::tag(key);
-        self.insert_tagged(tag, value);
+        debug_assert_ne!(value, EMPTY);
+        if self.slots.is_empty() {
+            return;
+        }
+        self.insert_tagged(Self::tag(key), value);
     }
 
     fn insert_tagged(&mut self, tag: u32, value: u32) {
         let s = self.set_of_tag(tag);
         let set = &mut self.slots[s..s + WAYS];
-        if let Some(slot) = set.iter_mut().find(|(t, v)| *v == EMPTY32 || *t == tag) {
+        if let Some(slot) = set.iter_mut().find(|(t, v)| *v == EMPTY || *t == tag) {
             *slot = (tag, value);
             return;
         }
-        // Evict a way chosen by the tag's top bits: cheap and (for tables of fewer than 2^30
-        // sets) independent of the set index.
-        set[(tag >> 30) as usize % WAYS] = (tag, value);
+        // Evict a way chosen by the tag's low bits (the set comes from its high bits).
+        set[tag as usize % WAYS] = (tag, value);
     }
 
     /// Rebuilds with room for `entries`, keeping what fits.
     pub fn resize(&mut self, entries: usize) {
         let old = core::mem::replace(self, SimTable::with_capacity(entries));
+        if self.slots.is_empty() {
+            return;
+        }
         for (tag, v) in old.slots {
-            if v != EMPTY32 {
+            if v != EMPTY {
                 self.insert_tagged(tag, v);
             }
         }
@@ -260,29 +267,29 @@ mod tests {
 
     #[test]
     fn map_insert_get_remove_with_collisions() {
-        let mut m = U64Map::new();
+        let mut m = U32Map::new();
         // Keys sharing low bits collide into one probe run.
-        let keys: Vec<u64> = (0..200u64).map(|i| (i << 32) | 5).collect();
+        let keys: Vec<u32> = (0..200u32).map(|i| (i << 16) | 5).collect();
         for (i, &k) in keys.iter().enumerate() {
-            m.insert(k, i as u64);
+            m.insert(k, i as u32);
         }
         assert_eq!(m.len(), 200);
         for (i, &k) in keys.iter().enumerate() {
-            assert_eq!(m.get(k), Some(i as u64));
+            assert_eq!(m.get(k), Some(i as u32));
         }
         assert!(!m.remove_if(keys[3], 999), "wrong value keeps the entry");
         for (i, &k) in keys.iter().enumerate().step_by(2) {
-            assert!(m.remove_if(k, i as u64));
+            assert!(m.remove_if(k, i as u32));
         }
         for (i, &k) in keys.iter().enumerate() {
-            let want = if i % 2 == 0 { None } else { Some(i as u64) };
+            let want = if i % 2 == 0 { None } else { Some(i as u32) };
             assert_eq!(m.get(k), want, "key {i}");
         }
         m.insert(keys[1], 7);
         assert_eq!(m.get(keys[1]), Some(7));
         assert_eq!(m.len(), 100);
         for (i, &k) in keys.iter().enumerate().skip(1).step_by(2).skip(3) {
-            assert!(m.remove_if(k, i as u64));
+            assert!(m.remove_if(k, i as u32));
         }
         let before = m.heap_bytes();
         m.compact();
@@ -290,19 +297,21 @@ mod tests {
         assert_eq!(m.len(), 3);
         assert_eq!(m.get(keys[1]), Some(7));
         assert_eq!(m.get(keys[3]), Some(3));
+        m.clear();
+        assert_eq!((m.len(), m.heap_bytes(), m.get(keys[1])), (0, 0, None));
     }
 
     #[test]
     fn map_matches_model_under_random_ops() {
-        let mut m = U64Map::new();
+        let mut m = U32Map::new();
         let mut model = alloc::collections::BTreeMap::new();
         let mut x = 88172645463325252u64;
         for _ in 0..20_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let key = (x % 512) * 0x1000_0001; // few low-bit patterns: long probe runs
-            let val = x >> 40;
+            let key = ((x % 512) * 0x10_0001) as u32; // few low-bit patterns: long probe runs
+            let val = (x >> 40) as u32;
             if x & 1 == 0 {
                 m.insert(key, val);
                 model.insert(key, val);
@@ -335,5 +344,15 @@ mod tests {
         t.resize(64);
         assert_eq!(t.capacity(), 64);
         assert_eq!(t.get(key(999)), Some(5));
+        // Any number of sets, not only powers of two; an empty table holds nothing.
+        t.resize(20);
+        assert_eq!(t.capacity(), 20);
+        assert_eq!(t.get(key(999)), Some(5));
+        let mut e = SimTable::with_capacity(0);
+        e.insert(key(1), 1);
+        assert_eq!((e.capacity(), e.get(key(1))), (0, None));
+        e.resize(8);
+        e.insert(key(1), 1);
+        assert_eq!(e.get(key(1)), Some(1));
     }
 }

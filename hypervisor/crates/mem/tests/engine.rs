@@ -132,6 +132,109 @@ fn volatile_pages_are_skipped() {
     engine.check_consistency(&mem).unwrap();
 }
 
+#[test]
+fn untouched_pages_merge_on_their_first_visit_before_any_cold_work() {
+    let (a, b) = (VmId(1), VmId(2));
+    let common: Vec<Page> = (0..4).map(|i| text_page(i + 300)).collect();
+    let mut pa = common.clone();
+    pa.extend((0..4).map(|_| [0u8; PAGE_SIZE]));
+    let mut pb = common.clone();
+    pb.extend((0..4).map(|i| text_page(i + 400)));
+    let (mut engine, mut mem) = setup(Config::default(), &[(a, D0, &pa), (b, D0, &pb)]);
+    let rep = engine.scan_round(&mut mem);
+    assert_eq!(rep.rounds_completed, 1);
+    let s = engine.stats();
+    // One round: every zero page and every identical pair is merged...
+    assert_eq!(s.pages_zero, 4, "{s:?}");
+    assert_eq!(s.pages_shared, 8, "{s:?}");
+    assert_eq!(s.frames_saved_shared, 4);
+    // ...and nothing is patched or compressed yet: the other pages are not cold, and sit in
+    // the unstable index for twins still to come.
+    assert_eq!(s.pages_patched + s.objects_compressed, 0, "{s:?}");
+    assert_eq!(s.pages_private, 4);
+    assert_vm(&engine, &mem, a, &pa);
+    assert_vm(&engine, &mem, b, &pb);
+    engine.check_consistency(&mem).unwrap();
+    converge(&mut engine, &mut mem);
+    // Text pages compress once cold.
+    assert_eq!(engine.stats().pages_private, 0);
+    assert_vm(&engine, &mem, b, &pb);
+}
+
+#[test]
+fn a_page_touched_before_its_first_visit_waits_for_a_second_one() {
+    let (a, b) = (VmId(1), VmId(2));
+    let pages: Vec<Page> = (0..2).map(random_page).collect();
+    let (mut engine, mut mem) = setup(only_sharing(), &[(a, D0, &pages), (b, D0, &pages)]);
+    // The guest reads page 0 of both VMs before the scanner first sees them.
+    assert!(mem.touch(a, Gfn(0)) && mem.touch(b, Gfn(0)));
+    engine.scan_round(&mut mem);
+    let s = engine.stats();
+    assert_eq!(s.pages_shared, 2, "only the untouched pair: {s:?}");
+    assert!(mem.mapping(a, Gfn(0)).unwrap().writable);
+    engine.scan_round(&mut mem);
+    assert_eq!(
+        engine.stats().pages_shared,
+        4,
+        "same hash on the second visit"
+    );
+    converge(&mut engine, &mut mem);
+    assert_vm(&engine, &mem, a, &pages);
+}
+
+#[test]
+fn a_page_whose_share_a_write_broke_must_hold_still_before_it_merges_again() {
+    let (a, b) = (VmId(1), VmId(2));
+    let pages: Vec<Page> = (0..4).map(random_page).collect();
+    let (mut engine, mut mem) = setup(only_sharing(), &[(a, D0, &pages), (b, D0, &pages)]);
+    converge(&mut engine, &mut mem);
+    assert_eq!(engine.stats().pages_shared, 8);
+    // A rewrites page 1 with the bytes it already holds: a CoW break, same content as B's.
+    let r = access_write(&mut engine, &mut mem, a, Gfn(1), 0, &pages[1][..8]).unwrap();
+    assert_eq!(r, Some(FaultResolution::CopiedOnWrite));
+    // The next visit only takes its hash (the page has a write history now)...
+    engine.scan_round(&mut mem);
+    assert!(mem.mapping(a, Gfn(1)).unwrap().writable);
+    assert_eq!(engine.stats().pages_shared, 7);
+    // ...the one after finds the same hash and merges it back.
+    engine.scan_round(&mut mem);
+    assert!(!mem.mapping(a, Gfn(1)).unwrap().writable);
+    assert_eq!(engine.stats().pages_shared, 8);
+    assert_eq!(engine.stats().counters.cow_breaks, 1);
+    converge(&mut engine, &mut mem);
+    assert_vm(&engine, &mem, a, &pages);
+}
+
+#[test]
+fn the_unstable_index_is_dropped_at_convergence_and_rebuilt_from_changed_pages() {
+    let vm = VmId(1);
+    let mut pages: Vec<Page> = (0..200).map(|i| random_page(i + 900)).collect();
+    let (mut engine, mut mem) = setup(only_sharing(), &[(vm, D0, &pages)]);
+    engine.scan_round(&mut mem);
+    // 200 unique pages wait in the unstable index for twins.
+    let with_index = engine.stats().bytes_metadata;
+    converge(&mut engine, &mut mem);
+    let converged = engine.stats().bytes_metadata;
+    assert!(
+        converged + 200 * 8 <= with_index,
+        "{converged} vs {with_index}"
+    );
+    // Unchanged pages do not enter it again.
+    engine.scan_round(&mut mem);
+    assert_eq!(engine.stats().bytes_metadata, converged);
+    assert!(engine.converged());
+    // Two pages change to the same new content: they are new, hold still, and find each other.
+    let fresh = random_page(5);
+    for g in [3u64, 7] {
+        access_write(&mut engine, &mut mem, vm, Gfn(g), 0, &fresh).unwrap();
+        pages[g as usize] = fresh;
+    }
+    converge(&mut engine, &mut mem);
+    let s = engine.stats();
+    assert_eq!(s.pages_shared, 2, "{s:?}");
+    assert_vm(&engine, &mem, vm, &pages);
+}
+
 /// Returns `page` with a few bytes changed at `n` places.
 fn mutate(mut page: Page, seed: u64, n: usize) -> Page {
     let mut r = common::Rng(seed | 1);
