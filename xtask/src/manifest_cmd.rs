@@ -144,11 +144,22 @@ fn run(options: &Options, out: &mut dyn Write) -> Result<(), String> {
         }
         writeln!(
             out,
-            ": memory_mib={} image={} quantum_us={} vcpus={} cmdline={:?}",
-            vm.memory_mib, vm.image, vm.quantum_us, vm.vcpus, vm.cmdline
+            ": memory_mib={} image={} quantum_us={} vcpus={} sharing_domain={} cmdline={:?}",
+            vm.memory_mib, vm.image, vm.quantum_us, vm.vcpus, vm.sharing_domain, vm.cmdline
         )
         .map_err(io_err)?;
     }
+    let memory = &manifest.memory;
+    if memory.multiplex {
+        writeln!(
+            out,
+            "memory multiplexing: on, scan_pages={} scan_interval_us={}",
+            memory.scan_pages, memory.scan_interval_us
+        )
+    } else {
+        writeln!(out, "memory multiplexing: off")
+    }
+    .map_err(io_err)?;
     for error in &manifest.errors {
         writeln!(out, "error: {error}").map_err(io_err)?;
     }
@@ -274,10 +285,11 @@ mod tests {
         assert!(result.unwrap_err().ends_with(": 2 error(s)"));
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
-            lines[2..5],
+            lines[2..6],
             [
                 "ok: vm \"a\" (line 1): memory_mib=4 image=hello quantum_us=10000 vcpus=1 \
-                 cmdline=\"q\"",
+                 sharing_domain=0 cmdline=\"q\"",
+                "memory multiplexing: off",
                 "error: vm \"b\" (line 9): key \"memory_mib\": 128 MiB is more than the host's \
                  64 MiB",
                 "error: vm \"b\" (line 10): key \"image\": no image named \"missing\" is \

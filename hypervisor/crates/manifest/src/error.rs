@@ -89,13 +89,16 @@ pub enum Scope {
     TopLevel,
     /// The `[defaults]` table.
     Defaults,
+    /// The `[memory]` table.
+    Memory,
     /// The `index`-th `[[vm]]` (1-based, in file order). `name` is set when the entry has a valid
     /// name that no earlier VM uses; otherwise the VM is identified by its index.
     Vm { index: usize, name: Option<String> },
 }
 
 /// One problem in the manifest. A VM with at least one error is not started; errors outside any
-/// VM leave the VMs alone (except that a VM inheriting an invalid `[defaults]` value fails too).
+/// VM leave the VMs alone (except that a VM inheriting an invalid `[defaults]` value fails too,
+/// and an error in `[memory]` turns memory multiplexing off: the VMs run without it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestError {
     pub scope: Scope,
@@ -147,6 +150,7 @@ impl fmt::Display for ManifestError {
         match &self.scope {
             Scope::TopLevel => f.write_str("top level")?,
             Scope::Defaults => f.write_str("[defaults]")?,
+            Scope::Memory => f.write_str("[memory]")?,
             Scope::Vm {
                 name: Some(name), ..
             } => write!(f, "vm \"{name}\"")?,

@@ -17,6 +17,11 @@
 //! [defaults]
 //! quantum_us = 10000        # optional
 //!
+//! [memory]                  # optional: memory multiplexing (page sharing, patching, compression)
+//! multiplex = true          # default false
+//! scan_pages = 1024         # pages the scanner visits per step, default 1024
+//! scan_interval_us = 10000  # at most one scan step per interval, default 10000
+//!
 //! [[vm]]
 //! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
 //! memory_mib = 4            # required, >= 2
@@ -24,6 +29,7 @@
 //! cmdline = "verbose"       # optional, default ""
 //! quantum_us = 5000         # optional, default [defaults].quantum_us or 10000
 //! vcpus = 1                 # optional, default 1 (only 1 is supported for now)
+//! sharing_domain = 0        # optional, default 0: only VMs of one domain share memory
 //! ```
 //!
 //! The crate is `no_std` + `alloc`; it parses with the `toml` crate's spanned parse tree
@@ -61,6 +67,39 @@ pub const DEFAULT_QUANTUM_US: u64 = 10_000;
 /// Allowed `quantum_us`, in microseconds.
 pub const QUANTUM_US_RANGE: RangeInclusive<u64> = 100..=1_000_000;
 
+/// `scan_pages` when `[memory]` does not set it.
+pub const DEFAULT_SCAN_PAGES: u64 = 1024;
+/// Allowed `scan_pages`.
+pub const SCAN_PAGES_RANGE: RangeInclusive<u64> = 1..=1 << 20;
+/// `scan_interval_us` when `[memory]` does not set it.
+pub const DEFAULT_SCAN_INTERVAL_US: u64 = 10_000;
+/// Allowed `scan_interval_us`.
+pub const SCAN_INTERVAL_US_RANGE: RangeInclusive<u64> = 100..=10_000_000;
+/// Largest `sharing_domain`.
+pub const SHARING_DOMAIN_MAX: u64 = u32::MAX as u64;
+
+/// The `[memory]` table: whether and how fast the hypervisor multiplexes guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Run the memory engine (share, patch and compress guest pages). Off unless the manifest
+    /// turns it on, and off when `[memory]` has any error.
+    pub multiplex: bool,
+    /// Pages the scanner visits per scan step, within [`SCAN_PAGES_RANGE`].
+    pub scan_pages: u64,
+    /// At most one scan step per this many microseconds, within [`SCAN_INTERVAL_US_RANGE`].
+    pub scan_interval_us: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            multiplex: false,
+            scan_pages: DEFAULT_SCAN_PAGES,
+            scan_interval_us: DEFAULT_SCAN_INTERVAL_US,
+        }
+    }
+}
+
 /// One VM that passed every check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -76,6 +115,8 @@ pub struct VmConfig {
     pub quantum_us: u64,
     /// Number of vCPUs (always 1 for now).
     pub vcpus: u32,
+    /// VMs share, patch against and even compare each other's pages only within one domain.
+    pub sharing_domain: u32,
     /// 1-based line of the VM's `[[vm]]` header.
     pub line: Option<usize>,
 }
@@ -101,6 +142,8 @@ pub struct HostLimits<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Manifest {
     pub vms: Vec<VmConfig>,
+    /// `[memory]`, or its defaults.
+    pub memory: MemoryConfig,
     pub errors: Vec<ManifestError>,
 }
 

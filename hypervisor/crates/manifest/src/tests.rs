@@ -69,6 +69,7 @@ fn good_manifest() {
                 cmdline: "".into(),
                 quantum_us: 5000,
                 vcpus: 1,
+                sharing_domain: 0,
                 line: Some(5),
             },
             VmConfig {
@@ -78,6 +79,7 @@ fn good_manifest() {
                 cmdline: "verbose=1 answer=42".into(),
                 quantum_us: 1000,
                 vcpus: 1,
+                sharing_domain: 0,
                 line: Some(10),
             },
         ]
@@ -196,7 +198,7 @@ fn unknown_key_in_vm() {
         [
             "vm \"web-1\" (line 1): missing required key \"memory_mib\"",
             "vm \"web-1\" (line 3): unknown key \"memry_mib\" (known keys: name, memory_mib, \
-             image, cmdline, quantum_us, vcpus)",
+             image, cmdline, quantum_us, vcpus, sharing_domain)",
         ]
     );
     assert_eq!(m.vms, []);
@@ -210,7 +212,8 @@ fn unknown_key_in_vm() {
                 "image",
                 "cmdline",
                 "quantum_us",
-                "vcpus"
+                "vcpus",
+                "sharing_domain"
             ]
         }
     );
@@ -244,7 +247,7 @@ fn unknown_top_level_key() {
     let m = ok("title = \"x\"\n[[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n");
     assert_eq!(
         messages(&m),
-        ["top level (line 1): unknown key \"title\" (known keys: defaults, vm)"]
+        ["top level (line 1): unknown key \"title\" (known keys: defaults, memory, vm)"]
     );
     assert_eq!(m.errors[0].scope, Scope::TopLevel);
     assert_eq!(names(&m), ["a"]);
@@ -629,7 +632,7 @@ color = "red"
     assert_eq!(
         messages(&m),
         [
-            "top level (line 1): unknown key \"title\" (known keys: defaults, vm)",
+            "top level (line 1): unknown key \"title\" (known keys: defaults, memory, vm)",
             "vm #2 (line 9): key \"name\": \"bad one\" contains ' '; only A-Z a-z 0-9 _ . - are \
              allowed",
             "vm #2 (line 10): key \"memory_mib\": 1 is out of range 2..=17592186044415",
@@ -638,7 +641,7 @@ color = "red"
              supported for now",
             "vm \"too-big\" (line 22): key \"memory_mib\": 64 MiB is more than the host's 32 MiB",
             "vm \"too-big\" (line 24): unknown key \"color\" (known keys: name, memory_mib, \
-             image, cmdline, quantum_us, vcpus)",
+             image, cmdline, quantum_us, vcpus, sharing_domain)",
         ]
     );
     assert_eq!(
@@ -770,6 +773,7 @@ mod properties {
                     cmdline: cmdline[i].clone().unwrap_or_default(),
                     quantum_us: quantum[i].or(default_quantum).unwrap_or(DEFAULT_QUANTUM_US),
                     vcpus: 1,
+                    sharing_domain: 0,
                     line: Some(line),
                 });
             }
@@ -778,4 +782,81 @@ mod properties {
             prop_assert_eq!(m.vms, expected);
         }
     }
+}
+
+#[test]
+fn memory_multiplexing_is_off_by_default() {
+    let m = one_vm("");
+    assert_eq!(m.memory, MemoryConfig::default());
+    assert!(!m.memory.multiplex);
+    assert_eq!(m.memory.scan_pages, DEFAULT_SCAN_PAGES);
+    assert_eq!(m.memory.scan_interval_us, DEFAULT_SCAN_INTERVAL_US);
+    assert_eq!(m.vms[0].sharing_domain, 0);
+}
+
+#[test]
+fn memory_table_and_sharing_domains() {
+    let m = ok(
+        "[memory]\nmultiplex = true\nscan_pages = 256\nscan_interval_us = 500\n\n\
+                [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\nsharing_domain = 7\n\n\
+                [[vm]]\nname = \"b\"\nmemory_mib = 4\nimage = \"i\"\n",
+    );
+    assert_eq!(messages(&m), Vec::<String>::new());
+    assert_eq!(
+        m.memory,
+        MemoryConfig {
+            multiplex: true,
+            scan_pages: 256,
+            scan_interval_us: 500,
+        }
+    );
+    assert_eq!(m.vms[0].sharing_domain, 7);
+    assert_eq!(m.vms[1].sharing_domain, 0);
+}
+
+#[test]
+fn bad_memory_table_turns_multiplexing_off_and_keeps_the_vms() {
+    let m = ok(
+        "[memory]\nmultiplex = \"yes\"\nscan_pages = 0\nscan_rate = 5\n\n\
+                [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n",
+    );
+    assert_eq!(
+        messages(&m),
+        [
+            "[memory] (line 2): key \"multiplex\": expected boolean, found string",
+            "[memory] (line 3): key \"scan_pages\": 0 is out of range 1..=1048576",
+            "[memory] (line 4): unknown key \"scan_rate\" (known keys: multiplex, scan_pages, \
+             scan_interval_us)",
+        ]
+    );
+    assert!(!m.memory.multiplex);
+    assert_eq!(names(&m), ["a"]);
+    // Valid values before an error do not leave multiplexing on either.
+    let m = ok("[memory]\nmultiplex = true\nscan_interval_us = 5\n\n\
+                [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n");
+    assert_eq!(
+        messages(&m),
+        ["[memory] (line 3): key \"scan_interval_us\": 5 is out of range 100..=10000000"]
+    );
+    assert!(!m.memory.multiplex);
+    let m = ok("memory = 1\n[[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n");
+    assert_eq!(
+        messages(&m),
+        ["top level (line 1): key \"memory\": expected table, found integer"]
+    );
+}
+
+#[test]
+fn bad_sharing_domain_rejects_the_vm() {
+    let m = one_vm("sharing_domain = -1");
+    assert_eq!(
+        messages(&m),
+        ["vm \"a\" (line 5): key \"sharing_domain\": -1 is out of range 0..=4294967295"]
+    );
+    assert_eq!(m.vms, []);
+    let m = one_vm("sharing_domain = \"tenant-a\"");
+    assert_eq!(
+        messages(&m),
+        ["vm \"a\" (line 5): key \"sharing_domain\": expected integer, found string"]
+    );
 }

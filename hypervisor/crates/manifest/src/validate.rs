@@ -13,12 +13,14 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::{
-    ErrorKind, FatalError, HostLimits, Manifest, ManifestError, Scope, VmConfig, CMDLINE_MAX,
-    DEFAULT_QUANTUM_US, MEMORY_MIB_MAX, MEMORY_MIB_MIN, NAME_MAX, QUANTUM_US_RANGE,
+    ErrorKind, FatalError, HostLimits, Manifest, ManifestError, MemoryConfig, Scope, VmConfig,
+    CMDLINE_MAX, DEFAULT_QUANTUM_US, MEMORY_MIB_MAX, MEMORY_MIB_MIN, NAME_MAX, QUANTUM_US_RANGE,
+    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX,
 };
 
-const TOP_KEYS: &[&str] = &["defaults", "vm"];
+const TOP_KEYS: &[&str] = &["defaults", "memory", "vm"];
 const DEFAULTS_KEYS: &[&str] = &["quantum_us"];
+const MEMORY_KEYS: &[&str] = &["multiplex", "scan_pages", "scan_interval_us"];
 const VM_KEYS: &[&str] = &[
     "name",
     "memory_mib",
@@ -26,6 +28,7 @@ const VM_KEYS: &[&str] = &[
     "cmdline",
     "quantum_us",
     "vcpus",
+    "sharing_domain",
 ];
 const VM_REQUIRED: &[&str] = &["name", "memory_mib", "image"];
 
@@ -115,11 +118,13 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
 
     let mut vm = None;
     let mut defaults = None;
+    let mut memory = None;
     let mut unknown = Vec::new();
     for (key, value) in doc.get_ref().iter() {
         match key.get_ref().as_ref() {
             "vm" => vm = Some(value),
             "defaults" => defaults = Some(value),
+            "memory" => memory = Some(value),
             _ => unknown.push(key),
         }
     }
@@ -158,6 +163,10 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
         Some(value) => check_defaults(value, &mut errors),
         None => Inherited::Value(DEFAULT_QUANTUM_US),
     };
+    let memory = match memory {
+        Some(value) => check_memory(value, &mut errors),
+        None => MemoryConfig::default(),
+    };
 
     // Name -> line of the `name` key of the first VM that uses it.
     let mut names = BTreeMap::new();
@@ -168,8 +177,65 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
         .collect();
     Ok(Manifest {
         vms,
+        memory,
         errors: errors.into_sorted(),
     })
+}
+
+/// `[memory]`. Any error turns multiplexing off (the VMs then run with plain memory, which is
+/// always correct), after reporting every problem of the table.
+fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
+    let at = value.span().start;
+    let table = match value.get_ref() {
+        DeValue::Table(table) => table,
+        other => {
+            let kind = ErrorKind::WrongType {
+                expected: "table",
+                found: other.type_str(),
+            };
+            errors.push(at, Scope::TopLevel, Some("memory"), kind);
+            return MemoryConfig::default();
+        }
+    };
+    let mut config = MemoryConfig::default();
+    let mut bad = false;
+    for (key, value) in table.iter() {
+        let name: &str = key.get_ref();
+        let result = match name {
+            "multiplex" => match value.get_ref() {
+                DeValue::Boolean(b) => {
+                    config.multiplex = *b;
+                    Ok(())
+                }
+                other => Err(ErrorKind::WrongType {
+                    expected: "boolean",
+                    found: other.type_str(),
+                }),
+            },
+            "scan_pages" => integer_in(value, *SCAN_PAGES_RANGE.start(), *SCAN_PAGES_RANGE.end())
+                .map(|n| config.scan_pages = n),
+            "scan_interval_us" => integer_in(
+                value,
+                *SCAN_INTERVAL_US_RANGE.start(),
+                *SCAN_INTERVAL_US_RANGE.end(),
+            )
+            .map(|n| config.scan_interval_us = n),
+            _ => {
+                let kind = ErrorKind::UnknownKey { known: MEMORY_KEYS };
+                errors.push(key.span().start, Scope::Memory, Some(name), kind);
+                bad = true;
+                Ok(())
+            }
+        };
+        if let Err(kind) = result {
+            errors.push(value.span().start, Scope::Memory, Some(name), kind);
+            bad = true;
+        }
+    }
+    if bad {
+        config.multiplex = false;
+    }
+    config
 }
 
 fn check_defaults(value: &Value<'_>, errors: &mut Errors<'_>) -> Inherited {
@@ -247,6 +313,7 @@ fn check_vm(
     let mut cmdline = "";
     let mut quantum_us = None;
     let vcpus = 1;
+    let mut sharing_domain = 0;
 
     for (spanned_key, value) in table.iter() {
         let key: &str = spanned_key.get_ref();
@@ -292,6 +359,10 @@ fn check_vm(
             }),
             "quantum_us" => integer_in(value, *QUANTUM_US_RANGE.start(), *QUANTUM_US_RANGE.end())
                 .map(|q| quantum_us = Some(q)),
+            // The range keeps the value within u32.
+            "sharing_domain" => {
+                integer_in(value, 0, SHARING_DOMAIN_MAX).map(|d| sharing_domain = d as u32)
+            }
             "vcpus" => match value.get_ref() {
                 // Any other integer, even one that overflows, gets the "not supported"
                 // message rather than a range error: that is what the user needs to know.
@@ -363,6 +434,7 @@ fn check_vm(
             cmdline: cmdline.to_owned(),
             quantum_us,
             vcpus,
+            sharing_domain,
             line: Some(errors.lines.line(header)),
         });
     }
