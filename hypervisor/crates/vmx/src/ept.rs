@@ -166,6 +166,32 @@ impl Ept {
         })
     }
 
+    /// Reads and clears the accessed flag (bit 8) of the leaf of `gpa`; `None` if not mapped.
+    /// The flags are only written by the CPU when the EPTP enables them (SDM 29.3.5); clearing
+    /// one takes effect for the guest after the next INVEPT, which the caller issues.
+    pub fn take_accessed(&mut self, frames: &mut impl FrameSource, gpa: u64) -> Option<bool> {
+        self.take_flag(frames, gpa, ACCESSED)
+    }
+
+    /// Reads and clears the dirty flag (bit 9) of the leaf of `gpa`; as [`Self::take_accessed`].
+    pub fn take_dirty(&mut self, frames: &mut impl FrameSource, gpa: u64) -> Option<bool> {
+        self.take_flag(frames, gpa, DIRTY)
+    }
+
+    fn take_flag(&mut self, frames: &mut impl FrameSource, gpa: u64, flag: u64) -> Option<bool> {
+        if gpa >= GPA_LIMIT {
+            return None;
+        }
+        let (table, i) = self.leaf_slot(frames, gpa & !0xfff, false).ok()??;
+        let entry = &mut frames.table(table)[i];
+        if *entry & 0b111 == 0 {
+            return None;
+        }
+        let was = *entry & flag != 0;
+        *entry &= !flag;
+        Some(was)
+    }
+
     /// Every table frame of this hierarchy (PML4 included), for freeing the EPT.
     pub fn table_frames(&self, frames: &mut impl FrameSource, out: &mut impl FnMut(u64)) {
         fn walk(frames: &mut impl FrameSource, table: u64, level: u32, out: &mut impl FnMut(u64)) {
@@ -306,5 +332,29 @@ mod tests {
         // PML4 + PDPT + PD + 2 PTs.
         assert_eq!(seen.len(), 5);
         assert_eq!(*seen.last().unwrap(), ept.pml4());
+    }
+
+    #[test]
+    fn accessed_and_dirty_flags_are_read_and_cleared_per_leaf() {
+        let mut f = frames();
+        let mut ept = Ept::new(&mut f).unwrap();
+        ept.map(&mut f, 0x5000, 0x9_0000, EptPerms::RWX).unwrap();
+        ept.map(&mut f, 0x6000, 0xa_0000, EptPerms::RX).unwrap();
+        // What the CPU does on a guest write to 0x5000 (SDM 29.3.5): set A and D in the leaf.
+        let (table, i) = ept.leaf_slot(&mut f, 0x5000, false).unwrap().unwrap();
+        f.table(table)[i] |= ACCESSED | DIRTY;
+        assert_eq!(ept.take_accessed(&mut f, 0x5123), Some(true));
+        assert_eq!(ept.take_accessed(&mut f, 0x5000), Some(false));
+        assert_eq!(ept.take_dirty(&mut f, 0x5000), Some(true));
+        assert_eq!(ept.take_dirty(&mut f, 0x5000), Some(false));
+        // The neighbour's flags and every mapping stay as they were.
+        assert_eq!(ept.take_accessed(&mut f, 0x6000), Some(false));
+        let m = ept.translate(&mut f, 0x5000).unwrap();
+        assert_eq!((m.hpa, m.perms), (0x9_0000, EptPerms::RWX));
+        // Not mapped: no flag to read.
+        assert_eq!(ept.take_accessed(&mut f, 0x7000), None);
+        assert_eq!(ept.take_dirty(&mut f, GPA_LIMIT), None);
+        ept.unmap(&mut f, 0x6000);
+        assert_eq!(ept.take_accessed(&mut f, 0x6000), None);
     }
 }
