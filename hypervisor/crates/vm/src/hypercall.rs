@@ -77,7 +77,47 @@ fn valid_key(key: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Guest memory a hypercall will copy, if its arguments pass their length checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestAccess {
+    pub gpa: u64,
+    pub len: u64,
+    /// The hypervisor writes the range (a result structure) rather than reading it.
+    pub write: bool,
+}
+
+/// The guest range [`handle`] would read or write for `args`, so that the kernel can have the
+/// memory engine fault those pages in (or break their sharing, for a write) first. `None` when
+/// the call copies nothing or fails its length check before touching memory; the range itself
+/// is not checked here ([`handle`] answers `BadAddress` for a bad one).
+pub fn guest_access(args: &Args) -> Option<GuestAccess> {
+    let read = |gpa, len| GuestAccess {
+        gpa,
+        len,
+        write: false,
+    };
+    let result = |size: usize| {
+        let size = size as u64;
+        (args.a1 >= size).then_some(GuestAccess {
+            gpa: args.a0,
+            len: size,
+            write: true,
+        })
+    };
+    match Hypercall::from_raw(args.nr)? {
+        Hypercall::ConsoleWrite => (args.a1 <= CONSOLE_WRITE_MAX).then(|| read(args.a0, args.a1)),
+        Hypercall::Report => (args.a1 <= REPORT_KEY_MAX).then(|| read(args.a0, args.a1)),
+        Hypercall::VmInfo => result(core::mem::size_of::<VmInfo>()),
+        Hypercall::VmStats => result(core::mem::size_of::<VmStats>()),
+        Hypercall::Nop | Hypercall::Yield | Hypercall::Exit => None,
+    }
+}
+
 /// Decodes and checks one hypercall.
+///
+/// A page of the range that is in the VM's memory but not available to the copy (taken away or
+/// shared read-only by the memory engine) is answered with `BadAddress` as well; the kernel
+/// prevents that by faulting in every page [`guest_access`] names before it calls this.
 pub fn handle<'s>(
     args: Args,
     mem: &GuestMemory,
@@ -266,5 +306,57 @@ mod tests {
         assert_eq!(run(call(Hypercall::Nop, 1, 2, 3)).0, 0);
         assert_eq!(run(call(Hypercall::Exit, 7, 0, 0)), (7, None));
         assert_eq!(run(call(Hypercall::Yield, 0, 0, 0)), (0, None));
+    }
+
+    #[test]
+    fn guest_access_names_exactly_the_bytes_handle_copies() {
+        use core::mem::size_of;
+        let access = |nr: Hypercall, a0, a1| guest_access(&call(nr, a0, a1, 0));
+        let read = |gpa, len| {
+            Some(GuestAccess {
+                gpa,
+                len,
+                write: false,
+            })
+        };
+        assert_eq!(access(Hypercall::ConsoleWrite, 0x100, 9), read(0x100, 9));
+        assert_eq!(
+            access(Hypercall::ConsoleWrite, 0, CONSOLE_WRITE_MAX),
+            read(0, CONSOLE_WRITE_MAX)
+        );
+        assert_eq!(
+            access(Hypercall::ConsoleWrite, 0, CONSOLE_WRITE_MAX + 1),
+            None
+        );
+        assert_eq!(access(Hypercall::Report, 0x100, 9), read(0x100, 9));
+        assert_eq!(access(Hypercall::Report, 0x100, REPORT_KEY_MAX + 1), None);
+        // Results: only the structure is written, however large the declared buffer.
+        assert_eq!(
+            access(Hypercall::VmInfo, 0x200, 4096),
+            Some(GuestAccess {
+                gpa: 0x200,
+                len: size_of::<VmInfo>() as u64,
+                write: true
+            })
+        );
+        assert_eq!(
+            access(Hypercall::VmStats, 0x200, size_of::<VmStats>() as u64),
+            Some(GuestAccess {
+                gpa: 0x200,
+                len: size_of::<VmStats>() as u64,
+                write: true
+            })
+        );
+        assert_eq!(access(Hypercall::VmInfo, 0x200, 8), None);
+        for nr in [Hypercall::Nop, Hypercall::Yield, Hypercall::Exit] {
+            assert_eq!(access(nr, 0x100, 9), None);
+        }
+        assert_eq!(
+            guest_access(&Args {
+                nr: 999,
+                ..Args::default()
+            }),
+            None
+        );
     }
 }

@@ -1,10 +1,15 @@
-//! A VM's guest-physical memory: page `n` of `0..size` is backed by the host frame `frames[n]`.
+//! A VM's guest-physical memory: page `n` of `0..size` is backed by a host frame, or, while the
+//! memory engine holds it shared, patched or compressed, by a read-only frame or by nothing.
 //!
 //! Every copy between the hypervisor and a guest goes through [`GuestMemory::read`] and
 //! [`GuestMemory::write`], which check the whole range against the VM's size first (with
 //! overflow-safe arithmetic) and then split it at page boundaries, because consecutive guest
 //! pages are not consecutive host frames. A range that is not entirely inside the VM's memory is
-//! refused before a byte is copied, so a guest can only ever name its own memory.
+//! refused before a byte is copied, so a guest can only ever name its own memory. A range that
+//! touches a page the engine has taken away (not present), or that would write a read-only page
+//! (a frame shared with other VMs), is refused too, also before a byte is copied: the kernel
+//! first has the engine fault those pages in ([`GuestMemory::first_unavailable`] says which).
+//! This table mirrors the VM's EPT leaves; the kernel updates both together.
 
 use alloc::vec::Vec;
 
@@ -25,30 +30,94 @@ pub struct OutOfRange {
     pub len: u64,
 }
 
+/// Why a copy between the hypervisor and a guest was refused (nothing was copied).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessError {
+    /// The range is not entirely inside the VM's memory.
+    OutOfRange(OutOfRange),
+    /// The page at `gpa` is not present, or (for a write) not writable: the memory engine must
+    /// fault it in first.
+    Unavailable { gpa: u64 },
+}
+
+impl From<OutOfRange> for AccessError {
+    fn from(e: OutOfRange) -> Self {
+        Self::OutOfRange(e)
+    }
+}
+
+/// How a guest page is backed right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageMapping {
+    /// Host-physical address of the frame.
+    pub hpa: u64,
+    /// Whether the VM (and so the hypervisor on its behalf) may write it.
+    pub writable: bool,
+}
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 2;
+
 #[derive(Debug, Default)]
 pub struct GuestMemory {
-    frames: Vec<u64>,
+    /// Per guest page: frame address | [`PRESENT`] | [`WRITABLE`]; 0 when not present.
+    pages: Vec<u64>,
 }
 
 impl GuestMemory {
-    /// Memory backed by `frames` (host-physical, one per 4 KiB guest page, in GPA order).
+    /// Memory backed by `frames` (host-physical, 4 KiB aligned, one per 4 KiB guest page, in GPA
+    /// order), all present and writable.
     pub fn new(frames: Vec<u64>) -> Self {
-        Self { frames }
+        let pages = frames
+            .into_iter()
+            .map(|hpa| {
+                debug_assert_eq!(hpa % FRAME_SIZE, 0, "frames are 4 KiB aligned");
+                hpa | PRESENT | WRITABLE
+            })
+            .collect();
+        Self { pages }
     }
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.frames.len() as u64 * FRAME_SIZE
+        self.pages.len() as u64 * FRAME_SIZE
     }
 
-    /// The backing frames, in guest page order.
-    pub fn frames(&self) -> &[u64] {
-        &self.frames
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        self.pages.len() as u64
     }
 
-    /// Takes the frames back (for freeing them).
-    pub fn into_frames(self) -> Vec<u64> {
-        self.frames
+    /// How page `page` is backed; `None` if it is not present (or beyond the memory).
+    pub fn page(&self, page: u64) -> Option<PageMapping> {
+        let entry = *self.pages.get(usize::try_from(page).ok()?)?;
+        (entry & PRESENT != 0).then_some(PageMapping {
+            hpa: entry & !(FRAME_SIZE - 1),
+            writable: entry & WRITABLE != 0,
+        })
+    }
+
+    /// Records how page `page` is backed now (the caller has changed the EPT leaf to match).
+    /// Pages beyond the memory are ignored.
+    pub fn set_page(&mut self, page: u64, mapping: Option<PageMapping>) {
+        let Some(entry) = usize::try_from(page)
+            .ok()
+            .and_then(|p| self.pages.get_mut(p))
+        else {
+            return;
+        };
+        *entry = match mapping {
+            Some(m) => {
+                debug_assert_eq!(m.hpa % FRAME_SIZE, 0, "frames are 4 KiB aligned");
+                m.hpa | PRESENT | if m.writable { WRITABLE } else { 0 }
+            }
+            None => 0,
+        };
+    }
+
+    /// The frames of the present pages, in guest page order (for freeing them with the VM).
+    pub fn present_frames(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.pages()).filter_map(|p| self.page(p).map(|m| m.hpa))
     }
 
     /// Checks that `gpa..gpa+len` lies inside this VM's memory.
@@ -59,25 +128,53 @@ impl GuestMemory {
         }
     }
 
-    /// The host-physical address of `gpa`, if it is in this VM's memory.
+    /// The host-physical address of `gpa`, if it is in this VM's memory and present.
     pub fn translate(&self, gpa: u64) -> Option<u64> {
-        let frame = *self.frames.get(usize::try_from(gpa / FRAME_SIZE).ok()?)?;
-        Some(frame + gpa % FRAME_SIZE)
+        let m = self.page(gpa / FRAME_SIZE)?;
+        Some(m.hpa + gpa % FRAME_SIZE)
     }
 
-    /// Calls `f(hpa, offset_in_range, chunk_len)` for each page-sized piece of a checked range.
+    /// The first page of the (checked) range that a copy could not use now: not present, or
+    /// read-only when `write`. `Ok(None)` when the whole range is ready.
+    pub fn first_unavailable(
+        &self,
+        gpa: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Option<u64>, OutOfRange> {
+        self.check(gpa, len)?;
+        if len == 0 {
+            return Ok(None);
+        }
+        let (first, last) = (gpa / FRAME_SIZE, (gpa + len - 1) / FRAME_SIZE);
+        Ok((first..=last)
+            .find(|&p| match self.page(p) {
+                Some(m) => write && !m.writable,
+                None => true,
+            })
+            .map(|p| (p * FRAME_SIZE).max(gpa)))
+    }
+
+    /// Calls `f(hpa, offset_in_range, chunk_len)` for each page-sized piece of a range that is
+    /// in range and entirely available (checked before the first call).
     fn chunks(
         &self,
         gpa: u64,
         len: u64,
+        write: bool,
         mut f: impl FnMut(u64, usize, usize),
-    ) -> Result<(), OutOfRange> {
-        self.check(gpa, len)?;
+    ) -> Result<(), AccessError> {
+        if let Some(gpa) = self.first_unavailable(gpa, len, write)? {
+            return Err(AccessError::Unavailable { gpa });
+        }
         let mut done = 0u64;
         while done < len {
             let at = gpa + done;
             let n = (FRAME_SIZE - at % FRAME_SIZE).min(len - done);
-            let hpa = self.frames[(at / FRAME_SIZE) as usize] + at % FRAME_SIZE;
+            // first_unavailable found every page of the range present.
+            let Some(hpa) = self.translate(at) else {
+                return Err(AccessError::Unavailable { gpa: at });
+            };
             f(hpa, done as usize, n as usize);
             done += n;
         }
@@ -85,8 +182,13 @@ impl GuestMemory {
     }
 
     /// Copies guest memory at `gpa` into `buf`.
-    pub fn read(&self, phys: &impl PhysMemory, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
-        self.chunks(gpa, buf.len() as u64, |hpa, off, n| {
+    pub fn read(
+        &self,
+        phys: &impl PhysMemory,
+        gpa: u64,
+        buf: &mut [u8],
+    ) -> Result<(), AccessError> {
+        self.chunks(gpa, buf.len() as u64, false, |hpa, off, n| {
             phys.read(hpa, &mut buf[off..off + n])
         })
     }
@@ -97,8 +199,8 @@ impl GuestMemory {
         phys: &mut impl PhysMemory,
         gpa: u64,
         data: &[u8],
-    ) -> Result<(), OutOfRange> {
-        self.chunks(gpa, data.len() as u64, |hpa, off, n| {
+    ) -> Result<(), AccessError> {
+        self.chunks(gpa, data.len() as u64, true, |hpa, off, n| {
             phys.write(hpa, &data[off..off + n])
         })
     }
@@ -166,7 +268,7 @@ pub(crate) mod tests {
             if len as usize == data.len() {
                 assert_eq!(
                     mem.write(&mut phys, gpa, &data),
-                    Err(OutOfRange { gpa, len })
+                    Err(AccessError::OutOfRange(OutOfRange { gpa, len }))
                 );
             }
             assert!(mem.check(gpa, len).is_err());
@@ -176,5 +278,72 @@ pub(crate) mod tests {
         assert_eq!(mem.check(3 * 4096, 0), Ok(()));
         assert_eq!(mem.translate(3 * 4096), None);
         assert_eq!(mem.translate(u64::MAX), None);
+    }
+
+    #[test]
+    fn unavailable_pages_refuse_the_whole_copy() {
+        let (mut mem, mut phys) = scrambled();
+        // Page 1 taken away by the engine; page 2 shared read-only.
+        mem.set_page(1, None);
+        mem.set_page(
+            2,
+            Some(PageMapping {
+                hpa: FRAME_SIZE,
+                writable: false,
+            }),
+        );
+        assert_eq!(mem.first_unavailable(0, 4096, true), Ok(None));
+        assert_eq!(mem.first_unavailable(100, 5000, false), Ok(Some(4096)));
+        assert_eq!(
+            mem.first_unavailable(4096 + 7, 1, false),
+            Ok(Some(4096 + 7))
+        );
+        assert_eq!(mem.first_unavailable(2 * 4096, 10, false), Ok(None));
+        assert_eq!(
+            mem.first_unavailable(2 * 4096 + 3, 10, true),
+            Ok(Some(2 * 4096 + 3))
+        );
+        assert_eq!(mem.first_unavailable(5, 0, true), Ok(None));
+        assert!(mem.first_unavailable(3 * 4096, 1, false).is_err());
+        // A copy that touches page 1 copies nothing, not even the part in page 0.
+        assert_eq!(
+            mem.write(&mut phys, 4000, &[0xaa; 200]),
+            Err(AccessError::Unavailable { gpa: 4096 })
+        );
+        let mut buf = [0u8; 200];
+        assert_eq!(
+            mem.read(&phys, 4000, &mut buf),
+            Err(AccessError::Unavailable { gpa: 4096 })
+        );
+        // The hypervisor never writes a read-only (shared) frame, but may read it.
+        assert_eq!(
+            mem.write(&mut phys, 2 * 4096, &[1]),
+            Err(AccessError::Unavailable { gpa: 2 * 4096 })
+        );
+        assert!(phys.0.iter().all(|&b| b == 0));
+        assert_eq!(mem.read(&phys, 2 * 4096, &mut buf), Ok(()));
+        assert_eq!(mem.translate(4096), None);
+        assert_eq!(mem.translate(2 * 4096 + 1), Some(FRAME_SIZE + 1));
+        assert_eq!(
+            mem.present_frames().collect::<Vec<_>>(),
+            [2 * FRAME_SIZE, FRAME_SIZE]
+        );
+        // Mapped back writable, the copy goes through.
+        mem.set_page(
+            1,
+            Some(PageMapping {
+                hpa: 0,
+                writable: true,
+            }),
+        );
+        assert_eq!(mem.write(&mut phys, 4000, &[0xaa; 200]), Ok(()));
+        assert_eq!(
+            mem.page(1),
+            Some(PageMapping {
+                hpa: 0,
+                writable: true
+            })
+        );
+        assert_eq!(mem.page(3), None);
     }
 }
