@@ -13,6 +13,7 @@ extern crate alloc;
 mod acpi_tables;
 mod arch;
 mod boot;
+mod memmux;
 mod platform;
 mod serial;
 mod vm;
@@ -117,13 +118,24 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         }
     };
 
-    let mut vms = create_vms(&mbi, &host, &mut frames);
+    let (mut vms, memory) = create_vms(&mbi, &host, &mut frames);
     if vms.is_empty() {
         log::error!(target: "hv", "no VMs to run");
         platform::shutdown();
     }
+    let mut mux = if memory.multiplex {
+        memmux::MemMux::new(
+            &memory,
+            &vms,
+            host.tsc_hz,
+            host.controls.ept_ad,
+            host.caps.invept_single_context(),
+        )
+    } else {
+        None
+    };
     log::info!(target: "hv", "{} VMs created; running them round-robin", vms.len());
-    vm::run_all(&mut vms, &host);
+    vm::run_all(&mut vms, &host, &mut frames, mux.as_mut());
 
     let mut exited = 0;
     for v in &vms {
@@ -131,6 +143,9 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         if matches!(v.state, hv_vm::sched::VmState::Exited(_)) {
             exited += 1;
         }
+    }
+    if let Some(mux) = &mux {
+        mux.report();
     }
     log::info!(target: "hv", "all VMs stopped: {exited} exited, {} failed", vms.len() - exited);
     for v in vms {
@@ -246,11 +261,12 @@ fn module_bytes(m: &multiboot2::ModuleTag) -> &'static [u8] {
     }
 }
 
+/// Builds the VMs of the manifest; also returns its `[memory]` settings.
 fn create_vms(
     mbi: &BootInformation,
     host: &vm::HostVmx,
     frames: &mut FrameAllocator,
-) -> Vec<vm::Vm> {
+) -> (Vec<vm::Vm>, hv_manifest::MemoryConfig) {
     let mut images: Vec<(String, &'static [u8])> = Vec::new();
     let mut manifest: Option<&'static [u8]> = None;
     for m in mbi.module_tags() {
@@ -264,7 +280,7 @@ fn create_vms(
     }
     let Some(text) = manifest else {
         log::error!(target: "manifest", "no module named \"manifest\" (add `module2 /boot/manifest.toml manifest` to the GRUB entry)");
-        return Vec::new();
+        return (Vec::new(), Default::default());
     };
     let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
     let limits = hv_manifest::HostLimits {
@@ -275,7 +291,7 @@ fn create_vms(
         Ok(m) => m,
         Err(e) => {
             log::error!(target: "manifest", "{e}");
-            return Vec::new();
+            return (Vec::new(), Default::default());
         }
     };
     for e in &manifest.errors {
@@ -293,5 +309,5 @@ fn create_vms(
             Err(e) => log::error!(target: "hv", "vm \"{}\" not started: {e}", config.name),
         }
     }
-    vms
+    (vms, manifest.memory)
 }

@@ -21,10 +21,11 @@ use hv_vm::{
 use hv_vmx::{
     controls::VmcsControls,
     ept::{Ept, EptPerms, FrameSource},
-    exit::{self, reason, EptViolation, IoExit},
+    exit::{self, reason, EptAccess, EptViolation, IoExit},
     fields as f,
 };
 
+use crate::memmux::MemMux;
 use crate::platform::{cpuid, rdtsc};
 use crate::vmx::{self, vmread, vmwrite, GuestRegisters};
 
@@ -147,13 +148,13 @@ impl Vm {
             zero_frame(frame);
             backing.push(frame);
         }
-        let memory = GuestMemory::new(backing);
         let mut tables = TableFrames(frames);
         let mut ept = Ept::new(&mut tables).map_err(VmError::Ept)?;
-        for (page, &frame) in memory.frames().iter().enumerate() {
+        for (page, &frame) in backing.iter().enumerate() {
             ept.map(&mut tables, page as u64 * 4096, frame, EptPerms::RWX)
                 .map_err(VmError::Ept)?;
         }
+        let memory = GuestMemory::new(backing);
         let mut phys = IdentityPhys;
         for seg in &image_info.segments {
             let data = &image[seg.offset as usize..(seg.offset + seg.filesz) as usize];
@@ -373,10 +374,36 @@ impl Vm {
         for t in list {
             frames.free(t);
         }
-        for frame in self.memory.into_frames() {
+        // With memory multiplexing, the VM left the engine when it stopped, so every page still
+        // present is a private frame of its own; shared and zero frames are the engine's.
+        for frame in self.memory.present_frames() {
             frames.free(frame);
         }
         frames.free(self.vmcs);
+    }
+
+    pub fn sharing_domain(&self) -> u32 {
+        self.config.sharing_domain
+    }
+
+    pub fn memory_pages(&self) -> u64 {
+        self.memory.pages()
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    pub fn memory_mut(&mut self) -> &mut GuestMemory {
+        &mut self.memory
+    }
+
+    pub fn ept_mut(&mut self) -> &mut Ept {
+        &mut self.ept
+    }
+
+    pub fn eptp(&self) -> u64 {
+        self.eptp
     }
 
     fn build_info(&self) -> VmInfo {
@@ -455,6 +482,11 @@ enum Next {
     Reschedule,
     /// The VM stopped.
     Stopped,
+    /// The guest touched a page of its memory that the memory engine has taken away or made
+    /// read-only: have the engine fault it in, then re-enter the guest at the same instruction.
+    GuestFault { gpa: u64, write: bool },
+    /// A hypercall's buffer covers such a page: fault it in, then handle the VMCALL again.
+    HypercallFault { gpa: u64, write: bool },
 }
 
 fn advance_rip() {
@@ -472,7 +504,10 @@ fn inject_gp() {
 }
 
 /// Handles one VM exit of the current VM (its VMCS is current).
-fn handle_exit(vm: &mut Vm, host: &HostVmx) -> Next {
+///
+/// `multiplexed`: the memory engine manages this VM's pages, so an EPT violation inside its
+/// memory is the engine's to resolve rather than a fault of the guest.
+fn handle_exit(vm: &mut Vm, host: &HostVmx, multiplexed: bool) -> Next {
     let raw_reason = vmread(f::EXIT_REASON) as u32;
     if raw_reason & exit::EXIT_REASON_ENTRY_FAILURE != 0 {
         vm.acct.count_exit(ExitKind::Other);
@@ -532,6 +567,12 @@ fn handle_exit(vm: &mut Vm, host: &HostVmx) -> Next {
             let gpa = vmread(f::GUEST_PHYSICAL_ADDRESS);
             let v = EptViolation::from_qualification(vmread(f::EXIT_QUALIFICATION));
             let rip = vmread(f::GUEST_RIP);
+            if multiplexed && vm.memory.check(gpa, 1).is_ok() {
+                return Next::GuestFault {
+                    gpa,
+                    write: v.access == EptAccess::Write,
+                };
+            }
             if vm.memory.check(gpa, 1).is_err() {
                 let mib = vm.config.memory_mib;
                 vm.fail(format_args!(
@@ -581,6 +622,19 @@ fn handle_vmcall(vm: &mut Vm) -> Next {
         a2: r.rdx,
         a3: r.r10,
     };
+    // The hypervisor copies through GuestMemory, which refuses pages the memory engine holds
+    // (not present, or shared read-only): have them faulted in first, one page at a time.
+    if let Some(access) = hypercall::guest_access(&args) {
+        if let Ok(Some(gpa)) = vm
+            .memory
+            .first_unavailable(access.gpa, access.len, access.write)
+        {
+            return Next::HypercallFault {
+                gpa,
+                write: access.write,
+            };
+        }
+    }
     let mut phys = IdentityPhys;
     // Disjoint field borrows: the outcome may point into `vm.scratch` while the console is fed.
     let (rax, next) = match hypercall::handle(
@@ -702,8 +756,14 @@ fn switch_cpu_state(out: Option<&mut Vm>, into: &mut Vm) {
     }
 }
 
-/// Runs all VMs round-robin until every one has stopped.
-pub fn run_all(vms: &mut [Vm], host: &HostVmx) {
+/// Runs all VMs round-robin until every one has stopped. With `mux`, the memory engine scans
+/// between quanta and resolves the faults on pages it manages.
+pub fn run_all(
+    vms: &mut [Vm],
+    host: &HostVmx,
+    frames: &mut FrameAllocator,
+    mut mux: Option<&mut MemMux>,
+) {
     let rate = host.caps.preemption_timer_rate();
     let mut current: Option<usize> = None;
     let mut last_on_cpu: Option<usize> = None;
@@ -713,6 +773,9 @@ pub fn run_all(vms: &mut [Vm], host: &HostVmx) {
             break;
         };
         current = Some(i);
+        if let Some(mux) = mux.as_deref_mut() {
+            mux.maybe_scan(vms, frames);
+        }
         if last_on_cpu != Some(i) {
             let (out, into) = match last_on_cpu {
                 Some(j) if j < i => {
@@ -728,18 +791,21 @@ pub fn run_all(vms: &mut [Vm], host: &HostVmx) {
             switch_cpu_state(out, into);
             last_on_cpu = Some(i);
         }
-        let vm = &mut vms[i];
         // SAFETY: the VMCS belongs to this VM and was initialised by `init_vmcs`.
-        unsafe { vmx::vmptrld(vm.vmcs) };
-        let quantum = sched::us_to_tsc(vm.config.quantum_us, host.tsc_hz);
+        unsafe { vmx::vmptrld(vms[i].vmcs) };
+        let quantum = sched::us_to_tsc(vms[i].config.quantum_us, host.tsc_hz);
         let start = rdtsc();
-        vm.acct.schedule_in(start);
+        vms[i].acct.schedule_in(start);
         let deadline = start.saturating_add(quantum);
         vmwrite(
             f::PREEMPTION_TIMER_VALUE,
             sched::preemption_timer_value(quantum, rate).into(),
         );
         loop {
+            if let Some(mux) = mux.as_deref_mut() {
+                mux.before_entry(&vms[i], i);
+            }
+            let vm = &mut vms[i];
             if !host.controls.save_preemption_timer {
                 let left = deadline.saturating_sub(rdtsc());
                 vmwrite(
@@ -755,11 +821,40 @@ pub fn run_all(vms: &mut [Vm], host: &HostVmx) {
                 break;
             }
             vm.launched = true;
-            match handle_exit(vm, host) {
+            let mut next = handle_exit(vm, host, mux.is_some());
+            // A fault on a page the engine holds: resolve it, then go on where the VM was (the
+            // faulting instruction runs again; a hypercall is handled again).
+            while let Next::GuestFault { gpa, write } | Next::HypercallFault { gpa, write } = next {
+                let Some(mux) = mux.as_deref_mut() else {
+                    break; // handle_exit only asks for faults when the engine runs
+                };
+                if let Err(e) = mux.fault(vms, frames, i, gpa, write) {
+                    vms[i].fail(format_args!(
+                        "memory engine could not fault in gpa={gpa:#x} ({}): {e}",
+                        if write { "write" } else { "read" }
+                    ));
+                    next = Next::Stopped;
+                    break;
+                }
+                next = match next {
+                    Next::HypercallFault { .. } => handle_vmcall(&mut vms[i]),
+                    _ => Next::Resume,
+                };
+            }
+            match next {
                 Next::Resume => continue,
                 Next::Reschedule | Next::Stopped => break,
+                Next::GuestFault { .. } | Next::HypercallFault { .. } => {
+                    vms[i].fail(format_args!("memory fault without a memory engine"));
+                    break;
+                }
             }
         }
-        vm.acct.schedule_out(rdtsc(), host.tsc_hz);
+        vms[i].acct.schedule_out(rdtsc(), host.tsc_hz);
+        if vms[i].state != VmState::Runnable {
+            if let Some(mux) = mux.as_deref_mut() {
+                mux.remove_vm(vms, frames, i);
+            }
+        }
     }
 }

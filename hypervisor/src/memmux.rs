@@ -1,0 +1,359 @@
+//! Memory multiplexing on real VMs: the memory engine (`hv-mem`) driven over EPT.
+//!
+//! This module owns the engine instance and [`EptBackend`], the engine's [`MemoryBackend`] over
+//! the VMs' EPTs, their [`GuestMemory`] tables (which mirror the EPT leaves for the hypervisor's
+//! own copies) and the frame allocator. It decides *when* the engine runs: one scan step of
+//! `[memory] scan_pages` pages at most every `scan_interval_us`, between two quanta, and a fault
+//! whenever a guest (or the hypervisor on a guest's behalf, for a hypercall's buffer) touches a
+//! page the engine has taken away or made read-only. *What* happens to a page is the engine's
+//! business, and this module must not second-guess it; the exit handling and scheduling stay
+//! in [`crate::vm`].
+//!
+//! Translation caching: the engine's contract asks that a map or unmap be in force before the
+//! guest can observe memory again. The guests do not run while the engine does (one CPU, and the
+//! engine runs only in VM-exit context), so the backend marks the VM's EPT stale and
+//! [`MemMux::before_entry`] issues the INVEPT before that VM is entered next: one INVEPT per VM
+//! per scan step instead of one per page. The same holds for accessed/dirty flags cleared by the
+//! scanner: the CPU only sets a flag again once its cached translation is gone.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use hv_manifest::MemoryConfig;
+use hv_mem::{
+    Access, Config, DomainId, Engine, Frame, Gfn, Mapping, MemoryBackend, OutOfFrames, Page, Stats,
+    VmId, PAGE_SIZE,
+};
+use hv_vm::frames::FrameAllocator;
+use hv_vm::memory::PageMapping;
+use hv_vmx::ept::EptPerms;
+
+use crate::platform::rdtsc;
+use crate::vm::{TableFrames, Vm};
+use crate::vmx;
+
+/// The engine and its schedule.
+pub struct MemMux {
+    engine: Engine,
+    scan_pages: u64,
+    interval_tsc: u64,
+    tsc_hz: u64,
+    last_scan: u64,
+    /// Per VM (by index): its EPT changed since it last ran, so it needs an INVEPT.
+    stale: Vec<bool>,
+    /// EPT accessed/dirty flags are enabled (else every page counts as accessed and dirty).
+    ept_ad: bool,
+    invept_single: bool,
+    /// Host TSC ticks spent in scan steps and in faults, and how many of each.
+    scan_tsc: u64,
+    scans: u64,
+    fault_tsc: u64,
+    faults: u64,
+    /// The stats after the scan step that had saved the most frames by sharing, patching and
+    /// compression so far, and that step's number.
+    peak: Stats,
+    peak_scan: u64,
+}
+
+/// Why a fault could not be resolved.
+pub type FaultError = hv_mem::Error;
+
+impl MemMux {
+    /// Creates the engine and registers every VM (VM index = `VmId`). `None`, after logging why,
+    /// if the engine cannot be set up; the VMs then run with plain memory.
+    pub fn new(
+        config: &MemoryConfig,
+        vms: &[Vm],
+        tsc_hz: u64,
+        ept_ad: bool,
+        invept_single: bool,
+    ) -> Option<Self> {
+        let engine_config = Config {
+            pages_per_scan: usize::try_from(config.scan_pages).unwrap_or(usize::MAX),
+            ..Config::default()
+        };
+        let mut engine = match Engine::new(engine_config) {
+            Ok(engine) => engine,
+            Err(e) => {
+                log::error!(target: "mem", "memory multiplexing off: the engine refused its configuration: {e}");
+                return None;
+            }
+        };
+        for (i, vm) in vms.iter().enumerate() {
+            let domain = DomainId(vm.sharing_domain());
+            if let Err(e) = engine.add_vm(VmId(i as u32), domain, vm.memory_pages()) {
+                log::error!(target: "mem", "memory multiplexing off: cannot register vm {}: {e}", vm.name);
+                return None;
+            }
+        }
+        log::info!(target: "mem",
+            "memory multiplexing on: {} VMs, scan step {} pages every {} us, EPT A/D bits {}",
+            vms.len(), config.scan_pages, config.scan_interval_us,
+            if ept_ad { "yes" } else { "no (every page counts as recently used: no compression or patching)" });
+        Some(Self {
+            engine,
+            scan_pages: config.scan_pages,
+            interval_tsc: hv_vm::sched::us_to_tsc(config.scan_interval_us, tsc_hz),
+            tsc_hz,
+            last_scan: 0,
+            stale: vec![false; vms.len()],
+            ept_ad,
+            invept_single,
+            scan_tsc: 0,
+            scans: 0,
+            fault_tsc: 0,
+            faults: 0,
+            peak: Stats::default(),
+            peak_scan: 0,
+        })
+    }
+
+    fn backend<'a>(
+        &'a mut self,
+        vms: &'a mut [Vm],
+        frames: &'a mut FrameAllocator,
+    ) -> (&'a mut Engine, EptBackend<'a>) {
+        (
+            &mut self.engine,
+            EptBackend {
+                vms,
+                frames,
+                stale: &mut self.stale,
+                ept_ad: self.ept_ad,
+            },
+        )
+    }
+
+    /// Runs one scan step if the interval since the last one has passed.
+    pub fn maybe_scan(&mut self, vms: &mut [Vm], frames: &mut FrameAllocator) {
+        let start = rdtsc();
+        if start.wrapping_sub(self.last_scan) < self.interval_tsc && self.scans > 0 {
+            return;
+        }
+        let pages = self.scan_pages;
+        let (engine, mut backend) = self.backend(vms, frames);
+        engine.scan(&mut backend, pages);
+        let stats = engine.stats();
+        let end = rdtsc();
+        self.scan_tsc += end.wrapping_sub(start);
+        self.scans += 1;
+        self.last_scan = end;
+        if beyond_zero(&stats) > beyond_zero(&self.peak) {
+            self.peak = stats;
+            self.peak_scan = self.scans;
+        }
+    }
+
+    /// Resolves an access of VM `index` to `gpa` that its EPT (or its GuestMemory mirror) does
+    /// not allow: a page the engine shared, patched, compressed or mapped onto a zero frame.
+    pub fn fault(
+        &mut self,
+        vms: &mut [Vm],
+        frames: &mut FrameAllocator,
+        index: usize,
+        gpa: u64,
+        write: bool,
+    ) -> Result<(), FaultError> {
+        let start = rdtsc();
+        let access = if write { Access::Write } else { Access::Read };
+        let (engine, mut backend) = self.backend(vms, frames);
+        let result = engine.fault(&mut backend, VmId(index as u32), Gfn(gpa >> 12), access);
+        self.fault_tsc += rdtsc().wrapping_sub(start);
+        self.faults += 1;
+        result.map(|_| ())
+    }
+
+    /// Unregisters a VM that stopped: the engine drops its references (shared, zero, patched and
+    /// compressed pages), so that every page still present is a private frame the VM owns.
+    pub fn remove_vm(&mut self, vms: &mut [Vm], frames: &mut FrameAllocator, index: usize) {
+        let (engine, mut backend) = self.backend(vms, frames);
+        if let Err(e) = engine.remove_vm(&mut backend, VmId(index as u32)) {
+            log::error!(target: "mem", "removing vm {}: {e}", vms_name(&backend, index));
+        }
+    }
+
+    /// Drops the cached translations of VM `index` if the engine changed its EPT.
+    pub fn before_entry(&mut self, vm: &Vm, index: usize) {
+        if let Some(stale) = self.stale.get_mut(index) {
+            if *stale {
+                vmx::invept(vm.eptp(), self.invept_single);
+                *stale = false;
+            }
+        }
+    }
+
+    /// The closing statistics: the savings at their peak, and the costs and the engine's
+    /// cumulative event counters. The peak is the scan step with the most frames saved by
+    /// sharing, patching and compression: zero pages aside, because VMs are all zero pages
+    /// until their guests write, and VMs leave the engine as they stop, so neither the first
+    /// nor the final state shows what multiplexing achieves while the VMs run.
+    pub fn report(&self) {
+        let p = &self.peak;
+        let c = self.engine.stats().counters;
+        let us = |tsc: u64| hv_vm::sched::tsc_to_us(tsc, self.tsc_hz);
+        let net_kib = (p.frames_saved() * PAGE_SIZE as u64)
+            .saturating_sub(p.bytes_blob_heap + p.bytes_metadata)
+            / 1024;
+        log::info!(target: "mem",
+            "peak at scan {} of {}: pages={} saved_frames={} saved_zero={} saved_shared={} \
+             saved_patched={} saved_compressed={} net_saved_kib={} patch_bytes={} \
+             compressed_bytes={} blob_heap_bytes={} metadata_bytes={}",
+            self.peak_scan, self.scans, p.pages_total, p.frames_saved(), p.frames_saved_zero,
+            p.frames_saved_shared, p.frames_saved_patched, p.frames_saved_compressed, net_kib,
+            p.bytes_patches, p.bytes_compressed, p.bytes_blob_heap, p.bytes_metadata);
+        log::info!(target: "mem",
+            "work: scans={} scan_us={} faults={} fault_us={} rounds={} merges_zero={} \
+             merges_identical={} patches_made={} pages_compressed={} cow_breaks={} \
+             faults_zero={} faults_shared={} faults_patched={} faults_decompressed={} \
+             faults_out_of_frames={} volatile_skips={}",
+            self.scans, us(self.scan_tsc), self.faults, us(self.fault_tsc), c.rounds,
+            c.merges_zero, c.merges_identical, c.patches_made, c.pages_compressed, c.cow_breaks,
+            c.faults_zero, c.faults_shared, c.faults_patched, c.faults_decompressed,
+            c.faults_out_of_frames, c.volatile_skips);
+    }
+}
+
+/// Frames saved by sharing, patching and compression.
+fn beyond_zero(s: &Stats) -> u64 {
+    s.frames_saved_shared + s.frames_saved_patched + s.frames_saved_compressed
+}
+
+fn vms_name<'a>(backend: &'a EptBackend<'_>, index: usize) -> &'a str {
+    backend.vms.get(index).map_or("?", |vm| vm.name.as_str())
+}
+
+/// The engine's view of the VMs' memory: EPT leaves, the GuestMemory mirrors, host frames
+/// through the identity map, and the frame allocator.
+struct EptBackend<'a> {
+    vms: &'a mut [Vm],
+    frames: &'a mut FrameAllocator,
+    stale: &'a mut [bool],
+    ept_ad: bool,
+}
+
+impl EptBackend<'_> {
+    /// Sets the EPT leaf and the mirror of one guest page together.
+    fn set(&mut self, vm: VmId, gfn: Gfn, mapping: Option<(u64, bool)>) {
+        let index = vm.0 as usize;
+        let Some(v) = self.vms.get_mut(index) else {
+            return;
+        };
+        let mut tables = TableFrames(self.frames);
+        let gpa = gfn.0 << 12;
+        let result = match mapping {
+            Some((hpa, writable)) => {
+                let perms = if writable {
+                    EptPerms::RWX
+                } else {
+                    EptPerms::RX
+                };
+                v.ept_mut().map(&mut tables, gpa, hpa, perms)
+            }
+            None => {
+                v.ept_mut().unmap(&mut tables, gpa);
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => v.memory_mut().set_page(
+                gfn.0,
+                mapping.map(|(hpa, writable)| PageMapping { hpa, writable }),
+            ),
+            // Every guest page's leaf table exists from VM creation on, so remapping a page
+            // allocates nothing and cannot fail; if it did, the old leaf and mirror stay.
+            Err(e) => log::error!(target: "mem", "vm {}: remapping gpa {gpa:#x}: {e}", v.name),
+        }
+        if let Some(stale) = self.stale.get_mut(index) {
+            *stale = true;
+        }
+    }
+
+    fn take_flag(&mut self, vm: VmId, gfn: Gfn, dirty: bool) -> bool {
+        if !self.ept_ad {
+            return true; // the contract's conservative answer
+        }
+        let index = vm.0 as usize;
+        let mut tables = TableFrames(self.frames);
+        let Some(v) = self.vms.get_mut(index) else {
+            return true;
+        };
+        let gpa = gfn.0 << 12;
+        let was = if dirty {
+            v.ept_mut().take_dirty(&mut tables, gpa)
+        } else {
+            v.ept_mut().take_accessed(&mut tables, gpa)
+        };
+        if was == Some(true) {
+            // The CPU sets the flag again only after its cached translation is dropped.
+            if let Some(stale) = self.stale.get_mut(index) {
+                *stale = true;
+            }
+        }
+        was.unwrap_or(true)
+    }
+}
+
+const fn frame_hpa(frame: Frame) -> u64 {
+    frame.0 << 12
+}
+
+impl MemoryBackend for EptBackend<'_> {
+    fn mapping(&self, vm: VmId, gfn: Gfn) -> Option<Mapping> {
+        let m = self.vms.get(vm.0 as usize)?.memory().page(gfn.0)?;
+        Some(Mapping {
+            frame: Frame(m.hpa >> 12),
+            writable: m.writable,
+        })
+    }
+
+    fn map(&mut self, vm: VmId, gfn: Gfn, frame: Frame, writable: bool) {
+        self.set(vm, gfn, Some((frame_hpa(frame), writable)));
+    }
+
+    fn unmap(&mut self, vm: VmId, gfn: Gfn) {
+        self.set(vm, gfn, None);
+    }
+
+    fn frame(&self, frame: Frame) -> &Page {
+        // SAFETY: every frame the engine names came from the frame allocator (a VM's memory or
+        // `alloc_frame`): identity-mapped RAM below 4 GiB, 4 KiB aligned, not the kernel's. No
+        // guest runs while the engine holds this reference (one CPU, VM-exit context).
+        unsafe { &*(frame_hpa(frame) as *const Page) }
+    }
+
+    fn frame_mut(&mut self, frame: Frame) -> &mut Page {
+        // SAFETY: as in `frame`; the engine writes only frames it allocated and has not mapped
+        // yet, so nothing else refers to this one.
+        unsafe { &mut *(frame_hpa(frame) as *mut Page) }
+    }
+
+    fn copy_frame(&mut self, src: Frame, dst: Frame) {
+        // SAFETY: as in `frame`; the engine passes distinct frames, so the copies do not overlap.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                frame_hpa(src) as *const u8,
+                frame_hpa(dst) as *mut u8,
+                PAGE_SIZE,
+            )
+        };
+    }
+
+    fn alloc_frame(&mut self) -> Result<Frame, OutOfFrames> {
+        self.frames
+            .alloc()
+            .map(|hpa| Frame(hpa >> 12))
+            .ok_or(OutOfFrames)
+    }
+
+    fn free_frame(&mut self, frame: Frame) {
+        self.frames.free(frame_hpa(frame));
+    }
+
+    fn test_and_clear_accessed(&mut self, vm: VmId, gfn: Gfn) -> bool {
+        self.take_flag(vm, gfn, false)
+    }
+
+    fn test_and_clear_dirty(&mut self, vm: VmId, gfn: Gfn) -> bool {
+        self.take_flag(vm, gfn, true)
+    }
+}
