@@ -12,6 +12,10 @@
 //! images = ["hello"]      # test-guests binaries on the ISO
 //! expect = ["hello-a | Hello from the serial port"]  # substrings of some log line
 //! reject = ["stopped:"]   # substrings of no log line; [PANIC] and [FATAL] always
+//! [[at_least]]            # optional, any number: a figure of the log that must be reached
+//! line = "[INFO] mem: "   # the last line containing this ...
+//! key = "saved_shared"    # ... has a word saved_shared=N ...
+//! min = 1                 # ... with N >= 1
 //! [cpu_fairness]          # optional, from the `[INFO] stats vm=NAME ... cpu_us=N` lines
 //! vms = ["busy-1", "busy-2"]
 //! tolerance = 0.20        # (max - min) / min of cpu_us
@@ -72,6 +76,21 @@ pub struct Scenario {
     pub reject: Vec<String>,
     /// Optional CPU-time fairness check.
     pub cpu_fairness: Option<Fairness>,
+    /// Figures the log must reach: `key=N` words of a line.
+    #[serde(default)]
+    pub at_least: Vec<AtLeast>,
+}
+
+/// One `[[at_least]]`: in the last log line containing `line`, the word `key=N` has `N >= min`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtLeast {
+    /// A substring that picks the line (the last one that has it).
+    pub line: String,
+    /// The key of a `key=N` word of that line.
+    pub key: String,
+    /// The least acceptable N.
+    pub min: u64,
 }
 
 /// `[cpu_fairness]`.
@@ -289,6 +308,11 @@ pub fn judge(scenario: &Scenario, log: &str) -> Verdict {
             ));
         }
     }
+    for want in &scenario.at_least {
+        if let Err(message) = check_at_least(want, &lines) {
+            verdict.failures.push(message);
+        }
+    }
     if let Some(fairness) = &scenario.cpu_fairness {
         match check_fairness(fairness, &lines) {
             Ok(report) => {
@@ -314,6 +338,28 @@ pub fn judge(scenario: &Scenario, log: &str) -> Verdict {
         }
     }
     verdict
+}
+
+fn check_at_least(want: &AtLeast, lines: &[&str]) -> Result<(), String> {
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains(want.line.as_str()))
+        .ok_or_else(|| format!("at_least: no line contains {:?}", want.line))?;
+    let value = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(want.key.as_str())?.strip_prefix('='))
+        .ok_or_else(|| format!("at_least: no {}=N in {line:?}", want.key))?;
+    let n: u64 = value
+        .parse()
+        .map_err(|_| format!("at_least: {}={value} is not a number in {line:?}", want.key))?;
+    if n < want.min {
+        return Err(format!(
+            "at_least: {}={n} is below {} in {line:?}",
+            want.key, want.min
+        ));
+    }
+    Ok(())
 }
 
 /// `cpu_us` of every VM with a `[INFO] stats vm=NAME ... cpu_us=N` line (the last one wins).
@@ -742,5 +788,41 @@ tolerance = 0.20
         for s in scenarios {
             s.load().unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+
+    #[test]
+    fn at_least_checks_figures_of_the_last_matching_line() {
+        let log =
+            "[INFO] mem: saved_zero=0 saved_shared=3\n[INFO] mem: saved_zero=7 saved_shared=12\n";
+        let with = |key: &str, min: u64| {
+            let mut s = scenario(HELLO_SCENARIO);
+            s.expect = vec!["mem:".to_owned()];
+            s.reject.clear();
+            s.at_least = vec![AtLeast {
+                line: "[INFO] mem:".to_owned(),
+                key: key.to_owned(),
+                min,
+            }];
+            judge(&s, log).failures
+        };
+        assert!(with("saved_shared", 12).is_empty());
+        assert!(with("saved_zero", 1).is_empty());
+        assert_eq!(
+            with("saved_shared", 13),
+            ["at_least: saved_shared=12 is below 13 in \"[INFO] mem: saved_zero=7 saved_shared=12\""]
+        );
+        // `saved` must not match `saved_zero`: whole keys only.
+        assert!(with("saved", 0)[0].starts_with("at_least: no saved=N"));
+        let mut s = scenario(HELLO_SCENARIO);
+        s.at_least = vec![AtLeast {
+            line: "[INFO] nothing".to_owned(),
+            key: "x".to_owned(),
+            min: 0,
+        }];
+        assert!(judge(&s, HELLO_LOG)
+            .failures
+            .contains(&"at_least: no line contains \"[INFO] nothing\"".to_owned()));
+        let text = HELLO_SCENARIO.to_owned() + "[[at_least]]\nline = \"a\"\nkey = \"b\"\nmin = 2\n";
+        assert_eq!(parse(&text).unwrap().at_least.len(), 1);
     }
 }

@@ -1,0 +1,174 @@
+//! `memmux`: checks that memory multiplexing is invisible to a guest, and that it happened.
+//!
+//! Fills `pages=N` pages (default 256) from 2 MiB up with five kinds of content, in turn: zero
+//! pages; pages identical in every VM; pages identical in every VM but for 16 bytes that depend
+//! on `seed=S` (similar: patch material); text that names the VM and the page (unique to this VM
+//! but compressible); and pseudo-random bytes unique to this VM. Then it leaves them alone for
+//! `wait=W` yields (default 40) while the hypervisor's memory engine scans, reads everything back
+//! and compares a checksum with the one taken after filling, writes one byte in every page and
+//! checks again. The EPT-violation counter of `vm_stats` shows whether the engine had taken
+//! pages away (read faults: patched or compressed pages) and shared them (write faults: zero and
+//! identical pages made read-only). Reports `memmux_read_faults`, `memmux_write_faults` and
+//! `memmux_ok` (1 when both checksums matched), and exits with 0 only when both matched.
+//!
+//! The guest cannot tell *how* a page was kept; the scenario checks the engine's own counters
+//! in the hypervisor's `[INFO] mem:` line for that.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+use guest_abi::{guest, ExitKind};
+use test_guests::println;
+use test_guests::rt::{self, Boot, EXIT_USAGE};
+
+test_guests::entry!(guest_main);
+
+/// First byte of the region: above the image (linked at 1 MiB) and below the stack (at the top).
+const REGION: u64 = 2 << 20;
+const PAGE: usize = 4096;
+/// Room left for the stack under the top of memory.
+const STACK_ROOM: u64 = 256 << 10;
+
+/// xorshift64*: cheap, deterministic, full-period.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// The content of page `k` for VM `seed`, and, once `touched`, with the byte the write phase
+/// changes.
+fn fill(page: &mut [u8; PAGE], k: u64, seed: u64, touched: bool) {
+    match k % 5 {
+        0 => page.fill(0),
+        1 | 2 => {
+            let mut s = k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for chunk in page.chunks_exact_mut(8) {
+                chunk.copy_from_slice(&next(&mut s).to_le_bytes());
+            }
+            if k % 5 == 2 {
+                let at = (seed as usize * 64) % (PAGE - 16);
+                page[at..at + 16].fill(seed as u8 ^ 0xa5);
+            }
+        }
+        3 => {
+            let mut line = [0u8; 32];
+            let text = b"vm seed=0000 page=000000 text. ";
+            line[..text.len()].copy_from_slice(text);
+            line[8..12].copy_from_slice(&digits::<4>(seed));
+            line[18..24].copy_from_slice(&digits::<6>(k));
+            for chunk in page.chunks_exact_mut(32) {
+                chunk.copy_from_slice(&line);
+            }
+        }
+        _ => {
+            let mut s = (seed << 32 ^ k).wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
+            for chunk in page.chunks_exact_mut(8) {
+                chunk.copy_from_slice(&next(&mut s).to_le_bytes());
+            }
+        }
+    }
+    if touched {
+        page[(k as usize * 7) % PAGE] ^= 0x5a;
+    }
+}
+
+fn digits<const N: usize>(mut v: u64) -> [u8; N] {
+    let mut out = [b'0'; N];
+    for d in out.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    out
+}
+
+/// FNV-1a over 8-byte words: order-sensitive, enough to catch any changed byte.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.chunks_exact(8).fold(0xcbf2_9ce4_8422_2325, |h, w| {
+        (h ^ u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The checksum the region must have: every page regenerated.
+fn expected(pages: u64, seed: u64, touched: bool) -> u64 {
+    let mut page = [0u8; PAGE];
+    let mut h = 0u64;
+    for k in 0..pages {
+        fill(&mut page, k, seed, touched);
+        h = h.rotate_left(5) ^ checksum(&page);
+    }
+    h
+}
+
+fn region_checksum(region: &[u8]) -> u64 {
+    region
+        .chunks_exact(PAGE)
+        .fold(0u64, |h, page| h.rotate_left(5) ^ checksum(page))
+}
+
+fn ept_exits() -> u64 {
+    guest::vm_stats().map_or(0, |s| s.exits[ExitKind::EptViolation as usize])
+}
+
+fn guest_main(boot: &Boot) -> u64 {
+    let (pages, seed, wait) = match (
+        boot.cmdline.u64_or("pages", 256),
+        boot.cmdline.u64_or("seed", 1),
+        boot.cmdline.u64_or("wait", 40),
+    ) {
+        (Ok(p), Ok(s), Ok(w)) => (p, s, w),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return rt::usage_error(e),
+    };
+    let end = REGION + pages * PAGE as u64;
+    if pages == 0 || seed > 9999 || end + STACK_ROOM > boot.memory_bytes() {
+        println!(
+            "memmux: pages={pages} seed={seed} do not fit (memory {:#x}, seed <= 9999)",
+            boot.memory_bytes()
+        );
+        return EXIT_USAGE;
+    }
+    // SAFETY: REGION..end is this VM's own RAM (checked above against its size), identity-mapped
+    // by the boot page tables, and used by nothing else: the image lies below 2 MiB and the
+    // stack in the top STACK_ROOM bytes.
+    let region =
+        unsafe { core::slice::from_raw_parts_mut(REGION as *mut u8, (pages as usize) * PAGE) };
+    for (k, page) in region.chunks_exact_mut(PAGE).enumerate() {
+        let page: &mut [u8; PAGE] = page.try_into().unwrap_or_else(|_| unreachable!());
+        fill(page, k as u64, seed, false);
+    }
+    let filled = region_checksum(region);
+    println!(
+        "memmux: {pages} pages filled (seed {seed}), checksum {filled:#x}; waiting {wait} yields"
+    );
+    for _ in 0..wait {
+        guest::yield_now();
+    }
+
+    let before = ept_exits();
+    let read_back = region_checksum(core::hint::black_box(&*region));
+    let read_faults = ept_exits() - before;
+    let read_ok = read_back == filled && filled == expected(pages, seed, false);
+
+    let before = ept_exits();
+    for (k, page) in region.chunks_exact_mut(PAGE).enumerate() {
+        let at = (k * 7) % PAGE;
+        // Volatile: every page really is written, in order.
+        // SAFETY: `at` is inside the page.
+        unsafe {
+            let p = page.as_mut_ptr().add(at);
+            core::ptr::write_volatile(p, core::ptr::read_volatile(p) ^ 0x5a);
+        }
+    }
+    let write_faults = ept_exits() - before;
+    let written_ok = region_checksum(region) == expected(pages, seed, true);
+
+    println!(
+        "memmux: read back {} ({read_faults} EPT faults), written {} ({write_faults} EPT faults)",
+        if read_ok { "intact" } else { "CORRUPTED" },
+        if written_ok { "intact" } else { "CORRUPTED" }
+    );
+    rt::report("memmux_read_faults", read_faults);
+    rt::report("memmux_write_faults", write_faults);
+    let ok = read_ok && written_ok;
+    rt::report("memmux_ok", u64::from(ok));
+    u64::from(!ok)
+}
