@@ -21,8 +21,8 @@ use alloc::vec::Vec;
 
 use hv_manifest::MemoryConfig;
 use hv_mem::{
-    Access, Config, DomainId, Engine, Frame, Gfn, Mapping, MemoryBackend, OutOfFrames, Page, Stats,
-    VmId, PAGE_SIZE,
+    Access, Config, DomainId, Engine, FaultResolution, Frame, Gfn, Mapping, MemoryBackend,
+    OutOfFrames, Page, Stats, VmId, PAGE_SIZE,
 };
 use hv_vm::frames::FrameAllocator;
 use hv_vm::memory::PageMapping;
@@ -49,6 +49,10 @@ pub struct MemMux {
     scans: u64,
     fault_tsc: u64,
     faults: u64,
+    /// Of the faults, those on a hypercall's buffer rather than a guest access.
+    hypercall_faults: u64,
+    /// The last fault the engine found nothing to do for: (VM index, page, write).
+    last_spurious: Option<(usize, u64, bool)>,
     /// The stats after the scan step that had saved the most frames by sharing, patching and
     /// compression so far, and that step's number.
     peak: Stats,
@@ -56,7 +60,23 @@ pub struct MemMux {
 }
 
 /// Why a fault could not be resolved.
-pub type FaultError = hv_mem::Error;
+#[derive(Debug)]
+pub enum FaultError {
+    /// The engine refused (no free frame, a corrupt object, a page it does not manage).
+    Engine(hv_mem::Error),
+    /// The engine found the page already mapped as needed twice in a row for the same access:
+    /// re-entering the guest would only fault again, forever.
+    Stuck,
+}
+
+impl core::fmt::Display for FaultError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Engine(e) => write!(f, "{e}"),
+            Self::Stuck => f.write_str("the page is mapped as needed, yet the access still faults"),
+        }
+    }
+}
 
 impl MemMux {
     /// Creates the engine and registers every VM (VM index = `VmId`). `None`, after logging why,
@@ -103,6 +123,8 @@ impl MemMux {
             scans: 0,
             fault_tsc: 0,
             faults: 0,
+            hypercall_faults: 0,
+            last_spurious: None,
             peak: Stats::default(),
             peak_scan: 0,
         })
@@ -144,8 +166,9 @@ impl MemMux {
         }
     }
 
-    /// Resolves an access of VM `index` to `gpa` that its EPT (or its GuestMemory mirror) does
-    /// not allow: a page the engine shared, patched, compressed or mapped onto a zero frame.
+    /// Resolves an access of VM `index` to `gpa` that its EPT (or, for the hypervisor's copy of
+    /// a hypercall buffer, its GuestMemory mirror) does not allow: a page the engine shared,
+    /// patched, compressed or mapped onto a zero frame.
     pub fn fault(
         &mut self,
         vms: &mut [Vm],
@@ -153,14 +176,34 @@ impl MemMux {
         index: usize,
         gpa: u64,
         write: bool,
+        hypercall: bool,
     ) -> Result<(), FaultError> {
+        self.hypercall_faults += u64::from(hypercall);
         let start = rdtsc();
         let access = if write { Access::Write } else { Access::Read };
         let (engine, mut backend) = self.backend(vms, frames);
         let result = engine.fault(&mut backend, VmId(index as u32), Gfn(gpa >> 12), access);
         self.fault_tsc += rdtsc().wrapping_sub(start);
         self.faults += 1;
-        result.map(|_| ())
+        let this = (index, gpa >> 12, write);
+        match result {
+            Ok(FaultResolution::Spurious) => {
+                // Nothing to do: perhaps a translation cached from before the engine's last
+                // change to this VM. Drop the VM's cached translations and let it retry once.
+                if self.last_spurious.replace(this) == Some(this) {
+                    return Err(FaultError::Stuck);
+                }
+                if let Some(stale) = self.stale.get_mut(index) {
+                    *stale = true;
+                }
+                Ok(())
+            }
+            Ok(_) => {
+                self.last_spurious = None;
+                Ok(())
+            }
+            Err(e) => Err(FaultError::Engine(e)),
+        }
     }
 
     /// Unregisters a VM that stopped: the engine drops its references (shared, zero, patched and
@@ -202,11 +245,11 @@ impl MemMux {
             p.frames_saved_shared, p.frames_saved_patched, p.frames_saved_compressed, net_kib,
             p.bytes_patches, p.bytes_compressed, p.bytes_blob_heap, p.bytes_metadata);
         log::info!(target: "mem",
-            "work: scans={} scan_us={} faults={} fault_us={} rounds={} merges_zero={} \
+            "work: scans={} scan_us={} faults={} fault_us={} hypercall_faults={} rounds={} merges_zero={} \
              merges_identical={} patches_made={} pages_compressed={} cow_breaks={} \
              faults_zero={} faults_shared={} faults_patched={} faults_decompressed={} \
              faults_out_of_frames={} volatile_skips={}",
-            self.scans, us(self.scan_tsc), self.faults, us(self.fault_tsc), c.rounds,
+            self.scans, us(self.scan_tsc), self.faults, us(self.fault_tsc), self.hypercall_faults, c.rounds,
             c.merges_zero, c.merges_identical, c.patches_made, c.pages_compressed, c.cow_breaks,
             c.faults_zero, c.faults_shared, c.faults_patched, c.faults_decompressed,
             c.faults_out_of_frames, c.volatile_skips);

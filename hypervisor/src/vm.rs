@@ -828,7 +828,8 @@ pub fn run_all(
                 let Some(mux) = mux.as_deref_mut() else {
                     break; // handle_exit only asks for faults when the engine runs
                 };
-                if let Err(e) = mux.fault(vms, frames, i, gpa, write) {
+                let hypercall = matches!(next, Next::HypercallFault { .. });
+                if let Err(e) = mux.fault(vms, frames, i, gpa, write, hypercall) {
                     vms[i].fail(format_args!(
                         "memory engine could not fault in gpa={gpa:#x} ({}): {e}",
                         if write { "write" } else { "read" }
