@@ -130,6 +130,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
             host.tsc_hz,
             host.controls.ept_ad,
             host.caps.invept_single_context(),
+            HEAP.lock().free(),
         )
     } else {
         None

@@ -32,6 +32,10 @@ use crate::platform::rdtsc;
 use crate::vm::{TableFrames, Vm};
 use crate::vmx;
 
+/// Heap bytes per guest page the engine's metadata may take at most, for the admission check in
+/// [`MemMux::new`]: above every figure `cargo xtask bench mem` has measured (docs/benchmarks.md).
+const METADATA_BOUND_PER_PAGE: u64 = 64;
+
 /// The engine and its schedule.
 pub struct MemMux {
     engine: Engine,
@@ -81,13 +85,29 @@ impl core::fmt::Display for FaultError {
 impl MemMux {
     /// Creates the engine and registers every VM (VM index = `VmId`). `None`, after logging why,
     /// if the engine cannot be set up; the VMs then run with plain memory.
+    ///
+    /// The engine's metadata and its store of patches and compressed pages live on the
+    /// hypervisor's heap (`heap_free` bytes free now). An allocation failure there would stop the
+    /// whole hypervisor, so multiplexing is refused up front unless the metadata, at its bound
+    /// per page, fits in half of it; the store itself allocates fallibly and simply keeps pages
+    /// whole when the heap is full.
     pub fn new(
         config: &MemoryConfig,
         vms: &[Vm],
         tsc_hz: u64,
         ept_ad: bool,
         invept_single: bool,
+        heap_free: usize,
     ) -> Option<Self> {
+        let pages: u64 = vms.iter().map(Vm::memory_pages).sum();
+        let need = pages.saturating_mul(METADATA_BOUND_PER_PAGE);
+        if need > heap_free as u64 / 2 {
+            log::error!(target: "mem",
+                "memory multiplexing off: {pages} guest pages may need {} KiB of engine metadata, \
+                 more than half of the {} KiB free on the hypervisor heap",
+                need >> 10, heap_free >> 10);
+            return None;
+        }
         let engine_config = Config {
             pages_per_scan: usize::try_from(config.scan_pages).unwrap_or(usize::MAX),
             ..Config::default()
