@@ -764,6 +764,9 @@ impl Engine {
             self.round_clean && self.round_changes == 0 && self.round_pending == 0;
         if self.last_round_converged {
             self.drop_unstable();
+            // The object table grew by quarters while objects were made; give the slack back.
+            self.objects.shrink_to_fit();
+            self.free_objects.shrink_to_fit();
         }
         self.round_changes = 0;
         self.round_pending = 0;

@@ -1,14 +1,16 @@
 //! Hash indexes keyed by (truncated) content hashes.
 //!
-//! Keys are XXH3 outputs, already uniformly distributed, so both tables use the key bits
-//! directly to pick a bucket (no second hash). Values are packed references that are never
+//! Keys are XXH3 outputs, already uniformly distributed, so both tables pick a bucket straight
+//! from the key by multiply-shift (`key * buckets >> 32`, no second hash), which lets a table
+//! have any size rather than a power of two: memory follows the entries, not the next power
+//! of two. Values are packed references that are never
 //! `u32::MAX`, which marks an empty slot. Both tables store 8 bytes per slot: a 32-bit key
 //! (or tag) and a 32-bit value. Every hit is only a hint that the caller confirms (byte for
 //! byte, or by encoding a patch), so a 32-bit key that two different contents share costs at
 //! most a failed comparison or a missed opportunity, never a wrong result.
 //!
 //! - [`U32Map`]: exact map, open addressing with linear probing and backward-shift deletion,
-//!   grows at 3/4 load and shrinks when mostly empty. Used for the identical-content indexes,
+//!   grows by half at 80% load and shrinks when mostly empty. Used for the identical-content indexes,
 //!   where a lost entry would be a lost share.
 //! - [`SimTable`]: lossy 4-way set-associative table, 8 bytes per entry, whose capacity the
 //!   caller sets (and grows) to the number of pages that can use it. Used for the similarity
@@ -41,16 +43,26 @@ impl U32Map {
         }
     }
 
-    fn mask(&self) -> usize {
-        self.slots.len() - 1
+    /// The bucket a key probes first.
+    #[inline]
+    fn home(&self, key: u32) -> usize {
+        ((key as u64 * self.slots.len() as u64) >> 32) as usize
+    }
+
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() {
+            0
+        } else {
+            i + 1
+        }
     }
 
     fn find(&self, key: u32) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
         }
-        let mask = self.mask();
-        let mut i = key as usize & mask;
+        let mut i = self.home(key);
         loop {
             let (k, v) = self.slots[i];
             if v == EMPTY {
@@ -59,7 +71,7 @@ impl U32Map {
             if k == key {
                 return Some(i);
             }
-            i = (i + 1) & mask;
+            i = self.next(i);
         }
     }
 
@@ -71,11 +83,10 @@ impl U32Map {
     /// Inserts or replaces.
     pub fn insert(&mut self, key: u32, value: u32) {
         debug_assert_ne!(value, EMPTY);
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
-            self.rebuild((self.slots.len() * 2).max(64));
+        if (self.len + 1) * 5 > self.slots.len() * 4 {
+            self.rebuild((self.slots.len() + self.slots.len() / 2).max(64));
         }
-        let mask = self.mask();
-        let mut i = key as usize & mask;
+        let mut i = self.home(key);
         loop {
             let (k, v) = self.slots[i];
             if v == EMPTY {
@@ -87,7 +98,7 @@ impl U32Map {
                 self.slots[i].1 = value;
                 return;
             }
-            i = (i + 1) & mask;
+            i = self.next(i);
         }
     }
 
@@ -103,19 +114,18 @@ impl U32Map {
     }
 
     fn remove_at(&mut self, mut hole: usize) {
-        let mask = self.mask();
         self.slots[hole] = (0, EMPTY);
         self.len -= 1;
         // Backward-shift: pull later entries of the probe run into the hole when their home
         // bucket does not lie cyclically in (hole, j].
         let mut j = hole;
         loop {
-            j = (j + 1) & mask;
+            j = self.next(j);
             let (k, v) = self.slots[j];
             if v == EMPTY {
                 return;
             }
-            let home = k as usize & mask;
+            let home = self.home(k);
             let between = if hole <= j {
                 hole < home && home <= j
             } else {
@@ -141,8 +151,8 @@ impl U32Map {
 
     /// Shrinks the table when it is mostly empty (after many removals), keeping every entry.
     pub fn compact(&mut self) {
-        if self.slots.len() > 64 && self.len * 8 < self.slots.len() {
-            self.rebuild((self.len * 2).next_power_of_two().max(64));
+        if self.slots.len() > 64 && self.len * 4 < self.slots.len() {
+            self.rebuild((self.len * 2).max(64));
         }
     }
 
@@ -268,8 +278,8 @@ mod tests {
     #[test]
     fn map_insert_get_remove_with_collisions() {
         let mut m = U32Map::new();
-        // Keys sharing low bits collide into one probe run.
-        let keys: Vec<u32> = (0..200u32).map(|i| (i << 16) | 5).collect();
+        // Keys sharing their high bits share a home bucket: one long probe run.
+        let keys: Vec<u32> = (0..200u32).map(|i| (5 << 24) | i).collect();
         for (i, &k) in keys.iter().enumerate() {
             m.insert(k, i as u32);
         }
@@ -302,6 +312,23 @@ mod tests {
     }
 
     #[test]
+    fn map_probe_runs_wrap_around_the_end() {
+        let mut m = U32Map::new();
+        // Homes in the last bucket: the run wraps to the start of the table.
+        let keys: Vec<u32> = (0..40u32).map(|i| 0xffff_ff00 | i).collect();
+        for &k in &keys {
+            m.insert(k, k);
+        }
+        for &k in keys.iter().step_by(3) {
+            assert!(m.remove_if(k, k));
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            let want = (i % 3 != 0).then_some(k);
+            assert_eq!(m.get(k), want, "key {k:#x}");
+        }
+    }
+
+    #[test]
     fn map_matches_model_under_random_ops() {
         let mut m = U32Map::new();
         let mut model = alloc::collections::BTreeMap::new();
@@ -310,7 +337,9 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let key = ((x % 512) * 0x10_0001) as u32; // few low-bit patterns: long probe runs
+            // 512 keys, all with one home bucket while the table is small: long probe runs,
+            // and (x >> 30) spreads some of them once it grows.
+            let key = 0xa000_0000 | (x % 512) as u32 | ((x >> 30) as u32 & 0x0300_0000);
             let val = (x >> 40) as u32;
             if x & 1 == 0 {
                 m.insert(key, val);
