@@ -123,6 +123,8 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         log::error!(target: "hv", "no VMs to run");
         platform::shutdown();
     }
+    // Its own statement: the heap's lock guard must be gone before the engine allocates.
+    let heap_free = HEAP.lock().free();
     let mut mux = if memory.multiplex {
         memmux::MemMux::new(
             &memory,
@@ -130,7 +132,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
             host.tsc_hz,
             host.controls.ept_ad,
             host.caps.invept_single_context(),
-            HEAP.lock().free(),
+            heap_free,
         )
     } else {
         None
