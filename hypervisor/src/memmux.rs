@@ -55,7 +55,8 @@ pub struct MemMux {
     faults: u64,
     /// Of the faults, those on a hypercall's buffer rather than a guest access.
     hypercall_faults: u64,
-    /// The last fault the engine found nothing to do for: (VM index, page, write).
+    /// The last fault the engine found nothing to do for, (VM index, page, write), unless the
+    /// VM has exited for another reason since.
     last_spurious: Option<(usize, u64, bool)>,
     /// The stats after the scan step that had saved the most frames by sharing, patching and
     /// compression so far, and that step's number.
@@ -224,6 +225,12 @@ impl MemMux {
             }
             Err(e) => Err(FaultError::Engine(e)),
         }
+    }
+
+    /// The VM made progress (an exit other than a memory fault): a spurious fault that follows
+    /// is a new one, not the same access faulting again.
+    pub fn progressed(&mut self) {
+        self.last_spurious = None;
     }
 
     /// Unregisters a VM that stopped: the engine drops its references (shared, zero, patched and

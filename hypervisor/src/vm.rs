@@ -822,6 +822,9 @@ pub fn run_all(
             }
             vm.launched = true;
             let mut next = handle_exit(vm, host, mux.is_some());
+            if let (Some(mux), Next::Resume | Next::Reschedule) = (mux.as_deref_mut(), &next) {
+                mux.progressed();
+            }
             // A fault on a page the engine holds: resolve it, then go on where the VM was (the
             // faulting instruction runs again; a hypercall is handled again).
             while let Next::GuestFault { gpa, write } | Next::HypercallFault { gpa, write } = next {
