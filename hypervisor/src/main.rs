@@ -30,14 +30,12 @@ use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
 const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
 /// Physical memory the boot page tables map (and so the most the frame allocator uses).
 const IDENTITY_MAPPED: u64 = 4 << 30;
-const HEAP_SIZE: usize = 16 << 20;
+/// Most memory-map areas and boot-time reserved ranges considered (fixed arrays: the heap is
+/// placed before it exists).
+const MAX_RANGES: usize = 64;
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
-
-#[repr(C, align(4096))]
-struct HeapArea([u8; HEAP_SIZE]);
-static mut HEAP_AREA: HeapArea = HeapArea([0; HEAP_SIZE]);
 
 extern "C" {
     static __kernel_start: u8;
@@ -90,15 +88,26 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         .unwrap_or("");
     apply_cmdline(cmdline);
 
-    // SAFETY: the heap area is a static used only by the allocator, initialised once here.
+    let mut available: [Range<u64>; MAX_RANGES] = core::array::from_fn(|_| 0..0);
+    let mut reserved: [Range<u64>; MAX_RANGES] = core::array::from_fn(|_| 0..0);
+    let available = available_ram(&mbi, &mut available);
+    let reserved = boot_reserved(&mbi, &mut reserved);
+    let heap = place_heap(available, reserved);
+    // SAFETY: `place_heap` chose RAM from the memory map, below the identity-mapped limit, that
+    // holds nothing (outside the kernel, the boot information and the modules); the frame
+    // allocator below leaves it out, so only the allocator ever uses it. Initialised once.
     unsafe {
         HEAP.lock()
-            .init((&raw mut HEAP_AREA).cast::<u8>(), HEAP_SIZE)
+            .init(heap.start as *mut u8, (heap.end - heap.start) as usize)
     };
 
-    let mut frames = build_frame_allocator(&mbi);
-    log::info!(target: "hv", "muxvisor {} booting; command line \"{cmdline}\"; {} MiB free for VMs",
-        env!("CARGO_PKG_VERSION"), frames.free_bytes() >> 20);
+    let mut frames = FrameAllocator::new(
+        available,
+        &[reserved, core::slice::from_ref(&heap)].concat(),
+        IDENTITY_MAPPED,
+    );
+    log::info!(target: "hv", "muxvisor {} booting; command line \"{cmdline}\"; heap {} MiB at {:#x}; {} MiB free for VMs",
+        env!("CARGO_PKG_VERSION"), (heap.end - heap.start) >> 20, heap.start, frames.free_bytes() >> 20);
     report_cpu_and_acpi(&mbi);
     // Let the VMs use SSE: the host never does (soft-float target), but FXSAVE needs OSFXSR.
     // SAFETY: setting CR4.OSFXSR/OSXMMEXCPT only enables FXSAVE/SSE instructions.
@@ -157,26 +166,63 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     platform::shutdown()
 }
 
-fn build_frame_allocator(mbi: &BootInformation) -> FrameAllocator {
-    let mut available: Vec<Range<u64>> = Vec::new();
+/// The RAM areas of the memory map, into `out` (at most [`MAX_RANGES`]).
+fn available_ram<'a>(mbi: &BootInformation, out: &'a mut [Range<u64>]) -> &'a [Range<u64>] {
+    let mut n = 0;
     if let Some(map) = mbi.memory_map_tag() {
         for area in map.memory_areas() {
-            if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available {
-                available.push(area.start_address()..area.end_address());
+            if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available && n < out.len() {
+                out[n] = area.start_address()..area.end_address();
+                n += 1;
             }
         }
     }
+    &out[..n]
+}
+
+/// What boot left in RAM that must not be handed out, into `out`: the low 1 MiB, the kernel
+/// image, the boot information and the modules.
+fn boot_reserved<'a>(mbi: &BootInformation, out: &'a mut [Range<u64>]) -> &'a [Range<u64>] {
     // Only the addresses of the linker symbols are taken.
     let kernel = (&raw const __kernel_start) as u64..(&raw const __kernel_end) as u64;
-    let mut reserved = Vec::from([
+    let fixed = [
         0..0x10_0000, // real-mode area, BIOS data, ROMs
         kernel,
         mbi.start_address() as u64..mbi.end_address() as u64,
-    ]);
-    for m in mbi.module_tags() {
-        reserved.push(u64::from(m.start_address())..u64::from(m.end_address()));
+    ];
+    let mut n = 0;
+    for r in fixed.into_iter().chain(
+        mbi.module_tags()
+            .map(|m| u64::from(m.start_address())..u64::from(m.end_address())),
+    ) {
+        if n == out.len() {
+            log::error!(target: "hv", "more than {MAX_RANGES} boot modules and reserved ranges");
+            platform::halt_forever();
+        }
+        out[n] = r;
+        n += 1;
     }
-    FrameAllocator::new(&available, &reserved, IDENTITY_MAPPED)
+    &out[..n]
+}
+
+/// The heap's place: a sixteenth of RAM (`heap_bytes_for`), as high as it fits; if that much
+/// does not fit anywhere, the 16 MiB minimum.
+fn place_heap(available: &[Range<u64>], reserved: &[Range<u64>]) -> Range<u64> {
+    let ram: u64 = available
+        .iter()
+        .map(|r| r.end.min(IDENTITY_MAPPED).saturating_sub(r.start))
+        .sum();
+    let wanted = hv_vm::frames::heap_bytes_for(ram);
+    let minimum = hv_vm::frames::heap_bytes_for(0);
+    for size in [wanted, minimum] {
+        if let Some(heap) =
+            hv_vm::frames::place_region(available, reserved, size, 2 << 20, IDENTITY_MAPPED)
+        {
+            return heap;
+        }
+    }
+    log::error!(target: "hv", "no room for a {} MiB heap in the memory map", minimum >> 20);
+    platform::halt_forever();
 }
 
 fn report_cpu_and_acpi(mbi: &BootInformation) {

@@ -92,6 +92,61 @@ impl FrameAllocator {
     }
 }
 
+/// Bytes of the hypervisor's heap for a machine with `available` bytes of RAM: a sixteenth of it
+/// (the memory engine keeps its metadata, patches and compressed pages there), at least 16 MiB
+/// and at most 1 GiB, in whole 2 MiB.
+pub const fn heap_bytes_for(available: u64) -> u64 {
+    const MIN: u64 = 16 << 20;
+    const MAX: u64 = 1 << 30;
+    let bytes = available / 16;
+    let bytes = if bytes < MIN {
+        MIN
+    } else if bytes > MAX {
+        MAX
+    } else {
+        bytes
+    };
+    bytes / (2 << 20) * (2 << 20)
+}
+
+/// The highest `align`-aligned range of `size` bytes that lies wholly inside one `available`
+/// range, below `limit`, and overlaps no `reserved` range. Allocation-free, because it places the
+/// heap itself.
+pub fn place_region(
+    available: &[Range<u64>],
+    reserved: &[Range<u64>],
+    size: u64,
+    align: u64,
+    limit: u64,
+) -> Option<Range<u64>> {
+    let mut best: Option<Range<u64>> = None;
+    for a in available {
+        let mut end = a.end.min(limit);
+        while let Some(start) = end.checked_sub(size).map(|s| s / align * align) {
+            if start < a.start {
+                break;
+            }
+            let candidate = start..start + size;
+            // The lowest-starting reserved range in the way: below it is the next try.
+            match reserved
+                .iter()
+                .filter(|r| r.start < candidate.end && candidate.start < r.end)
+                .map(|r| r.start)
+                .min()
+            {
+                Some(blocked) => end = blocked,
+                None => {
+                    if best.as_ref().is_none_or(|b| candidate.start > b.start) {
+                        best = Some(candidate);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +194,55 @@ mod tests {
         a.free(f);
         assert_eq!(a.free_frames(), 1);
         assert_eq!(a.alloc(), Some(f));
+    }
+
+    #[test]
+    fn heap_size_follows_the_machine() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(heap_bytes_for(0), 16 * MIB);
+        assert_eq!(heap_bytes_for(256 * MIB), 16 * MIB);
+        assert_eq!(heap_bytes_for(8192 * MIB), 512 * MIB);
+        assert_eq!(heap_bytes_for(8200 * MIB), 512 * MIB); // whole 2 MiB
+        assert_eq!(heap_bytes_for(1 << 40), 1024 * MIB);
+    }
+
+    #[test]
+    fn region_goes_as_high_as_it_can_around_reserved_ranges() {
+        const MIB: u64 = 1 << 20;
+        let avail = [0x9_0000..0xa_0000, MIB..256 * MIB, 300 * MIB..310 * MIB];
+        // Top of the largest fitting range, below the limit.
+        assert_eq!(
+            place_region(&avail, &[], 16 * MIB, 2 * MIB, 4 << 30),
+            Some(240 * MIB..256 * MIB)
+        );
+        // The 10 MiB range at 300 MiB is higher and fits 8 MiB.
+        assert_eq!(
+            place_region(&avail, &[], 8 * MIB, 2 * MIB, 4 << 30),
+            Some(302 * MIB..310 * MIB)
+        );
+        // Modules at the top push it down; a small hole between reserved ranges is skipped.
+        let reserved = [2 * MIB..6 * MIB, 250 * MIB..251 * MIB, 236 * MIB..239 * MIB];
+        assert_eq!(
+            place_region(&avail[..2], &reserved, 16 * MIB, 2 * MIB, 4 << 30),
+            Some(220 * MIB..236 * MIB)
+        );
+        // The limit clips the ranges; alignment rounds down.
+        assert_eq!(
+            place_region(&avail, &[], 3 * MIB, 2 * MIB, 100 * MIB + 5),
+            Some(96 * MIB..99 * MIB)
+        );
+        // Nothing fits.
+        assert_eq!(place_region(&avail, &[], 512 * MIB, 2 * MIB, 4 << 30), None);
+        // Only the low range is left: its top page.
+        let all_high = [MIB..256 * MIB, 300 * MIB..310 * MIB];
+        assert_eq!(
+            place_region(&avail, &all_high, 4096, 4096, 4 << 30),
+            Some(0x9_f000..0xa_0000)
+        );
+        assert_eq!(
+            place_region(&avail[1..], &all_high, 4096, 4096, 4 << 30),
+            None
+        );
+        assert_eq!(place_region(&[], &[], 4096, 4096, 4 << 30), None);
     }
 }
