@@ -185,17 +185,8 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
 /// `[memory]`. Any error turns multiplexing off (the VMs then run with plain memory, which is
 /// always correct), after reporting every problem of the table.
 fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
-    let at = value.span().start;
-    let table = match value.get_ref() {
-        DeValue::Table(table) => table,
-        other => {
-            let kind = ErrorKind::WrongType {
-                expected: "table",
-                found: other.type_str(),
-            };
-            errors.push(at, Scope::TopLevel, Some("memory"), kind);
-            return MemoryConfig::default();
-        }
+    let Some(table) = table_or_error(value, errors, Scope::TopLevel, Some("memory")) else {
+        return MemoryConfig::default();
     };
     let mut config = MemoryConfig::default();
     let mut bad = false;
@@ -239,21 +230,8 @@ fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
 }
 
 fn check_defaults(value: &Value<'_>, errors: &mut Errors<'_>) -> Inherited {
-    let at = value.span().start;
-    let table = match value.get_ref() {
-        DeValue::Table(table) => table,
-        other => {
-            errors.push(
-                at,
-                Scope::TopLevel,
-                Some("defaults"),
-                ErrorKind::WrongType {
-                    expected: "table",
-                    found: other.type_str(),
-                },
-            );
-            return Inherited::Invalid(Some(errors.lines.line(at)));
-        }
+    let Some(table) = table_or_error(value, errors, Scope::TopLevel, Some("defaults")) else {
+        return Inherited::Invalid(Some(errors.lines.line(value.span().start)));
     };
     let mut quantum = Inherited::Value(DEFAULT_QUANTUM_US);
     for (key, value) in table.iter() {
@@ -293,17 +271,7 @@ fn check_vm(
     errors: &mut Errors<'_>,
 ) -> Option<VmConfig> {
     let header = entry.span().start;
-    let table = match entry.get_ref() {
-        DeValue::Table(table) => table,
-        other => {
-            let kind = ErrorKind::WrongType {
-                expected: "table",
-                found: other.type_str(),
-            };
-            errors.push(header, Scope::Vm { index, name: None }, None, kind);
-            return None;
-        }
-    };
+    let table = table_or_error(entry, errors, Scope::Vm { index, name: None }, None)?;
 
     // (offset, key, problem); the scope is only known once the name is settled.
     let mut problems: Vec<(usize, String, ErrorKind)> = Vec::new();
@@ -447,6 +415,26 @@ fn check_vm(
         errors.push(at, scope, Some(&key), kind);
     }
     None
+}
+
+/// The value as a table; otherwise a "expected table" error at the value, in `scope`.
+fn table_or_error<'v, 'i>(
+    value: &'v Value<'i>,
+    errors: &mut Errors<'_>,
+    scope: Scope,
+    key: Option<&str>,
+) -> Option<&'v DeTable<'i>> {
+    match value.get_ref() {
+        DeValue::Table(table) => Some(table),
+        other => {
+            let kind = ErrorKind::WrongType {
+                expected: "table",
+                found: other.type_str(),
+            };
+            errors.push(value.span().start, scope, key, kind);
+            None
+        }
+    }
 }
 
 fn string<'v>(value: &'v Value<'_>) -> Result<&'v str, ErrorKind> {
