@@ -567,13 +567,14 @@ fn handle_exit(vm: &mut Vm, host: &HostVmx, multiplexed: bool) -> Next {
             let gpa = vmread(f::GUEST_PHYSICAL_ADDRESS);
             let v = EptViolation::from_qualification(vmread(f::EXIT_QUALIFICATION));
             let rip = vmread(f::GUEST_RIP);
-            if multiplexed && vm.memory.check(gpa, 1).is_ok() {
+            let inside = vm.memory.check(gpa, 1).is_ok();
+            if multiplexed && inside {
                 return Next::GuestFault {
                     gpa,
                     write: v.access == EptAccess::Write,
                 };
             }
-            if vm.memory.check(gpa, 1).is_err() {
+            if !inside {
                 let mib = vm.config.memory_mib;
                 vm.fail(format_args!(
                     "EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: outside the VM's {mib} MiB",
@@ -855,7 +856,7 @@ pub fn run_all(
             }
         }
         vms[i].acct.schedule_out(rdtsc(), host.tsc_hz);
-        if vms[i].state != VmState::Runnable {
+        if !vms[i].state.is_runnable() {
             if let Some(mux) = mux.as_deref_mut() {
                 mux.remove_vm(vms, frames, i);
             }
