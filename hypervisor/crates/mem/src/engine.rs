@@ -310,6 +310,13 @@ pub struct Engine {
     pages_zero: u64,
     pages_shared: u64,
     pages_patched: u64,
+    /// Bytes of live patches in the blob store (with their reference ids), kept as they are
+    /// stored and freed so that [`Engine::stats`] never reads the blobs: a walk over every
+    /// compressed blob would evict the caches of whatever runs next (a fault handler).
+    bytes_patches: u64,
+    /// Live objects by `[resident, no page | resident, pages | compressed, no page |
+    /// compressed, pages]`, kept at every change for the same reason.
+    census: [u64; 4],
     scratch_page: Box<Page>,
     scratch_lz: Box<[u8]>,
     scratch_patch: Box<Page>,
@@ -355,6 +362,8 @@ impl Engine {
             pages_zero: 0,
             pages_shared: 0,
             pages_patched: 0,
+            bytes_patches: 0,
+            census: [0; 4],
             scratch_page: boxed_page(),
             scratch_lz: vec![0u8; MAX_COMPRESSED].into_boxed_slice(),
             scratch_patch: boxed_page(),
@@ -449,15 +458,19 @@ impl Engine {
                 Kind::Mapped => {
                     mem.unmap(vm, at.gfn());
                     let id = meta.payload();
+                    self.census_out(id);
                     let o = &mut self.objects[id as usize];
                     o.page_refs -= 1;
                     o.mapped -= 1;
+                    self.census_in(id);
                     self.note_orphan(id);
                     self.release_if_unused(mem, id);
                 }
                 Kind::Unmapped => {
                     let id = meta.payload();
+                    self.census_out(id);
                     self.objects[id as usize].page_refs -= 1;
+                    self.census_in(id);
                     self.note_orphan(id);
                     self.release_if_unused(mem, id);
                 }
@@ -467,7 +480,7 @@ impl Engine {
                         self.objects[base as usize].patch_refs -= 1;
                         self.release_if_unused(mem, base);
                     }
-                    self.blobs.free(blob);
+                    self.free_patch(blob);
                 }
             }
             self.count_kind(meta.kind, false);
@@ -608,6 +621,12 @@ impl Engine {
     }
 
     fn new_object(&mut self, obj: Object) -> u32 {
+        let id = self.place_object(obj);
+        self.census_in(id);
+        id
+    }
+
+    fn place_object(&mut self, obj: Object) -> u32 {
         match self.free_objects.pop() {
             Some(id) => {
                 self.objects[id as usize] = obj;
@@ -624,6 +643,38 @@ impl Engine {
                 (self.objects.len() - 1) as u32
             }
         }
+    }
+
+    /// The census class of an object: `[content compressed][pages refer to it]` as an index
+    /// into `census`, or `None` for a free slot.
+    fn census_class(o: &Object) -> Option<usize> {
+        let compressed = match o.store() {
+            Store::Free => return None,
+            Store::Frame(_) => 0,
+            Store::Blob(_) => 2,
+        };
+        Some(compressed + usize::from(o.page_refs > 0))
+    }
+
+    /// Takes an object out of the census before a change of its store or page count...
+    fn census_out(&mut self, id: u32) {
+        if let Some(c) = Self::census_class(&self.objects[id as usize]) {
+            self.census[c] -= 1;
+        }
+    }
+
+    /// ...and puts it back after.
+    fn census_in(&mut self, id: u32) {
+        if let Some(c) = Self::census_class(&self.objects[id as usize]) {
+            self.census[c] += 1;
+        }
+    }
+
+    /// Changes where an object's content is, keeping the census right.
+    fn set_object_store(&mut self, id: u32, store: Store) {
+        self.census_out(id);
+        self.objects[id as usize].set_store(store);
+        self.census_in(id);
     }
 
     /// Remembers a resident object that only patches use any more, to compress it later.
@@ -647,7 +698,7 @@ impl Engine {
             match self.compress_to_blob(mem, f) {
                 Some(blob) => {
                     mem.free_frame(f);
-                    self.objects[id as usize].set_store(Store::Blob(blob));
+                    self.set_object_store(id, Store::Blob(blob));
                     self.counters.shared_compressed += 1;
                     changed += 1;
                 }
@@ -669,7 +720,7 @@ impl Engine {
             Store::Free => return,
         }
         self.domains[o.domain as usize].shared.remove_if(o.hash, id);
-        self.objects[id as usize].set_store(Store::Free);
+        self.set_object_store(id, Store::Free);
         self.free_objects.push(id);
     }
 
@@ -692,6 +743,13 @@ impl Engine {
             .get(blob)
             .and_then(|d| d.get(PATCH_HEADER..))
             .unwrap_or(&[])
+    }
+
+    /// Frees a stored patch, keeping the live patch bytes right.
+    fn free_patch(&mut self, blob: BlobRef) {
+        let len = self.blobs.get(blob).map_or(0, <[u8]>::len);
+        self.bytes_patches -= len as u64;
+        self.blobs.free(blob);
     }
 
     fn patch_base(&self, blob: BlobRef) -> Option<u32> {
@@ -1012,9 +1070,8 @@ impl Engine {
             };
             mem.unmap(at.vm, at.gfn());
             mem.free_frame(f);
-            let o = &mut self.objects[id as usize];
-            o.mapped = 0;
-            o.set_store(Store::Blob(blob));
+            self.objects[id as usize].mapped = 0;
+            self.set_object_store(id, Store::Blob(blob));
             self.set_page(at, Kind::Unmapped, id, false);
             self.counters.shared_compressed += 1;
             self.counters.cold_unmaps += 1;
@@ -1053,7 +1110,7 @@ impl Engine {
         match self.compress_to_blob(mem, f) {
             Some(blob) => {
                 mem.free_frame(f);
-                self.objects[id as usize].set_store(Store::Blob(blob));
+                self.set_object_store(id, Store::Blob(blob));
                 self.counters.shared_compressed += 1;
                 Outcome::Changed
             }
@@ -1150,6 +1207,7 @@ impl Engine {
             return false;
         }
         let cold = self.meta(at).age >= self.config.cold_rounds;
+        self.census_out(id);
         let kind = match o.store() {
             Store::Frame(f) => {
                 mem.map(at.vm, at.gfn(), f, false);
@@ -1171,9 +1229,10 @@ impl Engine {
                 o.mapped += 1;
                 Kind::Mapped
             }
-            Store::Free => return false,
+            Store::Free => unreachable!("checked above"),
         };
         self.objects[id as usize].page_refs += 1;
+        self.census_in(id);
         self.unindex(at);
         self.set_page(at, kind, id, false);
         self.counters.merges_identical += 1;
@@ -1527,6 +1586,7 @@ impl Engine {
         let Ok(blob) = stored else {
             return false;
         };
+        self.bytes_patches += (PATCH_HEADER + len) as u64;
         self.objects[base as usize].patch_refs += 1;
         mem.unmap(at.vm, at.gfn());
         mem.free_frame(frame);
@@ -1653,7 +1713,6 @@ impl Engine {
             (Store::Frame(f), true) => {
                 // Nobody else can see this frame: it simply becomes the VM's again.
                 mem.map(at.vm, at.gfn(), f, true);
-                self.objects[id as usize].set_store(Store::Free);
                 self.drop_object_slot(id);
                 self.counters.cow_takeovers += 1;
                 FaultResolution::TookOver
@@ -1681,11 +1740,13 @@ impl Engine {
             (Store::Free, _) => return Err(Self::corrupt(at, CorruptKind::Metadata)),
         };
         if resolution != FaultResolution::TookOver {
+            self.census_out(id);
             let o = &mut self.objects[id as usize];
             o.page_refs -= 1;
             if was_mapped {
                 o.mapped -= 1;
             }
+            self.census_in(id);
             self.note_orphan(id);
             self.release_if_unused(mem, id);
         }
@@ -1696,6 +1757,7 @@ impl Engine {
 
     /// Drops an object whose storage was handed over (no frame or blob to free).
     fn drop_object_slot(&mut self, id: u32) {
+        self.census_out(id);
         let o = self.objects[id as usize];
         self.domains[o.domain as usize].shared.remove_if(o.hash, id);
         let o = &mut self.objects[id as usize];
@@ -1738,9 +1800,8 @@ impl Engine {
                     Ok(FaultResolution::Decompressed)
                 } else {
                     mem.map(at.vm, at.gfn(), f, false);
-                    let o = &mut self.objects[id as usize];
-                    o.set_store(Store::Frame(f));
-                    o.mapped += 1;
+                    self.set_object_store(id, Store::Frame(f));
+                    self.objects[id as usize].mapped += 1;
                     self.set_page(at, Kind::Mapped, id, true);
                     Ok(FaultResolution::DecompressedShared)
                 }
@@ -1783,7 +1844,7 @@ impl Engine {
             return Err(Self::corrupt(at, CorruptKind::Patch(e)));
         }
         mem.map(at.vm, at.gfn(), f, true);
-        self.blobs.free(blob);
+        self.free_patch(blob);
         self.objects[base as usize].patch_refs -= 1;
         self.release_if_unused(mem, base);
         self.set_page(at, Kind::Private, 0, true);
@@ -1860,30 +1921,17 @@ impl Engine {
             counters: self.counters,
             ..Stats::default()
         };
-        // Frames kept only as patch references are charged to patching.
-        let mut resident_references = 0;
-        for o in &self.objects {
-            if o.page_refs == 0 && o.store() != Store::Free {
-                s.objects_reference_only += 1;
-            }
-            match o.store() {
-                Store::Free => continue,
-                Store::Frame(_) => {
-                    s.objects_resident += 1;
-                    if o.page_refs == 0 {
-                        resident_references += 1;
-                    }
-                }
-                Store::Blob(b) => {
-                    s.objects_compressed += 1;
-                    s.bytes_compressed += self.blobs.get(b).map_or(0, |d| d.len()) as u64;
-                    if o.page_refs > 0 {
-                        s.frames_saved_compressed += 1;
-                    }
-                }
-            }
-            s.frames_saved_shared += o.page_refs.saturating_sub(1) as u64;
-        }
+        // Everything here comes from counters kept as things change: no walk over objects or
+        // blobs, so asking costs nothing and evicts no cache.
+        let [resident_references, resident_with_pages, compressed_references, compressed_with_pages] =
+            self.census;
+        s.objects_resident = resident_references + resident_with_pages;
+        s.objects_compressed = compressed_references + compressed_with_pages;
+        s.objects_reference_only = resident_references + compressed_references;
+        s.frames_saved_compressed = compressed_with_pages;
+        // Each object with pages keeps one frame (or compressed copy) for all of them; the
+        // others are saved. Frames kept only as patch references are charged to patching.
+        s.frames_saved_shared = self.pages_shared - (resident_with_pages + compressed_with_pages);
         let zero_frame = self
             .domains
             .iter()
@@ -1892,7 +1940,8 @@ impl Engine {
         s.frames_in_use = self.pages_private + s.objects_resident + zero_frame;
         s.frames_saved_zero = self.pages_zero.saturating_sub(zero_frame);
         s.frames_saved_patched = self.pages_patched.saturating_sub(resident_references);
-        s.bytes_patches = self.blobs.live_bytes() as u64 - s.bytes_compressed;
+        s.bytes_patches = self.bytes_patches;
+        s.bytes_compressed = self.blobs.live_bytes() as u64 - self.bytes_patches;
         s.bytes_blob_heap = self.blobs.heap_bytes() as u64;
         let pages: usize = self
             .vms
@@ -1928,6 +1977,7 @@ impl Engine {
     /// tests and debug builds; costs a walk over all pages.
     pub fn check_consistency<M: MemoryBackend + ?Sized>(&self, mem: &M) -> Result<(), String> {
         let mut counts = [0u64; 5];
+        let mut patch_bytes = 0u64;
         let mut refs = vec![(0u32, 0u32, 0u32); self.objects.len()];
         for vm in self.vms.iter().flatten() {
             for (gfn, m) in vm.pages.iter().enumerate() {
@@ -1971,8 +2021,10 @@ impl Engine {
                         if mapping.is_some() {
                             return Err(format!("{}: patched page is present", here()));
                         }
+                        let blob = BlobRef::from_raw(m.payload());
+                        patch_bytes += self.blobs.get(blob).map_or(0, <[u8]>::len) as u64;
                         let base = self
-                            .patch_base(BlobRef::from_raw(m.payload()))
+                            .patch_base(blob)
                             .ok_or_else(|| format!("{}: dangling patch", here()))?;
                         let o = self
                             .objects
@@ -1996,6 +2048,12 @@ impl Engine {
         {
             return Err(format!("page counts {counts:?} disagree with gauges"));
         }
+        if patch_bytes != self.bytes_patches {
+            return Err(format!(
+                "patches hold {patch_bytes} bytes, accounting says {}",
+                self.bytes_patches
+            ));
+        }
         for (i, d) in self.domains.iter().enumerate() {
             let zeros = self
                 .vms
@@ -2008,6 +2066,18 @@ impl Engine {
             if zeros != d.zero_pages || (zeros > 0) != d.zero_frame.is_some() {
                 return Err(format!("domain {}: zero frame or count wrong", d.id.0));
             }
+        }
+        let mut census = [0u64; 4];
+        for o in &self.objects {
+            if let Some(c) = Self::census_class(o) {
+                census[c] += 1;
+            }
+        }
+        if census != self.census {
+            return Err(format!(
+                "object census {:?}, counted {census:?}",
+                self.census
+            ));
         }
         for (id, o) in self.objects.iter().enumerate() {
             let (p, m, r) = refs[id];
