@@ -72,22 +72,43 @@
 //! ## What a scan visit does
 //! 1. Reads and clears the page's accessed bit: accessed resets its age, else age + 1. A page
 //!    is *cold* once its age reaches [`Config::cold_rounds`].
-//! 2. Private page: if it is dirty (or never hashed), hash it (XXH3-64; an all-zero page,
-//!    tested with 64-bit words, gets the precomputed zero hash).
-//!    **Volatile pages are skipped**: like KSM's unstable tree, a page is a candidate only when
-//!    its hash is the same on two consecutive visits; a changed hash is remembered and the page
-//!    waits for the next round (`volatile_skips`). A clean page keeps its hash without re-hashing.
-//! 3. Stable page: zero -> zero frame; else look its hash up in the domain's *shared index*
-//!    (hash -> object) and then in the *unstable index* (hash -> another stable private page);
-//!    a hit is confirmed **byte for byte** before anything is shared (never on the hash
-//!    alone). Two matching private pages become a new object that reuses one of their frames.
-//! 4. Stable and cold, with no identical page: compress it (LZ4) and look for a *similar* page
-//!    through the similarity index; keep whichever is smaller, a patch if it beats both the
-//!    compressed size and [`Config::patch_cutoff`], else the compressed page if it is at most
-//!    [`Config::compress_cutoff`], else nothing (the page is marked and not retried until its
-//!    content changes).
-//! 5. Every stable private page, every new object and every compressed page is recorded in the
-//!    similarity index as a candidate reference.
+//! 2. Private page: if it is dirty (or never hashed), hash it (XXH3-64, of which the indexes
+//!    keep the low 32 bits: a hint, every use is confirmed byte for byte; an all-zero page,
+//!    found by an early-exit test of 64-byte chunks, gets the precomputed zero hash without
+//!    hashing). A clean page keeps its hash without re-hashing. Then the **volatility rule**
+//!    decides whether the page is a merge candidate now (see below).
+//! 3. Candidate, cheap merges first: zero -> zero frame; else look its hash up in the domain's
+//!    *shared index* (hash -> object) and then in the *unstable index* (hash -> another
+//!    candidate private page); a hit is confirmed **byte for byte** before anything is shared
+//!    (never on the hash alone). Two matching private pages become a new object that reuses
+//!    one of their frames. A page with no twin enters the unstable index.
+//! 4. Candidate and cold, with no identical page, and not on the visit that put it in the
+//!    unstable index (its twins later in the round must find it there first): compress it
+//!    (LZ4) and look for a *similar* page through the similarity index; keep whichever is
+//!    smaller, a patch if it beats both the compressed size and [`Config::patch_cutoff`], else
+//!    the compressed page if it is at most [`Config::compress_cutoff`], else nothing (the page
+//!    is marked and not retried until its content changes).
+//! 5. Every new object and every compressed page is recorded in the similarity index as a
+//!    candidate reference, and so is a private page that stays as it is: when cold processing
+//!    found nothing to gain, or at once when the guest is using it (it will not go cold soon).
+//!
+//! So on memory that holds still, round 1 merges every zero page and every identical page
+//! (hashing each page once, no LZ4), and round 2 patches and compresses what is left: the
+//! cheap savings come first, the expensive ones after, and no page is patched or compressed
+//! while an identical twin might still come along in the same round.
+//!
+//! **Volatility rule** (which pages are skipped): a page is a merge candidate
+//! - on its *first* visit, if the guest has not accessed it since it was mapped (accessed bit
+//!   clear): nothing says it is changing, and a wrong guess costs one copy-on-write fault;
+//! - otherwise only once its hash was the same on two consecutive visits (KSM's rule for its
+//!   unstable tree). That covers every page with a write history: one whose share a write
+//!   broke (copy-on-write, zero fill, fault-in of a patched or compressed page), one whose hash
+//!   changed between visits (counted in `volatile_skips`), one whose content moved during a
+//!   check, and one the guest touched before the first visit.
+//!
+//! A volatile page therefore waits at least one full round after every change, and a page that
+//! keeps changing is never merged; a page shared on its first visit and then written goes back
+//! to the two-visit rule for good (until the VM is removed).
 //!
 //! **Protocol for every merge**: write-protect the page(s) through the backend first, then
 //! compare / re-hash / encode the frozen bytes, then switch the mapping and free the old frame;
@@ -97,7 +118,11 @@
 //!
 //! **Convergence**: a round that changed nothing and left nothing pending (no volatile, warming
 //! or not-yet-cold page) means further scans change nothing until a guest touches memory;
-//! [`Engine::converged`] reports it. On static images this takes `cold_rounds + 2` rounds.
+//! [`Engine::converged`] reports it. On static images this takes `cold_rounds + 1` rounds.
+//! At convergence the unstable index (pages that found no twin and gained nothing) is dropped
+//! and the object table trimmed; a page enters the unstable index again only when it turns
+//! stable after a change, so the index is rebuilt from changed pages alone (an unchanged page
+//! that a changed page comes to equal is then not found until one of them changes again).
 //!
 //! ## Similar pages (Difference Engine)
 //! The similarity index is keyed by hashes of [`Config::similarity_blocks`] 64-byte blocks at
@@ -105,8 +130,10 @@
 //! pages use the same positions). All-zero blocks are not indexed (they would make every page
 //! look alike). A cold page looks up its keys, ranks the candidates by matching blocks, and
 //! encodes a patch against the best [`Config::similarity_candidates`]. The index is a bounded,
-//! lossy cache ([`Config::similarity_entries_per_page`] entries of 8 bytes per page); every hit
-//! is re-validated, so a stale entry costs only a failed attempt.
+//! lossy cache of [`Config::similarity_entries_per_page`] entries of 8 bytes (plus a quarter for
+//! growth) per page or object recorded in it, at least 1024: zero pages and pages merged with an
+//! identical page are never recorded, so it is sized by the pages that can use it, not by guest
+//! RAM. Every hit is re-validated, so a stale entry costs only a failed attempt.
 //!
 //! The **reference stays immutable** while patches point at it: it is always an object (a
 //! private reference page is turned into one, mapped read-only in its VM), and an object is
@@ -144,29 +171,40 @@
 //! | `similarity_blocks` | 4 | 64-byte blocks hashed per page (1..=8) |
 //! | `similarity_seed` | fixed | chooses the block positions |
 //! | `similarity_candidates` | 2 | references tried per cold page |
-//! | `similarity_entries_per_page` | 2 | size of the similarity index |
+//! | `similarity_entries_per_page` | 4 | similarity index entries per recorded page or object |
 //! | `patch_cutoff` | 1024 B | largest patch kept (and it must beat LZ4) |
 //! | `compress_cutoff` | 3584 B | largest compressed page kept |
 //!
 //! The cutoffs and index size were chosen by measuring real Linux guests (Debian 6.1 kernel
 //! booted to its initramfs under QEMU/TCG, 256 MiB each, raw RAM images) with
-//! `examples/measure.rs`: the kept patches average 40-65 bytes, and the footprint (frames +
-//! blob heap + metadata) was 0.45-0.48 of a sharing-only (KSM-like) configuration of the same
-//! engine, 0.46-0.50 of its frames alone.
+//! `examples/measure.rs`: the kept patches average 40-65 bytes (150-170 on the heterogeneous
+//! benchmark set), and the footprint (frames + blob heap + metadata) was 0.45-0.48 of a
+//! sharing-only (KSM-like) configuration of the same engine, 0.46-0.50 of its frames alone.
+//! On the heterogeneous set, 4 similarity entries per recorded page instead of 2 cut the
+//! footprint by 4.1 MiB (1.9%); 8 blocks, 8 entries and 4 candidates patched 24% more pages
+//! but needed a larger index and ended 1 MiB larger. A patch format of LZ4 with the reference
+//! as dictionary (tried beside the run list, the smaller kept) changed the footprint by less
+//! than 0.1 MiB there, so the engine keeps the run list alone.
 //!
 //! ## Accounting
-//! [`Stats`] (from [`Engine::stats`]) has gauges: pages by state, objects resident/compressed,
+//! [`Stats`] (from [`Engine::stats`], which reads counters kept as pages and objects change: it
+//! walks nothing, so asking is cheap and leaves the caches alone) has gauges: pages by state, objects resident/compressed,
 //! frames in use, frames saved by zero pages, sharing, patching and compression (they add up
 //! to pages minus frames in use), bytes of patches, of compressed data, of the blob heap and
 //! of metadata; and cumulative [`Counters`]: pages scanned and hashed, rounds, volatile skips,
 //! merges by kind, CoW breaks, fault-ins by kind, out-of-frame failures.
 //!
 //! ## Costs
-//! Measured on the same images (release build, one core of the development VM): a hashing
-//! round 4.3-6.7 GB/s (depending on machine load), a round after convergence ~50 GB/s, the round that compresses and
-//! patches ~0.5-0.7 GB/s (LZ4 compression ~7 us per page). Fault-in p99: decompression ~6 us,
-//! patch ~3 us, mapping a resident shared frame ~0.2 us. Metadata: 16 bytes per page, 32 per
-//! object, the indexes (~1.6% of guest memory in total on those images).
+//! Measured with `cargo xtask bench mem` and `examples/scan_cost.rs` on the heterogeneous set of
+//! docs/benchmarks.md (8 Linux guests, 2 GiB; release build, one core of the 2-core development
+//! VM, other work beside it): round 1 (zero test, hash, all zero and identical merges, no LZ4)
+//! 0.39-0.44 CPU-s, 4.9-5.5 GB/s, close to what one core can read from memory (a plain read of
+//! 2 GiB takes 0.22-0.24 s there); round 2 (LZ4 and patch search for every cold page) 1.5-2.0
+//! CPU-s; a round after convergence ~100 GB/s. Fault-in: see docs/benchmarks.md (p50 ~1 us
+//! for a zero or shared page, ~4-5 us to decompress or unpatch). Metadata: 7 bytes per page,
+//! 28 per object, 8 per index slot; on that set ~20 bytes per guest page in all (10 MiB of
+//! 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's run-time
+//! detection); the hypervisor build hashes with portable code.
 #![no_std]
 #![deny(missing_docs)]
 
