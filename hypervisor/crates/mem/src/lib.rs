@@ -181,8 +181,8 @@
 //! benchmark set), and the footprint (frames + blob heap + metadata) was 0.45-0.48 of a
 //! sharing-only (KSM-like) configuration of the same engine, 0.46-0.50 of its frames alone.
 //! On the heterogeneous set, 4 similarity entries per recorded page instead of 2 cut the
-//! footprint by 4.1 MiB (1.9%); 8 blocks, 8 entries and 4 candidates patched 24% more pages
-//! but needed a larger index and ended 1 MiB larger. A patch format of LZ4 with the reference
+//! footprint by 4.1 MiB (1.9%); 8 blocks, 8 entries and 4 candidates patched 12% more pages
+//! but needed a larger index and ended 0.2 MiB larger. A patch format of LZ4 with the reference
 //! as dictionary (tried beside the run list, the smaller kept) changed the footprint by less
 //! than 0.1 MiB there, so the engine keeps the run list alone.
 //!
