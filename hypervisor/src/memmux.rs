@@ -170,9 +170,21 @@ impl MemMux {
     }
 
     /// Runs one scan step if the interval since the last one has passed.
+    ///
+    /// The first step waits until every VM has been on the CPU once: the engine merges a page
+    /// the guest has not touched on its first visit, and before a VM has run, every page looks
+    /// untouched, so its code and stack would be compressed or merged only to be faulted back in
+    /// by its first instructions.
     pub fn maybe_scan(&mut self, vms: &mut [Vm], frames: &mut FrameAllocator) {
         let start = rdtsc();
-        if start.wrapping_sub(self.last_scan) < self.interval_tsc && self.scans > 0 {
+        if self.scans == 0 {
+            if vms
+                .iter()
+                .any(|vm| vm.state.is_runnable() && vm.acct.stats.runs == 0)
+            {
+                return;
+            }
+        } else if start.wrapping_sub(self.last_scan) < self.interval_tsc {
             return;
         }
         let pages = self.scan_pages;
