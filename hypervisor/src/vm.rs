@@ -623,19 +623,6 @@ fn handle_vmcall(vm: &mut Vm) -> Next {
         a2: r.rdx,
         a3: r.r10,
     };
-    // The hypervisor copies through GuestMemory, which refuses pages the memory engine holds
-    // (not present, or shared read-only): have them faulted in first, one page at a time.
-    if let Some(access) = hypercall::guest_access(&args) {
-        if let Ok(Some(gpa)) = vm
-            .memory
-            .first_unavailable(access.gpa, access.len, access.write)
-        {
-            return Next::HypercallFault {
-                gpa,
-                write: access.write,
-            };
-        }
-    }
     let mut phys = IdentityPhys;
     // Disjoint field borrows: the outcome may point into `vm.scratch` while the console is fed.
     let (rax, next) = match hypercall::handle(
@@ -659,6 +646,8 @@ fn handle_vmcall(vm: &mut Vm) -> Next {
             (0, Next::Resume)
         }
         Outcome::Yield => (0, Next::Reschedule),
+        // GuestMemory refused a page the memory engine holds; nothing was done yet.
+        Outcome::Unavailable { gpa, write } => return Next::HypercallFault { gpa, write },
         Outcome::Exit(code) => {
             vm.exit_with(code);
             return Next::Stopped;

@@ -7,7 +7,7 @@
 
 use guest_abi::{Hypercall, HypercallError, VmInfo, VmStats, CONSOLE_WRITE_MAX, REPORT_KEY_MAX};
 
-use crate::memory::{GuestMemory, PhysMemory};
+use crate::memory::{AccessError, GuestMemory, PhysMemory};
 
 /// The registers of a hypercall: number and four arguments.
 #[derive(Clone, Copy, Debug, Default)]
@@ -32,6 +32,12 @@ pub enum Outcome<'a> {
     Yield,
     /// Stop the VM with this exit code; it is never resumed.
     Exit(u64),
+    /// Nothing was done: the page at `gpa` must be faulted in (for a write when `write`), then
+    /// the same hypercall handled again.
+    Unavailable {
+        gpa: u64,
+        write: bool,
+    },
 }
 
 /// Scratch space for data copied out of the guest.
@@ -63,7 +69,15 @@ fn write_struct<T: Copy>(
         unsafe { core::slice::from_raw_parts((value as *const T).cast::<u8>(), size as usize) };
     match mem.write(phys, gpa, bytes) {
         Ok(()) => Outcome::Return(size),
-        Err(_) => err(HypercallError::BadAddress),
+        Err(e) => refused(e, true),
+    }
+}
+
+/// The outcome of a copy that [`GuestMemory`] refused.
+fn refused(e: AccessError, write: bool) -> Outcome<'static> {
+    match e {
+        AccessError::OutOfRange(_) => err(HypercallError::BadAddress),
+        AccessError::Unavailable { gpa } => Outcome::Unavailable { gpa, write },
     }
 }
 
@@ -77,47 +91,12 @@ fn valid_key(key: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// Guest memory a hypercall will copy, if its arguments pass their length checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestAccess {
-    pub gpa: u64,
-    pub len: u64,
-    /// The hypervisor writes the range (a result structure) rather than reading it.
-    pub write: bool,
-}
-
-/// The guest range [`handle`] would read or write for `args`, so that the kernel can have the
-/// memory engine fault those pages in (or break their sharing, for a write) first. `None` when
-/// the call copies nothing or fails its length check before touching memory; the range itself
-/// is not checked here ([`handle`] answers `BadAddress` for a bad one).
-pub fn guest_access(args: &Args) -> Option<GuestAccess> {
-    let read = |gpa, len| GuestAccess {
-        gpa,
-        len,
-        write: false,
-    };
-    let result = |size: usize| {
-        let size = size as u64;
-        (args.a1 >= size).then_some(GuestAccess {
-            gpa: args.a0,
-            len: size,
-            write: true,
-        })
-    };
-    match Hypercall::from_raw(args.nr)? {
-        Hypercall::ConsoleWrite => (args.a1 <= CONSOLE_WRITE_MAX).then(|| read(args.a0, args.a1)),
-        Hypercall::Report => (args.a1 <= REPORT_KEY_MAX).then(|| read(args.a0, args.a1)),
-        Hypercall::VmInfo => result(core::mem::size_of::<VmInfo>()),
-        Hypercall::VmStats => result(core::mem::size_of::<VmStats>()),
-        Hypercall::Nop | Hypercall::Yield | Hypercall::Exit => None,
-    }
-}
-
 /// Decodes and checks one hypercall.
 ///
-/// A page of the range that is in the VM's memory but not available to the copy (taken away or
-/// shared read-only by the memory engine) is answered with `BadAddress` as well; the kernel
-/// prevents that by faulting in every page [`guest_access`] names before it calls this.
+/// A range that passes every check but touches a page the memory engine holds (taken away, or
+/// shared read-only for a result) gives [`Outcome::Unavailable`] before anything was copied or
+/// done: the kernel has the engine fault that page in and calls this again with the same
+/// registers.
 pub fn handle<'s>(
     args: Args,
     mem: &GuestMemory,
@@ -141,7 +120,7 @@ pub fn handle<'s>(
             let buf = &mut scratch[..len as usize];
             match mem.read(phys, gpa, buf) {
                 Ok(()) => Outcome::Console(buf),
-                Err(_) => err(HypercallError::BadAddress),
+                Err(e) => refused(e, false),
             }
         }
         Hypercall::Report => {
@@ -150,8 +129,8 @@ pub fn handle<'s>(
                 return err(HypercallError::BadLength);
             }
             let buf = &mut scratch[..len as usize];
-            if mem.read(phys, gpa, buf).is_err() {
-                return err(HypercallError::BadAddress);
+            if let Err(e) = mem.read(phys, gpa, buf) {
+                return refused(e, false);
             }
             if !valid_key(buf) {
                 return err(HypercallError::BadArgument);
@@ -170,6 +149,7 @@ pub fn handle<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames::FRAME_SIZE;
     use crate::memory::tests::scrambled;
     use guest_abi::EXIT_KINDS;
 
@@ -202,6 +182,7 @@ mod tests {
             Outcome::Report(k, v) => (v, Some(k.as_bytes().to_vec())),
             Outcome::Yield => (0, None),
             Outcome::Exit(c) => (c, None),
+            Outcome::Unavailable { .. } => unreachable!("every page here is present and writable"),
         }
     }
 
@@ -309,54 +290,66 @@ mod tests {
     }
 
     #[test]
-    fn guest_access_names_exactly_the_bytes_handle_copies() {
-        use core::mem::size_of;
-        let access = |nr: Hypercall, a0, a1| guest_access(&call(nr, a0, a1, 0));
-        let read = |gpa, len| {
-            Some(GuestAccess {
-                gpa,
-                len,
-                write: false,
-            })
+    fn pages_the_engine_holds_are_asked_for_before_anything_happens() {
+        use crate::memory::PageMapping;
+        let (mut mem, mut phys) = scrambled();
+        mem.write(&mut phys, 0x100, b"hello.key").unwrap();
+        let info = VmInfo {
+            magic: guest_abi::VM_INFO_MAGIC,
+            ..Default::default()
         };
-        assert_eq!(access(Hypercall::ConsoleWrite, 0x100, 9), read(0x100, 9));
+        let stats = VmStats::default();
+        let mut scratch = [0; CONSOLE_WRITE_MAX as usize];
+        // Page 0 taken away; page 2 (host frame 1) shared read-only.
+        mem.set_page(0, None);
+        let shared = Some(PageMapping {
+            hpa: FRAME_SIZE,
+            writable: false,
+        });
+        mem.set_page(2, shared);
+        let mut go = |mem: &GuestMemory, args| match handle(
+            args,
+            mem,
+            &mut phys,
+            &info,
+            &stats,
+            &mut scratch,
+        ) {
+            Outcome::Unavailable { gpa, write } => Some((gpa, write)),
+            _ => None,
+        };
+        let at0 = Some((0x100, false));
+        assert_eq!(go(&mem, call(Hypercall::ConsoleWrite, 0x100, 9, 0)), at0);
+        assert_eq!(go(&mem, call(Hypercall::Report, 0x100, 9, 1)), at0);
+        // A result into a read-only page asks for a write fault; reading it needs none.
+        let at2 = Some((2 * FRAME_SIZE, true));
         assert_eq!(
-            access(Hypercall::ConsoleWrite, 0, CONSOLE_WRITE_MAX),
-            read(0, CONSOLE_WRITE_MAX)
+            go(&mem, call(Hypercall::VmInfo, 2 * FRAME_SIZE, 64, 0)),
+            at2
         );
         assert_eq!(
-            access(Hypercall::ConsoleWrite, 0, CONSOLE_WRITE_MAX + 1),
+            go(&mem, call(Hypercall::ConsoleWrite, 2 * FRAME_SIZE, 9, 0)),
             None
         );
-        assert_eq!(access(Hypercall::Report, 0x100, 9), read(0x100, 9));
-        assert_eq!(access(Hypercall::Report, 0x100, REPORT_KEY_MAX + 1), None);
-        // Results: only the structure is written, however large the declared buffer.
-        assert_eq!(
-            access(Hypercall::VmInfo, 0x200, 4096),
-            Some(GuestAccess {
-                gpa: 0x200,
-                len: size_of::<VmInfo>() as u64,
-                write: true
-            })
-        );
-        assert_eq!(
-            access(Hypercall::VmStats, 0x200, size_of::<VmStats>() as u64),
-            Some(GuestAccess {
-                gpa: 0x200,
-                len: size_of::<VmStats>() as u64,
-                write: true
-            })
-        );
-        assert_eq!(access(Hypercall::VmInfo, 0x200, 8), None);
-        for nr in [Hypercall::Nop, Hypercall::Yield, Hypercall::Exit] {
-            assert_eq!(access(nr, 0x100, 9), None);
-        }
-        assert_eq!(
-            guest_access(&Args {
-                nr: 999,
-                ..Args::default()
+        // The length and range checks still come first.
+        let too_long = call(Hypercall::ConsoleWrite, 0x100, CONSOLE_WRITE_MAX + 1, 0);
+        assert_eq!(go(&mem, too_long), None);
+        let straddling = call(Hypercall::VmInfo, 2 * FRAME_SIZE, 3 * FRAME_SIZE, 0);
+        assert_eq!(go(&mem, straddling), None);
+        // Faulted in, the same call goes through.
+        mem.set_page(
+            2,
+            Some(PageMapping {
+                hpa: FRAME_SIZE,
+                writable: true,
             }),
+        );
+        assert_eq!(
+            go(&mem, call(Hypercall::VmInfo, 2 * FRAME_SIZE, 64, 0)),
             None
         );
+        let mut magic = [0u8; 4];
+        mem.read(&phys, 2 * FRAME_SIZE, &mut magic).unwrap();
+        assert_eq!(u32::from_le_bytes(magic), guest_abi::VM_INFO_MAGIC);
     }
 }

@@ -7,8 +7,9 @@
 //! pages are not consecutive host frames. A range that is not entirely inside the VM's memory is
 //! refused before a byte is copied, so a guest can only ever name its own memory. A range that
 //! touches a page the engine has taken away (not present), or that would write a read-only page
-//! (a frame shared with other VMs), is refused too, also before a byte is copied: the kernel
-//! first has the engine fault those pages in ([`GuestMemory::first_unavailable`] says which).
+//! (a frame shared with other VMs), is refused too, also before a byte is copied: the refusal,
+//! `AccessError::Unavailable`, names the page, which the kernel has the engine fault in before
+//! it retries.
 //! This table mirrors the VM's EPT leaves; the kernel updates both together.
 
 use alloc::vec::Vec;
