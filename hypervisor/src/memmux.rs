@@ -252,7 +252,8 @@ impl MemMux {
     pub fn remove_vm(&mut self, vms: &mut [Vm], frames: &mut FrameAllocator, index: usize) {
         let (engine, mut backend) = self.backend(vms, frames);
         if let Err(e) = engine.remove_vm(&mut backend, VmId(index as u32)) {
-            log::error!(target: "mem", "removing vm {}: {e}", vms_name(&backend, index));
+            let name = backend.vms.get(index).map_or("?", |vm| vm.name.as_str());
+            log::error!(target: "mem", "removing vm {name}: {e}");
         }
     }
 
@@ -300,10 +301,6 @@ impl MemMux {
 /// Frames saved by sharing, patching and compression.
 fn beyond_zero(s: &Stats) -> u64 {
     s.frames_saved_shared + s.frames_saved_patched + s.frames_saved_compressed
-}
-
-fn vms_name<'a>(backend: &'a EptBackend<'_>, index: usize) -> &'a str {
-    backend.vms.get(index).map_or("?", |vm| vm.name.as_str())
 }
 
 /// The engine's view of the VMs' memory: EPT leaves, the GuestMemory mirrors, host frames
