@@ -289,8 +289,42 @@ pub struct BootOutcome {
     pub wall: Duration,
 }
 
-/// Boots `spec`, calling `on_tick` about every 50 ms while the emulator runs.
-pub fn boot(spec: &BootSpec, on_tick: impl FnMut()) -> Result<BootOutcome> {
+/// What Bochs prints when its VNC display found no port: two Bochs starting at the same moment
+/// may both bind port 5900 (the socket allows address reuse); the one whose `listen` then fails
+/// keeps that socket bound, so every later port fails too and Bochs exits before the machine
+/// starts.
+const BOCHS_RFB_RACE: &str = "RFB could not bind any port";
+/// Starts of one Bochs run that may end in [`BOCHS_RFB_RACE`] before it counts as a failure.
+const BOCHS_STARTS: u32 = 3;
+
+/// Whether a Bochs run ended in the display-port race (nothing of the machine ran).
+pub fn lost_rfb_race(emulator_output: &str) -> bool {
+    emulator_output.contains(BOCHS_RFB_RACE)
+}
+
+/// Boots `spec`, calling `on_tick` about every 50 ms while the emulator runs. A Bochs run that
+/// lost the display-port race to a Bochs started beside it is started again (the other one
+/// listens by then), up to [`BOCHS_STARTS`] times.
+pub fn boot(spec: &BootSpec, mut on_tick: impl FnMut()) -> Result<BootOutcome> {
+    let mut start = 1;
+    loop {
+        let outcome = boot_once(spec, &mut on_tick)?;
+        let raced = spec.engine == Engine::Bochs
+            && start < BOCHS_STARTS
+            && fs::read_to_string(spec.emulator_output()).is_ok_and(|out| lost_rfb_race(&out));
+        if !raced {
+            return Ok(outcome);
+        }
+        eprintln!(
+            "bochs: lost the display-port race to a Bochs started beside it; starting again ({})",
+            spec.dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(200 * u64::from(start)));
+        start += 1;
+    }
+}
+
+fn boot_once(spec: &BootSpec, on_tick: impl FnMut()) -> Result<BootOutcome> {
     fs::create_dir_all(&spec.dir).context(|| format!("creating {}", spec.dir.display()))?;
     let serial = spec.serial_log();
     // The emulator appends to or recreates the file; start from an empty one either way, so a
@@ -600,5 +634,19 @@ mod tests {
         );
         let tcg = qemu_args(Engine::QemuTcg, Path::new("/x.iso"), Path::new("/s"));
         assert!(tcg.join(" ").starts_with("-accel tcg -cpu qemu64 "));
+    }
+
+    #[test]
+    fn recognises_the_bochs_display_port_race() {
+        // As Bochs 2.7 ends such a run (emulator.out).
+        let raced = "00000000000i[      ] installing rfb module as the Bochs GUI\n\
+            ========================================================================\n\
+            Bochs is exiting with the following message:\n\
+            [RFB   ] RFB could not bind any port between 5900 and 5949\n";
+        assert!(lost_rfb_race(raced));
+        assert!(!lost_rfb_race(
+            "Bochs is exiting with the following message:\n[CPU0  ] panic\n"
+        ));
+        assert!(!lost_rfb_race(""));
     }
 }
