@@ -30,6 +30,18 @@ pub struct Config {
     pub similarity_blocks: u8,
     /// Seed that fixes the block positions. Default 0x5eed_d1ff_e4e0_91e5.
     pub similarity_seed: u64,
+    /// Hash similarity blocks with kernel pointers reduced to their page offset
+    /// ([`crate::page::normalize_pointer`]), so that pages differing only in where the guest's
+    /// kernel layout put things (KASLR, neighbouring `struct page` arrays) find each other.
+    /// Default true.
+    pub similarity_normalize_pointers: bool,
+    /// Also try an XOR patch ([`crate::patch`], version 2) against each candidate whose runs
+    /// patch is over [`Config::xor_patch_above`] bytes (or over the limit), and keep the
+    /// smaller. Default true.
+    pub xor_patches: bool,
+    /// Runs patches at most this long are kept without trying XOR (an LZ4 block costs ~20 bytes
+    /// even for an all-zero XOR, and the try costs an LZ4 compression). Default 64.
+    pub xor_patch_above: usize,
     /// Reference candidates tried (by descending number of matching blocks) per cold page.
     /// Default 2.
     pub similarity_candidates: u8,
@@ -64,6 +76,9 @@ impl Default for Config {
             compress_shared: true,
             similarity_blocks: 4,
             similarity_seed: 0x5eed_d1ff_e4e0_91e5,
+            similarity_normalize_pointers: true,
+            xor_patches: true,
+            xor_patch_above: 64,
             similarity_candidates: 2,
             similarity_entries_per_page: 4,
             patch_cutoff: 1024,

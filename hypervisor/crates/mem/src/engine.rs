@@ -319,8 +319,9 @@ pub struct Engine {
     census: [u64; 4],
     scratch_page: Box<Page>,
     scratch_lz: Box<[u8]>,
-    scratch_patch: Box<Page>,
-    scratch_best: Box<Page>,
+    scratch_patch: Box<[u8]>,
+    scratch_best: Box<[u8]>,
+    scratch_xor: Box<[u8]>,
     scratch_ref: Box<Page>,
 }
 
@@ -366,8 +367,9 @@ impl Engine {
             census: [0; 4],
             scratch_page: boxed_page(),
             scratch_lz: vec![0u8; MAX_COMPRESSED].into_boxed_slice(),
-            scratch_patch: boxed_page(),
-            scratch_best: boxed_page(),
+            scratch_patch: vec![0u8; patch::XOR_SCRATCH].into_boxed_slice(),
+            scratch_best: vec![0u8; patch::XOR_SCRATCH].into_boxed_slice(),
+            scratch_xor: vec![0u8; patch::XOR_SCRATCH].into_boxed_slice(),
             scratch_ref: boxed_page(),
         })
     }
@@ -739,7 +741,13 @@ impl Engine {
 
     /// The patch proper of a stored patch (after its reference id).
     fn patch_bytes(&self, blob: BlobRef) -> &[u8] {
-        self.blobs
+        Self::patch_data(&self.blobs, blob)
+    }
+
+    /// [`Engine::patch_bytes`] borrowing only the blob store (so a scratch buffer of the engine
+    /// can be borrowed beside it).
+    fn patch_data(blobs: &BlobArena, blob: BlobRef) -> &[u8] {
+        blobs
             .get(blob)
             .and_then(|d| d.get(PATCH_HEADER..))
             .unwrap_or(&[])
@@ -1321,7 +1329,8 @@ impl Engine {
     ) {
         let mut keys = [None; MAX_SIMILARITY_BLOCKS];
         let n = self.config.similarity_blocks as usize;
-        similarity_keys(mem.frame(frame), &self.positions[..n], &mut keys);
+        let normalize = self.config.similarity_normalize_pointers;
+        similarity_keys(mem.frame(frame), &self.positions[..n], normalize, &mut keys);
         let per_source = self.config.similarity_entries_per_page as u64;
         let d = &mut self.domains[domain];
         d.sources += 1;
@@ -1466,7 +1475,8 @@ impl Engine {
     ) -> Option<(Reference, usize)> {
         let n = self.config.similarity_blocks as usize;
         let mut keys = [None; MAX_SIMILARITY_BLOCKS];
-        similarity_keys(mem.frame(frame), &self.positions[..n], &mut keys);
+        let normalize = self.config.similarity_normalize_pointers;
+        similarity_keys(mem.frame(frame), &self.positions[..n], normalize, &mut keys);
         // Candidates with their votes (matching blocks), best first.
         let mut cands = [(0u32, 0u8); MAX_SIMILARITY_BLOCKS];
         let mut count = 0;
@@ -1517,11 +1527,22 @@ impl Engine {
                 Some(f) => mem.frame(f),
                 None => &self.scratch_ref,
             };
-            let encoded = patch::encode(
-                mem.frame(frame),
-                reference_bytes,
-                &mut self.scratch_patch[..limit],
-            );
+            let target = mem.frame(frame);
+            let mut encoded =
+                patch::encode(target, reference_bytes, &mut self.scratch_patch[..limit]);
+            if self.config.xor_patches && encoded.is_none_or(|n| n > self.config.xor_patch_above) {
+                let cutoff = encoded.map_or(limit, |n| n - 1);
+                if let Some(n) = patch::encode_xor(
+                    target,
+                    reference_bytes,
+                    &mut self.scratch_page,
+                    &mut self.scratch_xor,
+                    cutoff,
+                ) {
+                    core::mem::swap(&mut self.scratch_xor, &mut self.scratch_patch);
+                    encoded = Some(n);
+                }
+            }
             match encoded {
                 Some(len) => {
                     core::mem::swap(&mut self.scratch_patch, &mut self.scratch_best);
@@ -1593,6 +1614,9 @@ impl Engine {
         self.unindex(at);
         self.set_page(at, Kind::Patched, blob.raw(), false);
         self.counters.patches_made += 1;
+        if self.scratch_best.first() == Some(&patch::VERSION_XOR) {
+            self.counters.patches_xor += 1;
+        }
         true
     }
 
@@ -1838,8 +1862,8 @@ impl Engine {
             }
             Store::Free => unreachable!("checked above"),
         }
-        let data = self.patch_bytes(blob);
-        if let Err(e) = patch::apply(data, mem.frame_mut(f)) {
+        let data = Self::patch_data(&self.blobs, blob);
+        if let Err(e) = patch::apply(data, mem.frame_mut(f), &mut self.scratch_page) {
             mem.free_frame(f);
             return Err(Self::corrupt(at, CorruptKind::Patch(e)));
         }
@@ -1902,7 +1926,9 @@ impl Engine {
                     }
                     _ => return Err(Self::corrupt(at, CorruptKind::Metadata)),
                 }
-                patch::apply(self.patch_bytes(blob), out)
+                // An inspection path: the XOR scratch is allocated here, not kept.
+                let mut scratch = boxed_page();
+                patch::apply(self.patch_bytes(blob), out, &mut scratch)
                     .map_err(|e| Self::corrupt(at, CorruptKind::Patch(e)))?;
             }
         }

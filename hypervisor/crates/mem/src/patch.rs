@@ -1,6 +1,13 @@
 //! Page patches: a page stored as its differences against an immutable reference page.
 //!
-//! # Format (version 1)
+//! Two encodings, told apart by the first byte; the engine keeps the smaller:
+//! - **runs** (version 1): the differing byte runs, for pages that differ in a few places;
+//! - **XOR** (version 2): the LZ4 block ([`crate::compress`]) of the page XOR the reference, for
+//!   pages that differ a little *everywhere* the same way: records holding kernel pointers of
+//!   another layout ([`crate::page::normalize_pointer`]) differ in two to four bytes of every
+//!   pointer, each a run of its own, while their XOR is a short pattern repeated.
+//!
+//! # Format: runs (version 1)
 //!
 //! ```text
 //! patch   := VERSION run*            VERSION = 0x01
@@ -23,16 +30,31 @@
 //! of length zero, a run that would end past the page) returns a [`PatchError`]; it never panics
 //! and never touches memory outside the output page.
 //!
-//! The encoder compares 8-byte words, trims differing words to the differing bytes, merges spans
+//! # Format: XOR (version 2)
+//!
+//! ```text
+//! patch   := VERSION_XOR lz4         VERSION_XOR = 0x02
+//! lz4     := an LZ4 block that decodes to exactly one page: target XOR reference
+//! ```
+//!
+//! Decoding it needs a scratch page for the XOR ([`apply`]); it is as total as the runs: the
+//! LZ4 decoder is checked ([`crate::compress::decompress`]).
+//!
+//! The runs encoder compares 8-byte words, trims differing words to the differing bytes, merges spans
 //! separated by at most [`MERGE_GAP`] equal bytes (a new run header costs at least as much), and
 //! turns repeats of one byte of at least [`FILL_MIN`] bytes into fill runs (a page zeroed or
 //! memset over part of the reference patches to a few bytes).
 
 use crate::backend::{Page, PAGE_SIZE};
+use crate::compress::{self, MAX_COMPRESSED};
 use core::fmt;
 
-/// The format version byte.
+/// The format byte of a runs patch.
 pub const VERSION: u8 = 1;
+/// The format byte of an XOR patch.
+pub const VERSION_XOR: u8 = 2;
+/// Room an output buffer needs for [`encode_xor`] (the LZ4 encoder wants its worst case).
+pub const XOR_SCRATCH: usize = 1 + MAX_COMPRESSED;
 /// Equal bytes between two differing spans that are still emitted as literals rather than
 /// starting a new run (a run header costs two bytes).
 pub const MERGE_GAP: usize = 2;
@@ -52,6 +74,8 @@ pub enum PatchError {
     EmptyRun,
     /// A run reaches past the end of the page.
     OutOfBounds,
+    /// The LZ4 block of an XOR patch does not decode to one page.
+    BadXor,
 }
 
 impl fmt::Display for PatchError {
@@ -62,6 +86,7 @@ impl fmt::Display for PatchError {
             PatchError::Overlong => "overlong varint in patch",
             PatchError::EmptyRun => "empty run in patch",
             PatchError::OutOfBounds => "patch run past end of page",
+            PatchError::BadXor => "XOR patch does not decompress to a page",
         };
         f.write_str(s)
     }
@@ -207,6 +232,48 @@ pub fn encode(target: &Page, reference: &Page, out: &mut [u8]) -> Option<usize> 
     Some(enc.w.len)
 }
 
+/// Encodes `target` as an XOR patch against `reference` into `out` (at least [`XOR_SCRATCH`]
+/// bytes), using `xor` as scratch. Returns the patch length if it is at most `cutoff`.
+pub fn encode_xor(
+    target: &Page,
+    reference: &Page,
+    xor: &mut Page,
+    out: &mut [u8],
+    cutoff: usize,
+) -> Option<usize> {
+    xor_into(xor, target, reference);
+    let (version, body) = out.split_first_mut()?;
+    *version = VERSION_XOR;
+    let n = compress::compress(xor, body, cutoff.checked_sub(1)?)?;
+    Some(n + 1)
+}
+
+/// `out = a ^ b`, a word at a time.
+fn xor_into(out: &mut Page, a: &Page, b: &Page) {
+    for (o, (x, y)) in out
+        .chunks_exact_mut(8)
+        .zip(a.chunks_exact(8).zip(b.chunks_exact(8)))
+    {
+        o.copy_from_slice(&(le64(x) ^ le64(y)).to_le_bytes());
+    }
+}
+
+/// `page ^= delta`, a word at a time.
+fn xor_in_place(page: &mut Page, delta: &Page) {
+    for (p, d) in page.chunks_exact_mut(8).zip(delta.chunks_exact(8)) {
+        let v = le64(p) ^ le64(d);
+        p.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// An 8-byte chunk as a little-endian word.
+#[inline]
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
+}
+
 struct Reader<'a> {
     data: &'a [u8],
     at: usize,
@@ -242,13 +309,24 @@ impl Reader<'_> {
     }
 }
 
-/// Applies `patch` to `page`, which must hold the reference page's bytes. On error `page` may be
-/// partly patched; callers decode into a scratch frame and discard it on error.
-pub fn apply(patch: &[u8], page: &mut Page) -> Result<(), PatchError> {
-    let mut r = Reader { data: patch, at: 0 };
-    if r.byte().map_err(|_| PatchError::BadVersion)? != VERSION {
-        return Err(PatchError::BadVersion);
+/// Applies `patch` to `page`, which must hold the reference page's bytes; `scratch` holds the
+/// XOR of an XOR patch. On error `page` may be partly patched; callers decode into a scratch
+/// frame and discard it on error.
+pub fn apply(patch: &[u8], page: &mut Page, scratch: &mut Page) -> Result<(), PatchError> {
+    match patch.first() {
+        Some(&VERSION) => apply_runs(patch, page),
+        Some(&VERSION_XOR) => {
+            compress::decompress(&patch[1..], scratch).map_err(|_| PatchError::BadXor)?;
+            xor_in_place(page, scratch);
+            Ok(())
+        }
+        _ => Err(PatchError::BadVersion),
     }
+}
+
+/// [`apply`] of a runs patch (version byte checked by the caller).
+fn apply_runs(patch: &[u8], page: &mut Page) -> Result<(), PatchError> {
+    let mut r = Reader { data: patch, at: 1 };
     let mut cursor = 0usize;
     while r.at < patch.len() {
         let skip = r.varint()?;
@@ -276,8 +354,18 @@ pub fn apply(patch: &[u8], page: &mut Page) -> Result<(), PatchError> {
 
 /// Decodes `patch` against `reference` into `out`.
 pub fn decode(patch: &[u8], reference: &Page, out: &mut Page) -> Result<(), PatchError> {
-    out.copy_from_slice(reference);
-    apply(patch, out)
+    match patch.first() {
+        Some(&VERSION) => {
+            out.copy_from_slice(reference);
+            apply_runs(patch, out)
+        }
+        Some(&VERSION_XOR) => {
+            compress::decompress(&patch[1..], out).map_err(|_| PatchError::BadXor)?;
+            xor_in_place(out, reference);
+            Ok(())
+        }
+        _ => Err(PatchError::BadVersion),
+    }
 }
 
 #[cfg(test)]
@@ -347,22 +435,79 @@ mod tests {
     #[test]
     fn malformed_patches_are_rejected() {
         let mut p = page(3);
-        assert_eq!(apply(&[], &mut p), Err(PatchError::BadVersion));
-        assert_eq!(apply(&[2], &mut p), Err(PatchError::BadVersion));
-        assert_eq!(apply(&[1, 0], &mut p), Err(PatchError::Truncated));
-        assert_eq!(apply(&[1, 0, 0], &mut p), Err(PatchError::EmptyRun));
-        assert_eq!(apply(&[1, 0, 4, 9], &mut p), Err(PatchError::Truncated));
+        let mut s = [0u8; PAGE_SIZE];
+        assert_eq!(apply(&[], &mut p, &mut s), Err(PatchError::BadVersion));
+        assert_eq!(apply(&[3], &mut p, &mut s), Err(PatchError::BadVersion));
+        assert_eq!(apply(&[2], &mut p, &mut s), Err(PatchError::BadXor));
+        assert_eq!(apply(&[1, 0], &mut p, &mut s), Err(PatchError::Truncated));
+        assert_eq!(apply(&[1, 0, 0], &mut p, &mut s), Err(PatchError::EmptyRun));
         assert_eq!(
-            apply(&[1, 0x80, 0x80, 0x80], &mut p),
+            apply(&[1, 0, 4, 9], &mut p, &mut s),
+            Err(PatchError::Truncated)
+        );
+        assert_eq!(
+            apply(&[1, 0x80, 0x80, 0x80], &mut p, &mut s),
             Err(PatchError::Overlong)
         );
         // skip 4095, then a 2-byte fill: past the end.
         assert_eq!(
-            apply(&[1, 0xff, 0x1f, 5, 1], &mut p),
+            apply(&[1, 0xff, 0x1f, 5, 1], &mut p, &mut s),
             Err(PatchError::OutOfBounds)
         );
         // skip 4095, then a 1-byte fill: fine.
-        assert_eq!(apply(&[1, 0xff, 0x1f, 3, 1], &mut p), Ok(()));
+        assert_eq!(apply(&[1, 0xff, 0x1f, 3, 1], &mut p, &mut s), Ok(()));
         assert_eq!(p[4095], 1);
+        // An XOR patch whose LZ4 block is cut short.
+        let mut xor = [0u8; PAGE_SIZE];
+        let mut buf = vec![0u8; XOR_SCRATCH];
+        let n = encode_xor(&page(9), &page(3), &mut xor, &mut buf, PAGE_SIZE).unwrap();
+        assert_eq!(
+            apply(&buf[..n - 1], &mut p, &mut s),
+            Err(PatchError::BadXor)
+        );
+        assert_eq!(
+            decode(&buf[..n - 1], &page(3), &mut s),
+            Err(PatchError::BadXor)
+        );
+    }
+
+    /// Records whose pointers all moved by the same amount (another kernel layout).
+    fn records(base: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        for (k, w) in p.chunks_exact_mut(8).enumerate() {
+            let v = if k % 2 == 0 {
+                base + 64 * k as u64
+            } else {
+                k as u64 & 7
+            };
+            w.copy_from_slice(&v.to_le_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn xor_patches_store_moved_pointers_small_and_round_trip() {
+        let r = records(0xffff_ea00_0120_0000);
+        let t = records(0xffff_f77f_c00c_9000);
+        let mut buf = vec![0u8; XOR_SCRATCH];
+        let runs = encode(&t, &r, &mut buf).unwrap();
+        let mut xor = [0u8; PAGE_SIZE];
+        let n = encode_xor(&t, &r, &mut xor, &mut buf, PAGE_SIZE).unwrap();
+        assert!(n < 100 && runs > 1000, "xor {n} bytes, runs {runs} bytes");
+        assert_eq!(buf[0], VERSION_XOR);
+        let mut out = [0u8; PAGE_SIZE];
+        decode(&buf[..n], &r, &mut out).unwrap();
+        assert!(out == t);
+        let mut scratch = [0u8; PAGE_SIZE];
+        let mut page = r;
+        apply(&buf[..n], &mut page, &mut scratch).unwrap();
+        assert!(page == t);
+        // The cutoff counts the version byte; an output too short is a refusal.
+        assert_eq!(encode_xor(&t, &r, &mut xor, &mut buf, n - 1), None);
+        assert_eq!(encode_xor(&t, &r, &mut xor, &mut buf, n), Some(n));
+        assert_eq!(
+            encode_xor(&t, &r, &mut xor, &mut buf[..64], PAGE_SIZE),
+            None
+        );
     }
 }

@@ -19,6 +19,8 @@ pub struct Counters {
     pub merges_identical: u64,
     /// Pages turned into patches.
     pub patches_made: u64,
+    /// Of those, patches stored as an XOR delta ([`crate::patch`], version 2).
+    pub patches_xor: u64,
     /// Private pages compressed.
     pub pages_compressed: u64,
     /// Shared frames compressed (all their mappers cold).

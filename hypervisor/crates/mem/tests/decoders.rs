@@ -102,9 +102,13 @@ proptest! {
         // Whatever happens, no panic; and a successful decode only touched `out`.
         let _ = patch::decode(&data, &reference, &mut out);
         // With the version byte right, the decoder gets past the header and into the runs.
-        let mut versioned = data.clone();
-        versioned.insert(0, patch::VERSION);
-        let _ = patch::decode(&versioned, &reference, &mut out);
+        let mut scratch = [0u8; PAGE_SIZE];
+        for version in [patch::VERSION, patch::VERSION_XOR] {
+            let mut versioned = data.clone();
+            versioned.insert(0, version);
+            let _ = patch::decode(&versioned, &reference, &mut out);
+            let _ = patch::apply(&versioned, &mut out, &mut scratch);
+        }
     }
 
     #[test]
@@ -159,6 +163,15 @@ proptest! {
         if n > 1 {
             prop_assert_eq!(patch::encode(&target, &reference, &mut buf[..n - 1]), None);
         }
+        // The XOR encoding round-trips too, through decode and through apply.
+        let mut xor = [0u8; PAGE_SIZE];
+        let mut xbuf = vec![0u8; patch::XOR_SCRATCH];
+        let m = patch::encode_xor(&target, &reference, &mut xor, &mut xbuf, PAGE_SIZE + 64).unwrap();
+        patch::decode(&xbuf[..m], &reference, &mut out).unwrap();
+        prop_assert!(out == target);
+        let mut page = reference;
+        patch::apply(&xbuf[..m], &mut page, &mut xor).unwrap();
+        prop_assert!(page == target);
     }
 
     #[test]
