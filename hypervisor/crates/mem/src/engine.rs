@@ -964,8 +964,16 @@ impl Engine {
         let age = self.age(at, accessed);
         let meta = self.meta(at);
         let was_stable = meta.flags & F_STABLE != 0;
+        // Whether this visit read the page and found every byte zero (not merely its hash).
+        let mut read_zero = false;
         if dirty || meta.flags & F_HASHED == 0 {
-            let h = self.content_hash(mem.frame(frame));
+            let content = mem.frame(frame);
+            read_zero = is_zero(content);
+            let h = if read_zero {
+                self.zero_hash
+            } else {
+                hash_page(content) as u32
+            };
             self.counters.pages_hashed += 1;
             let first_sight = meta.flags & (F_HASHED | F_WATCH) == 0;
             if first_sight && !accessed {
@@ -993,7 +1001,10 @@ impl Engine {
         let h = self.meta(at).hash();
 
         // Cheap merges first: the zero frame, then an identical object or page.
-        if self.config.zero_pages && h == self.zero_hash && self.merge_zero(mem, at, frame) {
+        if self.config.zero_pages
+            && h == self.zero_hash
+            && self.merge_zero(mem, at, frame, read_zero)
+        {
             return Outcome::Changed;
         }
         let mut just_indexed = false;
@@ -1156,14 +1167,21 @@ impl Engine {
         self.counters.compare_mismatches += 1;
     }
 
+    /// Maps a page whose hash is the zero hash onto the zero frame, after checking its frozen
+    /// bytes. `read_zero`: this visit read every byte as zero, after clearing the dirty flag;
+    /// if no write set the flag again before the page was frozen, the bytes are still zero and
+    /// are not read a second time (most of guest RAM is zero pages, so a first round saves a
+    /// pass over most of it).
     fn merge_zero<M: MemoryBackend + ?Sized>(
         &mut self,
         mem: &mut M,
         at: Loc,
         frame: Frame,
+        read_zero: bool,
     ) -> bool {
         Self::protect(mem, at, frame);
-        if !is_zero(mem.frame(frame)) {
+        let unchanged = read_zero && !mem.test_and_clear_dirty(at.vm, at.gfn());
+        if !unchanged && !is_zero(mem.frame(frame)) {
             Self::unprotect(mem, at, frame);
             self.content_moved(at);
             return false;
