@@ -248,30 +248,18 @@ pub fn encode_xor(
     Some(n + 1)
 }
 
-/// `out = a ^ b`, a word at a time.
+/// `out = a ^ b` (a byte loop over whole pages: the compiler vectorizes it).
 fn xor_into(out: &mut Page, a: &Page, b: &Page) {
-    for (o, (x, y)) in out
-        .chunks_exact_mut(8)
-        .zip(a.chunks_exact(8).zip(b.chunks_exact(8)))
-    {
-        o.copy_from_slice(&(le64(x) ^ le64(y)).to_le_bytes());
+    for (o, (x, y)) in out.iter_mut().zip(a.iter().zip(b.iter())) {
+        *o = x ^ y;
     }
 }
 
-/// `page ^= delta`, a word at a time.
+/// `page ^= delta`.
 fn xor_in_place(page: &mut Page, delta: &Page) {
-    for (p, d) in page.chunks_exact_mut(8).zip(delta.chunks_exact(8)) {
-        let v = le64(p) ^ le64(d);
-        p.copy_from_slice(&v.to_le_bytes());
+    for (p, d) in page.iter_mut().zip(delta.iter()) {
+        *p ^= d;
     }
-}
-
-/// An 8-byte chunk as a little-endian word.
-#[inline]
-fn le64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(b);
-    u64::from_le_bytes(a)
 }
 
 struct Reader<'a> {
