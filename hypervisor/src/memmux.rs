@@ -128,6 +128,8 @@ impl MemMux {
                 log::error!(target: "mem", "memory multiplexing off: cannot register vm {}: {e}", vm.name);
                 return None;
             }
+            // The engine names VMs by number in its own log lines; say once which is which.
+            log::info!(target: "mem", "vm {} is engine VM {i} (sharing domain {})", vm.name, domain.0);
         }
         log::info!(target: "mem",
             "memory multiplexing on: {} VMs, scan step {} pages every {} us, EPT A/D bits {}",
