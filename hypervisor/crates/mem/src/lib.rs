@@ -212,13 +212,22 @@
 //! Measured with `cargo xtask bench mem` and `examples/scan_cost.rs` on the heterogeneous set of
 //! docs/benchmarks.md (8 Linux guests, 2 GiB; release build, one core of the 2-core development
 //! VM, other work beside it): round 1 (zero test, hash, all zero and identical merges, no LZ4)
-//! 0.39-0.44 CPU-s, 4.9-5.5 GB/s, close to what one core can read from memory (a plain read of
-//! 2 GiB takes 0.22-0.24 s there); round 2 (LZ4 and patch search for every cold page) 1.5-2.0
-//! CPU-s; a round after convergence ~100 GB/s. Fault-in: see docs/benchmarks.md (p50 ~1 us
-//! for a zero or shared page, ~4-5 us to decompress or unpatch). Metadata: 7 bytes per page,
-//! 28 per object, 8 per index slot; on that set ~20 bytes per guest page in all (10 MiB of
-//! 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's run-time
-//! detection); the hypervisor build hashes with portable code.
+//! 0.33-0.47 CPU-s, 4.5-6.5 GB/s, close to what one core can read from memory (a plain read of
+//! 2 GiB takes 0.22-0.24 s there); round 2 (LZ4, patch search with runs and XOR patches for
+//! every cold page) 1.9-2.3 CPU-s; a round after convergence ~100-300 GB/s. Fault-in: see
+//! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~5 us to decompress, ~6-7 us to
+//! unpatch: an XOR patch against a compressed reference decodes two LZ4 blocks). Metadata: 7
+//! bytes per page, 28 per object, 8 per index slot; on that set ~17 bytes per guest page in
+//! all (8.3 MiB of 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's
+//! run-time detection); the hypervisor build hashes with portable code.
+//!
+//! ## Testing
+//! `cargo test -p hv-mem`: unit tests, behaviour through the public API (`tests/engine.rs`),
+//! a proptest model check (any interleaving of guest writes, scans and faults leaves every
+//! page byte-identical to plain memory, `tests/model.rs`) and proptests of the decoders
+//! (`tests/decoders.rs`: total on arbitrary and corrupted input, the LZ4 decoder agreeing with
+//! `lz4_flex`'s). `fuzz/` has cargo-fuzz targets for the same decoders (nightly; see its
+//! README).
 #![no_std]
 #![deny(missing_docs)]
 
