@@ -615,10 +615,16 @@ impl Engine {
     /// found with an early-exit word test, gets the precomputed zero hash without hashing).
     /// 32 bits are plenty for a hint that every user confirms byte for byte.
     fn content_hash(&self, content: &Page) -> u32 {
+        self.content_hash_and_zero(content).0
+    }
+
+    /// [`Engine::content_hash`], and whether the page was found all zero (byte for byte, not
+    /// by its hash).
+    fn content_hash_and_zero(&self, content: &Page) -> (u32, bool) {
         if is_zero(content) {
-            self.zero_hash
+            (self.zero_hash, true)
         } else {
-            hash_page(content) as u32
+            (hash_page(content) as u32, false)
         }
     }
 
@@ -967,13 +973,8 @@ impl Engine {
         // Whether this visit read the page and found every byte zero (not merely its hash).
         let mut read_zero = false;
         if dirty || meta.flags & F_HASHED == 0 {
-            let content = mem.frame(frame);
-            read_zero = is_zero(content);
-            let h = if read_zero {
-                self.zero_hash
-            } else {
-                hash_page(content) as u32
-            };
+            let (h, zero) = self.content_hash_and_zero(mem.frame(frame));
+            read_zero = zero;
             self.counters.pages_hashed += 1;
             let first_sight = meta.flags & (F_HASHED | F_WATCH) == 0;
             if first_sight && !accessed {
