@@ -597,17 +597,36 @@ fn out_of_frames_in_the_middle_of_a_mixed_run() {
     }
 }
 
-/// A backend that records which frames the engine reads, to prove what it compares.
-struct Recorder {
+/// `PlainMemory` with two instruments: it records which frames the engine reads (to prove
+/// what it compares), and it can make a guest write land on one page just before the engine
+/// write-protects it (after the scanner read the page, before the protection took hold:
+/// another vCPU, a DMA).
+struct Instrumented {
     inner: PlainMemory,
     reads: RefCell<Vec<Frame>>,
+    /// The page a write races the protection of, until it happened once.
+    race: Option<(VmId, Gfn)>,
 }
 
-impl MemoryBackend for Recorder {
+impl Instrumented {
+    fn new(inner: PlainMemory) -> Self {
+        Instrumented {
+            inner,
+            reads: RefCell::new(Vec::new()),
+            race: None,
+        }
+    }
+}
+
+impl MemoryBackend for Instrumented {
     fn mapping(&self, vm: VmId, gfn: Gfn) -> Option<Mapping> {
         self.inner.mapping(vm, gfn)
     }
     fn map(&mut self, vm: VmId, gfn: Gfn, frame: Frame, writable: bool) {
+        if !writable && self.race == Some((vm, gfn)) {
+            self.race = None;
+            self.inner.guest_write(vm, gfn, 123, &[7]).unwrap();
+        }
         self.inner.map(vm, gfn, frame, writable)
     }
     fn unmap(&mut self, vm: VmId, gfn: Gfn) {
@@ -638,64 +657,16 @@ impl MemoryBackend for Recorder {
     }
 }
 
-/// A backend where a guest write to one page lands just before the engine write-protects it:
-/// after the scanner read the page, before the protection took hold (another vCPU, a DMA).
-struct Racer {
-    inner: PlainMemory,
-    target: (VmId, Gfn),
-    armed: bool,
-}
-
-impl MemoryBackend for Racer {
-    fn mapping(&self, vm: VmId, gfn: Gfn) -> Option<Mapping> {
-        self.inner.mapping(vm, gfn)
-    }
-    fn map(&mut self, vm: VmId, gfn: Gfn, frame: Frame, writable: bool) {
-        if self.armed && !writable && (vm, gfn) == self.target {
-            self.armed = false;
-            self.inner.guest_write(vm, gfn, 123, &[7]).unwrap();
-        }
-        self.inner.map(vm, gfn, frame, writable)
-    }
-    fn unmap(&mut self, vm: VmId, gfn: Gfn) {
-        self.inner.unmap(vm, gfn)
-    }
-    fn frame(&self, frame: Frame) -> &Page {
-        self.inner.frame(frame)
-    }
-    fn frame_mut(&mut self, frame: Frame) -> &mut Page {
-        self.inner.frame_mut(frame)
-    }
-    fn copy_frame(&mut self, src: Frame, dst: Frame) {
-        self.inner.copy_frame(src, dst)
-    }
-    fn alloc_frame(&mut self) -> Result<Frame, OutOfFrames> {
-        self.inner.alloc_frame()
-    }
-    fn free_frame(&mut self, frame: Frame) {
-        self.inner.free_frame(frame)
-    }
-    fn test_and_clear_accessed(&mut self, vm: VmId, gfn: Gfn) -> bool {
-        self.inner.test_and_clear_accessed(vm, gfn)
-    }
-    fn test_and_clear_dirty(&mut self, vm: VmId, gfn: Gfn) -> bool {
-        self.inner.test_and_clear_dirty(vm, gfn)
-    }
-}
-
 #[test]
 fn a_write_racing_the_zero_merge_is_kept() {
     // Two zero pages; a write lands on the second one between its zero test and its
     // protection. The engine must notice (the dirty flag, or a second read) and keep the byte.
     let vm = VmId(1);
     let (mut engine, mem) = setup(Config::default(), &[(vm, D0, &[[0; PAGE_SIZE]; 2])]);
-    let mut racer = Racer {
-        inner: mem,
-        target: (vm, Gfn(1)),
-        armed: true,
-    };
+    let mut racer = Instrumented::new(mem);
+    racer.race = Some((vm, Gfn(1)));
     engine.scan_round(&mut racer);
-    assert!(!racer.armed, "the race happened");
+    assert_eq!(racer.race, None, "the race happened");
     let mut expected = [[0u8; PAGE_SIZE]; 2];
     expected[1][123] = 7;
     assert_vm(&engine, &racer.inner, vm, &expected);
@@ -714,10 +685,7 @@ fn different_domains_are_never_shared_patched_or_compared() {
     pages.push([0; PAGE_SIZE]);
     let vms = [(VmId(1), D0), (VmId(2), D0), (VmId(3), D1), (VmId(4), D1)];
     let mut engine = Engine::new(Config::default()).unwrap();
-    let mut mem = Recorder {
-        inner: PlainMemory::new(),
-        reads: RefCell::new(Vec::new()),
-    };
+    let mut mem = Instrumented::new(PlainMemory::new());
     let mut owner: BTreeMap<Frame, DomainId> = BTreeMap::new();
     for (vm, d) in vms {
         mem.inner
