@@ -115,6 +115,7 @@ impl MemMux {
             pages_per_scan: usize::try_from(config.scan_pages).unwrap_or(usize::MAX),
             ..Config::default()
         };
+        let cold_rounds = u64::from(engine_config.cold_rounds);
         let mut engine = match Engine::new(engine_config) {
             Ok(engine) => engine,
             Err(e) => {
@@ -135,6 +136,13 @@ impl MemMux {
             "memory multiplexing on: {} VMs, scan step {} pages every {} us, EPT A/D bits {}",
             vms.len(), config.scan_pages, config.scan_interval_us,
             if ept_ad { "yes" } else { "no (every page counts as recently used: no compression or patching)" });
+        // "Not accessed for a while" is counted in scan passes; say what that is in time.
+        let pass_us = pages
+            .div_ceil(config.scan_pages.max(1))
+            .saturating_mul(config.scan_interval_us);
+        log::info!(target: "mem",
+            "a full scan pass takes at least {}; a page untouched for {cold_rounds} passes ({}) is cold",
+            Micros(pass_us), Micros(pass_us.saturating_mul(cold_rounds)));
         Some(Self {
             engine,
             scan_pages: config.scan_pages,
@@ -373,6 +381,19 @@ impl EptBackend<'_> {
             }
         }
         was.unwrap_or(true)
+    }
+}
+
+/// A duration for a log line: microseconds below 10 ms, milliseconds above.
+struct Micros(u64);
+
+impl core::fmt::Display for Micros {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 < 10_000 {
+            write!(f, "{} us", self.0)
+        } else {
+            write!(f, "{} ms", self.0 / 1000)
+        }
     }
 }
 
