@@ -42,6 +42,7 @@ const REEXEC_ENV: &str = "HV_BENCH_MEM_RELEASE";
 const USAGE: &str = "usage: cargo xtask bench mem --images DIR [--json FILE] [--svg FILE]
                               [--ksm-cap-s S] [--ksm-stable-scans N] [--no-ksm]
                               [--fault-samples N] [--exhaustive-sample N] [--max-rounds N]
+                              [--no-xor-patches] [--raw-similarity-keys]
   --images DIR           raw guest-RAM images, one VM per regular file (size a multiple of 4096)
   --json FILE            write every figure as JSON (fields: docs/benchmarks.md)
   --svg FILE             write a plot of savings against CPU seconds (engine, KSM, upper bound)
@@ -50,7 +51,10 @@ const USAGE: &str = "usage: cargo xtask bench mem --images DIR [--json FILE] [--
   --no-ksm               skip the KSM peer
   --fault-samples N      timed fault-ins per kind of page (default 2000)
   --exhaustive-sample N  pages searched exhaustively for the upper bound (default 96)
-  --max-rounds N         give up on engine convergence after N rounds (default 20)";
+  --max-rounds N         give up on engine convergence after N rounds (default 20)
+  --no-xor-patches       engine knob xor_patches = false (runs patches only)
+  --raw-similarity-keys  engine knob similarity_normalize_pointers = false
+                         (the engine is otherwise Config::default(); the JSON records it)";
 
 /// Errors of the benchmark.
 #[derive(Debug)]
@@ -104,6 +108,8 @@ struct Options {
     fault_samples: usize,
     exhaustive_sample: usize,
     max_rounds: u64,
+    /// The engine's policy: `Config::default()` unless a knob flag changed it.
+    engine: Config,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, BenchError> {
@@ -118,6 +124,7 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
         fault_samples: 2000,
         exhaustive_sample: 96,
         max_rounds: 20,
+        engine: Config::default(),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -152,6 +159,8 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
             "--max-rounds" => {
                 opts.max_rounds = number("--max-rounds", value("--max-rounds")?)?.max(1)
             }
+            "--no-xor-patches" => opts.engine.xor_patches = false,
+            "--raw-similarity-keys" => opts.engine.similarity_normalize_pointers = false,
             "-h" | "--help" => return Err(BenchError::Usage("help".into())),
             other => return Err(BenchError::Usage(format!("unknown argument {other}"))),
         }
@@ -359,7 +368,7 @@ struct EngineRun {
 
 /// Scans until the engine reports convergence, measuring CPU around the scan calls only.
 fn run_engine(images: &ImageSet, opts: &Options) -> Result<EngineRun, BenchError> {
-    let config = Config::default();
+    let config = opts.engine.clone();
     let mut engine = Engine::new(config.clone())?;
     let mut mem = PlainMemory::new();
     for (i, data) in images.data.iter().enumerate() {
@@ -1574,5 +1583,15 @@ mod tests {
         .unwrap();
         assert!(o.no_ksm);
         assert_eq!(o.ksm_cap, Duration::from_secs(5));
+        assert_eq!(o.engine, Config::default());
+        let o = parse_args(&[
+            "--images".into(),
+            "d".into(),
+            "--no-xor-patches".into(),
+            "--raw-similarity-keys".into(),
+        ])
+        .unwrap();
+        assert!(!o.engine.xor_patches && !o.engine.similarity_normalize_pointers);
+        assert!(o.engine.patching, "only the named knobs change");
     }
 }
