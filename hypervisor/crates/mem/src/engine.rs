@@ -367,9 +367,9 @@ impl Engine {
             census: [0; 4],
             scratch_page: boxed_page(),
             scratch_lz: vec![0u8; MAX_COMPRESSED].into_boxed_slice(),
-            scratch_patch: vec![0u8; patch::XOR_SCRATCH].into_boxed_slice(),
-            scratch_best: vec![0u8; patch::XOR_SCRATCH].into_boxed_slice(),
-            scratch_xor: vec![0u8; patch::XOR_SCRATCH].into_boxed_slice(),
+            scratch_patch: vec![0u8; PAGE_SIZE].into_boxed_slice(),
+            scratch_best: vec![0u8; PAGE_SIZE].into_boxed_slice(),
+            scratch_xor: vec![0u8; PAGE_SIZE].into_boxed_slice(),
             scratch_ref: boxed_page(),
         })
     }
@@ -747,13 +747,7 @@ impl Engine {
 
     /// The patch proper of a stored patch (after its reference id).
     fn patch_bytes(&self, blob: BlobRef) -> &[u8] {
-        Self::patch_data(&self.blobs, blob)
-    }
-
-    /// [`Engine::patch_bytes`] borrowing only the blob store (so a scratch buffer of the engine
-    /// can be borrowed beside it).
-    fn patch_data(blobs: &BlobArena, blob: BlobRef) -> &[u8] {
-        blobs
+        self.blobs
             .get(blob)
             .and_then(|d| d.get(PATCH_HEADER..))
             .unwrap_or(&[])
@@ -1551,13 +1545,9 @@ impl Engine {
                 patch::encode(target, reference_bytes, &mut self.scratch_patch[..limit]);
             if self.config.xor_patches && encoded.is_none_or(|n| n > self.config.xor_patch_above) {
                 let cutoff = encoded.map_or(limit, |n| n - 1);
-                if let Some(n) = patch::encode_xor(
-                    target,
-                    reference_bytes,
-                    &mut self.scratch_page,
-                    &mut self.scratch_xor,
-                    cutoff,
-                ) {
+                if let Some(n) =
+                    patch::encode_xor(target, reference_bytes, &mut self.scratch_xor, cutoff)
+                {
                     core::mem::swap(&mut self.scratch_xor, &mut self.scratch_patch);
                     encoded = Some(n);
                 }
@@ -1881,8 +1871,8 @@ impl Engine {
             }
             Store::Free => unreachable!("checked above"),
         }
-        let data = Self::patch_data(&self.blobs, blob);
-        if let Err(e) = patch::apply(data, mem.frame_mut(f), &mut self.scratch_page) {
+        let data = self.patch_bytes(blob);
+        if let Err(e) = patch::apply(data, mem.frame_mut(f)) {
             mem.free_frame(f);
             return Err(Self::corrupt(at, CorruptKind::Patch(e)));
         }
@@ -1945,9 +1935,7 @@ impl Engine {
                     }
                     _ => return Err(Self::corrupt(at, CorruptKind::Metadata)),
                 }
-                // An inspection path: the XOR scratch is allocated here, not kept.
-                let mut scratch = boxed_page();
-                patch::apply(self.patch_bytes(blob), out, &mut scratch)
+                patch::apply(self.patch_bytes(blob), out)
                     .map_err(|e| Self::corrupt(at, CorruptKind::Patch(e)))?;
             }
         }

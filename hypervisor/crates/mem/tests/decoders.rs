@@ -102,12 +102,16 @@ proptest! {
         // Whatever happens, no panic; and a successful decode only touched `out`.
         let _ = patch::decode(&data, &reference, &mut out);
         // With the version byte right, the decoder gets past the header and into the runs.
-        let mut scratch = [0u8; PAGE_SIZE];
         for version in [patch::VERSION, patch::VERSION_XOR] {
             let mut versioned = data.clone();
             versioned.insert(0, version);
-            let _ = patch::decode(&versioned, &reference, &mut out);
-            let _ = patch::apply(&versioned, &mut out, &mut scratch);
+            let decoded = patch::decode(&versioned, &reference, &mut out);
+            let mut page = reference;
+            let applied = patch::apply(&versioned, &mut page);
+            prop_assert_eq!(decoded, applied);
+            if decoded.is_ok() {
+                prop_assert!(out == page);
+            }
         }
     }
 
@@ -163,15 +167,20 @@ proptest! {
         if n > 1 {
             prop_assert_eq!(patch::encode(&target, &reference, &mut buf[..n - 1]), None);
         }
-        // The XOR encoding round-trips too, through decode and through apply.
-        let mut xor = [0u8; PAGE_SIZE];
-        let mut xbuf = vec![0u8; patch::XOR_SCRATCH];
-        let m = patch::encode_xor(&target, &reference, &mut xor, &mut xbuf, PAGE_SIZE + 64).unwrap();
+        // The XOR encoding round-trips too, through decode and through apply, and any
+        // corruption of it is an error or a page, never a panic.
+        let mut xbuf = vec![0u8; 3 * PAGE_SIZE];
+        let m = patch::encode_xor(&target, &reference, &mut xbuf, 3 * PAGE_SIZE).unwrap();
         patch::decode(&xbuf[..m], &reference, &mut out).unwrap();
         prop_assert!(out == target);
         let mut page = reference;
-        patch::apply(&xbuf[..m], &mut page, &mut xor).unwrap();
+        patch::apply(&xbuf[..m], &mut page).unwrap();
         prop_assert!(page == target);
+        for cut in [1, m / 2, m - 1] {
+            let _ = patch::decode(&xbuf[..cut], &reference, &mut out);
+        }
+        xbuf[m / 2] ^= 0x5a;
+        let _ = patch::decode(&xbuf[..m], &reference, &mut out);
     }
 
     #[test]

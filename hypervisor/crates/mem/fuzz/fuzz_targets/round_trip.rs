@@ -23,14 +23,12 @@ fuzz_target!(|data: &[u8]| {
     compress::decompress(&lz[..n], &mut out).expect("own output decodes");
     assert!(out == page, "LZ4 round trip");
 
-    let mut buf = vec![0u8; patch::XOR_SCRATCH.max(3 * PAGE_SIZE)];
+    let mut buf = vec![0u8; 3 * PAGE_SIZE];
     let n = patch::encode(&page, &reference, &mut buf).expect("runs patch fits");
     patch::decode(&buf[..n], &reference, &mut out).expect("runs patch decodes");
     assert!(out == page, "runs round trip");
 
-    let mut xor = [0u8; PAGE_SIZE];
-    let n = patch::encode_xor(&page, &reference, &mut xor, &mut buf, PAGE_SIZE + 64)
-        .expect("XOR patch fits");
+    let n = patch::encode_xor(&page, &reference, &mut buf, 3 * PAGE_SIZE).expect("XOR patch fits");
     patch::decode(&buf[..n], &reference, &mut out).expect("XOR patch decodes");
     assert!(out == page, "XOR round trip");
 });
