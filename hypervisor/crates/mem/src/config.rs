@@ -39,8 +39,8 @@ pub struct Config {
     /// patch is over [`Config::xor_patch_above`] bytes (or over the limit), and keep the
     /// smaller. Default true.
     pub xor_patches: bool,
-    /// Runs patches at most this long are kept without trying XOR (an LZ4 block costs ~20 bytes
-    /// even for an all-zero XOR, and the try costs an LZ4 compression). Default 64.
+    /// Runs patches at most this long are kept without trying XOR (an XOR patch costs at least
+    /// 66 bytes, its header and bitmap, and the try a pass over both pages). Default 64.
     pub xor_patch_above: usize,
     /// Reference candidates tried (by descending number of matching blocks) per cold page.
     /// Default 2.

@@ -150,10 +150,12 @@
 //! Defined in [`patch`], two encodings told apart by their first byte. **Runs** (version 1):
 //! `VERSION run*`, each run `skip:varint head:varint payload` with `head = len << 1 | fill`:
 //! skip `skip` bytes unchanged from the reference, then `len` literal bytes, or one byte
-//! repeated `len` times; runs compare the pages at the same offsets. **XOR** (version 2): the
-//! LZ4 block of the page XOR its reference, tried when the runs patch is over
-//! [`Config::xor_patch_above`] bytes ([`Config::xor_patches`]): pointers moved by another
-//! kernel layout differ in a few bytes of every word, a run each, while their XOR repeats.
+//! repeated `len` times; runs compare the pages at the same offsets. **XOR words** (version 2):
+//! a bitmap of the 64-bit words that differ, a palette of up to 8 XOR values several of them
+//! share, and per word a nibble naming an entry or the length of a literal XOR value; tried when
+//! the runs patch is over [`Config::xor_patch_above`] bytes ([`Config::xor_patches`]): pointers
+//! moved by another kernel layout differ in a few bytes of every word, a run each, while their
+//! XOR is one value. Applying it touches only the differing words.
 //! The smaller is kept. Decoding is checked and total: malformed input returns a
 //! [`patch::PatchError`], never panics and never touches memory outside the output page. A
 //! stored patch is prefixed with its reference's 4-byte object id.
@@ -196,9 +198,10 @@
 //! but needed a larger index and ended 0.2 MiB larger. A patch format of LZ4 with the reference
 //! as dictionary (tried beside the run list, the smaller kept) changed the footprint by less
 //! than 0.1 MiB there. What did pay was finding the pages that differ by the kernel layout:
-//! pointer-normalized keys plus XOR patches saved 18 MiB more there (footprint 218 -> 200 MiB);
-//! either alone saved 7.8 MiB (normalized keys, runs patches) or nothing (XOR patches, raw
-//! keys: the raw index never pairs those pages).
+//! pointer-normalized keys plus XOR patches saved 22 MiB more there (footprint 218 -> 196 MiB);
+//! normalized keys with runs patches alone saved 7.8 MiB, XOR patches with raw keys nothing
+//! (the raw index never pairs those pages). The XOR patches were first an LZ4 block of the
+//! whole XOR page: 3.5 MiB larger in all and ~2 us to decode on every fault-in.
 //!
 //! ## Accounting
 //! [`Stats`] (from [`Engine::stats`], which reads counters kept as pages and objects change: it
@@ -215,8 +218,8 @@
 //! 0.33-0.47 CPU-s, 4.5-6.5 GB/s, close to what one core can read from memory (a plain read of
 //! 2 GiB takes 0.22-0.24 s there); round 2 (LZ4, patch search with runs and XOR patches for
 //! every cold page) 1.9-2.3 CPU-s; a round after convergence ~100-300 GB/s. Fault-in: see
-//! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~5 us to decompress, ~6-7 us to
-//! unpatch: an XOR patch against a compressed reference decodes two LZ4 blocks). Metadata: 7
+//! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~4-5 us to decompress, ~5-6 us to
+//! unpatch, most of it restoring a compressed reference). Metadata: 7
 //! bytes per page, 28 per object, 8 per index slot; on that set ~17 bytes per guest page in
 //! all (8.3 MiB of 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's
 //! run-time detection); the hypervisor build hashes with portable code.
