@@ -218,8 +218,9 @@
 //! 0.33-0.47 CPU-s, 4.5-6.5 GB/s, close to what one core can read from memory (a plain read of
 //! 2 GiB takes 0.22-0.24 s there); round 2 (LZ4, patch search with runs and XOR patches for
 //! every cold page) 1.9-2.3 CPU-s; a round after convergence ~100-300 GB/s. Fault-in: see
-//! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~4-5 us to decompress, ~5-6 us to
-//! unpatch, most of it restoring a compressed reference). Metadata: 7
+//! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~3-4 us to decompress, ~3.5-4.5 us
+//! to unpatch, most of it restoring a compressed reference: at convergence nearly every
+//! reference is cold and compressed). Metadata: 7
 //! bytes per page, 28 per object, 8 per index slot; on that set ~17 bytes per guest page in
 //! all (8.3 MiB of 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's
 //! run-time detection); the hypervisor build hashes with portable code.
@@ -229,7 +230,7 @@
 //! a proptest model check (any interleaving of guest writes, scans and faults leaves every
 //! page byte-identical to plain memory, `tests/model.rs`) and proptests of the decoders
 //! (`tests/decoders.rs`: total on arbitrary and corrupted input, the LZ4 decoder agreeing with
-//! `lz4_flex`'s). `fuzz/` has cargo-fuzz targets for the same decoders (nightly; see its
+//! `lz4_flex`'s, the XOR-words decoder with a step-by-step model of its format). `fuzz/` has cargo-fuzz targets for the same decoders (nightly; see its
 //! README).
 #![no_std]
 #![deny(missing_docs)]

@@ -92,8 +92,94 @@ fn our_decode(data: &[u8]) -> Option<Page> {
     compress::decompress(data, &mut out).ok().map(|()| out)
 }
 
+/// The XOR-words format read straight from its description in `hv_mem::patch`, one step at a
+/// time: the model the optimized decoder is checked against. `None` for malformed input.
+fn spec_apply_xor(p: &[u8], page: &mut Page) -> Option<()> {
+    const BITMAP: usize = PAGE_SIZE / 64;
+    if *p.first()? != patch::VERSION_XOR {
+        return None;
+    }
+    let bitmap = p.get(1..1 + BITMAP)?;
+    let count = usize::from(*p.get(1 + BITMAP)?);
+    if count > 8 {
+        return None;
+    }
+    let palette_at = 2 + BITMAP;
+    let mut palette = Vec::new();
+    for i in 0..count {
+        let bytes = p.get(palette_at + 8 * i..palette_at + 8 * i + 8)?;
+        palette.push(u64::from_le_bytes(bytes.try_into().unwrap()));
+    }
+    let words: Vec<usize> = (0..PAGE_SIZE / 8)
+        .filter(|w| bitmap[w / 8] >> (w % 8) & 1 == 1)
+        .collect();
+    let nibbles_at = palette_at + 8 * count;
+    let mut lit = nibbles_at + words.len().div_ceil(2);
+    if lit > p.len() {
+        return None;
+    }
+    for (k, &w) in words.iter().enumerate() {
+        let nibble = usize::from(p[nibbles_at + k / 2] >> (4 * (k % 2)) & 0x0f);
+        let x = if nibble < 8 {
+            *palette.get(nibble)?
+        } else {
+            let bytes = p.get(lit..lit + nibble - 7)?;
+            lit += nibble - 7;
+            bytes.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b))
+        };
+        let old = u64::from_le_bytes(page[8 * w..8 * w + 8].try_into().unwrap());
+        page[8 * w..8 * w + 8].copy_from_slice(&(old ^ x).to_le_bytes());
+    }
+    (lit == p.len()).then_some(())
+}
+
+/// `target` with every `stride`-th word XORed with `delta` (pointers of another layout).
+fn move_words(mut target: Page, stride: usize, delta: u64) -> Page {
+    for w in target.chunks_exact_mut(8).step_by(stride) {
+        let v = u64::from_le_bytes(w.try_into().unwrap()) ^ delta;
+        w.copy_from_slice(&v.to_le_bytes());
+    }
+    target
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn xor_patch_decoder_matches_the_format(
+        seed: u64,
+        edits in edits(),
+        stride in 1usize..16,
+        delta: u64,
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        // Valid patches with palette entries (moved words) and literals (edits), then the
+        // same corrupted and cut short: the decoder and the model agree on every one.
+        let reference = page_from(seed);
+        let target = apply_edits(move_words(reference, stride, delta), &edits);
+        let mut buf = vec![0u8; 3 * PAGE_SIZE];
+        let n = patch::encode_xor(&target, &reference, &mut buf, 3 * PAGE_SIZE).unwrap();
+        let valid = buf[..n].to_vec();
+        let mut corrupt = valid.clone();
+        for (i, x) in &flips {
+            corrupt[i.index(n)] ^= x | 1;
+        }
+        let cut_short = &valid[..cut.index(n)];
+        for data in [&valid[..], &corrupt[..], cut_short] {
+            let mut ours = reference;
+            let mut model = reference;
+            let verdict = patch::apply(data, &mut ours);
+            let expected = spec_apply_xor(data, &mut model);
+            prop_assert_eq!(verdict.is_ok(), expected.is_some(), "{:?}", verdict);
+            if expected.is_some() {
+                prop_assert!(ours == model);
+            }
+        }
+        let mut page = reference;
+        patch::apply(&valid, &mut page).unwrap();
+        prop_assert!(page == target);
+    }
 
     #[test]
     fn patch_decoder_is_total(data in prop::collection::vec(any::<u8>(), 0..6000), seed: u64) {
