@@ -215,9 +215,9 @@
 //! Measured with `cargo xtask bench mem` and `examples/scan_cost.rs` on the heterogeneous set of
 //! docs/benchmarks.md (8 Linux guests, 2 GiB; release build, one core of the 2-core development
 //! VM, other work beside it): round 1 (zero test, hash, all zero and identical merges, no LZ4)
-//! 0.33-0.47 CPU-s, 4.5-6.5 GB/s, close to what one core can read from memory (a plain read of
+//! 0.20-0.47 CPU-s, 4.5-10.7 GB/s, close to what one core can read from memory (a plain read of
 //! 2 GiB takes 0.22-0.24 s there); round 2 (LZ4, patch search with runs and XOR patches for
-//! every cold page) 1.9-2.3 CPU-s; a round after convergence ~100-300 GB/s. Fault-in: see
+//! every cold page) 1.3-1.7 CPU-s; a round after convergence ~100-300 GB/s. Fault-in: see
 //! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~3-4 us to decompress, ~3.5-4.5 us
 //! to unpatch, most of it restoring a compressed reference: at convergence nearly every
 //! reference is cold and compressed). Metadata: 7
