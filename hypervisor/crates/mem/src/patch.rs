@@ -53,9 +53,8 @@
 //! copy per literal and a branch on each nibble's kind, it took twice that, and four times
 //! with a word read that was not inlined. (An LZ4 block of the whole XOR page, tried first,
 //! was 12% larger over the XOR patches of the benchmark set and took ~2 us to decode.) The
-//! decoder is total like
-//! the runs one: a short input, a palette over 8 entries, a nibble naming a missing entry, or
-//! bytes left over are a [`PatchError`].
+//! decoder is total like the runs one: a short input, a palette over 8 entries, a nibble
+//! naming a missing entry, or literal bytes missing or left over are a [`PatchError`].
 //!
 //! The runs encoder compares 8-byte words, trims differing words to the differing bytes, merges spans
 //! separated by at most [`MERGE_GAP`] equal bytes (a new run header costs at least as much), and
@@ -375,8 +374,8 @@ fn apply_xor(patch: &[u8], page: &mut Page) -> Result<(), PatchError> {
         .get(nibbles_at..literals_at)
         .ok_or(PatchError::Truncated)?;
     let literals = &patch[literals_at..];
-    // Every palette nibble must name an entry: checked in a pass of its own so that the loop
-    // below carries one fewer value (with it, it ran out of registers).
+    // Every palette nibble must name an entry: checked in a pass of its own, outside the
+    // per-word loop.
     let names_missing_entry = |n: u8| n < 8 && usize::from(n) >= count;
     let bad_entry = count < PALETTE_MAX
         && nibbles.iter().enumerate().any(|(j, &b)| {
@@ -645,7 +644,8 @@ mod tests {
         assert_eq!(decode(&bad, &b, &mut q), Err(PatchError::BadXor));
     }
 
-    /// Pseudo-random bytes (xorshift64): no two words of two such pages XOR alike.
+    /// Pseudo-random words (xorshift64): two such pages differ in every word, each by its
+    /// own XOR value.
     fn noise(seed: u64) -> Page {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut p = [0u8; PAGE_SIZE];
