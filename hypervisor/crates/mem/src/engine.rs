@@ -166,6 +166,21 @@ struct Object {
 const _: () = assert!(core::mem::size_of::<Object>() == 28);
 
 impl Object {
+    /// A new object holding `store` for `page_refs` pages, `mapped` of them mapping it; no
+    /// patch uses it yet. A compressed one has met the compression cutoff by being made.
+    fn new(hash: u32, store: Store, page_refs: u32, mapped: u32, domain: usize) -> Self {
+        Object {
+            hash,
+            store: split(store.pack()),
+            page_refs,
+            mapped,
+            patch_refs: 0,
+            domain: domain as u16,
+            incompressible: false,
+            compressible: matches!(store, Store::Blob(_)),
+        }
+    }
+
     fn store(&self) -> Store {
         Store::unpack(self.store[0] as u64 | (self.store[1] as u64) << 32)
     }
@@ -325,7 +340,9 @@ pub struct Engine {
     scratch_ref: Box<Page>,
 }
 
-fn boxed_page() -> Box<Page> {
+/// A zeroed page on the heap, built there (a `Box::new` of an array would build it on the
+/// stack first, 4 KiB of a hypervisor's small stack).
+pub(crate) fn boxed_page() -> Box<Page> {
     let b: Box<[u8]> = vec![0u8; PAGE_SIZE].into_boxed_slice();
     match b.try_into() {
         Ok(p) => p,
@@ -1308,16 +1325,7 @@ impl Engine {
         }
         // Hash the frozen bytes: the hashes seen before protection are only hints.
         let h = self.content_hash(mem.frame(other_frame));
-        let id = self.new_object(Object {
-            hash: h,
-            store: split(Store::Frame(other_frame).pack()),
-            page_refs: 2,
-            mapped: 2,
-            patch_refs: 0,
-            domain: at.domain as u16,
-            incompressible: false,
-            compressible: false,
-        });
+        let id = self.new_object(Object::new(h, Store::Frame(other_frame), 2, 2, at.domain));
         mem.map(at.vm, at.gfn(), other_frame, false);
         mem.free_frame(frame);
         self.unindex(at);
@@ -1403,16 +1411,7 @@ impl Engine {
         }
         if let Some(n) = lz {
             if let Ok(blob) = self.blobs.store(&[&self.scratch_lz[..n]]) {
-                let id = self.new_object(Object {
-                    hash: h,
-                    store: split(Store::Blob(blob).pack()),
-                    page_refs: 1,
-                    mapped: 0,
-                    patch_refs: 0,
-                    domain: at.domain as u16,
-                    incompressible: false,
-                    compressible: true,
-                });
+                let id = self.new_object(Object::new(h, Store::Blob(blob), 1, 0, at.domain));
                 if self.config.share_identical {
                     self.domains[at.domain].shared.insert(h, id);
                 }
@@ -1577,16 +1576,7 @@ impl Engine {
     /// Turns a frozen private page into a resident object (a patch reference).
     fn page_to_object<M: MemoryBackend + ?Sized>(&mut self, mem: &M, at: Loc, frame: Frame) -> u32 {
         let h = self.content_hash(mem.frame(frame));
-        let id = self.new_object(Object {
-            hash: h,
-            store: split(Store::Frame(frame).pack()),
-            page_refs: 1,
-            mapped: 1,
-            patch_refs: 0,
-            domain: at.domain as u16,
-            incompressible: false,
-            compressible: false,
-        });
+        let id = self.new_object(Object::new(h, Store::Frame(frame), 1, 1, at.domain));
         self.unindex(at);
         self.set_page(at, Kind::Mapped, id, false);
         if self.config.share_identical {

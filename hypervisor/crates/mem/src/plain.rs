@@ -16,10 +16,9 @@
 
 use crate::backend::PAGE_SIZE;
 use crate::backend::{Access, Frame, Gfn, Mapping, MemoryBackend, OutOfFrames, Page, VmId};
-use crate::engine::{Engine, FaultResolution};
+use crate::engine::{boxed_page, Engine, FaultResolution};
 use crate::error::Error;
 use alloc::boxed::Box;
-use alloc::vec;
 use alloc::vec::Vec;
 
 const NO_FRAME: u64 = u64::MAX;
@@ -57,14 +56,6 @@ pub struct PlainMemory {
     budget: Option<usize>,
     /// Page tables by VM, sorted by id (a handful of VMs: a binary search beats a tree walk).
     vms: Vec<(VmId, Vec<Pte>)>,
-}
-
-fn new_page() -> Box<Page> {
-    let b: Box<[u8]> = vec![0u8; PAGE_SIZE].into_boxed_slice();
-    match b.try_into() {
-        Ok(p) => p,
-        Err(_) => unreachable!("length is PAGE_SIZE"),
-    }
 }
 
 impl PlainMemory {
@@ -288,7 +279,7 @@ impl MemoryBackend for PlainMemory {
         if self.budget.is_some_and(|b| self.in_use >= b) {
             return Err(OutOfFrames);
         }
-        let page = self.spare.pop().unwrap_or_else(new_page);
+        let page = self.spare.pop().unwrap_or_else(boxed_page);
         let index = match self.free_slots.pop() {
             Some(i) => {
                 self.frames[i as usize] = Some(page);
