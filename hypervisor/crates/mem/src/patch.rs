@@ -47,14 +47,15 @@
 //! ```
 //!
 //! Applying it XORs each differing word of the page (which holds the reference) with its value:
-//! one pass over the bitmap, no scratch page, no decompression. It costs about 3 ns per
-//! differing word, warm (1.5 us when all 512 differ; on the benchmark set's patched pages
-//! 0.7 us median, 2 us p99, at fault-in); written the obvious way, with a variable-length
-//! copy per literal and a branch on each nibble's kind, it took twice that, and four times
-//! with a word read that was not inlined. (An LZ4 block of the whole XOR page, tried first,
-//! was 12% larger over the XOR patches of the benchmark set and took ~2 us to decode.) The
-//! decoder is total like the runs one: a short input, a palette over 8 entries, a nibble
-//! naming a missing entry, or literal bytes missing or left over are a [`PatchError`].
+//! one pass over the bitmap, no scratch page, no decompression. It costs 3-4 ns per differing
+//! word, warm (1.5 us when all 512 differ, `examples/codec_cost.rs`; on the benchmark set's
+//! patched pages 0.7 us median, 2 us p99, at fault-in); written the obvious way, with a
+//! variable-length copy per literal and a branch on each nibble's kind, it took twice that,
+//! and nearly three times with a word read that was not inlined. (An LZ4 block of the whole
+//! XOR page, tried first, was 12% larger over the XOR patches of the benchmark set and took
+//! ~2 us to decode.) The decoder is total like the runs one: a short input, a palette over 8
+//! entries, a nibble naming a missing entry, or literal bytes missing or left over are a
+//! [`PatchError`].
 //!
 //! The runs encoder compares 8-byte words, trims differing words to the differing bytes, merges spans
 //! separated by at most [`MERGE_GAP`] equal bytes (a new run header costs at least as much), and
