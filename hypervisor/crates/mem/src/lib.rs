@@ -220,9 +220,9 @@
 //! every cold page) 1.3-1.7 CPU-s; a round after convergence ~100-300 GB/s. Fault-in: see
 //! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~3-4 us to decompress, ~3.5-4.5 us
 //! to unpatch, most of it restoring a compressed reference: at convergence nearly every
-//! reference is cold and compressed). Metadata: 7
-//! bytes per page, 28 per object, 8 per index slot; on that set ~17 bytes per guest page in
-//! all (8.3 MiB of 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's
+//! reference is cold and compressed; `examples/codec_cost.rs` times the two decoders warm).
+//! Metadata: 7 bytes per page, 28 per object, 8 per index slot; on that set ~17 bytes per
+//! guest page in all (8.3 MiB of 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's
 //! run-time detection); the hypervisor build hashes with portable code.
 //!
 //! ## Testing
@@ -230,8 +230,8 @@
 //! a proptest model check (any interleaving of guest writes, scans and faults leaves every
 //! page byte-identical to plain memory, `tests/model.rs`) and proptests of the decoders
 //! (`tests/decoders.rs`: total on arbitrary and corrupted input, the LZ4 decoder agreeing with
-//! `lz4_flex`'s, the XOR-words decoder with a step-by-step model of its format). `fuzz/` has cargo-fuzz targets for the same decoders (nightly; see its
-//! README).
+//! `lz4_flex`'s, the XOR-words decoder with a step-by-step model of its format). `fuzz/` has
+//! cargo-fuzz targets for the same decoders (nightly; see its README).
 #![no_std]
 #![deny(missing_docs)]
 
