@@ -70,10 +70,7 @@ pub fn decompress(data: &[u8], out: &mut Page) -> Result<(), DecompressError> {
                 return Err(DecompressError);
             }
             if offset >= len {
-                let start = op - offset;
-                let mut chunk = [0u8; SHORT_MATCH];
-                chunk.copy_from_slice(&out[start..start + SHORT_MATCH]);
-                out[op..op + SHORT_MATCH].copy_from_slice(&chunk);
+                copy_fixed::<SHORT_MATCH>(out, op - offset, op);
             } else {
                 copy_match(out, op, offset, len);
             }
@@ -156,6 +153,17 @@ fn read_length(data: &[u8], ip: &mut usize, nibble: usize) -> Result<usize, Deco
     Ok(len)
 }
 
+/// Copies `N` bytes of the output from `start` to `op` (`start < op`) through a buffer: one
+/// fixed-size copy for a match of at most `N` bytes whose source ends before `op`. The bytes
+/// past the match's real length are read from output not yet final and overwritten later (a
+/// decode that succeeds writes every byte of the page in order).
+#[inline(always)]
+fn copy_fixed<const N: usize>(out: &mut Page, start: usize, op: usize) {
+    let mut chunk = [0u8; N];
+    chunk.copy_from_slice(&out[start..start + N]);
+    out[op..op + N].copy_from_slice(&chunk);
+}
+
 /// Copies `len` bytes from `offset` bytes back to `op`, with LZ4's meaning when the two
 /// overlap (each output byte equals the byte `offset` before it). The caller has checked
 /// `1 <= offset <= op` and `op + len <= PAGE_SIZE`.
@@ -164,10 +172,7 @@ fn copy_match(out: &mut Page, op: usize, offset: usize, len: usize) {
     let start = op - offset;
     if offset >= len {
         if len <= WILD && op + WILD <= PAGE_SIZE {
-            // Bytes past `len` are read from output not yet final and overwritten later.
-            let mut chunk = [0u8; WILD];
-            chunk.copy_from_slice(&out[start..start + WILD]);
-            out[op..op + WILD].copy_from_slice(&chunk);
+            copy_fixed::<WILD>(out, start, op);
         } else {
             out.copy_within(start..start + len, op);
         }
