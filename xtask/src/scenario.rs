@@ -2,7 +2,7 @@
 //!
 //! A scenario is a directory `tests/scenarios/<name>/` with `scenario.toml` (what to boot and
 //! what the log must show) and `manifest.toml` (the boot manifest). The format (also in
-//! tests/scenarios/README.md and the interfaces notes):
+//! tests/scenarios/README.md):
 //!
 //! ```toml
 //! description = "two VMs print"
@@ -10,17 +10,52 @@
 //! timeout_s = 120         # hard limit of the emulator run
 //! cmdline = ""            # extra hypervisor words; the runner always adds exit=emulator
 //! images = ["hello"]      # test-guests binaries on the ISO
-//! expect = ["hello-a | Hello from the serial port"]  # substrings of some log line
-//! reject = ["stopped:"]   # substrings of no log line; [PANIC] and [FATAL] always
+//! expect = [              # patterns (below) each matching some line of the log
+//!     "hello-a | Hello from the serial port",
+//!     "[INFO] hv: all VMs stopped: 2 exited, 0 failed",
+//! ]
+//! reject = ["[ERROR] vm ", "* | panic at"]  # patterns matching no line; [PANIC], [FATAL] always
 //! [[at_least]]            # optional, any number: a figure of the log that must be reached
-//! line = "[INFO] mem: "   # the last line containing this ...
+//! line = "[INFO] mem: "   # the last hypervisor line containing this ...
 //! key = "saved_shared"    # ... has a word saved_shared=N ...
 //! min = 1                 # ... with N >= 1
+//! [[at_most]]             # optional, any number: the same with N <= max
+//! line = "[INFO] stats vm=hello-a "
+//! key = "cpu_us"
+//! max = 100000
 //! [cpu_fairness]          # optional, from the `[INFO] stats vm=NAME ... cpu_us=N` lines
 //! vms = ["busy-1", "busy-2"]
 //! tolerance = 0.20        # (max - min) / min of cpu_us
 //! end_tolerance = 0.10    # optional: spread of the VMs' `busy_end_tsc` reports over the run
 //! ```
+//!
+//! # Whose line
+//!
+//! The serial log mixes the hypervisor's own lines with the VMs' console output, whose text the
+//! guests choose. So every line is classified first, by what only the hypervisor writes:
+//!
+//! - a *hypervisor line* starts with `[ERROR] `, `[WARN] `, `[INFO] `, `[DEBUG] `, `[TRACE] `,
+//!   `[PANIC]` or `[FATAL]`;
+//! - a *console line* is `NAME | TEXT` with NAME the `name` of a `[[vm]]` of the scenario's
+//!   `manifest.toml` (the hypervisor writes `NAME | `; the guest writes TEXT, in which the
+//!   hypervisor shows control characters as `.`, so that no guest can start a line of its own);
+//! - any other line (firmware, GRUB) is matched by no pattern.
+//!
+//! Every pattern (of `expect`, `reject`, and the `line` of `[[at_least]]` and `[[at_most]]`)
+//! says whose line it is about:
+//!
+//! - `"[LEVEL] ..."`, starting with one of the seven tags: a substring of a hypervisor line;
+//! - `"NAME | TEXT"`: TEXT is a substring of the TEXT of a console line of the VM NAME;
+//!   `"NAME |"` alone matches every console line of that VM;
+//! - `"* | TEXT"`: the same on the console of any VM of the manifest.
+//!
+//! Anything else is an error in the scenario file, never a pattern that silently matches
+//! nothing: a pattern of neither form, a NAME that is no VM of the manifest, a hypervisor
+//! pattern `[LEVEL] vm NAME...` or `[LEVEL] stats vm=NAME...` whose NAME is no VM of the
+//! manifest (a NAME at the very end of the pattern may be the beginning of one), a line break
+//! in a pattern, `[[at_least]]`/`[[at_most]]` lines that are not hypervisor patterns, and
+//! `cpu_fairness.vms` that are not VMs of the manifest. The figures (`[[at_least]]`,
+//! `[[at_most]]`, `[cpu_fairness]`) are read from hypervisor lines only.
 //!
 //! Equal work gives equal `cpu_us` under any scheduler, so `tolerance` checks the accounting.
 //! `end_tolerance` checks the scheduling: from each VM's `report busy_start_tsc=` and
@@ -31,6 +66,7 @@
 //! Everything here is pure (text in, verdict out), so it is unit-tested against sample logs.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -39,8 +75,18 @@ use serde::Deserialize;
 use crate::error::{Error, IoContext, Result};
 use crate::iso;
 
-/// Substrings that fail every scenario: a hypervisor panic or an unexpected CPU exception.
+/// Tags that fail every scenario when a hypervisor line starts with them: a hypervisor panic or
+/// an unexpected CPU exception in the hypervisor.
 pub const ALWAYS_REJECT: &[&str] = &["[PANIC]", "[FATAL]"];
+
+/// What starts a hypervisor line: a log record's level (then a space), or the panic and
+/// exception handlers' tags.
+const HYPERVISOR_TAGS: &[&str] = &[
+    "[ERROR] ", "[WARN] ", "[INFO] ", "[DEBUG] ", "[TRACE] ", "[PANIC]", "[FATAL]",
+];
+
+/// What starts a console line pattern that applies to every VM of the manifest.
+const ANY_VM: &str = "*";
 
 /// What a scenario needs from the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -52,9 +98,48 @@ pub enum EngineKind {
     NoVmx,
 }
 
-/// `scenario.toml`.
+/// `scenario.toml` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ScenarioFile {
+    description: String,
+    engine: EngineKind,
+    timeout_s: u64,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default)]
+    images: Vec<String>,
+    #[serde(default)]
+    expect: Vec<String>,
+    #[serde(default)]
+    reject: Vec<String>,
+    cpu_fairness: Option<Fairness>,
+    #[serde(default)]
+    at_least: Vec<AtLeast>,
+    #[serde(default)]
+    at_most: Vec<AtMost>,
+}
+
+/// `[[at_least]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AtLeast {
+    line: String,
+    key: String,
+    min: u64,
+}
+
+/// `[[at_most]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AtMost {
+    line: String,
+    key: String,
+    max: u64,
+}
+
+/// A checked scenario: `scenario.toml` with its patterns resolved against the manifest's VMs.
+#[derive(Debug, Clone)]
 pub struct Scenario {
     /// One line: what the scenario proves.
     pub description: String,
@@ -63,34 +148,236 @@ pub struct Scenario {
     /// Hard limit of the emulator run, seconds.
     pub timeout_s: u64,
     /// Extra hypervisor command-line words.
-    #[serde(default)]
     pub cmdline: String,
     /// Guest binaries on the ISO (module name = binary name).
-    #[serde(default)]
     pub images: Vec<String>,
-    /// Each must be a substring of some line of the serial log.
-    #[serde(default)]
-    pub expect: Vec<String>,
-    /// None may be a substring of any line of the serial log.
-    #[serde(default)]
-    pub reject: Vec<String>,
+    /// The names of the manifest's VMs: the `NAME` of the console lines.
+    pub vms: Vec<String>,
+    /// Each must match some line of the serial log.
+    pub expect: Vec<Pattern>,
+    /// None may match any line of the serial log.
+    pub reject: Vec<Pattern>,
     /// Optional CPU-time fairness check.
     pub cpu_fairness: Option<Fairness>,
-    /// Figures the log must reach: `key=N` words of a line.
-    #[serde(default)]
-    pub at_least: Vec<AtLeast>,
+    /// Figures of the log that must be within bounds: `key=N` words of a hypervisor line.
+    pub figures: Vec<Figure>,
 }
 
-/// One `[[at_least]]`: in the last log line containing `line`, the word `key=N` has `N >= min`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AtLeast {
-    /// A substring that picks the line (the last one that has it).
-    pub line: String,
+/// Whose lines a pattern is matched against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The hypervisor's own lines.
+    Hypervisor,
+    /// The console lines of the VM of this name.
+    Vm(String),
+    /// The console lines of every VM of the manifest.
+    AnyVm,
+}
+
+/// One pattern of `expect`, `reject` or a figure's `line`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    /// Whose lines it is matched against.
+    pub source: Source,
+    /// For hypervisor lines the whole pattern, a substring of the line; for console lines the
+    /// text after `NAME | `, a substring of the guest's text.
+    pub text: String,
+    /// As written in `scenario.toml`.
+    pub raw: String,
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.raw)
+    }
+}
+
+/// Whether `s` is a name the manifest accepts for a VM (hv-manifest's `NAME_CHARS`, non-empty):
+/// only such VMs can run, and only their names make console lines.
+fn is_vm_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(is_name_char)
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+fn known_vms(vms: &[String]) -> String {
+    if vms.is_empty() {
+        "the manifest has none".to_owned()
+    } else {
+        format!("the manifest's VMs are {}", vms.join(", "))
+    }
+}
+
+impl Pattern {
+    /// Reads one pattern, against the names of the manifest's VMs.
+    pub fn parse(raw: &str, vms: &[String]) -> Result<Pattern, String> {
+        if raw.is_empty() {
+            return Err("patterns may not be empty strings".to_owned());
+        }
+        if raw.contains(['\n', '\r']) {
+            return Err(format!(
+                "pattern {raw:?}: a log line has no line break; make it two patterns"
+            ));
+        }
+        if raw.starts_with('[') {
+            return Self::hypervisor(raw, vms);
+        }
+        let console = raw.split_once(" |").filter(|(_, rest)| {
+            // `NAME |` alone, or `NAME | TEXT`.
+            rest.is_empty() || rest.starts_with(' ')
+        });
+        let Some((who, rest)) = console else {
+            return Err(format!(
+                "pattern {raw:?}: say whose line it is about: \"[LEVEL] ...\" for a hypervisor \
+                 line, \"NAME | TEXT\" for the console of the VM NAME, \"* | TEXT\" for the \
+                 console of any VM"
+            ));
+        };
+        let text = rest.strip_prefix(' ').unwrap_or(rest).to_owned();
+        let source = if who == ANY_VM {
+            Source::AnyVm
+        } else if vms.iter().any(|vm| vm == who) {
+            Source::Vm(who.to_owned())
+        } else {
+            return Err(format!(
+                "pattern {raw:?}: {who:?} is not a VM of the manifest ({})",
+                known_vms(vms)
+            ));
+        };
+        Ok(Pattern {
+            source,
+            text,
+            raw: raw.to_owned(),
+        })
+    }
+
+    fn hypervisor(raw: &str, vms: &[String]) -> Result<Pattern, String> {
+        let Some(rest) = HYPERVISOR_TAGS
+            .iter()
+            .find_map(|tag| raw.strip_prefix(tag.trim_end()))
+        else {
+            return Err(format!(
+                "pattern {raw:?}: a hypervisor pattern starts with one of {}",
+                HYPERVISOR_TAGS
+                    .iter()
+                    .map(|t| t.trim_end())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        };
+        // `[LEVEL] vm NAME: ...` (a VM's log context) and `[INFO] stats vm=NAME ...`.
+        let named = rest
+            .strip_prefix(" vm ")
+            .or_else(|| rest.strip_prefix(" stats vm="));
+        if let Some(after) = named {
+            let end = after.find(|c| !is_name_char(c));
+            let name = &after[..end.unwrap_or(after.len())];
+            let known = match end {
+                // The name is complete: it must be one.
+                Some(_) => vms.iter().any(|vm| vm == name),
+                // The pattern ends inside the name: it must begin one.
+                None => vms.iter().any(|vm| vm.starts_with(name)),
+            };
+            if !known {
+                return Err(format!(
+                    "pattern {raw:?}: vm {name:?} is not a VM of the manifest ({})",
+                    known_vms(vms)
+                ));
+            }
+        }
+        Ok(Pattern {
+            source: Source::Hypervisor,
+            text: raw.to_owned(),
+            raw: raw.to_owned(),
+        })
+    }
+
+    /// Whether the log line `line`, of class `class`, matches.
+    fn matches(&self, line: &str, class: &Line<'_>) -> bool {
+        match (&self.source, class) {
+            (Source::Hypervisor, Line::Hypervisor) => line.contains(self.text.as_str()),
+            (Source::Vm(name), Line::Console { vm, text }) => {
+                name == vm && text.contains(self.text.as_str())
+            }
+            (Source::AnyVm, Line::Console { text, .. }) => text.contains(self.text.as_str()),
+            _ => false,
+        }
+    }
+}
+
+/// What a log line is, by whom it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line<'a> {
+    /// The hypervisor's own line.
+    Hypervisor,
+    /// A VM's console line: `vm | text`.
+    Console { vm: &'a str, text: &'a str },
+    /// Anything else: firmware, the boot loader.
+    Other,
+}
+
+fn classify<'a>(line: &'a str, vms: &[String]) -> Line<'a> {
+    if HYPERVISOR_TAGS.iter().any(|tag| line.starts_with(tag)) {
+        return Line::Hypervisor;
+    }
+    match line.split_once(" | ") {
+        Some((vm, text)) if vms.iter().any(|v| v == vm) => Line::Console { vm, text },
+        _ => Line::Other,
+    }
+}
+
+/// One `[[at_least]]` or `[[at_most]]`: in the last hypervisor line that `line` matches, the
+/// word `key=N` has N within `bound`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    /// Picks the line (the last one it matches); a hypervisor pattern.
+    pub line: Pattern,
     /// The key of a `key=N` word of that line.
     pub key: String,
-    /// The least acceptable N.
-    pub min: u64,
+    /// The acceptable values of N.
+    pub bound: Bound,
+}
+
+/// The bound of a [`Figure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// `[[at_least]]`: N >= min.
+    AtLeast(u64),
+    /// `[[at_most]]`: N <= max.
+    AtMost(u64),
+}
+
+impl Bound {
+    fn table(self) -> &'static str {
+        match self {
+            Bound::AtLeast(_) => "at_least",
+            Bound::AtMost(_) => "at_most",
+        }
+    }
+}
+
+impl Figure {
+    fn parse(table: Bound, line: &str, key: &str, vms: &[String]) -> Result<Figure, String> {
+        let name = table.table();
+        let line = Pattern::parse(line, vms).map_err(|e| format!("{name}.line: {e}"))?;
+        if line.source != Source::Hypervisor {
+            return Err(format!(
+                "{name}.line {}: figures are read from hypervisor lines only; start it with \
+                 \"[LEVEL] \"",
+                line
+            ));
+        }
+        if key.is_empty() || key.contains(['=', ' ']) {
+            return Err(format!("{name}.key {key:?}: the key of a key=N word"));
+        }
+        Ok(Figure {
+            line,
+            key: key.to_owned(),
+            bound: table,
+        })
+    }
 }
 
 /// `[cpu_fairness]`.
@@ -121,11 +408,9 @@ impl ScenarioDir {
         self.dir.join("manifest.toml")
     }
 
-    /// Reads and checks `scenario.toml`, and that `manifest.toml` exists.
+    /// Reads `manifest.toml` for the VM names, then reads and checks `scenario.toml` against
+    /// them.
     pub fn load(&self) -> Result<Scenario> {
-        let path = self.dir.join("scenario.toml");
-        let text = fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
-        let scenario = parse(&text).map_err(|message| Error::config(&path, message))?;
         let manifest = self.manifest();
         if !manifest.is_file() {
             return Err(Error::config(
@@ -133,8 +418,39 @@ impl ScenarioDir {
                 "missing (every scenario needs its manifest)",
             ));
         }
-        Ok(scenario)
+        let text =
+            fs::read_to_string(&manifest).context(|| format!("reading {}", manifest.display()))?;
+        let vms = manifest_vm_names(&text).map_err(|message| Error::config(&manifest, message))?;
+        let path = self.dir.join("scenario.toml");
+        let text = fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
+        parse(&text, &vms).map_err(|message| Error::config(&path, message))
     }
+}
+
+/// The names of the `[[vm]]` entries of a manifest, in order and once each, as far as the
+/// manifest allows them as names. Entries the hypervisor will refuse for other reasons (an
+/// unknown key, a missing image, a duplicate) count too: a scenario may check that such a VM
+/// printed nothing.
+pub fn manifest_vm_names(text: &str) -> Result<Vec<String>, String> {
+    #[derive(Deserialize)]
+    struct Manifest {
+        #[serde(default)]
+        vm: Vec<Vm>,
+    }
+    #[derive(Deserialize)]
+    struct Vm {
+        name: Option<toml::Value>,
+    }
+    let manifest: Manifest = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = Vec::new();
+    for vm in manifest.vm {
+        if let Some(toml::Value::String(name)) = vm.name {
+            if is_vm_name(&name) && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    Ok(names)
 }
 
 /// The scenarios under `base` (directories with a `scenario.toml`), sorted by name; with
@@ -181,47 +497,69 @@ pub fn discover(base: &Path, names: &[String]) -> Result<Vec<ScenarioDir>> {
         .collect()
 }
 
-/// Parses and validates `scenario.toml` text.
-pub fn parse(text: &str) -> Result<Scenario, String> {
-    let scenario: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
-    scenario.validate()?;
-    Ok(scenario)
+/// Parses and validates `scenario.toml` text; `vms` are the names of the manifest's VMs
+/// ([`manifest_vm_names`]).
+pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
+    let file: ScenarioFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    if file.timeout_s == 0 {
+        return Err("timeout_s must be at least 1".to_owned());
+    }
+    // A scenario that expects nothing passes on an empty log: it could not fail.
+    if file.expect.is_empty() {
+        return Err("expect must list at least one pattern".to_owned());
+    }
+    for image in &file.images {
+        iso::validate_image_name(image).map_err(|e| e.to_string())?;
+    }
+    iso::validate_cmdline(&file.cmdline).map_err(|e| e.to_string())?;
+    let patterns = |list: &[String], name: &str| -> Result<Vec<Pattern>, String> {
+        list.iter()
+            .map(|raw| Pattern::parse(raw, vms).map_err(|e| format!("{name}: {e}")))
+            .collect()
+    };
+    let expect = patterns(&file.expect, "expect")?;
+    let reject = patterns(&file.reject, "reject")?;
+    let mut figures = Vec::new();
+    for f in &file.at_least {
+        figures.push(Figure::parse(Bound::AtLeast(f.min), &f.line, &f.key, vms)?);
+    }
+    for f in &file.at_most {
+        figures.push(Figure::parse(Bound::AtMost(f.max), &f.line, &f.key, vms)?);
+    }
+    if let Some(fairness) = &file.cpu_fairness {
+        if fairness.vms.len() < 2 {
+            return Err("cpu_fairness.vms needs at least two VMs".to_owned());
+        }
+        if let Some(vm) = fairness.vms.iter().find(|vm| !vms.contains(vm)) {
+            return Err(format!(
+                "cpu_fairness.vms: {vm:?} is not a VM of the manifest ({})",
+                known_vms(vms)
+            ));
+        }
+        if !(fairness.tolerance.is_finite() && fairness.tolerance >= 0.0) {
+            return Err("cpu_fairness.tolerance must be a number >= 0".to_owned());
+        }
+        if let Some(t) = fairness.end_tolerance {
+            if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+                return Err("cpu_fairness.end_tolerance must be a number from 0 to 1".to_owned());
+            }
+        }
+    }
+    Ok(Scenario {
+        description: file.description,
+        engine: file.engine,
+        timeout_s: file.timeout_s,
+        cmdline: file.cmdline,
+        images: file.images,
+        vms: vms.to_vec(),
+        expect,
+        reject,
+        cpu_fairness: file.cpu_fairness,
+        figures,
+    })
 }
 
 impl Scenario {
-    fn validate(&self) -> Result<(), String> {
-        if self.timeout_s == 0 {
-            return Err("timeout_s must be at least 1".to_owned());
-        }
-        // A scenario that expects nothing passes on an empty log: it could not fail.
-        if self.expect.is_empty() {
-            return Err("expect must list at least one string".to_owned());
-        }
-        if self.expect.iter().chain(&self.reject).any(|s| s.is_empty()) {
-            return Err("expect and reject may not contain empty strings".to_owned());
-        }
-        for image in &self.images {
-            iso::validate_image_name(image).map_err(|e| e.to_string())?;
-        }
-        iso::validate_cmdline(&self.cmdline).map_err(|e| e.to_string())?;
-        if let Some(fairness) = &self.cpu_fairness {
-            if fairness.vms.len() < 2 {
-                return Err("cpu_fairness.vms needs at least two VMs".to_owned());
-            }
-            if !(fairness.tolerance.is_finite() && fairness.tolerance >= 0.0) {
-                return Err("cpu_fairness.tolerance must be a number >= 0".to_owned());
-            }
-            if let Some(t) = fairness.end_tolerance {
-                if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
-                    return Err(
-                        "cpu_fairness.end_tolerance must be a number from 0 to 1".to_owned()
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// The hypervisor command line of a test run: `exit=emulator` and the scenario's words.
     pub fn kernel_cmdline(&self) -> String {
         let extra = self.cmdline.trim();
@@ -283,38 +621,61 @@ impl Verdict {
 
 /// Checks `log` (the whole serial log) against `scenario`.
 pub fn judge(scenario: &Scenario, log: &str) -> Verdict {
-    let lines: Vec<&str> = log.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let lines: Vec<(&str, Line<'_>)> = log
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .map(|l| (l, classify(l, &scenario.vms)))
+        .collect();
+    let hypervisor: Vec<&str> = lines
+        .iter()
+        .filter(|(_, class)| *class == Line::Hypervisor)
+        .map(|(line, _)| *line)
+        .collect();
     let mut verdict = Verdict::default();
     if lines.is_empty() {
         verdict.failures.push("the serial log is empty".to_owned());
     }
     for wanted in &scenario.expect {
-        if !lines.iter().any(|line| line.contains(wanted.as_str())) {
+        if !lines
+            .iter()
+            .any(|(line, class)| wanted.matches(line, class))
+        {
             verdict
                 .failures
-                .push(format!("expected text not found: {wanted:?}"));
+                .push(format!("expected text not found: {wanted}"));
         }
     }
-    let rejects = scenario
-        .reject
-        .iter()
-        .map(String::as_str)
-        .chain(ALWAYS_REJECT.iter().copied());
-    for unwanted in rejects {
-        if let Some((n, line)) = lines.iter().enumerate().find(|(_, l)| l.contains(unwanted)) {
+    for unwanted in &scenario.reject {
+        let found = lines
+            .iter()
+            .enumerate()
+            .find(|(_, (line, class))| unwanted.matches(line, class));
+        if let Some((n, (line, _))) = found {
             verdict.failures.push(format!(
-                "rejected text {unwanted:?} found on line {}: {line:?}",
+                "rejected text {unwanted} found on line {}: {line:?}",
                 n + 1
             ));
         }
     }
-    for want in &scenario.at_least {
-        if let Err(message) = check_at_least(want, &lines) {
+    for tag in ALWAYS_REJECT {
+        let found = lines
+            .iter()
+            .enumerate()
+            .find(|(_, (line, class))| *class == Line::Hypervisor && line.starts_with(tag));
+        if let Some((n, (line, _))) = found {
+            verdict.failures.push(format!(
+                "the hypervisor printed {tag} on line {}: {line:?}",
+                n + 1
+            ));
+        }
+    }
+    for figure in &scenario.figures {
+        if let Err(message) = check_figure(figure, &hypervisor) {
             verdict.failures.push(message);
         }
     }
     if let Some(fairness) = &scenario.cpu_fairness {
-        match check_fairness(fairness, &lines) {
+        match check_fairness(fairness, &hypervisor) {
             Ok(report) => {
                 if report.spread > fairness.tolerance {
                     verdict.failures.push(format!(
@@ -340,33 +701,39 @@ pub fn judge(scenario: &Scenario, log: &str) -> Verdict {
     verdict
 }
 
-fn check_at_least(want: &AtLeast, lines: &[&str]) -> Result<(), String> {
-    let line = lines
+/// Checks one figure against the hypervisor's lines.
+fn check_figure(figure: &Figure, hypervisor: &[&str]) -> Result<(), String> {
+    let table = figure.bound.table();
+    let key = &figure.key;
+    let line = hypervisor
         .iter()
         .rev()
-        .find(|l| l.contains(want.line.as_str()))
-        .ok_or_else(|| format!("at_least: no line contains {:?}", want.line))?;
+        .find(|l| l.contains(figure.line.text.as_str()))
+        .ok_or_else(|| format!("{table}: no hypervisor line contains {}", figure.line))?;
     let value = line
         .split_whitespace()
-        .find_map(|word| word.strip_prefix(want.key.as_str())?.strip_prefix('='))
-        .ok_or_else(|| format!("at_least: no {}=N in {line:?}", want.key))?;
+        .find_map(|word| word.strip_prefix(key.as_str())?.strip_prefix('='))
+        .ok_or_else(|| format!("{table}: no {key}=N in {line:?}"))?;
     let n: u64 = value
         .parse()
-        .map_err(|_| format!("at_least: {}={value} is not a number in {line:?}", want.key))?;
-    if n < want.min {
-        return Err(format!(
-            "at_least: {}={n} is below {} in {line:?}",
-            want.key, want.min
-        ));
+        .map_err(|_| format!("{table}: {key}={value} is not a number in {line:?}"))?;
+    match figure.bound {
+        Bound::AtLeast(min) if n < min => {
+            Err(format!("{table}: {key}={n} is below {min} in {line:?}"))
+        }
+        Bound::AtMost(max) if n > max => {
+            Err(format!("{table}: {key}={n} is above {max} in {line:?}"))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `cpu_us` of every VM with a `[INFO] stats vm=NAME ... cpu_us=N` line (the last one wins).
+/// Give it hypervisor lines only; it reads only lines that start with `[INFO] stats `.
 pub fn cpu_times<'a>(lines: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, u64> {
     let mut times = BTreeMap::new();
     for line in lines {
-        let Some((_, fields)) = line.split_once("[INFO] stats ") else {
+        let Some(fields) = line.strip_prefix("[INFO] stats ") else {
             continue;
         };
         let mut vm = None;
@@ -385,8 +752,8 @@ pub fn cpu_times<'a>(lines: impl IntoIterator<Item = &'a str>) -> BTreeMap<Strin
     times
 }
 
-fn check_fairness(fairness: &Fairness, lines: &[&str]) -> Result<FairnessReport, String> {
-    let times = cpu_times(lines.iter().copied());
+fn check_fairness(fairness: &Fairness, hypervisor: &[&str]) -> Result<FairnessReport, String> {
+    let times = cpu_times(hypervisor.iter().copied());
     let mut cpu_us = Vec::with_capacity(fairness.vms.len());
     for vm in &fairness.vms {
         let us = times
@@ -401,7 +768,7 @@ fn check_fairness(fairness: &Fairness, lines: &[&str]) -> Result<FairnessReport,
     }
     let spread = (max - min) as f64 / min as f64;
     let end_spread = match fairness.end_tolerance {
-        Some(_) => Some(end_spread(&fairness.vms, lines)?),
+        Some(_) => Some(end_spread(&fairness.vms, hypervisor)?),
         None => None,
     };
     Ok(FairnessReport {
@@ -411,24 +778,24 @@ fn check_fairness(fairness: &Fairness, lines: &[&str]) -> Result<FairnessReport,
     })
 }
 
-/// The value of the last `[INFO] vm VM: report KEY=N` line.
-fn report_value(lines: &[&str], vm: &str, key: &str) -> Option<u64> {
+/// The value of the last hypervisor line `[INFO] vm VM: report KEY=N`.
+fn report_value(hypervisor: &[&str], vm: &str, key: &str) -> Option<u64> {
     let prefix = format!("[INFO] vm {vm}: report {key}=");
-    lines
+    hypervisor
         .iter()
         .rev()
-        .find_map(|line| line.split_once(prefix.as_str()))
-        .and_then(|(_, value)| value.trim().parse().ok())
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 /// `(last end - first end) / (last end - first start)` of the VMs' busy TSC reports.
-fn end_spread(vms: &[String], lines: &[&str]) -> Result<f64, String> {
+fn end_spread(vms: &[String], hypervisor: &[&str]) -> Result<f64, String> {
     let mut starts = Vec::with_capacity(vms.len());
     let mut ends = Vec::with_capacity(vms.len());
     for vm in vms {
-        let start = report_value(lines, vm, "busy_start_tsc")
+        let start = report_value(hypervisor, vm, "busy_start_tsc")
             .ok_or_else(|| format!("no busy_start_tsc report from vm {vm}"))?;
-        let end = report_value(lines, vm, "busy_end_tsc")
+        let end = report_value(hypervisor, vm, "busy_end_tsc")
             .ok_or_else(|| format!("no busy_end_tsc report from vm {vm}"))?;
         if end <= start {
             return Err(format!("vm {vm} reports its work ending before it started"));
@@ -452,7 +819,7 @@ pub fn tail(log: &str, n: usize) -> Vec<&str> {
 mod tests {
     use super::*;
 
-    /// A log in the format of the interfaces notes, as the `hello` scenario produces it.
+    /// A log in the format of docs/architecture.md, as the `hello` scenario produces it.
     const HELLO_LOG: &str = "\
 [INFO] hv: MuxVisor starting, log=info exit=emulator
 [INFO] hv: 2 VMs created
@@ -480,11 +847,28 @@ expect = [
     "hello-b | Hello from the console hypercall",
     "[INFO] hv: all VMs stopped: 2 exited, 0 failed",
 ]
-reject = [": stopped:", "[ERROR]"]
+reject = ["[ERROR] vm ", "[ERROR]", "* | panic at"]
 "#;
 
+    /// The VMs of the test manifest: the two of the hello log and a hostile one.
+    fn vms() -> Vec<String> {
+        ["hello-a", "hello-b", "evil"].map(String::from).to_vec()
+    }
+
     fn scenario(text: &str) -> Scenario {
-        parse(text).unwrap()
+        parse(text, &vms()).unwrap()
+    }
+
+    fn pattern(raw: &str) -> Pattern {
+        Pattern::parse(raw, &vms()).unwrap()
+    }
+
+    /// The hello scenario with `expect` and `reject` replaced.
+    fn hello_with(expect: &[&str], reject: &[&str]) -> Scenario {
+        let mut s = scenario(HELLO_SCENARIO);
+        s.expect = expect.iter().map(|p| pattern(p)).collect();
+        s.reject = reject.iter().map(|p| pattern(p)).collect();
+        s
     }
 
     fn with_fairness(vms: &[&str], tolerance: f64) -> Scenario {
@@ -499,28 +883,102 @@ reject = [": stopped:", "[ERROR]"]
 
     #[test]
     fn parses_the_documented_format() {
-        let s = scenario(
-            r#"
+        let text = r#"
 description = "fair"
 engine = "vmx"
 timeout_s = 300
 images = ["busy"]
-expect = ["x"]
+expect = ["[INFO] x"]
+[[at_most]]
+line = "[INFO] stats vm=busy-1 "
+key = "cpu_us"
+max = 7
 [cpu_fairness]
 vms = ["busy-1", "busy-2", "busy-3", "busy-4"]
 tolerance = 0.20
-"#,
-        );
+"#;
+        let busy: Vec<String> = (1..=4).map(|n| format!("busy-{n}")).collect();
+        let s = parse(text, &busy).unwrap();
         assert_eq!(s.engine, EngineKind::Vmx);
         assert_eq!(s.timeout_s, 300);
         assert_eq!(s.cmdline, "");
         assert!(s.reject.is_empty());
+        assert_eq!(s.figures.len(), 1);
+        assert_eq!(s.figures[0].bound, Bound::AtMost(7));
         let f = s.cpu_fairness.unwrap();
         assert_eq!(f.vms.len(), 4);
         assert_eq!(f.tolerance, 0.20);
-        let s = scenario("description=\"\"\nengine=\"no-vmx\"\ntimeout_s=60\nexpect=[\"VT-x\"]\n");
+        let s = parse(
+            "description=\"\"\nengine=\"no-vmx\"\ntimeout_s=60\nexpect=[\"[ERROR] hv: VT-x\"]\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(s.engine, EngineKind::NoVmx);
         assert!(s.images.is_empty());
+    }
+
+    #[test]
+    fn patterns_say_whose_line_they_are_about() {
+        let p = pattern("[INFO] hv: all VMs stopped");
+        assert_eq!(p.source, Source::Hypervisor);
+        assert_eq!(p.text, "[INFO] hv: all VMs stopped");
+        let p = pattern("hello-a | Hello");
+        assert_eq!(p.source, Source::Vm("hello-a".into()));
+        assert_eq!(p.text, "Hello");
+        let p = pattern("evil |");
+        assert_eq!((p.source, p.text.as_str()), (Source::Vm("evil".into()), ""));
+        let p = pattern("* | UNEXPECTED");
+        assert_eq!((p.source, p.text.as_str()), (Source::AnyVm, "UNEXPECTED"));
+        // A name ending the pattern may be the beginning of a VM's name.
+        assert_eq!(pattern("[ERROR] vm ").source, Source::Hypervisor);
+        assert_eq!(pattern("[INFO] stats vm=hello").source, Source::Hypervisor);
+        assert_eq!(
+            pattern("[ERROR] manifest: vm #3").source,
+            Source::Hypervisor
+        );
+    }
+
+    #[test]
+    fn a_pattern_without_a_known_source_is_an_error() {
+        let cases = [
+            ("UNEXPECTED", "say whose line"),
+            (": stopped:", "say whose line"),
+            ("hello-a|x", "say whose line"),
+            ("hello-a |x", "say whose line"),
+            ("ghost | hi", "\"ghost\" is not a VM of the manifest"),
+            ("hello | hi", "\"hello\" is not a VM of the manifest"),
+            ("[INFO] vm ghost: report x=1", "vm \"ghost\" is not a VM"),
+            ("[ERROR] vm hello: stopped:", "vm \"hello\" is not a VM"),
+            ("[INFO] stats vm=hello-c", "vm \"hello-c\" is not a VM"),
+            (
+                "[INFO] stats vm=hello-a1 state",
+                "vm \"hello-a1\" is not a VM",
+            ),
+            ("[Info] hv:", "starts with one of"),
+            ("[NOTE] x", "starts with one of"),
+            ("[INFO] a\n[INFO] b", "line break"),
+            ("", "empty"),
+        ];
+        for (raw, message) in cases {
+            let err = Pattern::parse(raw, &vms()).unwrap_err();
+            assert!(err.contains(message), "{raw:?}: {err}");
+        }
+        // The same in a scenario file, for reject as for expect, and in a figure's line.
+        let text = format!("{HELLO_SCENARIO}\n").replace("reject = [", "reject = [\"ghost | x\", ");
+        let err = parse(&text, &vms()).unwrap_err();
+        assert!(
+            err.starts_with("reject: ") && err.contains("ghost"),
+            "{err}"
+        );
+        let figure = "[[at_most]]\nline = \"flood-1 | x\"\nkey = \"k\"\nmax = 1\n";
+        let err = parse(&format!("{HELLO_SCENARIO}{figure}"), &vms()).unwrap_err();
+        assert!(err.contains("at_most.line"), "{err}");
+        let figure = "[[at_least]]\nline = \"evil | x\"\nkey = \"k\"\nmin = 1\n";
+        let err = parse(&format!("{HELLO_SCENARIO}{figure}"), &vms()).unwrap_err();
+        assert!(err.contains("hypervisor lines only"), "{err}");
+        let fair = "[cpu_fairness]\nvms = [\"hello-a\", \"ghost\"]\ntolerance = 0.2\n";
+        let err = parse(&format!("{HELLO_SCENARIO}{fair}"), &vms()).unwrap_err();
+        assert!(err.contains("\"ghost\" is not a VM"), "{err}");
     }
 
     #[test]
@@ -550,14 +1008,45 @@ tolerance = 0.20
                     .join("\n");
             }
             text = format!("{change}\n{text}");
-            let err = parse(&text).unwrap_err();
+            let err = parse(&text, &vms()).unwrap_err();
             assert!(err.contains(message), "`{change}`: {err}");
         }
-        let fair = "[cpu_fairness]\nvms = [\"a\"]\ntolerance = 0.2\n";
-        let err = parse(&format!("{HELLO_SCENARIO}{fair}")).unwrap_err();
+        let fair = "[cpu_fairness]\nvms = [\"hello-a\"]\ntolerance = 0.2\n";
+        let err = parse(&format!("{HELLO_SCENARIO}{fair}"), &vms()).unwrap_err();
         assert!(err.contains("at least two"), "{err}");
-        let fair = "[cpu_fairness]\nvms = [\"a\", \"b\"]\ntolerance = -1.0\n";
-        assert!(parse(&format!("{HELLO_SCENARIO}{fair}")).is_err());
+        let fair = "[cpu_fairness]\nvms = [\"hello-a\", \"hello-b\"]\ntolerance = -1.0\n";
+        assert!(parse(&format!("{HELLO_SCENARIO}{fair}"), &vms()).is_err());
+    }
+
+    #[test]
+    fn manifest_vm_names_are_read_from_every_vm_entry() {
+        let text = r#"
+[memory]
+multiplex = true
+
+[[vm]]
+name = "a"
+memory_mib = 4
+
+[[vm]]
+name = "typo"
+colour = "blue"
+
+[[vm]]
+name = "a"
+
+[[vm]]
+memory_mib = 4
+
+[[vm]]
+name = "bad name"
+
+[[vm]]
+name = 7
+"#;
+        assert_eq!(manifest_vm_names(text).unwrap(), ["a", "typo"]);
+        assert!(manifest_vm_names("").unwrap().is_empty());
+        assert!(manifest_vm_names("[[vm]\n").is_err());
     }
 
     #[test]
@@ -590,11 +1079,70 @@ tolerance = 0.20
     }
 
     #[test]
-    fn expectations_match_within_one_line_only() {
-        // The two halves are on consecutive lines: that is not a match.
-        let mut s = scenario(HELLO_SCENARIO);
-        s.expect = vec!["report hello=1\n[INFO] vm hello-b".into()];
-        assert!(!judge(&s, HELLO_LOG).passed());
+    fn a_guest_cannot_print_a_hypervisor_line() {
+        // The summary line, printed by a guest, is that guest's console text.
+        let fake = "evil | [INFO] hv: all VMs stopped: 2 exited, 0 failed\n";
+        let log = HELLO_LOG.replace("[INFO] hv: all VMs stopped: 2 exited, 0 failed\n", fake);
+        let s = hello_with(&["[INFO] hv: all VMs stopped"], &[]);
+        assert_eq!(
+            judge(&s, &log).failures,
+            ["expected text not found: \"[INFO] hv: all VMs stopped\""]
+        );
+        assert!(judge(&s, HELLO_LOG).passed());
+        // Nor a hypervisor line from a VM that is not in the manifest, nor an unprefixed one.
+        for line in [
+            "stranger | [INFO] hv: all VMs stopped",
+            " [INFO] hv: all VMs stopped",
+        ] {
+            let log = HELLO_LOG.replace("[INFO] hv: all VMs stopped: 2 exited, 0 failed", line);
+            assert!(!judge(&s, &log).passed(), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_guest_cannot_fail_a_scenario_with_a_hypervisor_line() {
+        let s = scenario(HELLO_SCENARIO);
+        for fake in [
+            "evil | [PANIC] x",
+            "evil | [FATAL] exception #PF rip=0x1",
+            "evil | [ERROR] vm hello-a: stopped: triple fault",
+        ] {
+            let verdict = judge(&s, &format!("{HELLO_LOG}{fake}\n"));
+            assert!(verdict.passed(), "{fake}: {:?}", verdict.failures);
+        }
+    }
+
+    #[test]
+    fn a_guest_cannot_print_another_vms_console_line() {
+        let s = hello_with(&["hello-a | Hello"], &[]);
+        let log = HELLO_LOG.replace("hello-a | Hello", "evil | hello-a | Hello");
+        assert_eq!(
+            judge(&s, &log).failures,
+            ["expected text not found: \"hello-a | Hello\""]
+        );
+        // A VM's pattern is about its own console only; `* | ` about every VM's.
+        let s = hello_with(&["[INFO] hv:"], &["hello-b | UNEXPECTED"]);
+        assert!(judge(&s, &format!("{HELLO_LOG}hello-a | UNEXPECTED\n")).passed());
+        let s = hello_with(&["[INFO] hv:"], &["* | UNEXPECTED"]);
+        let verdict = judge(&s, &format!("{HELLO_LOG}hello-a | UNEXPECTED\n"));
+        assert_eq!(
+            verdict.failures,
+            ["rejected text \"* | UNEXPECTED\" found on line 14: \"hello-a | UNEXPECTED\""]
+        );
+        // ... and about the text the guest wrote, not the line.
+        let s = hello_with(&["[INFO] hv:"], &["* | hello"]);
+        assert!(judge(&s, HELLO_LOG).passed());
+        // A console pattern never matches a hypervisor line.
+        let s = hello_with(&["[INFO] hv:"], &["* | report hello=1"]);
+        assert!(judge(&s, HELLO_LOG).passed());
+    }
+
+    #[test]
+    fn an_empty_console_pattern_matches_any_line_of_that_vm() {
+        let s = hello_with(&["[INFO] hv:"], &["evil |"]);
+        assert!(judge(&s, HELLO_LOG).passed());
+        assert!(!judge(&s, &format!("{HELLO_LOG}evil | \n")).passed());
+        assert!(!judge(&s, &format!("{HELLO_LOG}evil | hi\n")).passed());
     }
 
     #[test]
@@ -605,7 +1153,7 @@ tolerance = 0.20
         );
         let verdict = judge(&scenario(HELLO_SCENARIO), &log);
         assert_eq!(verdict.failures.len(), 2, "{:?}", verdict.failures);
-        assert!(verdict.failures[0].starts_with("rejected text \": stopped:\" found on line 14"));
+        assert!(verdict.failures[0].starts_with("rejected text \"[ERROR] vm \" found on line 14"));
         assert!(verdict.failures[1].starts_with("rejected text \"[ERROR]\""));
     }
 
@@ -617,6 +1165,7 @@ tolerance = 0.20
         ] {
             let verdict = judge(&scenario(HELLO_SCENARIO), &format!("{HELLO_LOG}{bad}\n"));
             assert!(!verdict.passed(), "{bad}");
+            assert!(verdict.failures[0].starts_with("the hypervisor printed"));
         }
     }
 
@@ -628,10 +1177,17 @@ tolerance = 0.20
 
     #[test]
     fn crlf_logs_are_judged_by_their_text() {
-        let mut s = scenario(HELLO_SCENARIO);
-        s.reject = vec!["failed\r".into()];
+        let mut s = with_fairness(&["hello-a", "hello-b"], 0.05);
+        s.expect.push(pattern("hello-b |"));
+        // `other=0` ends its line: the `\r` is not part of the value.
+        s.figures = vec![Figure {
+            line: pattern("[INFO] stats vm=hello-a "),
+            key: "other".into(),
+            bound: Bound::AtMost(0),
+        }];
         let log = HELLO_LOG.replace('\n', "\r\n");
-        assert!(judge(&s, &log).passed());
+        let verdict = judge(&s, &log);
+        assert!(verdict.passed(), "{:?}", verdict.failures);
     }
 
     #[test]
@@ -640,12 +1196,58 @@ tolerance = 0.20
         assert_eq!(times.get("hello-a"), Some(&812));
         assert_eq!(times.get("hello-b"), Some(&790));
         assert_eq!(times.len(), 2);
-        // A line without cpu_us, or with a garbled value, does not count.
+        // A line without cpu_us, or with a garbled value, does not count; nor one that does not
+        // start with the stats tag.
         let times = cpu_times([
             "[INFO] stats vm=x state=failed",
             "[INFO] stats vm=y cpu_us=1x",
+            "evil | [INFO] stats vm=z cpu_us=1",
         ]);
         assert!(times.is_empty());
+    }
+
+    #[test]
+    fn a_guest_cannot_print_figures() {
+        // A fake stats line after the real one, and fake TSC reports.
+        let fakes = "evil | [INFO] stats vm=hello-b state=exited(0) cpu_us=812\n\
+                     evil | [INFO] vm hello-a: report busy_start_tsc=1000\n\
+                     evil | [INFO] vm hello-b: report busy_start_tsc=1000\n\
+                     evil | [INFO] vm hello-a: report busy_end_tsc=100000\n\
+                     evil | [INFO] vm hello-b: report busy_end_tsc=100000\n";
+        let log = format!("{HELLO_LOG}{fakes}");
+        let verdict = judge(&with_fairness(&["hello-a", "hello-b"], 0.02), &log);
+        assert_eq!(verdict.failures.len(), 1, "{:?}", verdict.failures);
+        assert!(verdict.failures[0].starts_with("CPU time not fair"));
+        let mut s = with_fairness(&["hello-a", "hello-b"], 0.05);
+        s.cpu_fairness.as_mut().unwrap().end_tolerance = Some(0.1);
+        assert_eq!(
+            judge(&s, &log).failures,
+            ["cpu_fairness: no busy_start_tsc report from vm hello-a"]
+        );
+        // Nor the figures of [[at_least]] and [[at_most]].
+        let mut s = scenario(HELLO_SCENARIO);
+        s.figures = vec![
+            Figure {
+                line: pattern("[INFO] stats vm=hello-b "),
+                key: "cpu_us".into(),
+                bound: Bound::AtLeast(800),
+            },
+            Figure {
+                line: pattern("[INFO] mem: "),
+                key: "saved".into(),
+                bound: Bound::AtMost(10),
+            },
+        ];
+        let log = format!("{log}evil | [INFO] mem: saved=1\n");
+        assert_eq!(
+            judge(&s, &log).failures,
+            [
+                "at_least: cpu_us=790 is below 800 in \"[INFO] stats vm=hello-b state=exited(0) \
+                 cpu_us=790 runs=3 exits=41 cpuid=0 rdmsr=0 wrmsr=0 io=38 hlt=0 vmcall=3 ept=0 \
+                 preempt=0 extint=0 other=0\"",
+                "at_most: no hypervisor line contains \"[INFO] mem: \"",
+            ]
+        );
     }
 
     #[test]
@@ -679,10 +1281,10 @@ tolerance = 0.20
 
     #[test]
     fn fairness_needs_every_vm_and_nonzero_time() {
-        let verdict = judge(&with_fairness(&["hello-a", "busy-9"], 0.5), HELLO_LOG);
+        let verdict = judge(&with_fairness(&["hello-a", "evil"], 0.5), HELLO_LOG);
         assert_eq!(
             verdict.failures,
-            vec!["cpu_fairness: no stats line with cpu_us for vm busy-9"]
+            vec!["cpu_fairness: no stats line with cpu_us for vm evil"]
         );
         let log = HELLO_LOG.replace("cpu_us=790", "cpu_us=0");
         let verdict = judge(&with_fairness(&["hello-a", "hello-b"], 100.0), &log);
@@ -745,8 +1347,8 @@ tolerance = 0.20
             verdict.failures
         );
         let bad = HELLO_SCENARIO.to_owned()
-            + "[cpu_fairness]\nvms=[\"a\",\"b\"]\ntolerance=0.2\nend_tolerance=2.0\n";
-        assert!(parse(&bad).unwrap_err().contains("end_tolerance"));
+            + "[cpu_fairness]\nvms=[\"hello-a\",\"hello-b\"]\ntolerance=0.2\nend_tolerance=2.0\n";
+        assert!(parse(&bad, &vms()).unwrap_err().contains("end_tolerance"));
     }
 
     #[test]
@@ -777,16 +1379,33 @@ tolerance = 0.20
         // `a` has no manifest.toml: loading says so.
         let err = all[0].load().unwrap_err().to_string();
         assert!(err.contains("manifest.toml"), "{err}");
+        // `b`'s manifest lacks hello-b, which its patterns name.
+        let manifest = "[[vm]]\nname = \"hello-a\"\nimage = \"hello\"\nmemory_mib = 4\n";
+        fs::write(base.join("b/manifest.toml"), manifest).unwrap();
+        let err = all[1].load().unwrap_err().to_string();
+        assert!(
+            err.contains("scenario.toml") && err.contains("\"hello-b\" is not a VM"),
+            "{err}"
+        );
+        fs::write(
+            base.join("b/manifest.toml"),
+            format!("{manifest}{}", manifest.replace("-a", "-b")),
+        )
+        .unwrap();
+        let loaded = all[1].load().unwrap();
+        assert_eq!(loaded.vms, ["hello-a", "hello-b"]);
         fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
     fn every_scenario_in_the_repository_loads() {
+        // Loading checks every pattern against the scenario's manifest.
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios");
         let scenarios = discover(&base, &[]).unwrap();
         assert!(!scenarios.is_empty());
         for s in scenarios {
-            s.load().unwrap_or_else(|e| panic!("{e}"));
+            let loaded = s.load().unwrap_or_else(|e| panic!("{e}"));
+            assert!(!loaded.vms.is_empty(), "{}: no VMs in the manifest", s.name);
         }
     }
 
@@ -795,13 +1414,11 @@ tolerance = 0.20
         let log =
             "[INFO] mem: saved_zero=0 saved_shared=3\n[INFO] mem: saved_zero=7 saved_shared=12\n";
         let with = |key: &str, min: u64| {
-            let mut s = scenario(HELLO_SCENARIO);
-            s.expect = vec!["mem:".to_owned()];
-            s.reject.clear();
-            s.at_least = vec![AtLeast {
-                line: "[INFO] mem:".to_owned(),
+            let mut s = hello_with(&["[INFO] mem:"], &[]);
+            s.figures = vec![Figure {
+                line: pattern("[INFO] mem:"),
                 key: key.to_owned(),
-                min,
+                bound: Bound::AtLeast(min),
             }];
             judge(&s, log).failures
         };
@@ -814,15 +1431,61 @@ tolerance = 0.20
         // `saved` must not match `saved_zero`: whole keys only.
         assert!(with("saved", 0)[0].starts_with("at_least: no saved=N"));
         let mut s = scenario(HELLO_SCENARIO);
-        s.at_least = vec![AtLeast {
-            line: "[INFO] nothing".to_owned(),
+        s.figures = vec![Figure {
+            line: pattern("[INFO] nothing"),
             key: "x".to_owned(),
-            min: 0,
+            bound: Bound::AtLeast(0),
         }];
         assert!(judge(&s, HELLO_LOG)
             .failures
-            .contains(&"at_least: no line contains \"[INFO] nothing\"".to_owned()));
-        let text = HELLO_SCENARIO.to_owned() + "[[at_least]]\nline = \"a\"\nkey = \"b\"\nmin = 2\n";
-        assert_eq!(parse(&text).unwrap().at_least.len(), 1);
+            .contains(&"at_least: no hypervisor line contains \"[INFO] nothing\"".to_owned()));
+        let text =
+            HELLO_SCENARIO.to_owned() + "[[at_least]]\nline = \"[INFO] a\"\nkey = \"b\"\nmin = 2\n";
+        assert_eq!(
+            parse(&text, &vms()).unwrap().figures[0].bound,
+            Bound::AtLeast(2)
+        );
+        let text = HELLO_SCENARIO.to_owned()
+            + "[[at_least]]\nline = \"[INFO] a\"\nkey = \"b=\"\nmin = 2\n";
+        assert!(parse(&text, &vms()).unwrap_err().contains("at_least.key"));
+    }
+
+    #[test]
+    fn at_most_checks_figures_of_the_last_matching_line() {
+        let log = format!(
+            "{HELLO_LOG}[INFO] stats vm=hello-a max_wait_us=90000\n\
+             [INFO] stats vm=hello-a max_wait_us=50000\n\
+             [INFO] stats vm=hello-b max_wait_us=70000\n"
+        );
+        let text = |line: &str, key: &str, max: u64| {
+            format!("{HELLO_SCENARIO}[[at_most]]\nline = {line:?}\nkey = {key:?}\nmax = {max}\n")
+        };
+        let failures = |line: &str, key: &str, max: u64| {
+            let s = parse(&text(line, key, max), &vms()).unwrap();
+            judge(&s, &log).failures
+        };
+        assert!(failures("[INFO] stats vm=hello-a ", "max_wait_us", 60_000).is_empty());
+        assert!(failures("[INFO] stats vm=hello-b ", "max_wait_us", 70_000).is_empty());
+        assert_eq!(
+            failures("[INFO] stats vm=hello-b ", "max_wait_us", 60_000),
+            ["at_most: max_wait_us=70000 is above 60000 in \"[INFO] stats vm=hello-b max_wait_us=70000\""]
+        );
+        // A missing key or line is a failure, not a pass.
+        assert_eq!(
+            failures("[INFO] hv: all VMs stopped", "max_wait_us", 1),
+            ["at_most: no max_wait_us=N in \"[INFO] hv: all VMs stopped: 2 exited, 0 failed\""]
+        );
+        assert_eq!(
+            failures("[INFO] stats vm=evil ", "max_wait_us", 1),
+            ["at_most: no hypervisor line contains \"[INFO] stats vm=evil \""]
+        );
+        // A guest cannot print a better figure.
+        let log = format!("{log}evil | [INFO] stats vm=hello-b max_wait_us=1\n");
+        let s = parse(
+            &text("[INFO] stats vm=hello-b ", "max_wait_us", 60_000),
+            &vms(),
+        )
+        .unwrap();
+        assert!(!judge(&s, &log).passed());
     }
 }
