@@ -90,11 +90,27 @@ pub struct VmcsControls {
     pub ept_ad: bool,
     /// VPIDs tag the guests' TLB entries.
     pub vpid: bool,
-    /// The CPU saves the remaining preemption-timer count on exit, so a quantum survives exits.
+    /// The CPU saves the remaining preemption-timer count on exit. The scheduler does not rely on
+    /// it (it reloads the timer from the quantum's host-clock deadline before every entry, so exit
+    /// handling is charged to the quantum); it is reported at boot.
     pub save_preemption_timer: bool,
-    /// IA32_EFER is switched by the VM-entry/VM-exit load controls (else by IA-32e mode guest).
+    /// IA32_EFER is switched by the VM-entry/VM-exit load controls (else by the VMCS MSR-load
+    /// lists, see the kernel's `vm.rs`).
     pub load_efer: bool,
+    /// IA32_PAT is switched by the VM-entry/VM-exit load controls (else by the MSR-load lists).
+    pub load_pat: bool,
 }
+
+/// Primary controls that keep guest-writable CPU state per VM or hide host state (docs/isolation.md):
+/// MOV to/from CR8 exit (the task-priority register is the host's local APIC's otherwise), RDPMC
+/// exits (the performance counters are the host's), MONITOR/MWAIT exit (they are hidden from
+/// CPUID and raise #UD; an MWAIT could park the only CPU in a deep C-state). Every VMX CPU with
+/// 64-bit support offers them.
+pub const ISOLATION_EXITING: PrimaryProcBased = PrimaryProcBased::CR8_LOAD_EXITING
+    .union(PrimaryProcBased::CR8_STORE_EXITING)
+    .union(PrimaryProcBased::RDPMC_EXITING)
+    .union(PrimaryProcBased::MONITOR_EXITING)
+    .union(PrimaryProcBased::MWAIT_EXITING);
 
 /// Why VMX cannot be used the way this hypervisor needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,7 +166,8 @@ impl VmcsControls {
             (PrimaryProcBased::HLT_EXITING
                 | PrimaryProcBased::USE_IO_BITMAPS
                 | PrimaryProcBased::USE_MSR_BITMAPS
-                | PrimaryProcBased::ACTIVATE_SECONDARY_CONTROLS)
+                | PrimaryProcBased::ACTIVATE_SECONDARY_CONTROLS
+                | ISOLATION_EXITING)
                 .bits(),
             0,
         )?;
@@ -171,16 +188,21 @@ impl VmcsControls {
         };
         let exit = caps.exit().negotiate(
             ControlKind::Exit,
-            (ExitControls::HOST_ADDRESS_SPACE_SIZE | ExitControls::ACK_INTERRUPT_ON_EXIT).bits(),
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::ACK_INTERRUPT_ON_EXIT
+                | ExitControls::SAVE_DEBUG_CONTROLS)
+                .bits(),
             (ExitControls::SAVE_IA32_EFER
                 | ExitControls::LOAD_IA32_EFER
+                | ExitControls::SAVE_IA32_PAT
+                | ExitControls::LOAD_IA32_PAT
                 | ExitControls::SAVE_PREEMPTION_TIMER)
                 .bits(),
         )?;
         let entry = caps.entry().negotiate(
             ControlKind::Entry,
-            EntryControls::IA32E_MODE_GUEST.bits(),
-            EntryControls::LOAD_IA32_EFER.bits(),
+            (EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_DEBUG_CONTROLS).bits(),
+            (EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT).bits(),
         )?;
         // EFER is switched by the VMCS only when all three controls are on; otherwise none is
         // used, and IA-32e mode guest sets the guest's LMA/LME on entry (SDM 27.3.2.1).
@@ -195,6 +217,18 @@ impl VmcsControls {
                 entry & !(EntryControls::LOAD_IA32_EFER.bits() & !caps.entry().must_be_one()),
             )
         };
+        // PAT likewise: all three controls, or the MSR-load lists switch it.
+        let pat_bits = (ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT).bits();
+        let load_pat =
+            exit & pat_bits == pat_bits && entry & EntryControls::LOAD_IA32_PAT.bits() != 0;
+        let (exit, entry) = if load_pat {
+            (exit, entry)
+        } else {
+            (
+                exit & !(pat_bits & !caps.exit().must_be_one()),
+                entry & !(EntryControls::LOAD_IA32_PAT.bits() & !caps.entry().must_be_one()),
+            )
+        };
         Ok(Self {
             pin,
             primary,
@@ -205,6 +239,7 @@ impl VmcsControls {
             vpid,
             save_preemption_timer: exit & ExitControls::SAVE_PREEMPTION_TIMER.bits() != 0,
             load_efer,
+            load_pat,
         })
     }
 }

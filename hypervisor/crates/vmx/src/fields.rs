@@ -22,6 +22,9 @@ pub const HOST_TR_SELECTOR: u32 = 0x0c0c;
 pub const IO_BITMAP_A: u32 = 0x2000;
 pub const IO_BITMAP_B: u32 = 0x2002;
 pub const MSR_BITMAP: u32 = 0x2004;
+pub const EXIT_MSR_STORE_ADDR: u32 = 0x2006;
+pub const EXIT_MSR_LOAD_ADDR: u32 = 0x2008;
+pub const ENTRY_MSR_LOAD_ADDR: u32 = 0x200a;
 pub const TSC_OFFSET: u32 = 0x2010;
 pub const EPT_POINTER: u32 = 0x201a;
 // 64-bit read-only data (B.2.2).
@@ -29,7 +32,9 @@ pub const GUEST_PHYSICAL_ADDRESS: u32 = 0x2400;
 // 64-bit guest state (B.2.3).
 pub const VMCS_LINK_POINTER: u32 = 0x2800;
 pub const GUEST_IA32_DEBUGCTL: u32 = 0x2802;
+pub const GUEST_IA32_PAT: u32 = 0x2804;
 pub const GUEST_IA32_EFER: u32 = 0x2806;
+pub const HOST_IA32_PAT: u32 = 0x2c00;
 // 64-bit host state (B.2.4).
 pub const HOST_IA32_EFER: u32 = 0x2c02;
 
@@ -51,7 +56,11 @@ pub const SECONDARY_PROC_BASED_CONTROLS: u32 = 0x401e;
 pub const VM_INSTRUCTION_ERROR: u32 = 0x4400;
 pub const EXIT_REASON: u32 = 0x4402;
 pub const EXIT_INTERRUPTION_INFO: u32 = 0x4404;
+pub const EXIT_INTERRUPTION_ERROR_CODE: u32 = 0x4406;
+pub const IDT_VECTORING_INFO: u32 = 0x4408;
+pub const IDT_VECTORING_ERROR_CODE: u32 = 0x440a;
 pub const EXIT_INSTRUCTION_LENGTH: u32 = 0x440c;
+pub const EXIT_INSTRUCTION_INFO: u32 = 0x440e;
 // 32-bit guest state (B.3.3).
 pub const GUEST_ES_LIMIT: u32 = 0x4800;
 pub const GUEST_CS_LIMIT: u32 = 0x4802;

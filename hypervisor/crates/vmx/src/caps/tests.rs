@@ -111,6 +111,11 @@ const PRIMARY_REQUIRED: u32 = PrimaryProcBased::HLT_EXITING
     .union(PrimaryProcBased::USE_IO_BITMAPS)
     .union(PrimaryProcBased::USE_MSR_BITMAPS)
     .union(PrimaryProcBased::ACTIVATE_SECONDARY_CONTROLS)
+    .union(PrimaryProcBased::CR8_LOAD_EXITING)
+    .union(PrimaryProcBased::CR8_STORE_EXITING)
+    .union(PrimaryProcBased::RDPMC_EXITING)
+    .union(PrimaryProcBased::MONITOR_EXITING)
+    .union(PrimaryProcBased::MWAIT_EXITING)
     .bits();
 const SECONDARY_REQUIRED: u32 = SecondaryProcBased::ENABLE_EPT.bits();
 /// Wanted secondary controls that need nothing beyond their allowed-1 bit.
@@ -121,13 +126,20 @@ const SECONDARY_WANTED_PLAIN: [SecondaryProcBased; 3] = [
 ];
 const EXIT_REQUIRED: u32 = ExitControls::HOST_ADDRESS_SPACE_SIZE
     .union(ExitControls::ACK_INTERRUPT_ON_EXIT)
+    .union(ExitControls::SAVE_DEBUG_CONTROLS)
     .bits();
 const EXIT_WANTED: u32 = ExitControls::SAVE_IA32_EFER
     .union(ExitControls::LOAD_IA32_EFER)
+    .union(ExitControls::SAVE_IA32_PAT)
+    .union(ExitControls::LOAD_IA32_PAT)
     .union(ExitControls::SAVE_PREEMPTION_TIMER)
     .bits();
-const ENTRY_REQUIRED: u32 = EntryControls::IA32E_MODE_GUEST.bits();
-const ENTRY_WANTED: u32 = EntryControls::LOAD_IA32_EFER.bits();
+const ENTRY_REQUIRED: u32 = EntryControls::IA32E_MODE_GUEST
+    .union(EntryControls::LOAD_DEBUG_CONTROLS)
+    .bits();
+const ENTRY_WANTED: u32 = EntryControls::LOAD_IA32_EFER
+    .union(EntryControls::LOAD_IA32_PAT)
+    .bits();
 
 /// Checks a successful negotiation against the CPU's capabilities: every word is legal (forced
 /// bits set, disallowed bits clear), every required control is on, every wanted control is on
@@ -197,6 +209,21 @@ fn assert_negotiation_sound(name: &str, caps: &Capabilities, c: &VmcsControls) {
         caps.exit().allows(exit_efer) && caps.entry().allows(entry_efer),
         "{name}: EFER switching"
     );
+    let exit_pat = (ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT).bits();
+    let entry_pat = EntryControls::LOAD_IA32_PAT.bits();
+    assert_eq!(
+        c.load_pat,
+        caps.exit().allows(exit_pat) && caps.entry().allows(entry_pat),
+        "{name}: PAT switching"
+    );
+    if !c.load_pat {
+        assert_eq!(c.exit & exit_pat & !caps.exit().must_be_one(), 0, "{name}");
+        assert_eq!(
+            c.entry & entry_pat & !caps.entry().must_be_one(),
+            0,
+            "{name}"
+        );
+    }
     if c.load_efer {
         assert_eq!(c.exit & exit_efer, exit_efer, "{name}");
         assert_eq!(c.entry & entry_efer, entry_efer, "{name}");
