@@ -5,8 +5,12 @@
 //! - [`memory`]: a VM's guest-physical memory (which frame backs which page) and checked copies
 //!   in and out of it.
 //! - [`hypercall`]: decoding and checking of every hypercall (guest-abi's ABI).
+//! - [`console`]: a VM's console lines, sanitized and queued for the serial log.
 //! - [`uart`]: the emulated 16550 that each VM sees at COM1, and the console line buffer.
-//! - [`policy`]: what the guest sees for CPUID, which MSRs it may touch, what unknown ports do.
+//! - [`policy`]: what the guest sees for CPUID and XSETBV, which CR4 bits it may not set, what
+//!   unknown ports do.
+//! - [`paging`]: walks a guest's page tables for instructions emulated on its behalf.
+//! - [`msr`]: the MSRs a guest may touch, the checks on their values, and where each is kept.
 //! - [`sched`]: round-robin scheduling with quanta, and per-VM statistics.
 //!
 //! This crate never executes a privileged instruction and never dereferences a physical
@@ -17,10 +21,13 @@
 extern crate alloc;
 
 pub mod boot;
+pub mod console;
 pub mod elf;
 pub mod frames;
 pub mod hypercall;
 pub mod memory;
+pub mod msr;
+pub mod paging;
 pub mod policy;
 pub mod sched;
 pub mod uart;

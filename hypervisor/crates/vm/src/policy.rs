@@ -1,58 +1,157 @@
-//! What a guest sees of the CPU: CPUID answers and the MSR allow-list.
+//! What a guest sees of the CPU: CPUID answers, which XCR0 values XSETBV takes, which CR4 bits
+//! a guest may not set.
 //!
-//! CPUID is the host's, except that the hypervisor-present bit is set, VMX is hidden, and leaves
-//! 0x4000_0000.. answer with our signature (guest-abi). MSRs: a guest may touch only the MSRs
-//! below, each emulated from or into the VMCS; every other RDMSR/WRMSR gets #GP(0), like an MSR
-//! the CPU does not implement.
+//! CPUID is the host's, except that the hypervisor-present bit is set, leaves
+//! 0x4000_0000.. answer with our signature (guest-abi), and every feature is hidden whose state
+//! the hypervisor does not keep per VM or whose instructions it does not emulate, so that a
+//! guest sees a coherent CPU that simply lacks them (docs/isolation.md): VMX, SMX, MONITOR/MWAIT,
+//! the local APIC and x2APIC (no APIC is emulated yet), the TSC-deadline timer, MTRRs,
+//! machine-check architecture, thermal and power MSRs, performance monitoring, PKU, CET, MPX,
+//! AMX, WAITPKG, SGX, Processor Trace and resource-director technology. XSAVE components other
+//! than x87, SSE, AVX and AVX-512 are hidden too. CPUID.1:ECX.OSXSAVE shows the guest's own
+//! CR4.OSXSAVE. MSRs are in [`crate::msr`].
 
 use guest_abi::{ABI_VERSION, CPUID_LEAF_BASE, CPUID_LEAF_MAX, CPUID_SIGNATURE};
 
-/// CPUID.1:ECX bits.
-const ECX_VMX: u32 = 1 << 5;
+/// CPUID.1:ECX bits hidden from guests: MONITOR (3), VMX (5), SMX (6), EST (7), TM2 (8),
+/// PDCM (15), DCA (18), x2APIC (21), TSC-deadline (24); OSXSAVE (27) is the guest's own.
+const LEAF1_ECX_HIDDEN: u32 = (1 << 3)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 8)
+    | (1 << 15)
+    | (1 << 18)
+    | (1 << 21)
+    | (1 << 24);
+const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:EDX bits hidden: APIC (9), MTRR (12), MCA (14), ACPI thermal MSRs (22), TM (29).
+const LEAF1_EDX_HIDDEN: u32 = (1 << 9) | (1 << 12) | (1 << 14) | (1 << 22) | (1 << 29);
+/// CPUID.7.0:EBX bits hidden: SGX (2), RDT-M (12), MPX (14), RDT-A (15), Processor Trace (25).
+const LEAF7_EBX_HIDDEN: u32 = (1 << 2) | (1 << 12) | (1 << 14) | (1 << 15) | (1 << 25);
+/// CPUID.7.0:ECX bits hidden: PKU (3), OSPKE (4), WAITPKG (5), CET shadow stacks (7), SGX launch
+/// control (30), PKS (31).
+const LEAF7_ECX_HIDDEN: u32 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 30) | (1 << 31);
+/// CPUID.7.0:EDX bits hidden: PCONFIG (18), CET IBT (20), AMX (22, 24, 25), architectural LBR (19).
+const LEAF7_EDX_HIDDEN: u32 = (1 << 18) | (1 << 19) | (1 << 20) | (1 << 22) | (1 << 24) | (1 << 25);
+/// Leaves that describe hidden features, answered with zeros: thermal/power (6), performance
+/// monitoring (0xA), RDT monitoring/allocation (0xF, 0x10), SGX (0x12), Processor Trace (0x14),
+/// architectural LBR (0x1C), AMX (0x1D, 0x1E).
+const HIDDEN_LEAVES: [u32; 9] = [6, 0xa, 0xf, 0x10, 0x12, 0x14, 0x1c, 0x1d, 0x1e];
 
-/// The guest's CPUID result for `leaf`/`subleaf`, given the host's answer `native`.
-pub fn cpuid(leaf: u32, native: [u32; 4]) -> [u32; 4] {
-    let [eax, ebx, ecx, edx] = native;
-    match leaf {
-        1 => [eax, ebx, (ecx | ECX_HYPERVISOR) & !ECX_VMX, edx],
-        CPUID_LEAF_BASE => {
-            let s = CPUID_SIGNATURE;
-            let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
-            [CPUID_LEAF_MAX, word(0), word(4), word(8)]
+/// XCR0 components a guest may enable, when the CPU has them: x87 (0), SSE (1), AVX (2),
+/// AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM (5-7). The hypervisor saves and restores exactly
+/// these with XSAVE when it switches VMs. MPX (3-4), PKRU (9), CET and AMX are not offered.
+pub const XCR0_GUEST_COMPONENTS: u64 = 0b1110_0111;
+
+/// CR4 bits a guest may not set (the CR4 guest/host mask; setting one raises #GP as on a CPU
+/// without the feature): VMXE (13), SMXE (14), PKE (22), CET (23), PKS (24), UINTR (25).
+/// CR4.VMXE is set in the real CR4 while the guest runs, and the read shadow shows it clear.
+pub const CR4_GUEST_FORBIDDEN: u64 =
+    (1 << 13) | (1 << 14) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25);
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+
+/// The CPU-wide facts the CPUID and XSETBV answers depend on, read once at boot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuPolicy {
+    /// XCR0 bits guests may set: the CPU's (CPUID.0xD.0 EDX:EAX) within
+    /// [`XCR0_GUEST_COMPONENTS`]; 0 when the CPU has no XSAVE.
+    pub xcr0_allowed: u64,
+    /// Bytes of an XSAVE area holding every allowed component (CPUID.0xD.0:ECX for guests).
+    pub xsave_size: u32,
+}
+
+impl CpuPolicy {
+    /// Derives the policy from the host's CPUID (`cpuid(leaf, subleaf)`).
+    pub fn from_host(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Self {
+        let max_leaf = cpuid(0, 0)[0];
+        let has_xsave = cpuid(1, 0)[2] & (1 << 26) != 0;
+        if max_leaf < 0xd || !has_xsave {
+            return Self::default();
         }
-        l if l == CPUID_LEAF_BASE + 1 => [ABI_VERSION, 0, 0, 0],
-        l if l > CPUID_LEAF_BASE && l <= 0x4000_00ff => [0; 4],
-        _ => native,
+        let d = cpuid(0xd, 0);
+        let supported = u64::from(d[0]) | (u64::from(d[3]) << 32);
+        let allowed = supported & XCR0_GUEST_COMPONENTS;
+        // The legacy region and header are 576 bytes; each further component sits at its
+        // standard-format offset (CPUID.0xD.i: EAX size, EBX offset).
+        let mut size = 576u32;
+        for i in 2..64u32 {
+            if allowed & (1 << i) != 0 {
+                let c = cpuid(0xd, i);
+                size = size.max(c[1] + c[0]);
+            }
+        }
+        Self {
+            xcr0_allowed: allowed,
+            xsave_size: size,
+        }
     }
-}
 
-/// MSRs a guest may access.
-pub mod msr {
-    pub const IA32_TSC: u32 = 0x10;
-    pub const IA32_EFER: u32 = 0xc000_0080;
-    pub const IA32_FS_BASE: u32 = 0xc000_0100;
-    pub const IA32_GS_BASE: u32 = 0xc000_0101;
-}
+    /// Checks an XSETBV of `value` into XCR`index` as the CPU would (SDM Vol. 2, XSETBV):
+    /// #GP(0) unless XCR0, x87 set, AVX only with SSE, AVX-512's three bits together and only
+    /// with AVX, MPX's two bits together, and nothing outside what is offered.
+    pub fn check_xsetbv(
+        &self,
+        index: u32,
+        value: u64,
+    ) -> Result<(), crate::msr::GeneralProtection> {
+        let avx512 = 0b1110_0000;
+        let ok = index == 0
+            && value & 1 != 0
+            && value & !self.xcr0_allowed == 0
+            && (value & 0b100 == 0 || value & 0b10 != 0)
+            && (value & avx512 == 0 || (value & avx512 == avx512 && value & 0b100 != 0))
+            && (value >> 3) & 1 == (value >> 4) & 1;
+        if ok {
+            Ok(())
+        } else {
+            Err(crate::msr::GeneralProtection)
+        }
+    }
 
-/// What to do with a guest's RDMSR or WRMSR.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MsrAccess {
-    /// Emulate it on this MSR (the kernel reads or writes the VMCS field behind it).
-    Emulate(u32),
-    /// Inject #GP(0).
-    Fault,
-}
-
-/// EFER bits a guest may change: SCE (0) and NXE (11). LME/LMA stay as the VMCS has them
-/// (the guest is in long mode for good).
-pub const EFER_GUEST_WRITABLE: u64 = (1 << 0) | (1 << 11);
-
-pub fn msr_access(msr: u32, write: bool) -> MsrAccess {
-    match msr {
-        msr::IA32_TSC if !write => MsrAccess::Emulate(msr),
-        msr::IA32_EFER | msr::IA32_FS_BASE | msr::IA32_GS_BASE => MsrAccess::Emulate(msr),
-        _ => MsrAccess::Fault,
+    /// The guest's CPUID result for `leaf`/`subleaf`, given the host's answer `native` and the
+    /// guest's CR4.
+    pub fn cpuid(&self, leaf: u32, subleaf: u32, native: [u32; 4], guest_cr4: u64) -> [u32; 4] {
+        let [eax, ebx, ecx, edx] = native;
+        match leaf {
+            1 => {
+                let mut ecx = (ecx & !LEAF1_ECX_HIDDEN & !ECX_OSXSAVE) | ECX_HYPERVISOR;
+                if self.xcr0_allowed == 0 {
+                    ecx &= !((1 << 26) | (1 << 28)); // XSAVE, AVX
+                } else if guest_cr4 & CR4_OSXSAVE != 0 {
+                    ecx |= ECX_OSXSAVE;
+                }
+                [eax, ebx, ecx, edx & !LEAF1_EDX_HIDDEN]
+            }
+            7 if subleaf == 0 => [
+                eax,
+                ebx & !LEAF7_EBX_HIDDEN,
+                ecx & !LEAF7_ECX_HIDDEN,
+                edx & !LEAF7_EDX_HIDDEN,
+            ],
+            0xd if self.xcr0_allowed == 0 => [0; 4],
+            0xd if subleaf == 0 => [
+                self.xcr0_allowed as u32,
+                // EBX: the size for the XCR0 in force, which is the guest's while it runs.
+                ebx,
+                self.xsave_size,
+                (self.xcr0_allowed >> 32) as u32,
+            ],
+            // XSAVEOPT/XSAVEC/XGETBV1/XSAVES as the CPU has them, no XFD; no supervisor
+            // components (IA32_XSS stays 0).
+            0xd if subleaf == 1 => [eax & 0b1111, ebx, 0, 0],
+            0xd if subleaf < 64 && self.xcr0_allowed & (1 << subleaf) == 0 => [0; 4],
+            l if HIDDEN_LEAVES.contains(&l) => [0; 4],
+            CPUID_LEAF_BASE => {
+                let s = CPUID_SIGNATURE;
+                let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+                [CPUID_LEAF_MAX, word(0), word(4), word(8)]
+            }
+            l if l == CPUID_LEAF_BASE + 1 => [ABI_VERSION, 0, 0, 0],
+            l if l > CPUID_LEAF_BASE && l <= 0x4000_00ff => [0; 4],
+            _ => native,
+        }
     }
 }
 
@@ -63,38 +162,103 @@ pub const UNKNOWN_PORT_VALUE: u32 = 0xffff_ffff;
 mod tests {
     use super::*;
 
+    /// A host with XSAVE, AVX and AVX-512 (components 0-2, 5-7) plus MPX and PKRU.
+    fn host(leaf: u32, sub: u32) -> [u32; 4] {
+        match (leaf, sub) {
+            (0, _) => [0x1f, 0, 0, 0],
+            (1, _) => [
+                0x50654,
+                0,
+                (1 << 26) | (1 << 28) | (1 << 5) | (1 << 3) | ECX_OSXSAVE,
+                0xffff_ffff,
+            ],
+            (0xd, 0) => [0x2ff, 0xa88, 0xa88, 0],
+            (0xd, 2) => [256, 576, 0, 0],
+            (0xd, 3) => [64, 960, 0, 0],
+            (0xd, 4) => [64, 1024, 0, 0],
+            (0xd, 5) => [64, 1088, 0, 0],
+            (0xd, 6) => [512, 1152, 0, 0],
+            (0xd, 7) => [1024, 1664, 0, 0],
+            (0xd, 9) => [8, 2688, 0, 0],
+            _ => [0; 4],
+        }
+    }
+
     #[test]
-    fn leaf1_sets_hypervisor_and_hides_vmx() {
-        let r = cpuid(1, [1, 2, ECX_VMX | 1, 4]);
-        assert_eq!(r, [1, 2, ECX_HYPERVISOR | 1, 4]);
+    fn xsave_components_offered_and_sized() {
+        let p = CpuPolicy::from_host(host);
+        assert_eq!(p.xcr0_allowed, 0xe7);
+        assert_eq!(p.xsave_size, 1664 + 1024);
+        let none = CpuPolicy::from_host(|l, s| if l == 1 { [0; 4] } else { host(l, s) });
+        assert_eq!(none, CpuPolicy::default());
+    }
+
+    #[test]
+    fn xsetbv_follows_the_sdm() {
+        let p = CpuPolicy::from_host(host);
+        for good in [1u64, 3, 7, 0xe7] {
+            assert_eq!(p.check_xsetbv(0, good), Ok(()), "{good:#x}");
+        }
+        // No x87; AVX without SSE; AVX-512 partly or without AVX; MPX, PKRU (not offered);
+        // XCR1 or another index.
+        for bad in [0u64, 2, 5, 0x27, 0x63, 0xe3, 0x1f, 0x207] {
+            assert!(p.check_xsetbv(0, bad).is_err(), "{bad:#x}");
+        }
+        assert!(p.check_xsetbv(1, 1).is_err());
+        assert!(CpuPolicy::default().check_xsetbv(0, 1).is_err());
+    }
+
+    #[test]
+    fn leaf1_sets_hypervisor_hides_vmx_and_shows_the_guests_osxsave() {
+        let p = CpuPolicy::from_host(host);
+        let r = p.cpuid(1, 0, host(1, 0), 0);
+        assert_eq!(r[2] & ECX_HYPERVISOR, ECX_HYPERVISOR);
+        assert_eq!(r[2] & LEAF1_ECX_HIDDEN, 0);
+        assert_eq!(r[2] & ECX_OSXSAVE, 0, "the host's CR4.OSXSAVE leaked");
+        assert_eq!(r[3] & (1 << 9), 0, "APIC");
+        assert_eq!(
+            p.cpuid(1, 0, host(1, 0), CR4_OSXSAVE)[2] & ECX_OSXSAVE,
+            ECX_OSXSAVE
+        );
+        // Without XSAVE support, XSAVE and AVX are hidden and leaf 0xD is empty.
+        let none = CpuPolicy::default();
+        assert_eq!(none.cpuid(1, 0, host(1, 0), CR4_OSXSAVE)[2] & (1 << 26), 0);
+        assert_eq!(none.cpuid(0xd, 0, host(0xd, 0), 0), [0; 4]);
+    }
+
+    #[test]
+    fn xsave_leaf_lists_only_offered_components() {
+        let p = CpuPolicy::from_host(host);
+        assert_eq!(p.cpuid(0xd, 0, host(0xd, 0), 0), [0xe7, 0xa88, 2688, 0]);
+        assert_eq!(p.cpuid(0xd, 3, host(0xd, 3), 0), [0; 4], "MPX");
+        assert_eq!(p.cpuid(0xd, 9, host(0xd, 9), 0), [0; 4], "PKRU");
+        assert_eq!(p.cpuid(0xd, 2, host(0xd, 2), 0), host(0xd, 2));
+        assert_eq!(p.cpuid(0xd, 1, [0x1f, 9, 0x100, 0], 0), [0xf, 9, 0, 0]);
+    }
+
+    #[test]
+    fn hidden_features_and_leaves() {
+        let p = CpuPolicy::from_host(host);
+        let r = p.cpuid(7, 0, [0, u32::MAX, u32::MAX, u32::MAX], 0);
+        assert_eq!(r[2] & (1 << 3), 0, "PKU");
+        assert_eq!(r[1] & (1 << 14), 0, "MPX");
+        assert_eq!(r[1] & 1, 1, "FSGSBASE stays");
+        assert_eq!(p.cpuid(0xa, 0, [7; 4], 0), [0; 4], "PMU");
+        assert_eq!(p.cpuid(7, 1, [7; 4], 0), [7; 4]);
     }
 
     #[test]
     fn signature_leaves() {
-        let r = cpuid(0x4000_0000, [9; 4]);
+        let p = CpuPolicy::default();
+        let r = p.cpuid(0x4000_0000, 0, [9; 4], 0);
         assert_eq!(r[0], CPUID_LEAF_MAX);
         let mut sig = [0u8; 12];
         sig[..4].copy_from_slice(&r[1].to_le_bytes());
         sig[4..8].copy_from_slice(&r[2].to_le_bytes());
         sig[8..].copy_from_slice(&r[3].to_le_bytes());
         assert_eq!(&sig, CPUID_SIGNATURE);
-        assert_eq!(cpuid(0x4000_0001, [9; 4])[0], ABI_VERSION);
-        assert_eq!(cpuid(0x4000_0010, [9; 4]), [0; 4]);
-        assert_eq!(cpuid(0, [9, 8, 7, 6]), [9, 8, 7, 6]);
-    }
-
-    #[test]
-    fn msr_allow_list() {
-        assert_eq!(msr_access(0x1234, false), MsrAccess::Fault);
-        assert_eq!(msr_access(0xc001_1234, true), MsrAccess::Fault);
-        assert_eq!(msr_access(msr::IA32_TSC, true), MsrAccess::Fault);
-        assert_eq!(
-            msr_access(msr::IA32_TSC, false),
-            MsrAccess::Emulate(msr::IA32_TSC)
-        );
-        assert_eq!(
-            msr_access(msr::IA32_EFER, true),
-            MsrAccess::Emulate(msr::IA32_EFER)
-        );
+        assert_eq!(p.cpuid(0x4000_0001, 0, [9; 4], 0)[0], ABI_VERSION);
+        assert_eq!(p.cpuid(0x4000_0010, 0, [9; 4], 0), [0; 4]);
+        assert_eq!(p.cpuid(0, 0, [9, 8, 7, 6], 0), [9, 8, 7, 6]);
     }
 }

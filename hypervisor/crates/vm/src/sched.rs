@@ -1,9 +1,14 @@
 //! Round-robin scheduling of single-vCPU VMs on one physical CPU, and per-VM statistics.
 //!
-//! A VM runs until its quantum (from the manifest) is used up, measured by the VMX-preemption
-//! timer in TSC units, or until it yields (HLT, the yield hypercall). Time is charged from
-//! schedule-in to schedule-out, exit handling included, so a VM that causes many exits pays for
-//! them.
+//! A VM runs until its quantum (from the manifest) is used up or until it yields (HLT, the
+//! yield hypercall). Quanta are measured on the host clock (TSC) from schedule-in, exit handling
+//! included: the kernel reloads the VMX-preemption timer from the quantum's deadline before
+//! every VM entry and ends the quantum once the deadline has passed, so a VM that causes many or
+//! costly exits pays for them out of its own quantum. What one exit overruns the deadline by is
+//! taken off the VM's next quantum ([`Accounting::next_quantum`]; at most one quantum of debt is
+//! carried), so over time every VM gets its share. A runnable VM therefore waits at most the sum of the other VMs' quanta plus one
+//! overrun each (the longest single exit: one console line or one memory-engine fault);
+//! [`Accounting::max_wait_tsc`] records the longest wait seen.
 
 use guest_abi::{ExitKind, VmStats};
 
@@ -23,13 +28,15 @@ impl VmState {
     }
 }
 
-/// Picks the next runnable VM after `current` in round-robin order, `current` itself last.
-pub fn next_runnable(states: &[VmState], current: Option<usize>) -> Option<usize> {
-    let n = states.len();
+/// Picks the next of `n` VMs after `current` in round-robin order, `current` itself last, for
+/// which `runnable` holds.
+pub fn next_runnable(
+    n: usize,
+    current: Option<usize>,
+    runnable: impl Fn(usize) -> bool,
+) -> Option<usize> {
     let start = current.map_or(0, |c| c + 1);
-    (0..n)
-        .map(|i| (start + i) % n)
-        .find(|&i| states[i].is_runnable())
+    (0..n).map(|i| (start + i) % n).find(|&i| runnable(i))
 }
 
 /// Converts microseconds to TSC ticks at `tsc_hz`, saturating.
@@ -54,6 +61,12 @@ pub struct Accounting {
     pub stats: VmStats,
     /// TSC at schedule-in while on the CPU.
     on_cpu_since: Option<u64>,
+    /// TSC at which the VM last became ready to run while off the CPU.
+    ready_since: Option<u64>,
+    /// The longest time the VM was ready to run but off the CPU, in TSC ticks.
+    pub max_wait_tsc: u64,
+    /// How far the last run went past its deadline, to be taken off the next quantum.
+    overrun_tsc: u64,
 }
 
 impl Accounting {
@@ -62,15 +75,43 @@ impl Accounting {
         self.stats.exits[kind as usize] += 1;
     }
 
+    /// The VM is ready to run from `now` on (at start, before its first run).
+    pub fn ready(&mut self, now: u64) {
+        self.ready_since.get_or_insert(now);
+    }
+
     pub fn schedule_in(&mut self, now: u64) {
         self.stats.runs += 1;
         self.on_cpu_since = Some(now);
+        if let Some(since) = self.ready_since.take() {
+            self.max_wait_tsc = self.max_wait_tsc.max(now.saturating_sub(since));
+        }
     }
 
-    pub fn schedule_out(&mut self, now: u64, tsc_hz: u64) {
+    /// The length of the quantum starting now: `quantum` less the last run's overrun, but at
+    /// least a quarter of `quantum` so that a VM always makes progress (a longer overrun is
+    /// paid off over several quanta).
+    pub fn next_quantum(&mut self, quantum: u64) -> u64 {
+        let floor = quantum / 4;
+        let paid = self.overrun_tsc.min(quantum - floor);
+        self.overrun_tsc -= paid;
+        quantum - paid
+    }
+
+    /// Ends a run at `now` whose quantum ended at `deadline`; `ready` says whether the VM can
+    /// run again (it is then waiting from `now`).
+    pub fn schedule_out(&mut self, now: u64, deadline: u64, tsc_hz: u64, ready: bool) {
         if let Some(since) = self.on_cpu_since.take() {
             self.stats.cpu_tsc += now.saturating_sub(since);
             self.stats.cpu_us = tsc_to_us(self.stats.cpu_tsc, tsc_hz);
+            // At most one quantum of debt is carried: enough to give back what one long exit
+            // took, without starving a VM whose every quantum overruns (a quantum shorter than
+            // the hypervisor's own work per quantum).
+            let quantum = deadline.saturating_sub(since);
+            self.overrun_tsc = (self.overrun_tsc + now.saturating_sub(deadline)).min(quantum);
+        }
+        if ready {
+            self.ready_since = Some(now);
         }
     }
 
@@ -86,13 +127,14 @@ mod tests {
     #[test]
     fn round_robin_skips_stopped_vms() {
         use VmState::*;
+        let next = |s: &[VmState], c| next_runnable(s.len(), c, |i| s[i].is_runnable());
         let s = [Runnable, Exited(0), Runnable, Failed];
-        assert_eq!(next_runnable(&s, None), Some(0));
-        assert_eq!(next_runnable(&s, Some(0)), Some(2));
-        assert_eq!(next_runnable(&s, Some(2)), Some(0));
-        assert_eq!(next_runnable(&[Runnable], Some(0)), Some(0));
-        assert_eq!(next_runnable(&[Failed, Exited(1)], Some(1)), None);
-        assert_eq!(next_runnable(&[], None), None);
+        assert_eq!(next(&s, None), Some(0));
+        assert_eq!(next(&s, Some(0)), Some(2));
+        assert_eq!(next(&s, Some(2)), Some(0));
+        assert_eq!(next(&[Runnable], Some(0)), Some(0));
+        assert_eq!(next(&[Failed, Exited(1)], Some(1)), None);
+        assert_eq!(next(&[], None), None);
     }
 
     #[test]
@@ -110,11 +152,49 @@ mod tests {
         let mut a = Accounting::default();
         a.schedule_in(100);
         a.count_exit(ExitKind::Cpuid);
-        a.schedule_out(1100, 1_000_000);
-        a.schedule_out(5000, 1_000_000); // not on the CPU: nothing charged
+        a.schedule_out(1100, 2000, 1_000_000, true);
+        a.schedule_out(5000, 2000, 1_000_000, true); // not on the CPU: nothing charged
         assert_eq!(a.stats.cpu_tsc, 1000);
         assert_eq!(a.stats.cpu_us, 1000);
         assert_eq!(a.stats.runs, 1);
         assert_eq!(a.total_exits(), 1);
+    }
+
+    #[test]
+    fn waits_are_measured_from_ready_to_schedule_in() {
+        let mut a = Accounting::default();
+        a.ready(0);
+        a.schedule_in(300);
+        assert_eq!(a.max_wait_tsc, 300);
+        a.schedule_out(400, 1000, 1, true);
+        a.schedule_in(450);
+        assert_eq!(a.max_wait_tsc, 300);
+        // A VM that is not ready (stopped) accrues no wait.
+        a.schedule_out(500, 1000, 1, false);
+        a.schedule_in(5000);
+        assert_eq!(a.max_wait_tsc, 300);
+        a.schedule_out(5100, 6000, 1, true);
+        a.schedule_in(6100);
+        assert_eq!(a.max_wait_tsc, 1000);
+    }
+
+    #[test]
+    fn overruns_come_off_later_quanta() {
+        let mut a = Accounting::default();
+        assert_eq!(a.next_quantum(1000), 1000);
+        // The run overran its deadline (1000) by 300.
+        a.schedule_in(0);
+        a.schedule_out(1300, 1000, 1, true);
+        assert_eq!(a.next_quantum(1000), 700);
+        assert_eq!(a.next_quantum(1000), 1000);
+        // An overrun of 2000 is carried as one quantum (1000), paid off at most 750 a quantum
+        // (the floor is a quarter).
+        a.schedule_in(0);
+        a.schedule_out(3000, 1000, 1, true);
+        assert_eq!(a.next_quantum(1000), 250);
+        assert_eq!(a.next_quantum(1000), 750);
+        assert_eq!(a.next_quantum(1000), 1000);
+        // CPU time is still charged in full.
+        assert_eq!(a.stats.cpu_tsc, 4300);
     }
 }

@@ -1,0 +1,125 @@
+//! A VM's console output on its way to the shared serial log: complete lines, made safe to print
+//! and prefixed with the VM's name, queued until the serial line has room for them.
+//!
+//! The serial port is slow (about 87 us a byte at 115200 baud), so printing a console write at
+//! once would let a guest hold the only CPU for as long as its output takes (4 KiB: 0.36 s).
+//! Instead the hypervisor queues the lines here and answers the hypercall at once; the kernel
+//! moves queued lines into its output ring as the UART drains it, without waiting for the UART.
+//! While more than [`PENDING_LIMIT`] bytes wait, the VM is not scheduled
+//! ([`ConsoleOutput::must_drain`]), like a process blocked on a slow device: the queue stays
+//! bounded, nothing is dropped, and a VM that prints faster than the line carries runs less,
+//! never longer.
+//!
+//! A guest must not be able to forge a hypervisor log line: every line starts with `NAME | `,
+//! and [`sanitize`] turns every control character (line breaks included) into `.`, so guest
+//! bytes can never start a new line of the log.
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+
+/// Queued bytes above which the VM only prints until the queue is below it again.
+pub const PENDING_LIMIT: usize = 4096;
+
+/// A guest's console bytes as they may appear in the log: control characters (C0, DEL, C1,
+/// which include CR, LF, ESC and the 8-bit CSI) shown as `.`, invalid UTF-8 as U+FFFD, and the
+/// Unicode line and paragraph separators as `.` too.
+pub fn sanitize(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                '.'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Lines a VM printed that are not on the serial log yet.
+#[derive(Debug, Default)]
+pub struct ConsoleOutput {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl ConsoleOutput {
+    /// Queues one line (without its newline) of VM `name`, formatted as `NAME | text\n`.
+    pub fn push(&mut self, name: &str, line: &[u8]) {
+        let mut text = String::with_capacity(name.len() + 4 + line.len());
+        text.push_str(name);
+        text.push_str(" | ");
+        text.push_str(&sanitize(line));
+        text.push('\n');
+        self.bytes += text.len();
+        self.lines.push_back(text);
+    }
+
+    /// The oldest queued line, without taking it.
+    pub fn front(&self) -> Option<&str> {
+        self.lines.front().map(String::as_str)
+    }
+
+    /// The oldest queued line, to print.
+    pub fn pop(&mut self) -> Option<String> {
+        let line = self.lines.pop_front()?;
+        self.bytes -= line.len();
+        Some(line)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Bytes queued.
+    pub fn pending(&self) -> usize {
+        self.bytes
+    }
+
+    /// The VM has queued so much that it may not run until some of it is printed.
+    pub fn must_drain(&self) -> bool {
+        self.bytes > PENDING_LIMIT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_cannot_start_a_log_line() {
+        let forged =
+            b"x\r[INFO] hv: all VMs stopped\n[PANIC] \x1b[2K\x1b[1G\xc2\x9b2K\xe2\x80\xa8ok";
+        let clean = sanitize(forged);
+        assert!(!clean.contains('\n') && !clean.contains('\r') && !clean.contains('\x1b'));
+        assert_eq!(clean, "x.[INFO] hv: all VMs stopped.[PANIC] .[2K.[1G.2K.ok");
+        assert_eq!(sanitize(b"caf\xc3\xa9 \xff"), "caf\u{e9} \u{fffd}");
+    }
+
+    #[test]
+    fn lines_queue_in_order_with_the_vm_prefix() {
+        let mut out = ConsoleOutput::default();
+        out.push("vm-a", b"hello");
+        out.push("vm-a", b"[ERROR] hv: fake");
+        assert_eq!(out.pending(), 13 + 24);
+        assert_eq!(out.front(), Some("vm-a | hello\n"));
+        assert_eq!(out.pop().as_deref(), Some("vm-a | hello\n"));
+        assert_eq!(out.pop().as_deref(), Some("vm-a | [ERROR] hv: fake\n"));
+        assert_eq!(out.pop(), None);
+        assert!(out.is_empty() && out.pending() == 0);
+    }
+
+    #[test]
+    fn a_flood_must_drain_before_the_vm_runs_again() {
+        let mut out = ConsoleOutput::default();
+        let line = [b'x'; 190];
+        while !out.must_drain() {
+            out.push("flood", &line);
+        }
+        assert!(out.pending() > PENDING_LIMIT);
+        while out.must_drain() {
+            out.pop();
+        }
+        assert!(out.pending() <= PENDING_LIMIT && !out.is_empty());
+    }
+}

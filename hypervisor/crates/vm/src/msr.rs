@@ -1,0 +1,351 @@
+//! The MSRs a guest may read and write, the checks a CPU applies to a WRMSR of each, and where
+//! each guest value lives so that no VM ever sees another's (docs/isolation.md).
+//!
+//! Every RDMSR and WRMSR exits (the MSR bitmap is all ones). An MSR not listed in [`Msr`] raises
+//! #GP(0), like an MSR the CPU does not implement. A listed MSR is kept per VM in one of three
+//! homes ([`Home`]): a VMCS guest-state field, which VM entry and exit switch by themselves; the
+//! hardware MSR itself, which the hypervisor never uses, so it holds the guest's value while the
+//! VM is on the CPU and is saved and reloaded when another VM is switched in ([`SwitchedMsrs`]);
+//! or a value computed on every read. This module decides; the kernel moves the values.
+
+/// The MSRs guests may access, by architectural name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Msr {
+    /// IA32_TSC (0x10): read-only here (the host's TSC; writes raise #GP until TSC offsetting
+    /// per VM exists).
+    Tsc,
+    SysenterCs,
+    SysenterEsp,
+    SysenterEip,
+    DebugCtl,
+    Pat,
+    /// IA32_XSS: no supervisor state component is offered, so only 0 may be written.
+    Xss,
+    Efer,
+    Star,
+    Lstar,
+    Cstar,
+    Fmask,
+    FsBase,
+    GsBase,
+    KernelGsBase,
+    TscAux,
+}
+
+/// Where a guest's value of an MSR is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Home {
+    /// A VMCS guest-state field (FS/GS base, SYSENTER, DEBUGCTL; EFER and PAT when the CPU has
+    /// their load/save controls, else the kernel's VMCS MSR-load lists).
+    Vmcs,
+    /// The hardware MSR, switched by the hypervisor when another VM comes on the CPU; the index
+    /// into [`SwitchedMsrs`].
+    Switched(usize),
+    /// Not stored: computed on read (the TSC) or constant (XSS).
+    Computed,
+}
+
+/// Why a WRMSR faults: the CPU raises #GP(0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GeneralProtection;
+
+/// IA32_EFER bits: SYSCALL enable, long mode enable/active, no-execute enable (SDM 2.2.1).
+pub mod efer {
+    pub const SCE: u64 = 1 << 0;
+    pub const LME: u64 = 1 << 8;
+    pub const LMA: u64 = 1 << 10;
+    pub const NXE: u64 = 1 << 11;
+}
+
+/// IA32_PAT at reset (SDM 13.12.4): WB, WT, UC-, UC, twice.
+pub const PAT_RESET: u64 = 0x0007_0406_0007_0406;
+
+/// IA32_DEBUGCTL bits a guest may set: BTF (single-step on branches, bit 1). LBR, BTS and the
+/// rest would record into or freeze the host's tracing resources, which guests cannot read
+/// back, so the CPU the guest sees behaves as if it had none of them.
+pub const DEBUGCTL_GUEST_WRITABLE: u64 = 1 << 1;
+
+/// The MSRs of [`Home::Switched`], in [`SwitchedMsrs`] order, with their indices.
+pub const SWITCHED: [Msr; 6] = [
+    Msr::KernelGsBase,
+    Msr::Star,
+    Msr::Lstar,
+    Msr::Cstar,
+    Msr::Fmask,
+    Msr::TscAux,
+];
+
+impl Msr {
+    /// The MSR with architectural index `index`, if guests may access it.
+    pub const fn from_index(index: u32) -> Option<Self> {
+        Some(match index {
+            0x10 => Self::Tsc,
+            0x174 => Self::SysenterCs,
+            0x175 => Self::SysenterEsp,
+            0x176 => Self::SysenterEip,
+            0x1d9 => Self::DebugCtl,
+            0x277 => Self::Pat,
+            0xda0 => Self::Xss,
+            0xc000_0080 => Self::Efer,
+            0xc000_0081 => Self::Star,
+            0xc000_0082 => Self::Lstar,
+            0xc000_0083 => Self::Cstar,
+            0xc000_0084 => Self::Fmask,
+            0xc000_0100 => Self::FsBase,
+            0xc000_0101 => Self::GsBase,
+            0xc000_0102 => Self::KernelGsBase,
+            0xc000_0103 => Self::TscAux,
+            _ => return None,
+        })
+    }
+
+    /// The architectural index (what RDMSR/WRMSR take in ECX).
+    pub const fn index(self) -> u32 {
+        match self {
+            Self::Tsc => 0x10,
+            Self::SysenterCs => 0x174,
+            Self::SysenterEsp => 0x175,
+            Self::SysenterEip => 0x176,
+            Self::DebugCtl => 0x1d9,
+            Self::Pat => 0x277,
+            Self::Xss => 0xda0,
+            Self::Efer => 0xc000_0080,
+            Self::Star => 0xc000_0081,
+            Self::Lstar => 0xc000_0082,
+            Self::Cstar => 0xc000_0083,
+            Self::Fmask => 0xc000_0084,
+            Self::FsBase => 0xc000_0100,
+            Self::GsBase => 0xc000_0101,
+            Self::KernelGsBase => 0xc000_0102,
+            Self::TscAux => 0xc000_0103,
+        }
+    }
+
+    pub const fn home(self) -> Home {
+        match self {
+            Self::Tsc | Self::Xss => Home::Computed,
+            Self::KernelGsBase => Home::Switched(0),
+            Self::Star => Home::Switched(1),
+            Self::Lstar => Home::Switched(2),
+            Self::Cstar => Home::Switched(3),
+            Self::Fmask => Home::Switched(4),
+            Self::TscAux => Home::Switched(5),
+            _ => Home::Vmcs,
+        }
+    }
+
+    /// Checks a WRMSR of `value` as the CPU would and returns the value to store. `current` is
+    /// the MSR's present value (EFER needs it: LME cannot change while paging is on, and LMA
+    /// is read-only).
+    pub fn check_write(self, value: u64, current: u64) -> Result<u64, GeneralProtection> {
+        let ok = match self {
+            Self::Tsc => false,
+            // Addresses the CPU loads into RIP/RSP or a segment base must be canonical.
+            Self::SysenterEsp
+            | Self::SysenterEip
+            | Self::Lstar
+            | Self::Cstar
+            | Self::FsBase
+            | Self::GsBase
+            | Self::KernelGsBase => is_canonical(value),
+            // The VMCS field is 32 bits wide; the CPU ignores the upper half.
+            Self::SysenterCs => return Ok(value & 0xffff_ffff),
+            Self::DebugCtl => value & !DEBUGCTL_GUEST_WRITABLE == 0,
+            Self::Pat => pat_valid(value),
+            Self::Xss => value == 0,
+            Self::Efer => {
+                let reserved = !(efer::SCE | efer::LME | efer::LMA | efer::NXE);
+                // Guests always run with paging on, so LME may not change; LMA is read-only.
+                if value & reserved != 0 || (value ^ current) & efer::LME != 0 {
+                    false
+                } else {
+                    return Ok((value & !efer::LMA) | (current & efer::LMA));
+                }
+            }
+            Self::Star => true,
+            // Bits 63:32 of IA32_FMASK and IA32_TSC_AUX are reserved.
+            Self::Fmask | Self::TscAux => value >> 32 == 0,
+        };
+        if ok {
+            Ok(value)
+        } else {
+            Err(GeneralProtection)
+        }
+    }
+}
+
+/// Whether `addr` is canonical for 48-bit linear addresses (bits 63:47 all equal).
+pub const fn is_canonical(addr: u64) -> bool {
+    let top = addr >> 47;
+    top == 0 || top == (1 << 17) - 1
+}
+
+/// Whether every entry of a PAT value is a defined memory type (0 UC, 1 WC, 4 WT, 5 WP, 6 WB,
+/// 7 UC-) with its reserved bits clear (SDM 13.12.2).
+pub const fn pat_valid(value: u64) -> bool {
+    let mut i = 0;
+    while i < 8 {
+        let entry = (value >> (i * 8)) & 0xff;
+        if !matches!(entry, 0 | 1 | 4 | 5 | 6 | 7) {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// A VM's values of the [`Home::Switched`] MSRs while it is off the CPU (all zero at reset,
+/// SDM Table 10-1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwitchedMsrs {
+    pub values: [u64; SWITCHED.len()],
+}
+
+impl SwitchedMsrs {
+    /// (index, value) pairs to load into the CPU when the VM comes on it.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        SWITCHED
+            .iter()
+            .zip(self.values.iter())
+            .map(|(m, &v)| (m.index(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_round_trips_and_unknown_msrs_are_refused() {
+        for i in [
+            0x10u32,
+            0x174,
+            0x175,
+            0x176,
+            0x1d9,
+            0x277,
+            0xda0,
+            0xc000_0080,
+            0xc000_0081,
+            0xc000_0082,
+            0xc000_0083,
+            0xc000_0084,
+            0xc000_0100,
+            0xc000_0101,
+            0xc000_0102,
+            0xc000_0103,
+        ] {
+            assert_eq!(Msr::from_index(i).unwrap().index(), i);
+        }
+        // MTRRs, the APIC base, SPEC_CTRL, performance counters, LBRs, MCA, AMD ranges.
+        for i in [
+            0x1b,
+            0x48,
+            0xc1,
+            0x186,
+            0x200,
+            0x2ff,
+            0x400,
+            0x680,
+            0xc001_0000,
+            0x4000_0000,
+        ] {
+            assert_eq!(Msr::from_index(i), None, "{i:#x}");
+        }
+    }
+
+    #[test]
+    fn switched_msrs_are_exactly_those_without_a_vmcs_field() {
+        for (n, m) in SWITCHED.iter().enumerate() {
+            assert_eq!(m.home(), Home::Switched(n));
+        }
+        assert_eq!(Msr::Tsc.home(), Home::Computed);
+        assert_eq!(Msr::FsBase.home(), Home::Vmcs);
+        assert_eq!(Msr::Pat.home(), Home::Vmcs);
+        let s = SwitchedMsrs {
+            values: [1, 2, 3, 4, 5, 6],
+        };
+        let e: alloc::vec::Vec<_> = s.entries().collect();
+        assert_eq!(e[0], (0xc000_0102, 1));
+        assert_eq!(e[5], (0xc000_0103, 6));
+    }
+
+    #[test]
+    fn non_canonical_addresses_fault() {
+        for m in [
+            Msr::FsBase,
+            Msr::GsBase,
+            Msr::KernelGsBase,
+            Msr::Lstar,
+            Msr::Cstar,
+        ] {
+            assert_eq!(
+                m.check_write(0xffff_8000_0000_0000, 0),
+                Ok(0xffff_8000_0000_0000)
+            );
+            assert_eq!(m.check_write(0x7fff_ffff_ffff, 0), Ok(0x7fff_ffff_ffff));
+            assert_eq!(
+                m.check_write(0x8000_0000_0000, 0),
+                Err(GeneralProtection),
+                "{m:?}"
+            );
+            assert_eq!(
+                m.check_write(0x1234_0000_0000_0000, 0),
+                Err(GeneralProtection)
+            );
+        }
+    }
+
+    #[test]
+    fn reserved_bits_fault() {
+        assert_eq!(Msr::TscAux.check_write(0xffff_ffff, 0), Ok(0xffff_ffff));
+        assert_eq!(Msr::TscAux.check_write(1 << 32, 0), Err(GeneralProtection));
+        assert_eq!(Msr::Fmask.check_write(1 << 40, 0), Err(GeneralProtection));
+        assert_eq!(Msr::Star.check_write(u64::MAX, 0), Ok(u64::MAX));
+        assert_eq!(Msr::Xss.check_write(0, 0), Ok(0));
+        assert_eq!(Msr::Xss.check_write(1 << 8, 0), Err(GeneralProtection));
+        assert_eq!(Msr::Tsc.check_write(5, 0), Err(GeneralProtection));
+        assert_eq!(Msr::DebugCtl.check_write(2, 0), Ok(2));
+        assert_eq!(Msr::DebugCtl.check_write(1, 0), Err(GeneralProtection));
+        assert_eq!(Msr::SysenterCs.check_write(0x1_0000_0010, 0), Ok(0x10));
+    }
+
+    #[test]
+    fn pat_entries_must_be_memory_types() {
+        assert_eq!(Msr::Pat.check_write(PAT_RESET, 0), Ok(PAT_RESET));
+        assert_eq!(
+            Msr::Pat.check_write(0x0101_0101_0505_0404, 0),
+            Ok(0x0101_0101_0505_0404)
+        );
+        for bad in [2u64, 3, 8, 0x16] {
+            assert_eq!(
+                Msr::Pat.check_write(bad << 24, 0),
+                Err(GeneralProtection),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn efer_keeps_long_mode_and_lma() {
+        let long = efer::LME | efer::LMA;
+        // SCE and NXE may change; LMA written as 0 is ignored.
+        assert_eq!(
+            Msr::Efer.check_write(efer::LME | efer::SCE | efer::NXE, long),
+            Ok(long | efer::SCE | efer::NXE)
+        );
+        // Clearing LME under paging, or any reserved bit, faults.
+        assert_eq!(
+            Msr::Efer.check_write(efer::LMA, long),
+            Err(GeneralProtection)
+        );
+        assert_eq!(
+            Msr::Efer.check_write(long | (1 << 12), long),
+            Err(GeneralProtection)
+        );
+        assert_eq!(
+            Msr::Efer.check_write(long | 2, long),
+            Err(GeneralProtection)
+        );
+    }
+}
