@@ -1,8 +1,10 @@
 //! Descriptor tables and exception handling of the host (SDM Vol. 3A, 3.4-3.5, 6.10-6.14, 8.2).
 //!
 //! One GDT (code, data, a 64-bit TSS whose IST1 holds a separate stack for #DF and #MC), one IDT
-//! whose 32 exception vectors all lead to [`exception`], which prints the full register state
-//! and halts: the hypervisor itself must never fault, so any exception is a bug to report.
+//! whose exception vectors lead to [`exception`], which prints the full register state and
+//! halts: the hypervisor itself must never fault, so any exception is a bug to report. The one
+//! exception is vector 2: an NMI is an event of the machine, not a fault of the hypervisor, so
+//! its handler counts it (`interrupts::NMIS_ROOT`) and returns.
 //! VMX needs the TSS too: the host TR selector in a VMCS must not be 0 (SDM 26.2.3).
 
 use core::mem::size_of;
@@ -108,7 +110,11 @@ pub fn init() {
 
         let idt = &raw mut IDT;
         for (vector, entry) in (*idt).iter_mut().enumerate() {
-            let handler = exception_stub_address(vector);
+            let handler = if vector == 2 {
+                nmi_entry as *const () as u64
+            } else {
+                exception_stub_address(vector)
+            };
             *entry = IdtEntry {
                 offset_low: handler as u16,
                 selector: CODE_SELECTOR,
@@ -138,6 +144,27 @@ pub fn idt_base() -> u64 {
 pub fn tss_base() -> u64 {
     (&raw const TSS) as u64
 }
+
+extern "C" {
+    fn nmi_entry();
+}
+
+// The NMI handler: one locked increment of the counter, then IRETQ (which also ends the CPU's
+// NMI blocking). It uses no register but RAX, which it saves, and runs on the interrupted stack:
+// the hypervisor is built without a red zone.
+core::arch::global_asm!(
+    r#"
+    .section .text.exceptions, "ax"
+    .global nmi_entry
+nmi_entry:
+    push rax
+    lea rax, [rip + {count}]
+    lock inc qword ptr [rax]
+    pop rax
+    iretq
+    "#,
+    count = sym crate::interrupts::NMIS_ROOT,
+);
 
 fn exception_stub_address(vector: usize) -> u64 {
     extern "C" {

@@ -13,6 +13,8 @@ extern crate alloc;
 mod acpi_tables;
 mod arch;
 mod boot;
+mod cpu_state;
+mod interrupts;
 mod memmux;
 mod platform;
 mod serial;
@@ -58,6 +60,7 @@ fn apply_cmdline(cmdline: &str) {
             },
             Some(("exit", "emulator")) => platform::EXIT_EMULATOR.store(true, Ordering::Relaxed),
             Some(("exit", "halt")) => platform::EXIT_EMULATOR.store(false, Ordering::Relaxed),
+            Some(("selftest", "interrupts")) => interrupts::SELFTEST.store(true, Ordering::Relaxed),
             _ => log::warn!(target: "hv", "ignoring unknown command-line word \"{word}\""),
         }
     }
@@ -68,7 +71,7 @@ fn apply_cmdline(cmdline: &str) {
 extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     serial::init();
     arch::init();
-    platform::mask_pic();
+    interrupts::remap_and_mask_pic();
     if magic != MULTIBOOT2_MAGIC {
         log::error!(target: "hv", "not started by a Multiboot2 loader (magic {magic:#x})");
         platform::halt_forever();
@@ -109,16 +112,30 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     log::info!(target: "hv", "muxvisor {} booting; command line \"{cmdline}\"; heap {} MiB at {:#x}; {} MiB free for VMs",
         env!("CARGO_PKG_VERSION"), (heap.end - heap.start) >> 20, heap.start, frames.free_bytes() >> 20);
     report_cpu_and_acpi(&mbi);
-    // Let the VMs use SSE: the host never does (soft-float target), but FXSAVE needs OSFXSR.
-    // SAFETY: setting CR4.OSFXSR/OSXMMEXCPT only enables FXSAVE/SSE instructions.
+    let cpu_policy = hv_vm::policy::CpuPolicy::from_host(platform::cpuid);
+    // Let the VMs use SSE and, where the CPU has XSAVE, AVX and AVX-512: the host never does
+    // (soft-float target), but switching VMs saves and restores that state (cpu_state.rs), which
+    // needs CR4.OSFXSR and CR4.OSXSAVE with every offered component enabled in XCR0.
+    // SAFETY: setting CR4.OSFXSR/OSXMMEXCPT/OSXSAVE only enables instructions; OSXSAVE only when
+    // CPUID reports XSAVE (xcr0_allowed != 0), and XCR0 then gets components the CPU supports
+    // (CpuPolicy::from_host), x87 and SSE included.
     unsafe {
         let mut cr4: u64;
         core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
         cr4 |= (1 << 9) | (1 << 10);
+        if cpu_policy.xcr0_allowed != 0 {
+            cr4 |= hv_vm::policy::CR4_OSXSAVE;
+        }
         core::arch::asm!("mov cr4, {}", in(reg) cr4, options(nomem, nostack));
+        if cpu_policy.xcr0_allowed != 0 {
+            cpu_state::xsetbv(cpu_policy.xcr0_allowed);
+        }
     }
+    log::info!(target: "hv", "guest FPU state: XCR0 components {:#x}, XSAVE area {} bytes{}",
+        cpu_policy.xcr0_allowed, cpu_policy.xsave_size,
+        if cpu_policy.xcr0_allowed == 0 { " (no XSAVE: FXSAVE)" } else { "" });
 
-    let host = match start_vmx(&mut frames) {
+    let host = match start_vmx(&mut frames, cpu_policy) {
         Ok(h) => h,
         Err(e) => {
             log::error!(target: "hv", "VT-x not available: {e}");
@@ -147,11 +164,15 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         None
     };
     log::info!(target: "hv", "{} VMs created; running them round-robin", vms.len());
+    if interrupts::SELFTEST.load(Ordering::Relaxed) {
+        interrupts::start_selftest();
+    }
     vm::run_all(&mut vms, &host, &mut frames, mux.as_mut());
+    interrupts::finish();
 
     let mut exited = 0;
     for v in &vms {
-        println!("[INFO] stats {}", v.stats_line());
+        println!("[INFO] stats {}", v.stats_line(host.tsc_hz));
         if matches!(v.state, hv_vm::sched::VmState::Exited(_)) {
             exited += 1;
         }
@@ -256,7 +277,10 @@ fn alloc_filled(frames: &mut FrameAllocator, byte: u8) -> Option<u64> {
     Some(frame)
 }
 
-fn start_vmx(frames: &mut FrameAllocator) -> Result<vm::HostVmx, vmx::VmxUnavailable> {
+fn start_vmx(
+    frames: &mut FrameAllocator,
+    cpu_policy: hv_vm::policy::CpuPolicy,
+) -> Result<vm::HostVmx, vmx::VmxUnavailable> {
     if !vmx::cpu_has_vmx() {
         return Err(vmx::VmxUnavailable::NotIntelVmx);
     }
@@ -284,6 +308,7 @@ fn start_vmx(frames: &mut FrameAllocator) -> Result<vm::HostVmx, vmx::VmxUnavail
     Ok(vm::HostVmx {
         caps,
         controls,
+        cpu_policy,
         tsc_hz,
         msr_bitmap,
         io_bitmap_a,

@@ -64,16 +64,6 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
-/// Masks both legacy PICs: the hypervisor runs with interrupts off and polls; VMs get no
-/// physical interrupts.
-pub fn mask_pic() {
-    // SAFETY: 0x21 and 0xA1 are the 8259 PIC data ports; writing 0xFF masks every line.
-    unsafe {
-        outb(0x21, 0xff);
-        outb(0xa1, 0xff);
-    }
-}
-
 /// Measures the TSC frequency against PIT channel 2 over ~10 ms (the PIT runs at
 /// 1.193182 MHz on every PC; channel 2 is gated by port 0x61 and needs no interrupt).
 pub fn calibrate_tsc_hz() -> u64 {
@@ -124,6 +114,7 @@ pub fn shutdown() -> ! {
 }
 
 pub fn halt_forever() -> ! {
+    crate::serial::drain();
     loop {
         // SAFETY: interrupts are off; HLT just stops the CPU.
         unsafe { core::arch::asm!("cli; hlt", options(nomem, nostack)) };

@@ -130,16 +130,24 @@ pub unsafe fn vmptrld(vmcs: u64) {
     unsafe { asm!("vmptrld [{}]", in(reg) &vmcs, options(nostack)) };
 }
 
-/// Reads a field of the current VMCS. Reading a field that does not exist returns 0.
+/// Reads a field of the current VMCS. A VMREAD that fails (a field this CPU does not have, or
+/// no current VMCS) leaves its destination unchanged (SDM Vol. 3C 31.3, VMREAD): the result is
+/// then 0, never what the register happened to hold.
 #[inline(always)]
 pub fn vmread(field: u32) -> u64 {
-    let value: u64;
+    let mut value: u64 = 0;
+    let failed: u8;
     // SAFETY: VMREAD only reads the current VMCS; the hypervisor is in VMX root operation with
     // a current VMCS whenever it handles a VM.
     unsafe {
-        asm!("vmread {}, {}", out(reg) value, in(reg) u64::from(field), options(nostack, nomem))
+        asm!("vmread {v}, {f}", "setna {failed}", v = inout(reg) value, f = in(reg) u64::from(field),
+            failed = out(reg_byte) failed, options(nostack, nomem))
     };
-    value
+    if failed != 0 {
+        0
+    } else {
+        value
+    }
 }
 
 /// Writes a field of the current VMCS.
@@ -186,6 +194,55 @@ pub struct GuestRegisters {
     pub r13: u64,
     pub r14: u64,
     pub r15: u64,
+}
+
+impl GuestRegisters {
+    /// The general-purpose register numbered as in exit qualifications and instruction
+    /// information (SDM Table 28-3: 0 RAX, 1 RCX, 2 RDX, 3 RBX, 4 RSP, 5 RBP, 6 RSI, 7 RDI,
+    /// 8-15 R8-R15). RSP lives in the VMCS.
+    pub fn gpr(&self, n: u8) -> u64 {
+        match n & 0xf {
+            0 => self.rax,
+            1 => self.rcx,
+            2 => self.rdx,
+            3 => self.rbx,
+            4 => vmread(fields::GUEST_RSP),
+            5 => self.rbp,
+            6 => self.rsi,
+            7 => self.rdi,
+            8 => self.r8,
+            9 => self.r9,
+            10 => self.r10,
+            11 => self.r11,
+            12 => self.r12,
+            13 => self.r13,
+            14 => self.r14,
+            _ => self.r15,
+        }
+    }
+
+    /// Writes the register numbered as in [`Self::gpr`].
+    pub fn set_gpr(&mut self, n: u8, value: u64) {
+        let r = match n & 0xf {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            4 => return vmwrite(fields::GUEST_RSP, value),
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            _ => &mut self.r15,
+        };
+        *r = value;
+    }
 }
 
 /// Enters the guest of the current VMCS with `regs` (VMLAUNCH when `launched` is false, else
