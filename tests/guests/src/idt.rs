@@ -5,6 +5,8 @@
 //! - a #GP raised by RDMSR (`0F 32`) or WRMSR (`0F 30`) while a probe of this module
 //!   ([`rdmsr`], [`wrmsr`]) is in progress is recorded and skipped: the saved RIP moves past the
 //!   two-byte instruction and the handler returns with IRETQ;
+//! - any exception raised by the one instruction of a [`fault_of`] probe is recorded and that
+//!   instruction (of the length the probe gives) skipped the same way;
 //! - anything else prints the exception with the saved registers through the console hypercall
 //!   and exits with [`EXIT_EXCEPTION`](crate::rt::EXIT_EXCEPTION).
 //!
@@ -26,6 +28,10 @@ use crate::rt::EXIT_EXCEPTION;
 const VECTORS: usize = 32;
 /// Vector of the general-protection exception.
 pub const GP: u8 = 13;
+/// Vector of the invalid-opcode exception.
+pub const UD: u8 = 6;
+/// Vector of the page-fault exception.
+pub const PF: u8 = 14;
 
 /// A recorded exception: vector, error code (0 for vectors without one) and faulting RIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +94,9 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Set while a probe expects its RDMSR/WRMSR to fault.
 static PROBING: AtomicBool = AtomicBool::new(false);
+/// While a [`fault_of`] probe runs: the length of its one instruction, which any exception it
+/// raises skips; 0 otherwise.
+static SKIP_LEN: AtomicU64 = AtomicU64::new(0);
 /// The last recorded fault; `NO_FAULT` in the vector when none.
 static FAULT_VECTOR: AtomicU64 = AtomicU64::new(NO_FAULT);
 static FAULT_ERROR_CODE: AtomicU64 = AtomicU64::new(0);
@@ -313,8 +322,27 @@ pub unsafe fn wrmsr(msr: u32, value: u64) -> Result<(), Fault> {
     probe(|| unsafe { cpu::wrmsr(msr, value) })
 }
 
+/// Runs `op`, which must execute exactly one instruction of `len` bytes that may fault (with
+/// any vector), and returns the fault it raised, if any; the handler skips the instruction. For
+/// checks that an instruction raises what a real CPU would (#UD, #GP, #PF).
+pub fn fault_of<T>(len: u8, op: impl FnOnce() -> T) -> Result<T, Fault> {
+    install();
+    SKIP_LEN.store(len.into(), Ordering::SeqCst);
+    let result = probe(op);
+    SKIP_LEN.store(0, Ordering::SeqCst);
+    result
+}
+
 /// Entered from the common stub with the saved state; returns to IRETQ or exits the VM.
 extern "C" fn dispatch(frame: &mut Frame) {
+    let skip = SKIP_LEN.load(Ordering::SeqCst);
+    if skip != 0 && PROBING.load(Ordering::SeqCst) && frame.vector < VECTORS as u64 {
+        FAULT_ERROR_CODE.store(frame.error_code, Ordering::SeqCst);
+        FAULT_RIP.store(frame.rip, Ordering::SeqCst);
+        FAULT_VECTOR.store(frame.vector, Ordering::SeqCst);
+        frame.rip += skip;
+        return;
+    }
     if frame.vector == u64::from(GP) && PROBING.load(Ordering::SeqCst) {
         // SAFETY: RIP is the faulting instruction of this guest, fetched a moment ago through the
         // identity map, so its first two bytes are readable.
