@@ -624,15 +624,24 @@ impl Vm {
         self.state.is_runnable() && !self.console_out.must_drain()
     }
 
+    /// Queues the VM's unfinished console line: it stopped, so no newline will end it. What is
+    /// queued is still sent as the line drains (run_all), not now: a stopping VM must not hold the
+    /// CPU for as long as its output takes.
+    fn end_console(&mut self) {
+        let (name, out) = (&self.name, &mut self.console_out);
+        self.console.flush(|line| out.push(name, line));
+        self.send_console();
+    }
+
     /// Stops the VM for good, with a report.
     fn fail(&mut self, why: core::fmt::Arguments) {
-        self.print_console();
+        self.end_console();
         log::error!(target: &self.target, "stopped: {why}");
         self.state = VmState::Failed;
     }
 
     fn exit_with(&mut self, code: u64) {
-        self.print_console();
+        self.end_console();
         log::info!(target: &self.target, "exited with code {code}");
         self.state = VmState::Exited(code);
     }
@@ -645,12 +654,13 @@ impl Vm {
             VmState::Runnable => String::from("runnable"),
         };
         let mut line = format!(
-            "vm={} state={} cpu_us={} runs={} max_wait_us={} exits={}",
+            "vm={} state={} cpu_us={} runs={} max_wait_us={} max_overrun_us={} exits={}",
             self.name,
             state,
             s.cpu_us,
             s.runs,
             sched::tsc_to_us(self.acct.max_wait_tsc, tsc_hz),
+            sched::tsc_to_us(self.acct.max_overrun_tsc, tsc_hz),
             self.acct.total_exits()
         );
         for kind in ExitKind::ALL {

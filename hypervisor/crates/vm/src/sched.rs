@@ -67,6 +67,9 @@ pub struct Accounting {
     pub max_wait_tsc: u64,
     /// How far the last run went past its deadline, to be taken off the next quantum.
     overrun_tsc: u64,
+    /// The longest any run went past its deadline (the longest exit's handling, or the
+    /// hypervisor's own work before the first entry of a quantum), in TSC ticks.
+    pub max_overrun_tsc: u64,
 }
 
 impl Accounting {
@@ -108,7 +111,9 @@ impl Accounting {
             // took, without starving a VM whose every quantum overruns (a quantum shorter than
             // the hypervisor's own work per quantum).
             let quantum = deadline.saturating_sub(since);
-            self.overrun_tsc = (self.overrun_tsc + now.saturating_sub(deadline)).min(quantum);
+            let overrun = now.saturating_sub(deadline);
+            self.max_overrun_tsc = self.max_overrun_tsc.max(overrun);
+            self.overrun_tsc = (self.overrun_tsc + overrun).min(quantum);
         }
         if ready {
             self.ready_since = Some(now);
@@ -187,6 +192,7 @@ mod tests {
         a.schedule_out(1300, 1000, 1, true);
         assert_eq!(a.next_quantum(1000), 700);
         assert_eq!(a.next_quantum(1000), 1000);
+        assert_eq!(a.max_overrun_tsc, 300);
         // An overrun of 2000 is carried as one quantum (1000), paid off at most 750 a quantum
         // (the floor is a quarter).
         a.schedule_in(0);

@@ -188,21 +188,54 @@ fn instructions(checks: &mut Checks) {
     let buf = [0u64; 8];
     let p = buf.as_ptr() as u64;
     let ud = [
-        ("vmxon", insn!(4, ".byte 0xf3, 0x0f, 0xc7, 0x30", p, 0u64, 0u64)),
-        ("vmxoff", insn!(3, ".byte 0x0f, 0x01, 0xc4", 0u64, 0u64, 0u64)),
-        ("vmclear", insn!(4, ".byte 0x66, 0x0f, 0xc7, 0x30", p, 0u64, 0u64)),
+        (
+            "vmxon",
+            insn!(4, ".byte 0xf3, 0x0f, 0xc7, 0x30", p, 0u64, 0u64),
+        ),
+        (
+            "vmxoff",
+            insn!(3, ".byte 0x0f, 0x01, 0xc4", 0u64, 0u64, 0u64),
+        ),
+        (
+            "vmclear",
+            insn!(4, ".byte 0x66, 0x0f, 0xc7, 0x30", p, 0u64, 0u64),
+        ),
         ("vmptrld", insn!(3, ".byte 0x0f, 0xc7, 0x30", p, 0u64, 0u64)),
         ("vmptrst", insn!(3, ".byte 0x0f, 0xc7, 0x38", p, 0u64, 0u64)),
-        ("vmread", insn!(3, ".byte 0x0f, 0x78, 0xd8", 0u64, 0u64, 0u64)),
-        ("vmwrite", insn!(3, ".byte 0x0f, 0x79, 0xd8", 0u64, 0u64, 0u64)),
-        ("vmlaunch", insn!(3, ".byte 0x0f, 0x01, 0xc2", 0u64, 0u64, 0u64)),
-        ("vmresume", insn!(3, ".byte 0x0f, 0x01, 0xc3", 0u64, 0u64, 0u64)),
-        ("invept", insn!(5, ".byte 0x66, 0x0f, 0x38, 0x80, 0x03", 1u64, 0u64, 0u64)),
-        ("invvpid", insn!(5, ".byte 0x66, 0x0f, 0x38, 0x81, 0x03", 1u64, 0u64, 0u64)),
-        ("vmfunc", insn!(3, ".byte 0x0f, 0x01, 0xd4", 0u64, 0u64, 0u64)),
+        (
+            "vmread",
+            insn!(3, ".byte 0x0f, 0x78, 0xd8", 0u64, 0u64, 0u64),
+        ),
+        (
+            "vmwrite",
+            insn!(3, ".byte 0x0f, 0x79, 0xd8", 0u64, 0u64, 0u64),
+        ),
+        (
+            "vmlaunch",
+            insn!(3, ".byte 0x0f, 0x01, 0xc2", 0u64, 0u64, 0u64),
+        ),
+        (
+            "vmresume",
+            insn!(3, ".byte 0x0f, 0x01, 0xc3", 0u64, 0u64, 0u64),
+        ),
+        (
+            "invept",
+            insn!(5, ".byte 0x66, 0x0f, 0x38, 0x80, 0x03", 1u64, 0u64, 0u64),
+        ),
+        (
+            "invvpid",
+            insn!(5, ".byte 0x66, 0x0f, 0x38, 0x81, 0x03", 1u64, 0u64, 0u64),
+        ),
+        (
+            "vmfunc",
+            insn!(3, ".byte 0x0f, 0x01, 0xd4", 0u64, 0u64, 0u64),
+        ),
         ("getsec", insn!(2, ".byte 0x0f, 0x37", 0u64, 0u64, 0u64)),
         ("monitor", insn!(3, ".byte 0x0f, 0x01, 0xc8", p, 0u64, 0u64)),
-        ("mwait", insn!(3, ".byte 0x0f, 0x01, 0xc9", 0u64, 0u64, 0u64)),
+        (
+            "mwait",
+            insn!(3, ".byte 0x0f, 0x01, 0xc9", 0u64, 0u64, 0u64),
+        ),
     ];
     for (name, result) in ud {
         checks.check(format_args!("{name}_ud"), expect_vector(result, UDV));
@@ -246,11 +279,17 @@ fn instructions(checks: &mut Checks) {
     // CR8: 44 0F 22 C0 = mov cr8, rax; 44 0F 20 C0 = mov rax, cr8.
     checks.check(
         format_args!("mov_cr8_reserved_gp"),
-        expect_vector(insn!(4, ".byte 0x44, 0x0f, 0x22, 0xc0", 16u64, 0u64, 0u64), GPV),
+        expect_vector(
+            insn!(4, ".byte 0x44, 0x0f, 0x22, 0xc0", 16u64, 0u64, 0u64),
+            GPV,
+        ),
     );
     checks.check(
         format_args!("mov_cr8_5"),
-        expect_vector(insn!(4, ".byte 0x44, 0x0f, 0x22, 0xc0", 5u64, 0u64, 0u64), None),
+        expect_vector(
+            insn!(4, ".byte 0x44, 0x0f, 0x22, 0xc0", 5u64, 0u64, 0u64),
+            None,
+        ),
     );
     let tpr: u64;
     // SAFETY: reading CR8 has no side effects.
@@ -288,7 +327,10 @@ fn instructions(checks: &mut Checks) {
     // A non-canonical FS base: #GP in the guest (a failed VM entry before).
     // SAFETY: the write must fault; if it went through, only this VM's FS base would change.
     let written = unsafe { idt::wrmsr(0xc000_0100, 0x8000_0000_0000) };
-    checks.check(format_args!("wrmsr_fs_base_noncanonical_gp"), expect_gp(written));
+    checks.check(
+        format_args!("wrmsr_fs_base_noncanonical_gp"),
+        expect_gp(written),
+    );
 }
 
 fn port_io(checks: &mut Checks) {
@@ -296,7 +338,10 @@ fn port_io(checks: &mut Checks) {
     let mut rax: u64 = 0xdead_beef_0000_0000;
     // SAFETY: port 0x80 has no device in our VMs; the IN only sets RAX.
     unsafe { core::arch::asm!("in eax, dx", inout("rax") rax, in("dx") 0x80u16) };
-    checks.check(format_args!("in32_zero_extends"), expect(rax == 0xffff_ffff, rax));
+    checks.check(
+        format_args!("in32_zero_extends"),
+        expect(rax == 0xffff_ffff, rax),
+    );
     let mut rax: u64 = 0x1111_2222_3333_4444;
     // SAFETY: as above; IN AX keeps RAX's upper 48 bits.
     unsafe { core::arch::asm!("in ax, dx", inout("rax") rax, in("dx") 0x80u16) };
@@ -309,16 +354,11 @@ fn port_io(checks: &mut Checks) {
     let mut buf = [0u8; 128];
     let (mut rdi, mut rcx) = (buf.as_mut_ptr() as u64, 100u64);
     // SAFETY: writes 100 bytes into `buf`, which has 128.
-    unsafe {
-        core::arch::asm!("rep insb", inout("rdi") rdi, inout("rcx") rcx, in("dx") 0x80u16)
-    };
+    unsafe { core::arch::asm!("rep insb", inout("rdi") rdi, inout("rcx") rcx, in("dx") 0x80u16) };
     let filled = buf[..100].iter().all(|&b| b == 0xff) && buf[100] == 0;
     checks.check(
         format_args!("rep_insb"),
-        expect(
-            filled && rcx == 0 && rdi == buf.as_ptr() as u64 + 100,
-            rcx,
-        ),
+        expect(filled && rcx == 0 && rdi == buf.as_ptr() as u64 + 100, rcx),
     );
     // INSW backwards (DF=1): two bytes at RDI, then RDI moves down by 2.
     let mut words = [0u16; 4];
@@ -338,13 +378,13 @@ fn port_io(checks: &mut Checks) {
     let mut pages = TwoPages([0; 8192]);
     let (mut rdi, mut rcx) = (pages.0.as_mut_ptr() as u64 + 4096 - 16, 32u64);
     // SAFETY: writes 32 bytes inside `pages`.
-    unsafe {
-        core::arch::asm!("rep insb", inout("rdi") rdi, inout("rcx") rcx, in("dx") 0x80u16)
-    };
-    let ok = pages.0[4080..4112].iter().all(|&b| b == 0xff)
-        && pages.0[4079] == 0
-        && pages.0[4112] == 0;
-    checks.check(format_args!("rep_insb_across_pages"), expect(ok && rcx == 0, rdi));
+    unsafe { core::arch::asm!("rep insb", inout("rdi") rdi, inout("rcx") rcx, in("dx") 0x80u16) };
+    let ok =
+        pages.0[4080..4112].iter().all(|&b| b == 0xff) && pages.0[4079] == 0 && pages.0[4112] == 0;
+    checks.check(
+        format_args!("rep_insb_across_pages"),
+        expect(ok && rcx == 0, rdi),
+    );
     // INSB into memory the guest's page tables do not map (they map 4 GiB): #PF, write.
     let unmapped = 8u64 << 30;
     let fault = idt::fault_of(1, || {
@@ -363,11 +403,12 @@ fn port_io(checks: &mut Checks) {
     let line = b"cpu-policy: hello through rep outsb\n";
     let (mut rsi, mut rcx) = (line.as_ptr() as u64, line.len() as u64);
     // SAFETY: reads `line`; the port is the VM's emulated UART.
-    unsafe {
-        core::arch::asm!("rep outsb", inout("rsi") rsi, inout("rcx") rcx, in("dx") 0x3f8u16)
-    };
+    unsafe { core::arch::asm!("rep outsb", inout("rsi") rsi, inout("rcx") rcx, in("dx") 0x3f8u16) };
     checks.check(
         format_args!("rep_outsb"),
-        expect(rcx == 0 && rsi == line.as_ptr() as u64 + line.len() as u64, rcx),
+        expect(
+            rcx == 0 && rsi == line.as_ptr() as u64 + line.len() as u64,
+            rcx,
+        ),
     );
 }
