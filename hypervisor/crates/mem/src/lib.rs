@@ -37,6 +37,10 @@
 //!   is a *round*); call them at the rate you want to spend CPU on. [`Engine::scan_round`],
 //!   [`Engine::converged`] and [`Engine::run_until_converged`] for batch use. Scanning never
 //!   allocates a frame.
+//! - [`Engine::set_vm_time`] and [`Engine::set_wall_time`] before a scan call: each VM's own
+//!   time and host time, which decide when a page is cold (see *Coldness*). Batch use without
+//!   running VMs moves both with [`Engine::advance_time`] (as [`Engine::run_until_converged`]
+//!   does, a threshold per round).
 //! - [`Engine::fault`] on an EPT violation (`Access::Read` or `Access::Write`). Reads of a shared
 //!   page get a read-only mapping; writes always end with a private writable frame.
 //! - [`Engine::read_page`] reconstructs any page without changing state; [`Engine::stats`] the
@@ -69,9 +73,28 @@
 //! mappers went cold is compressed (shared frames of idle VMs cost a compressed copy, not a
 //! frame); the next read decompresses it once into a shared frame.
 //!
+//! ## Coldness
+//! A page is *cold* once it has not been accessed for [`Config::cold_after_us`] of its VM's own
+//! time **and** [`Config::cold_after_wall_us`] of host time (both 1 s by default). The VM's own
+//! time is what the caller reports with [`Engine::set_vm_time`]: the time the VM ran (the
+//! hypervisor also counts the rest of a quantum the VM gave back), never time it spent waiting
+//! for the CPU. So coldness does not depend on how often the scanner passes: a page the guest
+//! uses whenever it runs is never cold, however many passes happen while other VMs run, and
+//! the pages of a VM that does not get to run do not age. Host time as a second condition keeps
+//! a VM whose own clock runs ahead of the host's (a VM that yields at once, quantum after
+//! quantum) from having its pages taken away within moments.
+//!
+//! The engine sees accesses only through the accessed bit at scan visits, so a visit that finds
+//! it set stamps the page with the VM's aging clock; a later visit that finds it clear tests the
+//! time since that stamp. A page that comes back from a fault counts as accessed at its next
+//! visit. The clock counts in sixteenths of the thresholds and a page keeps 8 bits of it, so
+//! pages use no more metadata than a visit counter. The rounding only ever makes a page cold
+//! later than the thresholds, never earlier (by a sixteenth or two of them, plus the time to the
+//! next visit), and when a scan round takes longer than 7 thresholds the clock slows down to
+//! keep stamps in range (see `src/clock.rs`).
+//!
 //! ## What a scan visit does
-//! 1. Reads and clears the page's accessed bit: accessed resets its age, else age + 1. A page
-//!    is *cold* once its age reaches [`Config::cold_rounds`].
+//! 1. Reads and clears the page's accessed bit and ages the page (see *Coldness*).
 //! 2. Private page: if it is dirty (or never hashed), hash it (XXH3-64, of which the indexes
 //!    keep the low 32 bits: a hint, every use is confirmed byte for byte; an all-zero page,
 //!    found by an early-exit test of 64-byte chunks, gets the precomputed zero hash without
@@ -118,7 +141,8 @@
 //!
 //! **Convergence**: a round that changed nothing and left nothing pending (no volatile, warming
 //! or not-yet-cold page) means further scans change nothing until a guest touches memory;
-//! [`Engine::converged`] reports it. On static images this takes `cold_rounds + 1` rounds.
+//! [`Engine::converged`] reports it. On static images with [`Engine::run_until_converged`] (a
+//! threshold of time per round, so a page is cold on its second visit) this takes 3 rounds.
 //! At convergence the unstable index (pages that found no twin and gained nothing) is dropped
 //! and the object table trimmed; a page enters the unstable index again only when it turns
 //! stable after a change, so the index is rebuilt from changed pages alone (an unchanged page
@@ -176,7 +200,8 @@
 //! | knob | default | meaning |
 //! |---|---|---|
 //! | `pages_per_scan` | 4096 | pages per [`Engine::scan_step`] (16 MiB) |
-//! | `cold_rounds` | 2 | visits without access before a page is cold |
+//! | `cold_after_us` | 1 s | a page not accessed for this long of its VM's own time... |
+//! | `cold_after_wall_us` | 1 s | ...and this long of host time is cold |
 //! | `zero_pages`, `share_identical`, `patching`, `compression` | on | mechanisms |
 //! | `compress_shared` | on | compress shared frames once all their mappers are cold |
 //! | `similarity_blocks` | 4 | 64-byte blocks hashed per page (1..=8) |
@@ -239,6 +264,7 @@ extern crate alloc;
 
 pub mod arena;
 mod backend;
+mod clock;
 pub mod compress;
 mod config;
 mod engine;
