@@ -27,6 +27,10 @@
 pub(crate) const TICKS_PER_COLD: u64 = 16;
 /// A page is cold when its VM's clock is at least this many ticks past its stamp.
 pub(crate) const COLD_TICKS: u8 = TICKS_PER_COLD as u8 + 1;
+/// A page that has not been accessed for at least this many ticks (more than a sixteenth of
+/// the thresholds) is *quiet*: a visit that finds it unchanged counts as evidence that its
+/// content holds still, even if its VM did not run since the previous visit.
+pub(crate) const QUIET_TICKS: u8 = 2;
 /// Most ticks a clock moves during one scan round.
 pub(crate) const MAX_TICKS_PER_ROUND: u64 = 112;
 

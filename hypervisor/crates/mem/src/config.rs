@@ -17,6 +17,8 @@ pub struct Config {
     /// time ([`crate::Engine::set_wall_time`]): it may then be patched or compressed, and a
     /// cold shared page is unmapped so its frame can be compressed. Coldness is time, not scan
     /// visits: however often the scanner comes by, a page the guest keeps using is never cold.
+    /// Pages with a write history also need about a sixteenth of it without access (or a use
+    /// without a write) to count as holding still (the volatility rule in the crate docs).
     /// At least 1. Default 1 000 000 (1 s).
     pub cold_after_us: u64,
     /// The host-time half of the rule of [`Config::cold_after_us`]; 0: host time does not

@@ -13,7 +13,7 @@
 
 use crate::arena::{BlobArena, BlobRef};
 use crate::backend::{Access, DomainId, Frame, Gfn, MemoryBackend, Page, VmId, PAGE_SIZE};
-use crate::clock::{AgingClock, COLD_TICKS};
+use crate::clock::{AgingClock, COLD_TICKS, QUIET_TICKS};
 use crate::compress::{self, MAX_COMPRESSED};
 use crate::config::Config;
 use crate::error::{CorruptKind, Error};
@@ -249,6 +249,17 @@ impl Loc {
     fn gfn(self) -> Gfn {
         Gfn(self.gfn as u64)
     }
+}
+
+/// What a visit learned about a page's use, from its accessed bit and its VM's aging clock.
+#[derive(Clone, Copy, Debug)]
+struct Age {
+    /// Not accessed for the cold thresholds.
+    cold: bool,
+    /// Accessed since the previous visit (or back from a fault since).
+    in_use: bool,
+    /// Not accessed for a while of its VM's time (see `clock::QUIET_TICKS`).
+    quiet: bool,
 }
 
 /// What one scan visit did.
@@ -1024,20 +1035,29 @@ impl Engine {
         }
     }
 
-    /// Ages a page on a visit that found its accessed bit as `accessed`. Returns whether the
-    /// page is cold and whether it counts as in use now (accessed, or back from a fault).
-    fn age(&mut self, at: Loc, accessed: bool) -> (bool, bool) {
+    /// Ages a page on a visit that found its accessed bit as `accessed`.
+    fn age(&mut self, at: Loc, accessed: bool) -> Age {
         let now = self.slot(at.slot).clock.ticks() as u8;
         let m = self.meta_mut(at);
         if accessed || m.flags & F_FRESH != 0 {
             m.seen = now;
             m.flags &= !TIME_FLAGS;
-            return (false, true);
+            return Age {
+                cold: false,
+                in_use: true,
+                quiet: false,
+            };
         }
-        if now.wrapping_sub(m.seen) >= COLD_TICKS {
+        let idle = now.wrapping_sub(m.seen);
+        if idle >= COLD_TICKS {
             m.flags |= F_COLD;
         }
-        (m.flags & F_COLD != 0, false)
+        let cold = m.flags & F_COLD != 0;
+        Age {
+            cold,
+            in_use: false,
+            quiet: cold || idle >= QUIET_TICKS,
+        }
     }
 
     fn scan_private<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc) -> Outcome {
@@ -1049,7 +1069,11 @@ impl Engine {
         // Clear dirty *before* reading: a write after this point sets it again and the next
         // visit re-hashes.
         let dirty = mem.test_and_clear_dirty(at.vm, at.gfn());
-        let (cold, in_use) = self.age(at, accessed);
+        let Age {
+            cold,
+            in_use,
+            quiet,
+        } = self.age(at, accessed);
         let meta = self.meta(at);
         let was_stable = meta.flags & F_STABLE != 0;
         // Whether this visit read the page and found every byte zero (not merely its hash).
@@ -1066,11 +1090,14 @@ impl Engine {
                 let m = self.meta_mut(at);
                 m.word = h;
                 m.flags = m.flags & TIME_FLAGS | F_HASHED;
-            } else if meta.flags & F_HASHED == 0 || h != meta.hash() {
-                // Changed content, a page back from a fault, or one the guest touched before
-                // the first visit: volatile for now. Remember the hash; the page becomes a
-                // candidate only if the next visit finds the same hash.
-                if meta.flags & F_HASHED != 0 {
+            } else {
+                // Changed content, a page back from a fault, one the guest touched before the
+                // first visit, or one written since the previous visit even if with the same
+                // bytes (a page the guest keeps writing, such as its stack or, with EPT A/D
+                // flags, its page tables, which the CPU's page walks count as written): volatile
+                // for now. Remember the hash; the page becomes a candidate only once a visit
+                // finds it unwritten and unchanged (see below).
+                if meta.flags & F_HASHED != 0 && h != meta.hash() {
                     self.counters.volatile_skips += 1;
                 }
                 self.unindex(at);
@@ -1079,6 +1106,12 @@ impl Engine {
                 m.flags = m.flags & TIME_FLAGS | F_HASHED | F_WATCH;
                 return Outcome::Pending;
             }
+        } else if !was_stable && !in_use && !quiet {
+            // Unwritten and unchanged since the previous visit, but that says nothing if the VM
+            // has hardly run since: passes made while other VMs run must not make a page the
+            // guest writes whenever it runs look stable. The page needs a visit after the VM
+            // used it without writing it (accessed, clean), or one that finds it quiet.
+            return Outcome::Pending;
         }
         self.meta_mut(at).flags |= F_STABLE;
         let h = self.meta(at).hash();
@@ -1149,7 +1182,7 @@ impl Engine {
 
     fn scan_mapped<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc, id: u32) -> Outcome {
         let accessed = mem.test_and_clear_accessed(at.vm, at.gfn());
-        let (cold, _) = self.age(at, accessed);
+        let cold = self.age(at, accessed).cold;
         let o = self.objects[id as usize];
         if !self.config.compression
             || o.incompressible

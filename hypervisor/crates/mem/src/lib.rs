@@ -123,15 +123,20 @@
 //! **Volatility rule** (which pages are skipped): a page is a merge candidate
 //! - on its *first* visit, if the guest has not accessed it since it was mapped (accessed bit
 //!   clear): nothing says it is changing, and a wrong guess costs one copy-on-write fault;
-//! - otherwise only once its hash was the same on two consecutive visits (KSM's rule for its
-//!   unstable tree). That covers every page with a write history: one whose share a write
-//!   broke (copy-on-write, zero fill, fault-in of a patched or compressed page), one whose hash
-//!   changed between visits (counted in `volatile_skips`), one whose content moved during a
-//!   check, and one the guest touched before the first visit.
+//! - otherwise only once a visit finds it unwritten since the previous one (dirty bit clear)
+//!   with the same hash, and the VM used it meanwhile without writing it (accessed bit set) or
+//!   it is *quiet* (not accessed for more than a sixteenth of the cold thresholds of its VM's
+//!   own time). That is KSM's rule for its unstable tree (the same checksum on two scans), in
+//!   the VM's time rather than in passes: passes made while the VM does not run prove nothing.
+//!   It covers every page with a write history: one whose share a write broke (copy-on-write,
+//!   zero fill, fault-in of a patched or compressed page), one whose hash changed between
+//!   visits (counted in `volatile_skips`), one written with the bytes it held (a stack; with
+//!   EPT A/D flags the guest's page tables, which the CPU's page walks count as written), one
+//!   whose content moved during a check, and one the guest touched before the first visit.
 //!
 //! A volatile page therefore waits at least one full round after every change, and a page that
-//! keeps changing is never merged; a page shared on its first visit and then written goes back
-//! to the two-visit rule for good (until the VM is removed).
+//! keeps being written is never merged; a page shared on its first visit and then written goes
+//! back to this rule for good (until the VM is removed).
 //!
 //! **Protocol for every merge**: write-protect the page(s) through the backend first, then
 //! compare / re-hash / encode the frozen bytes, then switch the mapping and free the old frame;
