@@ -251,7 +251,7 @@
 //! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~3-4 us to decompress, ~3.5-4.5 us
 //! to unpatch, most of it restoring a compressed reference: at convergence nearly every
 //! reference is cold and compressed; `examples/codec_cost.rs` times the two decoders warm).
-//! Metadata: 7 bytes per page, 28 per object, 8 per index slot; on that set ~17 bytes per
+//! Metadata: 7 bytes per page, 28 per object, 8 per index slot, 56 per VM for its aging clock; on that set ~17 bytes per
 //! guest page in all (8.3 MiB of 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's
 //! run-time detection); the hypervisor build hashes with portable code.
 //!
