@@ -9,6 +9,16 @@
 //! business, and this module must not second-guess it; the exit handling and scheduling stay
 //! in [`crate::vm`].
 //!
+//! Coldness is the engine's policy too, but in time, and the clocks are the kernel's: before
+//! each scan step this module reports host time (the TSC) and each VM's *own time*, the CPU
+//! time the VM was given. That is its accounted CPU time (`Vm::acct`, read only) without the
+//! time the engine spent resolving its faults, and a quantum the VM gave back early (yield,
+//! HLT) counts in full: an idle VM ages, while a VM waiting for the CPU behind others does not.
+//! A page is cold once unaccessed for `[memory] cold_after_us` of both (hv-mem's
+//! `Config::cold_after_us` and `cold_after_wall_us`), so however often the scanner passes, a
+//! page a guest uses whenever it runs is never taken away; the scan rate only sets how soon a
+//! cold page is found.
+//!
 //! Translation caching: the engine's contract asks that a map or unmap be in force before the
 //! guest can observe memory again. The guests do not run while the engine does (one CPU, and the
 //! engine runs only in VM-exit context), so the backend marks the VM's EPT stale and
@@ -38,6 +48,17 @@ use crate::vmx;
 /// bytes per page, docs/benchmarks.md) or the Bochs scenario on tiny VMs (44).
 const METADATA_BOUND_PER_PAGE: u64 = 128;
 
+/// A VM's own time, as reported to the engine, and what it is computed from.
+#[derive(Clone, Copy, Debug, Default)]
+struct OwnTime {
+    /// The VM's `acct` runs and CPU time, and the engine's fault time for it, when last read.
+    runs: u64,
+    cpu_tsc: u64,
+    fault_tsc: u64,
+    /// The VM's own time so far, TSC ticks.
+    own_tsc: u64,
+}
+
 /// The engine and its schedule.
 pub struct MemMux {
     engine: Engine,
@@ -45,6 +66,9 @@ pub struct MemMux {
     interval_tsc: u64,
     tsc_hz: u64,
     last_scan: u64,
+    /// Per VM (by index): TSC ticks the engine spent on its faults, and its own time.
+    vm_fault_tsc: Vec<u64>,
+    own: Vec<OwnTime>,
     /// Per VM (by index): its EPT changed since it last ran, so it needs an INVEPT.
     stale: Vec<bool>,
     /// EPT accessed/dirty flags are enabled (else every page counts as accessed and dirty).
@@ -113,9 +137,10 @@ impl MemMux {
         }
         let engine_config = Config {
             pages_per_scan: usize::try_from(config.scan_pages).unwrap_or(usize::MAX),
+            cold_after_us: config.cold_after_us,
+            cold_after_wall_us: config.cold_after_us,
             ..Config::default()
         };
-        let cold_rounds = u64::from(engine_config.cold_rounds);
         let mut engine = match Engine::new(engine_config) {
             Ok(engine) => engine,
             Err(e) => {
@@ -136,19 +161,22 @@ impl MemMux {
             "memory multiplexing on: {} VMs, scan step {} pages every {} us, EPT A/D bits {}",
             vms.len(), config.scan_pages, config.scan_interval_us,
             if ept_ad { "yes" } else { "no (every page counts as recently used: no compression or patching)" });
-        // "Not accessed for a while" is counted in scan passes; say what that is in time.
+        // Coldness is time; the scan rate says how soon after going cold a page is found.
         let pass_us = pages
             .div_ceil(config.scan_pages.max(1))
             .saturating_mul(config.scan_interval_us);
         log::info!(target: "mem",
-            "a full scan pass takes at least {}; a page untouched for {cold_rounds} passes ({}) is cold",
-            Micros(pass_us), Micros(pass_us.saturating_mul(cold_rounds)));
+            "a page untouched for {} of its VM's own time and of host time is cold; \
+             a full scan pass takes at least {}",
+            Micros(config.cold_after_us), Micros(pass_us));
         Some(Self {
             engine,
             scan_pages: config.scan_pages,
             interval_tsc: hv_vm::sched::us_to_tsc(config.scan_interval_us, tsc_hz),
             tsc_hz,
             last_scan: 0,
+            vm_fault_tsc: vec![0; vms.len()],
+            own: vec![OwnTime::default(); vms.len()],
             stale: vec![false; vms.len()],
             ept_ad,
             invept_single,
@@ -186,6 +214,8 @@ impl MemMux {
     /// untouched, so its code and stack would be compressed or merged only to be faulted back in
     /// by its first instructions.
     pub fn maybe_scan(&mut self, vms: &mut [Vm], frames: &mut FrameAllocator) {
+        // Called before every quantum, so at most one VM ran since the last call.
+        self.account(vms);
         let start = rdtsc();
         if self.scans == 0 {
             if vms
@@ -196,6 +226,13 @@ impl MemMux {
             }
         } else if start.wrapping_sub(self.last_scan) < self.interval_tsc {
             return;
+        }
+        self.engine
+            .set_wall_time(hv_vm::sched::tsc_to_us(start, self.tsc_hz));
+        for (i, own) in self.own.iter().enumerate() {
+            let us = hv_vm::sched::tsc_to_us(own.own_tsc, self.tsc_hz);
+            // A VM that stopped has left the engine; nothing to tell about it.
+            let _ = self.engine.set_vm_time(VmId(i as u32), us);
         }
         let pages = self.scan_pages;
         let (engine, mut backend) = self.backend(vms, frames);
@@ -208,6 +245,28 @@ impl MemMux {
         if beyond_zero(&stats) > beyond_zero(&self.peak) {
             self.peak = stats;
             self.peak_scan = self.scans;
+        }
+    }
+
+    /// Brings every VM's own time up to date: since the last call, the CPU time it was charged
+    /// less the engine's work on its faults, and at least a full quantum per time it was
+    /// scheduled (a VM that yields or halts gave the rest of its quantum away; it was not
+    /// kept waiting).
+    fn account(&mut self, vms: &[Vm]) {
+        for (i, vm) in vms.iter().enumerate() {
+            let (Some(own), Some(&fault_tsc)) = (self.own.get_mut(i), self.vm_fault_tsc.get(i))
+            else {
+                continue;
+            };
+            let s = &vm.acct.stats;
+            let runs = s.runs.saturating_sub(own.runs);
+            let ran = s.cpu_tsc.saturating_sub(own.cpu_tsc);
+            let faults = fault_tsc.saturating_sub(own.fault_tsc);
+            let quanta = runs.saturating_mul(hv_vm::sched::us_to_tsc(vm.quantum_us(), self.tsc_hz));
+            own.own_tsc = own
+                .own_tsc
+                .saturating_add(ran.saturating_sub(faults).max(quanta));
+            (own.runs, own.cpu_tsc, own.fault_tsc) = (s.runs, s.cpu_tsc, fault_tsc);
         }
     }
 
@@ -228,7 +287,11 @@ impl MemMux {
         let access = if write { Access::Write } else { Access::Read };
         let (engine, mut backend) = self.backend(vms, frames);
         let result = engine.fault(&mut backend, VmId(index as u32), Gfn(gpa >> 12), access);
-        self.fault_tsc += rdtsc().wrapping_sub(start);
+        let spent = rdtsc().wrapping_sub(start);
+        self.fault_tsc += spent;
+        if let Some(t) = self.vm_fault_tsc.get_mut(index) {
+            *t += spent;
+        }
         self.faults += 1;
         let this = (index, gpa >> 12, write);
         match result {

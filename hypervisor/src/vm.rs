@@ -559,6 +559,10 @@ impl Vm {
         self.config.sharing_domain
     }
 
+    pub fn quantum_us(&self) -> u64 {
+        self.config.quantum_us
+    }
+
     pub fn memory_pages(&self) -> u64 {
         self.memory.pages()
     }

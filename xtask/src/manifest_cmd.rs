@@ -153,8 +153,8 @@ fn run(options: &Options, out: &mut dyn Write) -> Result<(), String> {
     if memory.multiplex {
         writeln!(
             out,
-            "memory multiplexing: on, scan_pages={} scan_interval_us={}",
-            memory.scan_pages, memory.scan_interval_us
+            "memory multiplexing: on, scan_pages={} scan_interval_us={} cold_after_us={}",
+            memory.scan_pages, memory.scan_interval_us, memory.cold_after_us
         )
     } else {
         writeln!(out, "memory multiplexing: off")

@@ -380,6 +380,17 @@ fn run_engine(images: &ImageSet, opts: &Options) -> Result<EngineRun, BenchError
     // One engine step per sample: the curve's resolution is the engine's own scan granularity.
     // (stats() walks every object, but it runs outside the measured CPU time.)
     let chunk = config.pages_per_scan as u64;
+    // No VM runs here: every round is a coldness threshold later than the previous one (as in
+    // `Engine::run_until_converged`), so a page is cold on its second visit. Steps stop at the
+    // end of a round, so that the clock moves exactly between rounds.
+    let pages_per_round: u64 = images
+        .data
+        .iter()
+        .map(|d| (d.len() / PAGE_SIZE) as u64)
+        .sum();
+    let span = config.cold_span_us();
+    let mut left_in_round = pages_per_round;
+    engine.advance_time(span);
 
     let wall0 = Instant::now();
     let mut cpu = 0.0f64;
@@ -394,8 +405,13 @@ fn run_engine(images: &ImageSet, opts: &Options) -> Result<EngineRun, BenchError
     let mut last_round = (0.0, 0);
     let converged = loop {
         let c0 = process_cpu_seconds();
-        let rep = engine.scan(&mut mem, chunk);
+        let rep = engine.scan(&mut mem, chunk.min(left_in_round));
         let dt = process_cpu_seconds() - c0;
+        left_in_round -= rep.pages.min(left_in_round);
+        if rep.rounds_completed > 0 {
+            engine.advance_time(span);
+            left_in_round = pages_per_round;
+        }
         cpu += dt;
         round_cpu += dt;
         round_pages += rep.pages;

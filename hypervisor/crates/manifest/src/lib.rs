@@ -21,6 +21,7 @@
 //! multiplex = true          # default false
 //! scan_pages = 1024         # pages the scanner visits per step, default 1024
 //! scan_interval_us = 10000  # at most one scan step per interval, default 10000
+//! cold_after_us = 1000000   # a page untouched this long (VM and host time) is cold, default 1 s
 //!
 //! [[vm]]
 //! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
@@ -75,6 +76,10 @@ pub const SCAN_PAGES_RANGE: RangeInclusive<u64> = 1..=1 << 20;
 pub const DEFAULT_SCAN_INTERVAL_US: u64 = 10_000;
 /// Allowed `scan_interval_us`.
 pub const SCAN_INTERVAL_US_RANGE: RangeInclusive<u64> = 100..=10_000_000;
+/// `cold_after_us` when `[memory]` does not set it.
+pub const DEFAULT_COLD_AFTER_US: u64 = 1_000_000;
+/// Allowed `cold_after_us` (up to an hour).
+pub const COLD_AFTER_US_RANGE: RangeInclusive<u64> = 100..=3_600_000_000;
 /// Largest `sharing_domain`.
 pub const SHARING_DOMAIN_MAX: u64 = u32::MAX as u64;
 
@@ -88,6 +93,10 @@ pub struct MemoryConfig {
     pub scan_pages: u64,
     /// At most one scan step per this many microseconds, within [`SCAN_INTERVAL_US_RANGE`].
     pub scan_interval_us: u64,
+    /// A page not accessed for this many microseconds of its VM's own time (the quanta it was
+    /// given, not time spent waiting for the CPU) and of host time is cold, within
+    /// [`COLD_AFTER_US_RANGE`].
+    pub cold_after_us: u64,
 }
 
 impl Default for MemoryConfig {
@@ -96,6 +105,7 @@ impl Default for MemoryConfig {
             multiplex: false,
             scan_pages: DEFAULT_SCAN_PAGES,
             scan_interval_us: DEFAULT_SCAN_INTERVAL_US,
+            cold_after_us: DEFAULT_COLD_AFTER_US,
         }
     }
 }

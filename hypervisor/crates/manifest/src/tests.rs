@@ -791,13 +791,15 @@ fn memory_multiplexing_is_off_by_default() {
     assert!(!m.memory.multiplex);
     assert_eq!(m.memory.scan_pages, DEFAULT_SCAN_PAGES);
     assert_eq!(m.memory.scan_interval_us, DEFAULT_SCAN_INTERVAL_US);
+    assert_eq!(m.memory.cold_after_us, DEFAULT_COLD_AFTER_US);
     assert_eq!(m.vms[0].sharing_domain, 0);
 }
 
 #[test]
 fn memory_table_and_sharing_domains() {
     let m = ok(
-        "[memory]\nmultiplex = true\nscan_pages = 256\nscan_interval_us = 500\n\n\
+        "[memory]\nmultiplex = true\nscan_pages = 256\nscan_interval_us = 500\n\
+                cold_after_us = 20_000\n\n\
                 [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\nsharing_domain = 7\n\n\
                 [[vm]]\nname = \"b\"\nmemory_mib = 4\nimage = \"i\"\n",
     );
@@ -808,6 +810,7 @@ fn memory_table_and_sharing_domains() {
             multiplex: true,
             scan_pages: 256,
             scan_interval_us: 500,
+            cold_after_us: 20_000,
         }
     );
     assert_eq!(m.vms[0].sharing_domain, 7);
@@ -826,7 +829,7 @@ fn bad_memory_table_turns_multiplexing_off_and_keeps_the_vms() {
             "[memory] (line 2): key \"multiplex\": expected boolean, found string",
             "[memory] (line 3): key \"scan_pages\": 0 is out of range 1..=1048576",
             "[memory] (line 4): unknown key \"scan_rate\" (known keys: multiplex, scan_pages, \
-             scan_interval_us)",
+             scan_interval_us, cold_after_us)",
         ]
     );
     assert!(!m.memory.multiplex);
@@ -837,6 +840,13 @@ fn bad_memory_table_turns_multiplexing_off_and_keeps_the_vms() {
     assert_eq!(
         messages(&m),
         ["[memory] (line 3): key \"scan_interval_us\": 5 is out of range 100..=10000000"]
+    );
+    assert!(!m.memory.multiplex);
+    let m = ok("[memory]\nmultiplex = true\ncold_after_us = 99\n\n\
+                [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n");
+    assert_eq!(
+        messages(&m),
+        ["[memory] (line 3): key \"cold_after_us\": 99 is out of range 100..=3600000000"]
     );
     assert!(!m.memory.multiplex);
     let m = ok("memory = 1\n[[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n");

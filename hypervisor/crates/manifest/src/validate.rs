@@ -14,13 +14,18 @@ use toml::Spanned;
 
 use crate::{
     ErrorKind, FatalError, HostLimits, Manifest, ManifestError, MemoryConfig, Scope, VmConfig,
-    CMDLINE_MAX, DEFAULT_QUANTUM_US, MEMORY_MIB_MAX, MEMORY_MIB_MIN, NAME_MAX, QUANTUM_US_RANGE,
-    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX,
+    CMDLINE_MAX, COLD_AFTER_US_RANGE, DEFAULT_QUANTUM_US, MEMORY_MIB_MAX, MEMORY_MIB_MIN, NAME_MAX,
+    QUANTUM_US_RANGE, SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX,
 };
 
 const TOP_KEYS: &[&str] = &["defaults", "memory", "vm"];
 const DEFAULTS_KEYS: &[&str] = &["quantum_us"];
-const MEMORY_KEYS: &[&str] = &["multiplex", "scan_pages", "scan_interval_us"];
+const MEMORY_KEYS: &[&str] = &[
+    "multiplex",
+    "scan_pages",
+    "scan_interval_us",
+    "cold_after_us",
+];
 const VM_KEYS: &[&str] = &[
     "name",
     "memory_mib",
@@ -211,6 +216,12 @@ fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
                 *SCAN_INTERVAL_US_RANGE.end(),
             )
             .map(|n| config.scan_interval_us = n),
+            "cold_after_us" => integer_in(
+                value,
+                *COLD_AFTER_US_RANGE.start(),
+                *COLD_AFTER_US_RANGE.end(),
+            )
+            .map(|n| config.cold_after_us = n),
             _ => {
                 let kind = ErrorKind::UnknownKey { known: MEMORY_KEYS };
                 errors.push(key.span().start, Scope::Memory, Some(name), kind);

@@ -64,7 +64,10 @@ fn main() {
     // Lets a profiler started with a delay skip the loading.
     std::thread::sleep(std::time::Duration::from_millis(pause_ms));
     let total = engine.stats().unmanaged_bytes() as i64;
+    // Each round a coldness threshold after the previous one, as in `run_until_converged`.
+    let span = engine.config().cold_span_us();
     for round in 1..=max_rounds {
+        engine.advance_time(span);
         let c = cpu_ns();
         let (u0, s0) = user_sys();
         engine.scan_round(&mut mem);

@@ -12,10 +12,18 @@ pub struct Config {
     /// Pages one [`crate::Engine::scan_step`] visits (the scan rate is this per call; the caller
     /// decides how often to call). Default 4096 (16 MiB per step).
     pub pages_per_scan: usize,
-    /// A page not accessed for this many consecutive scan visits (rounds) is cold: it may be
-    /// patched or compressed, and a cold shared page is unmapped so its frame can be
-    /// compressed. Default 2.
-    pub cold_rounds: u8,
+    /// A page is cold once it has not been accessed for this many microseconds of its VM's own
+    /// time ([`crate::Engine::set_vm_time`]) and for [`Config::cold_after_wall_us`] of host
+    /// time ([`crate::Engine::set_wall_time`]): it may then be patched or compressed, and a
+    /// cold shared page is unmapped so its frame can be compressed. Coldness is time, not scan
+    /// visits: however often the scanner comes by, a page the guest keeps using is never cold.
+    /// Pages with a write history also need about a sixteenth of it without access (or a use
+    /// without a write) to count as holding still (the volatility rule in the crate docs).
+    /// At least 1. Default 1 000 000 (1 s).
+    pub cold_after_us: u64,
+    /// The host-time half of the rule of [`Config::cold_after_us`]; 0: host time does not
+    /// count. Default 1 000 000 (1 s).
+    pub cold_after_wall_us: u64,
     /// Map zero pages onto one shared zero frame. Default true.
     pub zero_pages: bool,
     /// Share identical pages (content hash + byte comparison). Default true.
@@ -68,7 +76,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             pages_per_scan: 4096,
-            cold_rounds: 2,
+            cold_after_us: 1_000_000,
+            cold_after_wall_us: 1_000_000,
             zero_pages: true,
             share_identical: true,
             patching: true,
@@ -88,10 +97,19 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The longer of the two coldness thresholds: advancing every clock by this much
+    /// ([`crate::Engine::advance_time`]) ages every page by a whole threshold.
+    pub fn cold_span_us(&self) -> u64 {
+        self.cold_after_us.max(self.cold_after_wall_us)
+    }
+
     /// Checks every knob's range.
     pub fn validate(&self) -> Result<(), Error> {
         if self.pages_per_scan == 0 {
             return Err(Error::InvalidConfig("pages_per_scan must be at least 1"));
+        }
+        if self.cold_after_us == 0 {
+            return Err(Error::InvalidConfig("cold_after_us must be at least 1"));
         }
         if self.similarity_blocks == 0 || self.similarity_blocks as usize > MAX_SIMILARITY_BLOCKS {
             return Err(Error::InvalidConfig("similarity_blocks must be 1..=8"));

@@ -13,6 +13,7 @@
 
 use crate::arena::{BlobArena, BlobRef};
 use crate::backend::{Access, DomainId, Frame, Gfn, MemoryBackend, Page, VmId, PAGE_SIZE};
+use crate::clock::{AgingClock, COLD_TICKS, QUIET_TICKS};
 use crate::compress::{self, MAX_COMPRESSED};
 use crate::config::Config;
 use crate::error::{CorruptKind, Error};
@@ -43,6 +44,13 @@ const F_INDEXED: u8 = 8;
 const F_WATCH: u8 = 16;
 /// The page (with its current content) was recorded in the similarity index.
 const F_SIM: u8 = 32;
+/// A visit found the page cold (it stays cold until a visit finds it accessed).
+const F_COLD: u8 = 64;
+/// The page came back from a fault since its last visit: the next visit counts it as accessed
+/// (the guest is using it, whether or not the accessed bit says so).
+const F_FRESH: u8 = 128;
+/// The flags about time, which the content flags' resets keep.
+const TIME_FLAGS: u8 = F_COLD | F_FRESH;
 
 /// Smallest similarity index of a domain that has any entry (8 KiB), so that small domains
 /// do not thrash a table of a few sets.
@@ -79,8 +87,9 @@ struct PageMeta {
     /// with `F_HASHED`. Other kinds: the payload (object id, or blob handle of a patch).
     word: u32,
     kind: Kind,
-    /// Consecutive scan visits without the accessed bit set.
-    age: u8,
+    /// The low 8 bits of the VM's aging clock when a visit last found the page accessed (or
+    /// when the VM was added); see [`crate::clock`].
+    seen: u8,
     flags: u8,
 }
 
@@ -90,7 +99,7 @@ impl PageMeta {
     const PRIVATE: PageMeta = PageMeta {
         word: 0,
         kind: Kind::Private,
-        age: 0,
+        seen: 0,
         flags: 0,
     };
 
@@ -202,6 +211,8 @@ struct VmSlot {
     /// entry can never name a page of a later VM).
     base: u64,
     pages: Vec<PageMeta>,
+    /// The VM's aging clock: when its pages are cold.
+    clock: AgingClock,
 }
 
 /// Content indexes of one sharing domain. Nothing ever looks across domains.
@@ -238,6 +249,17 @@ impl Loc {
     fn gfn(self) -> Gfn {
         Gfn(self.gfn as u64)
     }
+}
+
+/// What a visit learned about a page's use, from its accessed bit and its VM's aging clock.
+#[derive(Clone, Copy, Debug)]
+struct Age {
+    /// Not accessed for the cold thresholds.
+    cold: bool,
+    /// Accessed since the previous visit (or back from a fault since).
+    in_use: bool,
+    /// Not accessed for a while of its VM's time (see `clock::QUIET_TICKS`).
+    quiet: bool,
 }
 
 /// What one scan visit did.
@@ -313,6 +335,8 @@ pub struct Engine {
     /// at the next scan call rather than in the fault path that orphaned them.
     orphans: Vec<u32>,
     blobs: BlobArena,
+    /// Host time as last reported, microseconds.
+    wall_us: u64,
     total_pages: u64,
     cursor: (usize, usize),
     round_changes: u64,
@@ -369,6 +393,7 @@ impl Engine {
             free_objects: Vec::new(),
             orphans: Vec::new(),
             blobs: BlobArena::new(),
+            wall_us: 0,
             total_pages: 0,
             cursor: (0, 0),
             round_changes: 0,
@@ -432,6 +457,7 @@ impl Engine {
             domain: d,
             base: self.next_base,
             pages: vec![PageMeta::PRIVATE; pages as usize],
+            clock: AgingClock::new(self.wall_us),
         }));
         self.slot_bases.push(self.next_base);
         self.next_base += pages;
@@ -601,10 +627,10 @@ impl Engine {
         m.kind = kind;
         m.word = payload;
         if reset {
-            // Back to private after a fault: the guest is using the page, so it must prove
-            // stable again (two visits with one hash) before the scanner merges it.
-            m.flags = F_WATCH;
-            m.age = 0;
+            // Back after a fault: the guest is using the page, so it must prove stable again
+            // (two visits with one hash) before the scanner merges it, and it is not cold
+            // before a threshold from its next visit.
+            m.flags = F_WATCH | F_FRESH;
         }
         self.count_kind(old, false);
         self.count_kind(kind, true);
@@ -815,12 +841,18 @@ impl Engine {
 
     /// Scans whole rounds until [`Engine::converged`], at most `max_rounds`. Returns the rounds
     /// scanned, or `None` if it did not converge.
+    ///
+    /// For batch use on memory that holds still (guest RAM images, tests): before each round it
+    /// advances every clock by [`Config::cold_span_us`] ([`Engine::advance_time`]), as if every
+    /// VM had run that long since the previous round, so that a page untouched since the
+    /// previous visit is one threshold older at each visit (cold on its second visit).
     pub fn run_until_converged<M: MemoryBackend + ?Sized>(
         &mut self,
         mem: &mut M,
         max_rounds: u64,
     ) -> Option<u64> {
         for r in 1..=max_rounds {
+            self.advance_time(self.config.cold_span_us());
             let rep = self.scan_round(mem);
             if rep.rounds_completed == 0 {
                 return None; // no pages at all
@@ -837,8 +869,40 @@ impl Engine {
         self.counters.rounds
     }
 
+    /// Reports host time: microseconds on a clock that never goes back (a smaller value than
+    /// before is ignored). With [`Engine::set_vm_time`] it decides which pages are cold
+    /// ([`Config::cold_after_us`]); both are read at the start of each scan call.
+    pub fn set_wall_time(&mut self, us: u64) {
+        self.wall_us = self.wall_us.max(us);
+    }
+
+    /// Reports VM `vm`'s own time: microseconds of the time it has run (or, as the hypervisor
+    /// counts it, been given the CPU) since [`Engine::add_vm`], the clock its pages age by.
+    /// Time the VM spends waiting for the CPU must not count, so that the pages of a VM that
+    /// does not get to run do not go cold. A smaller value than before is ignored.
+    pub fn set_vm_time(&mut self, vm: VmId, us: u64) -> Result<(), Error> {
+        let slot = self.slot_of(vm)?;
+        match self.vms.get_mut(slot) {
+            Some(Some(s)) => s.clock.set_own_time(us),
+            _ => unreachable!("slot {slot} is live"),
+        }
+        Ok(())
+    }
+
+    /// Advances host time and every VM's own time by `us`, as if every VM had run that long:
+    /// the clock of batch use, where there is no VM running (guest RAM images, tests).
+    pub fn advance_time(&mut self, us: u64) {
+        self.wall_us = self.wall_us.saturating_add(us);
+        for vm in self.vms.iter_mut().flatten() {
+            vm.clock.advance_own_time(us);
+        }
+    }
+
     fn finish_round(&mut self) {
         self.counters.rounds += 1;
+        for vm in self.vms.iter_mut().flatten() {
+            vm.clock.start_round();
+        }
         for d in &mut self.domains {
             d.unstable.compact();
             d.shared.compact();
@@ -908,6 +972,14 @@ impl Engine {
         if self.total_pages == 0 {
             return rep;
         }
+        let (wall, own_after, wall_after) = (
+            self.wall_us,
+            self.config.cold_after_us,
+            self.config.cold_after_wall_us,
+        );
+        for vm in self.vms.iter_mut().flatten() {
+            vm.clock.update(wall, own_after, wall_after);
+        }
         let orphans = self.compress_orphans(mem);
         rep.changes += orphans;
         self.round_changes += orphans;
@@ -963,10 +1035,29 @@ impl Engine {
         }
     }
 
-    fn age(&mut self, at: Loc, accessed: bool) -> u8 {
+    /// Ages a page on a visit that found its accessed bit as `accessed`.
+    fn age(&mut self, at: Loc, accessed: bool) -> Age {
+        let now = self.slot(at.slot).clock.ticks() as u8;
         let m = self.meta_mut(at);
-        m.age = if accessed { 0 } else { m.age.saturating_add(1) };
-        m.age
+        if accessed || m.flags & F_FRESH != 0 {
+            m.seen = now;
+            m.flags &= !TIME_FLAGS;
+            return Age {
+                cold: false,
+                in_use: true,
+                quiet: false,
+            };
+        }
+        let idle = now.wrapping_sub(m.seen);
+        if idle >= COLD_TICKS {
+            m.flags |= F_COLD;
+        }
+        let cold = m.flags & F_COLD != 0;
+        Age {
+            cold,
+            in_use: false,
+            quiet: cold || idle >= QUIET_TICKS,
+        }
     }
 
     fn scan_private<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc) -> Outcome {
@@ -978,7 +1069,11 @@ impl Engine {
         // Clear dirty *before* reading: a write after this point sets it again and the next
         // visit re-hashes.
         let dirty = mem.test_and_clear_dirty(at.vm, at.gfn());
-        let age = self.age(at, accessed);
+        let Age {
+            cold,
+            in_use,
+            quiet,
+        } = self.age(at, accessed);
         let meta = self.meta(at);
         let was_stable = meta.flags & F_STABLE != 0;
         // Whether this visit read the page and found every byte zero (not merely its hash).
@@ -994,20 +1089,29 @@ impl Engine {
                 // guest writes it later; that write marks it F_WATCH).
                 let m = self.meta_mut(at);
                 m.word = h;
-                m.flags = F_HASHED;
-            } else if meta.flags & F_HASHED == 0 || h != meta.hash() {
-                // Changed content, a page back from a fault, or one the guest touched before
-                // the first visit: volatile for now. Remember the hash; the page becomes a
-                // candidate only if the next visit finds the same hash.
-                if meta.flags & F_HASHED != 0 {
+                m.flags = m.flags & TIME_FLAGS | F_HASHED;
+            } else {
+                // Changed content, a page back from a fault, one the guest touched before the
+                // first visit, or one written since the previous visit even if with the same
+                // bytes (a page the guest keeps writing, such as its stack or, with EPT A/D
+                // flags, its page tables, which the CPU's page walks count as written): volatile
+                // for now. Remember the hash; the page becomes a candidate only once a visit
+                // finds it unwritten and unchanged (see below).
+                if meta.flags & F_HASHED != 0 && h != meta.hash() {
                     self.counters.volatile_skips += 1;
                 }
                 self.unindex(at);
                 let m = self.meta_mut(at);
                 m.word = h;
-                m.flags = F_HASHED | F_WATCH;
+                m.flags = m.flags & TIME_FLAGS | F_HASHED | F_WATCH;
                 return Outcome::Pending;
             }
+        } else if !was_stable && !in_use && !quiet {
+            // Unwritten and unchanged since the previous visit, but that says nothing if the VM
+            // has hardly run since: passes made while other VMs run must not make a page the
+            // guest writes whenever it runs look stable. The page needs a visit after the VM
+            // used it without writing it (accessed, clean), or one that finds it quiet.
+            return Outcome::Pending;
         }
         self.meta_mut(at).flags |= F_STABLE;
         let h = self.meta(at).hash();
@@ -1022,7 +1126,7 @@ impl Engine {
         let mut just_indexed = false;
         if self.config.share_identical {
             if let Some(obj) = self.domains[at.domain].shared.get(h) {
-                if self.join_object(mem, at, frame, obj) {
+                if self.join_object(mem, at, frame, obj, cold) {
                     return Outcome::Changed;
                 }
             }
@@ -1050,7 +1154,6 @@ impl Engine {
         // Expensive work (patch, LZ4) only for cold pages, and never on the visit that put
         // the page in the unstable index: its identical twins (in later VMs of the round)
         // must be able to find it there before it is patched or compressed.
-        let cold = age >= self.config.cold_rounds;
         let defer = just_indexed && !was_stable;
         if cold && !defer && self.meta(at).flags & F_NO_GAIN == 0 {
             match self.reduce_cold(mem, at, frame) {
@@ -1064,7 +1167,7 @@ impl Engine {
         // not go cold soon). A page going cold is recorded when it is processed (as itself, or
         // as the compressed object it becomes), which keeps the first round free of this work.
         let flags = self.meta(at).flags;
-        if self.config.patching && flags & F_SIM == 0 && (flags & F_NO_GAIN != 0 || age == 0) {
+        if self.config.patching && flags & F_SIM == 0 && (flags & F_NO_GAIN != 0 || in_use) {
             if let Some(g) = self.global(at) {
                 self.index_similar(mem, at.domain, frame, g);
                 self.meta_mut(at).flags |= F_SIM;
@@ -1079,7 +1182,7 @@ impl Engine {
 
     fn scan_mapped<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc, id: u32) -> Outcome {
         let accessed = mem.test_and_clear_accessed(at.vm, at.gfn());
-        let age = self.age(at, accessed);
+        let cold = self.age(at, accessed).cold;
         let o = self.objects[id as usize];
         if !self.config.compression
             || o.incompressible
@@ -1087,7 +1190,7 @@ impl Engine {
         {
             return Outcome::Final;
         }
-        if age < self.config.cold_rounds {
+        if !cold {
             return Outcome::Pending;
         }
         let Store::Frame(f) = o.store() else {
@@ -1175,7 +1278,8 @@ impl Engine {
     /// the hash so the next visit starts the stability check again.
     fn content_moved(&mut self, at: Loc) {
         self.unindex(at);
-        self.meta_mut(at).flags = F_WATCH;
+        let m = self.meta_mut(at);
+        m.flags = m.flags & TIME_FLAGS | F_WATCH;
         self.counters.compare_mismatches += 1;
     }
 
@@ -1212,13 +1316,15 @@ impl Engine {
         true
     }
 
-    /// Merges a stable private page into an existing object with the same hash.
+    /// Merges a stable private page into an existing object with the same hash; a `cold` page
+    /// joining compressed content is left unmapped.
     fn join_object<M: MemoryBackend + ?Sized>(
         &mut self,
         mem: &mut M,
         at: Loc,
         frame: Frame,
         id: u32,
+        cold: bool,
     ) -> bool {
         let h = self.meta(at).hash();
         let Some(&o) = self.objects.get(id as usize) else {
@@ -1244,7 +1350,6 @@ impl Engine {
             self.counters.compare_mismatches += 1;
             return false;
         }
-        let cold = self.meta(at).age >= self.config.cold_rounds;
         self.census_out(id);
         let kind = match o.store() {
             Store::Frame(f) => {

@@ -37,6 +37,10 @@
 //!   is a *round*); call them at the rate you want to spend CPU on. [`Engine::scan_round`],
 //!   [`Engine::converged`] and [`Engine::run_until_converged`] for batch use. Scanning never
 //!   allocates a frame.
+//! - [`Engine::set_vm_time`] and [`Engine::set_wall_time`] before a scan call: each VM's own
+//!   time and host time, which decide when a page is cold (see *Coldness*). Batch use without
+//!   running VMs moves both with [`Engine::advance_time`] (as [`Engine::run_until_converged`]
+//!   does, a threshold per round).
 //! - [`Engine::fault`] on an EPT violation (`Access::Read` or `Access::Write`). Reads of a shared
 //!   page get a read-only mapping; writes always end with a private writable frame.
 //! - [`Engine::read_page`] reconstructs any page without changing state; [`Engine::stats`] the
@@ -69,9 +73,28 @@
 //! mappers went cold is compressed (shared frames of idle VMs cost a compressed copy, not a
 //! frame); the next read decompresses it once into a shared frame.
 //!
+//! ## Coldness
+//! A page is *cold* once it has not been accessed for [`Config::cold_after_us`] of its VM's own
+//! time **and** [`Config::cold_after_wall_us`] of host time (both 1 s by default). The VM's own
+//! time is what the caller reports with [`Engine::set_vm_time`]: the time the VM ran (the
+//! hypervisor also counts the rest of a quantum the VM gave back), never time it spent waiting
+//! for the CPU. So coldness does not depend on how often the scanner passes: a page the guest
+//! uses whenever it runs is never cold, however many passes happen while other VMs run, and
+//! the pages of a VM that does not get to run do not age. Host time as a second condition keeps
+//! a VM whose own clock runs ahead of the host's (a VM that yields at once, quantum after
+//! quantum) from having its pages taken away within moments.
+//!
+//! The engine sees accesses only through the accessed bit at scan visits, so a visit that finds
+//! it set stamps the page with the VM's aging clock; a later visit that finds it clear tests the
+//! time since that stamp. A page that comes back from a fault counts as accessed at its next
+//! visit. The clock counts in sixteenths of the thresholds and a page keeps 8 bits of it, so
+//! pages use no more metadata than a visit counter. The rounding only ever makes a page cold
+//! later than the thresholds, never earlier (by a sixteenth or two of them, plus the time to the
+//! next visit), and when a scan round takes longer than 7 thresholds the clock slows down to
+//! keep stamps in range (see `src/clock.rs`).
+//!
 //! ## What a scan visit does
-//! 1. Reads and clears the page's accessed bit: accessed resets its age, else age + 1. A page
-//!    is *cold* once its age reaches [`Config::cold_rounds`].
+//! 1. Reads and clears the page's accessed bit and ages the page (see *Coldness*).
 //! 2. Private page: if it is dirty (or never hashed), hash it (XXH3-64, of which the indexes
 //!    keep the low 32 bits: a hint, every use is confirmed byte for byte; an all-zero page,
 //!    found by an early-exit test of 64-byte chunks, gets the precomputed zero hash without
@@ -100,15 +123,20 @@
 //! **Volatility rule** (which pages are skipped): a page is a merge candidate
 //! - on its *first* visit, if the guest has not accessed it since it was mapped (accessed bit
 //!   clear): nothing says it is changing, and a wrong guess costs one copy-on-write fault;
-//! - otherwise only once its hash was the same on two consecutive visits (KSM's rule for its
-//!   unstable tree). That covers every page with a write history: one whose share a write
-//!   broke (copy-on-write, zero fill, fault-in of a patched or compressed page), one whose hash
-//!   changed between visits (counted in `volatile_skips`), one whose content moved during a
-//!   check, and one the guest touched before the first visit.
+//! - otherwise only once a visit finds it unwritten since the previous one (dirty bit clear)
+//!   with the same hash, and the VM used it meanwhile without writing it (accessed bit set) or
+//!   it is *quiet* (not accessed for more than a sixteenth of the cold thresholds of its VM's
+//!   own time). That is KSM's rule for its unstable tree (the same checksum on two scans), in
+//!   the VM's time rather than in passes: passes made while the VM does not run prove nothing.
+//!   It covers every page with a write history: one whose share a write broke (copy-on-write,
+//!   zero fill, fault-in of a patched or compressed page), one whose hash changed between
+//!   visits (counted in `volatile_skips`), one written with the bytes it held (a stack; with
+//!   EPT A/D flags the guest's page tables, which the CPU's page walks count as written), one
+//!   whose content moved during a check, and one the guest touched before the first visit.
 //!
 //! A volatile page therefore waits at least one full round after every change, and a page that
-//! keeps changing is never merged; a page shared on its first visit and then written goes back
-//! to the two-visit rule for good (until the VM is removed).
+//! keeps being written is never merged; a page shared on its first visit and then written goes
+//! back to this rule for good (until the VM is removed).
 //!
 //! **Protocol for every merge**: write-protect the page(s) through the backend first, then
 //! compare / re-hash / encode the frozen bytes, then switch the mapping and free the old frame;
@@ -118,7 +146,8 @@
 //!
 //! **Convergence**: a round that changed nothing and left nothing pending (no volatile, warming
 //! or not-yet-cold page) means further scans change nothing until a guest touches memory;
-//! [`Engine::converged`] reports it. On static images this takes `cold_rounds + 1` rounds.
+//! [`Engine::converged`] reports it. On static images with [`Engine::run_until_converged`] (a
+//! threshold of time per round, so a page is cold on its second visit) this takes 3 rounds.
 //! At convergence the unstable index (pages that found no twin and gained nothing) is dropped
 //! and the object table trimmed; a page enters the unstable index again only when it turns
 //! stable after a change, so the index is rebuilt from changed pages alone (an unchanged page
@@ -176,7 +205,8 @@
 //! | knob | default | meaning |
 //! |---|---|---|
 //! | `pages_per_scan` | 4096 | pages per [`Engine::scan_step`] (16 MiB) |
-//! | `cold_rounds` | 2 | visits without access before a page is cold |
+//! | `cold_after_us` | 1 s | a page not accessed for this long of its VM's own time... |
+//! | `cold_after_wall_us` | 1 s | ...and this long of host time is cold |
 //! | `zero_pages`, `share_identical`, `patching`, `compression` | on | mechanisms |
 //! | `compress_shared` | on | compress shared frames once all their mappers are cold |
 //! | `similarity_blocks` | 4 | 64-byte blocks hashed per page (1..=8) |
@@ -221,7 +251,7 @@
 //! docs/benchmarks.md (p50 ~1 us for a zero or shared page, ~3-4 us to decompress, ~3.5-4.5 us
 //! to unpatch, most of it restoring a compressed reference: at convergence nearly every
 //! reference is cold and compressed; `examples/codec_cost.rs` times the two decoders warm).
-//! Metadata: 7 bytes per page, 28 per object, 8 per index slot; on that set ~17 bytes per
+//! Metadata: 7 bytes per page, 28 per object, 8 per index slot, 56 per VM for its aging clock; on that set ~17 bytes per
 //! guest page in all (8.3 MiB of 2 GiB), 5 MiB after round 1. On the host XXH3 uses AVX2/SSE2 (twox-hash's
 //! run-time detection); the hypervisor build hashes with portable code.
 //!
@@ -239,6 +269,7 @@ extern crate alloc;
 
 pub mod arena;
 mod backend;
+mod clock;
 pub mod compress;
 mod config;
 mod engine;

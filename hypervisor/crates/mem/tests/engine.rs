@@ -30,6 +30,13 @@ fn converge(engine: &mut Engine, mem: &mut PlainMemory) {
     engine.check_consistency(mem).unwrap();
 }
 
+/// One scan round a coldness threshold after the previous one, as if the VMs had run that long:
+/// a page untouched since its previous visit is cold on its second.
+fn round_later(engine: &mut Engine, mem: &mut impl MemoryBackend) {
+    engine.advance_time(engine.config().cold_span_us());
+    engine.scan_round(mem);
+}
+
 fn only_sharing() -> Config {
     Config {
         patching: false,
@@ -172,11 +179,14 @@ fn a_page_touched_before_its_first_visit_waits_for_a_second_one() {
     let s = engine.stats();
     assert_eq!(s.pages_shared, 2, "only the untouched pair: {s:?}");
     assert!(mem.mapping(a, Gfn(0)).unwrap().writable);
+    // A second visit right away (the VMs did not run) proves nothing.
     engine.scan_round(&mut mem);
+    assert_eq!(engine.stats().pages_shared, 2);
+    round_later(&mut engine, &mut mem);
     assert_eq!(
         engine.stats().pages_shared,
         4,
-        "same hash on the second visit"
+        "same hash on a visit a while later"
     );
     converge(&mut engine, &mut mem);
     assert_vm(&engine, &mem, a, &pages);
@@ -196,8 +206,8 @@ fn a_page_whose_share_a_write_broke_must_hold_still_before_it_merges_again() {
     engine.scan_round(&mut mem);
     assert!(mem.mapping(a, Gfn(1)).unwrap().writable);
     assert_eq!(engine.stats().pages_shared, 7);
-    // ...the one after finds the same hash and merges it back.
-    engine.scan_round(&mut mem);
+    // ...the one after, a while later, finds the same hash and merges it back.
+    round_later(&mut engine, &mut mem);
     assert!(!mem.mapping(a, Gfn(1)).unwrap().writable);
     assert_eq!(engine.stats().pages_shared, 8);
     assert_eq!(engine.stats().counters.cow_breaks, 1);
@@ -384,7 +394,7 @@ fn cold_pages_are_compressed_and_hot_ones_are_not() {
         for gfn in 0..4 {
             assert!(mem.touch(vm, Gfn(gfn)));
         }
-        engine.scan_round(&mut mem);
+        round_later(&mut engine, &mut mem);
     }
     let s = engine.stats();
     assert_eq!(s.objects_compressed, 4, "{s:?}");
@@ -698,9 +708,13 @@ fn different_domains_are_never_shared_patched_or_compared() {
     }
     // One page per call: every frame read during a call must belong to the scanned page's
     // domain. The engine never allocates while scanning, so frame ownership never changes.
+    let span = engine.config().cold_span_us();
+    engine.advance_time(span);
     for _ in 0..12 * 4 * pages.len() {
         mem.reads.borrow_mut().clear();
-        engine.scan(&mut mem, 1);
+        if engine.scan(&mut mem, 1).rounds_completed > 0 {
+            engine.advance_time(span);
+        }
         let reads = mem.reads.borrow();
         let domains: std::collections::BTreeSet<DomainId> =
             reads.iter().map(|f| owner[f]).collect();
@@ -900,7 +914,7 @@ fn orphaned_resident_references_are_compressed() {
         for g in 0..2 {
             assert!(mem.touch(a, Gfn(g)));
         }
-        engine.scan_round(&mut mem);
+        round_later(&mut engine, &mut mem);
     }
     let s = engine.stats();
     assert_eq!(s.pages_patched, 2, "{s:?}");
@@ -937,4 +951,142 @@ fn works_through_a_trait_object() {
     assert!(r.is_ok());
     engine.check_consistency(backend).unwrap();
     assert_vm(&engine, &mem, VmId(9), &pages);
+}
+
+/// The thrash a hostile guest found when time was counted in scan passes: the scanner made a
+/// full pass before every 100 us quantum of three VMs, so a VM's pages saw two passes between
+/// two of its quanta, during which it did not run. Pages it used in every quantum were taken
+/// away anyway: those it only read went "cold" after two passes without access, and those it
+/// wrote with the same bytes (its stack, or its page tables, which the CPU's page walks count as
+/// written with EPT A/D flags) looked stable after a pass without a write and were shared, to be
+/// copied back on the next write. Every quantum began with faults. Coldness and stability are
+/// measured in its VM's own time now: passes in between change nothing.
+#[test]
+fn pages_in_use_are_never_taken_away_however_often_the_scanner_passes() {
+    let vms = [VmId(1), VmId(2), VmId(3)];
+    // Page 0: unique to its VM, read in every quantum. Page 1: the same in every VM, rewritten
+    // with the same bytes in every quantum. Page 2: the same in every VM, read in every
+    // quantum. Pages 3 and 4: unique, never touched.
+    let pages: Vec<Vec<Page>> = (0..3)
+        .map(|v| {
+            let mut p: Vec<Page> = (0..5).map(|i| text_page(700 + 10 * v + i)).collect();
+            p[1] = text_page(1);
+            p[2] = random_page(2);
+            p
+        })
+        .collect();
+    let config = Config {
+        cold_after_us: 5_000,
+        cold_after_wall_us: 5_000,
+        ..Config::default()
+    };
+    let setup_vms: Vec<(VmId, DomainId, &[Page])> = vms
+        .iter()
+        .zip(&pages)
+        .map(|(&v, p)| (v, D0, &p[..]))
+        .collect();
+    let (mut engine, mut mem) = setup(config, &setup_vms);
+    let quantum = 100;
+    let mut own = [0u64; 3];
+    let mut wall = 0;
+    // 1200 quanta, 400 per VM: 40 ms of each VM's own time, eight thresholds.
+    for q in 0..1200 {
+        let v = q % 3;
+        let vm = vms[v];
+        // The VM's quantum.
+        assert!(mem.touch(vm, Gfn(0)), "quantum {q}: vm {v} lost page 0");
+        let r = access_write(&mut engine, &mut mem, vm, Gfn(1), 64, &pages[v][1][64..72]);
+        assert_eq!(r, Ok(None), "quantum {q}: vm {v} faulted on page 1");
+        assert!(
+            mem.guest_read(vm, Gfn(2)).is_ok(),
+            "quantum {q}: vm {v} lost page 2"
+        );
+        own[v] += quantum;
+        wall += quantum;
+        engine.set_vm_time(vm, own[v]).unwrap();
+        engine.set_wall_time(wall);
+        // Between quanta: a full pass over every VM, once every VM has run (as the hypervisor
+        // does: before a VM has run, every page of it looks untouched).
+        if q >= 2 {
+            engine.scan_round(&mut mem);
+        }
+    }
+    let s = engine.stats();
+    assert_eq!(s.counters.cow_breaks, 0, "{s:?}");
+    assert_eq!(
+        s.counters.faults_decompressed + s.counters.faults_patched,
+        0
+    );
+    for (&vm, pages) in vms.iter().zip(&pages) {
+        for gfn in [0, 1] {
+            let m = mem.mapping(vm, Gfn(gfn)).expect("mapped");
+            assert!(m.writable, "page {gfn} of vm {} is its own", vm.0);
+        }
+        // The page read by all is shared (reads of a shared page do not fault).
+        assert!(!mem.mapping(vm, Gfn(2)).unwrap().writable);
+        // The pages nobody touched went cold and were taken away all the same.
+        for gfn in 3..5 {
+            assert!(mem.mapping(vm, Gfn(gfn)).is_none(), "vm {} gfn {gfn}", vm.0);
+        }
+        assert_vm(&engine, &mem, vm, pages);
+    }
+    assert_eq!(s.frames_saved_shared, 2, "{s:?}");
+    assert!(
+        s.counters.pages_compressed + s.counters.patches_made >= 6,
+        "{s:?}"
+    );
+    engine.check_consistency(&mem).unwrap();
+}
+
+/// A VM that waits for the CPU does not age: host time passing, and scan passes, while it does
+/// not run leave its pages alone. Once it runs a threshold of its own time without touching a
+/// page, that page is cold.
+#[test]
+fn waiting_for_the_cpu_does_not_age_pages() {
+    let vm = VmId(1);
+    let pages: Vec<Page> = (0..2).map(|i| text_page(i + 800)).collect();
+    let config = Config {
+        cold_after_us: 5_000,
+        cold_after_wall_us: 5_000,
+        patching: false,
+        ..Config::default()
+    };
+    let (mut engine, mut mem) = setup(config, &[(vm, D0, &pages)]);
+    assert!(mem.touch(vm, Gfn(0)) && mem.touch(vm, Gfn(1)));
+    engine.set_vm_time(vm, 100).unwrap();
+    engine.set_wall_time(100);
+    engine.scan_round(&mut mem);
+    // A second of host time (200 thresholds) and 1000 passes while the VM waits.
+    for t in 1..=1000 {
+        engine.set_wall_time(100 + t * 1000);
+        engine.scan_round(&mut mem);
+    }
+    for gfn in 0..2 {
+        assert!(mem.mapping(vm, Gfn(gfn)).unwrap().writable, "gfn {gfn}");
+    }
+    assert_eq!(engine.stats().counters.pages_compressed, 0);
+    // Now it runs, touching page 0 only, for just under a threshold: nothing is cold yet...
+    let mut own = 100;
+    let mut wall = 100 + 1000 * 1000;
+    let mut run = |engine: &mut Engine, mem: &mut PlainMemory, us: u64| {
+        assert!(mem.touch(vm, Gfn(0)));
+        own += us;
+        wall += us;
+        engine.set_vm_time(vm, own).unwrap();
+        engine.set_wall_time(wall);
+        engine.scan_round(mem);
+    };
+    for _ in 0..45 {
+        run(&mut engine, &mut mem, 100);
+    }
+    assert!(mem.mapping(vm, Gfn(1)).is_some(), "4.5 ms is not cold");
+    // ...and a threshold later (plus the clock's resolution), page 1 is.
+    for _ in 0..10 {
+        run(&mut engine, &mut mem, 100);
+    }
+    assert!(mem.mapping(vm, Gfn(1)).is_none(), "5.5 ms is cold");
+    assert!(mem.mapping(vm, Gfn(0)).unwrap().writable);
+    assert_eq!(engine.stats().counters.pages_compressed, 1);
+    assert_vm(&engine, &mem, vm, &pages);
+    engine.check_consistency(&mem).unwrap();
 }

@@ -79,6 +79,10 @@ enum Op {
     Fault { vm: usize, gfn: usize, write: bool },
     /// Some scanning.
     Scan { pages: u64 },
+    /// VM `vm` runs for `us` microseconds (its own time and host time pass).
+    Run { vm: usize, us: u64 },
+    /// Host time passes while no VM runs.
+    Wait { us: u64 },
     /// Limit frames to what is in use plus `slack`, or lift the limit.
     Budget(Option<usize>),
 }
@@ -100,15 +104,24 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(vm, gfn, template)| Op::WritePage { vm, gfn, template }),
         3 => (vm.clone(), gfn.clone()).prop_map(|(vm, gfn)| Op::Read { vm, gfn }),
         1 => (vm.clone(), gfn.clone()).prop_map(|(vm, gfn)| Op::Touch { vm, gfn }),
-        2 => (vm, gfn, any::<bool>()).prop_map(|(vm, gfn, write)| Op::Fault { vm, gfn, write }),
+        2 => (vm.clone(), gfn, any::<bool>())
+            .prop_map(|(vm, gfn, write)| Op::Fault { vm, gfn, write }),
         6 => (1u64..40).prop_map(|pages| Op::Scan { pages }),
+        3 => (vm.clone(), 0u64..3000).prop_map(|(vm, us)| Op::Run { vm, us }),
+        1 => (0u64..3000).prop_map(|us| Op::Wait { us }),
         1 => prop::option::of(0usize..3).prop_map(Op::Budget),
     ]
 }
 
 fn config() -> impl Strategy<Value = Config> {
     (
-        0u8..3,
+        prop::sample::select(vec![
+            (1u64, 0u64),
+            (1, 1),
+            (100, 1000),
+            (1000, 100),
+            (2000, 2000),
+        ]),
         1u8..5,
         prop::sample::select(vec![64usize, 512, 2048, 4096]),
         prop::sample::select(vec![256usize, 2048, 3072, 4096]),
@@ -118,7 +131,8 @@ fn config() -> impl Strategy<Value = Config> {
     )
         .prop_map(
             |(cold, blocks, patch_cutoff, compress_cutoff, shared, patching, compression)| Config {
-                cold_rounds: cold,
+                cold_after_us: cold.0,
+                cold_after_wall_us: cold.1,
                 similarity_blocks: blocks,
                 patch_cutoff,
                 compress_cutoff,
@@ -134,6 +148,9 @@ struct World {
     engine: Engine,
     mem: PlainMemory,
     model: Vec<Vec<Page>>,
+    /// Each VM's own time and host time, microseconds.
+    own: Vec<u64>,
+    wall: u64,
 }
 
 impl World {
@@ -187,6 +204,8 @@ fn run_case(
         engine: Engine::new(config).unwrap(),
         mem: PlainMemory::new(),
         model: Vec::new(),
+        own: vec![0; VMS.len()],
+        wall: 0,
     };
     for (v, (vm, domain)) in VMS.iter().enumerate() {
         let pages: Vec<Page> = initial[v * PAGES..(v + 1) * PAGES]
@@ -203,6 +222,16 @@ fn run_case(
     // start writing.
     w.engine.run_until_converged(&mut w.mem, 10);
     w.check()?;
+    // That moved the engine's clocks by a threshold per round: go on from beyond that.
+    let base = 10 * w.engine.config().cold_span_us();
+    w.wall = base;
+    w.engine.set_wall_time(base);
+    for (v, (vm, _)) in VMS.iter().enumerate() {
+        w.own[v] = base;
+        w.engine
+            .set_vm_time(*vm, base)
+            .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+    }
 
     let mut budget = None;
     for op in ops.iter().cloned() {
@@ -250,6 +279,18 @@ fn run_case(
                 w.engine.scan(&mut w.mem, pages);
                 prop_assert!(w.mem.frames_in_use() <= before);
                 w.mem.set_frame_budget(budget);
+            }
+            Op::Run { vm, us } => {
+                w.own[vm] += us;
+                w.wall += us;
+                w.engine
+                    .set_vm_time(VMS[vm].0, w.own[vm])
+                    .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                w.engine.set_wall_time(w.wall);
+            }
+            Op::Wait { us } => {
+                w.wall += us;
+                w.engine.set_wall_time(w.wall);
             }
             Op::Budget(slack) => {
                 budget = slack.map(|s| w.mem.frames_in_use() + s);
