@@ -167,8 +167,10 @@ pub fn start_selftest() -> bool {
         SELFTEST.store(false, Ordering::Relaxed);
         return false;
     };
-    // Software-enable the APIC (spurious vector 0xFF), divide by 16, periodic, unmasked.
+    // Software-enable the APIC (spurious vector 0xFF), accept every priority (TPR 0), divide by
+    // 16, periodic, unmasked.
     apic.write(0xf0, 0x1ff);
+    apic.write(0x80, 0);
     apic.write(0x3e0, 0b0011);
     apic.write(0x320, (1 << 17) | u32::from(SELFTEST_VECTOR));
     apic.write(0x380, 20_000);
