@@ -8,6 +8,9 @@
 //! - `console`: 4 KiB console writes of numbered lines in a loop (the serial line is far slower
 //!   than the guest: the hypervisor queues and throttles, and must lose nothing).
 //!
+//! `sti`: run with RFLAGS.IF = 1 (the guest has no interrupt handlers; it relies on the
+//! hypervisor intercepting every external interrupt).
+//!
 //! `ms=N`: how long to go on, in milliseconds of the TSC (whose rate the guest takes from
 //! `tsc_khz=`, default 4000 as in Bochs; the guest TSC is the host's). Every VM of a scenario
 //! starts within one round of the others, so they all compete for the whole stretch. At the end
@@ -55,6 +58,13 @@ fn guest_main(boot: &Boot) -> u64 {
     let mode = boot.cmdline.get("mode").unwrap_or("busy");
     if !matches!(mode, "busy" | "nop" | "report" | "console") {
         return rt::usage_error("mode must be busy, nop, report or console");
+    }
+    if boot.cmdline.has("sti") {
+        // Interrupts on, with no handler for them: under the hypervisor every external interrupt
+        // exits (external-interrupt exiting) and none is delivered to the guest, so this only
+        // checks that the hypervisor keeps it that way.
+        // SAFETY: STI changes RFLAGS.IF only.
+        unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
     }
     println!("flood: mode={mode} for {ms} ms");
     let end = rdtsc() + ms * khz;
