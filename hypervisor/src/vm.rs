@@ -724,7 +724,8 @@ fn advance_rip() {
     vmwrite(f::GUEST_RIP, rip + vmread(f::EXIT_INSTRUCTION_LENGTH));
 }
 
-/// Handles one VM exit of the current VM (its VMCS is current).
+/// Handles one VM exit of the current VM (its VMCS is current), whose EXIT_REASON field is
+/// `raw_reason`.
 ///
 /// `multiplexed`: the memory engine manages this VM's pages, so an EPT violation inside its
 /// memory is the engine's to resolve rather than a fault of the guest.
@@ -739,8 +740,7 @@ fn advance_rip() {
 ///   INIT signals, the preemption timer (ends the quantum);
 /// - VM stopped with a report: triple fault, EPT violation outside memory, VM-entry failures,
 ///   and exits that the negotiated controls make impossible (a hypervisor bug if seen).
-fn handle_exit(vm: &mut Vm, host: &HostVmx, multiplexed: bool) -> Next {
-    let raw_reason = vmread(f::EXIT_REASON) as u32;
+fn handle_exit(vm: &mut Vm, host: &HostVmx, multiplexed: bool, raw_reason: u32) -> Next {
     if raw_reason & exit::EXIT_REASON_ENTRY_FAILURE != 0 {
         vm.acct.count_exit(ExitKind::Other);
         let basic = exit::basic_reason(raw_reason);
@@ -755,7 +755,8 @@ fn handle_exit(vm: &mut Vm, host: &HostVmx, multiplexed: bool) -> Next {
         reason::CPUID => {
             vm.acct.count_exit(ExitKind::Cpuid);
             let (leaf, subleaf) = (vm.regs.rax as u32, vm.regs.rcx as u32);
-            let cr4 = vmread(f::CR4_READ_SHADOW) | vmread(f::GUEST_CR4);
+            // Only leaf 1 depends on CR4 (OSXSAVE): spare the other leaves the VMREADs.
+            let cr4 = if leaf == 1 { vmread(f::GUEST_CR4) } else { 0 };
             let r = host
                 .cpu_policy
                 .cpuid(leaf, subleaf, cpuid(leaf, subleaf), cr4);
@@ -1313,7 +1314,21 @@ pub fn run_all(
             }
             vm.launched = true;
             vm.injected = false;
-            let mut next = handle_exit(vm, host, mux.is_some());
+            let raw_reason = vmread(f::EXIT_REASON) as u32;
+            let mut next = handle_exit(vm, host, mux.is_some(), raw_reason);
+            // Exits that can interrupt the delivery of an event to the guest (SDM 28.2.4): the
+            // event is delivered again at the next entry. Instruction exits never do.
+            if matches!(
+                exit::basic_reason(raw_reason),
+                reason::EXCEPTION_OR_NMI
+                    | reason::EXTERNAL_INTERRUPT
+                    | reason::EPT_VIOLATION
+                    | reason::EPT_MISCONFIGURATION
+                    | reason::PREEMPTION_TIMER
+            ) && !matches!(next, Next::Stopped)
+            {
+                reinject_interrupted_event(vm);
+            }
             if let (Some(mux), Next::Resume | Next::Reschedule) = (mux.as_deref_mut(), &next) {
                 mux.progressed();
             }
@@ -1341,14 +1356,8 @@ pub fn run_all(
                 };
             }
             match next {
-                Next::Resume => {
-                    reinject_interrupted_event(&mut vms[i]);
-                    continue;
-                }
-                Next::Reschedule => {
-                    reinject_interrupted_event(&mut vms[i]);
-                    break;
-                }
+                Next::Resume => continue,
+                Next::Reschedule => break,
                 Next::Stopped => break,
                 Next::GuestFault { .. } | Next::HypercallFault { .. } => {
                     vms[i].fail(format_args!("memory fault without a memory engine"));

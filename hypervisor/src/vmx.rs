@@ -135,19 +135,15 @@ pub unsafe fn vmptrld(vmcs: u64) {
 /// then 0, never what the register happened to hold.
 #[inline(always)]
 pub fn vmread(field: u32) -> u64 {
+    // The destination starts at 0 and a failing VMREAD does not write it.
     let mut value: u64 = 0;
-    let failed: u8;
     // SAFETY: VMREAD only reads the current VMCS; the hypervisor is in VMX root operation with
     // a current VMCS whenever it handles a VM.
     unsafe {
-        asm!("vmread {v}, {f}", "setna {failed}", v = inout(reg) value, f = in(reg) u64::from(field),
-            failed = out(reg_byte) failed, options(nostack, nomem))
+        asm!("vmread {v}, {f}", v = inout(reg) value, f = in(reg) u64::from(field),
+            options(nostack, nomem))
     };
-    if failed != 0 {
-        0
-    } else {
-        value
-    }
+    value
 }
 
 /// Writes a field of the current VMCS.
@@ -161,9 +157,15 @@ pub fn vmwrite(field: u32, value: u64) {
             options(nostack, nomem))
     };
     if failed != 0 {
-        log::error!(target: "hv", "VMWRITE of field {field:#x} = {value:#x} failed (error {})",
-            vmread(fields::VM_INSTRUCTION_ERROR));
+        vmwrite_failed(field, value);
     }
+}
+
+#[cold]
+#[inline(never)]
+fn vmwrite_failed(field: u32, value: u64) {
+    log::error!(target: "hv", "VMWRITE of field {field:#x} = {value:#x} failed (error {})",
+        vmread(fields::VM_INSTRUCTION_ERROR));
 }
 
 /// Invalidates the EPT-derived translations of one EPT (INVEPT single-context, SDM 31.3) or all

@@ -7,7 +7,8 @@
 //! guest sees a coherent CPU that simply lacks them (docs/isolation.md): VMX, SMX, MONITOR/MWAIT,
 //! the local APIC and x2APIC (no APIC is emulated yet), the TSC-deadline timer, MTRRs,
 //! machine-check architecture, thermal and power MSRs, performance monitoring, PKU, CET, MPX,
-//! AMX, WAITPKG, SGX, Processor Trace and resource-director technology. XSAVE components other
+//! AMX, WAITPKG, SGX, Processor Trace, resource-director technology, IA32_TSC_ADJUST and the
+//! speculation-control MSRs (IBRS, STIBP, SSBD, ...). XSAVE components other
 //! than x87, SSE, AVX and AVX-512 are hidden too. CPUID.1:ECX.OSXSAVE shows the guest's own
 //! CR4.OSXSAVE. MSRs are in [`crate::msr`].
 
@@ -28,17 +29,23 @@ const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 /// CPUID.1:EDX bits hidden: APIC (9), MTRR (12), MCA (14), ACPI thermal MSRs (22), TM (29).
 const LEAF1_EDX_HIDDEN: u32 = (1 << 9) | (1 << 12) | (1 << 14) | (1 << 22) | (1 << 29);
-/// CPUID.7.0:EBX bits hidden: SGX (2), RDT-M (12), MPX (14), RDT-A (15), Processor Trace (25).
-const LEAF7_EBX_HIDDEN: u32 = (1 << 2) | (1 << 12) | (1 << 14) | (1 << 15) | (1 << 25);
+/// CPUID.7.0:EBX bits hidden: IA32_TSC_ADJUST (1), SGX (2), RDT-M (12), MPX (14), RDT-A (15),
+/// Processor Trace (25).
+const LEAF7_EBX_HIDDEN: u32 = (1 << 1) | (1 << 2) | (1 << 12) | (1 << 14) | (1 << 15) | (1 << 25);
 /// CPUID.7.0:ECX bits hidden: PKU (3), OSPKE (4), WAITPKG (5), CET shadow stacks (7), SGX launch
 /// control (30), PKS (31).
 const LEAF7_ECX_HIDDEN: u32 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 30) | (1 << 31);
-/// CPUID.7.0:EDX bits hidden: PCONFIG (18), CET IBT (20), AMX (22, 24, 25), architectural LBR (19).
-const LEAF7_EDX_HIDDEN: u32 = (1 << 18) | (1 << 19) | (1 << 20) | (1 << 22) | (1 << 24) | (1 << 25);
-/// Leaves that describe hidden features, answered with zeros: thermal/power (6), performance
-/// monitoring (0xA), RDT monitoring/allocation (0xF, 0x10), SGX (0x12), Processor Trace (0x14),
-/// architectural LBR (0x1C), AMX (0x1D, 0x1E).
-const HIDDEN_LEAVES: [u32; 9] = [6, 0xa, 0xf, 0x10, 0x12, 0x14, 0x1c, 0x1d, 0x1e];
+/// CPUID.7.0:EDX bits hidden: PCONFIG (18), architectural LBR (19), CET IBT (20), AMX (22, 24,
+/// 25), and the MSRs of speculation control whose state is not kept per VM: IBRS/IBPB (26),
+/// STIBP (27), L1D_FLUSH (28), ARCH_CAPABILITIES (29), CORE_CAPABILITIES (30), SSBD (31).
+const LEAF7_EDX_HIDDEN: u32 =
+    (1 << 18) | (1 << 19) | (1 << 20) | (1 << 22) | (1 << 24) | (1 << 25) | (0b11_1111 << 26);
+/// Whether `leaf` describes hidden features and is answered with zeros: thermal/power (6),
+/// performance monitoring (0xA), RDT monitoring/allocation (0xF, 0x10), SGX (0x12), Processor
+/// Trace (0x14), architectural LBR (0x1C), AMX (0x1D, 0x1E).
+const fn hidden_leaf(leaf: u32) -> bool {
+    matches!(leaf, 6 | 0xa | 0xf | 0x10 | 0x12 | 0x14 | 0x1c..=0x1e)
+}
 
 /// XCR0 components a guest may enable, when the CPU has them: x87 (0), SSE (1), AVX (2),
 /// AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM (5-7). The hypervisor saves and restores exactly
@@ -112,6 +119,7 @@ impl CpuPolicy {
 
     /// The guest's CPUID result for `leaf`/`subleaf`, given the host's answer `native` and the
     /// guest's CR4.
+    #[inline]
     pub fn cpuid(&self, leaf: u32, subleaf: u32, native: [u32; 4], guest_cr4: u64) -> [u32; 4] {
         let [eax, ebx, ecx, edx] = native;
         match leaf {
@@ -142,7 +150,7 @@ impl CpuPolicy {
             // components (IA32_XSS stays 0).
             0xd if subleaf == 1 => [eax & 0b1111, ebx, 0, 0],
             0xd if subleaf < 64 && self.xcr0_allowed & (1 << subleaf) == 0 => [0; 4],
-            l if HIDDEN_LEAVES.contains(&l) => [0; 4],
+            l if hidden_leaf(l) => [0; 4],
             CPUID_LEAF_BASE => {
                 let s = CPUID_SIGNATURE;
                 let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
@@ -243,6 +251,8 @@ mod tests {
         assert_eq!(r[2] & (1 << 3), 0, "PKU");
         assert_eq!(r[1] & (1 << 14), 0, "MPX");
         assert_eq!(r[1] & 1, 1, "FSGSBASE stays");
+        assert_eq!(r[1] & 2, 0, "TSC_ADJUST");
+        assert_eq!(r[3] >> 26, 0, "speculation-control MSRs");
         assert_eq!(p.cpuid(0xa, 0, [7; 4], 0), [0; 4], "PMU");
         assert_eq!(p.cpuid(7, 1, [7; 4], 0), [7; 4]);
     }

@@ -51,6 +51,7 @@ pub fn tsc_to_us(ticks: u64, tsc_hz: u64) -> u64 {
 
 /// The preemption-timer value for `ticks` of TSC: the timer counts down once every 2^rate
 /// ticks (SDM 26.5.1); at least 1 so that the guest makes progress, at most u32::MAX.
+#[inline]
 pub fn preemption_timer_value(ticks: u64, rate: u32) -> u32 {
     (ticks >> rate).clamp(1, u64::from(u32::MAX)) as u32
 }
