@@ -498,8 +498,10 @@ impl Vm {
             .map(|e| (e + 8) as *mut u64)
     }
 
-    fn read_switched_by_vmcs(&self, host: &HostVmx, m: Msr) -> u64 {
-        let field = match m {
+    /// The VMCS guest field of an MSR kept in the VMCS, or `None` for EFER and PAT when the CPU
+    /// switches them through the MSR-load lists instead.
+    fn vmcs_field(host: &HostVmx, m: Msr) -> Option<u32> {
+        Some(match m {
             Msr::FsBase => f::GUEST_FS_BASE,
             Msr::GsBase => f::GUEST_GS_BASE,
             Msr::SysenterCs => f::GUEST_SYSENTER_CS,
@@ -508,31 +510,25 @@ impl Vm {
             Msr::DebugCtl => f::GUEST_IA32_DEBUGCTL,
             Msr::Efer if host.controls.load_efer => f::GUEST_IA32_EFER,
             Msr::Pat if host.controls.load_pat => f::GUEST_IA32_PAT,
+            _ => return None,
+        })
+    }
+
+    fn read_switched_by_vmcs(&self, host: &HostVmx, m: Msr) -> u64 {
+        match Self::vmcs_field(host, m) {
+            Some(field) => vmread(field),
             // SAFETY: the slot is in this VM's lists frame.
-            _ => return self.list_slot(m).map_or(0, |p| unsafe { p.read() }),
-        };
-        vmread(field)
+            None => self.list_slot(m).map_or(0, |p| unsafe { p.read() }),
+        }
     }
 
     fn write_switched_by_vmcs(&self, host: &HostVmx, m: Msr, value: u64) {
-        let field = match m {
-            Msr::FsBase => f::GUEST_FS_BASE,
-            Msr::GsBase => f::GUEST_GS_BASE,
-            Msr::SysenterCs => f::GUEST_SYSENTER_CS,
-            Msr::SysenterEsp => f::GUEST_SYSENTER_ESP,
-            Msr::SysenterEip => f::GUEST_SYSENTER_EIP,
-            Msr::DebugCtl => f::GUEST_IA32_DEBUGCTL,
-            Msr::Efer if host.controls.load_efer => f::GUEST_IA32_EFER,
-            Msr::Pat if host.controls.load_pat => f::GUEST_IA32_PAT,
-            _ => {
-                if let Some(p) = self.list_slot(m) {
-                    // SAFETY: the slot is in this VM's lists frame.
-                    unsafe { p.write(value) };
-                }
-                return;
-            }
-        };
-        vmwrite(field, value);
+        match (Self::vmcs_field(host, m), self.list_slot(m)) {
+            (Some(field), _) => vmwrite(field, value),
+            // SAFETY: the slot is in this VM's lists frame.
+            (None, Some(p)) => unsafe { p.write(value) },
+            (None, None) => {}
+        }
     }
 
     /// Frees the VM's memory, EPT tables, VMCS and CPU-state frames.

@@ -138,6 +138,27 @@ impl core::fmt::Display for NegotiationError {
     }
 }
 
+/// Keeps the exit bits `exit_bits` and entry bits `entry_bits` of an MSR's save/load controls
+/// only if all of them were granted: half a switch is worse than none. Bits the CPU forces stay.
+/// Returns the words and whether the switch is on.
+fn all_or_none(
+    caps: &Capabilities,
+    exit: u32,
+    entry: u32,
+    exit_bits: u32,
+    entry_bits: u32,
+) -> (u32, u32, bool) {
+    if exit & exit_bits == exit_bits && entry & entry_bits == entry_bits {
+        (exit, entry, true)
+    } else {
+        (
+            exit & !(exit_bits & !caps.exit().must_be_one()),
+            entry & !(entry_bits & !caps.entry().must_be_one()),
+            false,
+        )
+    }
+}
+
 impl VmcsControls {
     /// Chooses every control word from the capability MSRs.
     ///
@@ -205,30 +226,22 @@ impl VmcsControls {
             (EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT).bits(),
         )?;
         // EFER is switched by the VMCS only when all three controls are on; otherwise none is
-        // used, and IA-32e mode guest sets the guest's LMA/LME on entry (SDM 27.3.2.1).
-        let efer_bits = (ExitControls::SAVE_IA32_EFER | ExitControls::LOAD_IA32_EFER).bits();
-        let load_efer =
-            exit & efer_bits == efer_bits && entry & EntryControls::LOAD_IA32_EFER.bits() != 0;
-        let (exit, entry) = if load_efer {
-            (exit, entry)
-        } else {
-            (
-                exit & !(efer_bits & !caps.exit().must_be_one()),
-                entry & !(EntryControls::LOAD_IA32_EFER.bits() & !caps.entry().must_be_one()),
-            )
-        };
-        // PAT likewise: all three controls, or the MSR-load lists switch it.
-        let pat_bits = (ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT).bits();
-        let load_pat =
-            exit & pat_bits == pat_bits && entry & EntryControls::LOAD_IA32_PAT.bits() != 0;
-        let (exit, entry) = if load_pat {
-            (exit, entry)
-        } else {
-            (
-                exit & !(pat_bits & !caps.exit().must_be_one()),
-                entry & !(EntryControls::LOAD_IA32_PAT.bits() & !caps.entry().must_be_one()),
-            )
-        };
+        // used, and IA-32e mode guest sets the guest's LMA/LME on entry (SDM 27.3.2.1). PAT
+        // likewise; without its controls the MSR-load lists switch it.
+        let (exit, entry, load_efer) = all_or_none(
+            caps,
+            exit,
+            entry,
+            (ExitControls::SAVE_IA32_EFER | ExitControls::LOAD_IA32_EFER).bits(),
+            EntryControls::LOAD_IA32_EFER.bits(),
+        );
+        let (exit, entry, load_pat) = all_or_none(
+            caps,
+            exit,
+            entry,
+            (ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT).bits(),
+            EntryControls::LOAD_IA32_PAT.bits(),
+        );
         Ok(Self {
             pin,
             primary,
