@@ -123,7 +123,7 @@ pub struct Vm {
     pub acct: Accounting,
     uart: Uart16550,
     console: LineBuffer,
-    /// Console lines waiting for the serial log (sent on this VM's own time, see `run_all`).
+    /// Console lines waiting for room in the serial output (moved there by `run_all`).
     console_out: ConsoleOutput,
     /// x87/SSE/AVX state, XCR0, DR0-DR3, DR6, CR2 and the switched MSRs while off the CPU.
     cpu: CpuState,
@@ -599,11 +599,10 @@ impl Vm {
         self.console.push(bytes, |line| out.push(name, line));
     }
 
-    /// Prints every queued console line now (when the VM stops, or at the end of the run),
-    /// waiting for room in the output ring if need be.
+    /// Prints every queued console line now, at the end of the run, waiting for room in the
+    /// output ring if need be.
     fn print_console(&mut self) {
-        let (name, out) = (&self.name, &mut self.console_out);
-        self.console.flush(|line| out.push(name, line));
+        self.end_console();
         while let Some(line) = self.console_out.pop() {
             crate::serial::print(format_args!("{line}"));
         }
@@ -964,7 +963,7 @@ fn handle_vmcall(vm: &mut Vm) -> Next {
     ) {
         Outcome::Return(v) => (v, Next::Resume),
         Outcome::Console(bytes) => {
-            // Queued, not printed: the VM pays for printing on its own time (run_all).
+            // Queued, not printed: the serial line takes it as fast as it drains (run_all).
             let n = bytes.len() as u64;
             let (name, out) = (&vm.name, &mut vm.console_out);
             vm.console.push(bytes, |line| out.push(name, line));
