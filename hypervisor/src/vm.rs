@@ -714,9 +714,20 @@ enum Next {
     HypercallFault { gpa: u64, write: bool },
 }
 
+/// Completes an instruction the hypervisor emulated, as the CPU would have on retiring it: RIP
+/// moves past it and, with RFLAGS.TF set, a single-step debug exception is pending (SDM
+/// 17.3.1.4; delivered at the next entry through the pending-debug-exceptions field, BS bit).
+/// The interrupt shadow of a preceding STI or MOV SS is left as it is: it only matters once
+/// interrupts are delivered to guests, and each VMREAD costs the exit path several Bochs ticks.
 fn advance_rip() {
+    const RFLAGS_TF: u64 = 1 << 8;
+    const PENDING_BS: u64 = 1 << 14;
     let rip = vmread(f::GUEST_RIP);
     vmwrite(f::GUEST_RIP, rip + vmread(f::EXIT_INSTRUCTION_LENGTH));
+    if vmread(f::GUEST_RFLAGS) & RFLAGS_TF != 0 {
+        let pending = vmread(f::GUEST_PENDING_DEBUG_EXCEPTIONS);
+        vmwrite(f::GUEST_PENDING_DEBUG_EXCEPTIONS, pending | PENDING_BS);
+    }
 }
 
 /// Handles one VM exit of the current VM (its VMCS is current), whose EXIT_REASON field is

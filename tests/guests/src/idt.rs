@@ -6,7 +6,8 @@
 //!   ([`rdmsr`], [`wrmsr`]) is in progress is recorded and skipped: the saved RIP moves past the
 //!   two-byte instruction and the handler returns with IRETQ;
 //! - any exception raised by the one instruction of a [`fault_of`] probe is recorded and that
-//!   instruction (of the length the probe gives) skipped the same way;
+//!   instruction (of the length the probe gives) skipped the same way; in a [`trap_of`] probe
+//!   the first exception is recorded and the trap flag cleared, nothing skipped;
 //! - anything else prints the exception with the saved registers through the console hypercall
 //!   and exits with [`EXIT_EXCEPTION`](crate::rt::EXIT_EXCEPTION).
 //!
@@ -333,14 +334,34 @@ pub fn fault_of<T>(len: u8, op: impl FnOnce() -> T) -> Result<T, Fault> {
     result
 }
 
+/// [`SKIP_LEN`] for a [`trap_of`] probe: record the exception, skip nothing.
+const TRAP_PROBE: u64 = u64::MAX;
+
+/// Runs `op` with single-step traps expected: the first exception it raises is recorded (for a
+/// trap, its RIP is the instruction after the one that trapped) and RFLAGS.TF is cleared in the
+/// interrupted context, so that the rest of `op` runs on; returns it, if any.
+pub fn trap_of<T>(op: impl FnOnce() -> T) -> Result<T, Fault> {
+    install();
+    SKIP_LEN.store(TRAP_PROBE, Ordering::SeqCst);
+    let result = probe(op);
+    SKIP_LEN.store(0, Ordering::SeqCst);
+    result
+}
+
 /// Entered from the common stub with the saved state; returns to IRETQ or exits the VM.
 extern "C" fn dispatch(frame: &mut Frame) {
     let skip = SKIP_LEN.load(Ordering::SeqCst);
     if skip != 0 && PROBING.load(Ordering::SeqCst) && frame.vector < VECTORS as u64 {
-        FAULT_ERROR_CODE.store(frame.error_code, Ordering::SeqCst);
-        FAULT_RIP.store(frame.rip, Ordering::SeqCst);
-        FAULT_VECTOR.store(frame.vector, Ordering::SeqCst);
-        frame.rip += skip;
+        if FAULT_VECTOR.load(Ordering::SeqCst) == NO_FAULT {
+            FAULT_ERROR_CODE.store(frame.error_code, Ordering::SeqCst);
+            FAULT_RIP.store(frame.rip, Ordering::SeqCst);
+            FAULT_VECTOR.store(frame.vector, Ordering::SeqCst);
+        }
+        if skip == TRAP_PROBE {
+            frame.rflags &= !(1 << 8);
+        } else {
+            frame.rip += skip;
+        }
         return;
     }
     if frame.vector == u64::from(GP) && PROBING.load(Ordering::SeqCst) {

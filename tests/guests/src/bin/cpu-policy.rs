@@ -8,6 +8,7 @@
 //!   MONITOR/MWAIT, GETSEC, VMFUNC (#UD), RDPMC and MOV to CR4 of VMXE/PKE (#GP); XSETBV is
 //!   checked like the CPU checks it; CR8 holds what is written and refuses bits 63:4; INVD runs;
 //!   a non-canonical FS base is #GP, not a failed VM entry; CPUID's OSXSAVE follows CR4;
+//!   single-stepping over an emulated instruction traps right after it;
 //! - port I/O: a 32-bit IN zero-extends into RAX, a 16-bit IN keeps RAX's upper bits; INS and
 //!   OUTS with and without REP, backwards (DF), across a page boundary, and #PF on an unmapped
 //!   buffer.
@@ -323,6 +324,37 @@ fn instructions(checks: &mut Checks) {
         let xcr0 = u64::from(lo) | (u64::from(hi) << 32);
         checks.check(format_args!("xgetbv_reads_back"), expect(xcr0 == 3, xcr0));
     }
+
+    // Single-stepping over an instruction the hypervisor emulates (CPUID): the #DB trap comes
+    // right after it, as on the CPU.
+    let mut after: u64 = 0;
+    let trap = idt::trap_of(|| {
+        // SAFETY: sets TF for one instruction (CPUID), whose #DB the probe catches and clears.
+        unsafe {
+            core::arch::asm!(
+                "push rbx",
+                "pushfq",
+                "or qword ptr [rsp], 0x100",
+                "popfq",
+                "cpuid",
+                "2:",
+                "lea {after}, [rip + 2b]",
+                "pop rbx",
+                after = out(reg) after,
+                inout("eax") 0u32 => _,
+                inout("ecx") 0u32 => _,
+                out("edx") _,
+            )
+        }
+    });
+    checks.check(
+        format_args!("single_step_over_cpuid_db"),
+        match trap {
+            Err(f) if f.vector == 1 && f.rip == after => Ok(()),
+            Err(f) => Err(Detail::WrongFault(f)),
+            Ok(()) => Err(Detail::NoFault),
+        },
+    );
 
     // A non-canonical FS base: #GP in the guest (a failed VM entry before).
     // SAFETY: the write must fault; if it went through, only this VM's FS base would change.
