@@ -614,7 +614,7 @@ impl Vm {
             if !crate::serial::try_print_line(line) {
                 break;
             }
-            self.console_out.pop();
+            self.console_out.discard_front();
         }
     }
 

@@ -24,58 +24,61 @@ pub const PENDING_LIMIT: usize = 4096;
 /// which include CR, LF, ESC and the 8-bit CSI) shown as `.`, invalid UTF-8 as U+FFFD, and the
 /// Unicode line and paragraph separators as `.` too.
 pub fn sanitize(line: &[u8]) -> String {
-    let mut out = String::with_capacity(line.len());
-    sanitize_into(&mut out, line);
-    out
+    String::from_utf8_lossy(line)
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                '.'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
-/// [`sanitize`], appending to `out`.
-fn sanitize_into(out: &mut String, line: &[u8]) {
-    // Printable ASCII, nearly all console output, is copied as it is: the exit that queues a
-    // 4 KiB write must cost little (char by char it took ~60 ms of a 4 MIPS Bochs CPU).
-    if line.iter().all(|&b| (0x20..0x7f).contains(&b)) {
-        out.push_str(core::str::from_utf8(line).unwrap_or_default());
-        return;
-    }
-    out.extend(String::from_utf8_lossy(line).chars().map(|c| {
-        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
-            '.'
-        } else {
-            c
-        }
-    }));
-}
-
-/// Lines a VM printed that are not on the serial log yet.
+/// Lines a VM printed that are not on the serial log yet: their bytes in one ring, with the
+/// length of each line. No allocation per line: the heap allocator walks a free list, and a
+/// 4 KiB console write is some 40 lines queued within one VM exit.
 #[derive(Debug, Default)]
 pub struct ConsoleOutput {
-    lines: VecDeque<String>,
-    bytes: usize,
+    bytes: VecDeque<u8>,
+    lines: VecDeque<usize>,
 }
 
 impl ConsoleOutput {
     /// Queues one line (without its newline) of VM `name`, formatted as `NAME | text\n`.
     pub fn push(&mut self, name: &str, line: &[u8]) {
-        // One allocation per line: the heap allocator walks a free list, so allocations are
-        // the dearest part of queuing a line.
-        let mut text = String::with_capacity(name.len() + 4 + line.len());
-        text.push_str(name);
-        text.push_str(" | ");
-        sanitize_into(&mut text, line);
-        text.push('\n');
-        self.bytes += text.len();
-        self.lines.push_back(text);
+        let start = self.bytes.len();
+        self.bytes.extend(name.as_bytes());
+        self.bytes.extend(b" | ");
+        if line.iter().all(|&b| (0x20..0x7f).contains(&b)) {
+            self.bytes.extend(line);
+        } else {
+            self.bytes.extend(sanitize(line).as_bytes());
+        }
+        self.bytes.push_back(b'\n');
+        self.lines.push_back(self.bytes.len() - start);
     }
 
     /// The oldest queued line, without taking it.
-    pub fn front(&self) -> Option<&str> {
-        self.lines.front().map(String::as_str)
+    pub fn front(&mut self) -> Option<&str> {
+        let len = *self.lines.front()?;
+        let bytes = &self.bytes.make_contiguous()[..len];
+        // Built from `&str` pieces and sanitized text: always UTF-8.
+        Some(core::str::from_utf8(bytes).unwrap_or("?\n"))
     }
 
-    /// The oldest queued line, to print.
+    /// Drops the oldest queued line (after it was sent).
+    pub fn discard_front(&mut self) {
+        if let Some(len) = self.lines.pop_front() {
+            self.bytes.drain(..len);
+        }
+    }
+
+    /// The oldest queued line, taken out.
     pub fn pop(&mut self) -> Option<String> {
-        let line = self.lines.pop_front()?;
-        self.bytes -= line.len();
+        let line = String::from(self.front()?);
+        self.discard_front();
         Some(line)
     }
 
@@ -85,12 +88,12 @@ impl ConsoleOutput {
 
     /// Bytes queued.
     pub fn pending(&self) -> usize {
-        self.bytes
+        self.bytes.len()
     }
 
     /// The VM has queued so much that it may not run until some of it is printed.
     pub fn must_drain(&self) -> bool {
-        self.bytes > PENDING_LIMIT
+        self.bytes.len() > PENDING_LIMIT
     }
 }
 
@@ -119,6 +122,32 @@ mod tests {
         assert_eq!(out.pop().as_deref(), Some("vm-a | [ERROR] hv: fake\n"));
         assert_eq!(out.pop(), None);
         assert!(out.is_empty() && out.pending() == 0);
+    }
+
+    #[test]
+    fn lines_survive_the_ring_wrapping_and_are_sanitized() {
+        let mut out = ConsoleOutput::default();
+        for round in 0..500u32 {
+            let text = alloc::format!("line {round} {}", "y".repeat((round % 97) as usize));
+            out.push("w", text.as_bytes());
+            if round % 3 == 0 {
+                out.push("w", b"bad\x1b[2J\xff");
+            }
+            // Keep a few lines queued so that the ring's start moves around.
+            while out.pending() > 300 {
+                let line = out.pop().unwrap();
+                assert!(line.starts_with("w | ") && line.ends_with('\n'), "{line:?}");
+            }
+        }
+        let mut last = None;
+        while let Some(line) = out.pop() {
+            last = Some(line);
+        }
+        // Round 499: 499 % 97 = 14 letters, and 499 % 3 != 0 adds no bad line after it.
+        assert_eq!(last.as_deref(), Some("w | line 499 yyyyyyyyyyyyyy\n"));
+        let mut out = ConsoleOutput::default();
+        out.push("w", b"bad\x1b[2J\xff");
+        assert_eq!(out.front(), Some("w | bad.[2J\u{fffd}\n"));
     }
 
     #[test]
