@@ -1290,18 +1290,29 @@ pub fn run_all(
         let start = rdtsc();
         vms[i].acct.schedule_in(start);
         let deadline = start.saturating_add(vms[i].acct.next_quantum(quantum));
-        // The guest is entered at least once per quantum, however short (the hypervisor's own
-        // work before the entry may take longer than a small quantum), and once more after the
-        // memory engine faulted a page in, so that the instruction that faulted completes: else
-        // a fault-in longer than what is left of the quantum, and a scan that takes the page
-        // back in between, could keep a VM from ever making progress.
-        let mut must_enter = true;
+        // Past the deadline the guest is still entered twice at most: for its first entry of
+        // the quantum, however short (the hypervisor's own work before it may take longer than
+        // a small quantum), and once to retry an instruction after the memory engine faulted
+        // its page in, so that the instruction completes. Else a fault-in longer than what is
+        // left of the quantum, and a scan that takes the page back in between, could keep a VM
+        // from ever making progress; and only once, so that a guest faulting on page after
+        // page cannot stretch its quantum.
+        let mut entries: u32 = 0;
+        let mut retry_after_fault = false;
+        let mut retried_late = false;
         loop {
             let now = rdtsc();
-            if (now >= deadline && !must_enter) || vms[i].console_out.must_drain() {
+            if vms[i].console_out.must_drain() {
                 break;
             }
-            must_enter = false;
+            if now >= deadline && entries > 0 {
+                if !retry_after_fault || retried_late {
+                    break;
+                }
+                retried_late = true;
+            }
+            entries += 1;
+            retry_after_fault = false;
             crate::serial::pump();
             if let Some(mux) = mux.as_deref_mut() {
                 mux.before_entry(&vms[i], i);
@@ -1356,7 +1367,7 @@ pub fn run_all(
                 next = match next {
                     Next::HypercallFault { .. } => handle_vmcall(&mut vms[i]),
                     _ => {
-                        must_enter = true;
+                        retry_after_fault = true;
                         Next::Resume
                     }
                 };
