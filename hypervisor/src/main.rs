@@ -118,7 +118,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     // needs CR4.OSFXSR and CR4.OSXSAVE with every offered component enabled in XCR0.
     // SAFETY: setting CR4.OSFXSR/OSXMMEXCPT/OSXSAVE only enables instructions; OSXSAVE only when
     // CPUID reports XSAVE (xcr0_allowed != 0), and XCR0 then gets components the CPU supports
-    // (CpuPolicy::from_host), x87 and SSE included.
+    // (CpuPolicy::from_host), x87 and SSE included. IA32_XSS exists when CPUID reports XSAVES.
     unsafe {
         let mut cr4: u64;
         core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
@@ -129,6 +129,13 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         core::arch::asm!("mov cr4, {}", in(reg) cr4, options(nomem, nostack));
         if cpu_policy.xcr0_allowed != 0 {
             cpu_state::xsetbv(cpu_policy.xcr0_allowed);
+        }
+        // Guests may execute XSAVES/XRSTORS (the secondary control is on so that they do not
+        // #UD), which act on XCR0 | IA32_XSS: with a supervisor component left enabled by the
+        // firmware, a guest could save or load host state through them. The hypervisor uses
+        // none, and guests may only write 0 to their (emulated) XSS.
+        if cpu_policy.xcr0_allowed != 0 && platform::cpuid(0xd, 1)[0] & (1 << 3) != 0 {
+            platform::wrmsr(0xda0, 0);
         }
     }
     log::info!(target: "hv", "guest FPU state: XCR0 components {:#x}, XSAVE area {} bytes{}",
