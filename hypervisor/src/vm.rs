@@ -721,10 +721,20 @@ enum Next {
 /// interrupts are delivered to guests, and each VMREAD costs the exit path several Bochs ticks.
 fn advance_rip() {
     const RFLAGS_TF: u64 = 1 << 8;
-    const PENDING_BS: u64 = 1 << 14;
     let rip = vmread(f::GUEST_RIP);
     vmwrite(f::GUEST_RIP, rip + vmread(f::EXIT_INSTRUCTION_LENGTH));
     if vmread(f::GUEST_RFLAGS) & RFLAGS_TF != 0 {
+        single_step_trap();
+    }
+}
+
+/// The single-step trap after an emulated instruction, out of line (rare): none with
+/// DEBUGCTL.BTF, where TF single-steps on branches only and no emulated instruction branches.
+#[inline(never)]
+fn single_step_trap() {
+    const PENDING_BS: u64 = 1 << 14;
+    const DEBUGCTL_BTF: u64 = 1 << 1;
+    if vmread(f::GUEST_IA32_DEBUGCTL) & DEBUGCTL_BTF == 0 {
         let pending = vmread(f::GUEST_PENDING_DEBUG_EXCEPTIONS);
         vmwrite(f::GUEST_PENDING_DEBUG_EXCEPTIONS, pending | PENDING_BS);
     }
