@@ -14,6 +14,7 @@
 //! the VMCS.
 
 use hv_vm::msr::{SwitchedMsrs, SWITCHED};
+use hv_vm::policy::CpuPolicy;
 
 use crate::platform::{rdmsr, wrmsr};
 
@@ -69,8 +70,9 @@ pub unsafe fn xsetbv(value: u64) {
 }
 
 /// Saves the state of the VM leaving the CPU (if any) into its [`CpuState`] and loads the state of
-/// the VM coming. `xcr0_all` is every XSAVE component guests may use (0 without XSAVE).
-pub fn switch(out: Option<&mut CpuState>, into: &CpuState, xcr0_all: u64) {
+/// the VM coming. `policy` says which XSAVE components guests may use and which MSRs exist.
+pub fn switch(out: Option<&mut CpuState>, into: &CpuState, policy: &CpuPolicy) {
+    let xcr0_all = policy.xcr0_allowed;
     // SAFETY: XSAVE/XRSTOR (or FXSAVE/FXRSTOR) work on each VM's own 64-byte aligned frame,
     // large enough for every component in `xcr0_all` (CpuPolicy sized it); XCR0 is set to
     // `xcr0_all` (valid: boot enabled it) around them so that components a VM has disabled are
@@ -95,7 +97,7 @@ pub fn switch(out: Option<&mut CpuState>, into: &CpuState, xcr0_all: u64) {
             core::arch::asm!("mov {}, dr3", out(reg) out.dr[3], options(nomem, nostack));
             core::arch::asm!("mov {}, dr6", out(reg) out.dr6, options(nomem, nostack));
             for (slot, msr) in out.msrs.values.iter_mut().zip(SWITCHED) {
-                if has_msr(msr) {
+                if policy.has_msr(msr) {
                     *slot = rdmsr(msr.index());
                 }
             }
@@ -114,25 +116,10 @@ pub fn switch(out: Option<&mut CpuState>, into: &CpuState, xcr0_all: u64) {
         core::arch::asm!("mov dr2, {}", in(reg) into.dr[2], options(nomem, nostack));
         core::arch::asm!("mov dr3, {}", in(reg) into.dr[3], options(nomem, nostack));
         core::arch::asm!("mov dr6, {}", in(reg) into.dr6, options(nomem, nostack));
-        for (index, value) in into.msrs.entries() {
-            if hv_vm::msr::Msr::from_index(index).is_some_and(has_msr) {
-                wrmsr(index, value);
+        for (&value, msr) in into.msrs.values.iter().zip(SWITCHED) {
+            if policy.has_msr(msr) {
+                wrmsr(msr.index(), value);
             }
         }
     }
-}
-
-/// Whether the CPU has this switched MSR: TSC_AUX only with RDTSCP (CPUID.80000001H:EDX[27]).
-pub fn has_msr(msr: hv_vm::msr::Msr) -> bool {
-    use core::sync::atomic::{AtomicU8, Ordering};
-    static RDTSCP: AtomicU8 = AtomicU8::new(2);
-    if msr != hv_vm::msr::Msr::TscAux {
-        return true;
-    }
-    let mut known = RDTSCP.load(Ordering::Relaxed);
-    if known == 2 {
-        known = u8::from(crate::platform::cpuid(0x8000_0001, 0)[3] & (1 << 27) != 0);
-        RDTSCP.store(known, Ordering::Relaxed);
-    }
-    known == 1
 }

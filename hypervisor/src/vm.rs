@@ -143,6 +143,15 @@ pub struct Vm {
     scratch: Box<Scratch>,
 }
 
+/// Gives the frames of an EPT's tables back to the allocator.
+fn free_ept_tables(ept: &Ept, frames: &mut FrameAllocator) {
+    let mut list = Vec::new();
+    ept.table_frames(&mut TableFrames(frames), &mut |t| list.push(t));
+    for t in list {
+        frames.free(t);
+    }
+}
+
 /// The MSRs a VM-entry or VM-exit MSR-load list may hold here: EFER and PAT.
 const LIST_MSRS: usize = 2;
 /// Where the VM-exit MSR-load list starts in the lists frame (each list is 16-byte entries,
@@ -165,11 +174,7 @@ impl Building<'_> {
 
     fn fail(self, ept: Option<Ept>, e: VmError) -> VmError {
         if let Some(ept) = ept {
-            let mut list = Vec::new();
-            ept.table_frames(&mut TableFrames(self.frames), &mut |t| list.push(t));
-            for t in list {
-                self.frames.free(t);
-            }
+            free_ept_tables(&ept, self.frames);
         }
         for frame in self.taken {
             self.frames.free(frame);
@@ -523,22 +528,20 @@ impl Vm {
     }
 
     fn write_switched_by_vmcs(&self, host: &HostVmx, m: Msr, value: u64) {
-        match (Self::vmcs_field(host, m), self.list_slot(m)) {
-            (Some(field), _) => vmwrite(field, value),
-            // SAFETY: the slot is in this VM's lists frame.
-            (None, Some(p)) => unsafe { p.write(value) },
-            (None, None) => {}
+        match Self::vmcs_field(host, m) {
+            Some(field) => vmwrite(field, value),
+            None => {
+                if let Some(p) = self.list_slot(m) {
+                    // SAFETY: the slot is in this VM's lists frame.
+                    unsafe { p.write(value) };
+                }
+            }
         }
     }
 
     /// Frees the VM's memory, EPT tables, VMCS and CPU-state frames.
     pub fn release(self, frames: &mut FrameAllocator) {
-        let mut tables = TableFrames(frames);
-        let mut list = Vec::new();
-        self.ept.table_frames(&mut tables, &mut |t| list.push(t));
-        for t in list {
-            frames.free(t);
-        }
+        free_ept_tables(&self.ept, frames);
         // With memory multiplexing, the VM left the engine when it stopped, so every page still
         // present is a private frame of its own; shared and zero frames are the engine's.
         for frame in self.memory.present_frames() {
@@ -1137,24 +1140,21 @@ fn handle_string_io(vm: &mut Vm, io: IoExit) -> Next {
         }
         // One element done: commit it to the registers, so that a fault or the batch limit
         // leaves the instruction restartable where it stopped.
-        let bump = |r: u64| {
-            let next = if down {
+        let next = |r: u64| {
+            if down {
                 r.wrapping_sub(step)
             } else {
                 r.wrapping_add(step)
-            };
-            (r & !mask) | (next & mask)
+            }
         };
+        // RSI/RDI change only in the instruction's address size.
+        let bump = |r: u64| (r & !mask) | (next(r) & mask);
         if io.is_in {
             vm.regs.rdi = bump(vm.regs.rdi);
         } else {
             vm.regs.rsi = bump(vm.regs.rsi);
         }
-        linear = if down {
-            linear.wrapping_sub(step)
-        } else {
-            linear.wrapping_add(step)
-        };
+        linear = next(linear);
         left -= 1;
         if io.rep {
             vm.regs.rcx = (vm.regs.rcx & !mask) | (left & mask);
@@ -1170,15 +1170,17 @@ fn handle_string_io(vm: &mut Vm, io: IoExit) -> Next {
 fn handle_msr(vm: &mut Vm, host: &HostVmx, write: bool) -> Next {
     let index = vm.regs.rcx as u32;
     let value = (vm.regs.rdx << 32) | (vm.regs.rax & 0xffff_ffff);
-    let usable = Msr::from_index(index).filter(|&m| cpu_state::has_msr(m));
+    let usable = Msr::from_index(index).filter(|&m| host.cpu_policy.has_msr(m));
     let Some(m) = usable else {
         log::debug!(target: &vm.target, "#GP for {} of MSR {index:#x}", if write { "WRMSR" } else { "RDMSR" });
         return vm.inject_gp();
     };
     if write {
-        let current = match m.home() {
-            Home::Vmcs => vm.read_switched_by_vmcs(host, m),
-            _ => 0,
+        // Only EFER's check depends on its present value (LME fixed, LMA read-only).
+        let current = if m == Msr::Efer {
+            vm.read_switched_by_vmcs(host, m)
+        } else {
+            0
         };
         let Ok(value) = m.check_write(value, current) else {
             log::debug!(target: &vm.target, "#GP for WRMSR {index:#x} = {value:#x}");
@@ -1291,7 +1293,7 @@ pub fn run_all(
                 }
                 None => (None, &vms[i].cpu),
             };
-            cpu_state::switch(out, into, host.cpu_policy.xcr0_allowed);
+            cpu_state::switch(out, into, &host.cpu_policy);
             last_on_cpu = Some(i);
         }
         // SAFETY: the VMCS belongs to this VM and was initialised by `init_vmcs`.

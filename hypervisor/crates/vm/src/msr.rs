@@ -201,16 +201,6 @@ pub struct SwitchedMsrs {
     pub values: [u64; SWITCHED.len()],
 }
 
-impl SwitchedMsrs {
-    /// (index, value) pairs to load into the CPU when the VM comes on it.
-    pub fn entries(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        SWITCHED
-            .iter()
-            .zip(self.values.iter())
-            .map(|(m, &v)| (m.index(), v))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,12 +252,6 @@ mod tests {
         assert_eq!(Msr::Tsc.home(), Home::Computed);
         assert_eq!(Msr::FsBase.home(), Home::Vmcs);
         assert_eq!(Msr::Pat.home(), Home::Vmcs);
-        let s = SwitchedMsrs {
-            values: [1, 2, 3, 4, 5, 6],
-        };
-        let e: alloc::vec::Vec<_> = s.entries().collect();
-        assert_eq!(e[0], (0xc000_0102, 1));
-        assert_eq!(e[5], (0xc000_0103, 6));
     }
 
     #[test]

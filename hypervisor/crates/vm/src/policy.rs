@@ -67,15 +67,22 @@ pub struct CpuPolicy {
     pub xcr0_allowed: u64,
     /// Bytes of an XSAVE area holding every allowed component (CPUID.0xD.0:ECX for guests).
     pub xsave_size: u32,
+    /// The CPU has IA32_TSC_AUX (RDTSCP, CPUID.80000001H:EDX[27]).
+    pub tsc_aux: bool,
 }
 
 impl CpuPolicy {
     /// Derives the policy from the host's CPUID (`cpuid(leaf, subleaf)`).
     pub fn from_host(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Self {
+        let tsc_aux =
+            cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpuid(0x8000_0001, 0)[3] & (1 << 27) != 0;
         let max_leaf = cpuid(0, 0)[0];
         let has_xsave = cpuid(1, 0)[2] & (1 << 26) != 0;
         if max_leaf < 0xd || !has_xsave {
-            return Self::default();
+            return Self {
+                tsc_aux,
+                ..Self::default()
+            };
         }
         let d = cpuid(0xd, 0);
         let supported = u64::from(d[0]) | (u64::from(d[3]) << 32);
@@ -92,7 +99,14 @@ impl CpuPolicy {
         Self {
             xcr0_allowed: allowed,
             xsave_size: size,
+            tsc_aux,
         }
+    }
+
+    /// Whether this CPU has `msr`, so that a guest may use it: all of [`crate::msr::Msr`] but
+    /// TSC_AUX, which needs RDTSCP. An MSR it lacks gets #GP, as on the CPU.
+    pub fn has_msr(&self, msr: crate::msr::Msr) -> bool {
+        msr != crate::msr::Msr::TscAux || self.tsc_aux
     }
 
     /// Checks an XSETBV of `value` into XCR`index` as the CPU would (SDM Vol. 2, XSETBV):
@@ -199,6 +213,21 @@ mod tests {
         assert_eq!(p.xsave_size, 1664 + 1024);
         let none = CpuPolicy::from_host(|l, s| if l == 1 { [0; 4] } else { host(l, s) });
         assert_eq!(none, CpuPolicy::default());
+    }
+
+    #[test]
+    fn tsc_aux_only_with_rdtscp() {
+        use crate::msr::Msr;
+        let rdtscp = |l: u32, s: u32| match l {
+            0x8000_0000 => [0x8000_0008, 0, 0, 0],
+            0x8000_0001 => [0, 0, 0, 1 << 27],
+            _ => host(l, s),
+        };
+        let p = CpuPolicy::from_host(rdtscp);
+        assert!(p.tsc_aux && p.has_msr(Msr::TscAux) && p.has_msr(Msr::Lstar));
+        // `host` has no extended leaves: no RDTSCP, so no TSC_AUX.
+        let p = CpuPolicy::from_host(host);
+        assert!(!p.has_msr(Msr::TscAux) && p.has_msr(Msr::KernelGsBase));
     }
 
     #[test]
