@@ -65,6 +65,17 @@ impl Ring {
         true
     }
 
+    /// Sends everything buffered, giving up after a bounded number of polls that find the
+    /// transmitter busy (a UART that never drains must not hang a shutdown or a panic report).
+    fn flush(&mut self) {
+        let mut busy: u64 = 0;
+        while self.len > 0 && busy < 100_000_000 {
+            if !self.pump_once() {
+                busy += 1;
+            }
+        }
+    }
+
     /// Waits until at least `n` bytes are free.
     fn make_room(&mut self, n: usize) {
         while self.free() < n.min(RING_BYTES) {
@@ -146,9 +157,7 @@ pub fn pump() {
 /// holder may never release it. What is still in the ring comes first if the lock is free.
 pub fn emergency_print(args: fmt::Arguments) {
     if let Some(mut ring) = RING.try_lock() {
-        while ring.len > 0 {
-            ring.pump_once();
-        }
+        ring.flush();
     }
     // SAFETY: same port as `init`; used only on the way to a halt, when no other writer runs.
     let mut port = unsafe { SerialPort::new(COM1) };
@@ -159,15 +168,7 @@ pub fn emergency_print(args: fmt::Arguments) {
 /// transmitter empty), so that nothing is lost when the machine stops right after; bounded, in
 /// case there is no UART at all.
 pub fn drain() {
-    {
-        let mut ring = RING.lock();
-        let mut spins: u64 = 0;
-        while ring.len > 0 && spins < 100_000_000 {
-            if !ring.pump_once() {
-                spins += 1;
-            }
-        }
-    }
+    RING.lock().flush();
     for _ in 0..1_000_000 {
         // SAFETY: reading COM1's line status register has no side effects.
         if unsafe { inb(COM1 + 5) } & LSR_TX_IDLE != 0 {
