@@ -1,0 +1,22 @@
+//! The virtual platform each VM sees: the devices of a PC that a guest programs directly, as
+//! models that know nothing of VMX, of the host's hardware or of other VMs.
+//!
+//! - [`time`]: the VM's clock. Every model counts in guest TSC ticks ([`Tsc`]) and converts
+//!   with a [`Timebase`] in exact integer arithmetic, so time dilation (a property of how the
+//!   kernel computes the guest TSC) reaches every device at once.
+//! - [`irq`]: interrupt lines (GSIs). A device sets a line's level or pulses it; the platform
+//!   routes line changes into the interrupt-controller models.
+//! - [`bus`]: port-I/O and MMIO buses: address ranges mapped to device identifiers, and the
+//!   [`bus::PioDevice`] / [`bus::MmioDevice`] traits every model implements.
+//!
+//! Nothing here executes a privileged instruction or touches host memory: all of it runs under
+//! `cargo test` on the host.
+#![no_std]
+
+extern crate alloc;
+
+pub mod bus;
+pub mod irq;
+pub mod time;
+
+pub use time::{Timebase, Tsc};
