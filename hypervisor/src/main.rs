@@ -14,6 +14,7 @@ mod acpi_tables;
 mod arch;
 mod boot;
 mod cpu_state;
+mod guest_phys;
 mod interrupts;
 mod memmux;
 mod platform;
@@ -159,14 +160,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     // Its own statement: the heap's lock guard must be gone before the engine allocates.
     let heap_free = HEAP.lock().free();
     let mut mux = if memory.multiplex {
-        memmux::MemMux::new(
-            &memory,
-            &vms,
-            host.tsc_hz,
-            host.controls.ept_ad,
-            host.caps.invept_single_context(),
-            heap_free,
-        )
+        memmux::MemMux::new(&memory, &vms, host.tsc_hz, host.controls.ept_ad, heap_free)
     } else {
         None
     };
@@ -179,8 +173,8 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
 
     let mut exited = 0;
     for v in &vms {
-        println!("[INFO] stats {}", v.stats_line(host.tsc_hz));
-        if matches!(v.state, hv_vm::sched::VmState::Exited(_)) {
+        println!("[INFO] stats {}", v.core.stats_line(host.tsc_hz));
+        if matches!(v.core.state, hv_vm::sched::VmState::Exited(_)) {
             exited += 1;
         }
     }

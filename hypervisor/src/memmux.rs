@@ -7,7 +7,8 @@
 //! whenever a guest (or the hypervisor on a guest's behalf, for a hypercall's buffer) touches a
 //! page the engine has taken away or made read-only. *What* happens to a page is the engine's
 //! business, and this module must not second-guess it; the exit handling and scheduling stay
-//! in [`crate::vm`].
+//! in [`crate::vm`]. It reaches the VMs only through
+//! [`HasGuestPhys`].
 //!
 //! Coldness is the engine's policy too, but in time, and the clocks are the kernel's: before
 //! each scan step this module reports host time (the TSC) and each VM's *own time*, the CPU
@@ -21,8 +22,9 @@
 //!
 //! Translation caching: the engine's contract asks that a map or unmap be in force before the
 //! guest can observe memory again. The guests do not run while the engine does (one CPU, and the
-//! engine runs only in VM-exit context), so the backend marks the VM's EPT stale and
-//! [`MemMux::before_entry`] issues the INVEPT before that VM is entered next: one INVEPT per VM
+//! engine runs only in VM-exit context), so the backend marks the VM's EPT stale
+//! ([`crate::guest_phys::GuestPhys::stale`]) and the run loop issues the INVEPT before that VM
+//! is entered next: one INVEPT per VM
 //! per scan step instead of one per page. The same holds for accessed/dirty flags cleared by the
 //! scanner: the CPU only sets a flag again once its cached translation is gone.
 
@@ -38,9 +40,8 @@ use hv_vm::frames::FrameAllocator;
 use hv_vm::memory::PageMapping;
 use hv_vmx::ept::EptPerms;
 
+use crate::guest_phys::{HasGuestPhys, TableFrames};
 use crate::platform::rdtsc;
-use crate::vm::{TableFrames, Vm};
-use crate::vmx;
 
 /// Heap bytes per guest page the engine's metadata may take at most, for the admission check in
 /// [`MemMux::new`]: above the engine's worst case (about 100 bytes, when every page is an object
@@ -69,11 +70,8 @@ pub struct MemMux {
     /// Per VM (by index): TSC ticks the engine spent on its faults, and its own time.
     vm_fault_tsc: Vec<u64>,
     own: Vec<OwnTime>,
-    /// Per VM (by index): its EPT changed since it last ran, so it needs an INVEPT.
-    stale: Vec<bool>,
     /// EPT accessed/dirty flags are enabled (else every page counts as accessed and dirty).
     ept_ad: bool,
-    invept_single: bool,
     /// Host TSC ticks spent in scan steps and in faults, and how many of each.
     scan_tsc: u64,
     scans: u64,
@@ -120,13 +118,12 @@ impl MemMux {
     /// whole when the heap is full.
     pub fn new(
         config: &MemoryConfig,
-        vms: &[Vm],
+        vms: &[impl HasGuestPhys],
         tsc_hz: u64,
         ept_ad: bool,
-        invept_single: bool,
         heap_free: usize,
     ) -> Option<Self> {
-        let pages: u64 = vms.iter().map(Vm::memory_pages).sum();
+        let pages: u64 = vms.iter().map(|v| v.guest_phys().memory.pages()).sum();
         let need = pages.saturating_mul(METADATA_BOUND_PER_PAGE);
         if need > heap_free as u64 / 2 {
             log::error!(target: "mem",
@@ -148,9 +145,10 @@ impl MemMux {
                 return None;
             }
         };
-        for (i, vm) in vms.iter().enumerate() {
+        for (i, v) in vms.iter().enumerate() {
+            let vm = v.vm();
             let domain = DomainId(vm.sharing_domain());
-            if let Err(e) = engine.add_vm(VmId(i as u32), domain, vm.memory_pages()) {
+            if let Err(e) = engine.add_vm(VmId(i as u32), domain, v.guest_phys().memory.pages()) {
                 log::error!(target: "mem", "memory multiplexing off: cannot register vm {}: {e}", vm.name);
                 return None;
             }
@@ -177,9 +175,7 @@ impl MemMux {
             last_scan: 0,
             vm_fault_tsc: vec![0; vms.len()],
             own: vec![OwnTime::default(); vms.len()],
-            stale: vec![false; vms.len()],
             ept_ad,
-            invept_single,
             scan_tsc: 0,
             scans: 0,
             fault_tsc: 0,
@@ -191,17 +187,16 @@ impl MemMux {
         })
     }
 
-    fn backend<'a>(
+    fn backend<'a, V: HasGuestPhys>(
         &'a mut self,
-        vms: &'a mut [Vm],
+        vms: &'a mut [V],
         frames: &'a mut FrameAllocator,
-    ) -> (&'a mut Engine, EptBackend<'a>) {
+    ) -> (&'a mut Engine, EptBackend<'a, V>) {
         (
             &mut self.engine,
             EptBackend {
                 vms,
                 frames,
-                stale: &mut self.stale,
                 ept_ad: self.ept_ad,
             },
         )
@@ -213,13 +208,14 @@ impl MemMux {
     /// the guest has not touched on its first visit, and before a VM has run, every page looks
     /// untouched, so its code and stack would be compressed or merged only to be faulted back in
     /// by its first instructions.
-    pub fn maybe_scan(&mut self, vms: &mut [Vm], frames: &mut FrameAllocator) {
+    pub fn maybe_scan(&mut self, vms: &mut [impl HasGuestPhys], frames: &mut FrameAllocator) {
         // Called before every quantum, so at most one VM ran since the last call.
         self.account(vms);
         let start = rdtsc();
         if self.scans == 0 {
             if vms
                 .iter()
+                .map(|v| v.vm())
                 .any(|vm| vm.state.is_runnable() && vm.acct.stats.runs == 0)
             {
                 return;
@@ -252,8 +248,8 @@ impl MemMux {
     /// less the engine's work on its faults, and at least a full quantum per time it was
     /// scheduled (a VM that yields or halts gave the rest of its quantum away; it was not
     /// kept waiting).
-    fn account(&mut self, vms: &[Vm]) {
-        for (i, vm) in vms.iter().enumerate() {
+    fn account(&mut self, vms: &[impl HasGuestPhys]) {
+        for (i, vm) in vms.iter().map(|v| v.vm()).enumerate() {
             let (Some(own), Some(&fault_tsc)) = (self.own.get_mut(i), self.vm_fault_tsc.get(i))
             else {
                 continue;
@@ -275,7 +271,7 @@ impl MemMux {
     /// patched, compressed or mapped onto a zero frame.
     pub fn fault(
         &mut self,
-        vms: &mut [Vm],
+        vms: &mut [impl HasGuestPhys],
         frames: &mut FrameAllocator,
         index: usize,
         gpa: u64,
@@ -301,8 +297,8 @@ impl MemMux {
                 if self.last_spurious.replace(this) == Some(this) {
                     return Err(FaultError::Stuck);
                 }
-                if let Some(stale) = self.stale.get_mut(index) {
-                    *stale = true;
+                if let Some(v) = vms.get_mut(index) {
+                    v.guest_phys_mut().stale = true;
                 }
                 Ok(())
             }
@@ -322,21 +318,16 @@ impl MemMux {
 
     /// Unregisters a VM that stopped: the engine drops its references (shared, zero, patched and
     /// compressed pages), so that every page still present is a private frame the VM owns.
-    pub fn remove_vm(&mut self, vms: &mut [Vm], frames: &mut FrameAllocator, index: usize) {
+    pub fn remove_vm(
+        &mut self,
+        vms: &mut [impl HasGuestPhys],
+        frames: &mut FrameAllocator,
+        index: usize,
+    ) {
         let (engine, mut backend) = self.backend(vms, frames);
         if let Err(e) = engine.remove_vm(&mut backend, VmId(index as u32)) {
-            let name = backend.vms.get(index).map_or("?", |vm| vm.name.as_str());
+            let name = backend.vms.get(index).map_or("?", |v| v.vm().name.as_str());
             log::error!(target: "mem", "removing vm {name}: {e}");
-        }
-    }
-
-    /// Drops the cached translations of VM `index` if the engine changed its EPT.
-    pub fn before_entry(&mut self, vm: &Vm, index: usize) {
-        if let Some(stale) = self.stale.get_mut(index) {
-            if *stale {
-                vmx::invept(vm.eptp(), self.invept_single);
-                *stale = false;
-            }
         }
     }
 
@@ -378,20 +369,20 @@ fn beyond_zero(s: &Stats) -> u64 {
 
 /// The engine's view of the VMs' memory: EPT leaves, the GuestMemory mirrors, host frames
 /// through the identity map, and the frame allocator.
-struct EptBackend<'a> {
-    vms: &'a mut [Vm],
+struct EptBackend<'a, V> {
+    vms: &'a mut [V],
     frames: &'a mut FrameAllocator,
-    stale: &'a mut [bool],
     ept_ad: bool,
 }
 
-impl EptBackend<'_> {
+impl<V: HasGuestPhys> EptBackend<'_, V> {
     /// Sets the EPT leaf and the mirror of one guest page together.
     fn set(&mut self, vm: VmId, gfn: Gfn, mapping: Option<(u64, bool)>) {
         let index = vm.0 as usize;
-        let Some(v) = self.vms.get_mut(index) else {
+        let Some(owner) = self.vms.get_mut(index) else {
             return;
         };
+        let v = owner.guest_phys_mut();
         let mut tables = TableFrames(self.frames);
         let gpa = gfn.0 << 12;
         let result = match mapping {
@@ -401,25 +392,25 @@ impl EptBackend<'_> {
                 } else {
                     EptPerms::RX
                 };
-                v.ept_mut().map(&mut tables, gpa, hpa, perms)
+                v.ept.map(&mut tables, gpa, hpa, perms)
             }
             None => {
-                v.ept_mut().unmap(&mut tables, gpa);
+                v.ept.unmap(&mut tables, gpa);
                 Ok(())
             }
         };
         match result {
-            Ok(()) => v.memory_mut().set_page(
+            Ok(()) => v.memory.set_page(
                 gfn.0,
                 mapping.map(|(hpa, writable)| PageMapping { hpa, writable }),
             ),
             // Every guest page's leaf table exists from VM creation on, so remapping a page
             // allocates nothing and cannot fail; if it did, the old leaf and mirror stay.
-            Err(e) => log::error!(target: "mem", "vm {}: remapping gpa {gpa:#x}: {e}", v.name),
+            Err(e) => {
+                log::error!(target: "mem", "vm {}: remapping gpa {gpa:#x}: {e}", owner.vm().name)
+            }
         }
-        if let Some(stale) = self.stale.get_mut(index) {
-            *stale = true;
-        }
+        owner.guest_phys_mut().stale = true;
     }
 
     fn take_flag(&mut self, vm: VmId, gfn: Gfn, dirty: bool) -> bool {
@@ -428,20 +419,18 @@ impl EptBackend<'_> {
         }
         let index = vm.0 as usize;
         let mut tables = TableFrames(self.frames);
-        let Some(v) = self.vms.get_mut(index) else {
+        let Some(v) = self.vms.get_mut(index).map(|v| v.guest_phys_mut()) else {
             return true;
         };
         let gpa = gfn.0 << 12;
         let was = if dirty {
-            v.ept_mut().take_dirty(&mut tables, gpa)
+            v.ept.take_dirty(&mut tables, gpa)
         } else {
-            v.ept_mut().take_accessed(&mut tables, gpa)
+            v.ept.take_accessed(&mut tables, gpa)
         };
         if was == Some(true) {
             // The CPU sets the flag again only after its cached translation is dropped.
-            if let Some(stale) = self.stale.get_mut(index) {
-                *stale = true;
-            }
+            v.stale = true;
         }
         was.unwrap_or(true)
     }
@@ -464,9 +453,14 @@ const fn frame_hpa(frame: Frame) -> u64 {
     frame.0 << 12
 }
 
-impl MemoryBackend for EptBackend<'_> {
+impl<V: HasGuestPhys> MemoryBackend for EptBackend<'_, V> {
     fn mapping(&self, vm: VmId, gfn: Gfn) -> Option<Mapping> {
-        let m = self.vms.get(vm.0 as usize)?.memory().page(gfn.0)?;
+        let m = self
+            .vms
+            .get(vm.0 as usize)?
+            .guest_phys()
+            .memory
+            .page(gfn.0)?;
         Some(Mapping {
             frame: Frame(m.hpa >> 12),
             writable: m.writable,

@@ -1,77 +1,41 @@
-//! Running VMs: creating one from its manifest entry (memory, EPT, image, VMCS), handling its
-//! VM exits, and the round-robin loop that runs them all on this CPU.
+//! Running VMs on VT-x: creating one from its manifest entry (memory, EPT, image, VMCS), the
+//! VT-x implementation of the vCPU backend ([`hv_vm::vcpu::Vcpu`]), and the round-robin loop
+//! that runs them all on this CPU.
 //!
-//! Policy comes from `hv-vm` (hypercalls, CPUID/MSR/XSETBV policy, UART model, console queue,
-//! scheduling) and VMX rules from `hv-vmx`; this file wires them to the hardware through
-//! [`crate::vmx`] and [`crate::cpu_state`]. Every failure of one VM (bad image, out of memory,
-//! EPT violation, triple fault, failed entry) stops that VM with a report naming it; the others
-//! go on. Every exit reason has a defined policy in [`handle_exit`] (docs/isolation.md lists
-//! them): an instruction the guest may execute is emulated or gets the exception a CPU of the
-//! model the guest sees would raise; an exit the negotiated controls rule out stops the VM with
-//! a report naming it, as a hypervisor bug.
+//! What happens on each exit is policy, and lives in `hv_vm::exits` (host-tested against a fake
+//! vCPU); this file enters the guest, decodes the exit ([`VmExit::decode`]) and carries out what
+//! the policy decided (the memory engine's fault-ins, scheduling). Every failure of one VM (bad
+//! image, out of memory, EPT violation, triple fault, failed entry) stops that VM with a report
+//! naming it; the others go on.
 
-use alloc::{boxed::Box, format, string::String, vec::Vec};
+use alloc::vec::Vec;
 
-use guest_abi::{boot as gboot, ExitKind, VmInfo, VM_INFO_MAGIC};
+use guest_abi::boot as gboot;
 use hv_manifest::VmConfig;
 use hv_vm::{
-    console::ConsoleOutput,
+    exits::{self, ExitContext, Next},
     frames::FrameAllocator,
-    hypercall::{self, Args, Outcome, Scratch},
-    memory::{AccessError, GuestMemory, PhysMemory},
-    msr::{self, Home, Msr},
-    paging,
+    memory::{AccessError, GuestMemory},
+    msr::{self, Msr},
     policy::{self, CpuPolicy},
-    sched::{self, Accounting, VmState},
-    uart::{LineBuffer, Uart16550},
+    regs::GuestRegisters,
+    sched,
+    vcpu::{rflags, Reg, Vcpu},
 };
 use hv_vmx::{
     controls::VmcsControls,
-    ept::{Ept, EptPerms, FrameSource},
-    exit::{self, reason, CrAccess, EptAccess, EptViolation, Interruption, IoExit},
+    ept::{Ept, EptPerms},
+    exit::{Interruption, VmExit},
     fields as f,
 };
 
 use crate::cpu_state::{self, CpuState};
+use crate::guest_phys::{
+    free_ept_tables, zero_frame, GuestPhys, HasGuestPhys, IdentityPhys, TableFrames,
+};
 use crate::memmux::MemMux;
 use crate::platform::{cpuid, rdmsr, rdtsc};
-use crate::vmx::{self, vmread, vmwrite, GuestRegisters};
-
-/// Host-physical memory through the identity map.
-pub struct IdentityPhys;
-
-impl PhysMemory for IdentityPhys {
-    fn read(&self, hpa: u64, buf: &mut [u8]) {
-        // SAFETY: callers pass frames of a VM's memory (from the frame allocator, below 4 GiB,
-        // identity-mapped, owned by the VM), and GuestMemory keeps each copy inside one frame.
-        unsafe { core::ptr::copy_nonoverlapping(hpa as *const u8, buf.as_mut_ptr(), buf.len()) };
-    }
-    fn write(&mut self, hpa: u64, data: &[u8]) {
-        // SAFETY: as in `read`.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), hpa as *mut u8, data.len()) };
-    }
-}
-
-/// Frames for EPT tables, zeroed, from the frame allocator.
-pub struct TableFrames<'a>(pub &'a mut FrameAllocator);
-
-impl FrameSource for TableFrames<'_> {
-    fn alloc_table(&mut self) -> Option<u64> {
-        let frame = self.0.alloc()?;
-        zero_frame(frame);
-        Some(frame)
-    }
-    fn table(&mut self, hpa: u64) -> &mut [u64; 512] {
-        // SAFETY: `hpa` is a table frame this FrameSource allocated (identity-mapped, 4 KiB
-        // aligned, owned by the EPT being built); no other reference to it exists meanwhile.
-        unsafe { &mut *(hpa as *mut [u64; 512]) }
-    }
-}
-
-pub fn zero_frame(frame: u64) {
-    // SAFETY: `frame` is a 4 KiB frame just taken from the allocator: ours, identity-mapped.
-    unsafe { core::ptr::write_bytes(frame as *mut u8, 0, 4096) };
-}
+use crate::vmx::{self, vmread, vmwrite};
 
 /// The guest's EFER at entry: long mode enabled and active (guest-abi boot protocol).
 const GUEST_EFER_AT_ENTRY: u64 = msr::efer::LME | msr::efer::LMA;
@@ -106,49 +70,31 @@ impl core::fmt::Display for VmError {
         }
     }
 }
-
+/// A VM on this machine: its policy state (host-tested, `hv_vm::Vm`), its guest-physical
+/// memory, and its VT-x state.
 pub struct Vm {
-    pub name: String,
-    /// `vm NAME`, the log target.
-    target: String,
-    pub id: u32,
-    config: VmConfig,
-    memory: GuestMemory,
-    ept: Ept,
-    eptp: u64,
+    pub core: hv_vm::Vm,
+    pub phys: GuestPhys,
     vmcs: u64,
     regs: GuestRegisters,
     launched: bool,
-    pub state: VmState,
-    pub acct: Accounting,
-    uart: Uart16550,
-    console: LineBuffer,
-    /// Console lines waiting for room in the serial output (moved there by `run_all`).
-    console_out: ConsoleOutput,
     /// x87/SSE/AVX state, XCR0, DR0-DR3, DR6, CR2 and the switched MSRs while off the CPU.
     cpu: CpuState,
-    /// The task-priority register (CR8), emulated: MOV to/from CR8 exit.
-    tpr: u64,
     /// A frame with the VM-entry MSR-load list (guest EFER and/or PAT) at offset 0 and the
     /// VM-exit MSR-load list (the host's values) at [`EXIT_LIST_OFFSET`], on CPUs without the
     /// VMCS controls that switch them.
     msr_lists: Option<u64>,
-    /// An event was written into the VM-entry interruption field during this exit.
-    injected: bool,
-    /// What the VmInfo hypercall returns; it never changes, so it is built once.
-    info: VmInfo,
-    /// Where hypercall arguments are copied out of guest memory. Kept per VM and never zeroed
-    /// per call: the hypercall layer only hands out the bytes it has just filled, and zeroing
-    /// 4 KiB on every VMCALL once cost more than the rest of the exit path together.
-    scratch: Box<Scratch>,
 }
 
-/// Gives the frames of an EPT's tables back to the allocator.
-fn free_ept_tables(ept: &Ept, frames: &mut FrameAllocator) {
-    let mut list = Vec::new();
-    ept.table_frames(&mut TableFrames(frames), &mut |t| list.push(t));
-    for t in list {
-        frames.free(t);
+impl HasGuestPhys for Vm {
+    fn vm(&self) -> &hv_vm::Vm {
+        &self.core
+    }
+    fn guest_phys(&self) -> &GuestPhys {
+        &self.phys
+    }
+    fn guest_phys_mut(&mut self) -> &mut GuestPhys {
+        &mut self.phys
     }
 }
 
@@ -256,14 +202,14 @@ impl Vm {
             return Err(building.fail(Some(ept), VmError::OutOfMemory));
         }
         let eptp = ept.eptp(host.controls.ept_ad);
-        let mut vm = Self {
-            name: config.name.clone(),
-            target: format!("vm {}", config.name),
-            id,
-            config: config.clone(),
-            memory,
-            ept,
-            eptp,
+        let vm = Self {
+            core: hv_vm::Vm::new(id, config, bytes),
+            phys: GuestPhys {
+                memory,
+                ept,
+                eptp,
+                stale: false,
+            },
             vmcs,
             // Every register starts at 0 but RDI, the boot-information pointer (guest-abi boot
             // protocol); RSP and RIP are in the VMCS.
@@ -272,25 +218,15 @@ impl Vm {
                 ..Default::default()
             },
             launched: false,
-            state: VmState::Runnable,
-            acct: Accounting::default(),
-            uart: Uart16550::default(),
-            console: LineBuffer::default(),
-            console_out: ConsoleOutput::default(),
             cpu: CpuState::new(xsave_area),
-            tpr: 0,
             msr_lists,
-            injected: false,
-            info: VmInfo::default(),
-            scratch: Box::new([0; guest_abi::CONSOLE_WRITE_MAX as usize]),
         };
-        vm.info = vm.build_info();
         vm.init_vmcs(host, image_info.entry);
         // The EPT is new, but its root frame may have backed an earlier VM's EPT: drop any
         // translations the CPU still caches for it (SDM 29.4.3.1).
-        vmx::invept(vm.eptp, host.caps.invept_single_context());
-        log::info!(target: &vm.target, "created: {} MiB, image \"{}\" entry {:#x}, quantum {} us, eptp {:#x}",
-            config.memory_mib, config.image, image_info.entry, config.quantum_us, vm.eptp);
+        vmx::invept(vm.phys.eptp, host.caps.invept_single_context());
+        log::info!(target: &vm.core.target, "created: {} MiB, image \"{}\" entry {:#x}, quantum {} us, eptp {:#x}",
+            config.memory_mib, config.image, image_info.entry, config.quantum_us, vm.phys.eptp);
         Ok(vm)
     }
 
@@ -317,9 +253,9 @@ impl Vm {
         vmwrite(f::MSR_BITMAP, host.msr_bitmap);
         vmwrite(f::IO_BITMAP_A, host.io_bitmap_a);
         vmwrite(f::IO_BITMAP_B, host.io_bitmap_b);
-        vmwrite(f::EPT_POINTER, self.eptp);
+        vmwrite(f::EPT_POINTER, self.phys.eptp);
         if c.vpid {
-            vmwrite(f::VPID, u64::from(self.id) + 1);
+            vmwrite(f::VPID, u64::from(self.core.id) + 1);
         }
         vmwrite(f::VMCS_LINK_POINTER, u64::MAX);
 
@@ -448,7 +384,7 @@ impl Vm {
         vmwrite(f::GUEST_SYSENTER_CS, 0);
         vmwrite(f::GUEST_SYSENTER_ESP, 0);
         vmwrite(f::GUEST_SYSENTER_EIP, 0);
-        vmwrite(f::GUEST_RSP, (self.memory.size() - 16) & !0xf);
+        vmwrite(f::GUEST_RSP, (self.phys.memory.size() - 16) & !0xf);
         vmwrite(f::GUEST_RIP, entry);
         vmwrite(f::GUEST_RFLAGS, 0x2);
         vmwrite(f::GUEST_ACTIVITY_STATE, 0);
@@ -493,7 +429,31 @@ impl Vm {
         vmwrite(f::EXIT_MSR_LOAD_COUNT, n);
     }
 
-    /// Where the guest's EFER or PAT is: its VMCS field or its entry in the MSR-load list.
+    /// Frees the VM's memory, EPT tables, VMCS and CPU-state frames.
+    /// Frees the VM's memory, EPT tables, VMCS and CPU-state frames.
+    pub fn release(self, frames: &mut FrameAllocator) {
+        self.phys.release(frames);
+        frames.free(self.vmcs);
+        frames.free(self.cpu.xsave_area);
+        if let Some(lists) = self.msr_lists {
+            frames.free(lists);
+        }
+    }
+}
+
+/// The vCPU backend on VT-x: the current VMCS, the registers the entry code saved, and the
+/// physical CPU's own state that holds the guest's values while it runs (cpu_state.rs).
+struct VmxVcpu<'a> {
+    regs: &'a mut GuestRegisters,
+    cpu: &'a mut CpuState,
+    msr_lists: Option<u64>,
+    controls: &'a VmcsControls,
+    phys: IdentityPhys,
+}
+
+impl VmxVcpu<'_> {
+    /// Where the guest's EFER or PAT is in the VM-entry MSR-load list, when the CPU switches
+    /// them through the list rather than VMCS fields.
     fn list_slot(&self, m: Msr) -> Option<*mut u64> {
         let frame = self.msr_lists?;
         (0..LIST_MSRS as u64)
@@ -505,7 +465,7 @@ impl Vm {
 
     /// The VMCS guest field of an MSR kept in the VMCS, or `None` for EFER and PAT when the CPU
     /// switches them through the MSR-load lists instead.
-    fn vmcs_field(host: &HostVmx, m: Msr) -> Option<u32> {
+    fn vmcs_field(&self, m: Msr) -> Option<u32> {
         Some(match m {
             Msr::FsBase => f::GUEST_FS_BASE,
             Msr::GsBase => f::GUEST_GS_BASE,
@@ -513,226 +473,17 @@ impl Vm {
             Msr::SysenterEsp => f::GUEST_SYSENTER_ESP,
             Msr::SysenterEip => f::GUEST_SYSENTER_EIP,
             Msr::DebugCtl => f::GUEST_IA32_DEBUGCTL,
-            Msr::Efer if host.controls.load_efer => f::GUEST_IA32_EFER,
-            Msr::Pat if host.controls.load_pat => f::GUEST_IA32_PAT,
+            Msr::Efer if self.controls.load_efer => f::GUEST_IA32_EFER,
+            Msr::Pat if self.controls.load_pat => f::GUEST_IA32_PAT,
             _ => return None,
         })
-    }
-
-    fn read_switched_by_vmcs(&self, host: &HostVmx, m: Msr) -> u64 {
-        match Self::vmcs_field(host, m) {
-            Some(field) => vmread(field),
-            // SAFETY: the slot is in this VM's lists frame.
-            None => self.list_slot(m).map_or(0, |p| unsafe { p.read() }),
-        }
-    }
-
-    fn write_switched_by_vmcs(&self, host: &HostVmx, m: Msr, value: u64) {
-        match Self::vmcs_field(host, m) {
-            Some(field) => vmwrite(field, value),
-            None => {
-                if let Some(p) = self.list_slot(m) {
-                    // SAFETY: the slot is in this VM's lists frame.
-                    unsafe { p.write(value) };
-                }
-            }
-        }
-    }
-
-    /// Frees the VM's memory, EPT tables, VMCS and CPU-state frames.
-    pub fn release(self, frames: &mut FrameAllocator) {
-        free_ept_tables(&self.ept, frames);
-        // With memory multiplexing, the VM left the engine when it stopped, so every page still
-        // present is a private frame of its own; shared and zero frames are the engine's.
-        for frame in self.memory.present_frames() {
-            frames.free(frame);
-        }
-        frames.free(self.vmcs);
-        frames.free(self.cpu.xsave_area);
-        if let Some(lists) = self.msr_lists {
-            frames.free(lists);
-        }
-    }
-
-    pub fn sharing_domain(&self) -> u32 {
-        self.config.sharing_domain
-    }
-
-    pub fn quantum_us(&self) -> u64 {
-        self.config.quantum_us
-    }
-
-    pub fn memory_pages(&self) -> u64 {
-        self.memory.pages()
-    }
-
-    pub fn memory(&self) -> &GuestMemory {
-        &self.memory
-    }
-
-    pub fn memory_mut(&mut self) -> &mut GuestMemory {
-        &mut self.memory
-    }
-
-    pub fn ept_mut(&mut self) -> &mut Ept {
-        &mut self.ept
-    }
-
-    pub fn eptp(&self) -> u64 {
-        self.eptp
-    }
-
-    fn build_info(&self) -> VmInfo {
-        let mut info = VmInfo {
-            magic: VM_INFO_MAGIC,
-            vm_id: self.id,
-            vcpus: self.config.vcpus,
-            memory_bytes: self.memory.size(),
-            quantum_us: self.config.quantum_us,
-            ..Default::default()
-        };
-        let n = self.name.len().min(info.name.len());
-        info.name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
-        info.name_len = n as u32;
-        info
-    }
-
-    fn console_bytes(&mut self, bytes: &[u8]) {
-        let (name, out) = (&self.name, &mut self.console_out);
-        self.console.push(bytes, |line| out.push(name, line));
-    }
-
-    /// Prints every queued console line now, at the end of the run, waiting for room in the
-    /// output ring if need be.
-    fn print_console(&mut self) {
-        self.end_console();
-        while let Some(line) = self.console_out.pop() {
-            crate::serial::print(format_args!("{line}"));
-        }
-    }
-
-    /// Moves queued console lines into the output ring while they fit, without waiting.
-    fn send_console(&mut self) {
-        while let Some(line) = self.console_out.front() {
-            if !crate::serial::try_print_line(line) {
-                break;
-            }
-            self.console_out.discard_front();
-        }
-    }
-
-    /// The VM may be entered: it is runnable and not waiting for its console output to drain.
-    fn may_run(&self) -> bool {
-        self.state.is_runnable() && !self.console_out.must_drain()
-    }
-
-    /// Queues the VM's unfinished console line: it stopped, so no newline will end it. What is
-    /// queued is still sent as the line drains (run_all), not now: a stopping VM must not hold the
-    /// CPU for as long as its output takes.
-    fn end_console(&mut self) {
-        let (name, out) = (&self.name, &mut self.console_out);
-        self.console.flush(|line| out.push(name, line));
-        self.send_console();
-    }
-
-    /// Stops the VM for good, with a report.
-    fn fail(&mut self, why: core::fmt::Arguments) {
-        self.end_console();
-        log::error!(target: &self.target, "stopped: {why}");
-        self.state = VmState::Failed;
-    }
-
-    fn exit_with(&mut self, code: u64) {
-        self.end_console();
-        log::info!(target: &self.target, "exited with code {code}");
-        self.state = VmState::Exited(code);
-    }
-
-    pub fn stats_line(&self, tsc_hz: u64) -> String {
-        let s = &self.acct.stats;
-        let state = match self.state {
-            VmState::Exited(c) => format!("exited({c})"),
-            VmState::Failed => String::from("failed"),
-            VmState::Runnable => String::from("runnable"),
-        };
-        let mut line = format!(
-            "vm={} state={} cpu_us={} runs={} max_wait_us={} max_overrun_us={} exits={}",
-            self.name,
-            state,
-            s.cpu_us,
-            s.runs,
-            sched::tsc_to_us(self.acct.max_wait_tsc, tsc_hz),
-            sched::tsc_to_us(self.acct.max_overrun_tsc, tsc_hz),
-            self.acct.total_exits()
-        );
-        for kind in ExitKind::ALL {
-            line.push_str(&format!(" {}={}", kind.name(), s.exits[kind as usize]));
-        }
-        line
-    }
-
-    /// Injects `event` at the next VM entry (SDM 27.6), with `error_code` when it has one.
-    fn inject(&mut self, event: Interruption, error_code: u32) {
-        vmwrite(f::ENTRY_INTERRUPTION_INFO, event.entry_info().into());
-        if event.has_error_code {
-            vmwrite(f::ENTRY_EXCEPTION_ERROR_CODE, error_code.into());
-        }
-        self.injected = true;
-    }
-
-    /// #UD: what a CPU without the instruction's feature raises.
-    fn inject_ud(&mut self) -> Next {
-        self.inject(Interruption::exception(6, false), 0);
-        Next::Resume
-    }
-
-    /// #GP(0).
-    fn inject_gp(&mut self) -> Next {
-        self.inject(Interruption::exception(13, true), 0);
-        Next::Resume
-    }
-
-    /// #PF at `linear`: CR2 is the guest's own while it is on the CPU (cpu_state.rs).
-    fn inject_pf(&mut self, linear: u64, error_code: u32) -> Next {
-        // SAFETY: CR2 belongs to the guest on the CPU; the hypervisor takes no page faults.
-        unsafe { core::arch::asm!("mov cr2, {}", in(reg) linear, options(nomem, nostack)) };
-        self.inject(Interruption::exception(14, true), error_code);
-        Next::Resume
-    }
-}
-
-/// What the exit handler decided.
-enum Next {
-    /// Re-enter the same guest.
-    Resume,
-    /// End the quantum (preemption timer, HLT, yield) and schedule the next VM.
-    Reschedule,
-    /// The VM stopped.
-    Stopped,
-    /// The guest touched a page of its memory that the memory engine has taken away or made
-    /// read-only (directly, or through an instruction the hypervisor emulates): have the engine
-    /// fault it in, then re-enter the guest at the same instruction.
-    GuestFault { gpa: u64, write: bool },
-    /// A hypercall's buffer covers such a page: fault it in, then handle the VMCALL again.
-    HypercallFault { gpa: u64, write: bool },
-}
-
-/// Completes an instruction the hypervisor emulated, as the CPU would have on retiring it: RIP
-/// moves past it and, with RFLAGS.TF set, a single-step debug exception is pending (SDM
-/// 17.3.1.4; delivered at the next entry through the pending-debug-exceptions field, BS bit).
-/// The interrupt shadow of a preceding STI or MOV SS is left as it is: it only matters once
-/// interrupts are delivered to guests, and each VMREAD costs the exit path several Bochs ticks.
-fn advance_rip() {
-    const RFLAGS_TF: u64 = 1 << 8;
-    let rip = vmread(f::GUEST_RIP);
-    vmwrite(f::GUEST_RIP, rip + vmread(f::EXIT_INSTRUCTION_LENGTH));
-    if vmread(f::GUEST_RFLAGS) & RFLAGS_TF != 0 {
-        single_step_trap();
     }
 }
 
 /// The single-step trap after an emulated instruction, out of line (rare): none with
 /// DEBUGCTL.BTF, where TF single-steps on branches only and no emulated instruction branches.
+/// Delivered at the next entry through the pending-debug-exceptions field, BS bit (SDM 17.3.1.4,
+/// 27.3.1.5).
 #[inline(never)]
 fn single_step_trap() {
     const PENDING_BS: u64 = 1 << 14;
@@ -743,500 +494,137 @@ fn single_step_trap() {
     }
 }
 
-/// Handles one VM exit of the current VM (its VMCS is current), whose EXIT_REASON field is
-/// `raw_reason`.
-///
-/// `multiplexed`: the memory engine manages this VM's pages, so an EPT violation inside its
-/// memory is the engine's to resolve rather than a fault of the guest.
-///
-/// The policy of every exit reason (docs/isolation.md, "Exit reasons"):
-/// - emulated: CPUID, RDMSR/WRMSR, I/O (string forms too), MOV to/from CR8, XSETBV, VMCALL,
-///   INVD (as WBINVD), HLT (yields), EPT violations the memory engine owns;
-/// - exception injected as a CPU of the advertised model would raise it: VMX instructions,
-///   GETSEC, MONITOR/MWAIT, RSM, VMFUNC, ENCLS, UMWAIT/TPAUSE, LOADIWKEY, INVPCID (#UD), RDPMC
-///   and MOV to CR4 of a forbidden bit (#GP);
-/// - host events, counted and resumed: external interrupts (acknowledged), NMIs, SMIs,
-///   INIT signals, the preemption timer (ends the quantum);
-/// - VM stopped with a report: triple fault, EPT violation outside memory, VM-entry failures,
-///   and exits that the negotiated controls make impossible (a hypervisor bug if seen).
-fn handle_exit(vm: &mut Vm, host: &HostVmx, multiplexed: bool, raw_reason: u32) -> Next {
-    if raw_reason & exit::EXIT_REASON_ENTRY_FAILURE != 0 {
-        vm.acct.count_exit(ExitKind::Other);
-        let basic = exit::basic_reason(raw_reason);
-        vm.fail(format_args!(
-            "VM entry failed: exit reason {basic} ({}) qualification {:#x}",
-            reason::name(basic),
-            vmread(f::EXIT_QUALIFICATION)
-        ));
-        return Next::Stopped;
+impl Vcpu for VmxVcpu<'_> {
+    type Phys = IdentityPhys;
+
+    #[inline(always)]
+    fn regs(&mut self) -> &mut GuestRegisters {
+        self.regs
     }
-    match exit::basic_reason(raw_reason) {
-        reason::CPUID => {
-            vm.acct.count_exit(ExitKind::Cpuid);
-            let (leaf, subleaf) = (vm.regs.rax as u32, vm.regs.rcx as u32);
-            // Only leaf 1 depends on CR4 (OSXSAVE): spare the other leaves the VMREADs.
-            let cr4 = if leaf == 1 { vmread(f::GUEST_CR4) } else { 0 };
-            let r = host
-                .cpu_policy
-                .cpuid(leaf, subleaf, cpuid(leaf, subleaf), cr4);
-            vm.regs.rax = r[0].into();
-            vm.regs.rbx = r[1].into();
-            vm.regs.rcx = r[2].into();
-            vm.regs.rdx = r[3].into();
-            advance_rip();
-            Next::Resume
-        }
-        reason::VMCALL => {
-            vm.acct.count_exit(ExitKind::Vmcall);
-            handle_vmcall(vm)
-        }
-        reason::IO_INSTRUCTION => {
-            vm.acct.count_exit(ExitKind::Io);
-            handle_io(vm)
-        }
-        reason::RDMSR | reason::WRMSR => {
-            let write = exit::basic_reason(raw_reason) == reason::WRMSR;
-            vm.acct.count_exit(if write {
-                ExitKind::MsrWrite
-            } else {
-                ExitKind::MsrRead
-            });
-            handle_msr(vm, host, write)
-        }
-        reason::HLT => {
-            vm.acct.count_exit(ExitKind::Hlt);
-            advance_rip();
-            Next::Reschedule
-        }
-        reason::PREEMPTION_TIMER => {
-            vm.acct.count_exit(ExitKind::PreemptionTimer);
-            Next::Reschedule
-        }
-        reason::EXTERNAL_INTERRUPT => {
-            // Acknowledged by the exit ("acknowledge interrupt on exit"); the host has no use
-            // for it, but the controller that sent it needs its EOI.
-            vm.acct.count_exit(ExitKind::ExternalInterrupt);
-            if let Some(event) = Interruption::from_info(vmread(f::EXIT_INTERRUPTION_INFO) as u32) {
-                crate::interrupts::acknowledge(event.vector);
-            }
-            Next::Resume
-        }
-        reason::EXCEPTION_OR_NMI => {
-            // The exception bitmap is empty, so only NMIs exit here: the host's (guests have no
-            // virtual NMI source), counted and not injected.
-            vm.acct.count_exit(ExitKind::Other);
-            crate::interrupts::nmi_exit();
-            Next::Resume
-        }
-        reason::EPT_VIOLATION => {
-            vm.acct.count_exit(ExitKind::EptViolation);
-            let gpa = vmread(f::GUEST_PHYSICAL_ADDRESS);
-            let v = EptViolation::from_qualification(vmread(f::EXIT_QUALIFICATION));
-            let rip = vmread(f::GUEST_RIP);
-            let inside = vm.memory.check(gpa, 1).is_ok();
-            if multiplexed && inside {
-                return Next::GuestFault {
-                    gpa,
-                    write: v.access == EptAccess::Write,
-                };
-            }
-            if !inside {
-                let mib = vm.config.memory_mib;
-                vm.fail(format_args!(
-                    "EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: outside the VM's {mib} MiB",
-                    v.access.name()
-                ));
-            } else {
-                vm.fail(format_args!(
-                    "EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: permissions {:#b}",
-                    v.access.name(),
-                    v.present_perms
-                ));
-            }
-            Next::Stopped
-        }
-        reason::TRIPLE_FAULT => {
-            vm.acct.count_exit(ExitKind::Other);
-            vm.fail(format_args!(
-                "triple fault at rip={:#x}",
-                vmread(f::GUEST_RIP)
-            ));
-            Next::Stopped
-        }
-        other => {
-            vm.acct.count_exit(ExitKind::Other);
-            handle_other_exit(vm, host, other)
+
+    fn read(&mut self, reg: Reg) -> u64 {
+        match reg {
+            Reg::Rsp => vmread(f::GUEST_RSP),
+            Reg::Rip => vmread(f::GUEST_RIP),
+            Reg::Rflags => vmread(f::GUEST_RFLAGS),
+            Reg::Cr0 => vmread(f::GUEST_CR0),
+            Reg::Cr3 => vmread(f::GUEST_CR3),
+            Reg::Cr4 => vmread(f::GUEST_CR4),
+            // SS.DPL is the CPL (SDM 5.5): access-rights bits 6:5.
+            Reg::Cpl => (vmread(f::GUEST_SS_ACCESS_RIGHTS) >> 5) & 0b11,
+            Reg::Interruptibility => vmread(f::GUEST_INTERRUPTIBILITY_STATE),
         }
     }
-}
 
-/// The exits that are rare or that a guest causes only by probing: one policy each.
-fn handle_other_exit(vm: &mut Vm, host: &HostVmx, basic: u16) -> Next {
-    match basic {
-        reason::CR_ACCESS => handle_cr_access(vm),
-        reason::XSETBV => {
-            let value = (vm.regs.rdx << 32) | (vm.regs.rax & 0xffff_ffff);
-            if host
-                .cpu_policy
-                .check_xsetbv(vm.regs.rcx as u32, value)
-                .is_err()
-            {
-                return vm.inject_gp();
-            }
-            vm.cpu.xcr0 = value;
-            // SAFETY: the policy checked the value against what the CPU supports and boot
-            // enabled CR4.OSXSAVE; XCR0 holds the running VM's value (cpu_state.rs).
-            unsafe { cpu_state::xsetbv(value) };
-            advance_rip();
-            Next::Resume
-        }
-        reason::INVD => {
-            // Discarding caches without writing them back could expose stale memory of the
-            // host or another VM: write back and invalidate instead, as WBINVD does.
-            // SAFETY: WBINVD only writes back and invalidates caches.
-            unsafe { core::arch::asm!("wbinvd", options(nostack)) };
-            advance_rip();
-            Next::Resume
-        }
-        // VMX is hidden from CPUID (and CR4.VMXE cannot be set), so VMX instructions raise #UD
-        // like on a CPU without VMX; so do the instructions of other hidden features.
-        reason::VMCLEAR
-        | reason::VMLAUNCH
-        | reason::VMPTRLD
-        | reason::VMPTRST
-        | reason::VMREAD
-        | reason::VMRESUME
-        | reason::VMWRITE
-        | reason::VMXOFF
-        | reason::VMXON
-        | reason::INVEPT
-        | reason::INVVPID
-        | reason::VMFUNC
-        | reason::GETSEC
-        | reason::MONITOR
-        | reason::MWAIT
-        | reason::RSM
-        | reason::ENCLS
-        | reason::UMWAIT
-        | reason::TPAUSE
-        | reason::LOADIWKEY
-        | reason::INVPCID => vm.inject_ud(),
-        // No performance counters are offered (CPUID leaf 0xA is empty): every counter index
-        // is invalid.
-        reason::RDPMC => vm.inject_gp(),
-        // Host events: nothing for the guest to see.
-        reason::IO_SMI | reason::OTHER_SMI | reason::INIT_SIGNAL | reason::SIPI => {
-            log::warn!(target: &vm.target, "host event during the guest: {} (ignored)", reason::name(basic));
-            Next::Resume
-        }
-        other => {
-            vm.fail(format_args!(
-                "VM exit {other} ({}) at rip={:#x}: the VMCS controls rule it out, so this is a hypervisor bug",
-                reason::name(other),
-                vmread(f::GUEST_RIP)
-            ));
-            Next::Stopped
-        }
-    }
-}
-
-/// MOV to/from CR8 (the task-priority register, kept per VM) and MOV to CR4 setting a bit of
-/// [`policy::CR4_GUEST_FORBIDDEN`] (#GP). CR0 and CR3 accesses do not exit (empty CR0 mask, no
-/// CR3 exiting); CLTS and LMSW only exit for masked CR0 bits.
-fn handle_cr_access(vm: &mut Vm) -> Next {
-    match CrAccess::from_qualification(vmread(f::EXIT_QUALIFICATION)) {
-        CrAccess::MovTo { cr: 8, gpr } => {
-            let value = vm.regs.gpr(gpr);
-            if value > 0xf {
-                return vm.inject_gp(); // CR8 bits 63:4 are reserved
-            }
-            vm.tpr = value;
-        }
-        CrAccess::MovFrom { cr: 8, gpr } => vm.regs.set_gpr(gpr, vm.tpr),
-        CrAccess::MovTo { cr: 4, .. } => return vm.inject_gp(),
-        other => {
-            vm.fail(format_args!(
-                "unexpected control-register exit {other:?} at rip={:#x}",
-                vmread(f::GUEST_RIP)
-            ));
-            return Next::Stopped;
-        }
-    }
-    advance_rip();
-    Next::Resume
-}
-
-fn handle_vmcall(vm: &mut Vm) -> Next {
-    let r = &vm.regs;
-    let args = Args {
-        nr: r.rax,
-        a0: r.rdi,
-        a1: r.rsi,
-        a2: r.rdx,
-        a3: r.r10,
-    };
-    let mut phys = IdentityPhys;
-    // Disjoint field borrows: the outcome may point into `vm.scratch` while the console is fed.
-    let (rax, next) = match hypercall::handle(
-        args,
-        &vm.memory,
-        &mut phys,
-        &vm.info,
-        &vm.acct.stats,
-        &mut vm.scratch,
-    ) {
-        Outcome::Return(v) => (v, Next::Resume),
-        Outcome::Console(bytes) => {
-            // Queued, not printed: the serial line takes it as fast as it drains (run_all).
-            let n = bytes.len() as u64;
-            let (name, out) = (&vm.name, &mut vm.console_out);
-            vm.console.push(bytes, |line| out.push(name, line));
-            (n, Next::Resume)
-        }
-        Outcome::Report(key, value) => {
-            log::info!(target: &vm.target, "report {key}={value}");
-            (0, Next::Resume)
-        }
-        Outcome::Yield => (0, Next::Reschedule),
-        // GuestMemory refused a page the memory engine holds; nothing was done yet.
-        Outcome::Unavailable { gpa, write } => return Next::HypercallFault { gpa, write },
-        Outcome::Exit(code) => {
-            vm.exit_with(code);
-            return Next::Stopped;
-        }
-    };
-    vm.regs.rax = rax;
-    advance_rip();
-    next
-}
-
-/// Reads `size` bytes from `port` as the VM's platform answers: byte lanes go to consecutive
-/// ports (a 16-bit IN from 0x3F8 reads 0x3F8 and 0x3F9), the UART's ports to its model, every
-/// other port reads as all ones.
-fn port_read(vm: &mut Vm, port: u16, size: u8) -> u32 {
-    (0..size).fold(0u32, |value, i| {
-        let p = port.wrapping_add(i.into());
-        let byte = if Uart16550::owns(p) {
-            vm.uart.read(p)
-        } else {
-            policy::UNKNOWN_PORT_VALUE as u8
+    fn write(&mut self, reg: Reg, value: u64) {
+        let field = match reg {
+            Reg::Rsp => f::GUEST_RSP,
+            Reg::Rip => f::GUEST_RIP,
+            Reg::Rflags => f::GUEST_RFLAGS,
+            Reg::Cr0 => f::GUEST_CR0,
+            Reg::Cr3 => f::GUEST_CR3,
+            Reg::Cr4 => f::GUEST_CR4,
+            Reg::Interruptibility => f::GUEST_INTERRUPTIBILITY_STATE,
+            Reg::Cpl => return, // follows SS; never written on its own
         };
-        value | (u32::from(byte) << (8 * i))
-    })
-}
+        vmwrite(field, value);
+    }
 
-/// Writes `size` bytes of `value` to `port` (byte lanes as in [`port_read`]); writes to ports
-/// without a device are ignored.
-fn port_write(vm: &mut Vm, port: u16, size: u8, value: u32) {
-    for i in 0..size {
-        let p = port.wrapping_add(i.into());
-        if Uart16550::owns(p) {
-            if let Some(byte) = vm.uart.write(p, (value >> (8 * i)) as u8) {
-                vm.console_bytes(&[byte]);
-            }
+    fn read_msr(&mut self, m: Msr) -> u64 {
+        match self.vmcs_field(m) {
+            Some(field) => vmread(field),
+            // SAFETY: the slot is in this VM's lists frame.
+            None => self.list_slot(m).map_or(0, |p| unsafe { p.read() }),
         }
     }
-}
 
-fn handle_io(vm: &mut Vm) -> Next {
-    let io = IoExit::from_qualification(vmread(f::EXIT_QUALIFICATION));
-    if io.string {
-        return handle_string_io(vm, io);
-    }
-    if io.is_in {
-        let value = u64::from(port_read(vm, io.port, io.size));
-        vm.regs.rax = match io.size {
-            1 => (vm.regs.rax & !0xff) | value,
-            2 => (vm.regs.rax & !0xffff) | value,
-            // A 32-bit destination is zero-extended into RAX, as every 32-bit register write.
-            _ => value,
-        };
-    } else {
-        port_write(vm, io.port, io.size, vm.regs.rax as u32);
-    }
-    advance_rip();
-    Next::Resume
-}
-
-/// Iterations of a REP INS/OUTS done per exit: the rest run after re-entering the guest at the
-/// same instruction (RCX counts down), so one exit's work stays bounded.
-const STRING_IO_BATCH: u64 = 256;
-
-/// INS/OUTS, with or without REP (SDM Vol. 2, INS/OUTS): each element goes between the port and
-/// the guest-linear address in RDI (INS, ES) or RSI (OUTS, its segment), translated through the
-/// guest's page tables; RSI/RDI step by the size (down when RFLAGS.DF), RCX counts down under
-/// REP, all in the instruction's address size. A page fault on the guest's tables is injected
-/// as the CPU would, with the iterations done so far kept.
-fn handle_string_io(vm: &mut Vm, io: IoExit) -> Next {
-    let info = vmread(f::EXIT_INSTRUCTION_INFO);
-    let mask = match (info >> 7) & 0b111 {
-        0 => 0xffff,
-        1 => 0xffff_ffff,
-        _ => u64::MAX,
-    };
-    let step = u64::from(io.size);
-    let down = vmread(f::GUEST_RFLAGS) & (1 << 10) != 0;
-    let mut linear = vmread(f::GUEST_LINEAR_ADDRESS);
-    let mut left = if io.rep { vm.regs.rcx & mask } else { 1 };
-    let access = paging::Access {
-        write: io.is_in,
-        user: (vmread(f::GUEST_SS_ACCESS_RIGHTS) >> 5) & 0b11 == 3,
-        write_protect: vmread(f::GUEST_CR0) & (1 << 16) != 0,
-    };
-    let cr3 = vmread(f::GUEST_CR3);
-    let mut phys = IdentityPhys;
-    let mut batch = 0;
-    while left > 0 && batch < STRING_IO_BATCH {
-        // Each byte is translated on its own: an element may straddle two pages.
-        let mut gpas = [0u64; 4];
-        for (i, gpa) in gpas.iter_mut().enumerate().take(io.size.into()) {
-            match paging::translate(
-                &vm.memory,
-                &phys,
-                cr3,
-                linear.wrapping_add(i as u64),
-                access,
-            ) {
-                Ok(g) => *gpa = g,
-                Err(paging::WalkError::PageFault { error_code }) => {
-                    return vm.inject_pf(linear.wrapping_add(i as u64), error_code);
-                }
-                Err(paging::WalkError::Table(AccessError::Unavailable { gpa })) => {
-                    return Next::GuestFault { gpa, write: false };
-                }
-                Err(paging::WalkError::Table(AccessError::OutOfRange(r))) => {
-                    vm.fail(format_args!(
-                        "string I/O: the guest's page tables point outside its memory (gpa={:#x})",
-                        r.gpa
-                    ));
-                    return Next::Stopped;
+    fn write_msr(&mut self, m: Msr, value: u64) {
+        match self.vmcs_field(m) {
+            Some(field) => vmwrite(field, value),
+            None => {
+                if let Some(p) = self.list_slot(m) {
+                    // SAFETY: the slot is in this VM's lists frame.
+                    unsafe { p.write(value) };
                 }
             }
         }
-        let gpas = &gpas[..io.size.into()];
-        if io.is_in {
-            let value = port_read(vm, io.port, io.size).to_le_bytes();
-            for (i, &gpa) in gpas.iter().enumerate() {
-                match vm.memory.write(&mut phys, gpa, &value[i..=i]) {
-                    Ok(()) => {}
-                    Err(AccessError::Unavailable { gpa }) => {
-                        return Next::GuestFault { gpa, write: true }
-                    }
-                    Err(AccessError::OutOfRange(_)) => unreachable!("translated inside memory"),
-                }
-            }
-        } else {
-            let mut value = [0u8; 4];
-            for (i, &gpa) in gpas.iter().enumerate() {
-                match vm.memory.read(&phys, gpa, &mut value[i..=i]) {
-                    Ok(()) => {}
-                    Err(AccessError::Unavailable { gpa }) => {
-                        return Next::GuestFault { gpa, write: false }
-                    }
-                    Err(AccessError::OutOfRange(_)) => unreachable!("translated inside memory"),
-                }
-            }
-            port_write(vm, io.port, io.size, u32::from_le_bytes(value));
-        }
-        // One element done: commit it to the registers, so that a fault or the batch limit
-        // leaves the instruction restartable where it stopped.
-        let next = |r: u64| {
-            if down {
-                r.wrapping_sub(step)
-            } else {
-                r.wrapping_add(step)
-            }
-        };
-        // RSI/RDI change only in the instruction's address size.
-        let bump = |r: u64| (r & !mask) | (next(r) & mask);
-        if io.is_in {
-            vm.regs.rdi = bump(vm.regs.rdi);
-        } else {
-            vm.regs.rsi = bump(vm.regs.rsi);
-        }
-        linear = next(linear);
-        left -= 1;
-        if io.rep {
-            vm.regs.rcx = (vm.regs.rcx & !mask) | (left & mask);
-        }
-        batch += 1;
     }
-    if left == 0 {
-        advance_rip();
-    }
-    Next::Resume
-}
 
-fn handle_msr(vm: &mut Vm, host: &HostVmx, write: bool) -> Next {
-    let index = vm.regs.rcx as u32;
-    let value = (vm.regs.rdx << 32) | (vm.regs.rax & 0xffff_ffff);
-    let usable = Msr::from_index(index).filter(|&m| host.cpu_policy.has_msr(m));
-    let Some(m) = usable else {
-        log::debug!(target: &vm.target, "#GP for {} of MSR {index:#x}", if write { "WRMSR" } else { "RDMSR" });
-        return vm.inject_gp();
-    };
-    if write {
-        // Only EFER's check depends on its present value (LME fixed, LMA read-only).
-        let current = if m == Msr::Efer {
-            vm.read_switched_by_vmcs(host, m)
-        } else {
-            0
-        };
-        let Ok(value) = m.check_write(value, current) else {
-            log::debug!(target: &vm.target, "#GP for WRMSR {index:#x} = {value:#x}");
-            return vm.inject_gp();
-        };
-        match m.home() {
-            Home::Vmcs => vm.write_switched_by_vmcs(host, m, value),
-            Home::Switched(slot) => {
-                vm.cpu.msrs.values[slot] = value;
-                // SAFETY: the running VM's switched MSRs live in the CPU (cpu_state.rs); the
-                // value passed the CPU's own checks above, so WRMSR cannot fault.
-                unsafe { crate::platform::wrmsr(index, value) };
-            }
-            Home::Computed => {} // XSS = 0 accepted; nothing to store
+    /// RIP moves past the instruction and, with RFLAGS.TF set, a single-step trap is pending.
+    /// The interrupt shadow of a preceding STI or MOV SS is left as it is: each VMREAD costs
+    /// the exit path several Bochs ticks.
+    #[inline(always)]
+    fn skip_instruction(&mut self) {
+        let rip = vmread(f::GUEST_RIP);
+        vmwrite(f::GUEST_RIP, rip + vmread(f::EXIT_INSTRUCTION_LENGTH));
+        if vmread(f::GUEST_RFLAGS) & rflags::TF != 0 {
+            single_step_trap();
         }
-    } else {
-        let v = match m.home() {
-            Home::Vmcs => vm.read_switched_by_vmcs(host, m),
-            // SAFETY: as above; SWAPGS changes KERNEL_GS_BASE without an exit, so the CPU's
-            // value is the current one.
-            Home::Switched(_) => unsafe { rdmsr(index) },
-            Home::Computed if m == Msr::Tsc => rdtsc(),
-            Home::Computed => 0,
-        };
-        vm.regs.rax = v & 0xffff_ffff;
-        vm.regs.rdx = v >> 32;
     }
-    advance_rip();
-    Next::Resume
-}
 
-/// Re-injects an event whose delivery the exit interrupted (IDT-vectoring information, SDM
-/// 28.2.4 and 29.2.1): an exception, interrupt or NMI the guest was receiving when, say, its IDT
-/// or stack page had to be faulted in, or a host interrupt arrived. Nothing is re-injected when
-/// the exit handler injected an event of its own (the handlers only do that for instructions,
-/// which are never exits during delivery).
-fn reinject_interrupted_event(vm: &mut Vm) {
-    if vm.injected {
-        return;
-    }
-    let info = vmread(f::IDT_VECTORING_INFO) as u32;
-    if let Some(event) = Interruption::from_info(info) {
+    /// Injects `event` at the next VM entry (SDM 27.6), with `error_code` when it has one;
+    /// software events need the instruction length (SDM 27.6.1.1).
+    fn inject(&mut self, event: Interruption, error_code: u32) {
         vmwrite(f::ENTRY_INTERRUPTION_INFO, event.entry_info().into());
         if event.has_error_code {
-            vmwrite(
-                f::ENTRY_EXCEPTION_ERROR_CODE,
-                vmread(f::IDT_VECTORING_ERROR_CODE),
-            );
+            vmwrite(f::ENTRY_EXCEPTION_ERROR_CODE, error_code.into());
         }
-        // Software interrupts and exceptions need the instruction length (SDM 27.6.1.1).
-        if event.kind >= 4 {
+        if event.kind >= Interruption::SOFTWARE_INTERRUPT {
             vmwrite(
                 f::ENTRY_INSTRUCTION_LENGTH,
                 vmread(f::EXIT_INSTRUCTION_LENGTH),
             );
         }
+    }
+
+    fn phys(&mut self) -> &mut IdentityPhys {
+        &mut self.phys
+    }
+
+    #[inline(always)]
+    fn native_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpuid(leaf, subleaf)
+    }
+
+    fn set_xcr0(&mut self, value: u64) {
+        self.cpu.xcr0 = value;
+        // SAFETY: the policy checked the value against what the CPU supports and boot enabled
+        // CR4.OSXSAVE; XCR0 holds the running VM's value (cpu_state.rs).
+        unsafe { cpu_state::xsetbv(value) };
+    }
+
+    fn write_back_caches(&mut self) {
+        // SAFETY: WBINVD only writes back and invalidates caches.
+        unsafe { core::arch::asm!("wbinvd", options(nostack)) };
+    }
+
+    fn read_cpu_msr(&mut self, index: u32) -> u64 {
+        // SAFETY: the policy only passes MSRs the CPU has (CpuPolicy::has_msr); the running
+        // VM's switched MSRs live in the CPU (cpu_state.rs).
+        unsafe { rdmsr(index) }
+    }
+
+    fn write_cpu_msr(&mut self, index: u32, value: u64) {
+        // SAFETY: as in `read_cpu_msr`; the value passed the CPU's own checks, so WRMSR cannot
+        // fault.
+        unsafe { crate::platform::wrmsr(index, value) };
+    }
+
+    fn set_cr2(&mut self, value: u64) {
+        // SAFETY: CR2 belongs to the guest on the CPU; the hypervisor takes no page faults.
+        unsafe { core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack)) };
+    }
+
+    fn tsc(&mut self) -> u64 {
+        rdtsc()
+    }
+
+    fn host_interrupt(&mut self, vector: u8) {
+        crate::interrupts::acknowledge(vector);
+    }
+
+    fn host_nmi(&mut self) {
+        crate::interrupts::nmi_exit();
     }
 }
 
@@ -1255,20 +643,25 @@ pub fn run_all(
     mut mux: Option<&mut MemMux>,
 ) {
     let rate = host.caps.preemption_timer_rate();
+    let invept_single = host.caps.invept_single_context();
+    let ctx = ExitContext {
+        cpu_policy: &host.cpu_policy,
+        multiplexed: mux.is_some(),
+    };
     let mut current: Option<usize> = None;
     let mut last_on_cpu: Option<usize> = None;
     let start = rdtsc();
     for vm in vms.iter_mut() {
-        vm.acct.ready(start);
+        vm.core.acct.ready(start);
     }
     let mut round: u64 = 0;
     loop {
         for vm in vms.iter_mut() {
-            vm.send_console();
+            vm.core.send_console(crate::serial::try_print_line);
         }
         crate::serial::pump();
-        let Some(i) = sched::next_runnable(vms.len(), current, |v| vms[v].may_run()) else {
-            if vms.iter().any(|v| v.state.is_runnable()) {
+        let Some(i) = sched::next_runnable(vms.len(), current, |v| vms[v].core.may_run()) else {
+            if vms.iter().any(|v| v.core.state.is_runnable()) {
                 // Every VM that could run waits for the serial line: let it drain.
                 core::hint::spin_loop();
                 continue;
@@ -1298,10 +691,10 @@ pub fn run_all(
         }
         // SAFETY: the VMCS belongs to this VM and was initialised by `init_vmcs`.
         unsafe { vmx::vmptrld(vms[i].vmcs) };
-        let quantum = sched::us_to_tsc(vms[i].config.quantum_us, host.tsc_hz);
+        let quantum = sched::us_to_tsc(vms[i].core.config.quantum_us, host.tsc_hz);
         let start = rdtsc();
-        vms[i].acct.schedule_in(start);
-        let deadline = start.saturating_add(vms[i].acct.next_quantum(quantum));
+        vms[i].core.acct.schedule_in(start);
+        let deadline = start.saturating_add(vms[i].core.acct.next_quantum(quantum));
         // Past the deadline the guest is still entered twice at most: for its first entry of
         // the quantum, however short (the hypervisor's own work before it may take longer than
         // a small quantum), and once to retry an instruction after the memory engine faulted
@@ -1314,7 +707,7 @@ pub fn run_all(
         let mut retried_late = false;
         loop {
             let now = rdtsc();
-            if vms[i].console_out.must_drain() {
+            if vms[i].core.must_drain() {
                 break;
             }
             if now >= deadline && entries > 0 {
@@ -1326,10 +719,8 @@ pub fn run_all(
             entries += 1;
             retry_after_fault = false;
             crate::serial::pump();
-            if let Some(mux) = mux.as_deref_mut() {
-                mux.before_entry(&vms[i], i);
-            }
             let vm = &mut vms[i];
+            vm.phys.sync(invept_single);
             vmwrite(
                 f::PREEMPTION_TIMER_VALUE,
                 sched::preemption_timer_value(deadline.saturating_sub(now), rate).into(),
@@ -1338,26 +729,29 @@ pub fn run_all(
             let failed = unsafe { vmx::run_guest(&mut vm.regs, u64::from(vm.launched)) };
             if failed != 0 {
                 let err = vmread(f::VM_INSTRUCTION_ERROR);
-                vm.fail(format_args!("VM entry failed: VM-instruction error {err}"));
+                vm.core
+                    .fail(format_args!("VM entry failed: VM-instruction error {err}"));
                 break;
             }
             vm.launched = true;
-            vm.injected = false;
-            let raw_reason = vmread(f::EXIT_REASON) as u32;
-            let mut next = handle_exit(vm, host, mux.is_some(), raw_reason);
-            // Exits that can interrupt the delivery of an event to the guest (SDM 28.2.4): the
-            // event is delivered again at the next entry. Instruction exits never do.
-            if matches!(
-                exit::basic_reason(raw_reason),
-                reason::EXCEPTION_OR_NMI
-                    | reason::EXTERNAL_INTERRUPT
-                    | reason::EPT_VIOLATION
-                    | reason::EPT_MISCONFIGURATION
-                    | reason::PREEMPTION_TIMER
-            ) && !matches!(next, Next::Stopped)
-            {
-                reinject_interrupted_event(vm);
-            }
+            let exit = VmExit::decode(vmread(f::EXIT_REASON) as u32, vmread);
+            // Instruction exits never interrupt a delivery: spare them the call.
+            let interrupted = if exit.may_interrupt_delivery() {
+                exit.interrupted_event(vmread)
+            } else {
+                None
+            };
+            let mut next = {
+                let (core, memory) = (&mut vm.core, &vm.phys.memory);
+                let mut vcpu = VmxVcpu {
+                    regs: &mut vm.regs,
+                    cpu: &mut vm.cpu,
+                    msr_lists: vm.msr_lists,
+                    controls: &host.controls,
+                    phys: IdentityPhys,
+                };
+                exits::handle(core, memory, &mut vcpu, &ctx, exit, interrupted)
+            };
             if let (Some(mux), Next::Resume | Next::Reschedule) = (mux.as_deref_mut(), &next) {
                 mux.progressed();
             }
@@ -1365,11 +759,11 @@ pub fn run_all(
             // faulting instruction runs again; a hypercall is handled again).
             while let Next::GuestFault { gpa, write } | Next::HypercallFault { gpa, write } = next {
                 let Some(mux) = mux.as_deref_mut() else {
-                    break; // handle_exit only asks for faults when the engine runs
+                    break; // the policy only asks for faults when the engine runs
                 };
                 let hypercall = matches!(next, Next::HypercallFault { .. });
                 if let Err(e) = mux.fault(vms, frames, i, gpa, write, hypercall) {
-                    vms[i].fail(format_args!(
+                    vms[i].core.fail(format_args!(
                         "memory engine could not fault in gpa={gpa:#x} ({}): {e}",
                         if write { "write" } else { "read" }
                     ));
@@ -1377,7 +771,18 @@ pub fn run_all(
                     break;
                 }
                 next = match next {
-                    Next::HypercallFault { .. } => handle_vmcall(&mut vms[i]),
+                    Next::HypercallFault { .. } => {
+                        let vm = &mut vms[i];
+                        let (core, memory) = (&mut vm.core, &vm.phys.memory);
+                        let mut vcpu = VmxVcpu {
+                            regs: &mut vm.regs,
+                            cpu: &mut vm.cpu,
+                            msr_lists: vm.msr_lists,
+                            controls: &host.controls,
+                            phys: IdentityPhys,
+                        };
+                        exits::handle_vmcall(core, memory, &mut vcpu)
+                    }
                     _ => {
                         retry_after_fault = true;
                         Next::Resume
@@ -1389,13 +794,16 @@ pub fn run_all(
                 Next::Reschedule => break,
                 Next::Stopped => break,
                 Next::GuestFault { .. } | Next::HypercallFault { .. } => {
-                    vms[i].fail(format_args!("memory fault without a memory engine"));
+                    vms[i]
+                        .core
+                        .fail(format_args!("memory fault without a memory engine"));
                     break;
                 }
             }
         }
-        let ready = vms[i].state.is_runnable();
+        let ready = vms[i].core.state.is_runnable();
         vms[i]
+            .core
             .acct
             .schedule_out(rdtsc(), deadline, host.tsc_hz, ready);
         if !ready {
@@ -1405,6 +813,7 @@ pub fn run_all(
         }
     }
     for vm in vms.iter_mut() {
-        vm.print_console();
+        vm.core
+            .drain_console(|line| crate::serial::print(format_args!("{line}")));
     }
 }

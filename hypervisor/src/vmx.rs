@@ -5,6 +5,7 @@
 
 use core::arch::{asm, naked_asm};
 
+use hv_vm::regs::GuestRegisters;
 use hv_vmx::caps::{msr, Capabilities, RawCapabilities};
 use hv_vmx::fields;
 
@@ -175,76 +176,6 @@ pub fn invept(eptp: u64, single: bool) {
     let kind: u64 = if single { 1 } else { 2 };
     // SAFETY: INVEPT only drops cached translations.
     unsafe { asm!("invept {}, [{}]", in(reg) kind, in(reg) &descriptor, options(nostack)) };
-}
-
-/// The guest's general-purpose registers; RSP and RIP live in the VMCS.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GuestRegisters {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-}
-
-impl GuestRegisters {
-    /// The general-purpose register numbered as in exit qualifications and instruction
-    /// information (SDM Table 28-3: 0 RAX, 1 RCX, 2 RDX, 3 RBX, 4 RSP, 5 RBP, 6 RSI, 7 RDI,
-    /// 8-15 R8-R15). RSP lives in the VMCS.
-    pub fn gpr(&self, n: u8) -> u64 {
-        match n & 0xf {
-            0 => self.rax,
-            1 => self.rcx,
-            2 => self.rdx,
-            3 => self.rbx,
-            4 => vmread(fields::GUEST_RSP),
-            5 => self.rbp,
-            6 => self.rsi,
-            7 => self.rdi,
-            8 => self.r8,
-            9 => self.r9,
-            10 => self.r10,
-            11 => self.r11,
-            12 => self.r12,
-            13 => self.r13,
-            14 => self.r14,
-            _ => self.r15,
-        }
-    }
-
-    /// Writes the register numbered as in [`Self::gpr`].
-    pub fn set_gpr(&mut self, n: u8, value: u64) {
-        let r = match n & 0xf {
-            0 => &mut self.rax,
-            1 => &mut self.rcx,
-            2 => &mut self.rdx,
-            3 => &mut self.rbx,
-            4 => return vmwrite(fields::GUEST_RSP, value),
-            5 => &mut self.rbp,
-            6 => &mut self.rsi,
-            7 => &mut self.rdi,
-            8 => &mut self.r8,
-            9 => &mut self.r9,
-            10 => &mut self.r10,
-            11 => &mut self.r11,
-            12 => &mut self.r12,
-            13 => &mut self.r13,
-            14 => &mut self.r14,
-            _ => &mut self.r15,
-        };
-        *r = value;
-    }
 }
 
 /// Enters the guest of the current VMCS with `regs` (VMLAUNCH when `launched` is false, else

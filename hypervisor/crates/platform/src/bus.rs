@@ -55,7 +55,10 @@ impl<D: Copy> Default for Bus<D> {
 impl<D: Copy> Bus<D> {
     /// Maps `[base, base + len)` to `device`.
     pub fn insert(&mut self, base: u64, len: u64, device: D) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange)?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::BadRange)?;
         let at = self.ranges.partition_point(|&(s, _, _)| s < base);
         let clashes_before = at > 0 && self.ranges[at - 1].1 > base;
         let clashes_after = at < self.ranges.len() && self.ranges[at].0 < end;

@@ -18,7 +18,10 @@ pub struct Timebase {
 impl Timebase {
     /// A timebase for a guest TSC of `tsc_hz` (at least 1 MHz).
     pub fn new(tsc_hz: u64) -> Self {
-        assert!(tsc_hz >= 1_000_000, "guest TSC frequency {tsc_hz} Hz is implausible");
+        assert!(
+            tsc_hz >= 1_000_000,
+            "guest TSC frequency {tsc_hz} Hz is implausible"
+        );
         Self { tsc_hz }
     }
 

@@ -12,6 +12,10 @@
 //! - [`paging`]: walks a guest's page tables for instructions emulated on its behalf.
 //! - [`msr`]: the MSRs a guest may touch, the checks on their values, and where each is kept.
 //! - [`sched`]: round-robin scheduling with quanta, and per-VM statistics.
+//! - [`regs`]: the guest's general-purpose registers as the kernel saves them.
+//! - [`vcpu`]: the vendor-neutral vCPU backend trait the exit policy works through.
+//! - [`vm`]: a VM's policy state (name, configuration, run state, console, devices).
+//! - [`exits`]: the exit policy: what happens on every VM exit, host-tested against a fake vCPU.
 //!
 //! This crate never executes a privileged instruction and never dereferences a physical
 //! address: the kernel passes it a [`memory::PhysMemory`] that does. So all of it runs under
@@ -23,11 +27,17 @@ extern crate alloc;
 pub mod boot;
 pub mod console;
 pub mod elf;
+pub mod exits;
 pub mod frames;
 pub mod hypercall;
 pub mod memory;
 pub mod msr;
 pub mod paging;
 pub mod policy;
+pub mod regs;
 pub mod sched;
 pub mod uart;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::Vm;

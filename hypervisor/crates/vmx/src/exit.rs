@@ -274,6 +274,16 @@ impl Interruption {
     pub const EXTERNAL_INTERRUPT: u8 = 0;
     pub const NMI: u8 = 2;
     pub const HARDWARE_EXCEPTION: u8 = 3;
+    pub const SOFTWARE_INTERRUPT: u8 = 4;
+
+    /// An external interrupt with `vector`.
+    pub const fn external(vector: u8) -> Self {
+        Self {
+            vector,
+            kind: Self::EXTERNAL_INTERRUPT,
+            has_error_code: false,
+        }
+    }
 
     /// The event of an information field, if its valid bit (31) is set.
     pub const fn from_info(info: u32) -> Option<Self> {
@@ -305,8 +315,228 @@ impl Interruption {
     }
 }
 
+/// The address size of a string I/O instruction (VM-exit instruction information bits 9:7,
+/// SDM 28.2.5, Table 28-8), as a mask of the address bits that RSI/RDI/RCX use.
+pub const fn address_size_mask(instruction_info: u64) -> u64 {
+    match (instruction_info >> 7) & 0b111 {
+        0 => 0xffff,
+        1 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
+}
+
+/// An event whose delivery the VM exit interrupted (IDT-vectoring information, SDM 28.2.4),
+/// with what re-injecting it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterruptedEvent {
+    pub event: Interruption,
+    /// Its error code, when `event.has_error_code`.
+    pub error_code: u32,
+    /// The length of the instruction that raised it: software interrupts and exceptions are
+    /// re-injected with it (SDM 27.6.1.1).
+    pub instruction_len: u32,
+}
+
+/// A VM exit, decoded: the reason with its qualification and the other exit-information fields
+/// it needs, so that no handler looks at a raw reason or a raw qualification (SDM 28.2).
+///
+/// Only what each reason needs is read ([`VmExit::decode`] takes a field reader): every
+/// VMREAD costs the exit path, and the CPUID round trip is its benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// VM entry failed after loading guest state (EXIT_REASON bit 31, SDM 27.8).
+    EntryFailure {
+        reason: u16,
+        qualification: u64,
+    },
+    /// An exception or NMI the exception bitmap (or the NMI-exiting control) intercepts.
+    ExceptionOrNmi(Interruption),
+    /// A host interrupt arrived; `vector` when the exit acknowledged it.
+    ExternalInterrupt {
+        vector: Option<u8>,
+    },
+    TripleFault,
+    /// The guest can take an interrupt now (interrupt-window exiting, SDM 26.7.5).
+    InterruptWindow,
+    NmiWindow,
+    Cpuid,
+    Hlt,
+    Invd,
+    Rdpmc,
+    Rdtsc,
+    Rdtscp,
+    Vmcall,
+    Xsetbv,
+    Wbinvd,
+    Pause,
+    Rdmsr,
+    Wrmsr,
+    CrAccess(CrAccess),
+    Io(IoExit),
+    /// INS/OUTS: the qualification, the guest-linear address of the memory operand and the
+    /// address-size mask of RSI/RDI/RCX (SDM 28.2.5).
+    StringIo {
+        io: IoExit,
+        linear: u64,
+        address_mask: u64,
+    },
+    EptViolation {
+        gpa: u64,
+        violation: EptViolation,
+    },
+    EptMisconfiguration {
+        gpa: u64,
+    },
+    PreemptionTimer,
+    /// An instruction of a feature the guest does not have (VMX, SMX, MONITOR/MWAIT, SGX,
+    /// WAITPKG, key locker, INVPCID, VMFUNC, RSM): `reason` says which.
+    Unavailable {
+        reason: u16,
+    },
+    /// A host event: SMI, INIT or SIPI.
+    HostEvent {
+        reason: u16,
+    },
+    /// Any other reason: one the VMCS controls rule out.
+    Other {
+        reason: u16,
+    },
+}
+
+impl VmExit {
+    /// Decodes the exit whose EXIT_REASON field is `raw_reason`, reading the other fields it
+    /// needs through `read` (a VMREAD of the current VMCS on hardware, a table in tests).
+    /// Inlined, so that the exit handler's dispatch sees the reason itself.
+    #[inline(always)]
+    pub fn decode(raw_reason: u32, mut read: impl FnMut(u32) -> u64) -> Self {
+        use crate::fields as f;
+        let basic = basic_reason(raw_reason);
+        if raw_reason & EXIT_REASON_ENTRY_FAILURE != 0 {
+            return Self::EntryFailure {
+                reason: basic,
+                qualification: read(f::EXIT_QUALIFICATION),
+            };
+        }
+        match basic {
+            reason::CPUID => Self::Cpuid,
+            reason::VMCALL => Self::Vmcall,
+            reason::IO_INSTRUCTION => {
+                let io = IoExit::from_qualification(read(f::EXIT_QUALIFICATION));
+                if io.string {
+                    Self::StringIo {
+                        io,
+                        linear: read(f::GUEST_LINEAR_ADDRESS),
+                        address_mask: address_size_mask(read(f::EXIT_INSTRUCTION_INFO)),
+                    }
+                } else {
+                    Self::Io(io)
+                }
+            }
+            reason::RDMSR => Self::Rdmsr,
+            reason::WRMSR => Self::Wrmsr,
+            reason::HLT => Self::Hlt,
+            reason::PREEMPTION_TIMER => Self::PreemptionTimer,
+            reason::INTERRUPT_WINDOW => Self::InterruptWindow,
+            reason::NMI_WINDOW => Self::NmiWindow,
+            reason::EXTERNAL_INTERRUPT => Self::ExternalInterrupt {
+                vector: Interruption::from_info(read(f::EXIT_INTERRUPTION_INFO) as u32)
+                    .map(|e| e.vector),
+            },
+            reason::EXCEPTION_OR_NMI => {
+                match Interruption::from_info(read(f::EXIT_INTERRUPTION_INFO) as u32) {
+                    Some(event) => Self::ExceptionOrNmi(event),
+                    None => Self::Other { reason: basic },
+                }
+            }
+            reason::EPT_VIOLATION => Self::EptViolation {
+                gpa: read(f::GUEST_PHYSICAL_ADDRESS),
+                violation: EptViolation::from_qualification(read(f::EXIT_QUALIFICATION)),
+            },
+            reason::EPT_MISCONFIGURATION => Self::EptMisconfiguration {
+                gpa: read(f::GUEST_PHYSICAL_ADDRESS),
+            },
+            reason::CR_ACCESS => {
+                Self::CrAccess(CrAccess::from_qualification(read(f::EXIT_QUALIFICATION)))
+            }
+            reason::TRIPLE_FAULT => Self::TripleFault,
+            reason::XSETBV => Self::Xsetbv,
+            reason::INVD => Self::Invd,
+            reason::WBINVD => Self::Wbinvd,
+            reason::RDPMC => Self::Rdpmc,
+            reason::RDTSC => Self::Rdtsc,
+            reason::RDTSCP => Self::Rdtscp,
+            reason::PAUSE => Self::Pause,
+            reason::VMCLEAR
+            | reason::VMLAUNCH
+            | reason::VMPTRLD
+            | reason::VMPTRST
+            | reason::VMREAD
+            | reason::VMRESUME
+            | reason::VMWRITE
+            | reason::VMXOFF
+            | reason::VMXON
+            | reason::INVEPT
+            | reason::INVVPID
+            | reason::VMFUNC
+            | reason::GETSEC
+            | reason::MONITOR
+            | reason::MWAIT
+            | reason::RSM
+            | reason::ENCLS
+            | reason::UMWAIT
+            | reason::TPAUSE
+            | reason::LOADIWKEY
+            | reason::INVPCID => Self::Unavailable { reason: basic },
+            reason::IO_SMI | reason::OTHER_SMI | reason::INIT_SIGNAL | reason::SIPI => {
+                Self::HostEvent { reason: basic }
+            }
+            other => Self::Other { reason: other },
+        }
+    }
+
+    /// Whether this exit can have interrupted the delivery of an event to the guest, so that
+    /// the IDT-vectoring information must be looked at (SDM 28.2.4): exits of instructions
+    /// never do.
+    #[inline(always)]
+    pub const fn may_interrupt_delivery(&self) -> bool {
+        matches!(
+            self,
+            Self::ExceptionOrNmi(_)
+                | Self::ExternalInterrupt { .. }
+                | Self::EptViolation { .. }
+                | Self::EptMisconfiguration { .. }
+                | Self::PreemptionTimer
+                | Self::InterruptWindow
+                | Self::NmiWindow
+        )
+    }
+
+    /// The event whose delivery this exit interrupted, if any (SDM 28.2.4), read through `read`.
+    pub fn interrupted_event(&self, mut read: impl FnMut(u32) -> u64) -> Option<InterruptedEvent> {
+        use crate::fields as f;
+        if !self.may_interrupt_delivery() {
+            return None;
+        }
+        let event = Interruption::from_info(read(f::IDT_VECTORING_INFO) as u32)?;
+        Some(InterruptedEvent {
+            event,
+            error_code: if event.has_error_code {
+                read(f::IDT_VECTORING_ERROR_CODE) as u32
+            } else {
+                0
+            },
+            instruction_len: if event.kind >= Interruption::SOFTWARE_INTERRUPT {
+                read(f::EXIT_INSTRUCTION_LENGTH) as u32
+            } else {
+                0
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     #[test]
@@ -379,5 +609,195 @@ mod tests {
     fn entry_failure_bit() {
         let r = EXIT_REASON_ENTRY_FAILURE | reason::ENTRY_FAIL_GUEST_STATE as u32;
         assert_eq!(basic_reason(r), reason::ENTRY_FAIL_GUEST_STATE);
+    }
+
+    /// A VMCS of exit-information fields for `VmExit::decode`, which records what it read.
+    struct Fields {
+        values: &'static [(u32, u64)],
+        read: std::vec::Vec<u32>,
+    }
+
+    impl Fields {
+        fn new(values: &'static [(u32, u64)]) -> Self {
+            Self {
+                values,
+                read: std::vec::Vec::new(),
+            }
+        }
+        fn decode(&mut self, raw: u32) -> VmExit {
+            VmExit::decode(raw, |field| {
+                self.read.push(field);
+                self.values
+                    .iter()
+                    .find(|(f, _)| *f == field)
+                    .map_or(0, |&(_, v)| v)
+            })
+        }
+    }
+
+    #[test]
+    fn every_reason_decodes_and_reads_only_what_it_needs() {
+        use crate::fields as f;
+        // CPUID reads nothing beyond the reason: the exit path's benchmark.
+        let mut none = Fields::new(&[]);
+        assert_eq!(none.decode(reason::CPUID.into()), VmExit::Cpuid);
+        assert_eq!(none.decode(reason::VMCALL.into()), VmExit::Vmcall);
+        assert_eq!(none.decode(reason::HLT.into()), VmExit::Hlt);
+        assert!(none.read.is_empty(), "read {:?}", none.read);
+
+        let mut io = Fields::new(&[(f::EXIT_QUALIFICATION, (0x3f8 << 16) | (1 << 3))]);
+        assert_eq!(
+            io.decode(reason::IO_INSTRUCTION.into()),
+            VmExit::Io(IoExit {
+                size: 1,
+                is_in: true,
+                string: false,
+                rep: false,
+                port: 0x3f8
+            })
+        );
+        assert_eq!(io.read, [f::EXIT_QUALIFICATION]);
+
+        // REP OUTSB with a 32-bit address size.
+        let mut s = Fields::new(&[
+            (f::EXIT_QUALIFICATION, (0x3f8 << 16) | (1 << 4) | (1 << 5)),
+            (f::GUEST_LINEAR_ADDRESS, 0x1234),
+            (f::EXIT_INSTRUCTION_INFO, 1 << 7),
+        ]);
+        match s.decode(reason::IO_INSTRUCTION.into()) {
+            VmExit::StringIo {
+                io,
+                linear,
+                address_mask,
+            } => {
+                assert!(io.string && io.rep && !io.is_in);
+                assert_eq!((linear, address_mask), (0x1234, 0xffff_ffff));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut ept = Fields::new(&[
+            (f::GUEST_PHYSICAL_ADDRESS, 0xfee0_0300),
+            (f::EXIT_QUALIFICATION, 0b10 | (1 << 7)),
+        ]);
+        assert_eq!(
+            ept.decode(reason::EPT_VIOLATION.into()),
+            VmExit::EptViolation {
+                gpa: 0xfee0_0300,
+                violation: EptViolation {
+                    access: EptAccess::Write,
+                    present_perms: 0,
+                    linear_valid: true
+                }
+            }
+        );
+
+        let mut ext = Fields::new(&[(f::EXIT_INTERRUPTION_INFO, 0x8000_0030)]);
+        assert_eq!(
+            ext.decode(reason::EXTERNAL_INTERRUPT.into()),
+            VmExit::ExternalInterrupt { vector: Some(0x30) }
+        );
+        let mut nmi = Fields::new(&[(f::EXIT_INTERRUPTION_INFO, 0x8000_0202)]);
+        assert_eq!(
+            nmi.decode(reason::EXCEPTION_OR_NMI.into()),
+            VmExit::ExceptionOrNmi(Interruption {
+                vector: 2,
+                kind: Interruption::NMI,
+                has_error_code: false
+            })
+        );
+        let mut cr = Fields::new(&[(f::EXIT_QUALIFICATION, 8 | (1 << 4) | (3 << 8))]);
+        assert_eq!(
+            cr.decode(reason::CR_ACCESS.into()),
+            VmExit::CrAccess(CrAccess::MovFrom { cr: 8, gpr: 3 })
+        );
+        let mut fail = Fields::new(&[(f::EXIT_QUALIFICATION, 2)]);
+        assert_eq!(
+            fail.decode(EXIT_REASON_ENTRY_FAILURE | u32::from(reason::ENTRY_FAIL_GUEST_STATE)),
+            VmExit::EntryFailure {
+                reason: reason::ENTRY_FAIL_GUEST_STATE,
+                qualification: 2
+            }
+        );
+
+        // Every basic reason decodes to something, and the table of simple ones holds.
+        for (raw, want) in [
+            (reason::RDMSR, VmExit::Rdmsr),
+            (reason::WRMSR, VmExit::Wrmsr),
+            (reason::PREEMPTION_TIMER, VmExit::PreemptionTimer),
+            (reason::INTERRUPT_WINDOW, VmExit::InterruptWindow),
+            (reason::TRIPLE_FAULT, VmExit::TripleFault),
+            (reason::XSETBV, VmExit::Xsetbv),
+            (reason::INVD, VmExit::Invd),
+            (reason::RDPMC, VmExit::Rdpmc),
+            (
+                reason::VMXON,
+                VmExit::Unavailable {
+                    reason: reason::VMXON,
+                },
+            ),
+            (
+                reason::MWAIT,
+                VmExit::Unavailable {
+                    reason: reason::MWAIT,
+                },
+            ),
+            (
+                reason::INIT_SIGNAL,
+                VmExit::HostEvent {
+                    reason: reason::INIT_SIGNAL,
+                },
+            ),
+            (
+                reason::APIC_WRITE,
+                VmExit::Other {
+                    reason: reason::APIC_WRITE,
+                },
+            ),
+        ] {
+            assert_eq!(Fields::new(&[]).decode(raw.into()), want, "reason {raw}");
+        }
+        for raw in 0..=80u32 {
+            let _ = Fields::new(&[]).decode(raw);
+        }
+    }
+
+    #[test]
+    fn interrupted_events_are_read_only_after_delivery_exits() {
+        use crate::fields as f;
+        let values: &[(u32, u64)] = &[
+            (f::IDT_VECTORING_INFO, 0x8000_0b0e), // #PF with an error code
+            (f::IDT_VECTORING_ERROR_CODE, 2),
+            (f::EXIT_INSTRUCTION_LENGTH, 2),
+        ];
+        let read = |field: u32| {
+            values
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map_or(0, |&(_, v)| v)
+        };
+        let ept = VmExit::EptViolation {
+            gpa: 0,
+            violation: EptViolation::from_qualification(0),
+        };
+        let e = ept.interrupted_event(read).unwrap();
+        assert_eq!(
+            (e.event.vector, e.error_code, e.instruction_len),
+            (14, 2, 0)
+        );
+        // A software interrupt (INT 0x80) keeps its instruction length.
+        let soft: &[(u32, u64)] = &[
+            (f::IDT_VECTORING_INFO, 0x8000_0480),
+            (f::EXIT_INSTRUCTION_LENGTH, 2),
+        ];
+        let read = |field: u32| {
+            soft.iter()
+                .find(|(f, _)| *f == field)
+                .map_or(0, |&(_, v)| v)
+        };
+        let e = VmExit::PreemptionTimer.interrupted_event(read).unwrap();
+        assert_eq!((e.event.vector, e.instruction_len), (0x80, 2));
+        // Instruction exits never interrupt a delivery: nothing is read.
+        assert_eq!(VmExit::Cpuid.interrupted_event(|_| panic!("read")), None);
     }
 }

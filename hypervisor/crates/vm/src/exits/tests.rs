@@ -1,0 +1,456 @@
+//! Every exit reason against the fake vCPU: what the guest sees afterwards (registers, RIP,
+//! injected events, its console) and what the kernel is told to do.
+
+use alloc::{string::String, vec::Vec};
+
+use guest_abi::{ExitKind, Hypercall, HypercallError};
+use hv_manifest::VmConfig;
+use hv_vmx::exit::{
+    reason, CrAccess, EptViolation, InterruptedEvent, Interruption, IoExit, VmExit,
+};
+
+use super::*;
+use crate::memory::tests::FlatPhys;
+use crate::sched::VmState;
+use crate::vcpu::fake::FakeVcpu;
+
+const PAGES: u64 = 4;
+
+struct Rig {
+    vm: Vm,
+    memory: GuestMemory,
+    cpu: FakeVcpu,
+    policy: CpuPolicy,
+    multiplexed: bool,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let config = VmConfig {
+            name: String::from("alpha"),
+            memory_mib: 1,
+            image: String::from("img"),
+            cmdline: String::new(),
+            quantum_us: 1000,
+            vcpus: 1,
+            sharing_domain: 0,
+            line: None,
+        };
+        // Guest page n is host frame n: identity, for readable tests.
+        let memory = GuestMemory::new((0..PAGES).map(|p| p * 4096).collect());
+        let mut cpu = FakeVcpu::new(FlatPhys(alloc::vec![0; (PAGES * 4096) as usize]));
+        cpu.state.insert("cr0", 0x8001_0033);
+        let policy = CpuPolicy::from_host(FakeVcpu::cpuid);
+        Self {
+            vm: Vm::new(7, &config, PAGES * 4096),
+            memory,
+            cpu,
+            policy,
+            multiplexed: false,
+        }
+    }
+
+    fn exit(&mut self, exit: VmExit) -> Next {
+        self.exit_during(exit, None)
+    }
+
+    fn exit_during(&mut self, exit: VmExit, interrupted: Option<InterruptedEvent>) -> Next {
+        let ctx = ExitContext {
+            cpu_policy: &self.policy,
+            multiplexed: self.multiplexed,
+        };
+        handle(
+            &mut self.vm,
+            &self.memory,
+            &mut self.cpu,
+            &ctx,
+            exit,
+            interrupted,
+        )
+    }
+
+    fn console(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        self.vm.drain_console(|l| lines.push(String::from(l)));
+        lines
+    }
+
+    fn count(&self, kind: ExitKind) -> u64 {
+        self.vm.acct.stats.exits[kind as usize]
+    }
+}
+
+const GP: (Interruption, u32) = (
+    Interruption {
+        vector: 13,
+        kind: Interruption::HARDWARE_EXCEPTION,
+        has_error_code: true,
+    },
+    0,
+);
+const UD: (Interruption, u32) = (
+    Interruption {
+        vector: 6,
+        kind: Interruption::HARDWARE_EXCEPTION,
+        has_error_code: false,
+    },
+    0,
+);
+
+#[test]
+fn cpuid_is_answered_by_the_policy_and_completes() {
+    let mut r = Rig::new();
+    r.cpu.regs.rax = 1;
+    r.cpu.regs.rcx = 0;
+    r.cpu.state.insert("cr4", policy::CR4_OSXSAVE);
+    assert_eq!(r.exit(VmExit::Cpuid), Next::Resume);
+    assert_eq!(r.cpu.rip(), 0x1002);
+    // ECX bit 5 (VMX) hidden, bit 27 (OSXSAVE) follows the guest's CR4.
+    assert_eq!(r.cpu.regs.rcx & (1 << 5), 0);
+    assert_ne!(r.cpu.regs.rcx & (1 << 27), 0);
+    r.cpu.regs.rax = 1;
+    r.cpu.state.insert("cr4", 0);
+    r.exit(VmExit::Cpuid);
+    assert_eq!(r.cpu.regs.rcx & (1 << 27), 0);
+    assert_eq!(r.count(ExitKind::Cpuid), 2);
+    assert!(r.cpu.injected.is_empty());
+}
+
+#[test]
+fn an_emulated_instruction_under_tf_single_steps() {
+    let mut r = Rig::new();
+    r.cpu.state.insert("rflags", 2 | rflags::TF);
+    r.exit(VmExit::Cpuid);
+    assert_eq!(r.cpu.single_steps, 1);
+}
+
+#[test]
+fn hypercalls_print_exit_and_fail_cleanly() {
+    let mut r = Rig::new();
+    r.cpu.phys.0[0x500..0x506].copy_from_slice(b"hello\n");
+    r.cpu.regs.rax = Hypercall::ConsoleWrite as u64;
+    (r.cpu.regs.rdi, r.cpu.regs.rsi) = (0x500, 6);
+    assert_eq!(r.exit(VmExit::Vmcall), Next::Resume);
+    assert_eq!(r.cpu.regs.rax, 6);
+    assert_eq!(r.console(), ["alpha | hello\n"]);
+    // A buffer outside memory: an error code, nothing else.
+    r.cpu.regs.rax = Hypercall::ConsoleWrite as u64;
+    (r.cpu.regs.rdi, r.cpu.regs.rsi) = (PAGES * 4096 - 2, 6);
+    assert_eq!(r.exit(VmExit::Vmcall), Next::Resume);
+    assert_eq!(r.cpu.regs.rax, HypercallError::BadAddress.to_rax());
+    r.cpu.regs.rax = 999;
+    r.exit(VmExit::Vmcall);
+    assert_eq!(r.cpu.regs.rax, HypercallError::UnknownCall.to_rax());
+    r.cpu.regs.rax = Hypercall::Yield as u64;
+    assert_eq!(r.exit(VmExit::Vmcall), Next::Reschedule);
+    r.cpu.regs.rax = Hypercall::Exit as u64;
+    r.cpu.regs.rdi = 3;
+    let rip = r.cpu.rip();
+    assert_eq!(r.exit(VmExit::Vmcall), Next::Stopped);
+    assert_eq!(r.vm.state, VmState::Exited(3));
+    assert_eq!(r.cpu.rip(), rip, "an exit does not return");
+    assert_eq!(r.count(ExitKind::Vmcall), 5);
+}
+
+#[test]
+fn a_hypercall_buffer_the_engine_holds_is_faulted_in_first() {
+    let mut r = Rig::new();
+    r.memory.set_page(1, None);
+    r.cpu.regs.rax = Hypercall::ConsoleWrite as u64;
+    (r.cpu.regs.rdi, r.cpu.regs.rsi) = (0xff0, 0x20);
+    let rip = r.cpu.rip();
+    assert_eq!(
+        r.exit(VmExit::Vmcall),
+        Next::HypercallFault {
+            gpa: 0x1000,
+            write: false
+        }
+    );
+    assert_eq!(r.cpu.rip(), rip, "nothing done yet");
+    assert!(r.console().is_empty());
+}
+
+fn io(port: u16, size: u8, is_in: bool) -> VmExit {
+    VmExit::Io(IoExit {
+        size,
+        is_in,
+        string: false,
+        rep: false,
+        port,
+    })
+}
+
+#[test]
+fn port_io_reaches_the_uart_and_unknown_ports_float() {
+    let mut r = Rig::new();
+    r.cpu.regs.rax = 0xdead_beef_0000_0000 | u64::from(b'x');
+    assert_eq!(r.exit(io(0x3f8, 1, false)), Next::Resume);
+    r.cpu.regs.rax = u64::from(b'\n');
+    r.exit(io(0x3f8, 1, false));
+    assert_eq!(r.console(), ["alpha | x\n"]);
+    // IN AL keeps the rest of RAX; IN AX from the UART's LSR+MSR lanes.
+    r.cpu.regs.rax = 0x1234_5678_9abc_def0;
+    r.exit(io(0x80, 1, true));
+    assert_eq!(r.cpu.regs.rax, 0x1234_5678_9abc_deff);
+    r.exit(io(0x3fd, 2, true));
+    assert_eq!(r.cpu.regs.rax, 0x1234_5678_9abc_b060);
+    // IN EAX zero-extends into RAX.
+    r.exit(io(0x80, 4, true));
+    assert_eq!(r.cpu.regs.rax, 0xffff_ffff);
+    assert_eq!(r.count(ExitKind::Io), 5);
+    assert_eq!(r.cpu.rip(), 0x1000 + 5 * 2);
+}
+
+#[test]
+fn string_io_faults_like_the_cpu_on_an_unmapped_address() {
+    let mut r = Rig::new();
+    // CR3 = page 0, all zero: nothing is mapped.
+    r.cpu.state.insert("cr3", 0);
+    r.cpu.regs.rcx = 5;
+    let ins = VmExit::StringIo {
+        io: IoExit {
+            size: 1,
+            is_in: true,
+            string: true,
+            rep: true,
+            port: 0x3f8,
+        },
+        linear: 0x40_0000,
+        address_mask: u64::MAX,
+    };
+    assert_eq!(r.exit(ins), Next::Resume);
+    let (event, code) = r.cpu.injected[0];
+    assert_eq!((event.vector, code), (14, 2), "#PF, write, not present");
+    assert_eq!(r.cpu.cr2, 0x40_0000);
+    assert_eq!(r.cpu.regs.rcx, 5, "no iteration done");
+    assert_eq!(r.cpu.rip(), 0x1000, "the instruction restarts");
+}
+
+#[test]
+fn msrs_follow_their_home_and_the_cpus_checks() {
+    let mut r = Rig::new();
+    const STAR: u32 = 0xc000_0081;
+    const LSTAR: u32 = 0xc000_0082;
+    const EFER: u32 = 0xc000_0080;
+    r.cpu.regs.rcx = STAR.into();
+    r.cpu.regs.set_edx_eax(0x0023_0010_0000_0000);
+    assert_eq!(r.exit(VmExit::Wrmsr), Next::Resume);
+    assert_eq!(r.cpu.cpu_msrs[&STAR], 0x0023_0010_0000_0000);
+    r.cpu.regs.set_edx_eax(0);
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.regs.edx_eax(), 0x0023_0010_0000_0000);
+    // A non-canonical LSTAR: #GP, nothing written.
+    r.cpu.regs.rcx = LSTAR.into();
+    r.cpu.regs.set_edx_eax(0x8000_0000_0000_0000);
+    let rip = r.cpu.rip();
+    r.exit(VmExit::Wrmsr);
+    assert_eq!(r.cpu.injected.pop(), Some(GP));
+    assert!(!r.cpu.cpu_msrs.contains_key(&LSTAR));
+    assert_eq!(r.cpu.rip(), rip);
+    // EFER lives in the vCPU's hardware state.
+    r.cpu.msrs.insert(EFER, 0x500);
+    r.cpu.regs.rcx = EFER.into();
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.regs.edx_eax(), 0x500);
+    r.cpu.regs.set_edx_eax(0x501);
+    r.exit(VmExit::Wrmsr);
+    assert_eq!(r.cpu.msrs[&EFER], 0x501, "SCE set");
+    // An MSR the CPU model does not have.
+    r.cpu.regs.rcx = 0x1234;
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.injected.pop(), Some(GP));
+    // The TSC.
+    r.cpu.regs.rcx = 0x10;
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.regs.edx_eax(), r.cpu.tsc);
+    assert_eq!(r.count(ExitKind::MsrRead), 4);
+    assert_eq!(r.count(ExitKind::MsrWrite), 3);
+}
+
+#[test]
+fn control_register_exits() {
+    let mut r = Rig::new();
+    r.cpu.regs.r9 = 0xa;
+    assert_eq!(
+        r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 8, gpr: 9 })),
+        Next::Resume
+    );
+    r.exit(VmExit::CrAccess(CrAccess::MovFrom { cr: 8, gpr: 4 }));
+    assert_eq!(r.cpu.state["rsp"], 0xa, "RSP is the vCPU's");
+    r.cpu.regs.rax = 0x10;
+    r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 8, gpr: 0 }));
+    assert_eq!(r.cpu.injected.pop(), Some(GP), "CR8 bits 63:4 are reserved");
+    r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 4, gpr: 0 }));
+    assert_eq!(r.cpu.injected.pop(), Some(GP));
+    assert_eq!(
+        r.exit(VmExit::CrAccess(CrAccess::Clts)),
+        Next::Stopped,
+        "the CR0 mask is empty: a hypervisor bug"
+    );
+    assert_eq!(r.vm.state, VmState::Failed);
+}
+
+#[test]
+fn xsetbv_is_checked_and_loaded() {
+    let mut r = Rig::new();
+    r.cpu.regs.rcx = 0;
+    r.cpu.regs.set_edx_eax(0b111);
+    assert_eq!(r.exit(VmExit::Xsetbv), Next::Resume);
+    assert_eq!(r.cpu.xcr0, 0b111);
+    // x87 cleared: #GP, XCR0 unchanged.
+    r.cpu.regs.set_edx_eax(0b110);
+    r.exit(VmExit::Xsetbv);
+    assert_eq!(r.cpu.injected.pop(), Some(GP));
+    assert_eq!(r.cpu.xcr0, 0b111);
+    r.cpu.regs.rcx = 1;
+    r.cpu.regs.set_edx_eax(1);
+    r.exit(VmExit::Xsetbv);
+    assert_eq!(r.cpu.injected.pop(), Some(GP), "XCR1 does not exist");
+}
+
+#[test]
+fn instructions_of_hidden_features_raise_what_the_cpu_model_would() {
+    for raw in [
+        reason::VMXON,
+        reason::VMCLEAR,
+        reason::INVEPT,
+        reason::MONITOR,
+        reason::MWAIT,
+        reason::GETSEC,
+        reason::RSM,
+        reason::ENCLS,
+        reason::INVPCID,
+        reason::TPAUSE,
+    ] {
+        let mut r = Rig::new();
+        assert_eq!(r.exit(VmExit::Unavailable { reason: raw }), Next::Resume);
+        assert_eq!(r.cpu.injected, [UD], "reason {raw}");
+        assert_eq!(
+            r.cpu.rip(),
+            0x1000,
+            "a fault does not complete the instruction"
+        );
+    }
+    let mut r = Rig::new();
+    r.exit(VmExit::Rdpmc);
+    assert_eq!(r.cpu.injected, [GP]);
+    let mut r = Rig::new();
+    r.exit(VmExit::Invd);
+    assert_eq!(r.cpu.caches_written_back, 1, "INVD writes back, as WBINVD");
+    assert_eq!(r.cpu.rip(), 0x1002);
+}
+
+#[test]
+fn host_events_are_acknowledged_and_the_guest_resumes() {
+    let mut r = Rig::new();
+    assert_eq!(
+        r.exit(VmExit::ExternalInterrupt { vector: Some(0x30) }),
+        Next::Resume
+    );
+    assert_eq!(r.cpu.host_interrupts, [0x30]);
+    let nmi = Interruption {
+        vector: 2,
+        kind: Interruption::NMI,
+        has_error_code: false,
+    };
+    assert_eq!(r.exit(VmExit::ExceptionOrNmi(nmi)), Next::Resume);
+    assert_eq!(r.cpu.host_nmis, 1);
+    assert_eq!(
+        r.exit(VmExit::HostEvent {
+            reason: reason::INIT_SIGNAL
+        }),
+        Next::Resume
+    );
+    assert_eq!(r.exit(VmExit::PreemptionTimer), Next::Reschedule);
+    assert!(r.cpu.injected.is_empty(), "nothing reaches the guest");
+    assert_eq!(r.cpu.rip(), 0x1000);
+    assert_eq!(r.count(ExitKind::ExternalInterrupt), 1);
+    assert_eq!(r.count(ExitKind::PreemptionTimer), 1);
+}
+
+#[test]
+fn an_event_whose_delivery_was_interrupted_is_delivered_again() {
+    let mut r = Rig::new();
+    let pf = InterruptedEvent {
+        event: Interruption::exception(14, true),
+        error_code: 6,
+        instruction_len: 0,
+    };
+    assert_eq!(
+        r.exit_during(VmExit::ExternalInterrupt { vector: Some(0x30) }, Some(pf)),
+        Next::Resume
+    );
+    assert_eq!(r.cpu.injected, [(Interruption::exception(14, true), 6)]);
+    // Not when the VM stops.
+    let mut r = Rig::new();
+    let ept = VmExit::EptViolation {
+        gpa: 1 << 40,
+        violation: EptViolation::from_qualification(2),
+    };
+    assert_eq!(r.exit_during(ept, Some(pf)), Next::Stopped);
+    assert!(r.cpu.injected.is_empty());
+}
+
+#[test]
+fn ept_violations_are_the_engines_inside_memory_and_fatal_outside() {
+    let mut r = Rig::new();
+    r.multiplexed = true;
+    let write = EptViolation::from_qualification(0b10);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa: 0x2010,
+            violation: write
+        }),
+        Next::GuestFault {
+            gpa: 0x2010,
+            write: true
+        }
+    );
+    assert_eq!(r.vm.state, VmState::Runnable);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa: 0xfee0_0000,
+            violation: write
+        }),
+        Next::Stopped
+    );
+    assert_eq!(r.vm.state, VmState::Failed);
+    // Without the engine, a violation inside memory is a stop too.
+    let mut r = Rig::new();
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa: 0x2010,
+            violation: write
+        }),
+        Next::Stopped
+    );
+}
+
+#[test]
+fn fatal_exits_stop_the_vm_with_a_report() {
+    for exit in [
+        VmExit::TripleFault,
+        VmExit::EntryFailure {
+            reason: reason::ENTRY_FAIL_GUEST_STATE,
+            qualification: 0,
+        },
+        VmExit::Other {
+            reason: reason::APIC_WRITE,
+        },
+        VmExit::EptMisconfiguration { gpa: 0 },
+        VmExit::ExceptionOrNmi(Interruption::exception(14, true)),
+    ] {
+        let mut r = Rig::new();
+        assert_eq!(r.exit(exit), Next::Stopped, "{exit:?}");
+        assert_eq!(r.vm.state, VmState::Failed, "{exit:?}");
+        assert_eq!(r.count(ExitKind::Other), 1);
+    }
+}
+
+#[test]
+fn hlt_completes_and_ends_the_quantum() {
+    let mut r = Rig::new();
+    assert_eq!(r.exit(VmExit::Hlt), Next::Reschedule);
+    assert_eq!(r.cpu.rip(), 0x1002);
+    assert_eq!(r.count(ExitKind::Hlt), 1);
+}

@@ -1,0 +1,240 @@
+//! The seam between the exit policy and the hardware: what the policy may ask of a vCPU.
+//!
+//! In the spirit of Hypervisor-101-in-Rust's `HardwareVt`, [`Vcpu`] is vendor-neutral: the
+//! kernel implements it with VT-x (the VMCS, VMREAD/VMWRITE, the physical CPU's registers);
+//! an AMD SVM backend would implement the same trait with a VMCB. The tests implement it with
+//! [`fake::FakeVcpu`], a register file in memory, so that every exit policy runs under
+//! `cargo test`. Generic code over this trait is monomorphized: the seam costs no indirect call
+//! on the exit path.
+//!
+//! Besides the guest's own state the trait also reaches the few resources of the physical CPU
+//! that an exit handles on the guest's behalf (native CPUID, XCR0, the MSRs held in the CPU
+//! while the guest runs, CR2, caches, the host's interrupts): they belong to the backend too,
+//! because they are hardware.
+
+use hv_vmx::exit::Interruption;
+
+use crate::memory::PhysMemory;
+use crate::msr::Msr;
+use crate::regs::{GuestRegisters, RSP};
+
+/// Guest state the policy reads or writes besides the general-purpose registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg {
+    Rsp,
+    Rip,
+    Rflags,
+    /// The control registers as the CPU uses them (not the read shadows).
+    Cr0,
+    Cr3,
+    Cr4,
+    /// The current privilege level (0-3).
+    Cpl,
+    /// Blocking by STI / MOV SS / NMI (SDM 25.4.2, Table 25-3 bit layout).
+    Interruptibility,
+}
+
+/// RFLAGS bits the policy uses.
+pub mod rflags {
+    pub const TF: u64 = 1 << 8;
+    pub const IF: u64 = 1 << 9;
+    pub const DF: u64 = 1 << 10;
+}
+
+/// What the policy may ask of the virtual CPU it handles an exit for.
+pub trait Vcpu {
+    /// Host-physical memory, where the guest's pages are.
+    type Phys: PhysMemory;
+
+    /// The general-purpose registers but RSP.
+    fn regs(&mut self) -> &mut GuestRegisters;
+    fn read(&mut self, reg: Reg) -> u64;
+    fn write(&mut self, reg: Reg, value: u64);
+    /// The guest's value of an MSR the hardware switches on entry and exit
+    /// ([`crate::msr::Home::Vmcs`]).
+    fn read_msr(&mut self, msr: Msr) -> u64;
+    fn write_msr(&mut self, msr: Msr, value: u64);
+    /// Completes the instruction that caused the exit, as the CPU would on retiring it: RIP
+    /// moves past it and, under RFLAGS.TF, a single-step trap is pending (SDM 17.3.1.4).
+    fn skip_instruction(&mut self);
+    /// Delivers `event` (with `error_code` when it has one) at the next entry.
+    fn inject(&mut self, event: Interruption, error_code: u32);
+    /// Host memory, to reach the guest's pages.
+    fn phys(&mut self) -> &mut Self::Phys;
+
+    /// CPUID of the physical CPU.
+    fn native_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// Loads the guest's (already checked) XCR0 into the CPU.
+    fn set_xcr0(&mut self, value: u64);
+    /// Writes back and invalidates the caches (WBINVD).
+    fn write_back_caches(&mut self);
+    /// An MSR held in the physical CPU while the guest runs ([`crate::msr::Home::Switched`]).
+    fn read_cpu_msr(&mut self, index: u32) -> u64;
+    /// Writes such an MSR; the value passed the CPU's own checks, so it cannot fault.
+    fn write_cpu_msr(&mut self, index: u32, value: u64);
+    /// Sets the guest's CR2 (before injecting a page fault).
+    fn set_cr2(&mut self, value: u64);
+    /// The host's time stamp counter.
+    fn tsc(&mut self) -> u64;
+    /// A host interrupt arrived during the guest: acknowledge it at its controller.
+    fn host_interrupt(&mut self, vector: u8);
+    /// A host NMI arrived during the guest.
+    fn host_nmi(&mut self);
+
+    /// A general-purpose register by its SDM number (RSP from [`Reg::Rsp`]).
+    fn gpr(&mut self, n: u8) -> u64 {
+        match self.regs().slot(n) {
+            Some(r) => *r,
+            None => self.read(Reg::Rsp),
+        }
+    }
+
+    fn set_gpr(&mut self, n: u8, value: u64) {
+        match self.regs().slot(n) {
+            Some(r) => *r = value,
+            None => {
+                debug_assert_eq!(n & 0xf, RSP);
+                self.write(Reg::Rsp, value);
+            }
+        }
+    }
+}
+
+/// A vCPU in memory for host tests: registers, MSRs and a record of what the policy did.
+#[cfg(test)]
+pub mod fake {
+    use alloc::collections::BTreeMap;
+    use alloc::vec::Vec;
+
+    use super::*;
+    use crate::memory::tests::FlatPhys;
+
+    pub struct FakeVcpu {
+        pub regs: GuestRegisters,
+        pub state: BTreeMap<&'static str, u64>,
+        pub msrs: BTreeMap<u32, u64>,
+        pub cpu_msrs: BTreeMap<u32, u64>,
+        pub instruction_len: u64,
+        pub injected: Vec<(Interruption, u32)>,
+        pub phys: FlatPhys,
+        pub xcr0: u64,
+        pub cr2: u64,
+        pub tsc: u64,
+        pub caches_written_back: u32,
+        pub host_interrupts: Vec<u8>,
+        pub host_nmis: u32,
+        pub single_steps: u32,
+    }
+
+    impl FakeVcpu {
+        pub fn new(phys: FlatPhys) -> Self {
+            let mut state = BTreeMap::new();
+            state.insert("rip", 0x1000);
+            state.insert("rflags", 2);
+            state.insert("rsp", 0x8000);
+            Self {
+                regs: GuestRegisters::default(),
+                state,
+                msrs: BTreeMap::new(),
+                cpu_msrs: BTreeMap::new(),
+                instruction_len: 2,
+                injected: Vec::new(),
+                phys,
+                xcr0: 1,
+                cr2: 0,
+                tsc: 1_000_000,
+                caches_written_back: 0,
+                host_interrupts: Vec::new(),
+                host_nmis: 0,
+                single_steps: 0,
+            }
+        }
+
+        /// A plausible Intel CPU with XSAVE (x87, SSE, AVX) for the leaves the policy reads.
+        pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+            match (leaf, subleaf) {
+                (0, _) => [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69],
+                (1, _) => [0x906ea, 0x0010_0800, 0xffff_ffff, 0xffff_ffff],
+                (0xd, 0) => [0b111, 832, 832, 0],
+                (0xd, 2) => [256, 576, 0, 0],
+                _ => [0, 0, 0, 0],
+            }
+        }
+
+        pub fn rip(&self) -> u64 {
+            self.state["rip"]
+        }
+
+        fn key(reg: Reg) -> &'static str {
+            match reg {
+                Reg::Rsp => "rsp",
+                Reg::Rip => "rip",
+                Reg::Rflags => "rflags",
+                Reg::Cr0 => "cr0",
+                Reg::Cr3 => "cr3",
+                Reg::Cr4 => "cr4",
+                Reg::Cpl => "cpl",
+                Reg::Interruptibility => "interruptibility",
+            }
+        }
+    }
+
+    impl Vcpu for FakeVcpu {
+        type Phys = FlatPhys;
+        fn regs(&mut self) -> &mut GuestRegisters {
+            &mut self.regs
+        }
+        fn read(&mut self, reg: Reg) -> u64 {
+            self.state.get(Self::key(reg)).copied().unwrap_or(0)
+        }
+        fn write(&mut self, reg: Reg, value: u64) {
+            self.state.insert(Self::key(reg), value);
+        }
+        fn read_msr(&mut self, msr: Msr) -> u64 {
+            self.msrs.get(&msr.index()).copied().unwrap_or(0)
+        }
+        fn write_msr(&mut self, msr: Msr, value: u64) {
+            self.msrs.insert(msr.index(), value);
+        }
+        fn skip_instruction(&mut self) {
+            let rip = self.rip() + self.instruction_len;
+            self.state.insert("rip", rip);
+            if self.read(Reg::Rflags) & rflags::TF != 0 {
+                self.single_steps += 1;
+            }
+        }
+        fn inject(&mut self, event: Interruption, error_code: u32) {
+            self.injected.push((event, error_code));
+        }
+        fn phys(&mut self) -> &mut FlatPhys {
+            &mut self.phys
+        }
+        fn native_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+            Self::cpuid(leaf, subleaf)
+        }
+        fn set_xcr0(&mut self, value: u64) {
+            self.xcr0 = value;
+        }
+        fn write_back_caches(&mut self) {
+            self.caches_written_back += 1;
+        }
+        fn read_cpu_msr(&mut self, index: u32) -> u64 {
+            self.cpu_msrs.get(&index).copied().unwrap_or(0)
+        }
+        fn write_cpu_msr(&mut self, index: u32, value: u64) {
+            self.cpu_msrs.insert(index, value);
+        }
+        fn set_cr2(&mut self, value: u64) {
+            self.cr2 = value;
+        }
+        fn tsc(&mut self) -> u64 {
+            self.tsc
+        }
+        fn host_interrupt(&mut self, vector: u8) {
+            self.host_interrupts.push(vector);
+        }
+        fn host_nmi(&mut self) {
+            self.host_nmis += 1;
+        }
+    }
+}

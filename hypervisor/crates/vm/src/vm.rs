@@ -1,0 +1,154 @@
+//! A VM's policy state: its name and configuration, run state and accounting, console, the
+//! devices it sees and what the hypercalls answer. Everything of a VM that is not hardware
+//! (the kernel's VT-x state, its EPT and host frames) is here, so [`crate::exits`] can be
+//! tested against a fake vCPU.
+
+use alloc::{boxed::Box, format, string::String};
+
+use guest_abi::{ExitKind, VmInfo, VM_INFO_MAGIC};
+use hv_manifest::VmConfig;
+
+use crate::console::ConsoleOutput;
+use crate::hypercall::Scratch;
+use crate::sched::{self, Accounting, VmState};
+use crate::uart::{LineBuffer, Uart16550};
+
+pub struct Vm {
+    pub name: String,
+    /// `vm NAME`, the log target.
+    pub target: String,
+    pub id: u32,
+    pub config: VmConfig,
+    pub state: VmState,
+    pub acct: Accounting,
+    pub(crate) uart: Uart16550,
+    pub(crate) console: LineBuffer,
+    /// Console lines waiting for room in the serial output.
+    pub(crate) console_out: ConsoleOutput,
+    /// The task-priority register (CR8), emulated: MOV to/from CR8 exit.
+    pub(crate) tpr: u64,
+    /// What the VmInfo hypercall returns; it never changes, so it is built once.
+    pub(crate) info: VmInfo,
+    /// Where hypercall arguments are copied out of guest memory. Kept per VM and never zeroed
+    /// per call: the hypercall layer only hands out the bytes it has just filled, and zeroing
+    /// 4 KiB on every VMCALL once cost more than the rest of the exit path together.
+    pub(crate) scratch: Box<Scratch>,
+}
+
+impl Vm {
+    /// A VM `id` of `config`, with `memory_bytes` of guest memory, before its first entry.
+    pub fn new(id: u32, config: &VmConfig, memory_bytes: u64) -> Self {
+        let mut info = VmInfo {
+            magic: VM_INFO_MAGIC,
+            vm_id: id,
+            vcpus: config.vcpus,
+            memory_bytes,
+            quantum_us: config.quantum_us,
+            ..Default::default()
+        };
+        let n = config.name.len().min(info.name.len());
+        info.name[..n].copy_from_slice(&config.name.as_bytes()[..n]);
+        info.name_len = n as u32;
+        Self {
+            name: config.name.clone(),
+            target: format!("vm {}", config.name),
+            id,
+            config: config.clone(),
+            state: VmState::Runnable,
+            acct: Accounting::default(),
+            uart: Uart16550::default(),
+            console: LineBuffer::default(),
+            console_out: ConsoleOutput::default(),
+            tpr: 0,
+            info,
+            scratch: Box::new([0; guest_abi::CONSOLE_WRITE_MAX as usize]),
+        }
+    }
+
+    pub fn sharing_domain(&self) -> u32 {
+        self.config.sharing_domain
+    }
+
+    pub fn quantum_us(&self) -> u64 {
+        self.config.quantum_us
+    }
+
+    /// Console bytes of the guest (hypercall or UART), collected into lines.
+    pub fn console_bytes(&mut self, bytes: &[u8]) {
+        let (name, out) = (&self.name, &mut self.console_out);
+        self.console.push(bytes, |line| out.push(name, line));
+    }
+
+    /// Moves queued console lines to `try_print` while it takes them (it returns false when
+    /// the serial output has no room).
+    pub fn send_console(&mut self, mut try_print: impl FnMut(&str) -> bool) {
+        while let Some(line) = self.console_out.front() {
+            if !try_print(line) {
+                break;
+            }
+            self.console_out.discard_front();
+        }
+    }
+
+    /// Hands every queued console line to `print` (at the end of the run, which waits for
+    /// room), the unfinished line too.
+    pub fn drain_console(&mut self, mut print: impl FnMut(&str)) {
+        let (name, out) = (&self.name, &mut self.console_out);
+        self.console.flush(|line| out.push(name, line));
+        while let Some(line) = self.console_out.pop() {
+            print(&line);
+        }
+    }
+
+    /// Whether too much console output waits for the serial line to run the VM now.
+    pub fn must_drain(&self) -> bool {
+        self.console_out.must_drain()
+    }
+
+    /// The VM may be entered: it is runnable and not waiting for its console output to drain.
+    pub fn may_run(&self) -> bool {
+        self.state.is_runnable() && !self.console_out.must_drain()
+    }
+
+    /// Queues the VM's unfinished console line: it stopped, so no newline will end it.
+    fn end_console(&mut self) {
+        let (name, out) = (&self.name, &mut self.console_out);
+        self.console.flush(|line| out.push(name, line));
+    }
+
+    /// Stops the VM for good, with a report.
+    pub fn fail(&mut self, why: core::fmt::Arguments) {
+        self.end_console();
+        log::error!(target: &self.target, "stopped: {why}");
+        self.state = VmState::Failed;
+    }
+
+    pub fn exit_with(&mut self, code: u64) {
+        self.end_console();
+        log::info!(target: &self.target, "exited with code {code}");
+        self.state = VmState::Exited(code);
+    }
+
+    pub fn stats_line(&self, tsc_hz: u64) -> String {
+        let s = &self.acct.stats;
+        let state = match self.state {
+            VmState::Exited(c) => format!("exited({c})"),
+            VmState::Failed => String::from("failed"),
+            VmState::Runnable => String::from("runnable"),
+        };
+        let mut line = format!(
+            "vm={} state={} cpu_us={} runs={} max_wait_us={} max_overrun_us={} exits={}",
+            self.name,
+            state,
+            s.cpu_us,
+            s.runs,
+            sched::tsc_to_us(self.acct.max_wait_tsc, tsc_hz),
+            sched::tsc_to_us(self.acct.max_overrun_tsc, tsc_hz),
+            self.acct.total_exits()
+        );
+        for kind in ExitKind::ALL {
+            line.push_str(&format!(" {}={}", kind.name(), s.exits[kind as usize]));
+        }
+        line
+    }
+}
