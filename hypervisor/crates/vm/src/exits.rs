@@ -470,8 +470,16 @@ fn handle_string_io<V: Vcpu>(
                 r.wrapping_add(step)
             }
         };
-        // RSI/RDI change only in the instruction's address size.
-        let bump = |r: u64| (r & !mask) | (next(r) & mask);
+        // RSI/RDI/RCX change in the instruction's address size: a 32-bit write zero-extends
+        // into the 64-bit register, a 16-bit one keeps the bits above (SDM Vol. 1, 3.4.1.1).
+        let sized = |old: u64, new: u64| {
+            if mask == 0xffff {
+                (old & !mask) | (new & mask)
+            } else {
+                new & mask
+            }
+        };
+        let bump = |r: u64| sized(r, next(r));
         let r = cpu.regs();
         if io.is_in {
             r.rdi = bump(r.rdi);
@@ -481,7 +489,7 @@ fn handle_string_io<V: Vcpu>(
         linear = next(linear);
         left -= 1;
         if io.rep {
-            r.rcx = (r.rcx & !mask) | (left & mask);
+            r.rcx = sized(r.rcx, left);
         }
         batch += 1;
     }

@@ -227,6 +227,40 @@ fn string_io_faults_like_the_cpu_on_an_unmapped_address() {
 }
 
 #[test]
+fn rep_ins_with_32_bit_addresses_zero_extends_rdi_and_rcx() {
+    let mut r = Rig::new();
+    // PML4 at 0, PDPT at 0x1000, PD at 0x2000 with one 2 MiB page at 0: identity.
+    let put = |r: &mut Rig, gpa: u64, v: u64| {
+        r.memory
+            .write(&mut r.cpu.phys, gpa, &v.to_le_bytes())
+            .unwrap()
+    };
+    put(&mut r, 0, 0x1000 | 3);
+    put(&mut r, 0x1000, 0x2000 | 3);
+    put(&mut r, 0x2000, (1 << 7) | 3);
+    r.cpu.state.insert("cr3", 0);
+    r.cpu.regs.rdi = 0xffff_ffff_0000_3000;
+    r.cpu.regs.rcx = 0x1_0000_0002;
+    let ins = VmExit::StringIo {
+        io: IoExit {
+            size: 1,
+            is_in: true,
+            string: true,
+            rep: true,
+            port: 0x80,
+        },
+        linear: 0x3000,
+        address_mask: 0xffff_ffff,
+    };
+    assert_eq!(r.exit(ins), Next::Resume);
+    assert!(r.cpu.injected.is_empty());
+    assert_eq!(r.cpu.phys.0[0x3000..0x3003], [0xff, 0xff, 0]);
+    assert_eq!(r.cpu.regs.rdi, 0x3002, "EDI written: bits 63:32 cleared");
+    assert_eq!(r.cpu.regs.rcx, 0, "ECX counted to 0: bits 63:32 cleared");
+    assert_eq!(r.cpu.rip(), 0x1002);
+}
+
+#[test]
 fn msrs_follow_their_home_and_the_cpus_checks() {
     let mut r = Rig::new();
     const STAR: u32 = 0xc000_0081;
