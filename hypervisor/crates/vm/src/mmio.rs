@@ -491,12 +491,14 @@ impl fmt::Display for DecodeError {
                 write!(f, "the instruction continues past the {len} bytes read")
             }
             DecodeError::Invalid => f.write_str("not a valid instruction"),
-            DecodeError::NoMemoryOperand(m) => {
-                write!(f, "`{}` does not access memory", Lower(*m))
-            }
-            DecodeError::Unsupported(m) => {
-                write!(f, "`{}` is not emulated on MMIO", Lower(*m))
-            }
+            DecodeError::NoMemoryOperand(m) => match name(*m) {
+                Some(n) => write!(f, "`{n}` does not access memory"),
+                None => f.write_str("the instruction does not access memory"),
+            },
+            DecodeError::Unsupported(m) => match name(*m) {
+                Some(n) => write!(f, "`{n}` is not emulated on MMIO"),
+                None => f.write_str("the instruction is not emulated on MMIO"),
+            },
         }
     }
 }
@@ -946,12 +948,12 @@ impl fmt::Display for Report<'_> {
         write!(f, "cannot emulate MMIO access to gpa={:#x} by ", self.gpa)?;
         let mnemonic = match self.error {
             MmioError::Decode(DecodeError::NoMemoryOperand(m) | DecodeError::Unsupported(m)) => {
-                Some(*m)
+                name(*m)
             }
             _ => None,
         };
         match (mnemonic, self.bytes.is_empty()) {
-            (Some(m), _) => write!(f, "`{}` ({})", Lower(m), Hex(self.bytes))?,
+            (Some(m), _) => write!(f, "`{m}` ({})", Hex(self.bytes))?,
             (None, false) => write!(f, "`{}`", Hex(self.bytes))?,
             (None, true) => f.write_str("the instruction")?,
         }
@@ -959,20 +961,74 @@ impl fmt::Display for Report<'_> {
     }
 }
 
-/// A mnemonic in lower case, as assemblers write it (iced's `Debug` capitalizes it).
-struct Lower(Mnemonic);
+/// The names of the mnemonics a report is likely to name: the ones decoded here and the
+/// memory-accessing ones a driver or firmware might use on MMIO but that are not emulated.
+/// iced's own table of names (its `Debug` of [`Mnemonic`]) has all 1894 and would add about
+/// 45 KB to the kernel, for log lines that print the instruction's bytes anyway.
+const NAMES: &[(Mnemonic, &str)] = &[
+    (Mnemonic::Mov, "mov"),
+    (Mnemonic::Movzx, "movzx"),
+    (Mnemonic::Movsx, "movsx"),
+    (Mnemonic::Movsxd, "movsxd"),
+    (Mnemonic::Add, "add"),
+    (Mnemonic::Sub, "sub"),
+    (Mnemonic::And, "and"),
+    (Mnemonic::Or, "or"),
+    (Mnemonic::Xor, "xor"),
+    (Mnemonic::Cmp, "cmp"),
+    (Mnemonic::Test, "test"),
+    (Mnemonic::Xchg, "xchg"),
+    (Mnemonic::Stosb, "stosb"),
+    (Mnemonic::Stosw, "stosw"),
+    (Mnemonic::Stosd, "stosd"),
+    (Mnemonic::Stosq, "stosq"),
+    (Mnemonic::Movsb, "movsb"),
+    (Mnemonic::Movsw, "movsw"),
+    (Mnemonic::Movsd, "movsd"),
+    (Mnemonic::Movsq, "movsq"),
+    (Mnemonic::Lodsb, "lodsb"),
+    (Mnemonic::Lodsw, "lodsw"),
+    (Mnemonic::Lodsd, "lodsd"),
+    (Mnemonic::Lodsq, "lodsq"),
+    (Mnemonic::Scasb, "scasb"),
+    (Mnemonic::Scasw, "scasw"),
+    (Mnemonic::Scasd, "scasd"),
+    (Mnemonic::Scasq, "scasq"),
+    (Mnemonic::Cmpsb, "cmpsb"),
+    (Mnemonic::Cmpsw, "cmpsw"),
+    (Mnemonic::Cmpsd, "cmpsd"),
+    (Mnemonic::Cmpsq, "cmpsq"),
+    (Mnemonic::Inc, "inc"),
+    (Mnemonic::Dec, "dec"),
+    (Mnemonic::Neg, "neg"),
+    (Mnemonic::Not, "not"),
+    (Mnemonic::Adc, "adc"),
+    (Mnemonic::Sbb, "sbb"),
+    (Mnemonic::Bt, "bt"),
+    (Mnemonic::Bts, "bts"),
+    (Mnemonic::Btr, "btr"),
+    (Mnemonic::Btc, "btc"),
+    (Mnemonic::Shl, "shl"),
+    (Mnemonic::Shr, "shr"),
+    (Mnemonic::Cmpxchg, "cmpxchg"),
+    (Mnemonic::Xadd, "xadd"),
+    (Mnemonic::Push, "push"),
+    (Mnemonic::Pop, "pop"),
+    (Mnemonic::Lea, "lea"),
+    (Mnemonic::Nop, "nop"),
+    (Mnemonic::Movd, "movd"),
+    (Mnemonic::Movq, "movq"),
+    (Mnemonic::Movnti, "movnti"),
+    (Mnemonic::Movups, "movups"),
+    (Mnemonic::Movaps, "movaps"),
+    (Mnemonic::Movdqu, "movdqu"),
+    (Mnemonic::Movdqa, "movdqa"),
+    (Mnemonic::Clflush, "clflush"),
+];
 
-impl fmt::Display for Lower {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        struct Lowering<'a, 'b>(&'a mut fmt::Formatter<'b>);
-        impl fmt::Write for Lowering<'_, '_> {
-            fn write_str(&mut self, s: &str) -> fmt::Result {
-                s.chars()
-                    .try_for_each(|c| fmt::Write::write_char(self.0, c.to_ascii_lowercase()))
-            }
-        }
-        fmt::write(&mut Lowering(f), format_args!("{:?}", self.0))
-    }
+/// The lower-case name of `m`, if [`NAMES`] has it.
+fn name(m: Mnemonic) -> Option<&'static str> {
+    NAMES.iter().find(|&&(n, _)| n == m).map(|&(_, s)| s)
 }
 
 /// Bytes as space-separated hex pairs.
@@ -1837,6 +1893,18 @@ mod tests {
             line,
             "cannot emulate MMIO access to gpa=0xfee000b0 by the instruction at rip=0xfff0: \
              real mode is not supported"
+        );
+    }
+
+    #[test]
+    fn names_are_iceds_in_lower_case() {
+        for &(m, n) in NAMES {
+            assert_eq!(format!("{m:?}").to_ascii_lowercase(), n);
+        }
+        assert_eq!(name(Mnemonic::Vmovups), None);
+        assert_eq!(
+            format!("{}", DecodeError::Unsupported(Mnemonic::Fld)),
+            "the instruction is not emulated on MMIO"
         );
     }
 
