@@ -10,6 +10,8 @@
 //! - [`policy`]: what the guest sees for CPUID and XSETBV, which CR4 bits it may not set, what
 //!   unknown ports do.
 //! - [`paging`]: walks a guest's page tables for instructions emulated on its behalf.
+//! - [`mmio`]: emulation of a guest's access to an MMIO device page (local APIC, IOAPIC): the
+//!   instruction fetched at RIP, decoded (with `iced-x86`) and done against the device.
 //! - [`msr`]: the MSRs a guest may touch, the checks on their values, and where each is kept.
 //! - [`sched`]: round-robin scheduling with quanta, and per-VM statistics.
 //! - [`regs`]: the guest's general-purpose registers as the kernel saves them.
@@ -31,6 +33,7 @@ pub mod exits;
 pub mod frames;
 pub mod hypercall;
 pub mod memory;
+pub mod mmio;
 pub mod msr;
 pub mod paging;
 pub mod policy;
