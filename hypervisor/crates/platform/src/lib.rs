@@ -8,6 +8,8 @@
 //!   routes line changes into the interrupt-controller models.
 //! - [`bus`]: port-I/O and MMIO buses: address ranges mapped to device identifiers, and the
 //!   [`bus::PioDevice`] / [`bus::MmioDevice`] traits every model implements.
+//! - [`pit`]: the Intel 8254 PIT (ports 0x40-0x43) and its bits of port 0x61 (channel 2's gate
+//!   and OUT, the refresh toggle); channel 0 pulses IRQ 0.
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -17,6 +19,7 @@ extern crate alloc;
 
 pub mod bus;
 pub mod irq;
+pub mod pit;
 pub mod time;
 
 pub use time::{Timebase, Tsc};
