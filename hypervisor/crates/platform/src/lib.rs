@@ -10,6 +10,8 @@
 //!   [`bus::PioDevice`] / [`bus::MmioDevice`] traits every model implements.
 //! - [`pit`]: the Intel 8254 PIT (ports 0x40-0x43) and its bits of port 0x61 (channel 2's gate
 //!   and OUT, the refresh toggle); channel 0 pulses IRQ 0.
+//! - [`rtc`]: the MC146818A RTC and CMOS RAM (ports 0x70-0x71): the wall clock from a boot
+//!   time plus guest time, periodic, update and alarm interrupts on IRQ 8.
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -20,6 +22,7 @@ extern crate alloc;
 pub mod bus;
 pub mod irq;
 pub mod pit;
+pub mod rtc;
 pub mod time;
 
 pub use time::{Timebase, Tsc};
