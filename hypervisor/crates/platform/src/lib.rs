@@ -12,6 +12,8 @@
 //!   and OUT, the refresh toggle); channel 0 pulses IRQ 0.
 //! - [`rtc`]: the MC146818A RTC and CMOS RAM (ports 0x70-0x71): the wall clock from a boot
 //!   time plus guest time, periodic, update and alarm interrupts on IRQ 8.
+//! - [`uart`]: a 16550A UART (COM1 at 0x3F8, IRQ 4 by default) with FIFOs, interrupts and
+//!   loopback; the platform drains its output and pushes its input.
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -24,5 +26,6 @@ pub mod irq;
 pub mod pit;
 pub mod rtc;
 pub mod time;
+pub mod uart;
 
 pub use time::{Timebase, Tsc};
