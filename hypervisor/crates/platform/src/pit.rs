@@ -508,9 +508,11 @@ pub struct Pit {
 }
 
 impl Pit {
-    /// A PIT whose counters are not counting (see [`Pit`]'s power-up note on `Channel::new`):
-    /// no IRQ 0 until the guest programs channel 0. Channels 0 and 1 have their gates tied high
-    /// as on a PC; channel 2's gate is port 0x61 bit 0, initially low.
+    /// A PIT whose counters are not counting: the 8254's power-up state is undefined, and the
+    /// model starts each counter as firmware leaves one before loading it (mode 3, lsb then
+    /// msb, binary, OUT high), so there is no IRQ 0 until the guest programs channel 0 and its
+    /// first control word is no edge. Channels 0 and 1 have their gates tied high as on a PC;
+    /// channel 2's gate is port 0x61 bit 0, initially low.
     pub fn new(tb: Timebase) -> Self {
         Self {
             tb,
@@ -641,7 +643,7 @@ impl Pit {
 impl PioDevice for Pit {
     fn pio_read(&mut self, offset: u16, data: &mut [u8], ctx: &mut Ctx) {
         self.advance(ctx.now, ctx.irq);
-        let c = self.irq_clk.max(self.clk(ctx.now));
+        let c = self.irq_clk;
         for (i, b) in data.iter_mut().enumerate() {
             *b = self.read_port(offset.wrapping_add(i as u16), c);
         }
