@@ -8,6 +8,12 @@
 //!   routes line changes into the interrupt-controller models.
 //! - [`bus`]: port-I/O and MMIO buses: address ranges mapped to device identifiers, and the
 //!   [`bus::PioDevice`] / [`bus::MmioDevice`] traits every model implements.
+//! - [`pit`]: the Intel 8254 PIT (ports 0x40-0x43) and its bits of port 0x61 (channel 2's gate
+//!   and OUT, the refresh toggle); channel 0 pulses IRQ 0.
+//! - [`rtc`]: the MC146818A RTC and CMOS RAM (ports 0x70-0x71): the wall clock from a boot
+//!   time plus guest time, periodic, update and alarm interrupts on IRQ 8.
+//! - [`uart`]: a 16550A UART (COM1 at 0x3F8, IRQ 4 by default) with FIFOs, interrupts and
+//!   loopback; the platform drains its output and pushes its input.
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -17,6 +23,9 @@ extern crate alloc;
 
 pub mod bus;
 pub mod irq;
+pub mod pit;
+pub mod rtc;
 pub mod time;
+pub mod uart;
 
 pub use time::{Timebase, Tsc};
