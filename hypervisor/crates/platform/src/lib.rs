@@ -8,6 +8,9 @@
 //!   routes line changes into the interrupt-controller models.
 //! - [`bus`]: port-I/O and MMIO buses: address ranges mapped to device identifiers, and the
 //!   [`bus::PioDevice`] / [`bus::MmioDevice`] traits every model implements.
+//! - [`lapic`]: the local APIC of the single vCPU (xAPIC page, x2APIC MSRs, timer with
+//!   one-shot, periodic and TSC-deadline modes, IRR/ISR priority logic); the platform injects
+//!   what it reports.
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -17,6 +20,8 @@ extern crate alloc;
 
 pub mod bus;
 pub mod irq;
+pub mod lapic;
+mod regs;
 pub mod time;
 
 pub use time::{Timebase, Tsc};
