@@ -11,6 +11,8 @@
 //! - [`lapic`]: the local APIC of the single vCPU (xAPIC page, x2APIC MSRs, timer with
 //!   one-shot, periodic and TSC-deadline modes, IRR/ISR priority logic); the platform injects
 //!   what it reports.
+//! - [`ioapic`]: the 24-pin IOAPIC at 0xFEC00000, which turns line levels into messages for
+//!   the local APIC (edge and level, remote IRR, masking).
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -19,6 +21,7 @@
 extern crate alloc;
 
 pub mod bus;
+pub mod ioapic;
 pub mod irq;
 pub mod lapic;
 mod regs;
