@@ -26,9 +26,9 @@
 //!   register) cannot be returned through [`MmioDevice`]; they wait, one slot per pin, for
 //!   [`IoApic::take_message`], which the platform calls after each access.
 //! - MMIO: IOREGSEL at 0x00 (bits 7:0), IOWIN at 0x10, EOI at 0x40 (write-only, bits 7:0 the
-//!   vector); every other offset reads 0 and ignores writes. Widths follow [`crate::regs`]:
-//!   reads give the bytes of the containing 32-bit register, partial writes merge into it.
-//!   Index registers outside ID, VER, ARB and the table read 0 and ignore writes.
+//!   vector); every other offset reads 0 and ignores writes. Widths follow the crate's `regs`
+//!   rule: reads give the bytes of the containing 32-bit register, partial writes merge into
+//!   it. Index registers outside ID, VER, ARB and the table read 0 and ignore writes.
 //!
 //! # Not emulated
 //!

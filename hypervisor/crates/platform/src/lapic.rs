@@ -30,17 +30,17 @@
 //!   interrupts already in the IRR are held and [`Lapic::pending_vector`] reports none.
 //! - IA32_APIC_BASE: the BSP bit reads 1 and ignores writes; bits 0-7, 9 and 52-63 are reserved
 //!   (#GP): the model assumes a MAXPHYADDR of 52 and leaves a narrower check to the platform's
-//!   CPUID. The platform must advertise x2APIC (CPUID.1:ECX[21]) and the TSC-deadline timer
-//!   (CPUID.1:ECX[24]), both of which this model implements.
+//!   CPUID. The platform must advertise x2APIC (CPUID.1:ECX bit 21) and the TSC-deadline timer
+//!   (CPUID.1:ECX bit 24), both of which this model implements.
 //! - Globally disabling the APIC (EN clear) puts every register in its reset state
 //!   (10.12.5.1: no register state survives the x2APIC -> disabled -> xAPIC path). The firmware
 //!   setup is not re-applied on re-enabling.
 //! - The xAPIC page in x2APIC mode or while globally disabled (10.12.2: "the memory-mapped
 //!   interface is not available"): reads return all ones, as unbacked physical memory does on a
 //!   PC, and writes are ignored. Widths and offsets other than an aligned 32-bit access follow
-//!   [`crate::regs`]: reads give the bytes of the containing register, partial writes merge into
-//!   it. Accesses to undefined registers read 0, ignore writes, and set ESR bit 7 ("illegal
-//!   register address", 10.5.3). Writes to read-only registers are ignored.
+//!   the crate's `regs` rule: reads give the bytes of the containing register, partial writes
+//!   merge into it. Accesses to undefined registers read 0, ignore writes, and set ESR bit 7
+//!   ("illegal register address", 10.5.3). Writes to read-only registers are ignored.
 //! - x2APIC MSRs (10.12.1.2/10.12.1.3): #GP outside x2APIC mode, for undefined and
 //!   xAPIC-only registers (APR, RRD, DFR, ICR high, CMCI), reads of EOI and SELF IPI, writes of
 //!   read-only registers, any set reserved bit (bits 63:32 of every register but the ICR), and
@@ -728,8 +728,8 @@ impl Lapic {
         Some(v)
     }
 
-    /// MOV to CR8 (SDM 10.8.6.1): TPR[7:4] = CR8[3:0], TPR[3:0] = 0. Bits 63:4 are reserved
-    /// (the instruction raises #GP).
+    /// MOV to CR8 (SDM 10.8.6.1): TPR bits 7:4 = CR8 bits 3:0, TPR bits 3:0 = 0. CR8 bits
+    /// 63:4 are reserved (the instruction raises #GP).
     pub fn set_tpr_from_cr8(&mut self, cr8: u64) -> Result<(), Gp> {
         if cr8 > 0xF {
             return Err(Gp);
@@ -738,7 +738,7 @@ impl Lapic {
         Ok(())
     }
 
-    /// MOV from CR8: TPR[7:4].
+    /// MOV from CR8: TPR bits 7:4.
     pub fn cr8(&self) -> u64 {
         u64::from(self.tpr >> 4)
     }
