@@ -13,6 +13,8 @@
 //!   what it reports.
 //! - [`ioapic`]: the 24-pin IOAPIC at 0xFEC00000, which turns line levels into messages for
 //!   the local APIC (edge and level, remote IRR, masking).
+//! - [`pic`]: the two cascaded 8259A PICs and the PIIX's ELCR, whose INTR reaches the CPU
+//!   through LINT0 in ExtINT mode (or directly while the local APIC is disabled).
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -24,6 +26,7 @@ pub mod bus;
 pub mod ioapic;
 pub mod irq;
 pub mod lapic;
+pub mod pic;
 mod regs;
 pub mod time;
 
