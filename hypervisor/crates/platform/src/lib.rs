@@ -14,6 +14,13 @@
 //!   time plus guest time, periodic, update and alarm interrupts on IRQ 8.
 //! - [`uart`]: a 16550A UART (COM1 at 0x3F8, IRQ 4 by default) with FIFOs, interrupts and
 //!   loopback; the platform drains its output and pushes its input.
+//! - [`lapic`]: the local APIC of the single vCPU (xAPIC page, x2APIC MSRs, timer with
+//!   one-shot, periodic and TSC-deadline modes, IRR/ISR priority logic); the platform injects
+//!   what it reports.
+//! - [`ioapic`]: the 24-pin IOAPIC at 0xFEC00000, which turns line levels into messages for
+//!   the local APIC (edge and level, remote IRR, masking).
+//! - [`pic`]: the two cascaded 8259A PICs and the PIIX's ELCR, whose INTR reaches the CPU
+//!   through LINT0 in ExtINT mode (or directly while the local APIC is disabled).
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -22,8 +29,12 @@
 extern crate alloc;
 
 pub mod bus;
+pub mod ioapic;
 pub mod irq;
+pub mod lapic;
+pub mod pic;
 pub mod pit;
+mod regs;
 pub mod rtc;
 pub mod time;
 pub mod uart;
