@@ -21,6 +21,8 @@
 //!   the local APIC (edge and level, remote IRR, masking).
 //! - [`pic`]: the two cascaded 8259A PICs and the PIIX's ELCR, whose INTR reaches the CPU
 //!   through LINT0 in ExtINT mode (or directly while the local APIC is disabled).
+//! - [`platform`]: one VM's platform: the devices above on their buses, the interrupt lines
+//!   wired as on a PC, and the interface the exit policy uses.
 //!
 //! Nothing here executes a privileged instruction or touches host memory: all of it runs under
 //! `cargo test` on the host.
@@ -34,9 +36,11 @@ pub mod irq;
 pub mod lapic;
 pub mod pic;
 pub mod pit;
+pub mod platform;
 mod regs;
 pub mod rtc;
 pub mod time;
 pub mod uart;
 
+pub use platform::{Pending, Platform};
 pub use time::{Timebase, Tsc};

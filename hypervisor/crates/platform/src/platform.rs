@@ -1,0 +1,412 @@
+//! The platform of one VM: every device model, the buses that route guest accesses to them, and
+//! the wiring of interrupt lines into the controllers, as a PC's chipset wires them.
+//!
+//! [`Platform`] is what the exit policy talks to: port I/O ([`Platform::pio_read`]), MMIO
+//! ([`Platform::mmio_read`]), the MSRs of the local APIC ([`Platform::msr_read`]), time
+//! ([`Platform::advance`], [`Platform::next_deadline`]) and interrupt delivery
+//! ([`Platform::pending_interrupt`], [`Platform::acknowledge`]). It must not know how an
+//! interrupt is injected (that is the vCPU's) nor where its time comes from (the kernel passes
+//! the VM's clock).
+//!
+//! Wiring (what PC firmware reports in its MP/ACPI tables):
+//! - ISA IRQ n drives 8259 input n and IOAPIC pin n, except IRQ 0 (the PIT), which reaches
+//!   IOAPIC pin 2 (the interrupt source override of every PC);
+//! - the IOAPIC's messages go to the local APIC when their destination matches it;
+//! - the master 8259's INTR reaches the CPU through LINT0 in ExtINT mode, or directly while
+//!   the local APIC is hardware-disabled;
+//! - a level-triggered vector's EOI at the local APIC goes back to the IOAPIC (remote IRR).
+
+use crate::bus::{Bus, Ctx, MmioDevice, PioDevice};
+use crate::ioapic::{DeliveryMode, IoApic, Message, IOAPIC_BASE, IOAPIC_SIZE};
+use crate::irq::{IrqLines, LineChanges, LINES};
+use crate::lapic::{Gp, Lapic, LintMode, MMIO_SIZE, MSR_APIC_BASE, MSR_TSC_DEADLINE};
+use crate::pic::{PicPair, PORT_RANGES};
+use crate::pit::{Pit, PIT_BASE, PIT_PORTS, PORT61};
+use crate::rtc::{DateTime, Rtc, RtcError, RTC_BASE, RTC_PORTS};
+use crate::uart::{Uart16550, UART_PORTS};
+use crate::{Timebase, Tsc};
+
+/// Which device a port belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PioId {
+    Pic,
+    Pit,
+    Port61,
+    Rtc,
+    Uart,
+}
+
+/// Which device an MMIO range belongs to. (The local APIC's page is decoded by the CPU itself,
+/// at the address in IA32_APIC_BASE, before the bus sees the access.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MmioId {
+    IoApic,
+}
+
+/// The interrupt the CPU would take next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pending {
+    /// A vector from the local APIC's IRR, above its processor priority.
+    Apic(u8),
+    /// The 8259's INTR through LINT0 (ExtINT): the vector comes from the INTA cycle.
+    ExtInt,
+}
+
+/// Counters for the VM's statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlatformStats {
+    /// Interrupts the CPU took (acknowledged), from the local APIC and through ExtINT.
+    pub interrupts: u64,
+    /// Port and MMIO accesses no device answered.
+    pub unclaimed_pio: u64,
+    pub unclaimed_mmio: u64,
+}
+
+pub struct Platform {
+    pub lapic: Lapic,
+    pub ioapic: IoApic,
+    pub pic: PicPair,
+    pub pit: Pit,
+    pub rtc: Rtc,
+    pub uart: Uart16550,
+    lines: IrqLines,
+    pio: Bus<PioId>,
+    mmio: Bus<MmioId>,
+    pub stats: PlatformStats,
+}
+
+/// The value a read from a port or MMIO address without a device returns: all ones, as the
+/// ISA bus floats high.
+pub const FLOATING: u8 = 0xff;
+
+impl Platform {
+    /// A PC as firmware leaves it at `now` on the VM's clock (`timebase`): local APIC enabled in
+    /// virtual-wire mode, 8259s and IOAPIC masked, PIT idle, RTC running from `boot`.
+    pub fn new(timebase: Timebase, now: Tsc, boot: DateTime) -> Result<Self, RtcError> {
+        let mut lapic = Lapic::new(timebase);
+        lapic.firmware_setup();
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+        let uart = Uart16550::com1();
+        let ranges = [
+            (u64::from(PIT_BASE), u64::from(PIT_PORTS), PioId::Pit),
+            (u64::from(PORT61), 1, PioId::Port61),
+            (u64::from(RTC_BASE), u64::from(RTC_PORTS), PioId::Rtc),
+            (u64::from(uart.base()), u64::from(UART_PORTS), PioId::Uart),
+        ];
+        for (base, len, id) in ranges {
+            pio.insert(base, len, id)
+                .expect("the platform's port ranges are disjoint");
+        }
+        for (base, len) in PORT_RANGES {
+            pio.insert(u64::from(base), u64::from(len), PioId::Pic)
+                .expect("the platform's port ranges are disjoint");
+        }
+        mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, MmioId::IoApic)
+            .expect("one range");
+        Ok(Self {
+            lapic,
+            ioapic: IoApic::new(),
+            pic: PicPair::new(),
+            pit: Pit::new(timebase),
+            rtc: Rtc::new(timebase, now, boot)?,
+            uart,
+            lines: IrqLines::default(),
+            pio,
+            mmio,
+            stats: PlatformStats::default(),
+        })
+    }
+
+    /// An IN of `size` bytes (1, 2 or 4) from `port`: each byte lane reads the device at its own
+    /// port, as the ISA bus splits wide accesses; ports without a device float high.
+    pub fn pio_read(&mut self, port: u16, size: u8, now: Tsc) -> u32 {
+        self.advance(now);
+        let mut value = 0u32;
+        for i in 0..size.min(4) {
+            let p = port.wrapping_add(u16::from(i));
+            let mut byte = [FLOATING];
+            match self.pio.find(u64::from(p)) {
+                Some((id, offset)) => self.pio_access(id, p, offset as u16, &mut byte, None, now),
+                None => self.stats.unclaimed_pio += 1,
+            }
+            value |= u32::from(byte[0]) << (8 * i);
+        }
+        self.route();
+        value
+    }
+
+    /// An OUT of the low `size` bytes of `value` to `port` (byte lanes as in
+    /// [`Self::pio_read`]); writes to ports without a device are dropped.
+    pub fn pio_write(&mut self, port: u16, size: u8, value: u32, now: Tsc) {
+        self.advance(now);
+        for i in 0..size.min(4) {
+            let p = port.wrapping_add(u16::from(i));
+            let byte = [(value >> (8 * i)) as u8];
+            match self.pio.find(u64::from(p)) {
+                Some((id, offset)) => {
+                    let mut scratch = [0];
+                    self.pio_access(id, p, offset as u16, &mut scratch, Some(&byte), now);
+                }
+                None => self.stats.unclaimed_pio += 1,
+            }
+        }
+        self.route();
+    }
+
+    fn pio_access(
+        &mut self,
+        id: PioId,
+        port: u16,
+        offset: u16,
+        read: &mut [u8],
+        write: Option<&[u8]>,
+        now: Tsc,
+    ) {
+        let mut ctx = Ctx {
+            now,
+            irq: &mut self.lines,
+        };
+        let device: &mut dyn PioDevice = match id {
+            // One device answers three port ranges: it takes absolute ports.
+            PioId::Pic => {
+                match write {
+                    Some(data) => self.pic.pio_write(port, data, &mut ctx),
+                    None => self.pic.pio_read(port, read, &mut ctx),
+                }
+                return;
+            }
+            PioId::Pit => &mut self.pit,
+            PioId::Port61 => {
+                let mut p61 = self.pit.port61();
+                match write {
+                    Some(data) => p61.pio_write(offset, data, &mut ctx),
+                    None => p61.pio_read(offset, read, &mut ctx),
+                }
+                return;
+            }
+            PioId::Rtc => &mut self.rtc,
+            PioId::Uart => &mut self.uart,
+        };
+        match write {
+            Some(data) => device.pio_write(offset, data, &mut ctx),
+            None => device.pio_read(offset, read, &mut ctx),
+        }
+    }
+
+    /// Whether `gpa` is a device register (the local APIC's page or the IOAPIC's): an access
+    /// there is emulated rather than a fault.
+    pub fn is_mmio(&self, gpa: u64) -> bool {
+        self.lapic_offset(gpa).is_some() || self.mmio.find(gpa).is_some()
+    }
+
+    fn lapic_offset(&self, gpa: u64) -> Option<u64> {
+        let base = self.lapic.mmio_base();
+        (self.lapic.hardware_enabled() && (base..base + MMIO_SIZE).contains(&gpa))
+            .then(|| gpa - base)
+    }
+
+    /// An MMIO read of `data.len()` bytes at `gpa`; addresses without a device read all ones.
+    pub fn mmio_read(&mut self, gpa: u64, data: &mut [u8], now: Tsc) {
+        self.mmio_access(gpa, data, None, now);
+    }
+
+    /// An MMIO write of `data` at `gpa`; writes to addresses without a device are dropped.
+    pub fn mmio_write(&mut self, gpa: u64, data: &[u8], now: Tsc) {
+        let mut scratch = [0u8; 8];
+        self.mmio_access(gpa, &mut scratch, Some(data), now);
+    }
+
+    fn mmio_access(&mut self, gpa: u64, read: &mut [u8], write: Option<&[u8]>, now: Tsc) {
+        self.advance(now);
+        let lapic_offset = self.lapic_offset(gpa);
+        let mut ctx = Ctx {
+            now,
+            irq: &mut self.lines,
+        };
+        let target: Option<(&mut dyn MmioDevice, u64)> = if let Some(off) = lapic_offset {
+            Some((&mut self.lapic, off))
+        } else {
+            match self.mmio.find(gpa) {
+                Some((MmioId::IoApic, off)) => Some((&mut self.ioapic, off)),
+                None => None,
+            }
+        };
+        match (target, write) {
+            (Some((dev, off)), Some(data)) => dev.mmio_write(off, data, &mut ctx),
+            (Some((dev, off)), None) => dev.mmio_read(off, read, &mut ctx),
+            (None, _) => {
+                read.fill(FLOATING);
+                self.stats.unclaimed_mmio += 1;
+            }
+        }
+        self.route();
+    }
+
+    /// RDMSR of a platform MSR (IA32_APIC_BASE, IA32_TSC_DEADLINE, the x2APIC range): `None`
+    /// when `index` is not one, else the value or #GP.
+    pub fn msr_read(&mut self, index: u32, now: Tsc) -> Option<Result<u64, Gp>> {
+        if !Self::owns_msr(index) {
+            return None;
+        }
+        self.advance(now);
+        let r = self.lapic.msr_read(index, now);
+        self.route();
+        Some(r)
+    }
+
+    /// WRMSR of a platform MSR, as [`Self::msr_read`].
+    pub fn msr_write(&mut self, index: u32, value: u64, now: Tsc) -> Option<Result<(), Gp>> {
+        if !Self::owns_msr(index) {
+            return None;
+        }
+        self.advance(now);
+        let r = self.lapic.msr_write(index, value, now);
+        self.route();
+        Some(r)
+    }
+
+    pub fn owns_msr(index: u32) -> bool {
+        index == MSR_APIC_BASE || index == MSR_TSC_DEADLINE || Lapic::handles_msr(index)
+    }
+
+    /// Brings every timer up to `now`: expired ones raise their interrupts.
+    pub fn advance(&mut self, now: Tsc) {
+        self.lapic.advance(now);
+        self.pit.advance(now, &mut self.lines);
+        self.rtc.advance(now, &mut self.lines);
+        self.route();
+    }
+
+    /// The earliest time a timer needs [`Self::advance`], if any is armed.
+    pub fn next_deadline(&self) -> Option<Tsc> {
+        [
+            self.lapic.next_deadline(),
+            self.pit.next_deadline(),
+            self.rtc.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Host input for the VM's COM1: returns how many bytes it took (the rest did not fit).
+    pub fn push_input(&mut self, bytes: &[u8], now: Tsc) -> usize {
+        let mut ctx = Ctx {
+            now,
+            irq: &mut self.lines,
+        };
+        let n = self.uart.push_input(bytes, &mut ctx);
+        self.route();
+        n
+    }
+
+    /// The interrupt the CPU would take now if it could (RFLAGS.IF and no interrupt shadow).
+    pub fn pending_interrupt(&self) -> Option<Pending> {
+        if let Some(v) = self.lapic.pending_vector() {
+            return Some(Pending::Apic(v));
+        }
+        (self.lapic.lint0_mode() == LintMode::ExtInt && self.pic.intr()).then_some(Pending::ExtInt)
+    }
+
+    /// The CPU takes the pending interrupt (the INTA cycle): returns its vector.
+    pub fn acknowledge(&mut self) -> Option<u8> {
+        let vector = match self.pending_interrupt()? {
+            Pending::Apic(v) => {
+                self.lapic.acknowledge(v);
+                v
+            }
+            Pending::ExtInt => self.pic.acknowledge(),
+        };
+        self.stats.interrupts += 1;
+        self.route();
+        Some(vector)
+    }
+
+    /// An NMI is pending (LINT1, an NMI IPI or message): taken by this call.
+    pub fn take_nmi(&mut self) -> bool {
+        self.lapic.take_nmi()
+    }
+
+    /// Feeds line changes to the controllers and delivers what they send, until nothing moves:
+    /// 8259 inputs, IOAPIC pins, IOAPIC messages to the local APIC, EOIs of level-triggered
+    /// vectors back to the IOAPIC.
+    fn route(&mut self) {
+        // The UART's line follows its state, which reads and writes change.
+        self.lines.set_level(self.uart.irq(), self.uart.irq_level());
+        // Bounded: each pass either consumes a change, a message or an EOI.
+        for _ in 0..64 {
+            let mut moved = false;
+            if self.lines.changed() {
+                moved = true;
+                let c = self.lines.take_changes();
+                self.apply(c);
+            }
+            while let Some(v) = self.lapic.take_level_eoi() {
+                moved = true;
+                for m in self.ioapic.eoi(v) {
+                    self.deliver(m);
+                }
+            }
+            while let Some(m) = self.ioapic.take_message() {
+                moved = true;
+                self.deliver(m);
+            }
+            if !moved {
+                return;
+            }
+        }
+        log::warn!(target: "platform", "interrupt routing did not settle in 64 passes");
+    }
+
+    fn apply(&mut self, c: LineChanges) {
+        for line in 0..LINES as u8 {
+            let bit = 1u32 << line;
+            if (c.rose | c.fell) & bit == 0 {
+                continue;
+            }
+            let high = c.level & bit != 0;
+            // A pulse (or a fall and rise) is an edge followed by the present level.
+            let edges: &[bool] = match (c.rose & bit != 0, c.fell & bit != 0, high) {
+                (true, true, false) => &[true, false],
+                (true, true, true) => &[false, true],
+                (_, _, level) => {
+                    if level {
+                        &[true]
+                    } else {
+                        &[false]
+                    }
+                }
+            };
+            let pin = if line == 0 { 2 } else { line };
+            for &level in edges {
+                if line < 16 {
+                    self.pic.set_irq(line, level);
+                }
+                if let Some(m) = self.ioapic.set_irq(pin, level) {
+                    self.deliver(m);
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, m: Message) {
+        if !self.lapic.matches_destination(m.physical, m.dest) {
+            return;
+        }
+        match m.delivery_mode {
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
+                self.lapic.accept_interrupt(m.vector, m.level_triggered)
+            }
+            DeliveryMode::Nmi => self.lapic.deliver_nmi(),
+            // ExtINT through the IOAPIC (pin 0 in virtual-wire-through-IOAPIC mode) asks the
+            // 8259 for the vector: the same path as LINT0.
+            DeliveryMode::ExtInt | DeliveryMode::Smi | DeliveryMode::Init => {
+                log::debug!(target: "platform", "IOAPIC message {m:?} not delivered");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
