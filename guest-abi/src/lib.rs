@@ -28,7 +28,7 @@ pub const CPUID_SIGNATURE: &[u8; 12] = b"MuxVisor\0\0\0\0";
 /// The hypervisor CPUID leaf range: leaf 0x4000_0000 reports the highest leaf in EAX.
 pub const CPUID_LEAF_BASE: u32 = 0x4000_0000;
 /// Highest hypervisor leaf answered (EAX of leaf 0x4000_0000).
-pub const CPUID_LEAF_MAX: u32 = 0x4000_0001;
+pub const CPUID_LEAF_MAX: u32 = 0x4000_0010;
 /// Leaf 0x4000_0001 EAX: the hypercall ABI version below.
 pub const ABI_VERSION: u32 = 1;
 

@@ -53,7 +53,9 @@ struct IdtEntry {
     _reserved: u32,
 }
 
-static mut IDT: [IdtEntry; 32] = [IdtEntry {
+/// All 256 vectors: 0-31 exceptions, 32-255 host interrupts, which only arrive while the CPU
+/// sleeps in [`crate::interrupts::idle_until`] (the hypervisor runs with RFLAGS.IF = 0).
+static mut IDT: [IdtEntry; 256] = [IdtEntry {
     offset_low: 0,
     selector: 0,
     ist: 0,
@@ -61,7 +63,7 @@ static mut IDT: [IdtEntry; 32] = [IdtEntry {
     offset_mid: 0,
     offset_high: 0,
     _reserved: 0,
-}; 32];
+}; 256];
 
 #[repr(C, packed(2))]
 pub struct DescriptorPointer {
@@ -110,10 +112,10 @@ pub fn init() {
 
         let idt = &raw mut IDT;
         for (vector, entry) in (*idt).iter_mut().enumerate() {
-            let handler = if vector == 2 {
-                nmi_entry as *const () as u64
-            } else {
-                exception_stub_address(vector)
+            let handler = match vector {
+                2 => nmi_entry as *const () as u64,
+                0..32 => exception_stub_address(vector),
+                _ => host_interrupt_entry as *const () as u64,
             };
             *entry = IdtEntry {
                 offset_low: handler as u16,
@@ -127,7 +129,7 @@ pub fn init() {
             };
         }
         let ptr = DescriptorPointer {
-            limit: (size_of::<[IdtEntry; 32]>() - 1) as u16,
+            limit: (size_of::<[IdtEntry; 256]>() - 1) as u16,
             base: idt as u64,
         };
         core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack));
@@ -147,7 +149,26 @@ pub fn tss_base() -> u64 {
 
 extern "C" {
     fn nmi_entry();
+    fn host_interrupt_entry();
 }
+
+// A host interrupt taken while the CPU sleeps with interrupts enabled: counted, then IRETQ.
+// The EOI is sent after the sleep, with interrupts disabled again (interrupts::idle_until):
+// until then the vector stays in service, which holds back only interrupts the sleep has no
+// use for anyway.
+core::arch::global_asm!(
+    r#"
+    .section .text.exceptions, "ax"
+    .global host_interrupt_entry
+host_interrupt_entry:
+    push rax
+    lea rax, [rip + {count}]
+    lock inc qword ptr [rax]
+    pop rax
+    iretq
+    "#,
+    count = sym crate::interrupts::IDLE_WAKEUPS,
+);
 
 // The NMI handler: one locked increment of the counter, then IRETQ (which also ends the CPU's
 // NMI blocking). It uses no register but RAX, which it saves, and runs on the interrupted stack:

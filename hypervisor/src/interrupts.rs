@@ -26,6 +26,12 @@ pub static NMIS_GUEST: AtomicU64 = AtomicU64::new(0);
 /// External interrupts taken as VM exits, and how many of them needed an EOI.
 pub static EXTERNAL: AtomicU64 = AtomicU64::new(0);
 pub static EXTERNAL_EOI: AtomicU64 = AtomicU64::new(0);
+/// Host interrupts taken while the CPU slept in [`idle_until`] (arch.rs counts them), the
+/// sleeps, and the TSC ticks they lasted.
+pub static IDLE_WAKEUPS: AtomicU64 = AtomicU64::new(0);
+static IDLE_HALTS: AtomicU64 = AtomicU64::new(0);
+static IDLE_TSC: AtomicU64 = AtomicU64::new(0);
+
 /// `selftest=interrupts` was given.
 pub static SELFTEST: AtomicBool = AtomicBool::new(false);
 
@@ -34,6 +40,8 @@ const PIC_MASTER_BASE: u8 = 0x20;
 const PIC_SLAVE_BASE: u8 = 0x28;
 /// The self-test timer's vector.
 const SELFTEST_VECTOR: u8 = 0xe0;
+/// The vector of the timer that ends an idle sleep.
+const IDLE_VECTOR: u8 = 0xe1;
 const IA32_APIC_BASE: u32 = 0x1b;
 
 /// Moves the 8259 PICs' vectors off the exception vectors (the BIOS leaves the master at 8,
@@ -154,6 +162,94 @@ pub fn acknowledge(vector: u8) {
     }
 }
 
+/// Sleeps (HLT with interrupts enabled) until the TSC reaches `deadline` or a host interrupt
+/// comes, because every VM waits for a timer: the local APIC timer is armed for the deadline
+/// (TSC-deadline mode where the CPU has it, else one-shot, counted in the APIC timer's clock
+/// measured against the TSC once). Without a usable local APIC it waits with PAUSE instead.
+/// Every vector taken during the sleep gets its EOI afterwards.
+pub fn idle_until(deadline: u64, tsc_hz: u64) {
+    let start = crate::platform::rdtsc();
+    if deadline <= start {
+        return;
+    }
+    let Some(apic) = Lapic::current() else {
+        while crate::platform::rdtsc() < deadline {
+            core::hint::spin_loop();
+        }
+        return;
+    };
+    // The self-test's periodic timer owns the LVT timer; it wakes the sleep soon enough.
+    if !SELFTEST.load(Ordering::Relaxed) && !arm_idle_timer(&apic, deadline, start, tsc_hz) {
+        while crate::platform::rdtsc() < deadline {
+            core::hint::spin_loop();
+        }
+        return;
+    }
+    IDLE_HALTS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: STI's shadow covers HLT, so an interrupt arriving in between still ends the
+    // sleep; every vector has an IDT entry (arch.rs) that returns at once; CLI restores the
+    // hypervisor's RFLAGS.IF = 0 before anything else runs.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    IDLE_TSC.fetch_add(
+        crate::platform::rdtsc().wrapping_sub(start),
+        Ordering::Relaxed,
+    );
+    // End what was taken: the vectors in service, highest first (SDM 10.8.5).
+    for _ in 0..8 {
+        let in_service = (0..8).any(|i| apic.read(0x100 + 0x10 * i) != 0);
+        if !in_service {
+            break;
+        }
+        apic.write(0xb0, 0);
+    }
+    if !SELFTEST.load(Ordering::Relaxed) {
+        apic.write(0x320, 1 << 16); // masked until the next sleep
+    }
+}
+
+/// The APIC timer's ticks per second, measured once against the TSC (0: not measured yet).
+static APIC_TIMER_HZ: AtomicU64 = AtomicU64::new(0);
+
+/// Arms the local APIC timer to interrupt at TSC `deadline`, software-enabling the APIC if the
+/// firmware left it disabled. False when it cannot be done.
+fn arm_idle_timer(apic: &Lapic, deadline: u64, now: u64, tsc_hz: u64) -> bool {
+    const TSC_DEADLINE_MSR: u32 = 0x6e0;
+    if apic.read(0xf0) & 0x100 == 0 {
+        apic.write(0xf0, 0x1ff);
+    }
+    apic.write(0x80, 0); // TPR: accept every priority
+    if crate::platform::cpuid(1, 0)[2] & (1 << 24) != 0 {
+        apic.write(0x320, (2 << 17) | u32::from(IDLE_VECTOR));
+        // SAFETY: IA32_TSC_DEADLINE exists when CPUID reports the TSC-deadline timer; writing
+        // it arms (or, for a past value, fires) the timer just set to that mode.
+        unsafe { wrmsr(TSC_DEADLINE_MSR, deadline) };
+        return true;
+    }
+    // One-shot, divide by 16 (TDCR 0b0011).
+    apic.write(0x3e0, 0b0011);
+    let mut hz = APIC_TIMER_HZ.load(Ordering::Relaxed);
+    if hz == 0 {
+        apic.write(0x320, 1 << 16);
+        apic.write(0x380, u32::MAX);
+        let t0 = crate::platform::rdtsc();
+        let until = t0 + tsc_hz / 1000;
+        while crate::platform::rdtsc() < until {
+            core::hint::spin_loop();
+        }
+        let counted = u64::from(u32::MAX - apic.read(0x390));
+        apic.write(0x380, 0);
+        hz = counted * 1000;
+        if hz == 0 {
+            return false;
+        }
+        APIC_TIMER_HZ.store(hz, Ordering::Relaxed);
+    }
+    let ticks = ((u128::from(deadline - now) * u128::from(hz)) / u128::from(tsc_hz.max(1))) as u64;
+    apic.write(0x320, u32::from(IDLE_VECTOR));
+    apic.write(0x380, ticks.clamp(1, u64::from(u32::MAX)) as u32);
+    true
+}
+
 /// Counts an NMI that caused a VM exit.
 pub fn nmi_exit() {
     NMIS_GUEST.fetch_add(1, Ordering::Relaxed);
@@ -188,14 +284,18 @@ pub fn selftest_round(round: u64) {
     }
 }
 
-/// Stops the self-test timer and logs what arrived.
-pub fn finish() {
+/// Stops the self-test timer and logs what arrived, and how long the CPU slept.
+pub fn finish(tsc_hz: u64) {
     if SELFTEST.swap(false, Ordering::Relaxed) {
         if let Some(apic) = Lapic::current() {
             apic.write(0x320, 1 << 16); // masked
             apic.write(0x380, 0);
         }
     }
+    log::info!(target: "hv", "idle: halts={} halted_us={} wakeups={}",
+        IDLE_HALTS.load(Ordering::Relaxed),
+        hv_vm::sched::tsc_to_us(IDLE_TSC.load(Ordering::Relaxed), tsc_hz),
+        IDLE_WAKEUPS.load(Ordering::Relaxed));
     log::info!(target: "hv", "host interrupts: external={} eoi={} nmi_root={} nmi_guest={}",
         EXTERNAL.load(Ordering::Relaxed), EXTERNAL_EOI.load(Ordering::Relaxed),
         NMIS_ROOT.load(Ordering::Relaxed), NMIS_GUEST.load(Ordering::Relaxed));

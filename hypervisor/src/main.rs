@@ -15,6 +15,7 @@ mod arch;
 mod boot;
 mod cpu_state;
 mod guest_phys;
+mod host_clock;
 mod interrupts;
 mod memmux;
 mod platform;
@@ -169,7 +170,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         interrupts::start_selftest();
     }
     vm::run_all(&mut vms, &host, &mut frames, mux.as_mut());
-    interrupts::finish();
+    interrupts::finish(host.tsc_hz);
 
     let mut exited = 0;
     for v in &vms {
@@ -306,10 +307,22 @@ fn start_vmx(
         (Some(a), Some(b), Some(c)) => (a, b, c),
         _ => return Err(vmx::VmxUnavailable::VmxonFailed),
     };
+    let boot_time = host_clock::now().unwrap_or_else(|| {
+        log::warn!(target: "hv", "the host's RTC reads as no valid date: VMs' clocks start at 2000-01-01");
+        hv_platform::rtc::DateTime {
+            year: 2000,
+            month: 1,
+            day: 1,
+            hour: 0,
+            minute: 0,
+            second: 0,
+        }
+    });
     Ok(vm::HostVmx {
+        boot_time,
         caps,
         controls,
-        cpu_policy,
+        cpu_policy: cpu_policy.with_tsc_hz(tsc_hz),
         tsc_hz,
         msr_bitmap,
         io_bitmap_a,

@@ -153,6 +153,27 @@ pub fn pump() {
     }
 }
 
+/// Whether output waits in the ring for the UART.
+pub fn output_pending() -> bool {
+    PENDING.load(Ordering::Relaxed)
+}
+
+/// Hands the bytes the UART has received (typed on the console) to `f`, at most one FIFO's
+/// worth per call, without waiting. A line with nothing to read (no UART: LSR reads 0xFF) gives
+/// nothing either.
+pub fn read_input(mut f: impl FnMut(u8)) {
+    const LSR_DATA_READY: u8 = 1 << 0;
+    for _ in 0..FIFO_BYTES {
+        // SAFETY: COM1's line status and receive registers; only this module drives COM1.
+        let lsr = unsafe { inb(COM1 + 5) };
+        if lsr == 0xff || lsr & LSR_DATA_READY == 0 {
+            return;
+        }
+        // SAFETY: as above; data is ready, so reading RBR takes one received byte.
+        f(unsafe { inb(COM1) });
+    }
+}
+
 /// Writes to the port even when the lock is held: for panics and fatal exceptions, when the
 /// holder may never release it. What is still in the ring comes first if the lock is free.
 pub fn emergency_print(args: fmt::Arguments) {

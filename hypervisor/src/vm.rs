@@ -12,7 +12,9 @@ use alloc::vec::Vec;
 
 use guest_abi::boot as gboot;
 use hv_manifest::VmConfig;
+use hv_platform::{rtc::DateTime, Platform, Timebase};
 use hv_vm::{
+    console::{InputLine, InputRouter},
     exits::{self, ExitContext, Next},
     frames::FrameAllocator,
     memory::{AccessError, GuestMemory},
@@ -23,7 +25,7 @@ use hv_vm::{
     vcpu::{rflags, Reg, Vcpu},
 };
 use hv_vmx::{
-    controls::VmcsControls,
+    controls::{PrimaryProcBased, VmcsControls},
     ept::{Ept, EptPerms},
     exit::{Interruption, VmExit},
     fields as f,
@@ -42,6 +44,8 @@ const GUEST_EFER_AT_ENTRY: u64 = msr::efer::LME | msr::efer::LMA;
 
 /// The hardware-independent description of a VMCS we build for every VM.
 pub struct HostVmx {
+    /// The host's wall clock at boot: each VM's RTC starts there.
+    pub boot_time: DateTime,
     pub caps: hv_vmx::caps::Capabilities,
     pub controls: VmcsControls,
     /// What guests see of CPUID and which XCR0 values they may set.
@@ -59,6 +63,7 @@ pub enum VmError {
     OutOfMemory,
     Image(hv_vm::elf::ElfError),
     Ept(hv_vmx::ept::EptError),
+    Platform(hv_platform::rtc::RtcError),
 }
 
 impl core::fmt::Display for VmError {
@@ -67,6 +72,7 @@ impl core::fmt::Display for VmError {
             Self::OutOfMemory => fmt.write_str("not enough free host memory"),
             Self::Image(e) => write!(fmt, "bad image: {e}"),
             Self::Ept(e) => write!(fmt, "EPT: {e}"),
+            Self::Platform(e) => write!(fmt, "platform: {e:?}"),
         }
     }
 }
@@ -84,6 +90,11 @@ pub struct Vm {
     /// VM-exit MSR-load list (the host's values) at [`EXIT_LIST_OFFSET`], on CPUs without the
     /// VMCS controls that switch them.
     msr_lists: Option<u64>,
+    /// An event is set up in the VM-entry interruption-information field for the next entry
+    /// (cleared at every exit: the CPU clears the field's valid bit on entry).
+    injected: bool,
+    /// Interrupt-window exiting is on in the VMCS.
+    window: bool,
 }
 
 impl HasGuestPhys for Vm {
@@ -203,7 +214,13 @@ impl Vm {
         }
         let eptp = ept.eptp(host.controls.ept_ad);
         let vm = Self {
-            core: hv_vm::Vm::new(id, config, bytes),
+            core: hv_vm::Vm::new(
+                id,
+                config,
+                bytes,
+                Platform::new(Timebase::new(host.tsc_hz), rdtsc(), host.boot_time)
+                    .map_err(VmError::Platform)?,
+            ),
             phys: GuestPhys {
                 memory,
                 ept,
@@ -220,6 +237,8 @@ impl Vm {
             launched: false,
             cpu: CpuState::new(xsave_area),
             msr_lists,
+            injected: false,
+            window: false,
         };
         vm.init_vmcs(host, image_info.entry);
         // The EPT is new, but its root frame may have backed an earlier VM's EPT: drop any
@@ -449,6 +468,8 @@ struct VmxVcpu<'a> {
     msr_lists: Option<u64>,
     controls: &'a VmcsControls,
     phys: IdentityPhys,
+    injected: &'a mut bool,
+    window: &'a mut bool,
 }
 
 impl VmxVcpu<'_> {
@@ -513,6 +534,9 @@ impl Vcpu for VmxVcpu<'_> {
             // SS.DPL is the CPL (SDM 5.5): access-rights bits 6:5.
             Reg::Cpl => (vmread(f::GUEST_SS_ACCESS_RIGHTS) >> 5) & 0b11,
             Reg::Interruptibility => vmread(f::GUEST_INTERRUPTIBILITY_STATE),
+            Reg::CsBase => vmread(f::GUEST_CS_BASE),
+            Reg::CsAccessRights => vmread(f::GUEST_CS_ACCESS_RIGHTS),
+            Reg::Pdpte(n) => vmread(f::GUEST_PDPTE0 + 2 * u32::from(n & 3)),
         }
     }
 
@@ -525,7 +549,8 @@ impl Vcpu for VmxVcpu<'_> {
             Reg::Cr3 => f::GUEST_CR3,
             Reg::Cr4 => f::GUEST_CR4,
             Reg::Interruptibility => f::GUEST_INTERRUPTIBILITY_STATE,
-            Reg::Cpl => return, // follows SS; never written on its own
+            // Read-only to the policy: CPL follows SS, CS and the PDPTEs are the guest's.
+            Reg::Cpl | Reg::CsBase | Reg::CsAccessRights | Reg::Pdpte(_) => return,
         };
         vmwrite(field, value);
     }
@@ -555,8 +580,13 @@ impl Vcpu for VmxVcpu<'_> {
     /// the exit path several Bochs ticks.
     #[inline(always)]
     fn skip_instruction(&mut self) {
+        self.skip_bytes(vmread(f::EXIT_INSTRUCTION_LENGTH));
+    }
+
+    #[inline(always)]
+    fn skip_bytes(&mut self, len: u64) {
         let rip = vmread(f::GUEST_RIP);
-        vmwrite(f::GUEST_RIP, rip + vmread(f::EXIT_INSTRUCTION_LENGTH));
+        vmwrite(f::GUEST_RIP, rip + len);
         if vmread(f::GUEST_RFLAGS) & rflags::TF != 0 {
             single_step_trap();
         }
@@ -574,6 +604,24 @@ impl Vcpu for VmxVcpu<'_> {
                 f::ENTRY_INSTRUCTION_LENGTH,
                 vmread(f::EXIT_INSTRUCTION_LENGTH),
             );
+        }
+        *self.injected = true;
+    }
+
+    fn injecting(&self) -> bool {
+        *self.injected
+    }
+
+    /// Interrupt-window exiting (primary processor-based control bit 2, SDM 25.6.2): written
+    /// only when it changes.
+    fn set_interrupt_window(&mut self, on: bool) {
+        if *self.window != on {
+            *self.window = on;
+            let mut primary = self.controls.primary;
+            if on {
+                primary |= PrimaryProcBased::INTERRUPT_WINDOW_EXITING.bits();
+            }
+            vmwrite(f::PRIMARY_PROC_BASED_CONTROLS, primary.into());
         }
     }
 
@@ -628,14 +676,71 @@ impl Vcpu for VmxVcpu<'_> {
     }
 }
 
+/// Splits a VM into what the exit policy works on: its policy state, its memory and its vCPU.
+fn parts<'a>(
+    vm: &'a mut Vm,
+    host: &'a HostVmx,
+) -> (&'a mut hv_vm::Vm, &'a GuestMemory, VmxVcpu<'a>) {
+    (
+        &mut vm.core,
+        &vm.phys.memory,
+        VmxVcpu {
+            regs: &mut vm.regs,
+            cpu: &mut vm.cpu,
+            msr_lists: vm.msr_lists,
+            controls: &host.controls,
+            phys: IdentityPhys,
+            injected: &mut vm.injected,
+            window: &mut vm.window,
+        },
+    )
+}
+
+/// The longest the CPU sleeps while every VM waits: typed input is read, and the serial output
+/// moves on, between sleeps.
+const IDLE_MAX_US: u64 = 10_000;
+/// The same while output waits for the UART (a 16-byte FIFO drains in 1.4 ms at 115200 baud).
+const IDLE_MAX_US_OUTPUT: u64 = 1_000;
+
+/// Reads what was typed on the host console and hands each `NAME: text` line to that VM's COM1
+/// (docs/platform.md, "Serial input").
+fn route_input(vms: &mut [Vm], router: &mut InputRouter) {
+    crate::serial::read_input(|byte| {
+        router.push(byte, |line| match line {
+            InputLine::ForVm { name, text } => {
+                let Some(vm) = vms
+                    .iter_mut()
+                    .find(|v| v.core.name == name && v.core.state.is_runnable())
+                else {
+                    log::warn!(target: "hv", "input for \"{name}\", which is not a running VM, dropped");
+                    return;
+                };
+                let now = rdtsc();
+                let platform = &mut vm.core.platform;
+                let taken = platform.push_input(text, now) + platform.push_input(b"\r", now);
+                if taken < text.len() + 1 {
+                    log::warn!(target: &vm.core.target, "input: {} of {} bytes did not fit in COM1's receive queue and were dropped",
+                        text.len() + 1 - taken, text.len() + 1);
+                }
+            }
+            InputLine::Unaddressed => {
+                log::warn!(target: "hv", "input line without a VM name dropped (type `NAME: text`)");
+            }
+        });
+    });
+}
+
 /// Runs all VMs round-robin until every one has stopped. With `mux`, the memory engine scans
 /// between quanta and resolves the faults on pages it manages.
 ///
 /// A quantum is a host-clock deadline: before every VM entry the preemption timer gets the time
-/// left, and once it has passed the quantum ends, so the time exits take is the VM's own. The
-/// serial output is pumped at every exit and every scheduling decision, and the VMs' queued
-/// console lines move into it as room frees up; a VM with more than the limit queued is not
-/// scheduled until its queue drains (hv_vm::console), like a process blocked on a slow device.
+/// left (or less, up to the VM's next platform timer, so that its interrupt is delivered on
+/// time), and once the deadline has passed the quantum ends, so the time exits take is the VM's
+/// own. A VM halted in HLT is not scheduled until an interrupt wakes it; when every VM waits,
+/// the CPU sleeps until the earliest of their timers. The serial output is pumped at every exit
+/// and every scheduling decision, and the VMs' queued console lines move into it as room frees
+/// up; a VM with more than the limit queued is not scheduled until its queue drains
+/// (hv_vm::console), like a process blocked on a slow device.
 pub fn run_all(
     vms: &mut [Vm],
     host: &HostVmx,
@@ -648,6 +753,7 @@ pub fn run_all(
         cpu_policy: &host.cpu_policy,
         multiplexed: mux.is_some(),
     };
+    let mut input = InputRouter::default();
     let mut current: Option<usize> = None;
     let mut last_on_cpu: Option<usize> = None;
     let start = rdtsc();
@@ -656,17 +762,38 @@ pub fn run_all(
     }
     let mut round: u64 = 0;
     loop {
+        route_input(vms, &mut input);
+        let now = rdtsc();
         for vm in vms.iter_mut() {
+            if vm.core.state.is_runnable() && vm.core.halted.is_some() && vm.core.wake(now) {
+                vm.core.acct.ready(now);
+            }
             vm.core.send_console(crate::serial::try_print_line);
         }
         crate::serial::pump();
         let Some(i) = sched::next_runnable(vms.len(), current, |v| vms[v].core.may_run()) else {
-            if vms.iter().any(|v| v.core.state.is_runnable()) {
+            let alive = || vms.iter().filter(|v| v.core.state.is_runnable());
+            if alive().next().is_none() {
+                break;
+            }
+            if alive().all(|v| v.core.halted.is_some()) {
+                // Every VM waits for an interrupt: sleep until the first timer is due.
+                let cap = if crate::serial::output_pending() {
+                    IDLE_MAX_US_OUTPUT
+                } else {
+                    IDLE_MAX_US
+                };
+                let wake = alive()
+                    .filter_map(|v| v.core.wake_deadline())
+                    .min()
+                    .unwrap_or(u64::MAX)
+                    .min(now.saturating_add(sched::us_to_tsc(cap, host.tsc_hz)));
+                crate::interrupts::idle_until(wake, host.tsc_hz);
+            } else {
                 // Every VM that could run waits for the serial line: let it drain.
                 core::hint::spin_loop();
-                continue;
             }
-            break;
+            continue;
         };
         current = Some(i);
         round += 1;
@@ -721,9 +848,16 @@ pub fn run_all(
             crate::serial::pump();
             let vm = &mut vms[i];
             vm.phys.sync(invept_single);
+            {
+                let (core, _, mut vcpu) = parts(vm, host);
+                exits::before_entry(core, &mut vcpu);
+            }
+            // The preemption timer stops the guest at the quantum's end or at its next
+            // platform timer, whichever comes first.
+            let stop = deadline.min(vm.core.platform.deadline());
             vmwrite(
                 f::PREEMPTION_TIMER_VALUE,
-                sched::preemption_timer_value(deadline.saturating_sub(now), rate).into(),
+                sched::preemption_timer_value(stop.saturating_sub(now), rate).into(),
             );
             // SAFETY: the VM's VMCS is current with complete host state; regs is the VM's own.
             let failed = unsafe { vmx::run_guest(&mut vm.regs, u64::from(vm.launched)) };
@@ -734,6 +868,8 @@ pub fn run_all(
                 break;
             }
             vm.launched = true;
+            // The CPU clears the valid bit of the entry's event on every VM exit.
+            vm.injected = false;
             let exit = VmExit::decode(vmread(f::EXIT_REASON) as u32, vmread);
             // Instruction exits never interrupt a delivery: spare them the call.
             let interrupted = if exit.may_interrupt_delivery() {
@@ -742,17 +878,12 @@ pub fn run_all(
                 None
             };
             let mut next = {
-                let (core, memory) = (&mut vm.core, &vm.phys.memory);
-                let mut vcpu = VmxVcpu {
-                    regs: &mut vm.regs,
-                    cpu: &mut vm.cpu,
-                    msr_lists: vm.msr_lists,
-                    controls: &host.controls,
-                    phys: IdentityPhys,
-                };
+                let (core, memory, mut vcpu) = parts(vm, host);
                 exits::handle(core, memory, &mut vcpu, &ctx, exit, interrupted)
             };
-            if let (Some(mux), Next::Resume | Next::Reschedule) = (mux.as_deref_mut(), &next) {
+            if let (Some(mux), Next::Resume | Next::Reschedule | Next::Halt) =
+                (mux.as_deref_mut(), &next)
+            {
                 mux.progressed();
             }
             // A fault on a page the engine holds: resolve it, then go on where the VM was (the
@@ -772,15 +903,7 @@ pub fn run_all(
                 }
                 next = match next {
                     Next::HypercallFault { .. } => {
-                        let vm = &mut vms[i];
-                        let (core, memory) = (&mut vm.core, &vm.phys.memory);
-                        let mut vcpu = VmxVcpu {
-                            regs: &mut vm.regs,
-                            cpu: &mut vm.cpu,
-                            msr_lists: vm.msr_lists,
-                            controls: &host.controls,
-                            phys: IdentityPhys,
-                        };
+                        let (core, memory, mut vcpu) = parts(&mut vms[i], host);
                         exits::handle_vmcall(core, memory, &mut vcpu)
                     }
                     _ => {
@@ -791,8 +914,7 @@ pub fn run_all(
             }
             match next {
                 Next::Resume => continue,
-                Next::Reschedule => break,
-                Next::Stopped => break,
+                Next::Reschedule | Next::Halt | Next::Stopped => break,
                 Next::GuestFault { .. } | Next::HypercallFault { .. } => {
                     vms[i]
                         .core
@@ -801,12 +923,12 @@ pub fn run_all(
                 }
             }
         }
-        let ready = vms[i].core.state.is_runnable();
+        let ready = vms[i].core.state.is_runnable() && vms[i].core.halted.is_none();
         vms[i]
             .core
             .acct
             .schedule_out(rdtsc(), deadline, host.tsc_hz, ready);
-        if !ready {
+        if !vms[i].core.state.is_runnable() {
             if let Some(mux) = mux.as_deref_mut() {
                 mux.remove_vm(vms, frames, i);
             }

@@ -63,16 +63,22 @@ pub struct PlatformStats {
 }
 
 pub struct Platform {
-    pub lapic: Lapic,
-    pub ioapic: IoApic,
-    pub pic: PicPair,
-    pub pit: Pit,
-    pub rtc: Rtc,
-    pub uart: Uart16550,
+    lapic: Lapic,
+    ioapic: IoApic,
+    pic: PicPair,
+    pit: Pit,
+    rtc: Rtc,
+    uart: Uart16550,
     lines: IrqLines,
     pio: Bus<PioId>,
     mmio: Bus<MmioId>,
     pub stats: PlatformStats,
+    /// Kept up to date after every access (`refresh`), so that the check before each VM entry
+    /// ([`Self::needs_attention`]) is two comparisons: the earliest timer deadline, and whether
+    /// an interrupt or NMI waits.
+    deadline: Tsc,
+    ready: bool,
+    nmi: bool,
 }
 
 /// The value a read from a port or MMIO address without a device returns: all ones, as the
@@ -115,6 +121,9 @@ impl Platform {
             pio,
             mmio,
             stats: PlatformStats::default(),
+            deadline: Tsc::MAX,
+            ready: false,
+            nmi: false,
         })
     }
 
@@ -272,6 +281,9 @@ impl Platform {
 
     /// Brings every timer up to `now`: expired ones raise their interrupts.
     pub fn advance(&mut self, now: Tsc) {
+        if now < self.deadline {
+            return; // nothing due; port 0x61 and count reads compute from `now` themselves
+        }
         self.lapic.advance(now);
         self.pit.advance(now, &mut self.lines);
         self.rtc.advance(now, &mut self.lines);
@@ -325,7 +337,67 @@ impl Platform {
 
     /// An NMI is pending (LINT1, an NMI IPI or message): taken by this call.
     pub fn take_nmi(&mut self) -> bool {
-        self.lapic.take_nmi()
+        let nmi = core::mem::take(&mut self.nmi);
+        self.refresh();
+        nmi
+    }
+
+    /// Whether the vCPU must look at the platform before entering the guest at `now`: a timer
+    /// is due, or an interrupt or NMI waits.
+    #[inline]
+    pub fn needs_attention(&self, now: Tsc) -> bool {
+        self.ready || now >= self.deadline
+    }
+
+    /// The earliest timer deadline ([`Self::next_deadline`], kept up to date), `Tsc::MAX` when
+    /// no timer is armed: what the vCPU's preemption timer must not run past.
+    #[inline]
+    pub fn deadline(&self) -> Tsc {
+        self.deadline
+    }
+
+    /// Whether an interrupt or NMI waits (what wakes a halted vCPU with RFLAGS.IF = 1).
+    pub fn interrupt_waiting(&self) -> bool {
+        self.ready
+    }
+
+    /// Whether an NMI waits (what wakes a halted vCPU whatever RFLAGS.IF says).
+    pub fn nmi_waiting(&self) -> bool {
+        self.nmi
+    }
+
+    /// MOV to CR8: the local APIC's TPR bits 7:4 (SDM 10.8.6.1).
+    pub fn set_cr8(&mut self, value: u64) -> Result<(), Gp> {
+        let r = self.lapic.set_tpr_from_cr8(value);
+        self.route();
+        r
+    }
+
+    /// MOV from CR8.
+    pub fn cr8(&self) -> u64 {
+        self.lapic.cr8()
+    }
+
+    /// Hands what the guest transmitted on COM1 to `f`, oldest first.
+    pub fn take_uart_output(&mut self, f: impl FnMut(&[u8])) {
+        self.uart.take_output(f);
+    }
+
+    /// Room in COM1's receive queue, in bytes.
+    pub fn input_room(&self) -> usize {
+        self.uart.input_room()
+    }
+
+    /// Missed timer periods merged into one interrupt (local APIC, PIT, RTC).
+    pub fn coalesced_ticks(&self) -> u64 {
+        self.lapic.timer_coalesced() + self.pit.coalesced() + self.rtc.coalesced()
+    }
+
+    /// Recomputes what [`Self::needs_attention`] checks.
+    fn refresh(&mut self) {
+        self.nmi |= self.lapic.take_nmi();
+        self.ready = self.nmi || self.pending_interrupt().is_some();
+        self.deadline = self.next_deadline().unwrap_or(Tsc::MAX);
     }
 
     /// Feeds line changes to the controllers and delivers what they send, until nothing moves:
@@ -353,10 +425,12 @@ impl Platform {
                 self.deliver(m);
             }
             if !moved {
+                self.refresh();
                 return;
             }
         }
         log::warn!(target: "platform", "interrupt routing did not settle in 64 passes");
+        self.refresh();
     }
 
     fn apply(&mut self, c: LineChanges) {

@@ -164,3 +164,109 @@ mod tests {
         assert!(out.pending() <= PENDING_LIMIT && !out.is_empty());
     }
 }
+
+/// Longest input line taken from the host console; longer lines are cut there.
+pub const INPUT_LINE_MAX: usize = 256;
+
+/// What one line typed on the host's serial console asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InputLine<'a> {
+    /// `NAME: text`: `text` for the COM1 of the VM called `name`.
+    ForVm { name: &'a str, text: &'a [u8] },
+    /// A line without the `NAME: ` prefix.
+    Unaddressed,
+}
+
+/// Collects bytes typed on the host's serial console into lines (ended by CR or LF) and says
+/// which VM each is for: `NAME: text` sends `text` and an Enter (CR, as a terminal sends it) to
+/// VM NAME's COM1. Lines longer than [`INPUT_LINE_MAX`] are cut; empty lines are ignored.
+#[derive(Debug)]
+pub struct InputRouter {
+    buf: [u8; INPUT_LINE_MAX],
+    len: usize,
+}
+
+impl Default for InputRouter {
+    fn default() -> Self {
+        Self {
+            buf: [0; INPUT_LINE_MAX],
+            len: 0,
+        }
+    }
+}
+
+impl InputRouter {
+    /// Takes one byte; at the end of a non-empty line calls `line` with what it asks for.
+    pub fn push(&mut self, byte: u8, mut line: impl FnMut(InputLine)) {
+        if byte != b'\r' && byte != b'\n' {
+            if self.len < INPUT_LINE_MAX {
+                self.buf[self.len] = byte;
+                self.len += 1;
+            }
+            return;
+        }
+        let text = &self.buf[..self.len];
+        if !text.is_empty() {
+            line(Self::parse(text));
+        }
+        self.len = 0;
+    }
+
+    fn parse(text: &[u8]) -> InputLine<'_> {
+        let Some(colon) = text.iter().position(|&b| b == b':') else {
+            return InputLine::Unaddressed;
+        };
+        let (name, rest) = (&text[..colon], &text[colon + 1..]);
+        let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+        match core::str::from_utf8(name) {
+            Ok(name) if !name.is_empty() && !name.contains(' ') => {
+                InputLine::ForVm { name, text: rest }
+            }
+            _ => InputLine::Unaddressed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod input_tests {
+    use super::*;
+    use alloc::string::String;
+    use alloc::vec::Vec;
+
+    fn feed(r: &mut InputRouter, bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for &b in bytes {
+            r.push(b, |l| match l {
+                InputLine::ForVm { name, text } => out.push((String::from(name), text.to_vec())),
+                InputLine::Unaddressed => out.push((String::new(), Vec::new())),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn lines_are_routed_by_their_name_prefix() {
+        let mut r = InputRouter::default();
+        let got = feed(
+            &mut r,
+            b"echo-1: hello world\r\n\nlisten:x\rno prefix here\n: x\r",
+        );
+        assert_eq!(
+            got,
+            [
+                (String::from("echo-1"), b"hello world".to_vec()),
+                (String::from("listen"), b"x".to_vec()),
+                (String::new(), Vec::new()),
+                (String::new(), Vec::new()),
+            ]
+        );
+        // A line split over several reads, and one far too long, cut.
+        assert!(feed(&mut r, b"a: 12").is_empty());
+        assert_eq!(feed(&mut r, b"3\n"), [(String::from("a"), b"123".to_vec())]);
+        let mut long = b"b: ".to_vec();
+        long.extend(core::iter::repeat_n(b'x', 1000));
+        long.push(b'\n');
+        let got = feed(&mut r, &long);
+        assert_eq!(got[0].1.len(), INPUT_LINE_MAX - 3);
+    }
+}

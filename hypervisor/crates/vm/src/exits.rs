@@ -20,11 +20,11 @@ use hv_vmx::exit::{reason, CrAccess, EptAccess, InterruptedEvent, Interruption, 
 
 use crate::hypercall::{self, Args, Outcome};
 use crate::memory::{AccessError, GuestMemory};
+use crate::mmio::{self, DeviceAccess, Gprs, Step};
 use crate::msr::{Home, Msr};
 use crate::paging;
-use crate::policy::{self, CpuPolicy};
-use crate::uart::Uart16550;
-use crate::vcpu::{rflags, Reg, Vcpu};
+use crate::policy::CpuPolicy;
+use crate::vcpu::{interruptibility, rflags, Reg, Vcpu};
 use crate::vm::Vm;
 
 /// What the exit handler decided.
@@ -32,8 +32,11 @@ use crate::vm::Vm;
 pub enum Next {
     /// Re-enter the same guest.
     Resume,
-    /// End the quantum (preemption timer, HLT, yield) and schedule the next VM.
+    /// End the quantum (yield) and schedule the next VM.
     Reschedule,
+    /// The vCPU halted (HLT) until an interrupt: schedule the next VM; this one runs again once
+    /// [`Vm::wake`] says so.
+    Halt,
     /// The VM stopped.
     Stopped,
     /// The guest touched a page of its memory that the memory engine has taken away or made
@@ -147,11 +150,19 @@ fn handle_exit<V: Vcpu>(
         VmExit::Hlt => {
             vm.acct.count_exit(ExitKind::Hlt);
             cpu.skip_instruction();
-            Next::Reschedule
+            handle_hlt(vm, cpu)
         }
         VmExit::PreemptionTimer => {
+            // The quantum's end or a timer of the platform: the run loop checks which, and
+            // before_entry delivers what is due.
             vm.acct.count_exit(ExitKind::PreemptionTimer);
-            Next::Reschedule
+            Next::Resume
+        }
+        VmExit::InterruptWindow => {
+            // The guest can take the interrupt before_entry asked the window for.
+            vm.acct.count_exit(ExitKind::Other);
+            cpu.set_interrupt_window(false);
+            Next::Resume
         }
         VmExit::ExternalInterrupt { vector } => {
             // Acknowledged by the exit ("acknowledge interrupt on exit"); the host has no use
@@ -181,6 +192,9 @@ fn handle_exit<V: Vcpu>(
         VmExit::EptViolation { gpa, violation } => {
             vm.acct.count_exit(ExitKind::EptViolation);
             let inside = memory.check(gpa, 1).is_ok();
+            if !inside && vm.platform.is_mmio(gpa) {
+                return handle_mmio(vm, memory, cpu, gpa);
+            }
             if ctx.multiplexed && inside {
                 return Next::GuestFault {
                     gpa,
@@ -271,18 +285,18 @@ fn handle_other_exit<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext, exit:
 }
 
 /// MOV to/from CR8 (the task-priority register, kept per VM) and MOV to CR4 setting a bit of
-/// [`policy::CR4_GUEST_FORBIDDEN`] (#GP). CR0 and CR3 accesses do not exit (empty CR0 mask, no
+/// [`crate::policy::CR4_GUEST_FORBIDDEN`] (#GP). CR0 and CR3 accesses do not exit (empty CR0 mask, no
 /// CR3 exiting); CLTS and LMSW only exit for masked CR0 bits.
 fn handle_cr_access<V: Vcpu>(vm: &mut Vm, cpu: &mut V, access: CrAccess) -> Next {
     match access {
+        // CR8 is the local APIC's TPR[7:4] (SDM 10.8.6.1); bits 63:4 are reserved (#GP).
         CrAccess::MovTo { cr: 8, gpr } => {
             let value = cpu.gpr(gpr);
-            if value > 0xf {
-                return inject_gp(cpu); // CR8 bits 63:4 are reserved
+            if vm.platform.set_cr8(value).is_err() {
+                return inject_gp(cpu);
             }
-            vm.tpr = value;
         }
-        CrAccess::MovFrom { cr: 8, gpr } => cpu.set_gpr(gpr, vm.tpr),
+        CrAccess::MovFrom { cr: 8, gpr } => cpu.set_gpr(gpr, vm.platform.cr8()),
         CrAccess::MovTo { cr: 4, .. } => return inject_gp(cpu),
         other => {
             let rip = cpu.read(Reg::Rip);
@@ -340,37 +354,22 @@ pub fn handle_vmcall<V: Vcpu>(vm: &mut Vm, memory: &GuestMemory, cpu: &mut V) ->
     next
 }
 
-/// Reads `size` bytes from `port` as the VM's platform answers: byte lanes go to consecutive
-/// ports (a 16-bit IN from 0x3F8 reads 0x3F8 and 0x3F9), the UART's ports to its model, every
-/// other port reads as all ones.
-fn port_read(vm: &mut Vm, port: u16, size: u8) -> u32 {
-    (0..size).fold(0u32, |value, i| {
-        let p = port.wrapping_add(i.into());
-        let byte = if Uart16550::owns(p) {
-            vm.uart.read(p)
-        } else {
-            policy::UNKNOWN_PORT_VALUE as u8
-        };
-        value | (u32::from(byte) << (8 * i))
-    })
+/// Reads `size` bytes from `port` as the VM's platform answers (byte lanes go to consecutive
+/// ports; ports without a device float high).
+fn port_read(vm: &mut Vm, port: u16, size: u8, now: u64) -> u32 {
+    vm.platform.pio_read(port, size, now)
 }
 
-/// Writes `size` bytes of `value` to `port` (byte lanes as in [`port_read`]); writes to ports
-/// without a device are ignored.
-fn port_write(vm: &mut Vm, port: u16, size: u8, value: u32) {
-    for i in 0..size {
-        let p = port.wrapping_add(i.into());
-        if Uart16550::owns(p) {
-            if let Some(byte) = vm.uart.write(p, (value >> (8 * i)) as u8) {
-                vm.console_bytes(&[byte]);
-            }
-        }
-    }
+/// Writes `size` bytes of `value` to `port`; what the guest sent on COM1 goes to its console.
+fn port_write(vm: &mut Vm, port: u16, size: u8, value: u32, now: u64) {
+    vm.platform.pio_write(port, size, value, now);
+    vm.collect_uart_output();
 }
 
 fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
+    let now = cpu.tsc();
     if io.is_in {
-        let value = u64::from(port_read(vm, io.port, io.size));
+        let value = u64::from(port_read(vm, io.port, io.size, now));
         let r = cpu.regs();
         r.rax = match io.size {
             1 => (r.rax & !0xff) | value,
@@ -380,7 +379,7 @@ fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
         };
     } else {
         let value = cpu.regs().rax as u32;
-        port_write(vm, io.port, io.size, value);
+        port_write(vm, io.port, io.size, value, now);
     }
     cpu.skip_instruction();
     Next::Resume
@@ -438,7 +437,7 @@ fn handle_string_io<V: Vcpu>(
         }
         let gpas = &gpas[..io.size.into()];
         if io.is_in {
-            let value = port_read(vm, io.port, io.size).to_le_bytes();
+            let value = port_read(vm, io.port, io.size, cpu.tsc()).to_le_bytes();
             for (i, &gpa) in gpas.iter().enumerate() {
                 match memory.write(cpu.phys(), gpa, &value[i..=i]) {
                     Ok(()) => {}
@@ -459,7 +458,8 @@ fn handle_string_io<V: Vcpu>(
                     Err(AccessError::OutOfRange(_)) => unreachable!("translated inside memory"),
                 }
             }
-            port_write(vm, io.port, io.size, u32::from_le_bytes(value));
+            let now = cpu.tsc();
+            port_write(vm, io.port, io.size, u32::from_le_bytes(value), now);
         }
         // One element done: commit it to the registers, so that a fault or the batch limit
         // leaves the instruction restartable where it stopped.
@@ -503,6 +503,22 @@ fn handle_string_io<V: Vcpu>(
 fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: bool) -> Next {
     let r = cpu.regs();
     let (index, value) = (r.rcx as u32, r.edx_eax());
+    // The local APIC's MSRs (IA32_APIC_BASE, TSC deadline, x2APIC) are the platform's.
+    if hv_platform::Platform::owns_msr(index) {
+        let now = cpu.tsc();
+        if write {
+            if vm.platform.msr_write(index, value, now) != Some(Ok(())) {
+                return inject_gp(cpu);
+            }
+        } else {
+            match vm.platform.msr_read(index, now) {
+                Some(Ok(v)) => cpu.regs().set_edx_eax(v),
+                _ => return inject_gp(cpu),
+            }
+        }
+        cpu.skip_instruction();
+        return Next::Resume;
+    }
     let usable = Msr::from_index(index).filter(|&m| cpu_policy.has_msr(m));
     let Some(m) = usable else {
         log::debug!(target: &vm.target, "#GP for {} of MSR {index:#x}", if write { "WRMSR" } else { "RDMSR" });
@@ -533,6 +549,191 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
     }
     cpu.skip_instruction();
     Next::Resume
+}
+
+/// HLT (SDM Vol. 2, HLT): the vCPU stops until an interrupt it can take (RFLAGS.IF = 1) or
+/// an NMI. The instruction is complete (RIP past it); an interrupt already waiting is taken
+/// at once, as after a HLT that an interrupt ends immediately. The STI shadow of `STI; HLT`
+/// ends with the HLT, so it is cleared: else the interrupt that wakes the vCPU would wait for
+/// a window exit.
+fn handle_hlt<V: Vcpu>(vm: &mut Vm, cpu: &mut V) -> Next {
+    let blocking = cpu.read(Reg::Interruptibility);
+    if blocking & (interruptibility::STI | interruptibility::MOV_SS) != 0 {
+        cpu.write(
+            Reg::Interruptibility,
+            blocking & !(interruptibility::STI | interruptibility::MOV_SS),
+        );
+    }
+    let interruptible = cpu.read(Reg::Rflags) & rflags::IF != 0;
+    vm.halted = Some(interruptible);
+    if vm.wake(cpu.tsc()) {
+        Next::Resume
+    } else {
+        Next::Halt
+    }
+}
+
+/// A snapshot of the general-purpose registers for the MMIO emulation, written back after.
+struct Snapshot {
+    regs: [u64; 16],
+}
+
+impl Gprs for Snapshot {
+    fn gpr(&self, n: u8) -> u64 {
+        self.regs[usize::from(n & 0xf)]
+    }
+    fn set_gpr(&mut self, n: u8, v: u64) {
+        self.regs[usize::from(n & 0xf)] = v;
+    }
+}
+
+/// An access to a device page (local APIC, IOAPIC): the instruction is fetched from guest
+/// memory, decoded and carried out against the platform (`hv_vm::mmio`). An instruction that
+/// cannot be fetched faults as the CPU would (#PF) or is faulted in by the memory engine; one
+/// that cannot be decoded or emulated stops the VM with a report naming it.
+fn handle_mmio<V: Vcpu>(vm: &mut Vm, memory: &GuestMemory, cpu: &mut V, gpa: u64) -> Next {
+    let state = mmio::CpuState {
+        rip: cpu.read(Reg::Rip),
+        cs_base: cpu.read(Reg::CsBase),
+        cs_access_rights: cpu.read(Reg::CsAccessRights) as u32,
+        cpl: cpu.read(Reg::Cpl) as u8,
+        cr0: cpu.read(Reg::Cr0),
+        cr3: cpu.read(Reg::Cr3),
+        cr4: cpu.read(Reg::Cr4),
+        efer: cpu.read_msr(Msr::Efer),
+        pdptes: [0, 1, 2, 3].map(|i| cpu.read(Reg::Pdpte(i))),
+    };
+    let fetched = match mmio::fetch(memory, cpu.phys(), &state) {
+        Ok(f) => f,
+        Err(e) => return mmio_fetch_failed(vm, cpu, gpa, state.rip, e),
+    };
+    let insn = match fetched.decode() {
+        Ok(insn) => insn,
+        Err(mmio::MmioError::Fetch(e)) => return mmio_fetch_failed(vm, cpu, gpa, state.rip, e),
+        Err(error) => {
+            vm.fail(format_args!(
+                "{}",
+                mmio::Report {
+                    gpa,
+                    rip: state.rip,
+                    bytes: fetched.bytes(),
+                    error: &error,
+                }
+            ));
+            return Next::Stopped;
+        }
+    };
+    let mut regs = Snapshot { regs: [0; 16] };
+    for n in 0..16u8 {
+        regs.regs[usize::from(n)] = cpu.gpr(n);
+    }
+    let before = regs.regs;
+    let mut flags = cpu.read(Reg::Rflags);
+    let now = cpu.tsc();
+    let platform = &mut vm.platform;
+    let step = mmio::emulate(
+        &insn,
+        &mut regs,
+        &mut flags,
+        gpa,
+        &mut |access| match access {
+            DeviceAccess::Read { gpa, size } => {
+                let mut b = [0u8; 8];
+                platform.mmio_read(gpa, &mut b[..usize::from(size.min(8))], now);
+                Ok::<u64, core::convert::Infallible>(u64::from_le_bytes(b))
+            }
+            DeviceAccess::Write { gpa, size, value } => {
+                platform.mmio_write(gpa, &value.to_le_bytes()[..usize::from(size.min(8))], now);
+                Ok(0)
+            }
+        },
+    );
+    let Ok(step) = step;
+    // Only what the instruction changed goes back (RSP is a VMCS field on VT-x).
+    for n in 0..16u8 {
+        let v = regs.regs[usize::from(n)];
+        if v != before[usize::from(n)] {
+            cpu.set_gpr(n, v);
+        }
+    }
+    cpu.write(Reg::Rflags, flags);
+    if let Step::Done = step {
+        cpu.skip_bytes(u64::from(insn.len));
+    }
+    Next::Resume
+}
+
+fn mmio_fetch_failed<V: Vcpu>(
+    vm: &mut Vm,
+    cpu: &mut V,
+    gpa: u64,
+    rip: u64,
+    e: mmio::FetchError,
+) -> Next {
+    match e {
+        mmio::FetchError::PageFault { linear, error_code } => inject_pf(cpu, linear, error_code),
+        mmio::FetchError::Unavailable { gpa } => Next::GuestFault { gpa, write: false },
+        other => {
+            vm.fail(format_args!(
+                "cannot fetch the instruction of an MMIO access to gpa={gpa:#x} at rip={rip:#x}: {other}"
+            ));
+            Next::Stopped
+        }
+    }
+}
+
+/// Before every VM entry: brings the platform's timers up to now and delivers what waits, as
+/// the CPU takes interrupts between instructions (SDM 6.8, 26.6): an NMI unless NMIs are
+/// blocked; an external interrupt when RFLAGS.IF = 1 and no STI/MOV-SS shadow holds, else an
+/// interrupt-window exit is asked for so it is delivered the moment the guest can take it.
+/// Nothing is injected over an event already set up for this entry (a re-injection), and a
+/// vector is only taken from the controllers when it is injected, so none is ever lost.
+#[inline(always)]
+pub fn before_entry<V: Vcpu>(vm: &mut Vm, cpu: &mut V) {
+    let now = cpu.tsc();
+    if !vm.platform.needs_attention(now) {
+        return;
+    }
+    deliver_events(vm, cpu, now);
+}
+
+#[inline(never)]
+fn deliver_events<V: Vcpu>(vm: &mut Vm, cpu: &mut V, now: u64) {
+    vm.platform.advance(now);
+    if !vm.platform.interrupt_waiting() {
+        cpu.set_interrupt_window(false);
+        return;
+    }
+    if cpu.injecting() {
+        // The re-injected event goes first; the window exit brings us back for this one.
+        cpu.set_interrupt_window(true);
+        return;
+    }
+    let blocking = cpu.read(Reg::Interruptibility);
+    if vm.platform.nmi_waiting()
+        && blocking & (interruptibility::NMI | interruptibility::MOV_SS) == 0
+        && vm.platform.take_nmi()
+    {
+        cpu.inject(
+            Interruption {
+                vector: 2,
+                kind: Interruption::NMI,
+                has_error_code: false,
+            },
+            0,
+        );
+        cpu.set_interrupt_window(vm.platform.interrupt_waiting());
+        return;
+    }
+    let can_take = cpu.read(Reg::Rflags) & rflags::IF != 0
+        && blocking & (interruptibility::STI | interruptibility::MOV_SS) == 0;
+    if can_take {
+        if let Some(vector) = vm.platform.acknowledge() {
+            cpu.inject(Interruption::external(vector), 0);
+        }
+    }
+    // More may wait (or this one could not be taken yet): exit when the guest can take one.
+    cpu.set_interrupt_window(vm.platform.interrupt_waiting());
 }
 
 #[cfg(test)]

@@ -6,9 +6,8 @@
 //!   in and out of it.
 //! - [`hypercall`]: decoding and checking of every hypercall (guest-abi's ABI).
 //! - [`console`]: a VM's console lines, sanitized and queued for the serial log.
-//! - [`uart`]: the emulated 16550 that each VM sees at COM1, and the console line buffer.
-//! - [`policy`]: what the guest sees for CPUID and XSETBV, which CR4 bits it may not set, what
-//!   unknown ports do.
+//! - [`lines`]: the buffer that turns a VM's console bytes into lines.
+//! - [`policy`]: what the guest sees for CPUID and XSETBV, which CR4 bits it may not set.
 //! - [`paging`]: walks a guest's page tables for instructions emulated on its behalf.
 //! - [`mmio`]: emulation of a guest's access to an MMIO device page (local APIC, IOAPIC): the
 //!   instruction fetched at RIP, decoded (with `iced-x86`) and done against the device.
@@ -32,6 +31,7 @@ pub mod elf;
 pub mod exits;
 pub mod frames;
 pub mod hypercall;
+pub mod lines;
 pub mod memory;
 pub mod mmio;
 pub mod msr;
@@ -39,7 +39,6 @@ pub mod paging;
 pub mod policy;
 pub mod regs;
 pub mod sched;
-pub mod uart;
 pub mod vcpu;
 pub mod vm;
 

@@ -2,10 +2,12 @@
 //! a guest may not set.
 //!
 //! CPUID is the host's, except that the hypervisor-present bit is set, leaves
-//! 0x4000_0000.. answer with our signature (guest-abi), and every feature is hidden whose state
+//! 0x4000_0000.. answer with our signature (guest-abi) and the timing leaf 0x4000_0010, the
+//! local APIC, x2APIC and TSC-deadline timer are the emulated ones of the platform (APIC ID 0),
+//! and every feature is hidden whose state
 //! the hypervisor does not keep per VM or whose instructions it does not emulate, so that a
 //! guest sees a coherent CPU that simply lacks them (docs/isolation.md): VMX, SMX, MONITOR/MWAIT,
-//! the local APIC and x2APIC (no APIC is emulated yet), the TSC-deadline timer, MTRRs,
+//! MTRRs,
 //! machine-check architecture, thermal and power MSRs, performance monitoring, PKU, CET, MPX,
 //! AMX, WAITPKG, SGX, Processor Trace, resource-director technology, IA32_TSC_ADJUST and the
 //! speculation-control MSRs (IBRS, STIBP, SSBD, ...). XSAVE components other
@@ -15,20 +17,21 @@
 use guest_abi::{ABI_VERSION, CPUID_LEAF_BASE, CPUID_LEAF_MAX, CPUID_SIGNATURE};
 
 /// CPUID.1:ECX bits hidden from guests: MONITOR (3), VMX (5), SMX (6), EST (7), TM2 (8),
-/// PDCM (15), DCA (18), x2APIC (21), TSC-deadline (24); OSXSAVE (27) is the guest's own.
-const LEAF1_ECX_HIDDEN: u32 = (1 << 3)
-    | (1 << 5)
-    | (1 << 6)
-    | (1 << 7)
-    | (1 << 8)
-    | (1 << 15)
-    | (1 << 18)
-    | (1 << 21)
-    | (1 << 24);
+/// PDCM (15), DCA (18); OSXSAVE (27) is the guest's own.
+const LEAF1_ECX_HIDDEN: u32 =
+    (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15) | (1 << 18);
+/// CPUID.1:ECX bits of the emulated local APIC, set whatever the host has: x2APIC (21) and the
+/// TSC-deadline timer (24).
+const LEAF1_ECX_EMULATED: u32 = (1 << 21) | (1 << 24);
+/// CPUID.1:EDX bit 9: an on-chip local APIC (the emulated one).
+const EDX_APIC: u32 = 1 << 9;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_HYPERVISOR: u32 = 1 << 31;
-/// CPUID.1:EDX bits hidden: APIC (9), MTRR (12), MCA (14), ACPI thermal MSRs (22), TM (29).
-const LEAF1_EDX_HIDDEN: u32 = (1 << 9) | (1 << 12) | (1 << 14) | (1 << 22) | (1 << 29);
+/// CPUID.1:EDX bits hidden: MTRR (12), MCA (14), ACPI thermal MSRs (22), TM (29).
+const LEAF1_EDX_HIDDEN: u32 = (1 << 12) | (1 << 14) | (1 << 22) | (1 << 29);
+/// The timing leaf (as VMware and KVM define it): EAX the guest TSC's frequency in kHz, EBX
+/// the local APIC timer's (bus) frequency in kHz.
+pub const CPUID_LEAF_TIMING: u32 = 0x4000_0010;
 /// CPUID.7.0:EBX bits hidden: IA32_TSC_ADJUST (1), SGX (2), RDT-M (12), MPX (14), RDT-A (15),
 /// Processor Trace (25).
 const LEAF7_EBX_HIDDEN: u32 = (1 << 1) | (1 << 2) | (1 << 12) | (1 << 14) | (1 << 15) | (1 << 25);
@@ -69,6 +72,8 @@ pub struct CpuPolicy {
     pub xsave_size: u32,
     /// The CPU has IA32_TSC_AUX (RDTSCP, CPUID.80000001H:EDX[27]).
     pub tsc_aux: bool,
+    /// The guest TSC's frequency in kHz, for the timing leaf (0 until measured).
+    pub tsc_khz: u32,
 }
 
 impl CpuPolicy {
@@ -100,6 +105,15 @@ impl CpuPolicy {
             xcr0_allowed: allowed,
             xsave_size: size,
             tsc_aux,
+            tsc_khz: 0,
+        }
+    }
+
+    /// The policy with the guest TSC frequency `tsc_hz` for the timing leaf.
+    pub fn with_tsc_hz(self, tsc_hz: u64) -> Self {
+        Self {
+            tsc_khz: u32::try_from(tsc_hz / 1000).unwrap_or(u32::MAX),
+            ..self
         }
     }
 
@@ -138,14 +152,23 @@ impl CpuPolicy {
         let [eax, ebx, ecx, edx] = native;
         match leaf {
             1 => {
-                let mut ecx = (ecx & !LEAF1_ECX_HIDDEN & !ECX_OSXSAVE) | ECX_HYPERVISOR;
+                let mut ecx =
+                    (ecx & !LEAF1_ECX_HIDDEN & !ECX_OSXSAVE) | ECX_HYPERVISOR | LEAF1_ECX_EMULATED;
                 if self.xcr0_allowed == 0 {
                     ecx &= !((1 << 26) | (1 << 28)); // XSAVE, AVX
                 } else if guest_cr4 & CR4_OSXSAVE != 0 {
                     ecx |= ECX_OSXSAVE;
                 }
-                [eax, ebx, ecx, edx & !LEAF1_EDX_HIDDEN]
+                // EBX[31:24]: the initial APIC ID, the emulated APIC's (0).
+                [
+                    eax,
+                    ebx & 0x00ff_ffff,
+                    ecx,
+                    (edx & !LEAF1_EDX_HIDDEN) | EDX_APIC,
+                ]
             }
+            // Extended topology: the x2APIC ID (EDX) is the emulated APIC's (0).
+            0xb | 0x1f => [eax, ebx, ecx, 0],
             7 if subleaf == 0 => [
                 eax,
                 ebx & !LEAF7_EBX_HIDDEN,
@@ -171,14 +194,17 @@ impl CpuPolicy {
                 [CPUID_LEAF_MAX, word(0), word(4), word(8)]
             }
             l if l == CPUID_LEAF_BASE + 1 => [ABI_VERSION, 0, 0, 0],
+            CPUID_LEAF_TIMING => [
+                self.tsc_khz,
+                (hv_platform::lapic::APIC_BUS_HZ / 1000) as u32,
+                0,
+                0,
+            ],
             l if l > CPUID_LEAF_BASE && l <= 0x4000_00ff => [0; 4],
             _ => native,
         }
     }
 }
-
-/// The value an unknown I/O port reads as (all bits set, as on an empty ISA bus).
-pub const UNKNOWN_PORT_VALUE: u32 = 0xffff_ffff;
 
 #[cfg(test)]
 mod tests {
@@ -252,7 +278,14 @@ mod tests {
         assert_eq!(r[2] & ECX_HYPERVISOR, ECX_HYPERVISOR);
         assert_eq!(r[2] & LEAF1_ECX_HIDDEN, 0);
         assert_eq!(r[2] & ECX_OSXSAVE, 0, "the host's CR4.OSXSAVE leaked");
-        assert_eq!(r[3] & (1 << 9), 0, "APIC");
+        assert_eq!(r[3] & EDX_APIC, EDX_APIC, "the emulated APIC");
+        assert_eq!(r[2] & LEAF1_ECX_EMULATED, LEAF1_ECX_EMULATED);
+        assert_eq!(r[1] >> 24, 0, "APIC ID 0");
+        let p = p.with_tsc_hz(2_100_000_000);
+        assert_eq!(
+            p.cpuid(CPUID_LEAF_TIMING, 0, [9; 4], 0),
+            [2_100_000, 1_000_000, 0, 0]
+        );
         assert_eq!(
             p.cpuid(1, 0, host(1, 0), CR4_OSXSAVE)[2] & ECX_OSXSAVE,
             ECX_OSXSAVE
@@ -297,7 +330,16 @@ mod tests {
         sig[8..].copy_from_slice(&r[3].to_le_bytes());
         assert_eq!(&sig, CPUID_SIGNATURE);
         assert_eq!(p.cpuid(0x4000_0001, 0, [9; 4], 0)[0], ABI_VERSION);
-        assert_eq!(p.cpuid(0x4000_0010, 0, [9; 4], 0), [0; 4]);
+        assert_eq!(
+            p.cpuid(0x4000_0002, 0, [9; 4], 0),
+            [0; 4],
+            "a leaf in between"
+        );
+        assert_eq!(
+            p.cpuid(0x4000_0011, 0, [9; 4], 0),
+            [0; 4],
+            "past the highest"
+        );
         assert_eq!(p.cpuid(0, 0, [9, 8, 7, 6], 0), [9, 8, 7, 6]);
     }
 }

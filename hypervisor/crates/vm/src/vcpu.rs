@@ -32,6 +32,19 @@ pub enum Reg {
     Cpl,
     /// Blocking by STI / MOV SS / NMI (SDM 25.4.2, Table 25-3 bit layout).
     Interruptibility,
+    /// CS base and access rights (VMCS format: L bit 13, D/B bit 14), for fetching the
+    /// instruction of an MMIO access.
+    CsBase,
+    CsAccessRights,
+    /// The PAE page-directory-pointer-table entries (32-bit PAE paging).
+    Pdpte(u8),
+}
+
+/// Interruptibility-state bits (SDM 25.4.2, Table 25-3).
+pub mod interruptibility {
+    pub const STI: u64 = 1 << 0;
+    pub const MOV_SS: u64 = 1 << 1;
+    pub const NMI: u64 = 1 << 3;
 }
 
 /// RFLAGS bits the policy uses.
@@ -57,8 +70,16 @@ pub trait Vcpu {
     /// Completes the instruction that caused the exit, as the CPU would on retiring it: RIP
     /// moves past it and, under RFLAGS.TF, a single-step trap is pending (SDM 17.3.1.4).
     fn skip_instruction(&mut self);
+    /// Like [`Self::skip_instruction`] for an instruction of `len` bytes the hypervisor decoded
+    /// itself (an MMIO access: the exit does not report a length).
+    fn skip_bytes(&mut self, len: u64);
     /// Delivers `event` (with `error_code` when it has one) at the next entry.
     fn inject(&mut self, event: Interruption, error_code: u32);
+    /// Whether an event is already set up for delivery at the next entry.
+    fn injecting(&self) -> bool;
+    /// Exit as soon as the guest can take an external interrupt (interrupt-window exiting,
+    /// SDM 26.7.5), or not.
+    fn set_interrupt_window(&mut self, on: bool);
     /// Host memory, to reach the guest's pages.
     fn phys(&mut self) -> &mut Self::Phys;
 
@@ -124,6 +145,7 @@ pub mod fake {
         pub host_interrupts: Vec<u8>,
         pub host_nmis: u32,
         pub single_steps: u32,
+        pub interrupt_window: bool,
     }
 
     impl FakeVcpu {
@@ -147,6 +169,7 @@ pub mod fake {
                 host_interrupts: Vec::new(),
                 host_nmis: 0,
                 single_steps: 0,
+                interrupt_window: false,
             }
         }
 
@@ -175,6 +198,9 @@ pub mod fake {
                 Reg::Cr4 => "cr4",
                 Reg::Cpl => "cpl",
                 Reg::Interruptibility => "interruptibility",
+                Reg::CsBase => "cs_base",
+                Reg::CsAccessRights => "cs_ar",
+                Reg::Pdpte(_) => "pdpte",
             }
         }
     }
@@ -203,8 +229,21 @@ pub mod fake {
                 self.single_steps += 1;
             }
         }
+        fn skip_bytes(&mut self, len: u64) {
+            let rip = self.rip() + len;
+            self.state.insert("rip", rip);
+            if self.read(Reg::Rflags) & rflags::TF != 0 {
+                self.single_steps += 1;
+            }
+        }
         fn inject(&mut self, event: Interruption, error_code: u32) {
             self.injected.push((event, error_code));
+        }
+        fn injecting(&self) -> bool {
+            !self.injected.is_empty()
+        }
+        fn set_interrupt_window(&mut self, on: bool) {
+            self.interrupt_window = on;
         }
         fn phys(&mut self) -> &mut FlatPhys {
             &mut self.phys

@@ -10,8 +10,9 @@ use hv_manifest::VmConfig;
 
 use crate::console::ConsoleOutput;
 use crate::hypercall::Scratch;
+use crate::lines::LineBuffer;
 use crate::sched::{self, Accounting, VmState};
-use crate::uart::{LineBuffer, Uart16550};
+use hv_platform::Platform;
 
 pub struct Vm {
     pub name: String,
@@ -21,12 +22,14 @@ pub struct Vm {
     pub config: VmConfig,
     pub state: VmState,
     pub acct: Accounting,
-    pub(crate) uart: Uart16550,
+    /// The devices the guest sees (docs/platform.md).
+    pub platform: Platform,
+    /// The vCPU executed HLT and waits for an interrupt: `Some(if)` with its RFLAGS.IF, which
+    /// says whether an external interrupt wakes it (an NMI always does).
+    pub halted: Option<bool>,
     pub(crate) console: LineBuffer,
     /// Console lines waiting for room in the serial output.
     pub(crate) console_out: ConsoleOutput,
-    /// The task-priority register (CR8), emulated: MOV to/from CR8 exit.
-    pub(crate) tpr: u64,
     /// What the VmInfo hypercall returns; it never changes, so it is built once.
     pub(crate) info: VmInfo,
     /// Where hypercall arguments are copied out of guest memory. Kept per VM and never zeroed
@@ -37,7 +40,7 @@ pub struct Vm {
 
 impl Vm {
     /// A VM `id` of `config`, with `memory_bytes` of guest memory, before its first entry.
-    pub fn new(id: u32, config: &VmConfig, memory_bytes: u64) -> Self {
+    pub fn new(id: u32, config: &VmConfig, memory_bytes: u64, platform: Platform) -> Self {
         let mut info = VmInfo {
             magic: VM_INFO_MAGIC,
             vm_id: id,
@@ -56,10 +59,10 @@ impl Vm {
             config: config.clone(),
             state: VmState::Runnable,
             acct: Accounting::default(),
-            uart: Uart16550::default(),
+            platform,
+            halted: None,
             console: LineBuffer::default(),
             console_out: ConsoleOutput::default(),
-            tpr: 0,
             info,
             scratch: Box::new([0; guest_abi::CONSOLE_WRITE_MAX as usize]),
         }
@@ -105,9 +108,37 @@ impl Vm {
         self.console_out.must_drain()
     }
 
-    /// The VM may be entered: it is runnable and not waiting for its console output to drain.
+    /// The VM may be entered: it is runnable, not halted, and not waiting for its console
+    /// output to drain.
     pub fn may_run(&self) -> bool {
-        self.state.is_runnable() && !self.console_out.must_drain()
+        self.state.is_runnable() && self.halted.is_none() && !self.console_out.must_drain()
+    }
+
+    /// Brings a halted VM's platform up to `now` and wakes it if an interrupt it can take (or
+    /// an NMI) waits (SDM Vol. 2, HLT). Returns whether it is awake.
+    pub fn wake(&mut self, now: u64) -> bool {
+        let Some(interruptible) = self.halted else {
+            return true;
+        };
+        self.platform.advance(now);
+        let p = &self.platform;
+        if p.nmi_waiting() || (interruptible && p.interrupt_waiting()) {
+            self.halted = None;
+        }
+        self.halted.is_none()
+    }
+
+    /// When a halted VM's platform next needs time to pass (its earliest timer), if ever.
+    pub fn wake_deadline(&self) -> Option<u64> {
+        self.halted?;
+        self.platform.next_deadline()
+    }
+
+    /// Moves what the guest sent on COM1 into its console lines.
+    pub fn collect_uart_output(&mut self) {
+        let (name, out, console) = (&self.name, &mut self.console_out, &mut self.console);
+        self.platform
+            .take_uart_output(|bytes| console.push(bytes, |line| out.push(name, line)));
     }
 
     /// Queues the VM's unfinished console line: it stopped, so no newline will end it.
@@ -134,6 +165,7 @@ impl Vm {
         let state = match self.state {
             VmState::Exited(c) => format!("exited({c})"),
             VmState::Failed => String::from("failed"),
+            VmState::Runnable if self.halted.is_some() => String::from("halted"),
             VmState::Runnable => String::from("runnable"),
         };
         let mut line = format!(
@@ -146,6 +178,12 @@ impl Vm {
             sched::tsc_to_us(self.acct.max_overrun_tsc, tsc_hz),
             self.acct.total_exits()
         );
+        let p = &self.platform.stats;
+        line.push_str(&format!(
+            " interrupts={} coalesced_ticks={}",
+            p.interrupts,
+            self.platform.coalesced_ticks()
+        ));
         for kind in ExitKind::ALL {
             line.push_str(&format!(" {}={}", kind.name(), s.exits[kind as usize]));
         }

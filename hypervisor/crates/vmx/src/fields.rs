@@ -34,6 +34,8 @@ pub const VMCS_LINK_POINTER: u32 = 0x2800;
 pub const GUEST_IA32_DEBUGCTL: u32 = 0x2802;
 pub const GUEST_IA32_PAT: u32 = 0x2804;
 pub const GUEST_IA32_EFER: u32 = 0x2806;
+/// The guest's PAE PDPTEs (loaded and saved by VM entry and exit with EPT, SDM 25.4.2).
+pub const GUEST_PDPTE0: u32 = 0x280a;
 pub const HOST_IA32_PAT: u32 = 0x2c00;
 // 64-bit host state (B.2.4).
 pub const HOST_IA32_EFER: u32 = 0x2c02;

@@ -13,8 +13,19 @@ use super::*;
 use crate::memory::tests::FlatPhys;
 use crate::sched::VmState;
 use crate::vcpu::fake::FakeVcpu;
+use hv_platform::rtc::DateTime;
+use hv_platform::{Platform, Timebase};
 
 const PAGES: u64 = 4;
+const TSC_HZ: u64 = 1_000_000_000;
+const BOOT: DateTime = DateTime {
+    year: 2026,
+    month: 12,
+    day: 2,
+    hour: 12,
+    minute: 0,
+    second: 0,
+};
 
 struct Rig {
     vm: Vm,
@@ -42,7 +53,12 @@ impl Rig {
         cpu.state.insert("cr0", 0x8001_0033);
         let policy = CpuPolicy::from_host(FakeVcpu::cpuid);
         Self {
-            vm: Vm::new(7, &config, PAGES * 4096),
+            vm: Vm::new(
+                7,
+                &config,
+                PAGES * 4096,
+                Platform::new(Timebase::new(TSC_HZ), 0, BOOT).unwrap(),
+            ),
             memory,
             cpu,
             policy,
@@ -102,7 +118,7 @@ fn cpuid_is_answered_by_the_policy_and_completes() {
     let mut r = Rig::new();
     r.cpu.regs.rax = 1;
     r.cpu.regs.rcx = 0;
-    r.cpu.state.insert("cr4", policy::CR4_OSXSAVE);
+    r.cpu.state.insert("cr4", crate::policy::CR4_OSXSAVE);
     assert_eq!(r.exit(VmExit::Cpuid), Next::Resume);
     assert_eq!(r.cpu.rip(), 0x1002);
     // ECX bit 5 (VMX) hidden, bit 27 (OSXSAVE) follows the guest's CR4.
@@ -395,7 +411,11 @@ fn host_events_are_acknowledged_and_the_guest_resumes() {
         }),
         Next::Resume
     );
-    assert_eq!(r.exit(VmExit::PreemptionTimer), Next::Reschedule);
+    assert_eq!(
+        r.exit(VmExit::PreemptionTimer),
+        Next::Resume,
+        "the run loop ends the quantum by its deadline"
+    );
     assert!(r.cpu.injected.is_empty(), "nothing reaches the guest");
     assert_eq!(r.cpu.rip(), 0x1000);
     assert_eq!(r.count(ExitKind::ExternalInterrupt), 1);
@@ -482,9 +502,206 @@ fn fatal_exits_stop_the_vm_with_a_report() {
 }
 
 #[test]
-fn hlt_completes_and_ends_the_quantum() {
+fn hlt_completes_and_blocks_until_an_interrupt_it_can_take() {
     let mut r = Rig::new();
-    assert_eq!(r.exit(VmExit::Hlt), Next::Reschedule);
+    r.cpu.tsc = 0;
+    r.cpu.state.insert("rflags", 2 | rflags::IF);
+    r.cpu
+        .state
+        .insert("interruptibility", interruptibility::STI);
+    assert_eq!(r.exit(VmExit::Hlt), Next::Halt);
     assert_eq!(r.cpu.rip(), 0x1002);
+    assert_eq!(
+        r.cpu.state["interruptibility"], 0,
+        "the STI shadow ends with HLT"
+    );
     assert_eq!(r.count(ExitKind::Hlt), 1);
+    assert!(!r.vm.may_run());
+    // A TSC-deadline timer 1 ms ahead (x2APIC mode, vector 0x40) wakes it when due.
+    arm_deadline_timer(&mut r, 0x40, 1_000_000);
+    assert_eq!(r.vm.wake_deadline(), Some(1_000_000));
+    assert!(!r.vm.wake(999_999));
+    assert!(r.vm.wake(1_000_000));
+    assert!(r.vm.may_run());
+    r.cpu.tsc = 1_000_000;
+    before_entry(&mut r.vm, &mut r.cpu);
+    assert_eq!(r.cpu.injected, [(Interruption::external(0x40), 0)]);
+}
+
+#[test]
+fn hlt_with_interrupts_disabled_is_not_woken_by_one() {
+    let mut r = Rig::new();
+    r.cpu.tsc = 0;
+    arm_deadline_timer(&mut r, 0x40, 10);
+    r.cpu.state.insert("rflags", 2);
+    r.cpu.tsc = 5;
+    assert_eq!(r.exit(VmExit::Hlt), Next::Halt);
+    assert!(
+        !r.vm.wake(100),
+        "RFLAGS.IF = 0: the interrupt stays pending"
+    );
+}
+
+#[test]
+fn hlt_with_an_interrupt_already_waiting_goes_on() {
+    let mut r = Rig::new();
+    r.cpu.tsc = 0;
+    arm_deadline_timer(&mut r, 0x40, 10);
+    r.cpu.state.insert("rflags", 2 | rflags::IF);
+    r.cpu.tsc = 50;
+    assert_eq!(r.exit(VmExit::Hlt), Next::Resume);
+    assert!(r.vm.halted.is_none());
+}
+
+/// x2APIC mode, LVT timer in TSC-deadline mode with `vector`, deadline `at`, through WRMSR
+/// exits as a guest would.
+fn arm_deadline_timer(r: &mut Rig, vector: u64, at: u64) {
+    for (msr, value) in [
+        (0x1b, 0xfee0_0d00),
+        (0x832, (2 << 17) | vector),
+        (0x6e0, at),
+    ] {
+        r.cpu.regs.rcx = msr;
+        r.cpu.regs.set_edx_eax(value);
+        assert_eq!(r.exit(VmExit::Wrmsr), Next::Resume);
+        assert!(r.cpu.injected.is_empty(), "WRMSR {msr:#x} = {value:#x}");
+    }
+}
+
+#[test]
+fn interrupts_wait_for_rflags_if_and_the_sti_shadow() {
+    let mut r = Rig::new();
+    r.cpu.tsc = 0;
+    arm_deadline_timer(&mut r, 0x41, 100);
+    r.cpu.tsc = 100;
+    // IF = 0: nothing injected, an interrupt window asked for.
+    r.cpu.state.insert("rflags", 2);
+    before_entry(&mut r.vm, &mut r.cpu);
+    assert!(r.cpu.injected.is_empty());
+    assert!(r.cpu.interrupt_window);
+    // IF = 1 but in an STI shadow: still the window.
+    r.cpu.state.insert("rflags", 2 | rflags::IF);
+    r.cpu
+        .state
+        .insert("interruptibility", interruptibility::STI);
+    before_entry(&mut r.vm, &mut r.cpu);
+    assert!(r.cpu.injected.is_empty());
+    // The window exit comes; now it can be taken: exactly once.
+    r.cpu.state.insert("interruptibility", 0);
+    assert_eq!(r.exit(VmExit::InterruptWindow), Next::Resume);
+    before_entry(&mut r.vm, &mut r.cpu);
+    assert_eq!(r.cpu.injected, [(Interruption::external(0x41), 0)]);
+    assert!(!r.cpu.interrupt_window);
+    r.cpu.injected.clear();
+    before_entry(&mut r.vm, &mut r.cpu);
+    assert!(r.cpu.injected.is_empty(), "in service now, not pending");
+    assert_eq!(r.vm.platform.stats.interrupts, 1);
+}
+
+#[test]
+fn a_reinjected_event_goes_first_and_the_interrupt_waits() {
+    let mut r = Rig::new();
+    r.cpu.tsc = 0;
+    arm_deadline_timer(&mut r, 0x42, 100);
+    r.cpu.tsc = 200;
+    r.cpu.state.insert("rflags", 2 | rflags::IF);
+    let pf = InterruptedEvent {
+        event: Interruption::exception(14, true),
+        error_code: 2,
+        instruction_len: 0,
+    };
+    r.multiplexed = true;
+    let ept = VmExit::EptViolation {
+        gpa: 0x1000,
+        violation: EptViolation::from_qualification(1),
+    };
+    assert_eq!(
+        r.exit_during(ept, Some(pf)),
+        Next::GuestFault {
+            gpa: 0x1000,
+            write: false
+        }
+    );
+    before_entry(&mut r.vm, &mut r.cpu);
+    assert_eq!(r.cpu.injected, [(Interruption::exception(14, true), 2)]);
+    assert!(
+        r.cpu.interrupt_window,
+        "the timer's vector comes after, not lost"
+    );
+    assert!(r.vm.platform.interrupt_waiting());
+}
+
+#[test]
+fn mmio_to_the_local_apic_is_decoded_and_emulated() {
+    let mut r = Rig::new();
+    // mov dword [rdi], eax with RDI = 0xfee00080 (TPR); paging off in 32-bit mode would do,
+    // but the guest is in 64-bit mode: identity page tables as in the string I/O test.
+    identity_map(&mut r);
+    r.cpu.state.insert("cs_ar", 1 << 13);
+    r.cpu.state.insert("cr0", 0x8000_0011);
+    r.cpu.state.insert("cr4", 1 << 5);
+    r.cpu.msrs.insert(0xc000_0080, 0x500);
+    r.cpu.state.insert("rip", 0x3000);
+    r.cpu.phys.0[0x3000..0x3002].copy_from_slice(&[0x89, 0x07]);
+    r.cpu.regs.rdi = 0xfee0_0080;
+    r.cpu.regs.rax = 0x50;
+    let write = EptViolation::from_qualification(0b10);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa: 0xfee0_0080,
+            violation: write
+        }),
+        Next::Resume
+    );
+    assert_eq!(r.cpu.rip(), 0x3002, "RIP past the decoded instruction");
+    assert_eq!(r.vm.platform.cr8(), 5, "TPR 0x50 is CR8 5");
+    // movzx eax, byte [rdi] reads it back, zero-extending.
+    r.cpu.phys.0[0x3002..0x3005].copy_from_slice(&[0x0f, 0xb6, 0x07]);
+    r.cpu.regs.rax = u64::MAX;
+    r.exit(VmExit::EptViolation {
+        gpa: 0xfee0_0080,
+        violation: EptViolation::from_qualification(1),
+    });
+    assert_eq!(r.cpu.regs.rax, 0x50);
+    // An instruction that cannot be emulated stops the VM with a report.
+    r.cpu.phys.0[0x3005..0x3007].copy_from_slice(&[0xf3, 0xa5]); // rep movsd
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa: 0xfee0_0080,
+            violation: write
+        }),
+        Next::Stopped
+    );
+    assert_eq!(r.vm.state, VmState::Failed);
+}
+
+/// PML4 at 0, PDPT at 0x1000, PD at 0x2000: 2 MiB pages identity-mapping the first 1 GiB and,
+/// through PDPT entry 3, the GiB holding the local APIC and IOAPIC pages.
+fn identity_map(r: &mut Rig) {
+    let put = |r: &mut Rig, gpa: u64, v: u64| {
+        r.memory
+            .write(&mut r.cpu.phys, gpa, &v.to_le_bytes())
+            .unwrap()
+    };
+    put(r, 0, 0x1000 | 3);
+    put(r, 0x1000, 0x2000 | 3);
+    put(r, 0x1018, (3 << 30) | (1 << 7) | 3); // a 1 GiB page at 3 GiB
+    put(r, 0x2000, (1 << 7) | 3);
+    r.cpu.state.insert("cr3", 0);
+}
+
+#[test]
+fn cr8_is_the_local_apics_task_priority() {
+    let mut r = Rig::new();
+    r.cpu.regs.r9 = 0xa;
+    r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 8, gpr: 9 }));
+    assert_eq!(r.vm.platform.cr8(), 0xa);
+    // The TPR read through the x2APIC MSR after enabling x2APIC: CR8 in bits 7:4.
+    r.cpu.regs.rcx = 0x1b;
+    r.cpu.regs.set_edx_eax(0xfee0_0d00);
+    r.exit(VmExit::Wrmsr);
+    r.cpu.regs.rcx = 0x808;
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.regs.edx_eax(), 0xa0);
+    assert!(r.cpu.injected.is_empty());
 }

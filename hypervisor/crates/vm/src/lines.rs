@@ -1,69 +1,5 @@
-//! The 16550 UART each VM sees at COM1 (I/O ports 0x3F8-0x3FF), transmit side, and the line
-//! buffer that turns a VM's output into whole console lines.
-//!
-//! The model is what a polling driver needs: THR writes go to the console, LSR always reports
-//! an empty transmitter (0x60), the divisor latch, IER, LCR, MCR and SCR keep what is written,
-//! IIR says "no interrupt pending", RBR reads 0 (there is no input yet).
-
-/// First port of COM1.
-pub const COM1_BASE: u16 = 0x3f8;
-/// Number of ports the model owns.
-pub const COM1_PORTS: u16 = 8;
-
-const LCR_DLAB: u8 = 0x80;
-/// Transmitter holding register empty + transmitter empty (LSR bits 5 and 6).
-const LSR_TX_EMPTY: u8 = 0x60;
-
-#[derive(Debug, Default)]
-pub struct Uart16550 {
-    ier: u8,
-    lcr: u8,
-    mcr: u8,
-    scr: u8,
-    dll: u8,
-    dlm: u8,
-}
-
-impl Uart16550 {
-    /// Whether `port` belongs to the model.
-    pub fn owns(port: u16) -> bool {
-        (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port)
-    }
-
-    /// A guest OUT to `port`; returns the byte to transmit, if the write was to THR.
-    pub fn write(&mut self, port: u16, value: u8) -> Option<u8> {
-        let dlab = self.lcr & LCR_DLAB != 0;
-        match port - COM1_BASE {
-            0 if dlab => self.dll = value,
-            0 => return Some(value),
-            1 if dlab => self.dlm = value,
-            1 => self.ier = value & 0x0f,
-            2 => {} // FCR: FIFOs are not modelled.
-            3 => self.lcr = value,
-            4 => self.mcr = value & 0x1f,
-            7 => self.scr = value,
-            _ => {} // LSR and MSR are read-only.
-        }
-        None
-    }
-
-    /// A guest IN from `port`.
-    pub fn read(&mut self, port: u16) -> u8 {
-        let dlab = self.lcr & LCR_DLAB != 0;
-        match port - COM1_BASE {
-            0 if dlab => self.dll,
-            0 => 0,
-            1 if dlab => self.dlm,
-            1 => self.ier,
-            2 => 0x01, // IIR: no interrupt pending
-            3 => self.lcr,
-            4 => self.mcr,
-            5 => LSR_TX_EMPTY,
-            6 => 0xb0, // MSR: DCD, DSR, CTS
-            _ => self.scr,
-        }
-    }
-}
+//! The line buffer that turns a VM's console bytes (hypercall writes, COM1 output) into whole
+//! console lines for the serial log.
 
 /// Longest console line kept before it is flushed without a newline.
 pub const LINE_MAX: usize = 200;
@@ -132,23 +68,6 @@ mod tests {
     use super::*;
     use alloc::{string::String, vec::Vec};
 
-    #[test]
-    fn polling_driver_sees_an_idle_transmitter_and_thr_writes_come_out() {
-        let mut u = Uart16550::default();
-        // Typical init: DLAB, divisor 1, 8N1, FIFO, MCR.
-        assert_eq!(u.write(0x3fb, 0x80), None);
-        assert_eq!(u.write(0x3f8, 0x01), None);
-        assert_eq!(u.write(0x3f9, 0x00), None);
-        assert_eq!(u.write(0x3fb, 0x03), None);
-        assert_eq!(u.read(0x3fb), 0x03);
-        assert_eq!(u.read(0x3fd) & 0x20, 0x20);
-        assert_eq!(u.write(0x3f8, b'A'), Some(b'A'));
-        u.write(0x3ff, 0x5a);
-        assert_eq!(u.read(0x3ff), 0x5a);
-        assert!(Uart16550::owns(0x3ff) && !Uart16550::owns(0x400) && !Uart16550::owns(0x3f7));
-    }
-
-    /// The byte-at-a-time definition of the line buffer, for comparison.
     fn reference(bytes: &[u8]) -> Vec<Vec<u8>> {
         let (mut lines, mut cur) = (Vec::new(), Vec::new());
         for &b in bytes {
