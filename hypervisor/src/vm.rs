@@ -82,8 +82,14 @@ pub struct Vm {
     pub core: hv_vm::Vm,
     pub phys: GuestPhys,
     vmcs: u64,
-    regs: GuestRegisters,
     launched: bool,
+    hw: VcpuHw,
+}
+
+/// The vCPU's state the VT-x backend works on besides the VMCS (one struct, so that the
+/// backend is two pointers to build on the exit path).
+struct VcpuHw {
+    regs: GuestRegisters,
     /// x87/SSE/AVX state, XCR0, DR0-DR3, DR6, CR2 and the switched MSRs while off the CPU.
     cpu: CpuState,
     /// A frame with the VM-entry MSR-load list (guest EFER and/or PAT) at offset 0 and the
@@ -228,17 +234,19 @@ impl Vm {
                 stale: false,
             },
             vmcs,
-            // Every register starts at 0 but RDI, the boot-information pointer (guest-abi boot
-            // protocol); RSP and RIP are in the VMCS.
-            regs: GuestRegisters {
-                rdi: gboot::BOOT_INFO_GPA,
-                ..Default::default()
-            },
             launched: false,
-            cpu: CpuState::new(xsave_area),
-            msr_lists,
-            injected: false,
-            window: false,
+            hw: VcpuHw {
+                // Every register starts at 0 but RDI, the boot-information pointer (guest-abi
+                // boot protocol); RSP and RIP are in the VMCS.
+                regs: GuestRegisters {
+                    rdi: gboot::BOOT_INFO_GPA,
+                    ..Default::default()
+                },
+                cpu: CpuState::new(xsave_area),
+                msr_lists,
+                injected: false,
+                window: false,
+            },
         };
         vm.init_vmcs(host, image_info.entry);
         // The EPT is new, but its root frame may have backed an earlier VM's EPT: drop any
@@ -415,7 +423,7 @@ impl Vm {
     /// switch through VMCS fields (EFER, PAT): guest values on entry, host values on exit
     /// (SDM 25.7.2, 25.8.2). Without such a CPU both lists are empty.
     fn init_msr_lists(&self, host: &HostVmx) {
-        let Some(frame) = self.msr_lists else {
+        let Some(frame) = self.hw.msr_lists else {
             vmwrite(f::EXIT_MSR_LOAD_COUNT, 0);
             vmwrite(f::ENTRY_MSR_LOAD_COUNT, 0);
             return;
@@ -453,8 +461,8 @@ impl Vm {
     pub fn release(self, frames: &mut FrameAllocator) {
         self.phys.release(frames);
         frames.free(self.vmcs);
-        frames.free(self.cpu.xsave_area);
-        if let Some(lists) = self.msr_lists {
+        frames.free(self.hw.cpu.xsave_area);
+        if let Some(lists) = self.hw.msr_lists {
             frames.free(lists);
         }
     }
@@ -463,20 +471,16 @@ impl Vm {
 /// The vCPU backend on VT-x: the current VMCS, the registers the entry code saved, and the
 /// physical CPU's own state that holds the guest's values while it runs (cpu_state.rs).
 struct VmxVcpu<'a> {
-    regs: &'a mut GuestRegisters,
-    cpu: &'a mut CpuState,
-    msr_lists: Option<u64>,
+    hw: &'a mut VcpuHw,
     controls: &'a VmcsControls,
     phys: IdentityPhys,
-    injected: &'a mut bool,
-    window: &'a mut bool,
 }
 
 impl VmxVcpu<'_> {
     /// Where the guest's EFER or PAT is in the VM-entry MSR-load list, when the CPU switches
     /// them through the list rather than VMCS fields.
     fn list_slot(&self, m: Msr) -> Option<*mut u64> {
-        let frame = self.msr_lists?;
+        let frame = self.hw.msr_lists?;
         (0..LIST_MSRS as u64)
             .map(|n| frame + n * 16)
             // SAFETY: reads this VM's own lists frame (see init_msr_lists).
@@ -520,7 +524,7 @@ impl Vcpu for VmxVcpu<'_> {
 
     #[inline(always)]
     fn regs(&mut self) -> &mut GuestRegisters {
-        self.regs
+        &mut self.hw.regs
     }
 
     fn read(&mut self, reg: Reg) -> u64 {
@@ -605,18 +609,18 @@ impl Vcpu for VmxVcpu<'_> {
                 vmread(f::EXIT_INSTRUCTION_LENGTH),
             );
         }
-        *self.injected = true;
+        self.hw.injected = true;
     }
 
     fn injecting(&self) -> bool {
-        *self.injected
+        self.hw.injected
     }
 
     /// Interrupt-window exiting (primary processor-based control bit 2, SDM 25.6.2): written
     /// only when it changes.
     fn set_interrupt_window(&mut self, on: bool) {
-        if *self.window != on {
-            *self.window = on;
+        if self.hw.window != on {
+            self.hw.window = on;
             let mut primary = self.controls.primary;
             if on {
                 primary |= PrimaryProcBased::INTERRUPT_WINDOW_EXITING.bits();
@@ -635,7 +639,7 @@ impl Vcpu for VmxVcpu<'_> {
     }
 
     fn set_xcr0(&mut self, value: u64) {
-        self.cpu.xcr0 = value;
+        self.hw.cpu.xcr0 = value;
         // SAFETY: the policy checked the value against what the CPU supports and boot enabled
         // CR4.OSXSAVE; XCR0 holds the running VM's value (cpu_state.rs).
         unsafe { cpu_state::xsetbv(value) };
@@ -685,13 +689,9 @@ fn parts<'a>(
         &mut vm.core,
         &vm.phys.memory,
         VmxVcpu {
-            regs: &mut vm.regs,
-            cpu: &mut vm.cpu,
-            msr_lists: vm.msr_lists,
+            hw: &mut vm.hw,
             controls: &host.controls,
             phys: IdentityPhys,
-            injected: &mut vm.injected,
-            window: &mut vm.window,
         },
     )
 }
@@ -805,13 +805,13 @@ pub fn run_all(
             let (out, into) = match last_on_cpu {
                 Some(j) if j < i => {
                     let (a, b) = vms.split_at_mut(i);
-                    (Some(&mut a[j].cpu), &b[0].cpu)
+                    (Some(&mut a[j].hw.cpu), &b[0].hw.cpu)
                 }
                 Some(j) => {
                     let (a, b) = vms.split_at_mut(j);
-                    (Some(&mut b[0].cpu), &a[i].cpu)
+                    (Some(&mut b[0].hw.cpu), &a[i].hw.cpu)
                 }
-                None => (None, &vms[i].cpu),
+                None => (None, &vms[i].hw.cpu),
             };
             cpu_state::switch(out, into, &host.cpu_policy);
             last_on_cpu = Some(i);
@@ -850,7 +850,7 @@ pub fn run_all(
             vm.phys.sync(invept_single);
             {
                 let (core, _, mut vcpu) = parts(vm, host);
-                exits::before_entry(core, &mut vcpu);
+                exits::before_entry(core, &mut vcpu, now);
             }
             // The preemption timer stops the guest at the quantum's end or at its next
             // platform timer, whichever comes first.
@@ -860,7 +860,7 @@ pub fn run_all(
                 sched::preemption_timer_value(stop.saturating_sub(now), rate).into(),
             );
             // SAFETY: the VM's VMCS is current with complete host state; regs is the VM's own.
-            let failed = unsafe { vmx::run_guest(&mut vm.regs, u64::from(vm.launched)) };
+            let failed = unsafe { vmx::run_guest(&mut vm.hw.regs, u64::from(vm.launched)) };
             if failed != 0 {
                 let err = vmread(f::VM_INSTRUCTION_ERROR);
                 vm.core
@@ -869,7 +869,7 @@ pub fn run_all(
             }
             vm.launched = true;
             // The CPU clears the valid bit of the entry's event on every VM exit.
-            vm.injected = false;
+            vm.hw.injected = false;
             let exit = VmExit::decode(vmread(f::EXIT_REASON) as u32, vmread);
             // Instruction exits never interrupt a delivery: spare them the call.
             let interrupted = if exit.may_interrupt_delivery() {

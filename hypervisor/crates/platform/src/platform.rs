@@ -132,16 +132,20 @@ impl Platform {
     pub fn pio_read(&mut self, port: u16, size: u8, now: Tsc) -> u32 {
         self.advance(now);
         let mut value = 0u32;
+        let mut timers_or_controllers = false;
         for i in 0..size.min(4) {
             let p = port.wrapping_add(u16::from(i));
             let mut byte = [FLOATING];
             match self.pio.find(u64::from(p)) {
-                Some((id, offset)) => self.pio_access(id, p, offset as u16, &mut byte, None, now),
+                Some((id, offset)) => {
+                    timers_or_controllers |= id != PioId::Uart;
+                    self.pio_access(id, p, offset as u16, &mut byte, None, now);
+                }
                 None => self.stats.unclaimed_pio += 1,
             }
             value |= u32::from(byte[0]) << (8 * i);
         }
-        self.route();
+        self.settle(timers_or_controllers);
         value
     }
 
@@ -149,18 +153,20 @@ impl Platform {
     /// [`Self::pio_read`]); writes to ports without a device are dropped.
     pub fn pio_write(&mut self, port: u16, size: u8, value: u32, now: Tsc) {
         self.advance(now);
+        let mut timers_or_controllers = false;
         for i in 0..size.min(4) {
             let p = port.wrapping_add(u16::from(i));
             let byte = [(value >> (8 * i)) as u8];
             match self.pio.find(u64::from(p)) {
                 Some((id, offset)) => {
+                    timers_or_controllers |= id != PioId::Uart;
                     let mut scratch = [0];
                     self.pio_access(id, p, offset as u16, &mut scratch, Some(&byte), now);
                 }
                 None => self.stats.unclaimed_pio += 1,
             }
         }
-        self.route();
+        self.settle(timers_or_controllers);
     }
 
     fn pio_access(
@@ -280,10 +286,16 @@ impl Platform {
     }
 
     /// Brings every timer up to `now`: expired ones raise their interrupts.
+    #[inline]
     pub fn advance(&mut self, now: Tsc) {
-        if now < self.deadline {
-            return; // nothing due; port 0x61 and count reads compute from `now` themselves
+        // Nothing due: port 0x61 and count reads compute from `now` themselves.
+        if now >= self.deadline {
+            self.advance_timers(now);
         }
+    }
+
+    #[inline(never)]
+    fn advance_timers(&mut self, now: Tsc) {
         self.lapic.advance(now);
         self.pit.advance(now, &mut self.lines);
         self.rtc.advance(now, &mut self.lines);
@@ -398,6 +410,21 @@ impl Platform {
         self.nmi |= self.lapic.take_nmi();
         self.ready = self.nmi || self.pending_interrupt().is_some();
         self.deadline = self.next_deadline().unwrap_or(Tsc::MAX);
+    }
+
+    /// After an access: routes what moved, and recomputes the deadline and the waiting
+    /// interrupt when a timer or an interrupt controller was touched (`timers_or_controllers`)
+    /// or an interrupt line changed. An access to the UART alone changes neither unless its
+    /// line moves: the common case of a polling console driver stays cheap.
+    fn settle(&mut self, timers_or_controllers: bool) {
+        if timers_or_controllers {
+            self.route();
+            return;
+        }
+        self.lines.set_level(self.uart.irq(), self.uart.irq_level());
+        if self.lines.changed() {
+            self.route();
+        }
     }
 
     /// Feeds line changes to the controllers and delivers what they send, until nothing moves:

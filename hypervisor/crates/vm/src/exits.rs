@@ -688,9 +688,10 @@ fn mmio_fetch_failed<V: Vcpu>(
 /// interrupt-window exit is asked for so it is delivered the moment the guest can take it.
 /// Nothing is injected over an event already set up for this entry (a re-injection), and a
 /// vector is only taken from the controllers when it is injected, so none is ever lost.
+///
+/// `now` is the host TSC, which the caller has just read.
 #[inline(always)]
-pub fn before_entry<V: Vcpu>(vm: &mut Vm, cpu: &mut V) {
-    let now = cpu.tsc();
+pub fn before_entry<V: Vcpu>(vm: &mut Vm, cpu: &mut V, now: u64) {
     if !vm.platform.needs_attention(now) {
         return;
     }

@@ -85,6 +85,12 @@ impl Rig {
         )
     }
 
+    /// The check before a VM entry, at the fake vCPU's TSC.
+    fn before_entry(&mut self) {
+        let now = self.cpu.tsc;
+        before_entry(&mut self.vm, &mut self.cpu, now);
+    }
+
     fn console(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
         self.vm.drain_console(|l| lines.push(String::from(l)));
@@ -524,7 +530,7 @@ fn hlt_completes_and_blocks_until_an_interrupt_it_can_take() {
     assert!(r.vm.wake(1_000_000));
     assert!(r.vm.may_run());
     r.cpu.tsc = 1_000_000;
-    before_entry(&mut r.vm, &mut r.cpu);
+    r.before_entry();
     assert_eq!(r.cpu.injected, [(Interruption::external(0x40), 0)]);
 }
 
@@ -576,7 +582,7 @@ fn interrupts_wait_for_rflags_if_and_the_sti_shadow() {
     r.cpu.tsc = 100;
     // IF = 0: nothing injected, an interrupt window asked for.
     r.cpu.state.insert("rflags", 2);
-    before_entry(&mut r.vm, &mut r.cpu);
+    r.before_entry();
     assert!(r.cpu.injected.is_empty());
     assert!(r.cpu.interrupt_window);
     // IF = 1 but in an STI shadow: still the window.
@@ -584,16 +590,16 @@ fn interrupts_wait_for_rflags_if_and_the_sti_shadow() {
     r.cpu
         .state
         .insert("interruptibility", interruptibility::STI);
-    before_entry(&mut r.vm, &mut r.cpu);
+    r.before_entry();
     assert!(r.cpu.injected.is_empty());
     // The window exit comes; now it can be taken: exactly once.
     r.cpu.state.insert("interruptibility", 0);
     assert_eq!(r.exit(VmExit::InterruptWindow), Next::Resume);
-    before_entry(&mut r.vm, &mut r.cpu);
+    r.before_entry();
     assert_eq!(r.cpu.injected, [(Interruption::external(0x41), 0)]);
     assert!(!r.cpu.interrupt_window);
     r.cpu.injected.clear();
-    before_entry(&mut r.vm, &mut r.cpu);
+    r.before_entry();
     assert!(r.cpu.injected.is_empty(), "in service now, not pending");
     assert_eq!(r.vm.platform.stats.interrupts, 1);
 }
@@ -622,7 +628,7 @@ fn a_reinjected_event_goes_first_and_the_interrupt_waits() {
             write: false
         }
     );
-    before_entry(&mut r.vm, &mut r.cpu);
+    r.before_entry();
     assert_eq!(r.cpu.injected, [(Interruption::exception(14, true), 2)]);
     assert!(
         r.cpu.interrupt_window,
