@@ -47,11 +47,8 @@ pub struct Interrupted {
 /// A handler: runs with interrupts off unless it enables them itself.
 pub type Handler = fn(&Interrupted);
 
-const ZERO: AtomicU64 = AtomicU64::new(0);
-#[allow(clippy::declare_interior_mutable_const)]
-const NO_HANDLER: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
-static COUNTS: [AtomicU64; 256] = [ZERO; 256];
-static HANDLERS: [AtomicPtr<()>; 256] = [NO_HANDLER; 256];
+static COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+static HANDLERS: [AtomicPtr<()>; 256] = [const { AtomicPtr::new(core::ptr::null_mut()) }; 256];
 static UNHANDLED: AtomicU64 = AtomicU64::new(0);
 static INSTALLED: AtomicU64 = AtomicU64::new(0);
 

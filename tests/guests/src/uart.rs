@@ -78,12 +78,9 @@ pub struct Ring<const N: usize> {
 }
 
 impl<const N: usize> Ring<N> {
-    #[allow(clippy::declare_interior_mutable_const)]
-    const ZERO: AtomicU8 = AtomicU8::new(0);
-
     pub const fn new() -> Self {
         Self {
-            bytes: [Self::ZERO; N],
+            bytes: [const { AtomicU8::new(0) }; N],
             head: AtomicUsize::new(0),
             tail: AtomicUsize::new(0),
             dropped: AtomicUsize::new(0),
