@@ -11,6 +11,12 @@
 //! - anything else prints the exception with the saved registers through the console hypercall
 //!   and exits with [`EXIT_EXCEPTION`](crate::rt::EXIT_EXCEPTION).
 //!
+//! - an NMI (vector 2) while [`count_nmis`] is on is counted and returned from (the
+//!   `platform-hostile` guest sends itself NMIs through the local APIC).
+//!
+//! The table has all 256 gates; this module fills the 32 exception gates and leaves the others
+//! not present until [`crate::interrupts`] installs its stubs with [`set_gate`].
+//!
 //! The gates use the boot GDT's 64-bit code selector ([`guest_abi::boot::CODE_SELECTOR`]); no IST,
 //! so exceptions run on the current stack (fine at CPL 0 with the stack we have). Only one vCPU
 //! runs a test guest, so the state below needs no locks, only atomics for the compiler's sake.
@@ -25,8 +31,12 @@ use crate::cpu::{self, DescriptorTablePointer};
 use crate::println;
 use crate::rt::EXIT_EXCEPTION;
 
-/// Number of exception vectors (0..32) the table covers.
+/// Number of exception vectors (0..32) this module handles.
 const VECTORS: usize = 32;
+/// Number of gates in the table: every vector, so that [`crate::interrupts`] can add its own.
+const GATES: usize = 256;
+/// Vector of the non-maskable interrupt.
+pub const NMI: u8 = 2;
 /// Vector of the general-protection exception.
 pub const GP: u8 = 13;
 /// Vector of the invalid-opcode exception.
@@ -84,13 +94,16 @@ impl Gate {
 const _: () = assert!(core::mem::size_of::<Gate>() == 16);
 
 #[repr(C, align(16))]
-struct Table(UnsafeCell<[Gate; VECTORS]>);
+struct Table(UnsafeCell<[Gate; GATES]>);
 
-// SAFETY: written only by `install`, on the guest's single vCPU, while the CPU does not use it
-// (it is either not loaded yet or about to be reloaded with the same contents).
+// SAFETY: written only by `install` (before the table is loaded) and by `set_gate` (with
+// interrupts off, for a vector nothing raises yet), on the guest's single vCPU.
 unsafe impl Sync for Table {}
 
-static IDT: Table = Table(UnsafeCell::new([Gate::MISSING; VECTORS]));
+static IDT: Table = Table(UnsafeCell::new([Gate::MISSING; GATES]));
+/// Whether NMIs are counted and returned from (else they are fatal, as any exception).
+static COUNT_NMIS: AtomicBool = AtomicBool::new(false);
+static NMIS: AtomicU64 = AtomicU64::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Set while a probe expects its RDMSR/WRMSR to fault.
@@ -271,13 +284,39 @@ pub fn install() {
         *gate = Gate::interrupt(handler);
     }
     let idtr = DescriptorTablePointer {
-        limit: (core::mem::size_of::<[Gate; VECTORS]>() - 1) as u16,
+        limit: (core::mem::size_of::<[Gate; GATES]>() - 1) as u16,
         base: IDT.0.get() as u64,
     };
     // SAFETY: a static table of 64-bit interrupt gates to the stubs above, which preserve every
     // register and return with IRETQ (or exit the VM).
     unsafe { cpu::lidt(&idtr) };
     INSTALLED.store(true, Ordering::Relaxed);
+}
+
+/// Points gate `vector` at `handler` (an interrupt gate: IF is cleared on entry). For
+/// [`crate::interrupts`]; loads the exception table first if needed.
+///
+/// # Safety
+/// `handler` must be an entry stub that preserves every register and returns with IRETQ, and
+/// interrupts must be off (RFLAGS.IF = 0) or `vector` not raised by anything until the gate is
+/// written (the 16-byte write is not atomic).
+pub(crate) unsafe fn set_gate(vector: u8, handler: u64) {
+    install();
+    // SAFETY: single vCPU, and the caller guarantees the CPU does not read this gate meanwhile.
+    let gates = unsafe { &mut *IDT.0.get() };
+    gates[usize::from(vector)] = Gate::interrupt(handler);
+}
+
+/// Whether NMIs are counted and returned from (`true`) or fatal like any other unexpected
+/// exception (`false`, the default).
+pub fn count_nmis(on: bool) {
+    install();
+    COUNT_NMIS.store(on, Ordering::SeqCst);
+}
+
+/// NMIs counted while [`count_nmis`] was on.
+pub fn nmis() -> u64 {
+    NMIS.load(Ordering::SeqCst)
 }
 
 /// Loads an IDT with limit 0: from now on any exception escalates to #DF and then to a triple
@@ -350,6 +389,11 @@ pub fn trap_of<T>(op: impl FnOnce() -> T) -> Result<T, Fault> {
 
 /// Entered from the common stub with the saved state; returns to IRETQ or exits the VM.
 extern "C" fn dispatch(frame: &mut Frame) {
+    if frame.vector == u64::from(NMI) && COUNT_NMIS.load(Ordering::SeqCst) {
+        // An NMI pushes no error code and is not a fault: nothing to skip, just return.
+        NMIS.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
     let skip = SKIP_LEN.load(Ordering::SeqCst);
     if skip != 0 && PROBING.load(Ordering::SeqCst) && frame.vector < VECTORS as u64 {
         if FAULT_VECTOR.load(Ordering::SeqCst) == NO_FAULT {
