@@ -153,6 +153,12 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         }
     };
 
+    // The MMIO instruction decoder builds its tables on first use: here, not in a guest's time.
+    let t = platform::rdtsc();
+    let decoder_ok = hv_vm::mmio::warm_up();
+    log::info!(target: "hv", "MMIO instruction decoder ready{} in {} us",
+        if decoder_ok { "" } else { " (its self-check FAILED)" },
+        hv_vm::sched::tsc_to_us(platform::rdtsc() - t, host.tsc_hz));
     let (mut vms, memory) = create_vms(&mbi, &host, &mut frames);
     if vms.is_empty() {
         log::error!(target: "hv", "no VMs to run");

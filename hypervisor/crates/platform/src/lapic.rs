@@ -913,14 +913,24 @@ impl Lapic {
 
     /// Whole divided ticks from `origin` to `now` (rounded down).
     fn counts_between(&self, origin: Tsc, now: Tsc) -> u128 {
-        let bus = u128::from(now.saturating_sub(origin)) * u128::from(APIC_BUS_HZ)
-            / u128::from(self.timebase.tsc_hz());
-        bus >> self.divide_shift()
+        // Timebase takes the 64-bit path when the product fits (the common case).
+        let bus = self
+            .timebase
+            .cycles_in(now.saturating_sub(origin), APIC_BUS_HZ);
+        u128::from(bus >> self.divide_shift())
     }
 
     /// The TSC time at which `counts` divided ticks from `origin` have elapsed (rounded up, so
     /// the tick has happened then). Saturates.
     fn tsc_after(&self, origin: Tsc, counts: u128) -> Tsc {
+        // The 64-bit path when everything fits (one hardware division), else 128 bits.
+        let fast = u64::try_from(counts)
+            .ok()
+            .and_then(|c| c.checked_mul(1 << self.divide_shift()))
+            .filter(|bus| bus.checked_mul(self.timebase.tsc_hz()).is_some());
+        if let Some(bus) = fast {
+            return origin.saturating_add(self.timebase.ticks_for(bus, APIC_BUS_HZ));
+        }
         let ticks = counts
             .checked_mul(1 << self.divide_shift())
             .and_then(|bus| bus.checked_mul(u128::from(self.timebase.tsc_hz())))

@@ -79,6 +79,8 @@ pub struct Platform {
     deadline: Tsc,
     ready: bool,
     nmi: bool,
+    /// A timer's programming or state may have changed since `deadline` was computed.
+    timers_dirty: bool,
 }
 
 /// The value a read from a port or MMIO address without a device returns: all ones, as the
@@ -124,6 +126,7 @@ impl Platform {
             deadline: Tsc::MAX,
             ready: false,
             nmi: false,
+            timers_dirty: true,
         })
     }
 
@@ -139,6 +142,7 @@ impl Platform {
             match self.pio.find(u64::from(p)) {
                 Some((id, offset)) => {
                     timers_or_controllers |= id != PioId::Uart;
+                    self.timers_dirty |= matches!(id, PioId::Pit | PioId::Port61 | PioId::Rtc);
                     self.pio_access(id, p, offset as u16, &mut byte, None, now);
                 }
                 None => self.stats.unclaimed_pio += 1,
@@ -160,6 +164,7 @@ impl Platform {
             match self.pio.find(u64::from(p)) {
                 Some((id, offset)) => {
                     timers_or_controllers |= id != PioId::Uart;
+                    self.timers_dirty |= matches!(id, PioId::Pit | PioId::Port61 | PioId::Rtc);
                     let mut scratch = [0];
                     self.pio_access(id, p, offset as u16, &mut scratch, Some(&byte), now);
                 }
@@ -240,6 +245,8 @@ impl Platform {
             irq: &mut self.lines,
         };
         let target: Option<(&mut dyn MmioDevice, u64)> = if let Some(off) = lapic_offset {
+            // The timer's registers: LVT timer, initial count, divide configuration.
+            self.timers_dirty |= write.is_some() && matches!(off & !0xf, 0x320 | 0x380 | 0x3e0);
             Some((&mut self.lapic, off))
         } else {
             match self.mmio.find(gpa) {
@@ -277,6 +284,11 @@ impl Platform {
         }
         self.advance(now);
         let r = self.lapic.msr_write(index, value, now);
+        // IA32_APIC_BASE (a reset), the TSC deadline, the LVT timer, initial count, divide.
+        self.timers_dirty |= matches!(
+            index,
+            MSR_APIC_BASE | MSR_TSC_DEADLINE | 0x832 | 0x838 | 0x83e
+        );
         self.route();
         Some(r)
     }
@@ -296,6 +308,7 @@ impl Platform {
 
     #[inline(never)]
     fn advance_timers(&mut self, now: Tsc) {
+        self.timers_dirty = true;
         self.lapic.advance(now);
         self.pit.advance(now, &mut self.lines);
         self.rtc.advance(now, &mut self.lines);
@@ -409,7 +422,9 @@ impl Platform {
     fn refresh(&mut self) {
         self.nmi |= self.lapic.take_nmi();
         self.ready = self.nmi || self.pending_interrupt().is_some();
-        self.deadline = self.next_deadline().unwrap_or(Tsc::MAX);
+        if core::mem::take(&mut self.timers_dirty) {
+            self.deadline = self.next_deadline().unwrap_or(Tsc::MAX);
+        }
     }
 
     /// After an access: routes what moved, and recomputes the deadline and the waiting

@@ -30,13 +30,25 @@ impl Timebase {
     }
 
     /// How many whole periods of a `hz` clock fit in `ticks` TSC ticks (rounded down).
+    ///
+    /// The product is taken in 64 bits when it fits (one hardware division) and in 128 bits
+    /// otherwise (a software division, some hundred instructions): the result is the same, and
+    /// these conversions run on every device access and timer step.
+    #[inline]
     pub fn cycles_in(&self, ticks: u64, hz: u64) -> u64 {
-        ((u128::from(ticks) * u128::from(hz)) / u128::from(self.tsc_hz)) as u64
+        match ticks.checked_mul(hz) {
+            Some(p) => p / self.tsc_hz,
+            None => ((u128::from(ticks) * u128::from(hz)) / u128::from(self.tsc_hz)) as u64,
+        }
     }
 
     /// TSC ticks from the origin of a `hz` clock to its `cycles`-th edge (rounded up, so that
     /// the edge has happened at the returned time). Saturates at `u64::MAX`.
+    #[inline]
     pub fn ticks_for(&self, cycles: u64, hz: u64) -> u64 {
+        if let Some(p) = cycles.checked_mul(self.tsc_hz) {
+            return p.div_ceil(hz);
+        }
         let t = (u128::from(cycles) * u128::from(self.tsc_hz)).div_ceil(u128::from(hz));
         u64::try_from(t).unwrap_or(u64::MAX)
     }
@@ -71,5 +83,18 @@ mod tests {
         assert_eq!(tb.ns_to_ticks(1_000), 2_400);
         assert_eq!(tb.ticks_to_ns(2_399), 999);
         assert_eq!(tb.ticks_for(u64::MAX, 1), u64::MAX);
+        // Both sides of the 64-bit fast path agree with the 128-bit arithmetic.
+        for (ticks, hz) in [
+            (u64::MAX / 1_193_182, 1_193_182),
+            (u64::MAX / 1_193_182 + 1, 1_193_182),
+            (u64::MAX, 1_000_000_000),
+            (12_345_678_901, 32_768),
+        ] {
+            let want = (u128::from(ticks) * u128::from(hz) / 2_400_000_000) as u64;
+            assert_eq!(tb.cycles_in(ticks, hz), want, "{ticks} at {hz} Hz");
+            let want = u64::try_from((u128::from(ticks) * 2_400_000_000).div_ceil(u128::from(hz)))
+                .unwrap_or(u64::MAX);
+            assert_eq!(tb.ticks_for(ticks, hz), want, "{ticks} cycles of {hz} Hz");
+        }
     }
 }

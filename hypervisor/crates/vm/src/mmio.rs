@@ -505,6 +505,13 @@ impl fmt::Display for DecodeError {
 
 /// Decodes the instruction at the start of `bytes` (at most [`MAX_INSN_LEN`] are looked at) as
 /// `bitness`-bit code (16, 32 or 64).
+/// Decodes one instruction so that iced-x86 builds its decoder tables, which it does lazily on
+/// first use: some 650 000 instructions (160 ms under Bochs), which the kernel pays at boot
+/// rather than inside the quantum of the first guest that touches a device page.
+pub fn warm_up() -> bool {
+    decode(&[0x8b, 0x07], 64).is_ok() // mov eax, [rdi]
+}
+
 pub fn decode(bytes: &[u8], bitness: u32) -> Result<MmioInsn, DecodeError> {
     let bytes = &bytes[..bytes.len().min(MAX_INSN_LEN)];
     let mut decoder = Decoder::try_new(bitness, bytes, DecoderOptions::NONE)
