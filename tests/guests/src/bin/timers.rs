@@ -202,8 +202,19 @@ impl Ctx {
                 self.tol_ppm
             ),
         );
+        // An expiry that was pending in the IRR when the source stopped is still delivered
+        // (stopping a timer or masking a pin does not clear the IRR): take it before the
+        // "stopped sources are silent" checks.
+        self.count_for_any(500);
         reset_record();
         rate
+    }
+
+    /// Spins `us` with interrupts on.
+    fn count_for_any(&self, us: u64) {
+        interrupts::enable();
+        self.clock.spin_us(us);
+        interrupts::disable();
     }
 
     /// Spins `us` with interrupts on and returns how many arrived at `vector`.
@@ -370,6 +381,7 @@ fn guest_main(boot: &Boot) -> u64 {
     interrupts::disable();
     lapic::stop_timer();
     let (n, first, last) = (N.load(SeqCst), FIRST.load(SeqCst), LAST.load(SeqCst));
+    ctx.count_for_any(500);
     let rate = if n >= 2 {
         clock.rate_millihz(n - 1, last - first)
     } else {
