@@ -17,15 +17,25 @@
 //! output, the Bochs configuration) and has a hard deadline after which the emulator's whole
 //! process group is killed. Pass/fail comes only from `serial.log`: Bochs exits with status 1 both
 //! on the hypervisor's clean shutdown and on a fatal error.
+//!
+//! COM1 goes to `serial.log` directly (Bochs `mode=file`, QEMU `file:`), or, for a run that types
+//! on the serial console ([`boot_interactive`]), to a TCP socket on 127.0.0.1 where the emulator
+//! is the server and waits for us before it starts the machine (Bochs `mode=socket-server`,
+//! QEMU `tcp:...,server=on,wait=on`). A thread of ours then copies every byte into `serial.log`
+//! exactly as the file mode would and writes what the [`InputFeeder`] says to type.
 
 use std::fmt;
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result};
 use crate::process::{on_path, Ending, GroupChild};
+use crate::scenario::InputFeeder;
 
 /// Guest RAM of the emulated machine, MiB (Bochs and QEMU alike).
 pub const MEMORY_MIB: u32 = 256;
@@ -302,21 +312,78 @@ pub fn lost_rfb_race(emulator_output: &str) -> bool {
     emulator_output.contains(BOCHS_RFB_RACE)
 }
 
+/// Where the emulator's COM1 goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Com1<'a> {
+    /// Into this file.
+    File(&'a Path),
+    /// To a client of a TCP server on 127.0.0.1 at this port, which the emulator waits for.
+    Socket(u16),
+}
+
+/// What an emulator prints when the port we picked for COM1 was taken meanwhile (Bochs's
+/// serial plugin; QEMU's socket code).
+const COM1_PORT_RACE: &[&str] = &["bind() or listen() failed", "Address already in use"];
+
+/// Whether a run ended before the machine started because a port was taken: the display port
+/// of Bochs ([`lost_rfb_race`]) or our COM1 port.
+fn lost_port_race(engine: Engine, emulator_output: &str) -> bool {
+    (engine == Engine::Bochs && lost_rfb_race(emulator_output))
+        || COM1_PORT_RACE.iter().any(|m| emulator_output.contains(m))
+}
+
 /// Boots `spec`, calling `on_tick` about every 50 ms while the emulator runs. A Bochs run that
 /// lost the display-port race to a Bochs started beside it is started again (the other one
 /// listens by then), up to [`BOCHS_STARTS`] times.
 pub fn boot(spec: &BootSpec, mut on_tick: impl FnMut()) -> Result<BootOutcome> {
+    let serial = absolute(&spec.serial_log())?;
+    retry_port_races(spec, |spec| {
+        boot_once(spec, Com1::File(&serial), &mut on_tick, |child, tick| {
+            child.wait_with_deadline(spec.timeout, tick)
+        })
+    })
+}
+
+/// Boots `spec` with COM1 on a socket: copies what the machine sends into `serial.log` and types
+/// what `feeder` says. Returns the feeder, whose [`InputFeeder::untyped`] inputs never found
+/// their line.
+pub fn boot_interactive(
+    spec: &BootSpec,
+    mut feeder: InputFeeder,
+    mut on_tick: impl FnMut(),
+) -> Result<(BootOutcome, InputFeeder)> {
+    let outcome = retry_port_races(spec, |spec| {
+        let port = free_port()?;
+        boot_once(spec, Com1::Socket(port), &mut on_tick, |child, tick| {
+            serve_com1(
+                spec,
+                port,
+                &mut feeder,
+                |t| child.wait_with_deadline(spec.timeout, t),
+                tick,
+            )
+        })
+    })?;
+    Ok((outcome, feeder))
+}
+
+/// Runs `boot_once` again while it loses a port race, up to [`BOCHS_STARTS`] starts.
+fn retry_port_races(
+    spec: &BootSpec,
+    mut boot_once: impl FnMut(&BootSpec) -> Result<BootOutcome>,
+) -> Result<BootOutcome> {
     let mut start = 1;
     loop {
-        let outcome = boot_once(spec, &mut on_tick)?;
-        let raced = spec.engine == Engine::Bochs
-            && start < BOCHS_STARTS
-            && fs::read_to_string(spec.emulator_output()).is_ok_and(|out| lost_rfb_race(&out));
+        let outcome = boot_once(spec)?;
+        let raced = start < BOCHS_STARTS
+            && fs::read_to_string(spec.emulator_output())
+                .is_ok_and(|out| lost_port_race(spec.engine, &out));
         if !raced {
             return Ok(outcome);
         }
         eprintln!(
-            "bochs: lost the display-port race to a Bochs started beside it; starting again ({})",
+            "{}: a port it needed was taken by a process started beside it; starting again ({})",
+            spec.engine,
             spec.dir.display()
         );
         std::thread::sleep(Duration::from_millis(200 * u64::from(start)));
@@ -324,7 +391,97 @@ pub fn boot(spec: &BootSpec, mut on_tick: impl FnMut()) -> Result<BootOutcome> {
     }
 }
 
-fn boot_once(spec: &BootSpec, on_tick: impl FnMut()) -> Result<BootOutcome> {
+/// A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick for port 0). Another
+/// process may take it before the emulator binds it: [`retry_port_races`] covers that.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context(|| "finding a free TCP port on 127.0.0.1".to_owned())?;
+    let port = listener
+        .local_addr()
+        .context(|| "reading a socket's address".to_owned())?
+        .port();
+    Ok(port)
+}
+
+/// While `wait` waits for the emulator: connects to its COM1 server at `port` (retrying while it
+/// starts), appends every byte it sends to `serial.log`, and writes what `feeder` returns.
+fn serve_com1(
+    spec: &BootSpec,
+    port: u16,
+    feeder: &mut InputFeeder,
+    wait: impl FnOnce(&mut dyn FnMut()) -> Result<Ending>,
+    on_tick: &mut dyn FnMut(),
+) -> Result<Ending> {
+    let stop = AtomicBool::new(false);
+    let serial = spec.serial_log();
+    std::thread::scope(|scope| {
+        let copier = scope.spawn(|| copy_com1(port, &serial, feeder, &stop));
+        let ending = wait(on_tick);
+        stop.store(true, Ordering::SeqCst);
+        let copied = copier
+            .join()
+            .unwrap_or_else(|_| Err(Error::Failed("the COM1 thread panicked".to_owned())));
+        let ending = ending?;
+        copied?;
+        Ok(ending)
+    })
+}
+
+/// The COM1 client: see [`serve_com1`]. Ends at end of stream, or when `stop` is set and the
+/// emulator has nothing more to say (it was killed, or never started its server).
+fn copy_com1(port: u16, serial: &Path, feeder: &mut InputFeeder, stop: &AtomicBool) -> Result<()> {
+    let mut log = fs::OpenOptions::new()
+        .append(true)
+        .open(serial)
+        .context(|| format!("opening {}", serial.display()))?;
+    let mut stream = loop {
+        match TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+            Ok(stream) => break stream,
+            Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
+            // Not listening yet: the emulator is still starting.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let context = || format!("COM1 socket at 127.0.0.1:{port}");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .context(context)?;
+    let _ = stream.set_nodelay(true);
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                log.write_all(&buf[..n])
+                    .context(|| format!("writing {}", serial.display()))?;
+                let typed = feeder.feed(&buf[..n]);
+                if !typed.is_empty() {
+                    stream.write_all(&typed).context(context)?;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+            }
+            // The emulator went away mid-stream.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e).context(context),
+        }
+    }
+}
+
+fn boot_once(
+    spec: &BootSpec,
+    com1: Com1<'_>,
+    on_tick: &mut dyn FnMut(),
+    wait: impl FnOnce(&mut GroupChild, &mut dyn FnMut()) -> Result<Ending>,
+) -> Result<BootOutcome> {
     fs::create_dir_all(&spec.dir).context(|| format!("creating {}", spec.dir.display()))?;
     let serial = spec.serial_log();
     // The emulator appends to or recreates the file; start from an empty one either way, so a
@@ -332,10 +489,10 @@ fn boot_once(spec: &BootSpec, on_tick: impl FnMut()) -> Result<BootOutcome> {
     fs::write(&serial, b"").context(|| format!("truncating {}", serial.display()))?;
     let iso = absolute(&spec.iso)?;
     let mut command = match spec.engine {
-        Engine::Bochs => bochs_command(spec, &iso)?,
+        Engine::Bochs => bochs_command(spec, &iso, com1)?,
         Engine::QemuKvm | Engine::QemuTcg => {
             let mut command = Command::new(QEMU);
-            command.args(qemu_args(spec.engine, &iso, &absolute(&serial)?));
+            command.args(qemu_args(spec.engine, &iso, com1));
             command
         }
     };
@@ -352,7 +509,7 @@ fn boot_once(spec: &BootSpec, on_tick: impl FnMut()) -> Result<BootOutcome> {
         .stderr(output_err);
     let start = Instant::now();
     let mut child = GroupChild::spawn(&mut command)?;
-    let ending = child.wait_with_deadline(spec.timeout, on_tick)?;
+    let ending = wait(&mut child, on_tick)?;
     Ok(BootOutcome {
         ending,
         wall: start.elapsed(),
@@ -365,7 +522,7 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 
 /// Writes the Bochs configuration and debugger script into the run directory and returns the
 /// command: `bochs -q -f bochsrc -rc bochs.cmds`.
-fn bochs_command(spec: &BootSpec, iso: &Path) -> Result<Command> {
+fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command> {
     for rom in [BOCHS_BIOS, BOCHS_VGA_BIOS] {
         // `exists` follows symlinks: the VGA BIOS is a link into the vgabios package.
         if !Path::new(rom).exists() {
@@ -375,7 +532,7 @@ fn bochs_command(spec: &BootSpec, iso: &Path) -> Result<Command> {
         }
     }
     let dir = absolute(&spec.dir)?;
-    let config = bochsrc(iso, &dir.join("serial.log"), &dir.join("bochs.log"))
+    let config = bochsrc(iso, com1, &dir.join("bochs.log"))
         .map_err(|message| Error::Failed(format!("bochs: {message}")))?;
     let rc_path = dir.join("bochsrc");
     fs::write(&rc_path, config).context(|| format!("writing {}", rc_path.display()))?;
@@ -395,8 +552,8 @@ fn bochs_command(spec: &BootSpec, iso: &Path) -> Result<Command> {
 }
 
 /// The Bochs configuration: 256 MiB, a Skylake-X CPU with VT-x/EPT, deterministic time, boot from
-/// the ISO, COM1 into `serial`, no GUI, and fatal panics.
-pub fn bochsrc(iso: &Path, serial: &Path, log: &Path) -> std::result::Result<String, String> {
+/// the ISO, COM1 into a file or a socket server, no GUI, and fatal panics.
+pub fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path) -> std::result::Result<String, String> {
     let quoted = |path: &Path| {
         let text = path.display().to_string();
         if text.contains('"') || text.contains('\n') {
@@ -405,7 +562,12 @@ pub fn bochsrc(iso: &Path, serial: &Path, log: &Path) -> std::result::Result<Str
             Ok(format!("\"{text}\""))
         }
     };
-    let (iso, serial, log) = (quoted(iso)?, quoted(serial)?, quoted(log)?);
+    let (iso, log) = (quoted(iso)?, quoted(log)?);
+    let com1 = match com1 {
+        Com1::File(serial) => format!("mode=file, dev={}", quoted(serial)?),
+        // Bochs accepts the client before the machine starts (so nothing is lost before it).
+        Com1::Socket(port) => format!("mode=socket-server, dev=localhost:{port}"),
+    };
     Ok(format!(
         "# Written by cargo xtask (xtask/src/engine.rs) for one run.\n\
          memory: guest={MEMORY_MIB}, host={MEMORY_MIB}\n\
@@ -417,7 +579,7 @@ pub fn bochsrc(iso: &Path, serial: &Path, log: &Path) -> std::result::Result<Str
          clock: sync=none\n\
          boot: cdrom\n\
          ata0-master: type=cdrom, path={iso}, status=inserted\n\
-         com1: enabled=1, mode=file, dev={serial}\n\
+         com1: enabled=1, {com1}\n\
          port_e9_hack: enabled=1\n\
          # Without a dummy sound driver Bochs aborts at start on machines without ALSA devices.\n\
          sound: driver=dummy\n\
@@ -433,7 +595,7 @@ pub fn bochsrc(iso: &Path, serial: &Path, log: &Path) -> std::result::Result<Str
 }
 
 /// QEMU's arguments: KVM with the host CPU plus VMX, or TCG's qemu64 (no VMX).
-pub fn qemu_args(engine: Engine, iso: &Path, serial: &Path) -> Vec<String> {
+pub fn qemu_args(engine: Engine, iso: &Path, com1: Com1<'_>) -> Vec<String> {
     let (accel, cpu) = match engine {
         Engine::QemuKvm => ("kvm", "host,+vmx"),
         Engine::QemuTcg | Engine::Bochs => ("tcg", "qemu64"),
@@ -448,7 +610,11 @@ pub fn qemu_args(engine: Engine, iso: &Path, serial: &Path) -> Vec<String> {
         "-cdrom",
         &qemu_escape(iso),
         "-serial",
-        &format!("file:{}", qemu_escape(serial)),
+        &match com1 {
+            Com1::File(serial) => format!("file:{}", qemu_escape(serial)),
+            // `wait=on`: the machine starts once we are connected, as with Bochs.
+            Com1::Socket(port) => format!("tcp:127.0.0.1:{port},server=on,wait=on"),
+        },
         "-display",
         "none",
         // No NIC: nothing boots from the network, and no option ROM is needed.
@@ -590,7 +756,7 @@ mod tests {
     fn bochsrc_has_the_measured_settings() {
         let rc = bochsrc(
             Path::new("/r/a.iso"),
-            Path::new("/r/serial.log"),
+            Com1::File(Path::new("/r/serial.log")),
             Path::new("/r/bochs.log"),
         )
         .unwrap();
@@ -608,7 +774,15 @@ mod tests {
         ] {
             assert!(rc.lines().any(|l| l == line), "missing `{line}` in:\n{rc}");
         }
-        assert!(bochsrc(Path::new("/a\"b.iso"), Path::new("/s"), Path::new("/l")).is_err());
+        let s = Com1::File(Path::new("/s"));
+        assert!(bochsrc(Path::new("/a\"b.iso"), s, Path::new("/l")).is_err());
+        // With input, COM1 is a socket server that waits for the runner.
+        let rc = bochsrc(Path::new("/a.iso"), Com1::Socket(40123), Path::new("/l")).unwrap();
+        assert!(
+            rc.lines()
+                .any(|l| l == "com1: enabled=1, mode=socket-server, dev=localhost:40123"),
+            "{rc}"
+        );
     }
 
     #[test]
@@ -616,7 +790,7 @@ mod tests {
         let kvm = qemu_args(
             Engine::QemuKvm,
             Path::new("/r/x.iso"),
-            Path::new("/r/s,1.log"),
+            Com1::File(Path::new("/r/s,1.log")),
         );
         let text = kvm.join(" ");
         assert!(
@@ -632,8 +806,13 @@ mod tests {
             text.contains("-display none") && text.contains("-no-reboot"),
             "{text}"
         );
-        let tcg = qemu_args(Engine::QemuTcg, Path::new("/x.iso"), Path::new("/s"));
-        assert!(tcg.join(" ").starts_with("-accel tcg -cpu qemu64 "));
+        let tcg = qemu_args(Engine::QemuTcg, Path::new("/x.iso"), Com1::Socket(5555));
+        let text = tcg.join(" ");
+        assert!(text.starts_with("-accel tcg -cpu qemu64 "), "{text}");
+        assert!(
+            text.contains("-serial tcp:127.0.0.1:5555,server=on,wait=on"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -648,5 +827,59 @@ mod tests {
             "Bochs is exiting with the following message:\n[CPU0  ] panic\n"
         ));
         assert!(!lost_rfb_race(""));
+    }
+
+    #[test]
+    fn recognises_a_taken_com1_port() {
+        let bochs = "Bochs is exiting with the following message:\n\
+            [SER   ] com1: bind() or listen() failed (host:localhost, port:40123)\n";
+        assert!(lost_port_race(Engine::Bochs, bochs));
+        let qemu = "qemu-system-x86_64: -serial tcp:127.0.0.1:5555,server=on,wait=on: \
+            Failed to bind socket: Address already in use\n";
+        assert!(lost_port_race(Engine::QemuKvm, qemu));
+        assert!(!lost_port_race(
+            Engine::QemuKvm,
+            "RFB could not bind any port"
+        ));
+        assert!(!lost_port_race(Engine::Bochs, "[CPU0  ] panic"));
+    }
+
+    /// A stand-in emulator: a COM1 server that sends a log in pieces and records what it is
+    /// sent, as Bochs's socket-server mode does.
+    #[test]
+    fn com1_client_copies_the_log_and_types_the_inputs() {
+        use crate::scenario;
+        let scenario = scenario::parse(
+            "description = \"d\"\nengine = \"vmx\"\ntimeout_s = 1\nexpect = [\"a | x\"]\n\
+             [[input]]\nafter = \"a | ready\"\ntext = \"a: hello\"\n",
+            &["a".to_owned()],
+        )
+        .unwrap();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.write_all(b"[INFO] hv: start\r\na | rea").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            conn.write_all(b"dy\n").unwrap();
+            let mut typed = [0u8; 9];
+            conn.read_exact(&mut typed).unwrap();
+            conn.write_all(b"a | echo: hello\n").unwrap();
+            typed
+        });
+        let dir = std::env::temp_dir().join(format!("xtask-com1-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let serial = dir.join("serial.log");
+        fs::write(&serial, b"").unwrap();
+        let mut feeder = InputFeeder::new(&scenario);
+        let stop = AtomicBool::new(false);
+        copy_com1(port, &serial, &mut feeder, &stop).unwrap();
+        assert_eq!(&server.join().unwrap(), b"a: hello\r");
+        assert_eq!(
+            fs::read_to_string(&serial).unwrap(),
+            "[INFO] hv: start\r\na | ready\na | echo: hello\n"
+        );
+        assert!(feeder.untyped().is_empty());
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -21,7 +21,7 @@ use crate::engine::{self, BootSpec, Engine, VmxChoice};
 use crate::error::{Error, Result};
 use crate::iso::{self, IsoSpec};
 use crate::process::{on_path, Ending};
-use crate::scenario::{self, EngineKind, ScenarioDir};
+use crate::scenario::{self, EngineKind, InputFeeder, ScenarioDir};
 use crate::workspace::Workspace;
 
 const USAGE: &str = "cargo xtask qemu-test [SCENARIO...] [--jobs N]";
@@ -231,8 +231,15 @@ fn run_one(ws: &Workspace, engines: &Engines, dir: &ScenarioDir) -> Report {
         dir: run_dir.clone(),
         timeout: Duration::from_secs(scenario.timeout_s),
     };
-    let outcome = match engine::boot(&spec, || {}) {
-        Ok(outcome) => outcome,
+    // With `[[input]]`, COM1 is a socket this process serves (engine::boot_interactive).
+    let booted = if scenario.inputs.is_empty() {
+        engine::boot(&spec, || {}).map(|outcome| (outcome, Vec::new()))
+    } else {
+        engine::boot_interactive(&spec, InputFeeder::new(&scenario), || {})
+            .map(|(outcome, feeder)| (outcome, feeder.untyped().to_vec()))
+    };
+    let (outcome, untyped) = match booted {
+        Ok(booted) => booted,
         Err(e) => return fail(format!("cannot boot on {engine}: {e}")),
     };
     let serial = spec.serial_log();
@@ -242,6 +249,12 @@ fn run_one(ws: &Workspace, engines: &Engines, dir: &ScenarioDir) -> Report {
         Err(e) => return fail(format!("cannot read {}: {e}", serial.display())),
     };
     let mut verdict = scenario::judge(&scenario, &log);
+    for input in &untyped {
+        verdict.failures.push(format!(
+            "input {:?} was never typed: no line matched {}",
+            input.text, input.after
+        ));
+    }
     if outcome.ending == Ending::TimedOut {
         verdict.failures.insert(
             0,

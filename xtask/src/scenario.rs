@@ -27,7 +27,20 @@
 //! vms = ["busy-1", "busy-2"]
 //! tolerance = 0.20        # (max - min) / min of cpu_us
 //! end_tolerance = 0.10    # optional: spread of the VMs' `busy_end_tsc` reports over the run
+//! [[input]]               # optional, any number, in order: typed on the serial console
+//! after = "echo-1 | ready"  # once some line of the log matches this pattern
+//! text = "echo-1: hello"    # these characters, then "\r" (Enter); `NAME: ` names a VM
 //! ```
+//!
+//! # Input
+//!
+//! `[[input]]` entries make the run interactive: the runner is the other end of COM1 (a socket
+//! instead of a file, engine.rs) and an [`InputFeeder`] decides when to type what. Entries are
+//! typed in their order: entry k goes out as soon as entry k - 1 has and some line of the log so
+//! far has matched entry k's `after` (also a line that came before entry k - 1 was typed). The
+//! hypervisor delivers a line `NAME: text` to the COM1 of the VM NAME as `text` and CR, so `text`
+//! must start with the name of a VM of the manifest, then `: `; it may not contain control
+//! characters (CR is added, and would end the line early). An entry never typed fails the run.
 //!
 //! # Whose line
 //!
@@ -118,6 +131,16 @@ struct ScenarioFile {
     at_least: Vec<AtLeast>,
     #[serde(default)]
     at_most: Vec<AtMost>,
+    #[serde(default)]
+    input: Vec<InputEntry>,
+}
+
+/// `[[input]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputEntry {
+    after: String,
+    text: String,
 }
 
 /// `[[at_least]]` as written.
@@ -161,6 +184,106 @@ pub struct Scenario {
     pub cpu_fairness: Option<Fairness>,
     /// Figures of the log that must be within bounds: `key=N` words of a hypervisor line.
     pub figures: Vec<Figure>,
+    /// What to type on the serial console, and when; empty for a run without input.
+    pub inputs: Vec<Input>,
+}
+
+/// One `[[input]]`: when a line matching `after` has appeared, type `text` and Enter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The line to wait for.
+    pub after: Pattern,
+    /// What to type, without the CR that ends it.
+    pub text: String,
+}
+
+impl Input {
+    fn parse(after: &str, text: &str, vms: &[String]) -> Result<Input, String> {
+        let after = Pattern::parse(after, vms).map_err(|e| format!("input.after: {e}"))?;
+        if let Some(c) = text.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "input.text {text:?}: control character {c:?} (the runner adds the CR that ends \
+                 the line)"
+            ));
+        }
+        let Some((name, _)) = text.split_once(": ") else {
+            return Err(format!(
+                "input.text {text:?}: the hypervisor's console takes `NAME: text`, NAME a VM"
+            ));
+        };
+        if !vms.iter().any(|vm| vm == name) {
+            return Err(format!(
+                "input.text {text:?}: {name:?} is not a VM of the manifest ({})",
+                known_vms(vms)
+            ));
+        }
+        Ok(Input {
+            after,
+            text: text.to_owned(),
+        })
+    }
+}
+
+/// Types a scenario's inputs as the serial log arrives: feed it every byte the emulator's COM1
+/// sends ([`InputFeeder::feed`]); it returns the bytes to send back. Pure, so the timing rules
+/// are unit-tested.
+#[derive(Debug, Clone)]
+pub struct InputFeeder {
+    vms: Vec<String>,
+    inputs: Vec<Input>,
+    /// Whether some line so far matched input k's `after`.
+    seen: Vec<bool>,
+    /// The first input not typed yet.
+    next: usize,
+    /// The unfinished last line.
+    partial: Vec<u8>,
+}
+
+impl InputFeeder {
+    /// The feeder of `scenario`'s inputs.
+    pub fn new(scenario: &Scenario) -> Self {
+        InputFeeder {
+            vms: scenario.vms.clone(),
+            inputs: scenario.inputs.clone(),
+            seen: vec![false; scenario.inputs.len()],
+            next: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Takes bytes of the serial log; returns what to type now (each text and a CR).
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &byte in bytes {
+            if byte != b'\n' {
+                self.partial.push(byte);
+                continue;
+            }
+            let line = String::from_utf8_lossy(&self.partial).into_owned();
+            self.partial.clear();
+            self.line(line.trim_end_matches('\r'), &mut out);
+        }
+        out
+    }
+
+    fn line(&mut self, line: &str, out: &mut Vec<u8>) {
+        let class = classify(line, &self.vms);
+        for (k, input) in self.inputs.iter().enumerate().skip(self.next) {
+            if input.after.matches(line, &class) {
+                self.seen[k] = true;
+            }
+        }
+        while self.next < self.inputs.len() && self.seen[self.next] {
+            out.extend_from_slice(self.inputs[self.next].text.as_bytes());
+            out.push(b'\r');
+            self.next += 1;
+        }
+    }
+
+    /// The inputs not typed (yet), in order.
+    pub fn untyped(&self) -> &[Input] {
+        &self.inputs[self.next..]
+    }
 }
 
 /// Whose lines a pattern is matched against.
@@ -526,6 +649,11 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
     for f in &file.at_most {
         figures.push(Figure::parse(Bound::AtMost(f.max), &f.line, &f.key, vms)?);
     }
+    let inputs = file
+        .input
+        .iter()
+        .map(|i| Input::parse(&i.after, &i.text, vms))
+        .collect::<Result<Vec<_>, String>>()?;
     if let Some(fairness) = &file.cpu_fairness {
         if fairness.vms.len() < 2 {
             return Err("cpu_fairness.vms needs at least two VMs".to_owned());
@@ -556,6 +684,7 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
         reject,
         cpu_fairness: file.cpu_fairness,
         figures,
+        inputs,
     })
 }
 
@@ -1487,5 +1616,104 @@ name = 7
         )
         .unwrap();
         assert!(!judge(&s, &log).passed());
+    }
+
+    fn with_inputs(inputs: &str) -> Result<Scenario, String> {
+        parse(&format!("{HELLO_SCENARIO}\n{inputs}"), &vms())
+    }
+
+    #[test]
+    fn parses_inputs() {
+        let s = with_inputs(
+            "[[input]]\nafter = \"hello-a | ready\"\ntext = \"hello-a: hi there\"\n\
+             [[input]]\nafter = \"[INFO] hv: all VMs\"\ntext = \"evil: quit\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.inputs.len(), 2);
+        assert_eq!(s.inputs[0].after, pattern("hello-a | ready"));
+        assert_eq!(s.inputs[0].text, "hello-a: hi there");
+        assert_eq!(s.inputs[1].after.source, Source::Hypervisor);
+        assert!(scenario(HELLO_SCENARIO).inputs.is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_inputs() {
+        for (input, why) in [
+            ("after = \"ready\"\ntext = \"hello-a: x\"", "say whose line"),
+            (
+                "after = \"nobody | ready\"\ntext = \"hello-a: x\"",
+                "not a VM",
+            ),
+            (
+                "after = \"hello-a | ready\"\ntext = \"nobody: x\"",
+                "not a VM",
+            ),
+            (
+                "after = \"hello-a | ready\"\ntext = \"hello-a x\"",
+                "NAME: text",
+            ),
+            (
+                "after = \"hello-a | ready\"\ntext = \"hello-a: x\\r\"",
+                "control character",
+            ),
+            (
+                "after = \"hello-a | ready\"\ntext = \"hello-a: a\\nb\"",
+                "control character",
+            ),
+            ("after = \"hello-a | ready\"", "missing field `text`"),
+            (
+                "after = \"hello-a | r\"\ntext = \"hello-a: x\"\nwhen = 1",
+                "unknown field",
+            ),
+        ] {
+            let err = with_inputs(&format!("[[input]]\n{input}\n")).unwrap_err();
+            assert!(err.contains(why), "{input:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_feeder_types_in_order_once_each_line_appeared() {
+        let s = with_inputs(
+            "[[input]]\nafter = \"hello-a | ready\"\ntext = \"hello-a: hello\"\n\
+             [[input]]\nafter = \"hello-a | echo: hello\"\ntext = \"hello-a: quit\"\n",
+        )
+        .unwrap();
+        let mut feeder = InputFeeder::new(&s);
+        assert_eq!(
+            feeder.feed(b"GRUB loading\r\n[INFO] hv: 2 VMs created\n"),
+            b""
+        );
+        // A line split across reads, with CRLF.
+        assert_eq!(feeder.feed(b"hello-a | rea"), b"");
+        assert_eq!(feeder.feed(b"dy\r\n"), b"hello-a: hello\r");
+        assert_eq!(feeder.untyped().len(), 1);
+        // Another VM's line, or a guest imitating a hypervisor line, does not count.
+        assert_eq!(feeder.feed(b"hello-b | echo: hello\n"), b"");
+        assert_eq!(feeder.feed(b"hello-a | echo: hello\n"), b"hello-a: quit\r");
+        assert!(feeder.untyped().is_empty());
+        assert_eq!(
+            feeder.feed(b"hello-a | ready\nhello-a | echo: hello\n"),
+            b""
+        );
+    }
+
+    #[test]
+    fn a_later_input_waits_for_the_earlier_one() {
+        let s = with_inputs(
+            "[[input]]\nafter = \"hello-a | first\"\ntext = \"hello-a: 1\"\n\
+             [[input]]\nafter = \"hello-b | second\"\ntext = \"hello-b: 2\"\n",
+        )
+        .unwrap();
+        let mut feeder = InputFeeder::new(&s);
+        // The second entry's line comes first: remembered, typed after the first.
+        assert_eq!(feeder.feed(b"hello-b | second\n"), b"");
+        assert_eq!(
+            feeder.feed(b"hello-a | first\n"),
+            b"hello-a: 1\rhello-b: 2\r"
+        );
+        // Without its line an entry stays untyped, which the runner reports.
+        let mut feeder = InputFeeder::new(&s);
+        assert_eq!(feeder.feed(b"hello-a | first\n"), b"hello-a: 1\r");
+        assert_eq!(feeder.untyped()[0].text, "hello-b: 2");
     }
 }
