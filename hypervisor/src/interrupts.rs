@@ -30,6 +30,7 @@ pub static EXTERNAL_EOI: AtomicU64 = AtomicU64::new(0);
 /// sleeps, and the TSC ticks they lasted.
 pub static IDLE_WAKEUPS: AtomicU64 = AtomicU64::new(0);
 static IDLE_HALTS: AtomicU64 = AtomicU64::new(0);
+static IDLE_SPIN_LOGGED: AtomicBool = AtomicBool::new(false);
 static IDLE_TSC: AtomicU64 = AtomicU64::new(0);
 
 /// `selftest=interrupts` was given.
@@ -172,19 +173,21 @@ pub fn idle_until(deadline: u64, tsc_hz: u64) {
     if deadline <= start {
         return;
     }
-    let Some(apic) = Lapic::current() else {
+    let armed = match Lapic::current() {
+        // The self-test's periodic timer owns the LVT timer; it wakes the sleep soon enough.
+        Some(apic) if SELFTEST.load(Ordering::Relaxed) => Some(apic),
+        Some(apic) if arm_idle_timer(&apic, deadline, start, tsc_hz) => Some(apic),
+        _ => None,
+    };
+    let Some(apic) = armed else {
+        if !IDLE_SPIN_LOGGED.swap(true, Ordering::Relaxed) {
+            log::warn!(target: "hv", "idle: no usable local APIC timer; waiting with PAUSE instead of HLT");
+        }
         while crate::platform::rdtsc() < deadline {
             core::hint::spin_loop();
         }
         return;
     };
-    // The self-test's periodic timer owns the LVT timer; it wakes the sleep soon enough.
-    if !SELFTEST.load(Ordering::Relaxed) && !arm_idle_timer(&apic, deadline, start, tsc_hz) {
-        while crate::platform::rdtsc() < deadline {
-            core::hint::spin_loop();
-        }
-        return;
-    }
     IDLE_HALTS.fetch_add(1, Ordering::Relaxed);
     // SAFETY: STI's shadow covers HLT, so an interrupt arriving in between still ends the
     // sleep; every vector has an IDT entry (arch.rs) that returns at once; CLI restores the

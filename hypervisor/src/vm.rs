@@ -696,6 +696,9 @@ fn parts<'a>(
     )
 }
 
+/// The least time a guest runs per entry when one of its timers is already due (see run_all).
+const MIN_SLICE_US: u64 = 10;
+
 /// The longest the CPU sleeps while every VM waits: typed input is read, and the serial output
 /// moves on, between sleeps.
 const IDLE_MAX_US: u64 = 10_000;
@@ -748,6 +751,7 @@ pub fn run_all(
     mut mux: Option<&mut MemMux>,
 ) {
     let rate = host.caps.preemption_timer_rate();
+    let min_slice = sched::us_to_tsc(MIN_SLICE_US, host.tsc_hz).max(1);
     let invept_single = host.caps.invept_single_context();
     let ctx = ExitContext {
         cpu_policy: &host.cpu_policy,
@@ -771,7 +775,16 @@ pub fn run_all(
             vm.core.send_console(crate::serial::try_print_line);
         }
         crate::serial::pump();
-        let Some(i) = sched::next_runnable(vms.len(), current, |v| vms[v].core.may_run()) else {
+        let Some(i) = sched::next_to_run(
+            vms.len(),
+            current,
+            |v| vms[v].core.may_run(),
+            |v| vms[v].core.boosted,
+            |v| {
+                let quantum = sched::us_to_tsc(vms[v].core.config.quantum_us, host.tsc_hz);
+                vms[v].core.acct.waited(now, quantum)
+            },
+        ) else {
             let alive = || vms.iter().filter(|v| v.core.state.is_runnable());
             if alive().next().is_none() {
                 break;
@@ -822,6 +835,16 @@ pub fn run_all(
         let start = rdtsc();
         vms[i].core.acct.schedule_in(start);
         let deadline = start.saturating_add(vms[i].core.acct.next_quantum(quantum));
+        vms[i].core.boosted = false;
+        // A halted VM's timer ends this quantum when it is due, so that the sleeper answers it
+        // without waiting for the quantum's end (it runs next: boosted).
+        let others_wake = vms
+            .iter()
+            .enumerate()
+            .filter(|&(j, v)| j != i && v.core.state.is_runnable())
+            .filter_map(|(_, v)| v.core.wake_deadline())
+            .min()
+            .unwrap_or(u64::MAX);
         // Past the deadline the guest is still entered twice at most: for its first entry of
         // the quantum, however short (the hypervisor's own work before it may take longer than
         // a small quantum), and once to retry an instruction after the memory engine faulted
@@ -834,7 +857,7 @@ pub fn run_all(
         let mut retried_late = false;
         loop {
             let now = rdtsc();
-            if vms[i].core.must_drain() {
+            if vms[i].core.must_drain() || (now >= others_wake && entries > 0) {
                 break;
             }
             if now >= deadline && entries > 0 {
@@ -853,8 +876,13 @@ pub fn run_all(
                 exits::before_entry(core, &mut vcpu, now);
             }
             // The preemption timer stops the guest at the quantum's end or at its next
-            // platform timer, whichever comes first.
-            let stop = deadline.min(vm.core.platform.deadline());
+            // platform timer, whichever comes first; but a timer due now (a periodic timer at
+            // its fastest, an expiry whose interrupt the guest cannot take yet) still leaves it
+            // MIN_SLICE_US to run, so that it always makes progress (its handler can stop a
+            // storm) instead of exiting before its first instruction, entry after entry.
+            let stop = deadline
+                .min(others_wake)
+                .min(vm.core.platform.deadline().max(now + min_slice));
             vmwrite(
                 f::PREEMPTION_TIMER_VALUE,
                 sched::preemption_timer_value(stop.saturating_sub(now), rate).into(),

@@ -27,6 +27,8 @@ pub struct Vm {
     /// The vCPU executed HLT and waits for an interrupt: `Some(if)` with its RFLAGS.IF, which
     /// says whether an external interrupt wakes it (an NMI always does).
     pub halted: Option<bool>,
+    /// It woke from HLT and may run before the VMs waiting for the CPU (sched::next_to_run).
+    pub boosted: bool,
     pub(crate) console: LineBuffer,
     /// Console lines waiting for room in the serial output.
     pub(crate) console_out: ConsoleOutput,
@@ -61,6 +63,7 @@ impl Vm {
             acct: Accounting::default(),
             platform,
             halted: None,
+            boosted: false,
             console: LineBuffer::default(),
             console_out: ConsoleOutput::default(),
             info,
@@ -124,6 +127,7 @@ impl Vm {
         let p = &self.platform;
         if p.nmi_waiting() || (interruptible && p.interrupt_waiting()) {
             self.halted = None;
+            self.boosted = self.acct.deserves_boost();
         }
         self.halted.is_none()
     }

@@ -263,13 +263,16 @@ fn one_round(
         lapic::stop_timer();
         return Err("delivered while IF = 0");
     }
+    if matches!(kind, Kind::Periodic) {
+        // Stopped before the window: the expiries already folded into the IRR stay pending
+        // (masking the LVT and clearing the count do not clear the IRR, SDM 10.5.1), and the
+        // next period cannot expire while this VM waits for the CPU behind its neighbour.
+        lapic::stop_timer();
+    }
     RIP.store(0, SeqCst);
     let start = window();
     let in_window = interrupts::count(V_TIMER) - before;
     let rip = RIP.load(SeqCst);
-    if matches!(kind, Kind::Periodic) {
-        lapic::stop_timer();
-    }
     // Anything more must not come: the one-shots are spent, the periodic timer is stopped.
     interrupts::enable();
     clock.spin_us(2 * delay_us.max(100));
