@@ -99,8 +99,9 @@ struct VcpuHw {
     /// An event is set up in the VM-entry interruption-information field for the next entry
     /// (cleared at every exit: the CPU clears the field's valid bit on entry).
     injected: bool,
-    /// Interrupt-window exiting is on in the VMCS.
+    /// Interrupt-window and NMI-window exiting are on in the VMCS.
     window: bool,
+    nmi_window: bool,
 }
 
 impl HasGuestPhys for Vm {
@@ -246,6 +247,7 @@ impl Vm {
                 msr_lists,
                 injected: false,
                 window: false,
+                nmi_window: false,
             },
         };
         vm.init_vmcs(host, image_info.entry);
@@ -519,6 +521,19 @@ fn single_step_trap() {
     }
 }
 
+impl VmxVcpu<'_> {
+    fn write_windows(&mut self) {
+        let mut primary = self.controls.primary;
+        if self.hw.window {
+            primary |= PrimaryProcBased::INTERRUPT_WINDOW_EXITING.bits();
+        }
+        if self.hw.nmi_window {
+            primary |= PrimaryProcBased::NMI_WINDOW_EXITING.bits();
+        }
+        vmwrite(f::PRIMARY_PROC_BASED_CONTROLS, primary.into());
+    }
+}
+
 impl Vcpu for VmxVcpu<'_> {
     type Phys = IdentityPhys;
 
@@ -621,11 +636,16 @@ impl Vcpu for VmxVcpu<'_> {
     fn set_interrupt_window(&mut self, on: bool) {
         if self.hw.window != on {
             self.hw.window = on;
-            let mut primary = self.controls.primary;
-            if on {
-                primary |= PrimaryProcBased::INTERRUPT_WINDOW_EXITING.bits();
-            }
-            vmwrite(f::PRIMARY_PROC_BASED_CONTROLS, primary.into());
+            self.write_windows();
+        }
+    }
+
+    /// NMI-window exiting (bit 22), only with virtual NMIs (SDM 26.2.1.1).
+    fn set_nmi_window(&mut self, on: bool) {
+        let on = on && self.controls.virtual_nmis;
+        if self.hw.nmi_window != on {
+            self.hw.nmi_window = on;
+            self.write_windows();
         }
     }
 

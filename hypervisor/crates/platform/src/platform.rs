@@ -386,6 +386,11 @@ impl Platform {
         self.ready
     }
 
+    /// Whether an external interrupt waits for the CPU (not counting NMIs).
+    pub fn external_waiting(&self) -> bool {
+        self.pending_interrupt().is_some()
+    }
+
     /// Whether an NMI waits (what wakes a halted vCPU whatever RFLAGS.IF says).
     pub fn nmi_waiting(&self) -> bool {
         self.nmi

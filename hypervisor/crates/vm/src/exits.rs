@@ -158,6 +158,12 @@ fn handle_exit<V: Vcpu>(
             vm.acct.count_exit(ExitKind::PreemptionTimer);
             Next::Resume
         }
+        VmExit::NmiWindow => {
+            // The guest's NMI blocking ended (its IRET): before_entry delivers the NMI.
+            vm.acct.count_exit(ExitKind::Other);
+            cpu.set_nmi_window(false);
+            Next::Resume
+        }
         VmExit::InterruptWindow => {
             // The guest can take the interrupt before_entry asked the window for.
             vm.acct.count_exit(ExitKind::Other);
@@ -703,18 +709,19 @@ fn deliver_events<V: Vcpu>(vm: &mut Vm, cpu: &mut V, now: u64) {
     vm.platform.advance(now);
     if !vm.platform.interrupt_waiting() {
         cpu.set_interrupt_window(false);
+        cpu.set_nmi_window(false);
         return;
     }
     if cpu.injecting() {
         // The re-injected event goes first; the window exit brings us back for this one.
-        cpu.set_interrupt_window(true);
+        cpu.set_interrupt_window(vm.platform.external_waiting());
         return;
     }
     let blocking = cpu.read(Reg::Interruptibility);
-    if vm.platform.nmi_waiting()
-        && blocking & (interruptibility::NMI | interruptibility::MOV_SS) == 0
-        && vm.platform.take_nmi()
-    {
+    let nmi_blocked = blocking & (interruptibility::NMI | interruptibility::MOV_SS) != 0;
+    // An NMI that must wait for the guest's IRET: the NMI window says when.
+    cpu.set_nmi_window(vm.platform.nmi_waiting() && nmi_blocked);
+    if vm.platform.nmi_waiting() && !nmi_blocked && vm.platform.take_nmi() {
         cpu.inject(
             Interruption {
                 vector: 2,
@@ -723,7 +730,7 @@ fn deliver_events<V: Vcpu>(vm: &mut Vm, cpu: &mut V, now: u64) {
             },
             0,
         );
-        cpu.set_interrupt_window(vm.platform.interrupt_waiting());
+        cpu.set_interrupt_window(vm.platform.external_waiting());
         return;
     }
     let can_take = cpu.read(Reg::Rflags) & rflags::IF != 0
@@ -733,8 +740,10 @@ fn deliver_events<V: Vcpu>(vm: &mut Vm, cpu: &mut V, now: u64) {
             cpu.inject(Interruption::external(vector), 0);
         }
     }
-    // More may wait (or this one could not be taken yet): exit when the guest can take one.
-    cpu.set_interrupt_window(vm.platform.interrupt_waiting());
+    // More may wait (or this one could not be taken yet): exit when the guest can take one. An
+    // NMI that waits for the guest's NMI blocking to end is not a reason for this window (it
+    // would open at once, exit after exit): it is retried at every entry.
+    cpu.set_interrupt_window(vm.platform.external_waiting());
 }
 
 #[cfg(test)]

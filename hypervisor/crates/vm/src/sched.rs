@@ -175,9 +175,15 @@ mod tests {
         let none = |_| false;
         assert_eq!(next_to_run(4, Some(0), runnable, |i| i == 2, none), Some(2));
         assert_eq!(next_to_run(4, Some(0), runnable, none, none), Some(1));
-        assert_eq!(next_to_run(4, Some(0), |i| i == 0, |i| i == 2, none), Some(0));
+        assert_eq!(
+            next_to_run(4, Some(0), |i| i == 0, |i| i == 2, none),
+            Some(0)
+        );
         // A VM that waited too long goes before the boosted one.
-        assert_eq!(next_to_run(4, Some(0), runnable, |i| i == 2, |i| i == 3), Some(3));
+        assert_eq!(
+            next_to_run(4, Some(0), runnable, |i| i == 2, |i| i == 3),
+            Some(3)
+        );
         let mut a = Accounting::default();
         a.schedule_in(1000);
         a.schedule_out(1400, 2000, 1_000_000, false);

@@ -80,6 +80,9 @@ pub trait Vcpu {
     /// Exit as soon as the guest can take an external interrupt (interrupt-window exiting,
     /// SDM 26.7.5), or not.
     fn set_interrupt_window(&mut self, on: bool);
+    /// Exit as soon as the guest's NMI blocking ends (NMI-window exiting, with virtual NMIs),
+    /// or not. Without virtual NMIs this does nothing: the NMI is retried at every entry.
+    fn set_nmi_window(&mut self, on: bool);
     /// Host memory, to reach the guest's pages.
     fn phys(&mut self) -> &mut Self::Phys;
 
@@ -146,6 +149,7 @@ pub mod fake {
         pub host_nmis: u32,
         pub single_steps: u32,
         pub interrupt_window: bool,
+        pub nmi_window: bool,
     }
 
     impl FakeVcpu {
@@ -170,6 +174,7 @@ pub mod fake {
                 host_nmis: 0,
                 single_steps: 0,
                 interrupt_window: false,
+                nmi_window: false,
             }
         }
 
@@ -244,6 +249,9 @@ pub mod fake {
         }
         fn set_interrupt_window(&mut self, on: bool) {
             self.interrupt_window = on;
+        }
+        fn set_nmi_window(&mut self, on: bool) {
+            self.nmi_window = on;
         }
         fn phys(&mut self) -> &mut FlatPhys {
             &mut self.phys

@@ -16,6 +16,7 @@ bitflags! {
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct PrimaryProcBased: u32 {
         const INTERRUPT_WINDOW_EXITING = 1 << 2;
+        const NMI_WINDOW_EXITING = 1 << 22;
         const USE_TSC_OFFSETTING = 1 << 3;
         const HLT_EXITING = 1 << 7;
         const INVLPG_EXITING = 1 << 9;
@@ -99,6 +100,11 @@ pub struct VmcsControls {
     pub load_efer: bool,
     /// IA32_PAT is switched by the VM-entry/VM-exit load controls (else by the MSR-load lists).
     pub load_pat: bool,
+    /// Virtual NMIs (SDM 25.6.1): an injected NMI blocks further NMIs until the guest's IRET,
+    /// and NMI-window exiting (which needs it) tells when that happened. Without them the CPU
+    /// keeps NMIs blocked after the first injected one (IRET does not unblock NMIs while NMI
+    /// exiting is on, SDM 26.3), so a guest gets one NMI.
+    pub virtual_nmis: bool,
 }
 
 /// Primary controls that keep guest-writable CPU state per VM or hide host state (docs/isolation.md):
@@ -180,8 +186,18 @@ impl VmcsControls {
                 | PinBased::NMI_EXITING
                 | PinBased::ACTIVATE_PREEMPTION_TIMER)
                 .bits(),
-            0,
+            PinBased::VIRTUAL_NMIS.bits(),
         )?;
+        // NMI-window exiting is only allowed with virtual NMIs (SDM 26.2.1.1); it is set and
+        // cleared at run time, so only its availability is checked here.
+        let virtual_nmis = pin & PinBased::VIRTUAL_NMIS.bits() != 0
+            && caps.primary_proc_based().may_be_one() & PrimaryProcBased::NMI_WINDOW_EXITING.bits()
+                != 0;
+        let pin = if virtual_nmis {
+            pin
+        } else {
+            pin & !PinBased::VIRTUAL_NMIS.bits()
+        };
         let primary = caps.primary_proc_based().negotiate(
             ControlKind::PrimaryProcBased,
             (PrimaryProcBased::HLT_EXITING
@@ -253,6 +269,7 @@ impl VmcsControls {
             save_preemption_timer: exit & ExitControls::SAVE_PREEMPTION_TIMER.bits() != 0,
             load_efer,
             load_pat,
+            virtual_nmis,
         })
     }
 }

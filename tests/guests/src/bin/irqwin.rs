@@ -22,6 +22,7 @@
 //!   `[memory] multiplex = true` the engine takes the pages that go cold (the IDT, the handler's
 //!   code, the stack between rounds), so delivery itself faults, and must still happen exactly
 //!   once in the window;
+//! - `no_periodic`: only the one-shot and TSC-deadline rounds;
 //! - `tsc_khz=N` to override CPUID leaf 0x4000_0010.
 //!
 //! Reports `irqwin_rounds`, `irqwin_failures`, `irqwin_max_offset` (in NOPs after the STI) and,
@@ -151,6 +152,11 @@ fn guest_main(boot: &Boot) -> u64 {
         Err(e) => return rt::usage_error(e),
     };
     let multiplex = c.has("multiplex");
+    let kinds: &[Kind] = if c.has("no_periodic") {
+        &[Kind::OneShot, Kind::Deadline]
+    } else {
+        &[Kind::OneShot, Kind::Deadline, Kind::Periodic]
+    };
     let mut toucher = Toucher {
         start: 2 << 20,
         end: if multiplex {
@@ -176,7 +182,7 @@ fn guest_main(boot: &Boot) -> u64 {
     let mut failures = 0;
     let mut max_offset = 0;
     for round in 0..rounds {
-        let kind = [Kind::OneShot, Kind::Deadline, Kind::Periodic][(round % 3) as usize];
+        let kind = kinds[(round % kinds.len() as u64) as usize];
         let result = one_round(clock, kind, delay_us, period_us, hold_us, &mut toucher);
         match result {
             Ok(offset) => max_offset = max_offset.max(offset),

@@ -112,10 +112,14 @@ fn note_lateness(now: u64, due: u64) {
 }
 
 fn on_rtc(i: &Interrupted) {
-    record(i);
-    // Reading register C acknowledges the RTC and lowers IRQ 8 (MC146818A, "Register C").
+    // Reading register C acknowledges the RTC and lowers IRQ 8 (MC146818A, "Register C"). An
+    // interrupt without PF is not a period: the first one may be, when a period ended between
+    // setting PIE and start_periodic's own read of C (which cleared that PF after its edge was
+    // sent), as on hardware. It is counted, not measured.
     if rtc::ack() & rtc::C_PF == 0 {
         RTC_NO_PF.fetch_add(1, SeqCst);
+    } else {
+        record(i);
     }
     lapic::eoi();
 }
@@ -458,7 +462,7 @@ fn guest_main(boot: &Boot) -> u64 {
     let no_pf = RTC_NO_PF.load(SeqCst);
     ctx.checks.check(
         "rtc_register_c",
-        no_pf == 0,
+        no_pf <= 1,
         format_args!("{no_pf} interrupts without PF in register C"),
     );
 

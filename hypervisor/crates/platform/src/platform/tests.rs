@@ -272,3 +272,73 @@ fn junk_at_every_port_and_register_does_not_panic() {
         }
     }
 }
+
+#[test]
+fn rtc_started_behind_a_masked_pin_interrupts_once_unmasked() {
+    let mut p = platform();
+    route_pin(&mut p, 8, 0x58, false, 0);
+    // Mask (read-modify-write of the low dword, as a driver does), start, acknowledge, unmask.
+    let mask = |p: &mut Platform, masked: bool| {
+        w32(p, IOAPIC_BASE, 0x10 + 2 * 8, 0);
+        let low = r32(p, IOAPIC_BASE + 0x10, 0);
+        let low = if masked {
+            low | (1 << 16)
+        } else {
+            low & !(1 << 16)
+        };
+        w32(p, IOAPIC_BASE, 0x10 + 2 * 8, 0);
+        w32(p, IOAPIC_BASE + 0x10, low, 0);
+    };
+    mask(&mut p, true);
+    p.pio_write(0x70, 1, 0x0a, 0);
+    p.pio_write(0x71, 1, 0x28, 0); // 256 Hz
+    p.pio_write(0x70, 1, 0x0b, 0);
+    p.pio_write(0x71, 1, 0x42, 0);
+    p.pio_write(0x70, 1, 0x0c, 0);
+    p.pio_read(0x71, 1, 0);
+    mask(&mut p, false);
+    let mut now = 0;
+    let mut count = 0;
+    while now < HZ / 10 {
+        p.advance(now);
+        if p.pending_interrupt().is_some() {
+            assert_eq!(p.acknowledge(), Some(0x58));
+            count += 1;
+            p.pio_write(0x70, 1, 0x0c, now);
+            p.pio_read(0x71, 1, now);
+            w32(&mut p, APIC + 0xb0, 0, now);
+        }
+        now += HZ / 20_000;
+    }
+    assert!(
+        (25..=26).contains(&count),
+        "{count} interrupts in 100 ms at 256 Hz"
+    );
+}
+
+#[test]
+fn periodic_after_tsc_deadline_mode_through_mmio() {
+    let mut p = platform();
+    // TSC-deadline mode (xAPIC LVT write, then the MSR), fired and taken.
+    w32(&mut p, APIC + 0x320, (2 << 17) | 0x50, 0);
+    assert_eq!(p.msr_write(MSR_TSC_DEADLINE, 1000, 0), Some(Ok(())));
+    p.advance(2000);
+    assert_eq!(p.acknowledge(), Some(0x50));
+    w32(&mut p, APIC + 0xb0, 0, 2000);
+    // Then periodic at 2 ms, divide by 1, as a round of the irqwin guest starts it.
+    let t = 10_000;
+    w32(&mut p, APIC + 0x320, (1 << 17) | 0x50, t);
+    w32(&mut p, APIC + 0x3e0, 0xb, t);
+    w32(&mut p, APIC + 0x380, 2_000_000, t);
+    let period = HZ / 500;
+    assert!(p
+        .next_deadline()
+        .is_some_and(|d| d > t && d <= t + period + 1));
+    p.advance(t + period + 1);
+    assert_eq!(
+        p.pending_interrupt(),
+        Some(Pending::Apic(0x50)),
+        "{:?}",
+        p.next_deadline()
+    );
+}

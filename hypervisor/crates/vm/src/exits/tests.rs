@@ -711,3 +711,35 @@ fn cr8_is_the_local_apics_task_priority() {
     assert_eq!(r.cpu.regs.edx_eax(), 0xa0);
     assert!(r.cpu.injected.is_empty());
 }
+
+#[test]
+fn a_blocked_nmi_waits_without_an_interrupt_window_storm() {
+    let mut r = Rig::new();
+    r.cpu.tsc = 0;
+    // x2APIC mode, then a self-NMI through the ICR (delivery mode NMI, shorthand self).
+    for (msr, value) in [(0x1b, 0xfee0_0d00u64), (0x830, (0b01 << 18) | (4 << 8))] {
+        r.cpu.regs.rcx = msr;
+        r.cpu.regs.set_edx_eax(value);
+        r.exit(VmExit::Wrmsr);
+    }
+    assert!(r.vm.platform.nmi_waiting());
+    r.cpu.state.insert("rflags", 2 | rflags::IF);
+    r.cpu
+        .state
+        .insert("interruptibility", interruptibility::NMI);
+    r.before_entry();
+    assert!(r.cpu.injected.is_empty(), "NMIs are blocked");
+    assert!(
+        !r.cpu.interrupt_window,
+        "an interrupt window would open at once and exit forever"
+    );
+    assert!(
+        r.cpu.nmi_window,
+        "the NMI window says when the guest's IRET came"
+    );
+    assert_eq!(r.exit(VmExit::NmiWindow), Next::Resume);
+    assert!(!r.cpu.nmi_window);
+    r.cpu.state.insert("interruptibility", 0);
+    r.before_entry();
+    assert_eq!(r.cpu.injected[0].0.kind, Interruption::NMI);
+}

@@ -146,7 +146,13 @@ const ENTRY_WANTED: u32 = EntryControls::LOAD_IA32_EFER
 /// exactly when the CPU offers it, and no other control is on unless the CPU forces it.
 fn assert_negotiation_sound(name: &str, caps: &Capabilities, c: &VmcsControls) {
     let words = [
-        ("pin", caps.pin_based(), c.pin, PIN_REQUIRED, 0),
+        (
+            "pin",
+            caps.pin_based(),
+            c.pin,
+            PIN_REQUIRED,
+            PinBased::VIRTUAL_NMIS.bits(),
+        ),
         (
             "primary",
             caps.primary_proc_based(),
@@ -195,6 +201,17 @@ fn assert_negotiation_sound(name: &str, caps: &Capabilities, c: &VmcsControls) {
         "{name}: VPID bit vs flag"
     );
     assert_eq!(c.ept_ad, caps.ept_ad_bits(), "{name}: EPT A/D");
+    // Virtual NMIs: on exactly when the CPU offers them and NMI-window exiting.
+    let vnmi = caps.pin_based().allows(PinBased::VIRTUAL_NMIS.bits())
+        && caps
+            .primary_proc_based()
+            .allows(PrimaryProcBased::NMI_WINDOW_EXITING.bits());
+    assert_eq!(c.virtual_nmis, vnmi, "{name}: virtual NMIs");
+    assert_eq!(
+        c.pin & PinBased::VIRTUAL_NMIS.bits() != 0,
+        vnmi || caps.pin_based().must_be_one() & PinBased::VIRTUAL_NMIS.bits() != 0,
+        "{name}: virtual-NMI bit vs flag"
+    );
     let timer = ExitControls::SAVE_PREEMPTION_TIMER.bits();
     assert_eq!(
         c.save_preemption_timer,
