@@ -795,14 +795,20 @@ pub fn run_all(
             vm.core.send_console(crate::serial::try_print_line);
         }
         crate::serial::pump();
+        let ready_vms = vms.iter().filter(|v| v.core.may_run()).count() as u64;
         let Some(i) = sched::next_to_run(
             vms.len(),
             current,
             |v| vms[v].core.may_run(),
             |v| vms[v].core.boosted,
+            // Longer than a whole round of the VMs that want the CPU: round robin alone would
+            // have run it by then, so only boosted sleepers can have kept it waiting.
             |v| {
                 let quantum = sched::us_to_tsc(vms[v].core.config.quantum_us, host.tsc_hz);
-                vms[v].core.acct.waited(now, quantum)
+                vms[v]
+                    .core
+                    .acct
+                    .waited(now, quantum.saturating_mul(ready_vms.max(1)))
             },
         ) else {
             let alive = || vms.iter().filter(|v| v.core.state.is_runnable());

@@ -42,8 +42,9 @@ pub fn next_runnable(
 /// Picks the next VM as [`next_runnable`] does, but a VM for which `boosted` holds (it just
 /// woke from HLT, see [`Accounting::deserves_boost`]) goes before the others, so that a sleeper
 /// answers its timer or its input without waiting for every other VM's quantum; and before
-/// those, a VM for which `starving` holds (it has waited for the CPU longer than a quantum), so
-/// that a stream of boosted sleepers cannot keep a runnable VM off the CPU.
+/// those, a VM for which `starving` holds (the caller's test: it has waited for the CPU longer
+/// than round robin alone would have made it wait), so that a stream of boosted sleepers cannot
+/// keep a runnable VM off the CPU.
 pub fn next_to_run(
     n: usize,
     current: Option<usize>,

@@ -150,6 +150,19 @@ fn guest_main(boot: &Boot) -> u64 {
 
     // SAFETY: the timer is stopped and interrupts are off: nothing writes the array any more.
     let lat = unsafe { &mut (&mut *LATENCIES.0.get())[..ticks as usize] };
+    // The five latest ticks, by number, before sorting: when they happened says why.
+    let mut late: [(u64, usize); 5] = [(0, 0); 5];
+    for (n, &l) in lat.iter().enumerate() {
+        if let Some(slot) = late.iter_mut().min_by_key(|(v, _)| *v) {
+            if l > slot.0 {
+                *slot = (l, n);
+            }
+        }
+    }
+    late.sort_unstable_by(|a, b| b.cmp(a));
+    for (l, n) in late {
+        println!("sleeper: tick {n} came {} us late", clock.ticks_to_us(l));
+    }
     lat.sort_unstable();
     let us = |t: u64| clock.ticks_to_us(t);
     let (p50, p99, max) = (
