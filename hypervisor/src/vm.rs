@@ -102,6 +102,8 @@ struct VcpuHw {
     /// Interrupt-window and NMI-window exiting are on in the VMCS.
     window: bool,
     nmi_window: bool,
+    /// The exit's instruction was completed by the hypervisor (cleared at every exit).
+    completed: bool,
 }
 
 impl HasGuestPhys for Vm {
@@ -248,6 +250,7 @@ impl Vm {
                 injected: false,
                 window: false,
                 nmi_window: false,
+                completed: false,
             },
         };
         vm.init_vmcs(host, image_info.entry);
@@ -604,6 +607,7 @@ impl Vcpu for VmxVcpu<'_> {
 
     #[inline(always)]
     fn skip_bytes(&mut self, len: u64) {
+        self.hw.completed = true;
         let rip = vmread(f::GUEST_RIP);
         vmwrite(f::GUEST_RIP, rip + len);
         if vmread(f::GUEST_RFLAGS) & rflags::TF != 0 {
@@ -629,6 +633,10 @@ impl Vcpu for VmxVcpu<'_> {
 
     fn injecting(&self) -> bool {
         self.hw.injected
+    }
+
+    fn instruction_completed(&self) -> bool {
+        self.hw.completed
     }
 
     /// Interrupt-window exiting (primary processor-based control bit 2, SDM 25.6.2): written
@@ -924,6 +932,7 @@ pub fn run_all(
             vm.launched = true;
             // The CPU clears the valid bit of the entry's event on every VM exit.
             vm.hw.injected = false;
+            vm.hw.completed = false;
             let exit = VmExit::decode(vmread(f::EXIT_REASON) as u32, vmread);
             // Instruction exits never interrupt a delivery: spare them the call.
             let interrupted = if exit.may_interrupt_delivery() {

@@ -717,7 +717,14 @@ fn deliver_events<V: Vcpu>(vm: &mut Vm, cpu: &mut V, now: u64) {
         cpu.set_interrupt_window(vm.platform.external_waiting());
         return;
     }
-    let blocking = cpu.read(Reg::Interruptibility);
+    let mut blocking = cpu.read(Reg::Interruptibility);
+    let shadow = interruptibility::STI | interruptibility::MOV_SS;
+    if blocking & shadow != 0 && cpu.instruction_completed() {
+        // The exit was the instruction in the shadow, and the hypervisor completed it: the
+        // shadow is over (SDM 6.8.3), as the CPU would have ended it.
+        blocking &= !shadow;
+        cpu.write(Reg::Interruptibility, blocking);
+    }
     let nmi_blocked = blocking & (interruptibility::NMI | interruptibility::MOV_SS) != 0;
     // An NMI that must wait for the guest's IRET: the NMI window says when.
     cpu.set_nmi_window(vm.platform.nmi_waiting() && nmi_blocked);

@@ -73,6 +73,9 @@ pub trait Vcpu {
     /// Like [`Self::skip_instruction`] for an instruction of `len` bytes the hypervisor decoded
     /// itself (an MMIO access: the exit does not report a length).
     fn skip_bytes(&mut self, len: u64);
+    /// Whether an instruction was completed (skipped) since the last VM exit: an STI or MOV SS
+    /// shadow that covered it has ended (SDM 6.8.3).
+    fn instruction_completed(&self) -> bool;
     /// Delivers `event` (with `error_code` when it has one) at the next entry.
     fn inject(&mut self, event: Interruption, error_code: u32);
     /// Whether an event is already set up for delivery at the next entry.
@@ -150,6 +153,7 @@ pub mod fake {
         pub single_steps: u32,
         pub interrupt_window: bool,
         pub nmi_window: bool,
+        pub completed: bool,
     }
 
     impl FakeVcpu {
@@ -175,6 +179,7 @@ pub mod fake {
                 single_steps: 0,
                 interrupt_window: false,
                 nmi_window: false,
+                completed: false,
             }
         }
 
@@ -228,6 +233,7 @@ pub mod fake {
             self.msrs.insert(msr.index(), value);
         }
         fn skip_instruction(&mut self) {
+            self.completed = true;
             let rip = self.rip() + self.instruction_len;
             self.state.insert("rip", rip);
             if self.read(Reg::Rflags) & rflags::TF != 0 {
@@ -235,6 +241,7 @@ pub mod fake {
             }
         }
         fn skip_bytes(&mut self, len: u64) {
+            self.completed = true;
             let rip = self.rip() + len;
             self.state.insert("rip", rip);
             if self.read(Reg::Rflags) & rflags::TF != 0 {
@@ -246,6 +253,9 @@ pub mod fake {
         }
         fn injecting(&self) -> bool {
             !self.injected.is_empty()
+        }
+        fn instruction_completed(&self) -> bool {
+            self.completed
         }
         fn set_interrupt_window(&mut self, on: bool) {
             self.interrupt_window = on;

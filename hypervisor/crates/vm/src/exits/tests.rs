@@ -585,7 +585,8 @@ fn interrupts_wait_for_rflags_if_and_the_sti_shadow() {
     r.before_entry();
     assert!(r.cpu.injected.is_empty());
     assert!(r.cpu.interrupt_window);
-    // IF = 1 but in an STI shadow: still the window.
+    // IF = 1 but in an STI shadow (no instruction completed since): still the window.
+    r.cpu.completed = false;
     r.cpu.state.insert("rflags", 2 | rflags::IF);
     r.cpu
         .state
@@ -602,6 +603,24 @@ fn interrupts_wait_for_rflags_if_and_the_sti_shadow() {
     r.before_entry();
     assert!(r.cpu.injected.is_empty(), "in service now, not pending");
     assert_eq!(r.vm.platform.stats.interrupts, 1);
+}
+
+#[test]
+fn an_emulated_instruction_in_the_sti_shadow_ends_it() {
+    let mut r = Rig::new();
+    r.cpu.tsc = 0;
+    arm_deadline_timer(&mut r, 0x41, 100);
+    r.cpu.tsc = 100;
+    r.cpu.completed = false;
+    // STI; CPUID: the CPUID exits in the STI shadow, the hypervisor completes it.
+    r.cpu.state.insert("rflags", 2 | rflags::IF);
+    r.cpu
+        .state
+        .insert("interruptibility", interruptibility::STI);
+    r.exit(VmExit::Cpuid);
+    r.before_entry();
+    assert_eq!(r.cpu.injected, [(Interruption::external(0x41), 0)]);
+    assert_eq!(r.cpu.state["interruptibility"], 0);
 }
 
 #[test]
