@@ -152,40 +152,35 @@ extern "C" {
     fn host_interrupt_entry();
 }
 
+/// Emits an interrupt entry `$name` that does one locked increment of the counter `$count` and
+/// returns with IRETQ. It uses no register but RAX, which it saves, and runs on the interrupted
+/// stack: the hypervisor is built without a red zone.
+macro_rules! counting_entry {
+    ($name:literal, $count:path) => {
+        core::arch::global_asm!(
+            concat!(
+                ".section .text.exceptions, \"ax\"\n",
+                ".global ", $name, "\n",
+                $name, ":\n",
+                "push rax\n",
+                "lea rax, [rip + {count}]\n",
+                "lock inc qword ptr [rax]\n",
+                "pop rax\n",
+                "iretq\n",
+            ),
+            count = sym $count,
+        );
+    };
+}
+
 // A host interrupt taken while the CPU sleeps with interrupts enabled: counted, then IRETQ.
 // The EOI is sent after the sleep, with interrupts disabled again (interrupts::idle_until):
 // until then the vector stays in service, which holds back only interrupts the sleep has no
 // use for anyway.
-core::arch::global_asm!(
-    r#"
-    .section .text.exceptions, "ax"
-    .global host_interrupt_entry
-host_interrupt_entry:
-    push rax
-    lea rax, [rip + {count}]
-    lock inc qword ptr [rax]
-    pop rax
-    iretq
-    "#,
-    count = sym crate::interrupts::IDLE_WAKEUPS,
-);
+counting_entry!("host_interrupt_entry", crate::interrupts::IDLE_WAKEUPS);
 
-// The NMI handler: one locked increment of the counter, then IRETQ (which also ends the CPU's
-// NMI blocking). It uses no register but RAX, which it saves, and runs on the interrupted stack:
-// the hypervisor is built without a red zone.
-core::arch::global_asm!(
-    r#"
-    .section .text.exceptions, "ax"
-    .global nmi_entry
-nmi_entry:
-    push rax
-    lea rax, [rip + {count}]
-    lock inc qword ptr [rax]
-    pop rax
-    iretq
-    "#,
-    count = sym crate::interrupts::NMIS_ROOT,
-);
+// The NMI handler: counted, then IRETQ (which also ends the CPU's NMI blocking).
+counting_entry!("nmi_entry", crate::interrupts::NMIS_ROOT);
 
 fn exception_stub_address(vector: usize) -> u64 {
     extern "C" {
