@@ -781,6 +781,9 @@ pub fn run_all(
     let rate = host.caps.preemption_timer_rate();
     let min_slice = sched::us_to_tsc(MIN_SLICE_US, host.tsc_hz).max(1);
     let invept_single = host.caps.invept_single_context();
+    // Without the saved preemption timer every entry reloads the full value: each one must
+    // then be set up anew, or a guest exiting often would never reach its quantum's end.
+    let fast_reenter = host.controls.save_preemption_timer;
     let ctx = ExitContext {
         cpu_policy: &host.cpu_policy,
         multiplexed: mux.is_some(),
@@ -889,38 +892,48 @@ pub fn run_all(
         let mut entries: u32 = 0;
         let mut retry_after_fault = false;
         let mut retried_late = false;
+        // The last exit changed only the guest's registers (Next::Reenter) and nothing waits
+        // for delivery: enter again without the checks and the timer setup below. The
+        // preemption timer, saved at the exit and counting on from there, still stops the
+        // guest at the quantum's end and at the next platform timer.
+        let mut reenter = false;
         loop {
-            let now = rdtsc();
-            if vms[i].core.must_drain() || (now >= others_wake && entries > 0) {
-                break;
-            }
-            if now >= deadline && entries > 0 {
-                if !retry_after_fault || retried_late {
+            if !reenter {
+                let now = rdtsc();
+                if vms[i].core.must_drain() || (now >= others_wake && entries > 0) {
                     break;
                 }
-                retried_late = true;
+                if now >= deadline && entries > 0 {
+                    if !retry_after_fault || retried_late {
+                        break;
+                    }
+                    retried_late = true;
+                }
+                entries += 1;
+                retry_after_fault = false;
+                crate::serial::pump();
+                let vm = &mut vms[i];
+                vm.phys.sync(invept_single);
+                {
+                    let (core, _, mut vcpu) = parts(vm, host);
+                    exits::before_entry(core, &mut vcpu, now);
+                }
+                // The preemption timer stops the guest at the quantum's end or at its next
+                // platform timer, whichever comes first; but a timer due now (a periodic timer
+                // at its fastest, an expiry whose interrupt the guest cannot take yet) still
+                // leaves it MIN_SLICE_US to run, so that it always makes progress (its handler
+                // can stop a storm) instead of exiting before its first instruction, entry
+                // after entry.
+                let stop = deadline
+                    .min(others_wake)
+                    .min(vm.core.platform.deadline().max(now + min_slice));
+                vmwrite(
+                    f::PREEMPTION_TIMER_VALUE,
+                    sched::preemption_timer_value(stop.saturating_sub(now), rate).into(),
+                );
             }
-            entries += 1;
-            retry_after_fault = false;
-            crate::serial::pump();
+            reenter = false;
             let vm = &mut vms[i];
-            vm.phys.sync(invept_single);
-            {
-                let (core, _, mut vcpu) = parts(vm, host);
-                exits::before_entry(core, &mut vcpu, now);
-            }
-            // The preemption timer stops the guest at the quantum's end or at its next
-            // platform timer, whichever comes first; but a timer due now (a periodic timer at
-            // its fastest, an expiry whose interrupt the guest cannot take yet) still leaves it
-            // MIN_SLICE_US to run, so that it always makes progress (its handler can stop a
-            // storm) instead of exiting before its first instruction, entry after entry.
-            let stop = deadline
-                .min(others_wake)
-                .min(vm.core.platform.deadline().max(now + min_slice));
-            vmwrite(
-                f::PREEMPTION_TIMER_VALUE,
-                sched::preemption_timer_value(stop.saturating_sub(now), rate).into(),
-            );
             // SAFETY: the VM's VMCS is current with complete host state; regs is the VM's own.
             let failed = unsafe { vmx::run_guest(&mut vm.hw.regs, u64::from(vm.launched)) };
             if failed != 0 {
@@ -944,7 +957,7 @@ pub fn run_all(
                 let (core, memory, mut vcpu) = parts(vm, host);
                 exits::handle(core, memory, &mut vcpu, &ctx, exit, interrupted)
             };
-            if let (Some(mux), Next::Resume | Next::Reschedule | Next::Halt) =
+            if let (Some(mux), Next::Resume | Next::Reenter | Next::Reschedule | Next::Halt) =
                 (mux.as_deref_mut(), &next)
             {
                 mux.progressed();
@@ -976,7 +989,10 @@ pub fn run_all(
                 };
             }
             match next {
-                Next::Resume => continue,
+                Next::Reenter if fast_reenter && !vms[i].core.platform.interrupt_waiting() => {
+                    reenter = true;
+                }
+                Next::Resume | Next::Reenter => continue,
                 Next::Reschedule | Next::Halt | Next::Stopped => break,
                 Next::GuestFault { .. } | Next::HypercallFault { .. } => {
                     vms[i]

@@ -32,6 +32,12 @@ use crate::vm::Vm;
 pub enum Next {
     /// Re-enter the same guest.
     Resume,
+    /// Re-enter the same guest at once: the exit changed nothing but the guest's registers and
+    /// RIP (no platform, memory or console state), so the checks before the entry have nothing
+    /// new to find, like KVM's `EXIT_FASTPATH_REENTER_GUEST`. A run loop whose preemption timer
+    /// keeps counting across exits (it still stops the guest at the quantum's end and at the
+    /// next platform timer) may skip them; any other treats this as [`Next::Resume`].
+    Reenter,
     /// End the quantum (yield) and schedule the next VM.
     Reschedule,
     /// The vCPU halted (HLT) until an interrupt: schedule the next VM; this one runs again once
@@ -121,7 +127,7 @@ fn handle_exit<V: Vcpu>(
             let r = cpu.regs();
             (r.rax, r.rbx, r.rcx, r.rdx) = (a.into(), b.into(), c.into(), d.into());
             cpu.skip_instruction();
-            Next::Resume
+            Next::Reenter
         }
         VmExit::Vmcall => {
             vm.acct.count_exit(ExitKind::Vmcall);

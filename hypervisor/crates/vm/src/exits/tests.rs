@@ -125,7 +125,7 @@ fn cpuid_is_answered_by_the_policy_and_completes() {
     r.cpu.regs.rax = 1;
     r.cpu.regs.rcx = 0;
     r.cpu.state.insert("cr4", crate::policy::CR4_OSXSAVE);
-    assert_eq!(r.exit(VmExit::Cpuid), Next::Resume);
+    assert_eq!(r.exit(VmExit::Cpuid), Next::Reenter);
     assert_eq!(r.cpu.rip(), 0x1002);
     // ECX bit 5 (VMX) hidden, bit 27 (OSXSAVE) follows the guest's CR4.
     assert_eq!(r.cpu.regs.rcx & (1 << 5), 0);
