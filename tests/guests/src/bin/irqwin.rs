@@ -243,22 +243,26 @@ fn one_round(
 ) -> Result<u64, &'static str> {
     interrupts::disable();
     let before = interrupts::count(V_TIMER);
-    let armed = rdtsc();
+    // The count-down timers start at the write of the initial count, somewhere inside
+    // `start_timer`: the TSC read after it bounds that moment from above. (Read before it, it
+    // could lie far earlier: a VM may lose the CPU between any two of its instructions, and
+    // under tight memory multiplexing it did, for up to 0.2 s. The hold then ended before the
+    // timer had expired.)
     let expiry = match kind {
         Kind::OneShot => {
             lapic::start_timer(V_TIMER, TimerMode::OneShot, (delay_us * 1000) as u32, 1);
-            armed + clock.us_to_ticks(delay_us)
+            rdtsc() + clock.us_to_ticks(delay_us)
         }
         Kind::Deadline => {
             lapic::tsc_deadline_mode(V_TIMER);
-            let deadline = armed + clock.us_to_ticks(delay_us);
+            let deadline = rdtsc() + clock.us_to_ticks(delay_us);
             lapic::set_tsc_deadline(deadline);
             deadline
         }
         Kind::Periodic => {
             lapic::start_timer(V_TIMER, TimerMode::Periodic, (period_us * 1000) as u32, 1);
             // Three expiries while IF = 0: one pending interrupt.
-            armed + 3 * clock.us_to_ticks(period_us)
+            rdtsc() + 3 * clock.us_to_ticks(period_us)
         }
     };
     let hold_end = expiry + clock.us_to_ticks(hold_us);
