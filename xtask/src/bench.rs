@@ -170,6 +170,7 @@ fn bench_run(ws: &Workspace, n: u64) -> Result<BenchRun> {
         iso: iso_path,
         dir,
         timeout,
+        bochs_ips: engine::BOCHS_IPS,
     };
     println!("bench exits: n={n} on Bochs ...");
     let outcome = engine::boot(&boot, || {})?;

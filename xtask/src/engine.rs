@@ -276,6 +276,9 @@ pub struct BootSpec {
     pub dir: PathBuf,
     /// Hard deadline of the emulator run.
     pub timeout: Duration,
+    /// Bochs only: emulated instructions per emulated second ([`BOCHS_IPS`] unless a scenario
+    /// asks for another).
+    pub bochs_ips: u64,
 }
 
 impl BootSpec {
@@ -532,7 +535,7 @@ fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command>
         }
     }
     let dir = absolute(&spec.dir)?;
-    let config = bochsrc(iso, com1, &dir.join("bochs.log"))
+    let config = bochsrc(iso, com1, &dir.join("bochs.log"), spec.bochs_ips)
         .map_err(|message| Error::Failed(format!("bochs: {message}")))?;
     let rc_path = dir.join("bochsrc");
     fs::write(&rc_path, config).context(|| format!("writing {}", rc_path.display()))?;
@@ -553,7 +556,12 @@ fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command>
 
 /// The Bochs configuration: 256 MiB, a Skylake-X CPU with VT-x/EPT, deterministic time, boot from
 /// the ISO, COM1 into a file or a socket server, no GUI, and fatal panics.
-pub fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path) -> std::result::Result<String, String> {
+pub fn bochsrc(
+    iso: &Path,
+    com1: Com1<'_>,
+    log: &Path,
+    ips: u64,
+) -> std::result::Result<String, String> {
     let quoted = |path: &Path| {
         let text = path.display().to_string();
         if text.contains('"') || text.contains('\n') {
@@ -573,7 +581,7 @@ pub fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path) -> std::result::Result<St
          memory: guest={MEMORY_MIB}, host={MEMORY_MIB}\n\
          romimage: file={BOCHS_BIOS}, options=fastboot\n\
          vgaromimage: file={BOCHS_VGA_BIOS}\n\
-         cpu: model={BOCHS_CPU_MODEL}, count=1, ips={BOCHS_IPS}, reset_on_triple_fault=0\n\
+         cpu: model={BOCHS_CPU_MODEL}, count=1, ips={ips}, reset_on_triple_fault=0\n\
          # Time follows the instruction count: runs are exactly repeatable, and RDTSC counts\n\
          # instructions.\n\
          clock: sync=none\n\
@@ -758,6 +766,7 @@ mod tests {
             Path::new("/r/a.iso"),
             Com1::File(Path::new("/r/serial.log")),
             Path::new("/r/bochs.log"),
+            BOCHS_IPS,
         )
         .unwrap();
         for line in [
@@ -775,14 +784,22 @@ mod tests {
             assert!(rc.lines().any(|l| l == line), "missing `{line}` in:\n{rc}");
         }
         let s = Com1::File(Path::new("/s"));
-        assert!(bochsrc(Path::new("/a\"b.iso"), s, Path::new("/l")).is_err());
+        assert!(bochsrc(Path::new("/a\"b.iso"), s, Path::new("/l"), BOCHS_IPS).is_err());
         // With input, COM1 is a socket server that waits for the runner.
-        let rc = bochsrc(Path::new("/a.iso"), Com1::Socket(40123), Path::new("/l")).unwrap();
+        let rc = bochsrc(
+            Path::new("/a.iso"),
+            Com1::Socket(40123),
+            Path::new("/l"),
+            400_000_000,
+        )
+        .unwrap();
         assert!(
             rc.lines()
                 .any(|l| l == "com1: enabled=1, mode=socket-server, dev=localhost:40123"),
             "{rc}"
         );
+        // A scenario's own instruction rate.
+        assert!(rc.lines().any(|l| l.contains(" ips=400000000,")), "{rc}");
     }
 
     #[test]

@@ -230,6 +230,7 @@ fn run_one(ws: &Workspace, engines: &Engines, dir: &ScenarioDir) -> Report {
         iso: iso_path,
         dir: run_dir.clone(),
         timeout: Duration::from_secs(scenario.timeout_s),
+        bochs_ips: scenario.bochs_ips,
     };
     // With `[[input]]`, COM1 is a socket this process serves (engine::boot_interactive).
     let booted = if scenario.inputs.is_empty() {

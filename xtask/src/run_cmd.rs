@@ -71,6 +71,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         iso: iso_path,
         dir: run_dir,
         timeout,
+        bochs_ips: engine::BOCHS_IPS,
     };
     let mut tail = LogTail::new(boot.serial_log());
     let stdout = io::stdout();

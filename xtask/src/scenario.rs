@@ -8,6 +8,8 @@
 //! description = "two VMs print"
 //! engine = "vmx"          # or "no-vmx" (QEMU TCG)
 //! timeout_s = 120         # hard limit of the emulator run
+//! bochs_ips = 400000000   # optional: Bochs's emulated instructions per emulated second
+//!                         # (default engine::BOCHS_IPS, 4000000; 1000000 to 2000000000)
 //! cmdline = ""            # extra hypervisor words; the runner always adds exit=emulator
 //! images = ["hello"]      # test-guests binaries on the ISO
 //! expect = [              # patterns (below) each matching some line of the log
@@ -85,6 +87,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::engine;
 use crate::error::{Error, IoContext, Result};
 use crate::iso;
 
@@ -111,6 +114,9 @@ pub enum EngineKind {
     NoVmx,
 }
 
+/// What `bochs_ips` may be: Bochs needs at least a million, and keeps the figure in 32 bits.
+const BOCHS_IPS_RANGE: std::ops::RangeInclusive<u64> = 1_000_000..=2_000_000_000;
+
 /// `scenario.toml` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +124,7 @@ struct ScenarioFile {
     description: String,
     engine: EngineKind,
     timeout_s: u64,
+    bochs_ips: Option<u64>,
     #[serde(default)]
     cmdline: String,
     #[serde(default)]
@@ -170,6 +177,10 @@ pub struct Scenario {
     pub engine: EngineKind,
     /// Hard limit of the emulator run, seconds.
     pub timeout_s: u64,
+    /// Bochs's instructions per emulated second: how fast the emulated CPU is against the
+    /// guests' clocks (a scenario about latencies in microseconds needs a faster one than the
+    /// default).
+    pub bochs_ips: u64,
     /// Extra hypervisor command-line words.
     pub cmdline: String,
     /// Guest binaries on the ISO (module name = binary name).
@@ -627,6 +638,14 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
     if file.timeout_s == 0 {
         return Err("timeout_s must be at least 1".to_owned());
     }
+    let bochs_ips = file.bochs_ips.unwrap_or(engine::BOCHS_IPS);
+    if !BOCHS_IPS_RANGE.contains(&bochs_ips) {
+        return Err(format!(
+            "bochs_ips must be from {} to {}",
+            BOCHS_IPS_RANGE.start(),
+            BOCHS_IPS_RANGE.end()
+        ));
+    }
     // A scenario that expects nothing passes on an empty log: it could not fail.
     if file.expect.is_empty() {
         return Err("expect must list at least one pattern".to_owned());
@@ -677,6 +696,7 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
         description: file.description,
         engine: file.engine,
         timeout_s: file.timeout_s,
+        bochs_ips,
         cmdline: file.cmdline,
         images: file.images,
         vms: vms.to_vec(),
@@ -1044,6 +1064,13 @@ tolerance = 0.20
         .unwrap();
         assert_eq!(s.engine, EngineKind::NoVmx);
         assert!(s.images.is_empty());
+        assert_eq!(s.bochs_ips, engine::BOCHS_IPS);
+        let s = parse(
+            "description=\"\"\nengine=\"vmx\"\ntimeout_s=60\nbochs_ips=400000000\nexpect=[\"[INFO] hv: x\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.bochs_ips, 400_000_000);
     }
 
     #[test]
@@ -1120,6 +1147,8 @@ tolerance = 0.20
             ("expect = [\"\"]", "empty strings"),
             ("images = [\"../x\"]", "invalid image name"),
             ("cmdline = \"a;b\"", "not allowed"),
+            ("bochs_ips = 999999", "bochs_ips must be from 1000000"),
+            ("bochs_ips = 2000000001", "bochs_ips must be from"),
         ];
         for (change, message) in cases {
             let key = change.split_whitespace().next().unwrap();

@@ -12,7 +12,7 @@
 //! hypervisor intercepting every external interrupt).
 //!
 //! `ms=N`: how long to go on, in milliseconds of the TSC (whose rate the guest takes from
-//! `tsc_khz=`, default 4000 as in Bochs; the guest TSC is the host's). Every VM of a scenario
+//! CPUID leaf 0x4000_0010, or `tsc_khz=N`; the guest TSC is the host's). Every VM of a scenario
 //! starts within one round of the others, so they all compete for the whole stretch. At the end
 //! it prints and reports how much it got done (`flood_ops`) and exits 0.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -23,6 +23,7 @@ use guest_abi::guest;
 use test_guests::cpu::rdtsc;
 use test_guests::println;
 use test_guests::rt::{self, Boot};
+use test_guests::tsc;
 
 test_guests::entry!(guest_main);
 
@@ -48,12 +49,13 @@ impl Write for Buf {
 }
 
 fn guest_main(boot: &Boot) -> u64 {
-    let (ms, khz) = match (
-        boot.cmdline.u64_or("ms", 2000),
-        boot.cmdline.u64_or("tsc_khz", 4000),
-    ) {
-        (Ok(ms), Ok(khz)) => (ms, khz),
-        (Err(e), _) | (_, Err(e)) => return rt::usage_error(e),
+    let ms = match boot.cmdline.u64_or("ms", 2000) {
+        Ok(ms) => ms,
+        Err(e) => return rt::usage_error(e),
+    };
+    let clock = match tsc::clock(&boot.cmdline) {
+        Ok(clock) => clock,
+        Err(e) => return rt::usage_error(e),
     };
     let mode = boot.cmdline.get("mode").unwrap_or("busy");
     if !matches!(mode, "busy" | "nop" | "report" | "console") {
@@ -67,7 +69,7 @@ fn guest_main(boot: &Boot) -> u64 {
         unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
     }
     println!("flood: mode={mode} for {ms} ms");
-    let end = rdtsc() + ms * khz;
+    let end = rdtsc() + clock.ms_to_ticks(ms);
     let mut ops: u64 = 0;
     let mut line: u64 = 0;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
