@@ -127,6 +127,10 @@ pub struct VmInfo {
     pub quantum_us: u64,
     /// The VM's name, UTF-8, `name_len` bytes used.
     pub name: [u8; 32],
+    /// The VM's time-dilation factor in thousandths (1000: its clocks run at the host's rate).
+    pub time_dilation_milli: u32,
+    /// The VM's CPU weight from the manifest (`cpu_share`, default 1).
+    pub cpu_share: u32,
 }
 
 /// Per-VM exit counters, in this order, in [`VmStats::exits`].

@@ -63,6 +63,8 @@ fn apply_cmdline(cmdline: &str) {
             Some(("exit", "emulator")) => platform::EXIT_EMULATOR.store(true, Ordering::Relaxed),
             Some(("exit", "halt")) => platform::EXIT_EMULATOR.store(false, Ordering::Relaxed),
             Some(("selftest", "interrupts")) => interrupts::SELFTEST.store(true, Ordering::Relaxed),
+            Some(("tsc", "exiting")) => vm::PREFER_TSC_SCALING.store(false, Ordering::Relaxed),
+            Some(("tsc", "scaling")) => vm::PREFER_TSC_SCALING.store(true, Ordering::Relaxed),
             _ => log::warn!(target: "hv", "ignoring unknown command-line word \"{word}\""),
         }
     }
@@ -330,6 +332,7 @@ fn start_vmx(
         controls,
         cpu_policy: cpu_policy.with_tsc_hz(tsc_hz),
         tsc_hz,
+        prefer_tsc_scaling: vm::PREFER_TSC_SCALING.load(Ordering::Relaxed),
         msr_bitmap,
         io_bitmap_a,
         io_bitmap_b,

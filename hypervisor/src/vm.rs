@@ -9,11 +9,13 @@
 //! naming it; the others go on.
 
 use alloc::vec::Vec;
+use core::sync::atomic::AtomicBool;
 
 use guest_abi::boot as gboot;
 use hv_manifest::VmConfig;
 use hv_platform::{rtc::DateTime, Platform, Timebase};
 use hv_vm::{
+    clock::GuestClock,
     console::{InputLine, InputRouter},
     exits::{self, ExitContext, Next},
     frames::FrameAllocator,
@@ -25,7 +27,7 @@ use hv_vm::{
     vcpu::{rflags, Reg, Vcpu},
 };
 use hv_vmx::{
-    controls::{PrimaryProcBased, VmcsControls},
+    controls::{PrimaryProcBased, SecondaryProcBased, TscMode, VmcsControls},
     ept::{Ept, EptPerms},
     exit::{Interruption, VmExit},
     fields as f,
@@ -51,11 +53,18 @@ pub struct HostVmx {
     /// What guests see of CPUID and which XCR0 values they may set.
     pub cpu_policy: CpuPolicy,
     pub tsc_hz: u64,
+    /// Dilated VMs get their TSC from VMX TSC scaling where the CPU has it (else, or with the
+    /// command-line word `tsc=exiting`, by RDTSC exiting).
+    pub prefer_tsc_scaling: bool,
     /// Shared by all VMs: every MSR access and every port exits (all bits set).
     pub msr_bitmap: u64,
     pub io_bitmap_a: u64,
     pub io_bitmap_b: u64,
 }
+
+/// Whether dilated VMs use VMX TSC scaling where the CPU has it (the default), or RDTSC exiting
+/// (command-line word `tsc=exiting`, to compare the two on one CPU).
+pub static PREFER_TSC_SCALING: AtomicBool = AtomicBool::new(true);
 
 /// Why a VM was stopped by the hypervisor.
 #[derive(Debug)]
@@ -64,6 +73,8 @@ pub enum VmError {
     Image(hv_vm::elf::ElfError),
     Ept(hv_vmx::ept::EptError),
     Platform(hv_platform::rtc::RtcError),
+    /// The VM asks for time dilation and the CPU has neither TSC scaling nor RDTSC exiting.
+    NoTimeDilation,
 }
 
 impl core::fmt::Display for VmError {
@@ -73,6 +84,9 @@ impl core::fmt::Display for VmError {
             Self::Image(e) => write!(fmt, "bad image: {e}"),
             Self::Ept(e) => write!(fmt, "EPT: {e}"),
             Self::Platform(e) => write!(fmt, "platform: {e:?}"),
+            Self::NoTimeDilation => fmt.write_str(
+                "time_dilation needs TSC scaling or RDTSC exiting, and this CPU has neither",
+            ),
         }
     }
 }
@@ -90,6 +104,9 @@ pub struct Vm {
 /// backend is two pointers to build on the exit path).
 struct VcpuHw {
     regs: GuestRegisters,
+    /// The VM's primary processor-based controls without the window bits: the host's, plus
+    /// TSC offsetting or RDTSC exiting for a dilated VM.
+    primary: u32,
     /// x87/SSE/AVX state, XCR0, DR0-DR3, DR6, CR2 and the switched MSRs while off the CPU.
     cpu: CpuState,
     /// A frame with the VM-entry MSR-load list (guest EFER and/or PAT) at offset 0 and the
@@ -222,13 +239,30 @@ impl Vm {
             return Err(building.fail(Some(ept), VmError::OutOfMemory));
         }
         let eptp = ept.eptp(host.controls.ept_ad);
+        // A dilated VM's TSC starts where the host's is and runs slower from there; the
+        // platform's timers count in it (hv_vm::clock).
+        let created = rdtsc();
+        let clock = GuestClock::dilated(config.time_dilation_milli, created);
+        let tsc = if clock.is_host() {
+            None
+        } else {
+            match host.controls.with_guest_tsc(host.prefer_tsc_scaling) {
+                Some(tsc) => Some(tsc),
+                None => return Err(building.fail(Some(ept), VmError::NoTimeDilation)),
+            }
+        };
+        let (primary, secondary) = tsc
+            .map_or((host.controls.primary, host.controls.secondary), |t| {
+                (t.1, t.2)
+            });
         let vm = Self {
             core: hv_vm::Vm::new(
                 id,
                 config,
                 bytes,
-                Platform::new(Timebase::new(host.tsc_hz), rdtsc(), host.boot_time)
+                Platform::new(Timebase::new(host.tsc_hz), created, host.boot_time)
                     .map_err(VmError::Platform)?,
+                clock,
             ),
             phys: GuestPhys {
                 memory,
@@ -246,6 +280,7 @@ impl Vm {
                     ..Default::default()
                 },
                 cpu: CpuState::new(xsave_area),
+                primary,
                 msr_lists,
                 injected: false,
                 window: false,
@@ -253,17 +288,27 @@ impl Vm {
                 completed: false,
             },
         };
-        vm.init_vmcs(host, image_info.entry);
+        vm.init_vmcs(host, image_info.entry, secondary);
         // The EPT is new, but its root frame may have backed an earlier VM's EPT: drop any
         // translations the CPU still caches for it (SDM 29.4.3.1).
         vmx::invept(vm.phys.eptp, host.caps.invept_single_context());
-        log::info!(target: &vm.core.target, "created: {} MiB, image \"{}\" entry {:#x}, quantum {} us, eptp {:#x}",
-            config.memory_mib, config.image, image_info.entry, config.quantum_us, vm.phys.eptp);
+        log::info!(target: &vm.core.target, "created: {} MiB, image \"{}\" entry {:#x}, quantum {} us (cpu_share {}), eptp {:#x}",
+            config.memory_mib, config.image, image_info.entry, config.weighted_quantum_us(),
+            config.cpu_share, vm.phys.eptp);
+        if let Some((mode, ..)) = tsc {
+            let how = match mode {
+                TscMode::Scaling => "VMX TSC scaling",
+                TscMode::Exiting => "RDTSC exiting",
+            };
+            log::info!(target: &vm.core.target, "runs dilated: its clocks run {} times slower than the host's (TSC multiplier {:#x}, offset {:#x}, by {how})",
+                vm.core.time_dilation(), clock.multiplier(), clock.offset());
+        }
         Ok(vm)
     }
 
-    /// Writes every VMCS field (SDM 25.3-25.8; checks in SDM 27.2-27.3).
-    fn init_vmcs(&self, host: &HostVmx, entry: u64) {
+    /// Writes every VMCS field (SDM 25.3-25.8; checks in SDM 27.2-27.3); `secondary` is the
+    /// VM's secondary processor-based controls.
+    fn init_vmcs(&self, host: &HostVmx, entry: u64, secondary: u32) {
         let caps = &host.caps;
         // SAFETY: `self.vmcs` is this VM's own zeroed frame; the revision identifier goes first.
         unsafe {
@@ -273,8 +318,16 @@ impl Vm {
         }
         let c = &host.controls;
         vmwrite(f::PIN_BASED_CONTROLS, c.pin.into());
-        vmwrite(f::PRIMARY_PROC_BASED_CONTROLS, c.primary.into());
-        vmwrite(f::SECONDARY_PROC_BASED_CONTROLS, c.secondary.into());
+        vmwrite(f::PRIMARY_PROC_BASED_CONTROLS, self.hw.primary.into());
+        vmwrite(f::SECONDARY_PROC_BASED_CONTROLS, secondary.into());
+        // Read only with TSC offsetting and scaling on (a dilated VM on a CPU that has them):
+        // the guest's RDTSC then returns ((host TSC * multiplier) >> 48) + offset (SDM 27.6.5),
+        // the formula hv_vm::clock computes for everything else.
+        let clock = &self.core.clock;
+        vmwrite(f::TSC_OFFSET, clock.offset());
+        if secondary & SecondaryProcBased::USE_TSC_SCALING.bits() != 0 {
+            vmwrite(f::TSC_MULTIPLIER, clock.multiplier());
+        }
         vmwrite(f::EXIT_CONTROLS, c.exit.into());
         vmwrite(f::ENTRY_CONTROLS, c.entry.into());
         vmwrite(f::EXCEPTION_BITMAP, 0);
@@ -526,7 +579,7 @@ fn single_step_trap() {
 
 impl VmxVcpu<'_> {
     fn write_windows(&mut self) {
-        let mut primary = self.controls.primary;
+        let mut primary = self.hw.primary;
         if self.hw.window {
             primary |= PrimaryProcBased::INTERRUPT_WINDOW_EXITING.bits();
         }
@@ -815,7 +868,7 @@ pub fn run_all(
             // Longer than a whole round of the VMs that want the CPU: round robin alone would
             // have run it by then, so only boosted sleepers can have kept it waiting.
             |v| {
-                let quantum = sched::us_to_tsc(vms[v].core.config.quantum_us, host.tsc_hz);
+                let quantum = sched::us_to_tsc(vms[v].core.quantum_us(), host.tsc_hz);
                 vms[v]
                     .core
                     .acct
@@ -868,7 +921,7 @@ pub fn run_all(
         }
         // SAFETY: the VMCS belongs to this VM and was initialised by `init_vmcs`.
         unsafe { vmx::vmptrld(vms[i].vmcs) };
-        let quantum = sched::us_to_tsc(vms[i].core.config.quantum_us, host.tsc_hz);
+        let quantum = sched::us_to_tsc(vms[i].core.quantum_us(), host.tsc_hz);
         let start = rdtsc();
         vms[i].core.acct.schedule_in(start);
         let deadline = start.saturating_add(vms[i].core.acct.next_quantum(quantum));
@@ -926,7 +979,7 @@ pub fn run_all(
                 // after entry.
                 let stop = deadline
                     .min(others_wake)
-                    .min(vm.core.platform.deadline().max(now + min_slice));
+                    .min(vm.core.platform_deadline().max(now + min_slice));
                 vmwrite(
                     f::PREEMPTION_TIMER_VALUE,
                     sched::preemption_timer_value(stop.saturating_sub(now), rate).into(),

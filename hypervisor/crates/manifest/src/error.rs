@@ -140,6 +140,9 @@ pub enum ErrorKind {
         name: String,
         first_line: Option<usize>,
     },
+    /// `time_dilation` that is not a number from 1 to [`crate::TIME_DILATION_MAX`] with at most
+    /// three decimals (`value` as written: `0`, `-2`, `nan`, `1.0001`, `"fast"`).
+    BadTimeDilation { value: String },
     /// The key is absent, so the VM takes the `[defaults]` value, which is itself invalid
     /// (reported separately at `defaults_line`).
     InvalidDefault { defaults_line: Option<usize> },
@@ -195,6 +198,12 @@ fn fmt_value_problem(kind: &ErrorKind, f: &mut fmt::Formatter<'_>) -> fmt::Resul
             write!(f, "{value} is out of range {min}..={max}")
         }
         ErrorKind::Empty => f.write_str("must not be empty"),
+        ErrorKind::BadTimeDilation { value } => write!(
+            f,
+            "{value} is not a time-dilation factor: a number from 1 to {} with at most three \
+             decimals",
+            crate::TIME_DILATION_MAX
+        ),
         ErrorKind::TooLong { len, max } => {
             write!(f, "{len} bytes is longer than the maximum of {max}")
         }

@@ -31,6 +31,8 @@
 //! quantum_us = 5000         # optional, default [defaults].quantum_us or 10000
 //! vcpus = 1                 # optional, default 1 (only 1 is supported for now)
 //! sharing_domain = 0        # optional, default 0: only VMs of one domain share memory
+//! time_dilation = 2.5       # optional, default 1: the guest's clocks run 2.5 times slower
+//! cpu_share = 2             # optional, default 1: a weight; the quantum is quantum_us x share
 //! ```
 //!
 //! The crate is `no_std` + `alloc`; it parses with the `toml` crate's spanned parse tree
@@ -82,6 +84,12 @@ pub const DEFAULT_COLD_AFTER_US: u64 = 1_000_000;
 pub const COLD_AFTER_US_RANGE: RangeInclusive<u64> = 100..=3_600_000_000;
 /// Largest `sharing_domain`.
 pub const SHARING_DOMAIN_MAX: u64 = u32::MAX as u64;
+/// Largest `time_dilation` (the guest's clocks then run 1000 times slower than the host's).
+pub const TIME_DILATION_MAX: u32 = 1000;
+/// `time_dilation` is kept in thousandths: at most three decimals are meaningful.
+pub const TIME_DILATION_SCALE: u32 = 1000;
+/// Allowed `cpu_share`.
+pub const CPU_SHARE_RANGE: RangeInclusive<u64> = 1..=1000;
 
 /// The `[memory]` table: whether and how fast the hypervisor multiplexes guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +135,12 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// VMs share, patch against and even compare each other's pages only within one domain.
     pub sharing_domain: u32,
+    /// The time-dilation factor in thousandths ([`TIME_DILATION_SCALE`]): 1000 runs the guest's
+    /// clocks at the host's rate, 2500 makes them 2.5 times slower. From 1000 to
+    /// [`TIME_DILATION_MAX`] x 1000.
+    pub time_dilation_milli: u32,
+    /// The VM's CPU weight, within [`CPU_SHARE_RANGE`]: its quantum is `quantum_us` times this.
+    pub cpu_share: u32,
     /// 1-based line of the VM's `[[vm]]` header.
     pub line: Option<usize>,
 }
@@ -135,6 +149,16 @@ impl VmConfig {
     /// RAM size in bytes (cannot overflow: `memory_mib` <= [`MEMORY_MIB_MAX`]).
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    /// The quantum the scheduler gives the VM: `quantum_us` x `cpu_share`, microseconds.
+    pub fn weighted_quantum_us(&self) -> u64 {
+        self.quantum_us * u64::from(self.cpu_share)
+    }
+
+    /// Whether the VM's clocks run slower than the host's.
+    pub fn is_dilated(&self) -> bool {
+        self.time_dilation_milli != TIME_DILATION_SCALE
     }
 }
 

@@ -70,6 +70,8 @@ fn good_manifest() {
                 quantum_us: 5000,
                 vcpus: 1,
                 sharing_domain: 0,
+                time_dilation_milli: 1000,
+                cpu_share: 1,
                 line: Some(5),
             },
             VmConfig {
@@ -80,6 +82,8 @@ fn good_manifest() {
                 quantum_us: 1000,
                 vcpus: 1,
                 sharing_domain: 0,
+                time_dilation_milli: 1000,
+                cpu_share: 1,
                 line: Some(10),
             },
         ]
@@ -198,7 +202,7 @@ fn unknown_key_in_vm() {
         [
             "vm \"web-1\" (line 1): missing required key \"memory_mib\"",
             "vm \"web-1\" (line 3): unknown key \"memry_mib\" (known keys: name, memory_mib, \
-             image, cmdline, quantum_us, vcpus, sharing_domain)",
+             image, cmdline, quantum_us, vcpus, sharing_domain, time_dilation, cpu_share)",
         ]
     );
     assert_eq!(m.vms, []);
@@ -213,7 +217,9 @@ fn unknown_key_in_vm() {
                 "cmdline",
                 "quantum_us",
                 "vcpus",
-                "sharing_domain"
+                "sharing_domain",
+                "time_dilation",
+                "cpu_share"
             ]
         }
     );
@@ -641,7 +647,7 @@ color = "red"
              supported for now",
             "vm \"too-big\" (line 22): key \"memory_mib\": 64 MiB is more than the host's 32 MiB",
             "vm \"too-big\" (line 24): unknown key \"color\" (known keys: name, memory_mib, \
-             image, cmdline, quantum_us, vcpus, sharing_domain)",
+             image, cmdline, quantum_us, vcpus, sharing_domain, time_dilation, cpu_share)",
         ]
     );
     assert_eq!(
@@ -774,6 +780,8 @@ mod properties {
                     quantum_us: quantum[i].or(default_quantum).unwrap_or(DEFAULT_QUANTUM_US),
                     vcpus: 1,
                     sharing_domain: 0,
+                    time_dilation_milli: 1000,
+                    cpu_share: 1,
                     line: Some(line),
                 });
             }
@@ -869,4 +877,87 @@ fn bad_sharing_domain_rejects_the_vm() {
         messages(&m),
         ["vm \"a\" (line 5): key \"sharing_domain\": expected integer, found string"]
     );
+}
+
+#[test]
+fn time_dilation_and_cpu_share() {
+    let m = one_vm("");
+    assert_eq!(m.vms[0].time_dilation_milli, 1000);
+    assert_eq!(m.vms[0].cpu_share, 1);
+    assert!(!m.vms[0].is_dilated());
+    for (text, milli) in [
+        ("1", 1000),
+        ("1.0", 1000),
+        ("2.5", 2500),
+        ("7.125", 7125),
+        ("10", 10_000),
+        ("1e3", 1_000_000),
+        ("1000", 1_000_000),
+        ("999.999", 999_999),
+    ] {
+        let m = one_vm(&alloc::format!("time_dilation = {text}"));
+        assert_eq!(m.errors, [], "{text}");
+        assert_eq!(m.vms[0].time_dilation_milli, milli, "{text}");
+        assert_eq!(m.vms[0].is_dilated(), milli != 1000);
+    }
+    let m = one_vm("cpu_share = 4\nquantum_us = 2000");
+    assert_eq!(m.vms[0].cpu_share, 4);
+    assert_eq!(m.vms[0].weighted_quantum_us(), 8000);
+}
+
+#[test]
+fn bad_time_dilation_and_cpu_share_are_reported_by_vm_and_key() {
+    for (text, shown) in [
+        ("0", "0"),
+        ("-2", "-2"),
+        ("0.5", "0.5"),
+        ("nan", "nan"),
+        ("inf", "inf"),
+        ("-inf", "-inf"),
+        ("1000.001", "1000.001"),
+        ("1001", "1001"),
+        ("1.0001", "1.0001"),
+        ("99999999999999999999999", "99999999999999999999999"),
+        ("\"fast\"", "\"fast\""),
+        ("\"NaN\"", "\"NaN\""),
+        ("true", "true"),
+    ] {
+        let m = one_vm(&alloc::format!("time_dilation = {text}"));
+        assert_eq!(
+            messages(&m),
+            [alloc::format!(
+                "vm \"a\" (line 5): key \"time_dilation\": {shown} is not a time-dilation \
+                 factor: a number from 1 to 1000 with at most three decimals"
+            )],
+            "{text}"
+        );
+        assert!(m.vms.is_empty());
+    }
+    let m = one_vm("time_dilation = [2]");
+    assert_eq!(
+        messages(&m),
+        ["vm \"a\" (line 5): key \"time_dilation\": expected number, found array"]
+    );
+    for text in ["0", "1001", "-1"] {
+        let m = one_vm(&alloc::format!("cpu_share = {text}"));
+        assert_eq!(
+            messages(&m),
+            [alloc::format!(
+                "vm \"a\" (line 5): key \"cpu_share\": {text} is out of range 1..=1000"
+            )]
+        );
+    }
+    let m = one_vm("cpu_share = 1.5");
+    assert_eq!(
+        messages(&m),
+        ["vm \"a\" (line 5): key \"cpu_share\": expected integer, found float"]
+    );
+    // The other VMs still run.
+    let m = ok(
+        "[[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\ntime_dilation = 0\n\n\
+                [[vm]]\nname = \"b\"\nmemory_mib = 4\nimage = \"i\"\ntime_dilation = 10\n",
+    );
+    assert_eq!(m.vms.len(), 1);
+    assert_eq!(m.vms[0].name, "b");
+    assert_eq!(m.vms[0].time_dilation_milli, 10_000);
 }

@@ -14,8 +14,9 @@ use toml::Spanned;
 
 use crate::{
     ErrorKind, FatalError, HostLimits, Manifest, ManifestError, MemoryConfig, Scope, VmConfig,
-    CMDLINE_MAX, COLD_AFTER_US_RANGE, DEFAULT_QUANTUM_US, MEMORY_MIB_MAX, MEMORY_MIB_MIN, NAME_MAX,
-    QUANTUM_US_RANGE, SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX,
+    CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE, DEFAULT_QUANTUM_US, MEMORY_MIB_MAX,
+    MEMORY_MIB_MIN, NAME_MAX, QUANTUM_US_RANGE, SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE,
+    SHARING_DOMAIN_MAX, TIME_DILATION_MAX, TIME_DILATION_SCALE,
 };
 
 const TOP_KEYS: &[&str] = &["defaults", "memory", "vm"];
@@ -34,6 +35,8 @@ const VM_KEYS: &[&str] = &[
     "quantum_us",
     "vcpus",
     "sharing_domain",
+    "time_dilation",
+    "cpu_share",
 ];
 const VM_REQUIRED: &[&str] = &["name", "memory_mib", "image"];
 
@@ -293,6 +296,8 @@ fn check_vm(
     let mut quantum_us = None;
     let vcpus = 1;
     let mut sharing_domain = 0;
+    let mut time_dilation_milli = TIME_DILATION_SCALE;
+    let mut cpu_share = 1;
 
     for (spanned_key, value) in table.iter() {
         let key: &str = spanned_key.get_ref();
@@ -342,6 +347,10 @@ fn check_vm(
             "sharing_domain" => {
                 integer_in(value, 0, SHARING_DOMAIN_MAX).map(|d| sharing_domain = d as u32)
             }
+            "time_dilation" => time_dilation(value).map(|t| time_dilation_milli = t),
+            // The range keeps the value within u32.
+            "cpu_share" => integer_in(value, *CPU_SHARE_RANGE.start(), *CPU_SHARE_RANGE.end())
+                .map(|w| cpu_share = w as u32),
             "vcpus" => match value.get_ref() {
                 // Any other integer, even one that overflows, gets the "not supported"
                 // message rather than a range error: that is what the user needs to know.
@@ -414,6 +423,8 @@ fn check_vm(
             quantum_us,
             vcpus,
             sharing_domain,
+            time_dilation_milli,
+            cpu_share,
             line: Some(errors.lines.line(header)),
         });
     }
@@ -477,6 +488,58 @@ fn integer_in(value: &Value<'_>, min: u64, max: u64) -> Result<u64, ErrorKind> {
             min,
             max,
         })
+}
+
+/// `time_dilation`: an integer or a float from 1 to [`TIME_DILATION_MAX`] with at most three
+/// decimals, in thousandths. NaN, the infinities, negative numbers, zero and strings are all
+/// refused with the same message, which says what is allowed.
+fn time_dilation(value: &Value<'_>) -> Result<u32, ErrorKind> {
+    let max = u64::from(TIME_DILATION_MAX) * u64::from(TIME_DILATION_SCALE);
+    let scale = u64::from(TIME_DILATION_SCALE);
+    let milli = match value.get_ref() {
+        DeValue::Integer(int) => i128::from_str_radix(int.as_str(), int.radix())
+            .ok()
+            .and_then(|n| u64::try_from(n).ok())
+            .and_then(|n| n.checked_mul(scale)),
+        DeValue::Float(float) => float
+            .as_str()
+            .parse::<f64>()
+            .ok()
+            // Also refuses NaN and the infinities (every comparison with NaN is false).
+            .filter(|f| *f >= 1.0 && *f <= f64::from(TIME_DILATION_MAX))
+            .and_then(|f| {
+                let thousandths = f * f64::from(TIME_DILATION_SCALE);
+                // In range, so the cast is exact after rounding to the nearest thousandth.
+                let rounded = (thousandths + 0.5) as u64;
+                let off = thousandths - rounded as f64;
+                (-1e-6..=1e-6).contains(&off).then_some(rounded)
+            }),
+        DeValue::String(_) | DeValue::Boolean(_) | DeValue::Datetime(_) => None,
+        other => {
+            return Err(ErrorKind::WrongType {
+                expected: "number",
+                found: other.type_str(),
+            })
+        }
+    };
+    milli
+        .filter(|m| (scale..=max).contains(m))
+        // Within u32: max is 1_000_000.
+        .map(|m| m as u32)
+        .ok_or_else(|| ErrorKind::BadTimeDilation {
+            value: literal(value),
+        })
+}
+
+/// A scalar value as the user wrote it, for messages (strings quoted).
+fn literal(value: &Value<'_>) -> String {
+    match value.get_ref() {
+        DeValue::Integer(int) => int.to_string(),
+        DeValue::Float(float) => float.as_str().to_owned(),
+        DeValue::String(s) => alloc::format!("{:?}", s.as_ref() as &str),
+        DeValue::Boolean(b) => b.to_string(),
+        other => other.type_str().to_owned(),
+    }
 }
 
 /// VM and image names: non-empty, at most `max` bytes, only [`crate::NAME_CHARS`]. Images are

@@ -268,6 +268,24 @@ fn handle_other_exit<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext, exit:
             cpu.skip_instruction();
             Next::Resume
         }
+        // RDTSC exiting is on only for a VM whose TSC runs slower than the host's on a CPU
+        // without TSC scaling: the exit computes what the CPU would (crate::clock). CR4.TSD
+        // with CPL > 0 faults before the exit (SDM 26.1.1), so it never gets here.
+        VmExit::Rdtsc | VmExit::Rdtscp => {
+            let now = vm.guest_tsc(cpu.tsc());
+            let aux = if exit == VmExit::Rdtscp {
+                Some(cpu.read_cpu_msr(Msr::TscAux.index()))
+            } else {
+                None
+            };
+            let r = cpu.regs();
+            r.set_edx_eax(now);
+            if let Some(aux) = aux {
+                r.rcx = aux & 0xffff_ffff;
+            }
+            cpu.skip_instruction();
+            Next::Reenter
+        }
         VmExit::Invd => {
             // Discarding caches without writing them back could expose stale memory of the
             // host or another VM: write back and invalidate instead, as WBINVD does.
@@ -379,7 +397,7 @@ fn port_write(vm: &mut Vm, port: u16, size: u8, value: u32, now: u64) {
 }
 
 fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
-    let now = cpu.tsc();
+    let now = vm.guest_tsc(cpu.tsc());
     if io.is_in {
         let value = u64::from(port_read(vm, io.port, io.size, now));
         let r = cpu.regs();
@@ -449,7 +467,7 @@ fn handle_string_io<V: Vcpu>(
         }
         let gpas = &gpas[..io.size.into()];
         if io.is_in {
-            let value = port_read(vm, io.port, io.size, cpu.tsc()).to_le_bytes();
+            let value = port_read(vm, io.port, io.size, vm.guest_tsc(cpu.tsc())).to_le_bytes();
             for (i, &gpa) in gpas.iter().enumerate() {
                 match memory.write(cpu.phys(), gpa, &value[i..=i]) {
                     Ok(()) => {}
@@ -470,7 +488,7 @@ fn handle_string_io<V: Vcpu>(
                     Err(AccessError::OutOfRange(_)) => unreachable!("translated inside memory"),
                 }
             }
-            let now = cpu.tsc();
+            let now = vm.guest_tsc(cpu.tsc());
             port_write(vm, io.port, io.size, u32::from_le_bytes(value), now);
         }
         // One element done: commit it to the registers, so that a fault or the batch limit
@@ -517,7 +535,7 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
     let (index, value) = (r.rcx as u32, r.edx_eax());
     // The local APIC's MSRs (IA32_APIC_BASE, TSC deadline, x2APIC) are the platform's.
     if hv_platform::Platform::owns_msr(index) {
-        let now = cpu.tsc();
+        let now = vm.guest_tsc(cpu.tsc());
         if write {
             if vm.platform.msr_write(index, value, now) != Some(Ok(())) {
                 return inject_gp(cpu);
@@ -554,7 +572,7 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
             // SWAPGS changes KERNEL_GS_BASE without an exit, so the CPU's value is the current
             // one.
             Home::Switched(_) => cpu.read_cpu_msr(index),
-            Home::Computed if m == Msr::Tsc => cpu.tsc(),
+            Home::Computed if m == Msr::Tsc => vm.guest_tsc(cpu.tsc()),
             Home::Computed => 0,
         };
         cpu.regs().set_edx_eax(v);
@@ -641,7 +659,7 @@ fn handle_mmio<V: Vcpu>(vm: &mut Vm, memory: &GuestMemory, cpu: &mut V, gpa: u64
     }
     let before = regs.regs;
     let mut flags = cpu.read(Reg::Rflags);
-    let now = cpu.tsc();
+    let now = vm.guest_tsc(cpu.tsc());
     let platform = &mut vm.platform;
     let step = mmio::emulate(
         &insn,
@@ -701,9 +719,10 @@ fn mmio_fetch_failed<V: Vcpu>(
 /// Nothing is injected over an event already set up for this entry (a re-injection), and a
 /// vector is only taken from the controllers when it is injected, so none is ever lost.
 ///
-/// `now` is the host TSC, which the caller has just read.
+/// `now` is the host TSC, which the caller has just read; the platform counts in the guest's.
 #[inline(always)]
 pub fn before_entry<V: Vcpu>(vm: &mut Vm, cpu: &mut V, now: u64) {
+    let now = vm.guest_tsc(now);
     if !vm.platform.needs_attention(now) {
         return;
     }

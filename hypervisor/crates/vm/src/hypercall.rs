@@ -324,7 +324,7 @@ mod tests {
         // A result into a read-only page asks for a write fault; reading it needs none.
         let at2 = Some((2 * FRAME_SIZE, true));
         assert_eq!(
-            go(&mem, call(Hypercall::VmInfo, 2 * FRAME_SIZE, 64, 0)),
+            go(&mem, call(Hypercall::VmInfo, 2 * FRAME_SIZE, 72, 0)),
             at2
         );
         assert_eq!(
@@ -345,7 +345,7 @@ mod tests {
             }),
         );
         assert_eq!(
-            go(&mem, call(Hypercall::VmInfo, 2 * FRAME_SIZE, 64, 0)),
+            go(&mem, call(Hypercall::VmInfo, 2 * FRAME_SIZE, 72, 0)),
             None
         );
         let mut magic = [0u8; 4];

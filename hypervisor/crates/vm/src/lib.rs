@@ -26,6 +26,7 @@
 extern crate alloc;
 
 pub mod boot;
+pub mod clock;
 pub mod console;
 pub mod elf;
 pub mod exits;

@@ -3,11 +3,12 @@
 //! (the kernel's VT-x state, its EPT and host frames) is here, so [`crate::exits`] can be
 //! tested against a fake vCPU.
 
-use alloc::{boxed::Box, format, string::String};
+use alloc::{borrow::ToOwned, boxed::Box, format, string::String};
 
 use guest_abi::{ExitKind, VmInfo, VM_INFO_MAGIC};
 use hv_manifest::VmConfig;
 
+use crate::clock::GuestClock;
 use crate::console::ConsoleOutput;
 use crate::hypercall::Scratch;
 use crate::lines::LineBuffer;
@@ -22,8 +23,11 @@ pub struct Vm {
     pub config: VmConfig,
     pub state: VmState,
     pub acct: Accounting,
-    /// The devices the guest sees (docs/platform.md).
+    /// The devices the guest sees (docs/platform.md). Their timers count in the guest's TSC
+    /// ([`Self::clock`]).
     pub platform: Platform,
+    /// The guest's TSC as a function of the host's (time dilation).
+    pub clock: GuestClock,
     /// The vCPU executed HLT and waits for an interrupt: `Some(if)` with its RFLAGS.IF, which
     /// says whether an external interrupt wakes it (an NMI always does).
     pub halted: Option<bool>,
@@ -41,14 +45,23 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// A VM `id` of `config`, with `memory_bytes` of guest memory, before its first entry.
-    pub fn new(id: u32, config: &VmConfig, memory_bytes: u64, platform: Platform) -> Self {
+    /// A VM `id` of `config`, with `memory_bytes` of guest memory, before its first entry;
+    /// `clock` is its TSC, whose time `platform` was created at.
+    pub fn new(
+        id: u32,
+        config: &VmConfig,
+        memory_bytes: u64,
+        platform: Platform,
+        clock: GuestClock,
+    ) -> Self {
         let mut info = VmInfo {
             magic: VM_INFO_MAGIC,
             vm_id: id,
             vcpus: config.vcpus,
             memory_bytes,
-            quantum_us: config.quantum_us,
+            quantum_us: config.weighted_quantum_us(),
+            time_dilation_milli: config.time_dilation_milli,
+            cpu_share: config.cpu_share,
             ..Default::default()
         };
         let n = config.name.len().min(info.name.len());
@@ -62,6 +75,7 @@ impl Vm {
             state: VmState::Runnable,
             acct: Accounting::default(),
             platform,
+            clock,
             halted: None,
             boosted: false,
             console: LineBuffer::default(),
@@ -75,8 +89,9 @@ impl Vm {
         self.config.sharing_domain
     }
 
+    /// The VM's quantum: the manifest's `quantum_us` times its `cpu_share`.
     pub fn quantum_us(&self) -> u64 {
-        self.config.quantum_us
+        self.config.weighted_quantum_us()
     }
 
     /// Console bytes of the guest (hypercall or UART), collected into lines.
@@ -123,7 +138,7 @@ impl Vm {
         let Some(interruptible) = self.halted else {
             return true;
         };
-        self.platform.advance(now);
+        self.platform.advance(self.clock.guest(now));
         let p = &self.platform;
         if p.nmi_waiting() || (interruptible && p.interrupt_waiting()) {
             self.halted = None;
@@ -132,10 +147,24 @@ impl Vm {
         self.halted.is_none()
     }
 
-    /// When a halted VM's platform next needs time to pass (its earliest timer), if ever.
+    /// When (host TSC) a halted VM's platform next needs time to pass (its earliest timer),
+    /// if ever.
     pub fn wake_deadline(&self) -> Option<u64> {
         self.halted?;
-        self.platform.next_deadline()
+        Some(self.clock.host_at(self.platform.next_deadline()?))
+    }
+
+    /// When (host TSC) the running VM must leave the guest for its platform's next timer:
+    /// `u64::MAX` when none is armed.
+    #[inline]
+    pub fn platform_deadline(&self) -> u64 {
+        self.clock.host_at(self.platform.deadline())
+    }
+
+    /// The guest's TSC at host time `host`.
+    #[inline]
+    pub fn guest_tsc(&self, host: u64) -> u64 {
+        self.clock.guest(host)
     }
 
     /// Moves what the guest sent on COM1 into its console lines.
@@ -164,6 +193,18 @@ impl Vm {
         self.state = VmState::Exited(code);
     }
 
+    /// The VM's time-dilation factor as the manifest would write it: `1`, `2.5`, `7.125`.
+    pub fn time_dilation(&self) -> String {
+        let milli = self.config.time_dilation_milli;
+        if milli.is_multiple_of(1000) {
+            format!("{}", milli / 1000)
+        } else {
+            format!("{}.{:03}", milli / 1000, milli % 1000)
+                .trim_end_matches('0')
+                .to_owned()
+        }
+    }
+
     pub fn stats_line(&self, tsc_hz: u64) -> String {
         let s = &self.acct.stats;
         let state = match self.state {
@@ -173,9 +214,12 @@ impl Vm {
             VmState::Runnable => String::from("runnable"),
         };
         let mut line = format!(
-            "vm={} state={} cpu_us={} runs={} max_wait_us={} max_overrun_us={} exits={}",
+            "vm={} state={} tdf={} cpu_share={} cpu_us={} runs={} max_wait_us={} \
+             max_overrun_us={} exits={}",
             self.name,
             state,
+            self.time_dilation(),
+            self.config.cpu_share,
             s.cpu_us,
             s.runs,
             sched::tsc_to_us(self.acct.max_wait_tsc, tsc_hz),

@@ -91,10 +91,16 @@ pub struct VmcsControls {
     pub ept_ad: bool,
     /// VPIDs tag the guests' TLB entries.
     pub vpid: bool,
-    /// The CPU saves the remaining preemption-timer count on exit. The scheduler does not rely on
-    /// it (it reloads the timer from the quantum's host-clock deadline before every entry, so exit
-    /// handling is charged to the quantum); it is reported at boot.
+    /// The CPU saves the remaining preemption-timer count on exit. The scheduler reloads the
+    /// timer from the quantum's host-clock deadline before most entries (so exit handling is
+    /// charged to the quantum); with this, an exit that changed nothing but the guest's
+    /// registers may re-enter without that (the count goes on from where it stopped).
     pub save_preemption_timer: bool,
+    /// "Use TSC offsetting" and "use TSC scaling" may both be set (SDM 25.6.5, 26.3): a VM's
+    /// TSC can run slower than the host's in hardware.
+    pub tsc_scaling: bool,
+    /// "RDTSC exiting" may be set (every VMX CPU has it).
+    pub rdtsc_exiting: bool,
     /// IA32_EFER is switched by the VM-entry/VM-exit load controls (else by the VMCS MSR-load
     /// lists, see the kernel's `vm.rs`).
     pub load_efer: bool,
@@ -105,6 +111,38 @@ pub struct VmcsControls {
     /// keeps NMIs blocked after the first injected one (IRET does not unblock NMIs while NMI
     /// exiting is on, SDM 26.3), so a guest gets one NMI.
     pub virtual_nmis: bool,
+}
+
+/// How a VM whose TSC is not the host's reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TscMode {
+    /// The CPU computes it: TSC offsetting and scaling (SDM 26.3, 27.6.5), RDTSC runs natively.
+    Scaling,
+    /// RDTSC and RDTSCP exit (RDTSC exiting) and the hypervisor computes the same value.
+    Exiting,
+}
+
+impl VmcsControls {
+    /// The primary and secondary controls of a VM whose TSC is scaled and offset from the
+    /// host's, and how it gets it: in hardware where the CPU can (`prefer_scaling`), else by
+    /// RDTSC exiting; `None` when the CPU has neither.
+    pub fn with_guest_tsc(&self, prefer_scaling: bool) -> Option<(TscMode, u32, u32)> {
+        if prefer_scaling && self.tsc_scaling {
+            Some((
+                TscMode::Scaling,
+                self.primary | PrimaryProcBased::USE_TSC_OFFSETTING.bits(),
+                self.secondary | SecondaryProcBased::USE_TSC_SCALING.bits(),
+            ))
+        } else if self.rdtsc_exiting {
+            Some((
+                TscMode::Exiting,
+                self.primary | PrimaryProcBased::RDTSC_EXITING.bits(),
+                self.secondary,
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// Primary controls that keep guest-writable CPU state per VM or hide host state (docs/isolation.md):
@@ -267,6 +305,15 @@ impl VmcsControls {
             ept_ad: caps.ept_ad_bits(),
             vpid,
             save_preemption_timer: exit & ExitControls::SAVE_PREEMPTION_TIMER.bits() != 0,
+            tsc_scaling: caps.primary_proc_based().may_be_one()
+                & PrimaryProcBased::USE_TSC_OFFSETTING.bits()
+                != 0
+                && caps.secondary_proc_based().may_be_one()
+                    & SecondaryProcBased::USE_TSC_SCALING.bits()
+                    != 0,
+            rdtsc_exiting: caps.primary_proc_based().may_be_one()
+                & PrimaryProcBased::RDTSC_EXITING.bits()
+                != 0,
             load_efer,
             load_pat,
             virtual_nmis,

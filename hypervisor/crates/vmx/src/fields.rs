@@ -26,6 +26,7 @@ pub const EXIT_MSR_STORE_ADDR: u32 = 0x2006;
 pub const EXIT_MSR_LOAD_ADDR: u32 = 0x2008;
 pub const ENTRY_MSR_LOAD_ADDR: u32 = 0x200a;
 pub const TSC_OFFSET: u32 = 0x2010;
+pub const TSC_MULTIPLIER: u32 = 0x2032;
 pub const EPT_POINTER: u32 = 0x201a;
 // 64-bit read-only data (B.2.2).
 pub const GUEST_PHYSICAL_ADDRESS: u32 = 0x2400;

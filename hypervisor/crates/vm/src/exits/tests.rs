@@ -10,6 +10,7 @@ use hv_vmx::exit::{
 };
 
 use super::*;
+use crate::clock::GuestClock;
 use crate::memory::tests::FlatPhys;
 use crate::sched::VmState;
 use crate::vcpu::fake::FakeVcpu;
@@ -45,6 +46,8 @@ impl Rig {
             quantum_us: 1000,
             vcpus: 1,
             sharing_domain: 0,
+            time_dilation_milli: 1000,
+            cpu_share: 1,
             line: None,
         };
         // Guest page n is host frame n: identity, for readable tests.
@@ -58,6 +61,7 @@ impl Rig {
                 &config,
                 PAGES * 4096,
                 Platform::new(Timebase::new(TSC_HZ), 0, BOOT).unwrap(),
+                GuestClock::host(),
             ),
             memory,
             cpu,
@@ -603,6 +607,50 @@ fn interrupts_wait_for_rflags_if_and_the_sti_shadow() {
     r.before_entry();
     assert!(r.cpu.injected.is_empty(), "in service now, not pending");
     assert_eq!(r.vm.platform.stats.interrupts, 1);
+}
+
+#[test]
+fn a_dilated_vm_counts_its_timers_and_tsc_in_its_own_time() {
+    let mut r = Rig::new();
+    // TDF 4 from host time 1000: the guest's TSC reads 1000 then, and 1000 + n at 1000 + 4n.
+    r.vm.clock = GuestClock::dilated(4000, 1000);
+    r.cpu.tsc = 1000;
+    arm_deadline_timer(&mut r, 0x41, 1100);
+    // The preemption timer and a halted VM's wake-up come at host 1400, not at 1100.
+    assert_eq!(r.vm.platform_deadline(), 1400);
+    r.vm.halted = Some(true);
+    assert_eq!(r.vm.wake_deadline(), Some(1400));
+    assert!(!r.vm.wake(1399), "guest time 1099: not due");
+    assert!(r.vm.wake(1400), "guest time 1100: due");
+    // IA32_TSC reads the guest's time.
+    r.cpu.tsc = 2000;
+    r.cpu.regs.rcx = 0x10;
+    assert_eq!(r.exit(VmExit::Rdmsr), Next::Resume);
+    assert_eq!(r.cpu.regs.edx_eax(), 1250);
+    // The interrupt is delivered at the entry after host 1400.
+    r.cpu.state.insert("rflags", 2 | rflags::IF);
+    r.before_entry();
+    assert_eq!(r.cpu.injected, [(Interruption::external(0x41), 0)]);
+}
+
+#[test]
+fn rdtsc_exits_compute_the_dilated_tsc() {
+    let mut r = Rig::new();
+    r.vm.clock = GuestClock::dilated(2500, 1_000_000);
+    r.cpu.tsc = 1_000_000 + 25_000;
+    r.cpu.state.insert("rip", 0x1000);
+    r.cpu.instruction_len = 2;
+    assert_eq!(r.exit(VmExit::Rdtsc), Next::Reenter);
+    assert_eq!(r.cpu.regs.edx_eax(), 1_010_000);
+    assert_eq!(r.cpu.read(Reg::Rip), 0x1002);
+    r.cpu.write_cpu_msr(0xc000_0103, 7);
+    r.cpu.regs.rcx = u64::MAX;
+    r.cpu.tsc = 1_000_000 + (1 << 40);
+    r.cpu.instruction_len = 3;
+    assert_eq!(r.exit(VmExit::Rdtscp), Next::Reenter);
+    assert_eq!(r.cpu.regs.edx_eax(), 1_000_000 + (1 << 40) * 2 / 5);
+    assert_eq!(r.cpu.regs.rcx, 7);
+    assert_eq!(r.cpu.read(Reg::Rip), 0x1005);
 }
 
 #[test]
