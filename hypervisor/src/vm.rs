@@ -300,7 +300,7 @@ impl Vm {
                 TscMode::Scaling => "VMX TSC scaling",
                 TscMode::Exiting => "RDTSC exiting",
             };
-            log::info!(target: &vm.core.target, "runs dilated: its clocks run {} times slower than the host's (TSC multiplier {:#x}, offset {:#x}, by {how})",
+            log::info!(target: &vm.core.target, "runs dilated by {how}: its clocks run {} times slower than the host's (TSC multiplier {:#x}, offset {:#x})",
                 vm.core.time_dilation(), clock.multiplier(), clock.offset());
         }
         Ok(vm)
@@ -323,7 +323,7 @@ impl Vm {
         // Read only with TSC offsetting and scaling on (a dilated VM on a CPU that has them):
         // the guest's RDTSC then returns ((host TSC * multiplier) >> 48) + offset (SDM 27.6.5),
         // the formula hv_vm::clock computes for everything else.
-        let clock = &self.core.clock;
+        let clock = self.core.clock();
         vmwrite(f::TSC_OFFSET, clock.offset());
         if secondary & SecondaryProcBased::USE_TSC_SCALING.bits() != 0 {
             vmwrite(f::TSC_MULTIPLIER, clock.multiplier());

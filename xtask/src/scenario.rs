@@ -25,6 +25,13 @@
 //! line = "[INFO] stats vm=hello-a "
 //! key = "cpu_us"
 //! max = 100000
+//! [[relative]]            # optional, any number: a figure against another one
+//! line = "[INFO] vm rate-10: report rate_tsc="
+//! key = "rate_tsc"
+//! base_line = "[INFO] vm rate-1: report rate_tsc="
+//! base_key = "rate_tsc"   # optional, default key
+//! ratio = 10.0            # N / BASE must be ratio x (1 +- tolerance)
+//! tolerance = 0.001
 //! [cpu_fairness]          # optional, from the `[INFO] stats vm=NAME ... cpu_us=N` lines
 //! vms = ["busy-1", "busy-2"]
 //! tolerance = 0.20        # (max - min) / min of cpu_us
@@ -139,7 +146,21 @@ struct ScenarioFile {
     #[serde(default)]
     at_most: Vec<AtMost>,
     #[serde(default)]
+    relative: Vec<RelativeEntry>,
+    #[serde(default)]
     input: Vec<InputEntry>,
+}
+
+/// `[[relative]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelativeEntry {
+    line: String,
+    key: String,
+    base_line: String,
+    base_key: Option<String>,
+    ratio: f64,
+    tolerance: f64,
 }
 
 /// `[[input]]` as written.
@@ -195,6 +216,8 @@ pub struct Scenario {
     pub cpu_fairness: Option<Fairness>,
     /// Figures of the log that must be within bounds: `key=N` words of a hypervisor line.
     pub figures: Vec<Figure>,
+    /// Figures that must be a given multiple of others (`[[relative]]`).
+    pub relative: Vec<Relative>,
     /// What to type on the serial console, and when; empty for a run without input.
     pub inputs: Vec<Input>,
 }
@@ -481,6 +504,8 @@ pub enum Bound {
     AtLeast(u64),
     /// `[[at_most]]`: N <= max.
     AtMost(u64),
+    /// One side of a `[[relative]]`: no bound of its own.
+    Relative,
 }
 
 impl Bound {
@@ -488,6 +513,7 @@ impl Bound {
         match self {
             Bound::AtLeast(_) => "at_least",
             Bound::AtMost(_) => "at_most",
+            Bound::Relative => "relative",
         }
     }
 }
@@ -510,6 +536,36 @@ impl Figure {
             line,
             key: key.to_owned(),
             bound: table,
+        })
+    }
+}
+
+/// One `[[relative]]`: the figure `figure` (its bound unused) divided by the figure `base`
+/// must be `ratio` within a relative `tolerance`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relative {
+    pub figure: Figure,
+    pub base: Figure,
+    pub ratio: f64,
+    pub tolerance: f64,
+}
+
+impl Relative {
+    fn parse(entry: &RelativeEntry, vms: &[String]) -> Result<Relative, String> {
+        let figure = Figure::parse(Bound::Relative, &entry.line, &entry.key, vms)?;
+        let base_key = entry.base_key.as_deref().unwrap_or(&entry.key);
+        let base = Figure::parse(Bound::Relative, &entry.base_line, base_key, vms)?;
+        if !(entry.ratio.is_finite() && entry.ratio > 0.0) {
+            return Err("relative.ratio must be a number above 0".to_owned());
+        }
+        if !(entry.tolerance.is_finite() && entry.tolerance >= 0.0) {
+            return Err("relative.tolerance must be a number >= 0".to_owned());
+        }
+        Ok(Relative {
+            figure,
+            base,
+            ratio: entry.ratio,
+            tolerance: entry.tolerance,
         })
     }
 }
@@ -668,6 +724,11 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
     for f in &file.at_most {
         figures.push(Figure::parse(Bound::AtMost(f.max), &f.line, &f.key, vms)?);
     }
+    let relative = file
+        .relative
+        .iter()
+        .map(|r| Relative::parse(r, vms))
+        .collect::<Result<Vec<_>, String>>()?;
     let inputs = file
         .input
         .iter()
@@ -704,6 +765,7 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
         reject,
         cpu_fairness: file.cpu_fairness,
         figures,
+        relative,
         inputs,
     })
 }
@@ -823,6 +885,11 @@ pub fn judge(scenario: &Scenario, log: &str) -> Verdict {
             verdict.failures.push(message);
         }
     }
+    for relative in &scenario.relative {
+        if let Err(message) = check_relative(relative, &hypervisor) {
+            verdict.failures.push(message);
+        }
+    }
     if let Some(fairness) = &scenario.cpu_fairness {
         match check_fairness(fairness, &hypervisor) {
             Ok(report) => {
@@ -850,8 +917,9 @@ pub fn judge(scenario: &Scenario, log: &str) -> Verdict {
     verdict
 }
 
-/// Checks one figure against the hypervisor's lines.
-fn check_figure(figure: &Figure, hypervisor: &[&str]) -> Result<(), String> {
+/// The value of `figure` in the hypervisor's lines: N of the word `key=N` in the last line
+/// its pattern matches.
+fn figure_value(figure: &Figure, hypervisor: &[&str]) -> Result<(u64, String), String> {
     let table = figure.bound.table();
     let key = &figure.key;
     let line = hypervisor
@@ -863,9 +931,17 @@ fn check_figure(figure: &Figure, hypervisor: &[&str]) -> Result<(), String> {
         .split_whitespace()
         .find_map(|word| word.strip_prefix(key.as_str())?.strip_prefix('='))
         .ok_or_else(|| format!("{table}: no {key}=N in {line:?}"))?;
-    let n: u64 = value
+    let n = value
         .parse()
         .map_err(|_| format!("{table}: {key}={value} is not a number in {line:?}"))?;
+    Ok((n, (*line).to_owned()))
+}
+
+/// Checks one figure against the hypervisor's lines.
+fn check_figure(figure: &Figure, hypervisor: &[&str]) -> Result<(), String> {
+    let table = figure.bound.table();
+    let key = &figure.key;
+    let (n, line) = figure_value(figure, hypervisor)?;
     match figure.bound {
         Bound::AtLeast(min) if n < min => {
             Err(format!("{table}: {key}={n} is below {min} in {line:?}"))
@@ -875,6 +951,33 @@ fn check_figure(figure: &Figure, hypervisor: &[&str]) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// Checks one `[[relative]]`.
+fn check_relative(relative: &Relative, hypervisor: &[&str]) -> Result<(), String> {
+    let (n, _) = figure_value(&relative.figure, hypervisor)?;
+    let (base, _) = figure_value(&relative.base, hypervisor)?;
+    let (key, base_key) = (&relative.figure.key, &relative.base.key);
+    if base == 0 {
+        return Err(format!(
+            "relative: the base {base_key}=0 ({})",
+            relative.base.line
+        ));
+    }
+    let got = n as f64 / base as f64;
+    let off = got / relative.ratio - 1.0;
+    if off.abs() > relative.tolerance {
+        return Err(format!(
+            "relative: {key}={n} ({}) is {got:.6} times {base_key}={base} ({}), not {} within \
+             {:.3}% ({:+.4}%)",
+            relative.figure.line,
+            relative.base.line,
+            relative.ratio,
+            relative.tolerance * 100.0,
+            off * 100.0
+        ));
+    }
+    Ok(())
 }
 
 /// `cpu_us` of every VM with a `[INFO] stats vm=NAME ... cpu_us=N` line (the last one wins).
@@ -1564,6 +1667,58 @@ name = 7
         for s in scenarios {
             let loaded = s.load().unwrap_or_else(|e| panic!("{e}"));
             assert!(!loaded.vms.is_empty(), "{}: no VMs in the manifest", s.name);
+        }
+    }
+
+    #[test]
+    fn relative_figures_are_checked_against_their_base() {
+        let log = "[INFO] vm hello-a: report rate=1000\n[INFO] vm hello-b: report rate=10009\n\
+                   [INFO] vm evil: report speed=500\n";
+        let with = |ratio: f64, tolerance: f64| {
+            let mut s = hello_with(&["[INFO] vm hello-a"], &[]);
+            let text = format!(
+                "{HELLO_SCENARIO}[[relative]]\nline = \"[INFO] vm hello-b: report\"\nkey = \"rate\"\n\
+                 base_line = \"[INFO] vm hello-a: report\"\nratio = {ratio:?}\ntolerance = {tolerance:?}\n"
+            );
+            s.relative = parse(&text, &vms()).unwrap().relative;
+            judge(&s, log).failures
+        };
+        assert!(with(10.0, 0.001).is_empty(), "{:?}", with(10.0, 0.001));
+        let failed = with(10.0, 0.0005);
+        assert_eq!(failed.len(), 1);
+        assert!(
+            failed[0].starts_with(
+                "relative: rate=10009 (\"[INFO] vm hello-b: report\") is 10.009000 \
+                               times rate=1000"
+            ),
+            "{failed:?}"
+        );
+        assert_eq!(with(5.0, 0.5).len(), 1);
+        // Another key for the base; a base of 0 or a missing line fails, never divides by 0.
+        let text = format!(
+            "{HELLO_SCENARIO}[[relative]]\nline = \"[INFO] vm evil:\"\nkey = \"speed\"\n\
+             base_line = \"[INFO] vm hello-a:\"\nbase_key = \"rate\"\nratio = 0.5\ntolerance = 0.0\n"
+        );
+        let mut s = hello_with(&["[INFO] vm hello-a"], &[]);
+        s.relative = parse(&text, &vms()).unwrap().relative;
+        assert!(judge(&s, log).failures.is_empty());
+        let zero = judge(&s, "[INFO] vm hello-a: rate=0\n[INFO] vm evil: speed=1\n").failures;
+        assert_eq!(zero.len(), 1);
+        assert!(zero[0].starts_with("relative: the base rate=0"), "{zero:?}");
+        let missing = judge(&s, "[INFO] vm hello-a: rate=3\n").failures;
+        assert_eq!(
+            missing,
+            ["relative: no hypervisor line contains \"[INFO] vm evil:\""]
+        );
+        for bad in [
+            "ratio = 0.0\ntolerance = 0.1",
+            "ratio = 1.0\ntolerance = -0.1",
+            "ratio = nan\ntolerance = 0.1",
+        ] {
+            let text = format!(
+                "{HELLO_SCENARIO}[[relative]]\nline = \"[INFO] a\"\nkey = \"k\"\nbase_line = \"[INFO] b\"\n{bad}\n"
+            );
+            assert!(parse(&text, &vms()).is_err(), "{bad}");
         }
     }
 

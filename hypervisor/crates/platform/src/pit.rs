@@ -523,6 +523,22 @@ impl Pit {
         }
     }
 
+    /// Whether a write of `value` at port offset `offset` (0-3) can move the next IRQ 0 edge
+    /// ([`Self::next_deadline`]): a count for channel 0 or a control word that programs it can;
+    /// counter-latch and read-back commands (8254 datasheet, "Counter Latch Command",
+    /// "Read-Back Command") and the other channels' counts cannot. Reads never can. The
+    /// platform recomputes its deadline only after accesses that can move one.
+    pub fn write_moves_irq0(offset: u16, value: u8) -> bool {
+        match offset {
+            0 => true,
+            3 => {
+                let (select, access) = (value >> 6, (value >> 4) & 0b11);
+                select == 0 && access != 0
+            }
+            _ => false,
+        }
+    }
+
     /// PIT clock edges up to `now`.
     fn clk(&self, now: Tsc) -> u64 {
         self.tb.cycles_in(now, PIT_HZ)
@@ -953,6 +969,21 @@ mod tests {
         h.pit.advance(h.at(6_001), &mut h.irq);
         assert!(h.pulsed());
         assert_eq!(h.pit.coalesced(), 4);
+    }
+
+    #[test]
+    fn only_channel_0_counts_and_control_words_move_irq0() {
+        assert!(Pit::write_moves_irq0(0, 0x12));
+        assert!(Pit::write_moves_irq0(3, 0x34), "channel 0, lsb/msb, mode 2");
+        assert!(
+            Pit::write_moves_irq0(3, 0x30),
+            "channel 0, mode 0: OUT low, no edge"
+        );
+        assert!(!Pit::write_moves_irq0(3, 0x00), "channel 0 latch");
+        assert!(!Pit::write_moves_irq0(3, 0xe2), "read-back");
+        assert!(!Pit::write_moves_irq0(3, 0xb6), "channel 2 control word");
+        assert!(!Pit::write_moves_irq0(2, 0x12), "channel 2 count");
+        assert!(!Pit::write_moves_irq0(1, 0x12), "channel 1 count");
     }
 
     #[test]

@@ -142,7 +142,9 @@ impl Platform {
             match self.pio.find(u64::from(p)) {
                 Some((id, offset)) => {
                     timers_or_controllers |= id != PioId::Uart;
-                    self.timers_dirty |= matches!(id, PioId::Pit | PioId::Port61 | PioId::Rtc);
+                    // Reading register C clears the RTC's flags, which resumes its deadlines;
+                    // reading the PIT or port 0x61 moves none.
+                    self.timers_dirty |= id == PioId::Rtc;
                     self.pio_access(id, p, offset as u16, &mut byte, None, now);
                 }
                 None => self.stats.unclaimed_pio += 1,
@@ -164,7 +166,12 @@ impl Platform {
             match self.pio.find(u64::from(p)) {
                 Some((id, offset)) => {
                     timers_or_controllers |= id != PioId::Uart;
-                    self.timers_dirty |= matches!(id, PioId::Pit | PioId::Port61 | PioId::Rtc);
+                    // A PIT counter latch (how guests read the time) moves no deadline.
+                    self.timers_dirty |= match id {
+                        PioId::Pit => Pit::write_moves_irq0(offset as u16, byte[0]),
+                        PioId::Port61 | PioId::Rtc => true,
+                        _ => false,
+                    };
                     let mut scratch = [0];
                     self.pio_access(id, p, offset as u16, &mut scratch, Some(&byte), now);
                 }

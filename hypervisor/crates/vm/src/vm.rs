@@ -4,6 +4,7 @@
 //! tested against a fake vCPU.
 
 use alloc::{borrow::ToOwned, boxed::Box, format, string::String};
+use core::cell::Cell;
 
 use guest_abi::{ExitKind, VmInfo, VM_INFO_MAGIC};
 use hv_manifest::VmConfig;
@@ -27,7 +28,10 @@ pub struct Vm {
     /// ([`Self::clock`]).
     pub platform: Platform,
     /// The guest's TSC as a function of the host's (time dilation).
-    pub clock: GuestClock,
+    clock: GuestClock,
+    /// The platform's last deadline (guest TSC) and when it falls on the host's clock: the
+    /// conversion divides in 128 bits, and the run loop asks before every entry.
+    deadline_cache: Cell<(u64, u64)>,
     /// The vCPU executed HLT and waits for an interrupt: `Some(if)` with its RFLAGS.IF, which
     /// says whether an external interrupt wakes it (an NMI always does).
     pub halted: Option<bool>,
@@ -76,6 +80,7 @@ impl Vm {
             acct: Accounting::default(),
             platform,
             clock,
+            deadline_cache: Cell::new((u64::MAX, u64::MAX)),
             halted: None,
             boosted: false,
             console: LineBuffer::default(),
@@ -158,7 +163,28 @@ impl Vm {
     /// `u64::MAX` when none is armed.
     #[inline]
     pub fn platform_deadline(&self) -> u64 {
-        self.clock.host_at(self.platform.deadline())
+        let guest = self.platform.deadline();
+        if self.clock.is_host() {
+            return guest;
+        }
+        let (cached, host) = self.deadline_cache.get();
+        if cached == guest {
+            return host;
+        }
+        let host = self.clock.host_at(guest);
+        self.deadline_cache.set((guest, host));
+        host
+    }
+
+    /// The guest's TSC as a function of the host's.
+    pub fn clock(&self) -> &GuestClock {
+        &self.clock
+    }
+
+    /// Replaces the guest's clock (the platform's deadlines are then on the new one).
+    pub fn set_clock(&mut self, clock: GuestClock) {
+        self.clock = clock;
+        self.deadline_cache.set((u64::MAX, u64::MAX));
     }
 
     /// The guest's TSC at host time `host`.

@@ -613,7 +613,7 @@ fn interrupts_wait_for_rflags_if_and_the_sti_shadow() {
 fn a_dilated_vm_counts_its_timers_and_tsc_in_its_own_time() {
     let mut r = Rig::new();
     // TDF 4 from host time 1000: the guest's TSC reads 1000 then, and 1000 + n at 1000 + 4n.
-    r.vm.clock = GuestClock::dilated(4000, 1000);
+    r.vm.set_clock(GuestClock::dilated(4000, 1000));
     r.cpu.tsc = 1000;
     arm_deadline_timer(&mut r, 0x41, 1100);
     // The preemption timer and a halted VM's wake-up come at host 1400, not at 1100.
@@ -636,7 +636,7 @@ fn a_dilated_vm_counts_its_timers_and_tsc_in_its_own_time() {
 #[test]
 fn rdtsc_exits_compute_the_dilated_tsc() {
     let mut r = Rig::new();
-    r.vm.clock = GuestClock::dilated(2500, 1_000_000);
+    r.vm.set_clock(GuestClock::dilated(2500, 1_000_000));
     r.cpu.tsc = 1_000_000 + 25_000;
     r.cpu.state.insert("rip", 0x1000);
     r.cpu.instruction_len = 2;
