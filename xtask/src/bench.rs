@@ -171,6 +171,7 @@ fn bench_run(ws: &Workspace, n: u64) -> Result<BenchRun> {
         dir,
         timeout,
         bochs_ips: engine::BOCHS_IPS,
+        bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
     };
     println!("bench exits: n={n} on Bochs ...");
     let outcome = engine::boot(&boot, || {})?;

@@ -42,6 +42,18 @@ pub const MEMORY_MIB: u32 = 256;
 /// Bochs CPU model: VT-x with EPT, VPID, unrestricted guest, the preemption timer and TSC
 /// scaling (DESIGN.md section 4).
 pub const BOCHS_CPU_MODEL: &str = "corei7_skylake_x";
+/// The Bochs 2.7 models a scenario may pick (`bochs_cpu`): those with VT-x, EPT, unrestricted
+/// guests and the preemption timer. Only `corei7_skylake_x`, `corei3_cnl`, `corei7_icelake_u`
+/// and `tigerlake` offer TSC scaling; `corei7_haswell_4770` is the one the time-dilation
+/// scenarios use without it.
+pub const BOCHS_CPU_MODELS: &[&str] = &[
+    "corei7_skylake_x",
+    "corei7_haswell_4770",
+    "broadwell_ult",
+    "corei3_cnl",
+    "corei7_icelake_u",
+    "tigerlake",
+];
 /// Emulated instructions per emulated second. With `clock: sync=none` this fixes the ratio of
 /// guest-visible time to instructions (the scenarios' quanta are sized for it), not the speed.
 pub const BOCHS_IPS: u64 = 4_000_000;
@@ -279,6 +291,8 @@ pub struct BootSpec {
     /// Bochs only: emulated instructions per emulated second ([`BOCHS_IPS`] unless a scenario
     /// asks for another).
     pub bochs_ips: u64,
+    /// Bochs only: the CPU model ([`BOCHS_CPU_MODEL`] unless a scenario asks for another).
+    pub bochs_cpu: String,
 }
 
 impl BootSpec {
@@ -535,7 +549,7 @@ fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command>
         }
     }
     let dir = absolute(&spec.dir)?;
-    let config = bochsrc(iso, com1, &dir.join("bochs.log"), spec.bochs_ips)
+    let config = bochsrc(iso, com1, &dir.join("bochs.log"), spec.bochs_ips, &spec.bochs_cpu)
         .map_err(|message| Error::Failed(format!("bochs: {message}")))?;
     let rc_path = dir.join("bochsrc");
     fs::write(&rc_path, config).context(|| format!("writing {}", rc_path.display()))?;
@@ -561,6 +575,7 @@ pub fn bochsrc(
     com1: Com1<'_>,
     log: &Path,
     ips: u64,
+    cpu: &str,
 ) -> std::result::Result<String, String> {
     let quoted = |path: &Path| {
         let text = path.display().to_string();
@@ -581,7 +596,7 @@ pub fn bochsrc(
          memory: guest={MEMORY_MIB}, host={MEMORY_MIB}\n\
          romimage: file={BOCHS_BIOS}, options=fastboot\n\
          vgaromimage: file={BOCHS_VGA_BIOS}\n\
-         cpu: model={BOCHS_CPU_MODEL}, count=1, ips={ips}, reset_on_triple_fault=0\n\
+         cpu: model={cpu}, count=1, ips={ips}, reset_on_triple_fault=0\n\
          # Time follows the instruction count: runs are exactly repeatable, and RDTSC counts\n\
          # instructions.\n\
          clock: sync=none\n\
@@ -767,6 +782,7 @@ mod tests {
             Com1::File(Path::new("/r/serial.log")),
             Path::new("/r/bochs.log"),
             BOCHS_IPS,
+            BOCHS_CPU_MODEL,
         )
         .unwrap();
         for line in [
@@ -784,13 +800,14 @@ mod tests {
             assert!(rc.lines().any(|l| l == line), "missing `{line}` in:\n{rc}");
         }
         let s = Com1::File(Path::new("/s"));
-        assert!(bochsrc(Path::new("/a\"b.iso"), s, Path::new("/l"), BOCHS_IPS).is_err());
+        assert!(bochsrc(Path::new("/a\"b.iso"), s, Path::new("/l"), BOCHS_IPS, BOCHS_CPU_MODEL).is_err());
         // With input, COM1 is a socket server that waits for the runner.
         let rc = bochsrc(
             Path::new("/a.iso"),
             Com1::Socket(40123),
             Path::new("/l"),
             400_000_000,
+            "corei7_haswell_4770",
         )
         .unwrap();
         assert!(

@@ -231,6 +231,7 @@ fn run_one(ws: &Workspace, engines: &Engines, dir: &ScenarioDir) -> Report {
         dir: run_dir.clone(),
         timeout: Duration::from_secs(scenario.timeout_s),
         bochs_ips: scenario.bochs_ips,
+        bochs_cpu: scenario.bochs_cpu.clone(),
     };
     // With `[[input]]`, COM1 is a socket this process serves (engine::boot_interactive).
     let booted = if scenario.inputs.is_empty() {

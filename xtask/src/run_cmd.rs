@@ -72,6 +72,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         dir: run_dir,
         timeout,
         bochs_ips: engine::BOCHS_IPS,
+        bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
     };
     let mut tail = LogTail::new(boot.serial_log());
     let stdout = io::stdout();

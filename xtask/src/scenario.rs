@@ -10,6 +10,8 @@
 //! timeout_s = 120         # hard limit of the emulator run
 //! bochs_ips = 400000000   # optional: Bochs's emulated instructions per emulated second
 //!                         # (default engine::BOCHS_IPS, 4000000; 1000000 to 2000000000)
+//! bochs_cpu = "corei7_haswell_4770"  # optional: another Bochs CPU model (default
+//!                         # engine::BOCHS_CPU_MODEL; one of engine::BOCHS_CPU_MODELS)
 //! cmdline = ""            # extra hypervisor words; the runner always adds exit=emulator
 //! images = ["hello"]      # test-guests binaries on the ISO
 //! expect = [              # patterns (below) each matching some line of the log
@@ -132,6 +134,7 @@ struct ScenarioFile {
     engine: EngineKind,
     timeout_s: u64,
     bochs_ips: Option<u64>,
+    bochs_cpu: Option<String>,
     #[serde(default)]
     cmdline: String,
     #[serde(default)]
@@ -202,6 +205,8 @@ pub struct Scenario {
     /// guests' clocks (a scenario about latencies in microseconds needs a faster one than the
     /// default).
     pub bochs_ips: u64,
+    /// The Bochs CPU model: which VMX features the hypervisor finds.
+    pub bochs_cpu: String,
     /// Extra hypervisor command-line words.
     pub cmdline: String,
     /// Guest binaries on the ISO (module name = binary name).
@@ -694,6 +699,15 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
     if file.timeout_s == 0 {
         return Err("timeout_s must be at least 1".to_owned());
     }
+    let bochs_cpu = file
+        .bochs_cpu
+        .unwrap_or_else(|| engine::BOCHS_CPU_MODEL.to_owned());
+    if !engine::BOCHS_CPU_MODELS.contains(&bochs_cpu.as_str()) {
+        return Err(format!(
+            "bochs_cpu {bochs_cpu:?} is not a Bochs CPU model with VT-x and EPT ({})",
+            engine::BOCHS_CPU_MODELS.join(", ")
+        ));
+    }
     let bochs_ips = file.bochs_ips.unwrap_or(engine::BOCHS_IPS);
     if !BOCHS_IPS_RANGE.contains(&bochs_ips) {
         return Err(format!(
@@ -758,6 +772,7 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
         engine: file.engine,
         timeout_s: file.timeout_s,
         bochs_ips,
+        bochs_cpu,
         cmdline: file.cmdline,
         images: file.images,
         vms: vms.to_vec(),
@@ -1174,6 +1189,7 @@ tolerance = 0.20
         )
         .unwrap();
         assert_eq!(s.bochs_ips, 400_000_000);
+        assert_eq!(s.bochs_cpu, engine::BOCHS_CPU_MODEL);
     }
 
     #[test]
@@ -1252,6 +1268,7 @@ tolerance = 0.20
             ("cmdline = \"a;b\"", "not allowed"),
             ("bochs_ips = 999999", "bochs_ips must be from 1000000"),
             ("bochs_ips = 2000000001", "bochs_ips must be from"),
+            ("bochs_cpu = \"pentium\"", "not a Bochs CPU model with VT-x and EPT"),
         ];
         for (change, message) in cases {
             let key = change.split_whitespace().next().unwrap();
