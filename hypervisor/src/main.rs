@@ -305,7 +305,10 @@ fn start_vmx(
     let oom = vmx::VmxUnavailable::VmxonFailed;
     let region = alloc_filled(frames, 0).ok_or(oom)?;
     vmx::enable(&caps, region)?;
-    let tsc_hz = platform::calibrate_tsc_hz();
+    // In whole kHz: what CPUID leaf 0x4000_0010 tells guests (in kHz) must be the exact rate
+    // their devices count at against the TSC, or a guest that converts TSC ticks with it finds
+    // its timers off by up to the calibration's sub-kHz part (109 ppm once under Bochs).
+    let tsc_hz = platform::calibrate_tsc_hz() / 1000 * 1000;
     log::info!(target: "hv", "VMXON done; TSC {} kHz", tsc_hz / 1000);
     let (msr_bitmap, io_bitmap_a, io_bitmap_b) = match (
         alloc_filled(frames, 0xff),

@@ -549,8 +549,14 @@ fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command>
         }
     }
     let dir = absolute(&spec.dir)?;
-    let config = bochsrc(iso, com1, &dir.join("bochs.log"), spec.bochs_ips, &spec.bochs_cpu)
-        .map_err(|message| Error::Failed(format!("bochs: {message}")))?;
+    let config = bochsrc(
+        iso,
+        com1,
+        &dir.join("bochs.log"),
+        spec.bochs_ips,
+        &spec.bochs_cpu,
+    )
+    .map_err(|message| Error::Failed(format!("bochs: {message}")))?;
     let rc_path = dir.join("bochsrc");
     fs::write(&rc_path, config).context(|| format!("writing {}", rc_path.display()))?;
     // The Debian build includes Bochs's debugger, which stops at a prompt before the first
@@ -800,7 +806,14 @@ mod tests {
             assert!(rc.lines().any(|l| l == line), "missing `{line}` in:\n{rc}");
         }
         let s = Com1::File(Path::new("/s"));
-        assert!(bochsrc(Path::new("/a\"b.iso"), s, Path::new("/l"), BOCHS_IPS, BOCHS_CPU_MODEL).is_err());
+        assert!(bochsrc(
+            Path::new("/a\"b.iso"),
+            s,
+            Path::new("/l"),
+            BOCHS_IPS,
+            BOCHS_CPU_MODEL
+        )
+        .is_err());
         // With input, COM1 is a socket server that waits for the runner.
         let rc = bochsrc(
             Path::new("/a.iso"),

@@ -1268,7 +1268,10 @@ tolerance = 0.20
             ("cmdline = \"a;b\"", "not allowed"),
             ("bochs_ips = 999999", "bochs_ips must be from 1000000"),
             ("bochs_ips = 2000000001", "bochs_ips must be from"),
-            ("bochs_cpu = \"pentium\"", "not a Bochs CPU model with VT-x and EPT"),
+            (
+                "bochs_cpu = \"pentium\"",
+                "not a Bochs CPU model with VT-x and EPT",
+            ),
         ];
         for (change, message) in cases {
             let key = change.split_whitespace().next().unwrap();
