@@ -144,8 +144,16 @@ fn run(options: &Options, out: &mut dyn Write) -> Result<(), String> {
         }
         writeln!(
             out,
-            ": memory_mib={} image={} quantum_us={} vcpus={} sharing_domain={} cmdline={:?}",
-            vm.memory_mib, vm.image, vm.quantum_us, vm.vcpus, vm.sharing_domain, vm.cmdline
+            ": memory_mib={} image={} quantum_us={} vcpus={} sharing_domain={} \
+             time_dilation={} cpu_share={} cmdline={:?}",
+            vm.memory_mib,
+            vm.image,
+            vm.quantum_us,
+            vm.vcpus,
+            vm.sharing_domain,
+            vm.time_dilation_text(),
+            vm.cpu_share,
+            vm.cmdline
         )
         .map_err(io_err)?;
     }
@@ -288,7 +296,7 @@ mod tests {
             lines[2..6],
             [
                 "ok: vm \"a\" (line 1): memory_mib=4 image=hello quantum_us=10000 vcpus=1 \
-                 sharing_domain=0 cmdline=\"q\"",
+                 sharing_domain=0 time_dilation=1 cpu_share=1 cmdline=\"q\"",
                 "memory multiplexing: off",
                 "error: vm \"b\" (line 9): key \"memory_mib\": 128 MiB is more than the host's \
                  64 MiB",

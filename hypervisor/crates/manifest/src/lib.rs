@@ -156,6 +156,20 @@ impl VmConfig {
         self.quantum_us * u64::from(self.cpu_share)
     }
 
+    /// The time-dilation factor as a manifest would write it: `1`, `2.5`, `7.125`.
+    pub fn time_dilation_text(&self) -> String {
+        let (whole, milli) = (
+            self.time_dilation_milli / TIME_DILATION_SCALE,
+            self.time_dilation_milli % TIME_DILATION_SCALE,
+        );
+        if milli == 0 {
+            alloc::format!("{whole}")
+        } else {
+            let text = alloc::format!("{whole}.{milli:03}");
+            String::from(text.trim_end_matches('0'))
+        }
+    }
+
     /// Whether the VM's clocks run slower than the host's.
     pub fn is_dilated(&self) -> bool {
         self.time_dilation_milli != TIME_DILATION_SCALE

@@ -898,8 +898,25 @@ fn time_dilation_and_cpu_share() {
         let m = one_vm(&alloc::format!("time_dilation = {text}"));
         assert_eq!(m.errors, [], "{text}");
         assert_eq!(m.vms[0].time_dilation_milli, milli, "{text}");
+        let shown = m.vms[0].time_dilation_text();
+        assert_eq!(
+            one_vm(&alloc::format!("time_dilation = {shown}")).vms[0].time_dilation_milli,
+            milli
+        );
         assert_eq!(m.vms[0].is_dilated(), milli != 1000);
     }
+    assert_eq!(
+        one_vm("time_dilation = 7.125").vms[0].time_dilation_text(),
+        "7.125"
+    );
+    assert_eq!(
+        one_vm("time_dilation = 2.50").vms[0].time_dilation_text(),
+        "2.5"
+    );
+    assert_eq!(
+        one_vm("time_dilation = 100").vms[0].time_dilation_text(),
+        "100"
+    );
     let m = one_vm("cpu_share = 4\nquantum_us = 2000");
     assert_eq!(m.vms[0].cpu_share, 4);
     assert_eq!(m.vms[0].weighted_quantum_us(), 8000);

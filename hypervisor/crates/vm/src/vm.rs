@@ -3,7 +3,7 @@
 //! (the kernel's VT-x state, its EPT and host frames) is here, so [`crate::exits`] can be
 //! tested against a fake vCPU.
 
-use alloc::{borrow::ToOwned, boxed::Box, format, string::String};
+use alloc::{boxed::Box, format, string::String};
 use core::cell::Cell;
 
 use guest_abi::{ExitKind, VmInfo, VM_INFO_MAGIC};
@@ -221,14 +221,7 @@ impl Vm {
 
     /// The VM's time-dilation factor as the manifest would write it: `1`, `2.5`, `7.125`.
     pub fn time_dilation(&self) -> String {
-        let milli = self.config.time_dilation_milli;
-        if milli.is_multiple_of(1000) {
-            format!("{}", milli / 1000)
-        } else {
-            format!("{}.{:03}", milli / 1000, milli % 1000)
-                .trim_end_matches('0')
-                .to_owned()
-        }
+        self.config.time_dilation_text()
     }
 
     pub fn stats_line(&self, tsc_hz: u64) -> String {
