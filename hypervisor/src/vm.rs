@@ -29,7 +29,7 @@ use hv_vm::{
 use hv_vmx::{
     controls::{PrimaryProcBased, SecondaryProcBased, TscMode, VmcsControls},
     ept::{Ept, EptPerms},
-    exit::{Interruption, VmExit},
+    exit::{reason, Interruption, VmExit},
     fields as f,
 };
 
@@ -61,6 +61,10 @@ pub struct HostVmx {
     pub io_bitmap_a: u64,
     pub io_bitmap_b: u64,
 }
+
+/// How many exits in a row may re-enter the guest without the checks before an entry
+/// (`Next::Reenter`): a bound on how far such exits can stretch a quantum.
+const FAST_REENTRIES: u32 = 16;
 
 /// Whether dilated VMs use VMX TSC scaling where the CPU has it (the default), or RDTSC exiting
 /// (command-line word `tsc=exiting`, to compare the two on one CPU).
@@ -834,9 +838,6 @@ pub fn run_all(
     let rate = host.caps.preemption_timer_rate();
     let min_slice = sched::us_to_tsc(MIN_SLICE_US, host.tsc_hz).max(1);
     let invept_single = host.caps.invept_single_context();
-    // Without the saved preemption timer every entry reloads the full value: each one must
-    // then be set up anew, or a guest exiting often would never reach its quantum's end.
-    let fast_reenter = host.controls.save_preemption_timer;
     let ctx = ExitContext {
         cpu_policy: &host.cpu_policy,
         multiplexed: mux.is_some(),
@@ -946,12 +947,16 @@ pub fn run_all(
         let mut retry_after_fault = false;
         let mut retried_late = false;
         // The last exit changed only the guest's registers (Next::Reenter) and nothing waits
-        // for delivery: enter again without the checks and the timer setup below. The
-        // preemption timer, saved at the exit and counting on from there, still stops the
-        // guest at the quantum's end and at the next platform timer.
+        // for delivery: enter again without the checks and the timer setup below, at most
+        // FAST_REENTRIES times in a row. The preemption timer does not count while the
+        // hypervisor handles an exit, so a guest exiting in a tight loop would otherwise run
+        // past its quantum on the hypervisor's time; this way the overrun is at most that
+        // many exits' handling, which the next quantum pays back (sched::Accounting).
         let mut reenter = false;
+        let mut fast_left = 0u32;
         loop {
             if !reenter {
+                fast_left = FAST_REENTRIES;
                 let now = rdtsc();
                 if vms[i].core.must_drain() || (now >= others_wake && entries > 0) {
                     break;
@@ -999,14 +1004,19 @@ pub fn run_all(
             // The CPU clears the valid bit of the entry's event on every VM exit.
             vm.hw.injected = false;
             vm.hw.completed = false;
-            let exit = VmExit::decode(vmread(f::EXIT_REASON) as u32, vmread);
-            // Instruction exits never interrupt a delivery: spare them the call.
-            let interrupted = if exit.may_interrupt_delivery() {
-                exit.interrupted_event(vmread)
+            let raw_reason = vmread(f::EXIT_REASON) as u32;
+            let mut next = if raw_reason == u32::from(reason::CPUID) {
+                // The most frequent exit, straight to its handler: nothing to decode.
+                let (core, _, mut vcpu) = parts(vm, host);
+                exits::handle_cpuid(core, &mut vcpu, &ctx)
             } else {
-                None
-            };
-            let mut next = {
+                let exit = VmExit::decode(raw_reason, vmread);
+                // Instruction exits never interrupt a delivery: spare them the call.
+                let interrupted = if exit.may_interrupt_delivery() {
+                    exit.interrupted_event(vmread)
+                } else {
+                    None
+                };
                 let (core, memory, mut vcpu) = parts(vm, host);
                 exits::handle(core, memory, &mut vcpu, &ctx, exit, interrupted)
             };
@@ -1042,7 +1052,8 @@ pub fn run_all(
                 };
             }
             match next {
-                Next::Reenter if fast_reenter && !vms[i].core.platform.interrupt_waiting() => {
+                Next::Reenter if fast_left > 0 && !vms[i].core.platform.interrupt_waiting() => {
+                    fast_left -= 1;
                     reenter = true;
                 }
                 Next::Resume | Next::Reenter => continue,

@@ -208,7 +208,7 @@ fn bench_run(ws: &Workspace, n: u64) -> Result<BenchRun> {
 }
 
 /// The `[INFO] vm NAME: report KEY=VALUE` values of VM `vm`.
-fn reports_of(log: &str, vm: &str) -> BTreeMap<String, u64> {
+pub(crate) fn reports_of(log: &str, vm: &str) -> BTreeMap<String, u64> {
     let prefix = format!("[INFO] vm {vm}: report ");
     log.lines()
         .filter_map(|line| line.trim_end().strip_prefix(prefix.as_str()))
@@ -218,7 +218,7 @@ fn reports_of(log: &str, vm: &str) -> BTreeMap<String, u64> {
 }
 
 /// Today's UTC date as YYYY-MM-DD.
-fn today() -> String {
+pub(crate) fn today() -> String {
     let days = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() / 86_400)

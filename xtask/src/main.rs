@@ -10,6 +10,7 @@
 //! - `qemu-test`: the integration scenarios of tests/scenarios, judged by their serial logs.
 //! - `test`: fmt, clippy, host unit tests, build and `qemu-test`; ends with `N passed, N failed`.
 //! - `bench exits`: VM exit round-trip cost under Bochs.
+//! - `bench dilation`: time-dilated clocks' rate error, RDTSC cost (dilation_bench.rs).
 //! - `bench mem`: the memory engine against Linux KSM on raw guest-RAM images (mem_bench.rs).
 //! - `corpus`: real Linux guest-RAM images made under QEMU, for `bench mem` (corpus.rs).
 //! - `manifest check`: validates a boot manifest with the hypervisor's own parser.
@@ -21,6 +22,7 @@ mod build;
 mod cli;
 mod corpus;
 mod deps;
+mod dilation_bench;
 mod elf;
 mod engine;
 mod error;
@@ -55,6 +57,7 @@ usage: cargo xtask <command> [options]
   test                        fmt + clippy + unit tests + build + qemu-test;
                               ends with `N passed, N failed`
   bench exits [--n N]         VM exit round-trip cost under Bochs (runs N and 4N)
+  bench dilation              time-dilated clocks' rate error and RDTSC cost under Bochs
   bench mem --images DIR ...  memory engine vs KSM on raw guest-RAM images
   corpus [--out DIR] ...      make real Linux guest-RAM images under QEMU
   manifest check FILE [--images DIR] [--memory-mib N]
@@ -90,6 +93,7 @@ fn dispatch(ws: &Workspace, args: &[String]) -> Result<()> {
         ["qemu-test", ..] => with_interrupts(|| qemu_test::run(ws, &args[1..])),
         ["test", ..] => with_interrupts(|| test_cmd::run(ws, &args[1..])),
         ["bench", "exits", ..] => with_interrupts(|| bench::exits(ws, &args[2..])),
+        ["bench", "dilation", ..] => with_interrupts(|| dilation_bench::run(ws, &args[2..])),
         ["bench", "mem", ..] => mem_bench::run(&args[2..]).map_err(Error::Failed),
         ["corpus", ..] => corpus::run(&args[1..]).map_err(Error::Failed),
         ["manifest", "check", ..] => manifest_cmd::check(&args[2..]).map_err(Error::Failed),

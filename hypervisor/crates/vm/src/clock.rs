@@ -45,6 +45,8 @@ pub struct GuestClock {
     multiplier: u64,
     /// Added (wrapping) to the scaled host TSC: the VMCS TSC offset.
     offset: u64,
+    /// The multiplier is 1 and the offset 0 (kept with them: the exit path asks every time).
+    identity: bool,
 }
 
 impl GuestClock {
@@ -54,6 +56,7 @@ impl GuestClock {
             milli: 1000,
             multiplier: MULTIPLIER_ONE,
             offset: 0,
+            identity: true,
         }
     }
 
@@ -74,6 +77,7 @@ impl GuestClock {
         self.milli = milli;
         self.multiplier = multiplier(milli);
         self.offset = before.wrapping_sub(self.scaled(host_now));
+        self.identity = self.multiplier == MULTIPLIER_ONE && self.offset == 0;
     }
 
     /// The dilation in thousandths.
@@ -84,7 +88,7 @@ impl GuestClock {
     /// Whether the guest's TSC is the host's (no scaling, no offset).
     #[inline]
     pub fn is_host(&self) -> bool {
-        self.multiplier == MULTIPLIER_ONE && self.offset == 0
+        self.identity
     }
 
     /// The VMCS TSC multiplier.
@@ -135,9 +139,7 @@ impl GuestClock {
     /// offset moves, the rate stays.
     pub fn set_guest(&mut self, value: u64, host_now: u64) {
         self.offset = value.wrapping_sub(self.scaled(host_now));
-        if self.milli == 1000 && self.offset == 0 {
-            self.multiplier = MULTIPLIER_ONE;
-        }
+        self.identity = self.multiplier == MULTIPLIER_ONE && self.offset == 0;
     }
 }
 

@@ -156,7 +156,8 @@ impl Vm {
     /// if ever.
     pub fn wake_deadline(&self) -> Option<u64> {
         self.halted?;
-        Some(self.clock.host_at(self.platform.next_deadline()?))
+        let host = self.platform_deadline();
+        (host != u64::MAX).then_some(host)
     }
 
     /// When (host TSC) the running VM must leave the guest for its platform's next timer:

@@ -3,8 +3,10 @@
 //! The guest runs a fixed amount of CPU work (`steps` rounds of an LCG, in chunks of `chunk`)
 //! and reports how many rounds it completes per guest second, measured with
 //! RDTSC, with the local APIC timer (one-shot, divide by 16, its current count read at both
-//! ends) and with the PIT (channel 0 in mode 2 with a divisor of 65536, latched and read after
-//! every chunk, so its 16-bit count is followed across its wraps); with `rtc`, the RTC's
+//! ends) and with the PIT (channel 2, gated on through port 0x61, in mode 2 with a divisor of
+//! 65536, latched and read after every chunk, so its 16-bit count is followed across its wraps;
+//! channel 2 raises no interrupt, so the measurement causes no timer exits that would cost the
+//! hypervisor more at a low factor than at a high one); with `rtc`, the RTC's
 //! periodic interrupt (1024 Hz through IOAPIC pin 8) is counted over the same stretch too. A
 //! time-dilated VM must find all of them in agreement, and its work rate per guest second
 //! `time_dilation` times that of an undilated VM with the same share of the CPU.
@@ -20,6 +22,8 @@
 //!   only exits while measuring: 3 per chunk; a chunk must take less than the PIT's 55 ms of
 //!   guest time).
 //! - `rtc`: also count the RTC's periodic interrupt.
+//! - `rdtsc_loop=N`: instead of the work, time N back-to-back RDTSCs (after `start_ms`) and report
+//!   `rdtsc_ticks_x100`, guest TSC ticks per RDTSC x 100 (`cargo xtask bench dilation`).
 //! - `tsc_khz=N` to override CPUID leaf 0x4000_0010.
 //!
 //! Reports (rounds per guest second): `rate_tsc`, `rate_lapic`, `rate_pit`, `rate_rtc` (with
@@ -77,13 +81,43 @@ fn work(steps: u64, x: u64) -> u64 {
     core::hint::black_box(x)
 }
 
-/// Latches PIT channel 0 and reads its count (mode 2 counts 65536 down to 1 and reloads).
-fn pit_count() -> u16 {
-    // SAFETY: PIT ports; the latch command (counter 0, latch) only freezes the output latch.
+/// Times `n` RDTSCs (unrolled by 10) and reports guest ticks per RDTSC x 100.
+fn rdtsc_cost(n: u64) -> u64 {
+    let rounds = n.div_ceil(10);
+    let start = rdtsc();
+    let mut sink = 0u64;
+    for _ in 0..rounds {
+        for _ in 0..10 {
+            sink = sink.wrapping_add(rdtsc());
+        }
+    }
+    let ticks = rdtsc() - start;
+    core::hint::black_box(sink);
+    rt::report("rdtsc_n", rounds * 10);
+    rt::report("rdtsc_ticks_x100", ticks * 100 / (rounds * 10));
+    0
+}
+
+/// Starts PIT channel 2 in mode 2 (rate generator) with a divisor of 65536, its gate on
+/// (port 0x61 bit 0) and the speaker off (bit 1).
+fn pit2_start() {
+    // SAFETY: PIT and port 0x61; channel 2 drives only the speaker line, which stays off.
     unsafe {
-        cpu::outb(pit::COMMAND, 0x00);
-        let lo = cpu::inb(pit::CHANNEL0);
-        let hi = cpu::inb(pit::CHANNEL0);
+        let p61 = cpu::inb(pit::PORT_61);
+        cpu::outb(pit::PORT_61, (p61 & !0b10) | 0b01);
+        cpu::outb(pit::COMMAND, 0xb4);
+        cpu::outb(pit::CHANNEL2, 0);
+        cpu::outb(pit::CHANNEL2, 0);
+    }
+}
+
+/// Latches PIT channel 2 and reads its count (mode 2 counts 65536 down to 1 and reloads).
+fn pit_count() -> u16 {
+    // SAFETY: PIT ports; the latch command (counter 2, latch) only freezes the output latch.
+    unsafe {
+        cpu::outb(pit::COMMAND, 0x80);
+        let lo = cpu::inb(pit::CHANNEL2);
+        let hi = cpu::inb(pit::CHANNEL2);
         u16::from_le_bytes([lo, hi])
     }
 }
@@ -129,6 +163,10 @@ fn guest_main(boot: &Boot) -> u64 {
     };
     let with_rtc = c.has("rtc");
     let begun = rdtsc();
+    let rdtsc_loop = match c.u64("rdtsc_loop") {
+        Ok(n) => n.filter(|&n| n > 0),
+        Err(e) => return rt::usage_error(e),
+    };
     println!(
         "dilation: tdf={tdf} start_ms={start_ms} (host time), {steps} rounds, TSC {} kHz",
         clock.khz
@@ -148,6 +186,9 @@ fn guest_main(boot: &Boot) -> u64 {
         interrupts::wait_until(|| rdtsc() >= start_at);
         lapic::stop_timer();
     }
+    if let Some(n) = rdtsc_loop {
+        return rdtsc_cost(n);
+    }
 
     if with_rtc {
         ioapic::route(ioapic::isa_pin(8), Route::isa(V_RTC, lapic::id() as u8));
@@ -155,7 +196,7 @@ fn guest_main(boot: &Boot) -> u64 {
         rtc::start_periodic(rs);
         interrupts::enable();
     }
-    pit::start_periodic(0);
+    pit2_start();
     let divide = lapic::divide_config(APIC_DIVIDE as u32).expect("a power of two");
     lapic::write(
         reg::LVT_TIMER,
@@ -201,7 +242,6 @@ fn guest_main(boot: &Boot) -> u64 {
         rtc::stop();
         ioapic::mask(ioapic::isa_pin(8));
     }
-    pit::stop();
     lapic::stop_timer();
 
     // Nanoseconds, exactly: ticks * 10^9 / (kHz * 1000).

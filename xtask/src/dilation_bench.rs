@@ -1,0 +1,244 @@
+//! `cargo xtask bench dilation`: how exactly a time-dilated VM's clocks keep their factor, and
+//! what one RDTSC costs with VMX TSC scaling and with RDTSC exiting.
+//!
+//! For each way of dilating the TSC (the default, TSC scaling, on `corei7_skylake_x`; then
+//! `tsc=exiting` on the same model) and each factor K of 1, 2, 5, 10, 50, 100 and 1000, one Bochs
+//! boot runs one VM at factor K with the `dilation` guest: a fixed amount of work, timed by the
+//! guest's TSC, local APIC timer and PIT. One VM per boot, so that every factor is measured in
+//! the same surroundings (VMs asleep beside it would cost the scheduler a little per quantum,
+//! which under Bochs's 4 MHz shows). A clock's perceived-rate error at factor K is
+//! `rate(K) / (K x rate_tsc(1)) - 1`, in ppm: the undilated TSC rate is the truth (Bochs time
+//! is instruction-exact). Each clock can only be read to one of its ticks, so the table also
+//! gives that resolution. A last boot per way times back-to-back RDTSCs at factor 2: its guest
+//! ticks times 2 are host ticks, which under Bochs are instructions.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::time::Duration;
+
+use crate::bench::{reports_of, today};
+use crate::build;
+use crate::cli::{Args, Spec};
+use crate::deps;
+use crate::engine::{self, BootSpec, Engine, BOCHS_CPU_MODEL};
+use crate::error::{Error, IoContext, Result};
+use crate::iso::{self, IsoSpec};
+use crate::process::{on_path, Ending};
+use crate::workspace::Workspace;
+
+const USAGE: &str = "cargo xtask bench dilation";
+const GUEST: &str = "dilation";
+/// The factors measured, and the work each VM times (LCG rounds): enough for 10^5 guest TSC
+/// ticks or more at every factor under Bochs's 4 MHz TSC.
+const FACTORS: [(u64, u64); 7] = [
+    (1, 20_000_000),
+    (2, 20_000_000),
+    (5, 20_000_000),
+    (10, 20_000_000),
+    (50, 50_000_000),
+    (100, 100_000_000),
+    (1000, 200_000_000),
+];
+const RDTSC_LOOP: u64 = 100_000;
+/// Rounds between PIT readings: at factor 1 under Bochs at 4 MHz a chunk must stay well within
+/// the PIT's 55 ms period (100 000 rounds: about 13 ms).
+const CHUNK: u64 = 100_000;
+const RDTSC_TDF: u64 = 2;
+/// The PIT's input clock, for its resolution column.
+const PIT_HZ: u64 = 1_193_182;
+
+/// `cargo xtask bench dilation`.
+pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
+    Args::parse(
+        args,
+        &Spec {
+            usage: USAGE,
+            with_value: &[],
+            positional: false,
+        },
+    )?;
+    deps::ensure_packages()?;
+    if !on_path("bochs") {
+        return Err(Error::Deps(
+            "bench dilation runs on Bochs, which is not installed".into(),
+        ));
+    }
+    build::build_all(ws)?;
+    let mut rows = Vec::new();
+    for (mode, words) in [("TSC scaling", ""), ("RDTSC exiting", "tsc=exiting")] {
+        let mut reports = BTreeMap::new();
+        for (k, steps) in FACTORS {
+            let vm = format!("rate-{k}");
+            let cmdline = format!("tdf={k} steps={steps} chunk={CHUNK}");
+            reports.insert(vm.clone(), boot(ws, mode, words, &vm, k, &cmdline)?);
+        }
+        let cmdline = format!("tdf={RDTSC_TDF} rdtsc_loop={RDTSC_LOOP}");
+        let r = boot(ws, mode, words, "rdtsc", RDTSC_TDF, &cmdline)?;
+        reports.insert("rdtsc".to_owned(), r);
+        rows.push((mode, reports));
+    }
+    println!();
+    println!(
+        "bench dilation: Bochs {BOCHS_CPU_MODEL}, {} instructions per emulated second",
+        engine::BOCHS_IPS
+    );
+    println!(
+        "  clock error: the local APIC timer's and the PIT's elapsed time against the guest's TSC \
+         (ppm); work rate: rate(K) / (K x rate(1)) - 1 by the TSC (ppm), which also holds the \
+         hypervisor's own per-exit cost, which differs by factor and way"
+    );
+    for (mode, reports) in &rows {
+        println!();
+        println!("  {mode}:");
+        println!(
+            "  {:>6} {:>10} {:>10} {:>12} {:>24}",
+            "factor", "APIC ppm", "PIT ppm", "work rate ppm", "resolution TSC / PIT ppm"
+        );
+        for (k, _) in FACTORS {
+            let line = Line::of(reports, k)?;
+            println!(
+                "  {k:>6} {:>10} {:>10} {:>12.0} {:>13.1} / {:.1}",
+                line.apic_ppm,
+                line.pit_ppm,
+                line.work_ppm,
+                line.tsc_resolution,
+                line.pit_resolution
+            );
+        }
+        let ticks = value(reports, "rdtsc", "rdtsc_ticks_x100")? * RDTSC_TDF;
+        println!(
+            "  one RDTSC at factor {RDTSC_TDF}: {}.{:02} host ticks (instructions)",
+            ticks / 100,
+            ticks % 100
+        );
+    }
+    println!();
+    println!("Rows for docs/benchmarks.md (ppm: APIC vs TSC / PIT vs TSC / work rate):");
+    print!("| date | mode |");
+    for (k, _) in FACTORS {
+        print!(" K={k} |");
+    }
+    println!(" RDTSC host ticks |");
+    for (mode, reports) in &rows {
+        print!("| {} | {mode} |", today());
+        for (k, _) in FACTORS {
+            let line = Line::of(reports, k)?;
+            print!(
+                " {} / {} / {:+.0} |",
+                line.apic_ppm, line.pit_ppm, line.work_ppm
+            );
+        }
+        let ticks = value(reports, "rdtsc", "rdtsc_ticks_x100")? * RDTSC_TDF;
+        println!(" {}.{:02} |", ticks / 100, ticks % 100);
+    }
+    Ok(())
+}
+
+/// One factor's figures.
+struct Line {
+    apic_ppm: u64,
+    pit_ppm: u64,
+    work_ppm: f64,
+    tsc_resolution: f64,
+    pit_resolution: f64,
+}
+
+impl Line {
+    fn of(reports: &BTreeMap<String, BTreeMap<String, u64>>, k: u64) -> Result<Line> {
+        let vm = format!("rate-{k}");
+        let base = value(reports, "rate-1", "rate_tsc")? as f64;
+        let guest_s = value(reports, &vm, "guest_us")? as f64 / 1e6;
+        Ok(Line {
+            apic_ppm: value(reports, &vm, "lapic_ppm")?,
+            pit_ppm: value(reports, &vm, "pit_ppm")?,
+            work_ppm: (value(reports, &vm, "rate_tsc")? as f64 / (k as f64 * base) - 1.0) * 1e6,
+            tsc_resolution: 1e6 / (guest_s * engine::BOCHS_IPS as f64),
+            pit_resolution: 1e6 / (guest_s * PIT_HZ as f64),
+        })
+    }
+}
+
+/// The manifest of one boot: one VM `name` at factor `k` with the guest's `cmdline`.
+fn manifest_text(name: &str, k: u64, cmdline: &str) -> String {
+    format!(
+        "# Written by `cargo xtask bench dilation`.\n[[vm]]\nname = \"{name}\"\n\
+         memory_mib = 4\nimage = \"{GUEST}\"\ntime_dilation = {k}\ncmdline = \"{cmdline}\"\n"
+    )
+}
+
+/// Boots one VM and returns its reports.
+fn boot(
+    ws: &Workspace,
+    mode: &str,
+    words: &str,
+    name: &str,
+    k: u64,
+    cmdline: &str,
+) -> Result<BTreeMap<String, u64>> {
+    let way = if words.is_empty() {
+        "scaling"
+    } else {
+        "exiting"
+    };
+    let dir = ws.scratch("bench-dilation").join(format!("{way}-{name}"));
+    fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+    let manifest = dir.join("manifest.toml");
+    fs::write(&manifest, manifest_text(name, k, cmdline))
+        .context(|| format!("writing {}", manifest.display()))?;
+    let iso_path = dir.join("bench.iso");
+    let hv_cmdline = format!("exit=emulator log=info {words}");
+    let spec = IsoSpec::from_build(ws, &manifest, &[GUEST.to_owned()], hv_cmdline.trim())?;
+    iso::make_iso(ws, &spec, &dir.join("iso-root"), &iso_path)?;
+    let boot = BootSpec {
+        engine: Engine::Bochs,
+        iso: iso_path,
+        dir,
+        timeout: Duration::from_secs(900),
+        bochs_ips: engine::BOCHS_IPS,
+        bochs_cpu: BOCHS_CPU_MODEL.to_owned(),
+    };
+    println!("bench dilation: {mode}, {name} on Bochs ...");
+    let outcome = engine::boot(&boot, || {})?;
+    let serial = boot.serial_log();
+    let log = fs::read(&serial).context(|| format!("reading {}", serial.display()))?;
+    let log = String::from_utf8_lossy(&log);
+    if outcome.ending == Ending::TimedOut {
+        return Err(Error::Failed(format!(
+            "bench dilation: {mode}, {name} did not finish (log {})",
+            serial.display()
+        )));
+    }
+    let exited = format!("[INFO] vm {name}: exited with code 0");
+    if !log.lines().any(|line| line.contains(&exited)) {
+        return Err(Error::Failed(format!(
+            "bench dilation: {mode}, {name} did not exit cleanly (log {})",
+            serial.display()
+        )));
+    }
+    Ok(reports_of(&log, name))
+}
+
+fn value(reports: &BTreeMap<String, BTreeMap<String, u64>>, vm: &str, key: &str) -> Result<u64> {
+    reports
+        .get(vm)
+        .and_then(|r| r.get(key))
+        .copied()
+        .ok_or_else(|| Error::Failed(format!("bench dilation: VM {vm} did not report {key}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_valid() {
+        for (k, steps) in FACTORS {
+            let cmdline = format!("tdf={k} steps={steps} chunk={CHUNK}");
+            let text = manifest_text("rate", k, &cmdline);
+            let parsed = hv_manifest::parse(&text, &hv_manifest::HostLimits::default()).unwrap();
+            assert_eq!(parsed.errors, []);
+            assert_eq!(parsed.vms[0].time_dilation_milli, k as u32 * 1000);
+            assert_eq!(parsed.vms[0].cmdline, cmdline);
+        }
+    }
+}
