@@ -925,7 +925,8 @@ pub fn run_all(
         let quantum = sched::us_to_tsc(vms[i].core.quantum_us(), host.tsc_hz);
         let start = rdtsc();
         vms[i].core.acct.schedule_in(start);
-        let deadline = start.saturating_add(vms[i].core.acct.next_quantum(quantum));
+        let slice = vms[i].core.acct.next_quantum(quantum);
+        let mut deadline = start.saturating_add(slice);
         vms[i].core.boosted = false;
         // A halted VM's timer ends this quantum when it is due, so that the sleeper answers it
         // without waiting for the quantum's end (it runs next: boosted).
@@ -968,6 +969,12 @@ pub fn run_all(
                     retried_late = true;
                 }
                 entries += 1;
+                if entries == 1 {
+                    // The quantum counts from the first entry: what the hypervisor did since the
+                    // VM was picked (the switch, the checks before it) is not the VM's time.
+                    // Under a short quantum it could otherwise take all of it.
+                    deadline = now.saturating_add(slice);
+                }
                 retry_after_fault = false;
                 crate::serial::pump();
                 let vm = &mut vms[i];
@@ -981,10 +988,14 @@ pub fn run_all(
                 // at its fastest, an expiry whose interrupt the guest cannot take yet) still
                 // leaves it MIN_SLICE_US to run, so that it always makes progress (its handler
                 // can stop a storm) instead of exiting before its first instruction, entry
-                // after entry.
+                // after entry. Likewise the first entry of a quantum runs MIN_SLICE_US at least:
+                // the hypervisor's own work before it (a scan step, switching VMs) can take
+                // longer than a short quantum, and the guest must still get somewhere.
+                let first = if entries == 1 { now + min_slice } else { 0 };
                 let stop = deadline
                     .min(others_wake)
-                    .min(vm.core.platform_deadline().max(now + min_slice));
+                    .min(vm.core.platform_deadline().max(now + min_slice))
+                    .max(first);
                 vmwrite(
                     f::PREEMPTION_TIMER_VALUE,
                     sched::preemption_timer_value(stop.saturating_sub(now), rate).into(),

@@ -1,7 +1,8 @@
 //! Round-robin scheduling of single-vCPU VMs on one physical CPU, and per-VM statistics.
 //!
 //! A VM runs until its quantum (from the manifest) is used up or until it yields (HLT, the
-//! yield hypercall). Quanta are measured on the host clock (TSC) from schedule-in, exit handling
+//! yield hypercall). Quanta are measured on the host clock (TSC) from the VM's first entry (what the
+//! hypervisor does between picking the VM and entering it is not the VM's), exit handling
 //! included: the kernel reloads the VMX-preemption timer from the quantum's deadline before
 //! every VM entry and ends the quantum once the deadline has passed, so a VM that causes many or
 //! costly exits pays for them out of its own quantum. What one exit overruns the deadline by is

@@ -26,7 +26,8 @@
 //!   `rdtsc_ticks_x100`, guest TSC ticks per RDTSC x 100 (`cargo xtask bench dilation`).
 //! - `tsc_khz=N` to override CPUID leaf 0x4000_0010.
 //!
-//! Reports (rounds per guest second): `rate_tsc`, `rate_lapic`, `rate_pit`, `rate_rtc` (with
+//! At start it reports what the VM-info hypercall says of its dilation and share
+//! (`info_time_dilation_milli`, `info_cpu_share`). Reports (rounds per guest second): `rate_tsc`, `rate_lapic`, `rate_pit`, `rate_rtc` (with
 //! `rtc`); how far each other clock's elapsed time is from the TSC's, in parts per million:
 //! `lapic_ppm`, `pit_ppm`, `rtc_ppm`; `guest_us` (by the TSC) and `tsc_backsteps`
 //! (RDTSC reading lower than the read before it: never on a CPU). Checks: the TSC never goes
@@ -36,6 +37,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
+use guest_abi::guest;
 use test_guests::checks::Checks;
 use test_guests::cpu::{self, rdtsc};
 use test_guests::interrupts::{self, Interrupted};
@@ -163,6 +165,16 @@ fn guest_main(boot: &Boot) -> u64 {
     };
     let with_rtc = c.has("rtc");
     let begun = rdtsc();
+    match guest::vm_info() {
+        Ok(info) => {
+            rt::report(
+                "info_time_dilation_milli",
+                u64::from(info.time_dilation_milli),
+            );
+            rt::report("info_cpu_share", u64::from(info.cpu_share));
+        }
+        Err(e) => println!("vm_info refused: {e:?}"),
+    }
     let rdtsc_loop = match c.u64("rdtsc_loop") {
         Ok(n) => n.filter(|&n| n > 0),
         Err(e) => return rt::usage_error(e),
