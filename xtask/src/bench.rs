@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::build;
@@ -156,46 +157,21 @@ fn manifest_text(n: u64) -> String {
 }
 
 fn bench_run(ws: &Workspace, n: u64) -> Result<BenchRun> {
-    let dir = ws.scratch("bench-exits").join(format!("n-{n}"));
-    fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
-    let manifest = dir.join("manifest.toml");
-    fs::write(&manifest, manifest_text(n)).context(|| format!("writing {}", manifest.display()))?;
-    let iso_path = dir.join("bench.iso");
-    let spec = IsoSpec::from_build(ws, &manifest, &[GUEST.to_owned()], "exit=emulator log=info")?;
-    iso::make_iso(ws, &spec, &dir.join("iso-root"), &iso_path)?;
     // Generous: Bochs does ~200k exits/s; allow for a machine 20x slower plus the boot.
     let timeout = Duration::from_secs(120 + 3 * n / 10_000);
-    let boot = BootSpec {
-        engine: Engine::Bochs,
-        iso: iso_path,
-        dir,
+    let booted = boot_one(&OneVm {
+        ws,
+        dir: ws.scratch("bench-exits").join(format!("n-{n}")),
+        manifest: &manifest_text(n),
+        image: GUEST,
+        hv_cmdline: "exit=emulator log=info",
+        vm: VM,
         timeout,
-        bochs_ips: engine::BOCHS_IPS,
-        bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
-    };
-    println!("bench exits: n={n} on Bochs ...");
-    let outcome = engine::boot(&boot, || {})?;
-    let serial = boot.serial_log();
-    let log = fs::read(&serial).context(|| format!("reading {}", serial.display()))?;
-    let log = String::from_utf8_lossy(&log);
-    if outcome.ending == Ending::TimedOut {
-        return Err(Error::Failed(format!(
-            "bench exits: n={n} did not finish within {} s (log {})",
-            timeout.as_secs(),
-            serial.display()
-        )));
-    }
-    let exited = format!("[INFO] vm {VM}: exited with code 0");
-    if !log.lines().any(|line| line.contains(&exited)) {
-        return Err(Error::Failed(format!(
-            "bench exits: the guest did not exit cleanly with n={n} (log {})",
-            serial.display()
-        )));
-    }
-    let reports = reports_of(&log, VM);
+        what: &format!("bench exits, n={n}"),
+    })?;
     let run = BenchRun {
-        wall: outcome.wall,
-        reports,
+        wall: booted.wall,
+        reports: booted.reports,
         n,
     };
     if run.report("bench_n")? != n {
@@ -205,6 +181,72 @@ fn bench_run(ws: &Workspace, n: u64) -> Result<BenchRun> {
         )));
     }
     Ok(run)
+}
+
+/// One benchmark boot of one VM under Bochs (the default model and rate).
+pub(crate) struct OneVm<'a> {
+    pub ws: &'a Workspace,
+    /// Where the manifest, the ISO and the logs go.
+    pub dir: PathBuf,
+    pub manifest: &'a str,
+    /// The one guest image.
+    pub image: &'a str,
+    pub hv_cmdline: &'a str,
+    /// The VM whose reports are read; it must exit with code 0.
+    pub vm: &'a str,
+    pub timeout: Duration,
+    /// For messages: `bench exits, n=100`.
+    pub what: &'a str,
+}
+
+/// What a benchmark boot gives back.
+pub(crate) struct Booted {
+    pub wall: Duration,
+    pub reports: BTreeMap<String, u64>,
+}
+
+/// Boots `one` and returns the VM's reports, or why it did not finish cleanly.
+pub(crate) fn boot_one(one: &OneVm<'_>) -> Result<Booted> {
+    let dir = &one.dir;
+    fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+    let manifest = dir.join("manifest.toml");
+    fs::write(&manifest, one.manifest).context(|| format!("writing {}", manifest.display()))?;
+    let iso_path = dir.join("bench.iso");
+    let spec = IsoSpec::from_build(one.ws, &manifest, &[one.image.to_owned()], one.hv_cmdline)?;
+    iso::make_iso(one.ws, &spec, &dir.join("iso-root"), &iso_path)?;
+    let boot = BootSpec {
+        engine: Engine::Bochs,
+        iso: iso_path,
+        dir: dir.clone(),
+        timeout: one.timeout,
+        bochs_ips: engine::BOCHS_IPS,
+        bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
+    };
+    println!("{} on Bochs ...", one.what);
+    let outcome = engine::boot(&boot, || {})?;
+    let serial = boot.serial_log();
+    let log = fs::read(&serial).context(|| format!("reading {}", serial.display()))?;
+    let log = String::from_utf8_lossy(&log);
+    if outcome.ending == Ending::TimedOut {
+        return Err(Error::Failed(format!(
+            "{} did not finish within {} s (log {})",
+            one.what,
+            one.timeout.as_secs(),
+            serial.display()
+        )));
+    }
+    let exited = format!("[INFO] vm {}: exited with code 0", one.vm);
+    if !log.lines().any(|line| line.contains(&exited)) {
+        return Err(Error::Failed(format!(
+            "{}: the guest did not exit cleanly (log {})",
+            one.what,
+            serial.display()
+        )));
+    }
+    Ok(Booted {
+        wall: outcome.wall,
+        reports: reports_of(&log, one.vm),
+    })
 }
 
 /// The `[INFO] vm NAME: report KEY=VALUE` values of VM `vm`.

@@ -13,17 +13,15 @@
 //! ticks times 2 are host ticks, which under Bochs are instructions.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::time::Duration;
 
-use crate::bench::{reports_of, today};
+use crate::bench::{boot_one, today, OneVm};
 use crate::build;
 use crate::cli::{Args, Spec};
 use crate::deps;
-use crate::engine::{self, BootSpec, Engine, BOCHS_CPU_MODEL};
-use crate::error::{Error, IoContext, Result};
-use crate::iso::{self, IsoSpec};
-use crate::process::{on_path, Ending};
+use crate::engine::{self, BOCHS_CPU_MODEL};
+use crate::error::{Error, Result};
+use crate::process::on_path;
 use crate::workspace::Workspace;
 
 const USAGE: &str = "cargo xtask bench dilation";
@@ -180,42 +178,18 @@ fn boot(
     } else {
         "exiting"
     };
-    let dir = ws.scratch("bench-dilation").join(format!("{way}-{name}"));
-    fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
-    let manifest = dir.join("manifest.toml");
-    fs::write(&manifest, manifest_text(name, k, cmdline))
-        .context(|| format!("writing {}", manifest.display()))?;
-    let iso_path = dir.join("bench.iso");
     let hv_cmdline = format!("exit=emulator log=info {words}");
-    let spec = IsoSpec::from_build(ws, &manifest, &[GUEST.to_owned()], hv_cmdline.trim())?;
-    iso::make_iso(ws, &spec, &dir.join("iso-root"), &iso_path)?;
-    let boot = BootSpec {
-        engine: Engine::Bochs,
-        iso: iso_path,
-        dir,
+    let booted = boot_one(&OneVm {
+        ws,
+        dir: ws.scratch("bench-dilation").join(format!("{way}-{name}")),
+        manifest: &manifest_text(name, k, cmdline),
+        image: GUEST,
+        hv_cmdline: hv_cmdline.trim(),
+        vm: name,
         timeout: Duration::from_secs(900),
-        bochs_ips: engine::BOCHS_IPS,
-        bochs_cpu: BOCHS_CPU_MODEL.to_owned(),
-    };
-    println!("bench dilation: {mode}, {name} on Bochs ...");
-    let outcome = engine::boot(&boot, || {})?;
-    let serial = boot.serial_log();
-    let log = fs::read(&serial).context(|| format!("reading {}", serial.display()))?;
-    let log = String::from_utf8_lossy(&log);
-    if outcome.ending == Ending::TimedOut {
-        return Err(Error::Failed(format!(
-            "bench dilation: {mode}, {name} did not finish (log {})",
-            serial.display()
-        )));
-    }
-    let exited = format!("[INFO] vm {name}: exited with code 0");
-    if !log.lines().any(|line| line.contains(&exited)) {
-        return Err(Error::Failed(format!(
-            "bench dilation: {mode}, {name} did not exit cleanly (log {})",
-            serial.display()
-        )));
-    }
-    Ok(reports_of(&log, name))
+        what: &format!("bench dilation: {mode}, {name}"),
+    })?;
+    Ok(booted.reports)
 }
 
 fn value(reports: &BTreeMap<String, BTreeMap<String, u64>>, vm: &str, key: &str) -> Result<u64> {
