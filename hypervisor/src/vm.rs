@@ -109,7 +109,7 @@ pub struct Vm {
 struct VcpuHw {
     regs: GuestRegisters,
     /// The VM's primary processor-based controls without the window bits: the host's, plus
-    /// TSC offsetting or RDTSC exiting for a dilated VM.
+    /// TSC offsetting or RDTSC exiting for a dilated VM (or one that wrote IA32_TSC).
     primary: u32,
     /// x87/SSE/AVX state, XCR0, DR0-DR3, DR6, CR2 and the switched MSRs while off the CPU.
     cpu: CpuState,
@@ -754,6 +754,26 @@ impl Vcpu for VmxVcpu<'_> {
 
     fn tsc(&mut self) -> u64 {
         rdtsc()
+    }
+
+    /// With RDTSC exiting the exit policy computes the TSC itself; otherwise the VMCS offset
+    /// carries the guest's write, with TSC offsetting turned on for an undilated VM that had
+    /// none (or RDTSC exiting, on a CPU without offsetting).
+    fn set_tsc_offset(&mut self, offset: u64) {
+        let exiting = PrimaryProcBased::RDTSC_EXITING.bits();
+        let offsetting = PrimaryProcBased::USE_TSC_OFFSETTING.bits();
+        if self.hw.primary & exiting != 0 {
+            return;
+        }
+        if self.hw.primary & offsetting == 0 {
+            self.hw.primary |= if self.controls.tsc_offsetting {
+                offsetting
+            } else {
+                exiting
+            };
+            self.write_windows();
+        }
+        vmwrite(f::TSC_OFFSET, offset);
     }
 
     fn host_interrupt(&mut self, vector: u8) {

@@ -27,6 +27,9 @@ use crate::policy::CpuPolicy;
 use crate::vcpu::{interruptibility, rflags, Reg, Vcpu};
 use crate::vm::Vm;
 
+/// IA32_TSC_DEADLINE, the platform's (local APIC) MSR that holds a TSC value.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
 /// What the exit handler decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Next {
@@ -278,7 +281,7 @@ fn handle_other_exit<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext, exit:
         // without TSC scaling: the exit computes what the CPU would (crate::clock). CR4.TSD
         // with CPL > 0 faults before the exit (SDM 26.1.1), so it never gets here.
         VmExit::Rdtsc | VmExit::Rdtscp => {
-            let now = vm.guest_tsc(cpu.tsc());
+            let now = vm.tsc_value(cpu.tsc());
             let aux = if exit == VmExit::Rdtscp {
                 Some(cpu.read_cpu_msr(Msr::TscAux.index()))
             } else {
@@ -542,13 +545,28 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
     // The local APIC's MSRs (IA32_APIC_BASE, TSC deadline, x2APIC) are the platform's.
     if hv_platform::Platform::owns_msr(index) {
         let now = vm.guest_tsc(cpu.tsc());
+        // The TSC deadline is a TSC value, the platform counts in its own time: they differ by
+        // what the guest wrote to IA32_TSC. 0 disarms; a deadline that maps to 0 is past.
+        let deadline = index == MSR_TSC_DEADLINE;
         if write {
+            let value = match value.wrapping_sub(vm.tsc_adjust) {
+                0 if deadline && value != 0 => 1,
+                v if deadline && value != 0 => v,
+                _ => value,
+            };
             if vm.platform.msr_write(index, value, now) != Some(Ok(())) {
                 return inject_gp(cpu);
             }
         } else {
             match vm.platform.msr_read(index, now) {
-                Some(Ok(v)) => cpu.regs().set_edx_eax(v),
+                Some(Ok(v)) => {
+                    let v = if deadline && v != 0 {
+                        v.wrapping_add(vm.tsc_adjust)
+                    } else {
+                        v
+                    };
+                    cpu.regs().set_edx_eax(v)
+                }
                 _ => return inject_gp(cpu),
             }
         }
@@ -570,6 +588,12 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
         match m.home() {
             Home::Vmcs => cpu.write_msr(m, value),
             Home::Switched(_) => cpu.write_cpu_msr(index, value),
+            Home::Computed if m == Msr::Tsc => {
+                // The clock runs on; the TSC reads `value` now (SDM 17.17: a write of IA32_TSC
+                // sets the counter).
+                vm.tsc_adjust = value.wrapping_sub(vm.guest_tsc(cpu.tsc()));
+                cpu.set_tsc_offset(vm.tsc_offset());
+            }
             Home::Computed => {} // XSS = 0 accepted; nothing to store
         }
     } else {
@@ -578,7 +602,7 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
             // SWAPGS changes KERNEL_GS_BASE without an exit, so the CPU's value is the current
             // one.
             Home::Switched(_) => cpu.read_cpu_msr(index),
-            Home::Computed if m == Msr::Tsc => vm.guest_tsc(cpu.tsc()),
+            Home::Computed if m == Msr::Tsc => vm.tsc_value(cpu.tsc()),
             Home::Computed => 0,
         };
         cpu.regs().set_edx_eax(v);

@@ -11,8 +11,9 @@
 /// The MSRs guests may access, by architectural name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Msr {
-    /// IA32_TSC (0x10): read-only here (the host's TSC; writes raise #GP until TSC offsetting
-    /// per VM exists).
+    /// IA32_TSC (0x10): the VM's own TSC (hv_vm::clock plus what the guest wrote); a write
+    /// sets it, through the VMCS TSC offset or, with RDTSC exiting, in software. Not stored
+    /// here: the exit policy computes it.
     Tsc,
     SysenterCs,
     SysenterEsp,
@@ -139,7 +140,8 @@ impl Msr {
     /// is read-only).
     pub fn check_write(self, value: u64, current: u64) -> Result<u64, GeneralProtection> {
         let ok = match self {
-            Self::Tsc => false,
+            // Any value: the TSC is a free-running 64-bit counter.
+            Self::Tsc => true,
             // Addresses the CPU loads into RIP/RSP or a segment base must be canonical.
             Self::SysenterEsp
             | Self::SysenterEip
@@ -288,7 +290,8 @@ mod tests {
         assert_eq!(Msr::Star.check_write(u64::MAX, 0), Ok(u64::MAX));
         assert_eq!(Msr::Xss.check_write(0, 0), Ok(0));
         assert_eq!(Msr::Xss.check_write(1 << 8, 0), Err(GeneralProtection));
-        assert_eq!(Msr::Tsc.check_write(5, 0), Err(GeneralProtection));
+        assert_eq!(Msr::Tsc.check_write(5, 0), Ok(5));
+        assert_eq!(Msr::Tsc.check_write(u64::MAX, 0), Ok(u64::MAX));
         assert_eq!(Msr::DebugCtl.check_write(2, 0), Ok(2));
         assert_eq!(Msr::DebugCtl.check_write(1, 0), Err(GeneralProtection));
         assert_eq!(Msr::SysenterCs.check_write(0x1_0000_0010, 0), Ok(0x10));

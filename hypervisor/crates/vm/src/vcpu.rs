@@ -103,6 +103,10 @@ pub trait Vcpu {
     fn set_cr2(&mut self, value: u64);
     /// The host's time stamp counter.
     fn tsc(&mut self) -> u64;
+    /// Makes the guest's RDTSC return its clock plus what it wrote to IA32_TSC: `offset` is
+    /// the VMCS TSC offset for that (with the clock's multiplier). A backend that computes the
+    /// guest's TSC in software (RDTSC exiting) has nothing to do.
+    fn set_tsc_offset(&mut self, offset: u64);
     /// A host interrupt arrived during the guest: acknowledge it at its controller.
     fn host_interrupt(&mut self, vector: u8);
     /// A host NMI arrived during the guest.
@@ -147,6 +151,8 @@ pub mod fake {
         pub xcr0: u64,
         pub cr2: u64,
         pub tsc: u64,
+        /// The last [`Vcpu::set_tsc_offset`].
+        pub tsc_offset: Option<u64>,
         pub caches_written_back: u32,
         pub host_interrupts: Vec<u8>,
         pub host_nmis: u32,
@@ -173,6 +179,7 @@ pub mod fake {
                 xcr0: 1,
                 cr2: 0,
                 tsc: 1_000_000,
+                tsc_offset: None,
                 caches_written_back: 0,
                 host_interrupts: Vec::new(),
                 host_nmis: 0,
@@ -286,6 +293,9 @@ pub mod fake {
         }
         fn tsc(&mut self) -> u64 {
             self.tsc
+        }
+        fn set_tsc_offset(&mut self, offset: u64) {
+            self.tsc_offset = Some(offset);
         }
         fn host_interrupt(&mut self, vector: u8) {
             self.host_interrupts.push(vector);

@@ -27,8 +27,12 @@ pub struct Vm {
     /// The devices the guest sees (docs/platform.md). Their timers count in the guest's TSC
     /// ([`Self::clock`]).
     pub platform: Platform,
-    /// The guest's TSC as a function of the host's (time dilation).
+    /// The guest's TSC as a function of the host's (time dilation): the platform's time.
     clock: GuestClock,
+    /// What the guest's WRMSRs of IA32_TSC moved its TSC by (wrapping): RDTSC and IA32_TSC read
+    /// the clock plus this, and the TSC-deadline timer is armed in that space. The platform's
+    /// time does not jump with it, as the PIT, RTC and APIC timer of a CPU do not.
+    pub tsc_adjust: u64,
     /// The platform's last deadline (guest TSC) and when it falls on the host's clock: the
     /// conversion divides in 128 bits, and the run loop asks before every entry.
     deadline_cache: Cell<(u64, u64)>,
@@ -81,6 +85,7 @@ impl Vm {
             platform,
             clock,
             deadline_cache: Cell::new((u64::MAX, u64::MAX)),
+            tsc_adjust: 0,
             halted: None,
             boosted: false,
             console: LineBuffer::default(),
@@ -188,10 +193,22 @@ impl Vm {
         self.deadline_cache.set((u64::MAX, u64::MAX));
     }
 
-    /// The guest's TSC at host time `host`.
+    /// The platform's time at host time `host`: the guest's TSC before any write of it.
     #[inline]
     pub fn guest_tsc(&self, host: u64) -> u64 {
         self.clock.guest(host)
+    }
+
+    /// What RDTSC returns in the guest at host time `host`.
+    #[inline]
+    pub fn tsc_value(&self, host: u64) -> u64 {
+        self.clock.guest(host).wrapping_add(self.tsc_adjust)
+    }
+
+    /// The VMCS TSC offset that makes the CPU's RDTSC return [`Self::tsc_value`] (with the
+    /// clock's multiplier).
+    pub fn tsc_offset(&self) -> u64 {
+        self.clock.offset().wrapping_add(self.tsc_adjust)
     }
 
     /// Moves what the guest sent on COM1 into its console lines.

@@ -101,6 +101,9 @@ pub struct VmcsControls {
     pub tsc_scaling: bool,
     /// "RDTSC exiting" may be set (every VMX CPU has it).
     pub rdtsc_exiting: bool,
+    /// "Use TSC offsetting" may be set (so may a guest's WRMSR of IA32_TSC be carried out in
+    /// hardware).
+    pub tsc_offsetting: bool,
     /// IA32_EFER is switched by the VM-entry/VM-exit load controls (else by the VMCS MSR-load
     /// lists, see the kernel's `vm.rs`).
     pub load_efer: bool,
@@ -313,6 +316,9 @@ impl VmcsControls {
                     != 0,
             rdtsc_exiting: caps.primary_proc_based().may_be_one()
                 & PrimaryProcBased::RDTSC_EXITING.bits()
+                != 0,
+            tsc_offsetting: caps.primary_proc_based().may_be_one()
+                & PrimaryProcBased::USE_TSC_OFFSETTING.bits()
                 != 0,
             load_efer,
             load_pat,

@@ -22,6 +22,10 @@
 //!   only exits while measuring: 3 per chunk; a chunk must take less than the PIT's 55 ms of
 //!   guest time).
 //! - `rtc`: also count the RTC's periodic interrupt.
+//! - `tsc_write`: first move the TSC 2^40 ticks ahead with a WRMSR of IA32_TSC, and check
+//!   that RDTSC follows (`dilation_tsc_write`); the sleep until `start_ms` then runs on a TSC
+//!   deadline armed in the moved TSC's terms (a hypervisor that mixed the two up would never
+//!   wake the guest, or wake it at once with no timer left: the run would not end).
 //! - `rdtsc_loop=N`: instead of the work, time N back-to-back RDTSCs (after `start_ms`) and report
 //!   `rdtsc_ticks_x100`, guest TSC ticks per RDTSC x 100 (`cargo xtask bench dilation`).
 //! - `tsc_khz=N` to override CPUID leaf 0x4000_0010.
@@ -57,6 +61,7 @@ const APIC_BUS_HZ: u64 = 1_000_000_000;
 /// The APIC timer's divider while measuring: 2^32 counts last 68.7 s of guest time.
 const APIC_DIVIDE: u64 = 16;
 const RTC_HZ: u64 = 1024;
+const IA32_TSC: u32 = 0x10;
 
 static RTC_TICKS: AtomicU64 = AtomicU64::new(0);
 
@@ -164,6 +169,22 @@ fn guest_main(boot: &Boot) -> u64 {
         Err(e) => return rt::usage_error(e),
     };
     let with_rtc = c.has("rtc");
+    let mut checks = Checks::new();
+    if c.has("tsc_write") {
+        const AHEAD: u64 = 1 << 40;
+        let before = rdtsc();
+        // SAFETY: IA32_TSC exists on every x86-64 CPU; moving this VM's TSC is the test.
+        unsafe { cpu::wrmsr(IA32_TSC, before + AHEAD) };
+        let after = rdtsc();
+        checks.check(
+            "dilation_tsc_write",
+            after >= before + AHEAD && after - (before + AHEAD) < clock.ms_to_ticks(10),
+            format_args!(
+                "RDTSC read {before:#x}, wrote {:#x}, then read {after:#x}",
+                before + AHEAD
+            ),
+        );
+    }
     let begun = rdtsc();
     match guest::vm_info() {
         Ok(info) => {
@@ -270,7 +291,6 @@ fn guest_main(boot: &Boot) -> u64 {
     let (lapic_ppm, pit_ppm) = (ppm(apic_ns, tsc_ns), ppm(pit_ns, tsc_ns));
     rt::report("lapic_ppm", lapic_ppm);
     rt::report("pit_ppm", pit_ppm);
-    let mut checks = Checks::new();
     checks.check(
         "dilation_tsc_monotonic",
         backsteps == 0,

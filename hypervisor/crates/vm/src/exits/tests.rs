@@ -634,6 +634,49 @@ fn a_dilated_vm_counts_its_timers_and_tsc_in_its_own_time() {
 }
 
 #[test]
+fn writing_the_tsc_moves_rdtsc_and_the_deadline_but_not_the_platform() {
+    let mut r = Rig::new();
+    r.vm.set_clock(GuestClock::dilated(2000, 1_000_000));
+    r.cpu.tsc = 1_000_000;
+    // WRMSR IA32_TSC = 5_000_000 at guest time 1_000_000.
+    r.cpu.regs.rcx = 0x10;
+    r.cpu.regs.set_edx_eax(5_000_000);
+    assert_eq!(r.exit(VmExit::Wrmsr), Next::Resume);
+    assert!(r.cpu.injected.is_empty());
+    assert_eq!(r.vm.tsc_adjust, 4_000_000);
+    assert_eq!(
+        r.cpu.tsc_offset,
+        Some(r.vm.clock().offset().wrapping_add(4_000_000))
+    );
+    // 200 host ticks later the guest's TSC has moved 100 (factor 2): by RDMSR and RDTSC exit.
+    r.cpu.tsc = 1_000_200;
+    r.cpu.regs.rcx = 0x10;
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.regs.edx_eax(), 5_000_100);
+    r.exit(VmExit::Rdtsc);
+    assert_eq!(r.cpu.regs.edx_eax(), 5_000_100);
+    // A TSC deadline 100 ticks ahead in the written TSC's space fires 100 guest ticks on:
+    // host 1_000_400. It reads back as written.
+    arm_deadline_timer(&mut r, 0x41, 5_000_200);
+    assert_eq!(r.vm.platform_deadline(), 1_000_400);
+    r.cpu.regs.rcx = 0x6e0;
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.regs.edx_eax(), 5_000_200);
+    // A deadline written as 0 disarms; one that maps to the platform's 0 is past, not 0.
+    r.cpu.regs.rcx = 0x6e0;
+    r.cpu.regs.set_edx_eax(4_000_000);
+    r.exit(VmExit::Wrmsr);
+    assert!(
+        r.vm.platform.interrupt_waiting(),
+        "due at once: its interrupt waits"
+    );
+    r.cpu.regs.set_edx_eax(0);
+    r.exit(VmExit::Wrmsr);
+    r.exit(VmExit::Rdmsr);
+    assert_eq!(r.cpu.regs.edx_eax(), 0);
+}
+
+#[test]
 fn rdtsc_exits_compute_the_dilated_tsc() {
     let mut r = Rig::new();
     r.vm.set_clock(GuestClock::dilated(2500, 1_000_000));
