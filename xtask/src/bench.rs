@@ -167,6 +167,7 @@ fn bench_run(ws: &Workspace, n: u64) -> Result<BenchRun> {
         hv_cmdline: "exit=emulator log=info",
         vm: VM,
         timeout,
+        bochs_ips: engine::BOCHS_IPS,
         what: &format!("bench exits, n={n}"),
     })?;
     let run = BenchRun {
@@ -195,6 +196,8 @@ pub(crate) struct OneVm<'a> {
     /// The VM whose reports are read; it must exit with code 0.
     pub vm: &'a str,
     pub timeout: Duration,
+    /// Bochs's instructions per emulated second.
+    pub bochs_ips: u64,
     /// For messages: `bench exits, n=100`.
     pub what: &'a str,
 }
@@ -219,7 +222,7 @@ pub(crate) fn boot_one(one: &OneVm<'_>) -> Result<Booted> {
         iso: iso_path,
         dir: dir.clone(),
         timeout: one.timeout,
-        bochs_ips: engine::BOCHS_IPS,
+        bochs_ips: one.bochs_ips,
         bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
     };
     println!("{} on Bochs ...", one.what);
