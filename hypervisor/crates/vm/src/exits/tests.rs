@@ -89,6 +89,20 @@ impl Rig {
         )
     }
 
+    /// WRMSR of `value` to `index`.
+    fn wrmsr(&mut self, index: u32, value: u64) -> Next {
+        self.cpu.regs.rcx = index.into();
+        self.cpu.regs.set_edx_eax(value);
+        self.exit(VmExit::Wrmsr)
+    }
+
+    /// RDMSR of `index`: EDX:EAX after it.
+    fn rdmsr(&mut self, index: u32) -> u64 {
+        self.cpu.regs.rcx = index.into();
+        self.exit(VmExit::Rdmsr);
+        self.cpu.regs.edx_eax()
+    }
+
     /// The check before a VM entry, at the fake vCPU's TSC.
     fn before_entry(&mut self) {
         let now = self.cpu.tsc;
@@ -571,9 +585,7 @@ fn arm_deadline_timer(r: &mut Rig, vector: u64, at: u64) {
         (0x832, (2 << 17) | vector),
         (0x6e0, at),
     ] {
-        r.cpu.regs.rcx = msr;
-        r.cpu.regs.set_edx_eax(value);
-        assert_eq!(r.exit(VmExit::Wrmsr), Next::Resume);
+        assert_eq!(r.wrmsr(msr, value), Next::Resume);
         assert!(r.cpu.injected.is_empty(), "WRMSR {msr:#x} = {value:#x}");
     }
 }
@@ -639,9 +651,7 @@ fn writing_the_tsc_moves_rdtsc_and_the_deadline_but_not_the_platform() {
     r.vm.set_clock(GuestClock::dilated(2000, 1_000_000));
     r.cpu.tsc = 1_000_000;
     // WRMSR IA32_TSC = 5_000_000 at guest time 1_000_000.
-    r.cpu.regs.rcx = 0x10;
-    r.cpu.regs.set_edx_eax(5_000_000);
-    assert_eq!(r.exit(VmExit::Wrmsr), Next::Resume);
+    assert_eq!(r.wrmsr(0x10, 5_000_000), Next::Resume);
     assert!(r.cpu.injected.is_empty());
     assert_eq!(r.vm.tsc_adjust, 4_000_000);
     assert_eq!(
@@ -650,30 +660,22 @@ fn writing_the_tsc_moves_rdtsc_and_the_deadline_but_not_the_platform() {
     );
     // 200 host ticks later the guest's TSC has moved 100 (factor 2): by RDMSR and RDTSC exit.
     r.cpu.tsc = 1_000_200;
-    r.cpu.regs.rcx = 0x10;
-    r.exit(VmExit::Rdmsr);
-    assert_eq!(r.cpu.regs.edx_eax(), 5_000_100);
+    assert_eq!(r.rdmsr(0x10), 5_000_100);
     r.exit(VmExit::Rdtsc);
     assert_eq!(r.cpu.regs.edx_eax(), 5_000_100);
     // A TSC deadline 100 ticks ahead in the written TSC's space fires 100 guest ticks on:
     // host 1_000_400. It reads back as written.
     arm_deadline_timer(&mut r, 0x41, 5_000_200);
     assert_eq!(r.vm.platform_deadline(), 1_000_400);
-    r.cpu.regs.rcx = 0x6e0;
-    r.exit(VmExit::Rdmsr);
-    assert_eq!(r.cpu.regs.edx_eax(), 5_000_200);
+    assert_eq!(r.rdmsr(0x6e0), 5_000_200);
     // A deadline written as 0 disarms; one that maps to the platform's 0 is past, not 0.
-    r.cpu.regs.rcx = 0x6e0;
-    r.cpu.regs.set_edx_eax(4_000_000);
-    r.exit(VmExit::Wrmsr);
+    r.wrmsr(0x6e0, 4_000_000);
     assert!(
         r.vm.platform.interrupt_waiting(),
         "due at once: its interrupt waits"
     );
-    r.cpu.regs.set_edx_eax(0);
-    r.exit(VmExit::Wrmsr);
-    r.exit(VmExit::Rdmsr);
-    assert_eq!(r.cpu.regs.edx_eax(), 0);
+    r.wrmsr(0x6e0, 0);
+    assert_eq!(r.rdmsr(0x6e0), 0);
 }
 
 #[test]
@@ -813,12 +815,8 @@ fn cr8_is_the_local_apics_task_priority() {
     r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 8, gpr: 9 }));
     assert_eq!(r.vm.platform.cr8(), 0xa);
     // The TPR read through the x2APIC MSR after enabling x2APIC: CR8 in bits 7:4.
-    r.cpu.regs.rcx = 0x1b;
-    r.cpu.regs.set_edx_eax(0xfee0_0d00);
-    r.exit(VmExit::Wrmsr);
-    r.cpu.regs.rcx = 0x808;
-    r.exit(VmExit::Rdmsr);
-    assert_eq!(r.cpu.regs.edx_eax(), 0xa0);
+    r.wrmsr(0x1b, 0xfee0_0d00);
+    assert_eq!(r.rdmsr(0x808), 0xa0);
     assert!(r.cpu.injected.is_empty());
 }
 
@@ -828,9 +826,7 @@ fn a_blocked_nmi_waits_without_an_interrupt_window_storm() {
     r.cpu.tsc = 0;
     // x2APIC mode, then a self-NMI through the ICR (delivery mode NMI, shorthand self).
     for (msr, value) in [(0x1b, 0xfee0_0d00u64), (0x830, (0b01 << 18) | (4 << 8))] {
-        r.cpu.regs.rcx = msr;
-        r.cpu.regs.set_edx_eax(value);
-        r.exit(VmExit::Wrmsr);
+        r.wrmsr(msr, value);
     }
     assert!(r.vm.platform.nmi_waiting());
     r.cpu.state.insert("rflags", 2 | rflags::IF);
