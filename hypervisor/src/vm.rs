@@ -305,7 +305,7 @@ impl Vm {
                 TscMode::Exiting => "RDTSC exiting",
             };
             log::info!(target: &vm.core.target, "runs dilated by {how}: its clocks run {} times slower than the host's (TSC multiplier {:#x}, offset {:#x})",
-                vm.core.time_dilation(), clock.multiplier(), clock.offset());
+                config.time_dilation_text(), clock.multiplier(), clock.offset());
         }
         Ok(vm)
     }

@@ -124,7 +124,7 @@ impl GuestClock {
             return guest;
         }
         // The guest clock is the scaled host clock shifted by the offset, a signed amount
-        // (negative after the guest set its TSC back): guest times before the shift's origin
+        // (negative after a change to a smaller factor): guest times before the shift's origin
         // are already past.
         let scaled = i128::from(guest) - i128::from(self.offset as i64);
         if scaled <= 0 {
@@ -133,13 +133,6 @@ impl GuestClock {
         // Smallest h with (h * m) >> 48 >= scaled, i.e. h * m >= scaled << 48.
         let h = ((scaled as u128) << MULTIPLIER_SHIFT).div_ceil(u128::from(self.multiplier));
         u64::try_from(h).unwrap_or(u64::MAX)
-    }
-
-    /// Sets the guest's TSC to `value` at host time `host_now` (a WRMSR of IA32_TSC): the
-    /// offset moves, the rate stays.
-    pub fn set_guest(&mut self, value: u64, host_now: u64) {
-        self.offset = value.wrapping_sub(self.scaled(host_now));
-        self.identity = self.multiplier == MULTIPLIER_ONE && self.offset == 0;
     }
 }
 
@@ -263,21 +256,5 @@ mod tests {
             c.redilate(milli, host);
             assert_eq!(c.guest(host), last, "a change does not jump");
         }
-    }
-
-    #[test]
-    fn writing_the_tsc_moves_the_offset_only() {
-        let mut c = GuestClock::dilated(4000, 0);
-        c.set_guest(1_000_000, 4_000);
-        assert_eq!(c.guest(4_000), 1_000_000);
-        assert_eq!(c.guest(8_000), 1_001_000);
-        let mut h = GuestClock::host();
-        h.set_guest(10, 100);
-        assert!(!h.is_host());
-        assert_eq!(h.guest(100), 10);
-        assert_eq!(h.guest(200), 110);
-        assert_eq!(h.host_at(110), 200);
-        h.set_guest(300, 300);
-        assert!(h.is_host());
     }
 }

@@ -37,9 +37,10 @@ pub enum Next {
     Resume,
     /// Re-enter the same guest at once: the exit changed nothing but the guest's registers and
     /// RIP (no platform, memory or console state), so the checks before the entry have nothing
-    /// new to find, like KVM's `EXIT_FASTPATH_REENTER_GUEST`. A run loop whose preemption timer
-    /// keeps counting across exits (it still stops the guest at the quantum's end and at the
-    /// next platform timer) may skip them; any other treats this as [`Next::Resume`].
+    /// new to find, like KVM's `EXIT_FASTPATH_REENTER_GUEST`. A run loop may skip them for a
+    /// bounded run of such exits (the preemption timer does not count while the exit is
+    /// handled, so an unbounded run could stretch the quantum); otherwise it is
+    /// [`Next::Resume`].
     Reenter,
     /// End the quantum (yield) and schedule the next VM.
     Reschedule,
@@ -278,8 +279,9 @@ fn handle_other_exit<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext, exit:
             Next::Resume
         }
         // RDTSC exiting is on only for a VM whose TSC runs slower than the host's on a CPU
-        // without TSC scaling: the exit computes what the CPU would (crate::clock). CR4.TSD
-        // with CPL > 0 faults before the exit (SDM 26.1.1), so it never gets here.
+        // without TSC scaling, or that wrote IA32_TSC on a CPU without TSC offsetting: the exit
+        // computes what the CPU would (crate::clock). CR4.TSD with CPL > 0 faults before the
+        // exit (SDM 26.1.1), so it never gets here.
         VmExit::Rdtsc | VmExit::Rdtscp => {
             let now = vm.tsc_value(cpu.tsc());
             let aux = if exit == VmExit::Rdtscp {
@@ -549,10 +551,10 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
         // what the guest wrote to IA32_TSC. 0 disarms; a deadline that maps to 0 is past.
         let deadline = index == MSR_TSC_DEADLINE;
         if write {
-            let value = match value.wrapping_sub(vm.tsc_adjust) {
-                0 if deadline && value != 0 => 1,
-                v if deadline && value != 0 => v,
-                _ => value,
+            let value = if deadline && value != 0 {
+                value.wrapping_sub(vm.tsc_adjust).max(1)
+            } else {
+                value
             };
             if vm.platform.msr_write(index, value, now) != Some(Ok(())) {
                 return inject_gp(cpu);

@@ -237,11 +237,6 @@ impl Vm {
         self.state = VmState::Exited(code);
     }
 
-    /// The VM's time-dilation factor as the manifest would write it: `1`, `2.5`, `7.125`.
-    pub fn time_dilation(&self) -> String {
-        self.config.time_dilation_text()
-    }
-
     pub fn stats_line(&self, tsc_hz: u64) -> String {
         let s = &self.acct.stats;
         let state = match self.state {
@@ -255,7 +250,7 @@ impl Vm {
              max_overrun_us={} exits={}",
             self.name,
             state,
-            self.time_dilation(),
+            self.config.time_dilation_text(),
             self.config.cpu_share,
             s.cpu_us,
             s.runs,

@@ -91,10 +91,10 @@ pub struct VmcsControls {
     pub ept_ad: bool,
     /// VPIDs tag the guests' TLB entries.
     pub vpid: bool,
-    /// The CPU saves the remaining preemption-timer count on exit. The scheduler reloads the
-    /// timer from the quantum's host-clock deadline before most entries (so exit handling is
-    /// charged to the quantum); with this, an exit that changed nothing but the guest's
-    /// registers may re-enter without that (the count goes on from where it stopped).
+    /// The CPU saves the remaining preemption-timer count on exit. The scheduler does not rely
+    /// on it: it reloads the timer from the quantum's host-clock deadline before every entry but
+    /// a bounded run of fast re-entries (so exit handling is charged to the quantum); it is
+    /// reported at boot.
     pub save_preemption_timer: bool,
     /// "Use TSC offsetting" and "use TSC scaling" may both be set (SDM 25.6.5, 26.3): a VM's
     /// TSC can run slower than the host's in hardware.
