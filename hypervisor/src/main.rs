@@ -399,12 +399,20 @@ fn create_vms(
     }
     let mut vms = Vec::new();
     for config in &manifest.vms {
-        let image = images
+        // The manifest checked that every name is a boot module.
+        let find = |name: &str| {
+            images
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(&[][..], |(_, b)| *b)
+        };
+        let image = find(&config.image);
+        let modules: Vec<(&str, &[u8])> = config
+            .modules
             .iter()
-            .find(|(n, _)| *n == config.image)
-            .map(|(_, b)| *b)
-            .unwrap_or(&[]);
-        match vm::Vm::create(vms.len() as u32, config, image, host, frames) {
+            .map(|m| (m.as_str(), find(m)))
+            .collect();
+        match vm::Vm::create(vms.len() as u32, config, image, &modules, host, frames) {
             Ok(v) => vms.push(v),
             Err(e) => log::error!(target: "hv", "vm \"{}\" not started: {e}", config.name),
         }

@@ -15,19 +15,22 @@ use guest_abi::boot as gboot;
 use hv_manifest::VmConfig;
 use hv_platform::{rtc::DateTime, Platform, Timebase};
 use hv_vm::{
+    boot::Kernel,
     clock::GuestClock,
     console::{InputLine, InputRouter},
+    cpu_mode,
     exits::{self, ExitContext, Next},
     frames::FrameAllocator,
     memory::{AccessError, GuestMemory},
     msr::{self, Msr},
+    multiboot,
     policy::{self, CpuPolicy},
     regs::GuestRegisters,
     sched,
     vcpu::{rflags, Reg, Vcpu},
 };
 use hv_vmx::{
-    controls::{PrimaryProcBased, SecondaryProcBased, TscMode, VmcsControls},
+    controls::{EntryControls, PrimaryProcBased, SecondaryProcBased, TscMode, VmcsControls},
     ept::{Ept, EptPerms},
     exit::{reason, Interruption, VmExit},
     fields as f,
@@ -41,8 +44,25 @@ use crate::memmux::MemMux;
 use crate::platform::{cpuid, rdmsr, rdtsc};
 use crate::vmx::{self, vmread, vmwrite};
 
-/// The guest's EFER at entry: long mode enabled and active (guest-abi boot protocol).
-const GUEST_EFER_AT_ENTRY: u64 = msr::efer::LME | msr::efer::LMA;
+/// How the guest starts: the CPU mode and registers its boot protocol gives it.
+struct Entry {
+    rip: u64,
+    /// 64-bit mode (muxvisor's protocol), or 32-bit protected mode with paging off (Multiboot,
+    /// section 3.2 of its specification).
+    long_mode: bool,
+    regs: GuestRegisters,
+}
+
+impl Entry {
+    /// The guest's EFER at entry: long mode enabled and active, or all clear.
+    fn efer(&self) -> u64 {
+        if self.long_mode {
+            msr::efer::LME | msr::efer::LMA
+        } else {
+            0
+        }
+    }
+}
 
 /// The hardware-independent description of a VMCS we build for every VM.
 pub struct HostVmx {
@@ -74,7 +94,12 @@ pub static PREFER_TSC_SCALING: AtomicBool = AtomicBool::new(true);
 #[derive(Debug)]
 pub enum VmError {
     OutOfMemory,
-    Image(hv_vm::elf::ElfError),
+    Image(hv_vm::boot::ImageError),
+    /// The image is a Multiboot kernel, which starts with paging off: that needs VMX's
+    /// "unrestricted guest", and this CPU does not have it.
+    NoUnrestrictedGuest,
+    /// `modules` for a kernel of muxvisor's own protocol, which has no way to receive them.
+    ModulesNeedMultiboot,
     Ept(hv_vmx::ept::EptError),
     Platform(hv_platform::rtc::RtcError),
     /// The VM asks for time dilation and the CPU has neither TSC scaling nor RDTSC exiting.
@@ -86,6 +111,12 @@ impl core::fmt::Display for VmError {
         match self {
             Self::OutOfMemory => fmt.write_str("not enough free host memory"),
             Self::Image(e) => write!(fmt, "bad image: {e}"),
+            Self::NoUnrestrictedGuest => fmt.write_str(
+                "the image is a Multiboot kernel, which needs VMX unrestricted guest, and this CPU does not have it",
+            ),
+            Self::ModulesNeedMultiboot => fmt.write_str(
+                "modules are given to Multiboot kernels only, and the image is a 64-bit ELF of muxvisor's boot protocol",
+            ),
             Self::Ept(e) => write!(fmt, "EPT: {e}"),
             Self::Platform(e) => write!(fmt, "platform: {e:?}"),
             Self::NoTimeDilation => fmt.write_str(
@@ -94,6 +125,7 @@ impl core::fmt::Display for VmError {
         }
     }
 }
+
 /// A VM on this machine: its policy state (host-tested, `hv_vm::Vm`), its guest-physical
 /// memory, and its VT-x state.
 pub struct Vm {
@@ -173,10 +205,12 @@ impl Building<'_> {
 impl Vm {
     /// Builds a VM: memory, EPT, the image and boot area, its CPU state and its VMCS. On error
     /// every frame taken so far is given back.
+    /// `modules` are the VM's boot modules (manifest `modules`) by name, in order.
     pub fn create(
         id: u32,
         config: &VmConfig,
         image: &[u8],
+        modules: &[(&str, &[u8])],
         host: &HostVmx,
         frames: &mut FrameAllocator,
     ) -> Result<Self, VmError> {
@@ -186,9 +220,63 @@ impl Vm {
         if frames.free_frames() < pages + pages / 256 + 16 {
             return Err(VmError::OutOfMemory);
         }
-        let image_info =
-            hv_vm::elf::parse(image, gboot::IMAGE_MIN_GPA, bytes.saturating_sub(64 * 1024))
-                .map_err(VmError::Image)?;
+        let kernel = hv_vm::boot::kernel(image, bytes).map_err(VmError::Image)?;
+        // What goes into memory besides the kernel's segments, and how the guest starts.
+        let (segments, pieces, entry, mb_modules) = match kernel {
+            Kernel::Native(elf) => {
+                if !modules.is_empty() {
+                    return Err(VmError::ModulesNeedMultiboot);
+                }
+                let entry = Entry {
+                    rip: elf.entry,
+                    long_mode: true,
+                    // Every register starts at 0 but RDI, the boot-information pointer
+                    // (guest-abi boot protocol); RSP and RIP are in the VMCS.
+                    regs: GuestRegisters {
+                        rdi: gboot::BOOT_INFO_GPA,
+                        ..Default::default()
+                    },
+                };
+                let pieces = hv_vm::boot::boot_area(bytes, &config.cmdline);
+                (elf.segments, pieces, entry, Vec::new())
+            }
+            Kernel::Multiboot(k) => {
+                if !host.controls.unrestricted_guest {
+                    return Err(VmError::NoUnrestrictedGuest);
+                }
+                let list: Vec<multiboot::Module> = modules
+                    .iter()
+                    .map(|(name, data)| multiboot::Module {
+                        string: name,
+                        len: data.len() as u64,
+                    })
+                    .collect();
+                // The kernel's command line starts with its own name, as GRUB and QEMU give it.
+                let cmdline = if config.cmdline.is_empty() {
+                    config.image.clone()
+                } else {
+                    alloc::format!("{} {}", config.image, config.cmdline)
+                };
+                let plan = multiboot::boot_plan(bytes, &cmdline, k.end(), &list)
+                    .map_err(|e| VmError::Image(hv_vm::boot::ImageError::Multiboot(e)))?;
+                let entry = Entry {
+                    rip: k.entry,
+                    long_mode: false,
+                    regs: GuestRegisters {
+                        rax: multiboot::BOOTLOADER_MAGIC.into(),
+                        rbx: multiboot::INFO_GPA,
+                        ..Default::default()
+                    },
+                };
+                let at: Vec<(u64, &[u8])> = plan
+                    .modules
+                    .iter()
+                    .zip(modules)
+                    .map(|(&gpa, (_, data))| (gpa, *data))
+                    .collect();
+                (k.segments, plan.pieces, entry, at)
+            }
+        };
         let mut building = Building {
             frames,
             taken: Vec::with_capacity(pages as usize + 3),
@@ -229,13 +317,16 @@ impl Vm {
         let memory = GuestMemory::new(backing);
         let mut phys = IdentityPhys;
         let mut load = || -> Result<(), AccessError> {
-            for seg in &image_info.segments {
+            for seg in &segments {
                 let data = &image[seg.offset as usize..(seg.offset + seg.filesz) as usize];
-                // The ELF parser checked the segment against the memory size.
+                // The image's parser checked the segment against the memory size.
                 memory.write(&mut phys, seg.gpa, data)?;
             }
-            for (gpa, data) in hv_vm::boot::boot_area(bytes, &config.cmdline) {
-                memory.write(&mut phys, gpa, &data)?;
+            for (gpa, data) in &pieces {
+                memory.write(&mut phys, *gpa, data)?;
+            }
+            for (gpa, data) in &mb_modules {
+                memory.write(&mut phys, *gpa, data)?;
             }
             Ok(())
         };
@@ -277,12 +368,7 @@ impl Vm {
             vmcs,
             launched: false,
             hw: VcpuHw {
-                // Every register starts at 0 but RDI, the boot-information pointer (guest-abi
-                // boot protocol); RSP and RIP are in the VMCS.
-                regs: GuestRegisters {
-                    rdi: gboot::BOOT_INFO_GPA,
-                    ..Default::default()
-                },
+                regs: entry.regs,
                 cpu: CpuState::new(xsave_area),
                 primary,
                 msr_lists,
@@ -292,13 +378,21 @@ impl Vm {
                 completed: false,
             },
         };
-        vm.init_vmcs(host, image_info.entry, secondary);
+        vm.init_vmcs(host, &entry, secondary);
         // The EPT is new, but its root frame may have backed an earlier VM's EPT: drop any
         // translations the CPU still caches for it (SDM 29.4.3.1).
         vmx::invept(vm.phys.eptp, host.caps.invept_single_context());
-        log::info!(target: &vm.core.target, "created: {} MiB, image \"{}\" entry {:#x}, quantum {} us (cpu_share {}), eptp {:#x}",
-            config.memory_mib, config.image, image_info.entry, config.weighted_quantum_us(),
+        let kind = if entry.long_mode {
+            ""
+        } else {
+            " (Multiboot, 32-bit)"
+        };
+        log::info!(target: &vm.core.target, "created: {} MiB, image \"{}\"{kind} entry {:#x}, quantum {} us (cpu_share {}), eptp {:#x}",
+            config.memory_mib, config.image, entry.rip, config.weighted_quantum_us(),
             config.cpu_share, vm.phys.eptp);
+        for (name, (gpa, data)) in modules.iter().zip(&mb_modules) {
+            log::info!(target: &vm.core.target, "module \"{}\": {} bytes at {gpa:#x}", name.0, data.len());
+        }
         if let Some((mode, ..)) = tsc {
             let how = match mode {
                 TscMode::Scaling => "VMX TSC scaling",
@@ -312,7 +406,7 @@ impl Vm {
 
     /// Writes every VMCS field (SDM 25.3-25.8; checks in SDM 27.2-27.3); `secondary` is the
     /// VM's secondary processor-based controls.
-    fn init_vmcs(&self, host: &HostVmx, entry: u64, secondary: u32) {
+    fn init_vmcs(&self, host: &HostVmx, entry: &Entry, secondary: u32) {
         let caps = &host.caps;
         // SAFETY: `self.vmcs` is this VM's own zeroed frame; the revision identifier goes first.
         unsafe {
@@ -333,11 +427,16 @@ impl Vm {
             vmwrite(f::TSC_MULTIPLIER, clock.multiplier());
         }
         vmwrite(f::EXIT_CONTROLS, c.exit.into());
-        vmwrite(f::ENTRY_CONTROLS, c.entry.into());
+        let entry_controls = if entry.long_mode {
+            c.entry
+        } else {
+            c.entry & !EntryControls::IA32E_MODE_GUEST.bits()
+        };
+        vmwrite(f::ENTRY_CONTROLS, entry_controls.into());
         vmwrite(f::EXCEPTION_BITMAP, 0);
         vmwrite(f::CR3_TARGET_COUNT, 0);
         vmwrite(f::EXIT_MSR_STORE_COUNT, 0);
-        self.init_msr_lists(host);
+        self.init_msr_lists(host, entry.efer());
         vmwrite(f::ENTRY_INTERRUPTION_INFO, 0);
         vmwrite(f::MSR_BITMAP, host.msr_bitmap);
         vmwrite(f::IO_BITMAP_A, host.io_bitmap_a);
@@ -389,7 +488,8 @@ impl Vm {
         }
         vmwrite(f::HOST_RIP, vmx::vm_exit_landing as *const () as u64);
 
-        // Guest state: the 64-bit boot protocol (guest-abi::boot, SDM 27.3.1).
+        // Guest state (SDM 27.3.1): the 64-bit boot protocol (guest-abi::boot), or Multiboot's
+        // 32-bit protected mode without paging (hv_vm::multiboot).
         const CR0_PE: u64 = 1;
         const CR0_ET: u64 = 1 << 4;
         const CR0_NE: u64 = 1 << 5;
@@ -398,12 +498,24 @@ impl Vm {
         const CR4_PAE: u64 = 1 << 5;
         const CR4_OSFXSR: u64 = 1 << 9;
         const CR4_OSXMMEXCPT: u64 = 1 << 10;
-        let guest_cr0 = caps.fix_cr0(CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG, false);
-        let cr4_visible = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-        vmwrite(f::GUEST_CR0, guest_cr0);
-        vmwrite(f::CR0_READ_SHADOW, guest_cr0);
-        vmwrite(f::CR0_GUEST_HOST_MASK, 0);
-        vmwrite(f::GUEST_CR3, gboot::PML4_GPA);
+        let (cr0_visible, cr3, cr4_visible) = if entry.long_mode {
+            (
+                CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
+                gboot::PML4_GPA,
+                CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
+            )
+        } else {
+            (CR0_PE | CR0_ET, 0, 0)
+        };
+        vmwrite(
+            f::GUEST_CR0,
+            caps.fix_cr0(cr0_visible, c.unrestricted_guest),
+        );
+        // CR0.PG is host-owned (hv_vm::cpu_mode): paging switches exit, so that IA-32e mode
+        // follows EFER.LME. The guest reads its own value of it.
+        vmwrite(f::CR0_READ_SHADOW, cr0_visible);
+        vmwrite(f::CR0_GUEST_HOST_MASK, cpu_mode::CR0_HOST_OWNED);
+        vmwrite(f::GUEST_CR3, cr3);
         vmwrite(f::GUEST_CR4, caps.fix_cr4(cr4_visible));
         // CR4.VMXE must stay set in VMX non-root operation; the guest sees it clear. The other
         // masked bits enable features the guest does not have: setting any exits, and the
@@ -411,14 +523,30 @@ impl Vm {
         vmwrite(f::CR4_GUEST_HOST_MASK, policy::CR4_GUEST_FORBIDDEN);
         vmwrite(f::CR4_READ_SHADOW, cr4_visible);
         if c.load_efer {
-            vmwrite(f::GUEST_IA32_EFER, GUEST_EFER_AT_ENTRY);
+            vmwrite(f::GUEST_IA32_EFER, entry.efer());
         }
-        let code = u64::from(gboot::CODE_SELECTOR);
-        let data = u64::from(gboot::DATA_SELECTOR);
+        let (code, data, cs_rights, gdt) = if entry.long_mode {
+            // Present, code, L=1, G=1.
+            (
+                gboot::CODE_SELECTOR,
+                gboot::DATA_SELECTOR,
+                0xa09b,
+                gboot::GDT_GPA,
+            )
+        } else {
+            // Present, code, D=1, G=1.
+            (
+                multiboot::CODE_SELECTOR,
+                multiboot::DATA_SELECTOR,
+                0xc09b,
+                multiboot::GDT_GPA,
+            )
+        };
+        let (code, data) = (u64::from(code), u64::from(data));
         vmwrite(f::GUEST_CS_SELECTOR, code);
         vmwrite(f::GUEST_CS_BASE, 0);
         vmwrite(f::GUEST_CS_LIMIT, 0xffff_ffff);
-        vmwrite(f::GUEST_CS_ACCESS_RIGHTS, 0xa09b); // present, code, L=1, G=1
+        vmwrite(f::GUEST_CS_ACCESS_RIGHTS, cs_rights);
         for (sel, base, limit, ar) in [
             (
                 f::GUEST_SS_SELECTOR,
@@ -464,7 +592,7 @@ impl Vm {
         vmwrite(f::GUEST_TR_BASE, 0);
         vmwrite(f::GUEST_TR_LIMIT, 0x67);
         vmwrite(f::GUEST_TR_ACCESS_RIGHTS, 0x8b); // present, busy 64-bit TSS
-        vmwrite(f::GUEST_GDTR_BASE, gboot::GDT_GPA);
+        vmwrite(f::GUEST_GDTR_BASE, gdt);
         vmwrite(f::GUEST_GDTR_LIMIT, 23);
         vmwrite(f::GUEST_IDTR_BASE, 0);
         vmwrite(f::GUEST_IDTR_LIMIT, 0);
@@ -473,8 +601,14 @@ impl Vm {
         vmwrite(f::GUEST_SYSENTER_CS, 0);
         vmwrite(f::GUEST_SYSENTER_ESP, 0);
         vmwrite(f::GUEST_SYSENTER_EIP, 0);
-        vmwrite(f::GUEST_RSP, (self.phys.memory.size() - 16) & !0xf);
-        vmwrite(f::GUEST_RIP, entry);
+        // Multiboot leaves ESP undefined (the kernel sets up its own stack): 0 then.
+        let rsp = if entry.long_mode {
+            (self.phys.memory.size() - 16) & !0xf
+        } else {
+            0
+        };
+        vmwrite(f::GUEST_RSP, rsp);
+        vmwrite(f::GUEST_RIP, entry.rip);
         vmwrite(f::GUEST_RFLAGS, 0x2);
         vmwrite(f::GUEST_ACTIVITY_STATE, 0);
         vmwrite(f::GUEST_INTERRUPTIBILITY_STATE, 0);
@@ -484,7 +618,7 @@ impl Vm {
     /// Points the VMCS at the VM-entry and VM-exit MSR-load lists for what the CPU cannot
     /// switch through VMCS fields (EFER, PAT): guest values on entry, host values on exit
     /// (SDM 25.7.2, 25.8.2). Without such a CPU both lists are empty.
-    fn init_msr_lists(&self, host: &HostVmx) {
+    fn init_msr_lists(&self, host: &HostVmx, guest_efer: u64) {
         let Some(frame) = self.hw.msr_lists else {
             vmwrite(f::EXIT_MSR_LOAD_COUNT, 0);
             vmwrite(f::ENTRY_MSR_LOAD_COUNT, 0);
@@ -492,7 +626,7 @@ impl Vm {
         };
         let mut n = 0u64;
         for (msr, needed, guest) in [
-            (Msr::Efer, !host.controls.load_efer, GUEST_EFER_AT_ENTRY),
+            (Msr::Efer, !host.controls.load_efer, guest_efer),
             (Msr::Pat, !host.controls.load_pat, msr::PAT_RESET),
         ] {
             if !needed {
@@ -519,7 +653,6 @@ impl Vm {
     }
 
     /// Frees the VM's memory, EPT tables, VMCS and CPU-state frames.
-    /// Frees the VM's memory, EPT tables, VMCS and CPU-state frames.
     pub fn release(self, frames: &mut FrameAllocator) {
         self.phys.release(frames);
         frames.free(self.vmcs);
@@ -536,6 +669,10 @@ struct VmxVcpu<'a> {
     hw: &'a mut VcpuHw,
     controls: &'a VmcsControls,
     phys: IdentityPhys,
+    /// The VM's EPT pointer, and whether the CPU has single-context INVEPT (for
+    /// `flush_guest_tlb`).
+    eptp: u64,
+    invept_single: bool,
 }
 
 impl VmxVcpu<'_> {
@@ -608,6 +745,7 @@ impl Vcpu for VmxVcpu<'_> {
             Reg::Rip => vmread(f::GUEST_RIP),
             Reg::Rflags => vmread(f::GUEST_RFLAGS),
             Reg::Cr0 => vmread(f::GUEST_CR0),
+            Reg::Cr0Shadow => vmread(f::CR0_READ_SHADOW),
             Reg::Cr3 => vmread(f::GUEST_CR3),
             Reg::Cr4 => vmread(f::GUEST_CR4),
             // SS.DPL is the CPL (SDM 5.5): access-rights bits 6:5.
@@ -625,11 +763,13 @@ impl Vcpu for VmxVcpu<'_> {
             Reg::Rip => f::GUEST_RIP,
             Reg::Rflags => f::GUEST_RFLAGS,
             Reg::Cr0 => f::GUEST_CR0,
+            Reg::Cr0Shadow => f::CR0_READ_SHADOW,
             Reg::Cr3 => f::GUEST_CR3,
             Reg::Cr4 => f::GUEST_CR4,
             Reg::Interruptibility => f::GUEST_INTERRUPTIBILITY_STATE,
-            // Read-only to the policy: CPL follows SS, CS and the PDPTEs are the guest's.
-            Reg::Cpl | Reg::CsBase | Reg::CsAccessRights | Reg::Pdpte(_) => return,
+            Reg::Pdpte(n) => f::GUEST_PDPTE0 + 2 * u32::from(n & 3),
+            // Read-only to the policy: CPL follows SS, CS is the guest's.
+            Reg::Cpl | Reg::CsBase | Reg::CsAccessRights => return,
         };
         vmwrite(field, value);
     }
@@ -776,6 +916,25 @@ impl Vcpu for VmxVcpu<'_> {
         vmwrite(f::TSC_OFFSET, offset);
     }
 
+    fn set_long_mode(&mut self, active: bool) {
+        let bit = u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+        let controls = vmread(f::ENTRY_CONTROLS);
+        vmwrite(
+            f::ENTRY_CONTROLS,
+            if active {
+                controls | bit
+            } else {
+                controls & !bit
+            },
+        );
+    }
+
+    /// INVEPT of the VM's EPT drops the combined (linear and guest-physical) translations
+    /// tagged with it, which are all the CPU caches for a guest under EPT (SDM 29.4.3.1).
+    fn flush_guest_tlb(&mut self) {
+        vmx::invept(self.eptp, self.invept_single);
+    }
+
     fn host_interrupt(&mut self, vector: u8) {
         crate::interrupts::acknowledge(vector);
     }
@@ -797,6 +956,8 @@ fn parts<'a>(
             hw: &mut vm.hw,
             controls: &host.controls,
             phys: IdentityPhys,
+            eptp: vm.phys.eptp,
+            invept_single: host.caps.invept_single_context(),
         },
     )
 }

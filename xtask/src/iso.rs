@@ -177,10 +177,15 @@ pub fn make_iso(ws: &Workspace, spec: &IsoSpec, staging: &Path, out: &Path) -> R
     Ok(())
 }
 
-/// Copies an ELF without what no loader reads (see [`elf::boot_copy`]).
+/// Copies an ELF64 without what no loader reads (see [`elf::boot_copy`]); any other file (a
+/// 32-bit Multiboot kernel, a module's data) as it is: the hypervisor judges it.
 fn copy_elf(from: &Path, to: &Path) -> Result<()> {
     let bytes = fs::read(from).context(|| format!("reading {}", from.display()))?;
-    let copy = elf::boot_copy(&bytes).map_err(|e| Error::config(from, e.to_string()))?;
+    let copy = match elf::boot_copy(&bytes) {
+        Ok(copy) => copy,
+        Err(elf::ElfError::NotElf64) => bytes,
+        Err(e) => return Err(Error::config(from, e.to_string())),
+    };
     fs::write(to, copy).context(|| format!("writing {}", to.display()))
 }
 

@@ -28,6 +28,7 @@ mod engine;
 mod error;
 mod iso;
 mod ksm;
+mod kut;
 mod manifest_cmd;
 mod mem_bench;
 mod process;
@@ -56,6 +57,9 @@ usage: cargo xtask <command> [options]
                               run the integration scenarios (tests/scenarios)
   test                        fmt + clippy + unit tests + build + qemu-test;
                               ends with `N passed, N failed`
+  kvm-unit-tests [TEST...] [--src DIR] [--set must-pass|excluded|all] [--per-boot N]
+                              run the KVM project's x86 unit tests as guests and judge them
+                              against tests/kvm-unit-tests.toml
   bench exits [--n N]         VM exit round-trip cost under Bochs (runs N and 4N)
   bench dilation              time-dilated clocks' rate error and RDTSC cost under Bochs
   bench mem --images DIR ...  memory engine vs KSM on raw guest-RAM images
@@ -92,6 +96,7 @@ fn dispatch(ws: &Workspace, args: &[String]) -> Result<()> {
         ["run", ..] => run_cmd::run(ws, &args[1..]),
         ["qemu-test", ..] => with_interrupts(|| qemu_test::run(ws, &args[1..])),
         ["test", ..] => with_interrupts(|| test_cmd::run(ws, &args[1..])),
+        ["kvm-unit-tests", ..] => with_interrupts(|| kut::run(ws, &args[1..])),
         ["bench", "exits", ..] => with_interrupts(|| bench::exits(ws, &args[2..])),
         ["bench", "dilation", ..] => with_interrupts(|| dilation_bench::run(ws, &args[2..])),
         ["bench", "mem", ..] => mem_bench::run(&args[2..]).map_err(Error::Failed),

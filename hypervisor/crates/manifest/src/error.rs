@@ -135,6 +135,12 @@ pub enum ErrorKind {
     MemoryExceedsHost { memory_mib: u64, host_mib: u64 },
     /// No boot module / image file has this name.
     ImageNotFound { image: String },
+    /// More than `max` items in a list.
+    TooMany { count: usize, max: usize },
+    /// `debug_exit_port` without `debug_exit = true`.
+    DebugExitOff,
+    /// The test-exit device's 4 ports overlap a device of the virtual PC (at `taken`).
+    PortTaken { port: u64, taken: u16 },
     /// An earlier VM already uses this name (`first_line`: the line of its `name`).
     DuplicateName {
         name: String,
@@ -224,6 +230,15 @@ fn fmt_value_problem(kind: &ErrorKind, f: &mut fmt::Formatter<'_>) -> fmt::Resul
         ErrorKind::ImageNotFound { image } => {
             write!(f, "no image named \"{image}\" is available")
         }
+        ErrorKind::TooMany { count, max } => write!(f, "{count} items, at most {max} are allowed"),
+        ErrorKind::DebugExitOff => {
+            f.write_str("is set, but the test-exit device is off (add `debug_exit = true`)")
+        }
+        ErrorKind::PortTaken { port, taken } => write!(
+            f,
+            "ports {port:#x}..={:#x} overlap port {taken:#x} of the virtual PC",
+            port + 3
+        ),
         ErrorKind::DuplicateName { name, first_line } => {
             write!(f, "duplicate name \"{name}\"")?;
             match first_line {

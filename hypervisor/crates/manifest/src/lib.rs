@@ -26,8 +26,11 @@
 //! [[vm]]
 //! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
 //! memory_mib = 4            # required, >= 2
-//! image = "hello"           # required, name of the GRUB module2 holding the guest ELF
+//! image = "hello"           # required, name of the GRUB module2 holding the guest kernel
 //! cmdline = "verbose"       # optional, default ""
+//! modules = ["env"]         # optional: boot modules handed to a Multiboot kernel
+//! debug_exit = true         # optional, default false: a test-exit port (QEMU's isa-debug-exit)
+//! debug_exit_port = 0xf4    # optional, default 0xf4: where it is (4 ports)
 //! quantum_us = 5000         # optional, default [defaults].quantum_us or 10000
 //! vcpus = 1                 # optional, default 1 (only 1 is supported for now)
 //! sharing_domain = 0        # optional, default 0: only VMs of one domain share memory
@@ -54,6 +57,25 @@ use alloc::vec::Vec;
 use core::ops::RangeInclusive;
 
 pub use error::{ErrorKind, FatalError, ManifestError, Scope};
+
+/// Most boot modules a VM may take.
+pub const MODULES_MAX: usize = 16;
+/// Where the test-exit device is unless `debug_exit_port` says otherwise (QEMU's default for
+/// `isa-debug-exit`, which kvm-unit-tests use).
+pub const DEBUG_EXIT_PORT_DEFAULT: u16 = 0xf4;
+/// Ports of the virtual PC that the test-exit device may not take (first, count): PIC, PIT,
+/// port 0x61 and the keyboard controller, CMOS/RTC, the second PIC, COM1, ELCR, PCI
+/// configuration.
+pub const PLATFORM_PORTS: &[(u16, u16)] = &[
+    (0x20, 2),
+    (0x40, 4),
+    (0x60, 5),
+    (0x70, 2),
+    (0xa0, 2),
+    (0x3f8, 8),
+    (0x4d0, 2),
+    (0xcf8, 8),
+];
 
 /// Longest VM name, in bytes (names appear in every log line of the VM, so keep them short).
 pub const NAME_MAX: usize = 31;
@@ -125,10 +147,16 @@ pub struct VmConfig {
     pub name: String,
     /// RAM size: guest-physical `0..memory_mib MiB`.
     pub memory_mib: u64,
-    /// Name of the boot module that holds the guest ELF.
+    /// Name of the boot module that holds the guest kernel: a 64-bit ELF (muxvisor's boot
+    /// protocol) or a Multiboot kernel, told apart by the Multiboot header.
     pub image: String,
     /// Command line handed to the guest (at most [`CMDLINE_MAX`] bytes).
     pub cmdline: String,
+    /// Boot modules handed to a Multiboot kernel, in order (at most [`MODULES_MAX`]).
+    pub modules: Vec<String>,
+    /// The first of the 4 ports of the VM's test-exit device, when it has one: a write there
+    /// ends the VM with the value written as its exit code.
+    pub debug_exit_port: Option<u16>,
     /// Scheduling quantum in microseconds, within [`QUANTUM_US_RANGE`].
     pub quantum_us: u64,
     /// Number of vCPUs (always 1 for now).

@@ -67,6 +67,8 @@ fn good_manifest() {
                 memory_mib: 4,
                 image: "hello".into(),
                 cmdline: "".into(),
+                modules: Vec::new(),
+                debug_exit_port: None,
                 quantum_us: 5000,
                 vcpus: 1,
                 sharing_domain: 0,
@@ -79,6 +81,8 @@ fn good_manifest() {
                 memory_mib: 16,
                 image: "hello.v2".into(),
                 cmdline: "verbose=1 answer=42".into(),
+                modules: Vec::new(),
+                debug_exit_port: None,
                 quantum_us: 1000,
                 vcpus: 1,
                 sharing_domain: 0,
@@ -202,7 +206,8 @@ fn unknown_key_in_vm() {
         [
             "vm \"web-1\" (line 1): missing required key \"memory_mib\"",
             "vm \"web-1\" (line 3): unknown key \"memry_mib\" (known keys: name, memory_mib, \
-             image, cmdline, quantum_us, vcpus, sharing_domain, time_dilation, cpu_share)",
+             image, cmdline, modules, debug_exit, debug_exit_port, quantum_us, vcpus, \
+             sharing_domain, time_dilation, cpu_share)",
         ]
     );
     assert_eq!(m.vms, []);
@@ -215,6 +220,9 @@ fn unknown_key_in_vm() {
                 "memory_mib",
                 "image",
                 "cmdline",
+                "modules",
+                "debug_exit",
+                "debug_exit_port",
                 "quantum_us",
                 "vcpus",
                 "sharing_domain",
@@ -647,7 +655,8 @@ color = "red"
              supported for now",
             "vm \"too-big\" (line 22): key \"memory_mib\": 64 MiB is more than the host's 32 MiB",
             "vm \"too-big\" (line 24): unknown key \"color\" (known keys: name, memory_mib, \
-             image, cmdline, quantum_us, vcpus, sharing_domain, time_dilation, cpu_share)",
+             image, cmdline, modules, debug_exit, debug_exit_port, quantum_us, vcpus, \
+             sharing_domain, time_dilation, cpu_share)",
         ]
     );
     assert_eq!(
@@ -777,6 +786,8 @@ mod properties {
                     memory_mib: memory[i],
                     image: "img".into(),
                     cmdline: cmdline[i].clone().unwrap_or_default(),
+                    modules: Vec::new(),
+                    debug_exit_port: None,
                     quantum_us: quantum[i].or(default_quantum).unwrap_or(DEFAULT_QUANTUM_US),
                     vcpus: 1,
                     sharing_domain: 0,
@@ -977,4 +988,77 @@ fn bad_time_dilation_and_cpu_share_are_reported_by_vm_and_key() {
     assert_eq!(m.vms.len(), 1);
     assert_eq!(m.vms[0].name, "b");
     assert_eq!(m.vms[0].time_dilation_milli, 10_000);
+}
+
+#[test]
+fn modules_and_the_test_exit_device() {
+    let images = ["kut", "env", "other"];
+    let host = HostLimits {
+        images: Some(&images),
+        memory_bytes: None,
+    };
+    let vm = |extra: &str| {
+        parse(
+            &alloc::format!("[[vm]]\nname = \"t\"\nmemory_mib = 64\nimage = \"kut\"\n{extra}\n"),
+            &host,
+        )
+        .unwrap()
+    };
+    let m = vm("modules = [\"env\", \"other\"]\ndebug_exit = true");
+    assert_eq!(m.errors, []);
+    assert_eq!(m.vms[0].modules, ["env", "other"]);
+    assert_eq!(m.vms[0].debug_exit_port, Some(0xf4));
+    let m = vm("debug_exit = true\ndebug_exit_port = 0x501");
+    assert_eq!(m.vms[0].debug_exit_port, Some(0x501));
+    // Off unless asked for.
+    assert_eq!(vm("").vms[0].debug_exit_port, None);
+    assert_eq!(vm("debug_exit = false").vms[0].debug_exit_port, None);
+
+    let cases = [
+        (
+            "modules = [\"nope\"]",
+            "vm \"t\" (line 5): key \"modules\": no image named \"nope\" is available",
+        ),
+        (
+            "modules = \"env\"",
+            "vm \"t\" (line 5): key \"modules\": expected array of strings, found string",
+        ),
+        (
+            "modules = [1]",
+            "vm \"t\" (line 5): key \"modules\": expected string, found integer",
+        ),
+        (
+            "modules = [\"env\", \"env\", \"env\", \"env\", \"env\", \"env\", \"env\", \"env\", \
+             \"env\", \"env\", \"env\", \"env\", \"env\", \"env\", \"env\", \"env\", \"env\"]",
+            "vm \"t\" (line 5): key \"modules\": 17 items, at most 16 are allowed",
+        ),
+        (
+            "debug_exit_port = 0xf4",
+            "vm \"t\" (line 5): key \"debug_exit_port\": is set, but the test-exit device is off \
+             (add `debug_exit = true`)",
+        ),
+        (
+            "debug_exit = true\ndebug_exit_port = 0x3fc",
+            "vm \"t\" (line 6): key \"debug_exit_port\": ports 0x3fc..=0x3ff overlap port 0x3f8 \
+             of the virtual PC",
+        ),
+        (
+            "debug_exit = true\ndebug_exit_port = 0x1e",
+            "vm \"t\" (line 6): key \"debug_exit_port\": ports 0x1e..=0x21 overlap port 0x20 of \
+             the virtual PC",
+        ),
+        (
+            "debug_exit = true\ndebug_exit_port = 0xfffd",
+            "vm \"t\" (line 6): key \"debug_exit_port\": 0xfffd is out of range 0..=65532",
+        ),
+        (
+            "debug_exit = 1",
+            "vm \"t\" (line 5): key \"debug_exit\": expected boolean, found integer",
+        ),
+    ];
+    for (extra, message) in cases {
+        let m = vm(extra);
+        assert!(m.vms.is_empty(), "{extra}");
+        assert_eq!(messages(&m), [message], "{extra}");
+    }
 }

@@ -14,9 +14,10 @@ use toml::Spanned;
 
 use crate::{
     ErrorKind, FatalError, HostLimits, Manifest, ManifestError, MemoryConfig, Scope, VmConfig,
-    CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE, DEFAULT_QUANTUM_US, MEMORY_MIB_MAX,
-    MEMORY_MIB_MIN, NAME_MAX, QUANTUM_US_RANGE, SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE,
-    SHARING_DOMAIN_MAX, TIME_DILATION_MAX, TIME_DILATION_SCALE,
+    CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE, DEBUG_EXIT_PORT_DEFAULT, DEFAULT_QUANTUM_US,
+    MEMORY_MIB_MAX, MEMORY_MIB_MIN, MODULES_MAX, NAME_MAX, PLATFORM_PORTS, QUANTUM_US_RANGE,
+    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TIME_DILATION_MAX,
+    TIME_DILATION_SCALE,
 };
 
 const TOP_KEYS: &[&str] = &["defaults", "memory", "vm"];
@@ -32,6 +33,9 @@ const VM_KEYS: &[&str] = &[
     "memory_mib",
     "image",
     "cmdline",
+    "modules",
+    "debug_exit",
+    "debug_exit_port",
     "quantum_us",
     "vcpus",
     "sharing_domain",
@@ -293,6 +297,9 @@ fn check_vm(
     let mut memory_mib = None;
     let mut image = None;
     let mut cmdline = "";
+    let mut modules = Vec::new();
+    let mut debug_exit = false;
+    let mut debug_exit_port = None;
     let mut quantum_us = None;
     let vcpus = 1;
     let mut sharing_domain = 0;
@@ -323,12 +330,7 @@ fn check_vm(
             "image" => string(value).and_then(|s| {
                 check_name(s, None)?;
                 image = Some(s);
-                match host.images {
-                    Some(images) if !images.contains(&s) => Err(ErrorKind::ImageNotFound {
-                        image: s.to_owned(),
-                    }),
-                    _ => Ok(()),
-                }
+                available(s, host)
             }),
             "cmdline" => string(value).and_then(|s| {
                 cmdline = s;
@@ -339,6 +341,33 @@ fn check_vm(
                     })
                 } else {
                     Ok(())
+                }
+            }),
+            "modules" => module_list(value, host).map(|m| modules = m),
+            "debug_exit" => match value.get_ref() {
+                DeValue::Boolean(b) => {
+                    debug_exit = *b;
+                    Ok(())
+                }
+                other => Err(ErrorKind::WrongType {
+                    expected: "boolean",
+                    found: other.type_str(),
+                }),
+            },
+            // The device takes 4 ports, as QEMU's isa-debug-exit with iosize=4.
+            "debug_exit_port" => integer_in(value, 0, 0xfffc).and_then(|port| {
+                let end = port + 4;
+                match PLATFORM_PORTS.iter().find(|(first, count)| {
+                    u64::from(*first) < end && port < u64::from(first + count)
+                }) {
+                    Some((first, _)) => Err(ErrorKind::PortTaken {
+                        port,
+                        taken: *first,
+                    }),
+                    None => {
+                        debug_exit_port = Some(port as u16);
+                        Ok(())
+                    }
                 }
             }),
             "quantum_us" => integer_in(value, *QUANTUM_US_RANGE.start(), *QUANTUM_US_RANGE.end())
@@ -376,6 +405,13 @@ fn check_vm(
         }
     }
 
+    if !debug_exit {
+        if let Some(value) = table.get("debug_exit_port") {
+            let at = value.span().start;
+            problems.push((at, "debug_exit_port".to_owned(), ErrorKind::DebugExitOff));
+        }
+    }
+    let debug_exit_port = debug_exit.then(|| debug_exit_port.unwrap_or(DEBUG_EXIT_PORT_DEFAULT));
     for key in VM_REQUIRED {
         if !table.contains_key(*key) {
             problems.push((header, (*key).to_owned(), ErrorKind::MissingKey));
@@ -420,6 +456,8 @@ fn check_vm(
             memory_mib,
             image: image.to_owned(),
             cmdline: cmdline.to_owned(),
+            modules,
+            debug_exit_port,
             quantum_us,
             vcpus,
             sharing_domain,
@@ -437,6 +475,41 @@ fn check_vm(
         errors.push(at, scope, Some(&key), kind);
     }
     None
+}
+
+/// `modules`: an array of at most [`MODULES_MAX`] image names, each available on the host.
+fn module_list(value: &Value<'_>, host: &HostLimits<'_>) -> Result<Vec<String>, ErrorKind> {
+    let DeValue::Array(items) = value.get_ref() else {
+        return Err(ErrorKind::WrongType {
+            expected: "array of strings",
+            found: value.get_ref().type_str(),
+        });
+    };
+    if items.len() > MODULES_MAX {
+        return Err(ErrorKind::TooMany {
+            count: items.len(),
+            max: MODULES_MAX,
+        });
+    }
+    items
+        .iter()
+        .map(|item| {
+            let name = string(item)?;
+            check_name(name, None)?;
+            available(name, host)?;
+            Ok(name.to_owned())
+        })
+        .collect()
+}
+
+/// Whether the host has an image (boot module) called `name`, when it says which it has.
+fn available(name: &str, host: &HostLimits<'_>) -> Result<(), ErrorKind> {
+    match host.images {
+        Some(images) if !images.contains(&name) => Err(ErrorKind::ImageNotFound {
+            image: name.to_owned(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The value as a table; otherwise a "expected table" error at the value, in `scope`.

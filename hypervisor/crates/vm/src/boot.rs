@@ -1,10 +1,56 @@
-//! The 64-bit boot area a guest finds at its first instruction (guest-abi's boot protocol):
-//! page tables identity-mapping 4 GiB with 2 MiB pages, a flat GDT, the boot information and
-//! the command line. [`boot_area`] lists the bytes to write; the kernel writes them into the
-//! VM's (zeroed) memory with `GuestMemory::write`.
+//! How a guest boots: which of the two boot protocols its image uses ([`kernel`]), and the
+//! 64-bit boot area of muxvisor's own protocol (guest-abi's boot protocol): page tables
+//! identity-mapping 4 GiB with 2 MiB pages, a flat GDT, the boot information and the command
+//! line. [`boot_area`] lists the bytes to write; the kernel writes them into the VM's (zeroed)
+//! memory with `GuestMemory::write`. The Multiboot protocol's area is [`crate::multiboot`]'s.
 
 use alloc::vec::Vec;
-use guest_abi::boot::{BootInfo, BOOT_INFO_GPA, BOOT_INFO_MAGIC, CMDLINE_MAX, GDT_GPA, PML4_GPA};
+use guest_abi::boot::{
+    BootInfo, BOOT_INFO_GPA, BOOT_INFO_MAGIC, CMDLINE_MAX, GDT_GPA, IMAGE_MIN_GPA, PML4_GPA,
+};
+
+use crate::elf::{self, ElfError, ElfImage};
+use crate::multiboot::{self, MultibootError};
+
+/// A guest kernel, checked and planned for loading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// A 64-bit ELF entered in long mode with guest-abi's boot information (RDI).
+    Native(ElfImage),
+    /// A Multiboot kernel entered in 32-bit protected mode ([`crate::multiboot`]).
+    Multiboot(multiboot::Kernel),
+}
+
+/// Why an image cannot boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageError {
+    Elf(ElfError),
+    Multiboot(MultibootError),
+}
+
+impl core::fmt::Display for ImageError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Elf(e) => write!(f, "{e} (and no Multiboot header either)"),
+            Self::Multiboot(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Tells the boot protocol by the image, as GRUB does: a Multiboot header in its first 8 KiB
+/// makes it a Multiboot kernel; anything else must be a 64-bit ELF for muxvisor's protocol.
+/// Either way every segment must fit in `mem_size` bytes.
+pub fn kernel(image: &[u8], mem_size: u64) -> Result<Kernel, ImageError> {
+    if multiboot::has_header(image) {
+        return multiboot::load(image, mem_size)
+            .map(Kernel::Multiboot)
+            .map_err(ImageError::Multiboot);
+    }
+    // The top 64 KiB are left for the initial stack.
+    elf::parse(image, IMAGE_MIN_GPA, mem_size.saturating_sub(64 * 1024))
+        .map(Kernel::Native)
+        .map_err(ImageError::Elf)
+}
 
 /// Page-table flags: present, writable; PS for 2 MiB pages.
 const P_RW: u64 = 0x3;
@@ -54,6 +100,7 @@ pub fn boot_area(memory_bytes: u64, cmdline: &str) -> Vec<(u64, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     fn read_u64(pieces: &[(u64, Vec<u8>)], gpa: u64) -> u64 {
         for (at, bytes) in pieces {
@@ -80,6 +127,31 @@ mod tests {
             return None;
         }
         Some((pde & !0x1f_ffff) + (va & 0x1f_ffff))
+    }
+
+    #[test]
+    fn tells_the_protocol_by_the_image() {
+        let native = crate::elf::tests::tiny_elf();
+        assert!(matches!(kernel(&native, 4 << 20), Ok(Kernel::Native(_))));
+        // The same file with a Multiboot header (flags 0): loaded by its ELF headers, but
+        // entered as a Multiboot kernel.
+        let mut mb = native.clone();
+        mb[0x80..0x84].copy_from_slice(&multiboot::HEADER_MAGIC.to_le_bytes());
+        mb[0x88..0x8c].copy_from_slice(&0u32.wrapping_sub(multiboot::HEADER_MAGIC).to_le_bytes());
+        assert!(matches!(kernel(&mb, 4 << 20), Ok(Kernel::Multiboot(_))));
+        mb[0x88] ^= 1;
+        assert_eq!(
+            kernel(&mb, 4 << 20),
+            Err(ImageError::Multiboot(MultibootError::BadChecksum))
+        );
+        assert_eq!(
+            kernel(b"neither", 4 << 20),
+            Err(ImageError::Elf(ElfError::TooShort))
+        );
+        assert_eq!(
+            ImageError::Elf(ElfError::BadMagic).to_string(),
+            "image is not an ELF file (bad magic) (and no Multiboot header either)"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! ELF64 guest images: just enough of the format to load a static x86-64 executable, with every
-//! field checked, so that a corrupt image is a clear error and never a crash.
+//! ELF guest images: just enough of the format to load a static x86 executable (ELF64 x86-64 for
+//! the 64-bit boot protocol, also ELF32 i386 for Multiboot kernels), with every field checked, so
+//! that a corrupt image is a clear error and never a crash.
 
 use alloc::vec::Vec;
 
@@ -13,17 +14,38 @@ pub struct Segment {
     pub memsz: u64,
 }
 
+/// The file's class: which header layout it uses (and which CPU mode it was built for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElfClass {
+    /// ELFCLASS32, EM_386.
+    Elf32,
+    /// ELFCLASS64, EM_X86_64.
+    Elf64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ElfImage {
+    pub class: ElfClass,
     pub entry: u64,
     pub segments: Vec<Segment>,
+}
+
+impl ElfImage {
+    /// The first byte above every loaded segment.
+    pub fn end(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| s.gpa + s.memsz)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ElfError {
     TooShort,
     BadMagic,
-    /// Not ELFCLASS64, little-endian, x86-64, ET_EXEC.
+    /// Not ELFCLASS64 x86-64 or ELFCLASS32 i386, little-endian, ET_EXEC.
     Unsupported(&'static str),
     /// The program header table or a segment's file range is outside the file.
     Truncated,
@@ -75,17 +97,83 @@ fn u64_at(b: &[u8], o: usize) -> Result<u64, ElfError> {
 
 const PT_LOAD: u32 = 1;
 
-/// Parses `file` and checks that every segment lies in `min_gpa..mem_size`.
+/// Where the fields this loader reads are, per class (System V ABI, ELF header and program
+/// header tables).
+struct Layout {
+    class: ElfClass,
+    machine: u16,
+    /// The smallest program header entry that holds the fields read.
+    phentsize_min: u64,
+    /// Offsets in the file header: e_entry, e_phoff, e_phentsize (e_phnum follows it).
+    entry: usize,
+    phoff: usize,
+    phentsize: usize,
+    /// Offsets in a program header: p_offset, p_paddr, p_filesz, p_memsz.
+    p_offset: usize,
+    p_paddr: usize,
+    p_filesz: usize,
+    p_memsz: usize,
+}
+
+const ELF64: Layout = Layout {
+    class: ElfClass::Elf64,
+    machine: 62,
+    phentsize_min: 56,
+    entry: 24,
+    phoff: 32,
+    phentsize: 54,
+    p_offset: 8,
+    p_paddr: 24,
+    p_filesz: 32,
+    p_memsz: 40,
+};
+
+const ELF32: Layout = Layout {
+    class: ElfClass::Elf32,
+    machine: 3,
+    phentsize_min: 32,
+    entry: 24,
+    phoff: 28,
+    phentsize: 42,
+    p_offset: 4,
+    p_paddr: 12,
+    p_filesz: 16,
+    p_memsz: 20,
+};
+
+impl Layout {
+    /// A word of the class's size (an address or offset) at `o`.
+    fn word(&self, b: &[u8], o: usize) -> Result<u64, ElfError> {
+        match self.class {
+            ElfClass::Elf32 => u32_at(b, o).map(u64::from),
+            ElfClass::Elf64 => u64_at(b, o),
+        }
+    }
+}
+
+/// Parses an ELF64 x86-64 `file` and checks that every segment lies in `min_gpa..mem_size`.
 pub fn parse(file: &[u8], min_gpa: u64, mem_size: u64) -> Result<ElfImage, ElfError> {
-    if file.len() < 64 {
+    let image = parse_any(file, min_gpa, mem_size)?;
+    if image.class != ElfClass::Elf64 {
+        return Err(ElfError::Unsupported("not 64-bit"));
+    }
+    Ok(image)
+}
+
+/// Like [`parse`], for ELF64 x86-64 and ELF32 i386 files alike.
+pub fn parse_any(file: &[u8], min_gpa: u64, mem_size: u64) -> Result<ElfImage, ElfError> {
+    if file.len() < 52 {
         return Err(ElfError::TooShort);
     }
     if file[..4] != *b"\x7fELF" {
         return Err(ElfError::BadMagic);
     }
-    if file[4] != 2 {
-        return Err(ElfError::Unsupported("not 64-bit"));
-    }
+    let l = match file[4] {
+        1 => &ELF32,
+        2 if file.len() >= 64 => &ELF64,
+        2 => return Err(ElfError::TooShort),
+        _ => return Err(ElfError::Unsupported("neither 32-bit nor 64-bit")),
+    };
     if file[5] != 1 {
         return Err(ElfError::Unsupported("not little-endian"));
     }
@@ -94,14 +182,17 @@ pub fn parse(file: &[u8], min_gpa: u64, mem_size: u64) -> Result<ElfImage, ElfEr
             "not an executable (ET_EXEC); PIE/relocatable images are not loaded",
         ));
     }
-    if u16_at(file, 18)? != 62 {
-        return Err(ElfError::Unsupported("not x86-64"));
+    if u16_at(file, 18)? != l.machine {
+        return Err(ElfError::Unsupported(match l.class {
+            ElfClass::Elf64 => "not x86-64",
+            ElfClass::Elf32 => "not i386",
+        }));
     }
-    let entry = u64_at(file, 24)?;
-    let phoff = u64_at(file, 32)?;
-    let phentsize = u64::from(u16_at(file, 54)?);
-    let phnum = u64::from(u16_at(file, 56)?);
-    if phentsize < 56 {
+    let entry = l.word(file, l.entry)?;
+    let phoff = l.word(file, l.phoff)?;
+    let phentsize = u64::from(u16_at(file, l.phentsize)?);
+    let phnum = u64::from(u16_at(file, l.phentsize + 2)?);
+    if phentsize < l.phentsize_min {
         return Err(ElfError::Unsupported("program header entries too small"));
     }
     let mut segments = Vec::new();
@@ -115,10 +206,10 @@ pub fn parse(file: &[u8], min_gpa: u64, mem_size: u64) -> Result<ElfImage, ElfEr
             continue;
         }
         let seg = Segment {
-            offset: u64_at(file, at.saturating_add(8))?,
-            gpa: u64_at(file, at.saturating_add(24))?, // p_paddr
-            filesz: u64_at(file, at.saturating_add(32))?,
-            memsz: u64_at(file, at.saturating_add(40))?,
+            offset: l.word(file, at.saturating_add(l.p_offset))?,
+            gpa: l.word(file, at.saturating_add(l.p_paddr))?,
+            filesz: l.word(file, at.saturating_add(l.p_filesz))?,
+            memsz: l.word(file, at.saturating_add(l.p_memsz))?,
         };
         if seg.memsz == 0 {
             continue;
@@ -130,17 +221,7 @@ pub fn parse(file: &[u8], min_gpa: u64, mem_size: u64) -> Result<ElfImage, ElfEr
         if seg.filesz > seg.memsz || file_end > file.len() as u64 {
             return Err(ElfError::Truncated);
         }
-        let fits = seg.gpa >= min_gpa
-            && seg
-                .gpa
-                .checked_add(seg.memsz)
-                .is_some_and(|end| end <= mem_size);
-        if !fits {
-            return Err(ElfError::SegmentOutOfRange {
-                gpa: seg.gpa,
-                memsz: seg.memsz,
-            });
-        }
+        check_range(seg.gpa, seg.memsz, min_gpa, mem_size)?;
         segments.push(seg);
     }
     if segments.is_empty() {
@@ -152,7 +233,26 @@ pub fn parse(file: &[u8], min_gpa: u64, mem_size: u64) -> Result<ElfImage, ElfEr
     {
         return Err(ElfError::BadEntry(entry));
     }
-    Ok(ElfImage { entry, segments })
+    Ok(ElfImage {
+        class: l.class,
+        entry,
+        segments,
+    })
+}
+
+/// `memsz` bytes at `gpa` must lie in `min_gpa..mem_size`.
+pub(crate) fn check_range(
+    gpa: u64,
+    memsz: u64,
+    min_gpa: u64,
+    mem_size: u64,
+) -> Result<(), ElfError> {
+    let fits = gpa >= min_gpa && gpa.checked_add(memsz).is_some_and(|end| end <= mem_size);
+    if fits {
+        Ok(())
+    } else {
+        Err(ElfError::SegmentOutOfRange { gpa, memsz })
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 use guest_abi::ExitKind;
 use hv_vmx::exit::{reason, CrAccess, EptAccess, InterruptedEvent, Interruption, IoExit, VmExit};
 
+use crate::cpu_mode;
 use crate::hypercall::{self, Args, Outcome};
 use crate::memory::{AccessError, GuestMemory};
 use crate::mmio::{self, DeviceAccess, Gprs, Step};
@@ -258,16 +259,22 @@ fn handle_exit<V: Vcpu>(
         }
         other => {
             vm.acct.count_exit(ExitKind::Other);
-            handle_other_exit(vm, cpu, ctx, other)
+            handle_other_exit(vm, memory, cpu, ctx, other)
         }
     }
 }
 
 /// The exits that are rare or that a guest causes only by probing: one policy each.
 #[inline(never)]
-fn handle_other_exit<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext, exit: VmExit) -> Next {
+fn handle_other_exit<V: Vcpu>(
+    vm: &mut Vm,
+    memory: &GuestMemory,
+    cpu: &mut V,
+    ctx: &ExitContext,
+    exit: VmExit,
+) -> Next {
     match exit {
-        VmExit::CrAccess(access) => handle_cr_access(vm, cpu, access),
+        VmExit::CrAccess(access) => handle_cr_access(vm, memory, cpu, access),
         VmExit::Xsetbv => {
             let r = cpu.regs();
             let (index, value) = (r.rcx as u32, r.edx_eax());
@@ -325,11 +332,25 @@ fn handle_other_exit<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext, exit:
     }
 }
 
-/// MOV to/from CR8 (the task-priority register, kept per VM) and MOV to CR4 setting a bit of
-/// [`crate::policy::CR4_GUEST_FORBIDDEN`] (#GP). CR0 and CR3 accesses do not exit (empty CR0 mask, no
-/// CR3 exiting); CLTS and LMSW only exit for masked CR0 bits.
-fn handle_cr_access<V: Vcpu>(vm: &mut Vm, cpu: &mut V, access: CrAccess) -> Next {
+/// MOV to CR0 changing PG (the only host-owned CR0 bit, [`cpu_mode::CR0_HOST_OWNED`]), MOV
+/// to/from CR8 (the task-priority register, kept per VM) and MOV to CR4 setting a bit of
+/// [`crate::policy::CR4_GUEST_FORBIDDEN`] (#GP). CR3 accesses do not exit (no CR3 exiting); CLTS
+/// and LMSW cannot touch PG, so they do not exit.
+fn handle_cr_access<V: Vcpu>(
+    vm: &mut Vm,
+    memory: &GuestMemory,
+    cpu: &mut V,
+    access: CrAccess,
+) -> Next {
     match access {
+        // CR0.PG is host-owned: paging and IA-32e mode switches (cpu_mode.rs).
+        CrAccess::MovTo { cr: 0, gpr } => {
+            let value = cpu.gpr(gpr);
+            if let Err(why) = cpu_mode::mov_to_cr0(cpu, memory, value) {
+                log::debug!(target: &vm.target, "#GP for MOV to CR0 of {value:#x}: {why:?}");
+                return inject_gp(cpu);
+            }
+        }
         // CR8 is the local APIC's TPR[7:4] (SDM 10.8.6.1); bits 63:4 are reserved (#GP).
         CrAccess::MovTo { cr: 8, gpr } => {
             let value = cpu.gpr(gpr);
@@ -420,10 +441,28 @@ fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
         };
     } else {
         let value = cpu.regs().rax as u32;
+        if vm.is_test_exit_port(io.port) {
+            cpu.skip_instruction();
+            return test_exit(vm, io.size, value);
+        }
         port_write(vm, io.port, io.size, value, now);
     }
     cpu.skip_instruction();
     Next::Resume
+}
+
+/// A write to the VM's test-exit device (manifest `debug_exit`, like QEMU's isa-debug-exit):
+/// the VM ends with the value written as its exit code.
+#[inline(never)]
+fn test_exit(vm: &mut Vm, size: u8, value: u32) -> Next {
+    let code = match size {
+        1 => value & 0xff,
+        2 => value & 0xffff,
+        _ => value,
+    };
+    log::info!(target: &vm.target, "wrote {code:#x} to its test-exit device");
+    vm.exit_with(code.into());
+    Next::Stopped
 }
 
 /// Iterations of a REP INS/OUTS done per exit: the rest run after re-entering the guest at the
@@ -499,8 +538,12 @@ fn handle_string_io<V: Vcpu>(
                     Err(AccessError::OutOfRange(_)) => unreachable!("translated inside memory"),
                 }
             }
+            let value = u32::from_le_bytes(value);
+            if vm.is_test_exit_port(io.port) {
+                return test_exit(vm, io.size, value);
+            }
             let now = vm.guest_tsc(cpu.tsc());
-            port_write(vm, io.port, io.size, u32::from_le_bytes(value), now);
+            port_write(vm, io.port, io.size, value, now);
         }
         // One element done: commit it to the registers, so that a fault or the batch limit
         // leaves the instruction restartable where it stopped.
@@ -581,9 +624,15 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
         return inject_gp(cpu);
     };
     if write {
-        // Only EFER's check depends on its present value (LME fixed, LMA read-only).
-        let current = if m == Msr::Efer { cpu.read_msr(m) } else { 0 };
-        let Ok(value) = m.check_write(value, current) else {
+        // Only EFER's check depends on its present value and on paging (LME changes only with
+        // paging off, LMA is read-only).
+        let (current, paging) = if m == Msr::Efer {
+            let paging = cpu.read(Reg::Cr0Shadow) & cpu_mode::cr0::PG != 0;
+            (cpu.read_msr(m), paging)
+        } else {
+            (0, true)
+        };
+        let Ok(value) = m.check_write(value, current, paging) else {
             log::debug!(target: &vm.target, "#GP for WRMSR {index:#x} = {value:#x}");
             return inject_gp(cpu);
         };

@@ -136,9 +136,14 @@ impl Msr {
     }
 
     /// Checks a WRMSR of `value` as the CPU would and returns the value to store. `current` is
-    /// the MSR's present value (EFER needs it: LME cannot change while paging is on, and LMA
-    /// is read-only).
-    pub fn check_write(self, value: u64, current: u64) -> Result<u64, GeneralProtection> {
+    /// the MSR's present value and `paging` the guest's CR0.PG (EFER needs both: LME cannot
+    /// change while paging is on, and LMA is read-only, SDM 9.8.5).
+    pub fn check_write(
+        self,
+        value: u64,
+        current: u64,
+        paging: bool,
+    ) -> Result<u64, GeneralProtection> {
         let ok = match self {
             // Any value: the TSC is a free-running 64-bit counter.
             Self::Tsc => true,
@@ -157,8 +162,9 @@ impl Msr {
             Self::Xss => value == 0,
             Self::Efer => {
                 let reserved = !(efer::SCE | efer::LME | efer::LMA | efer::NXE);
-                // Guests always run with paging on, so LME may not change; LMA is read-only.
-                if value & reserved != 0 || (value ^ current) & efer::LME != 0 {
+                // LME changes only with paging off (cpu_mode.rs then activates IA-32e mode);
+                // LMA is the CPU's, read-only.
+                if value & reserved != 0 || (paging && (value ^ current) & efer::LME != 0) {
                     false
                 } else {
                     return Ok((value & !efer::LMA) | (current & efer::LMA));
@@ -266,17 +272,20 @@ mod tests {
             Msr::Cstar,
         ] {
             assert_eq!(
-                m.check_write(0xffff_8000_0000_0000, 0),
+                m.check_write(0xffff_8000_0000_0000, 0, true),
                 Ok(0xffff_8000_0000_0000)
             );
-            assert_eq!(m.check_write(0x7fff_ffff_ffff, 0), Ok(0x7fff_ffff_ffff));
             assert_eq!(
-                m.check_write(0x8000_0000_0000, 0),
+                m.check_write(0x7fff_ffff_ffff, 0, true),
+                Ok(0x7fff_ffff_ffff)
+            );
+            assert_eq!(
+                m.check_write(0x8000_0000_0000, 0, true),
                 Err(GeneralProtection),
                 "{m:?}"
             );
             assert_eq!(
-                m.check_write(0x1234_0000_0000_0000, 0),
+                m.check_write(0x1234_0000_0000_0000, 0, true),
                 Err(GeneralProtection)
             );
         }
@@ -284,29 +293,47 @@ mod tests {
 
     #[test]
     fn reserved_bits_fault() {
-        assert_eq!(Msr::TscAux.check_write(0xffff_ffff, 0), Ok(0xffff_ffff));
-        assert_eq!(Msr::TscAux.check_write(1 << 32, 0), Err(GeneralProtection));
-        assert_eq!(Msr::Fmask.check_write(1 << 40, 0), Err(GeneralProtection));
-        assert_eq!(Msr::Star.check_write(u64::MAX, 0), Ok(u64::MAX));
-        assert_eq!(Msr::Xss.check_write(0, 0), Ok(0));
-        assert_eq!(Msr::Xss.check_write(1 << 8, 0), Err(GeneralProtection));
-        assert_eq!(Msr::Tsc.check_write(5, 0), Ok(5));
-        assert_eq!(Msr::Tsc.check_write(u64::MAX, 0), Ok(u64::MAX));
-        assert_eq!(Msr::DebugCtl.check_write(2, 0), Ok(2));
-        assert_eq!(Msr::DebugCtl.check_write(1, 0), Err(GeneralProtection));
-        assert_eq!(Msr::SysenterCs.check_write(0x1_0000_0010, 0), Ok(0x10));
+        assert_eq!(
+            Msr::TscAux.check_write(0xffff_ffff, 0, true),
+            Ok(0xffff_ffff)
+        );
+        assert_eq!(
+            Msr::TscAux.check_write(1 << 32, 0, true),
+            Err(GeneralProtection)
+        );
+        assert_eq!(
+            Msr::Fmask.check_write(1 << 40, 0, true),
+            Err(GeneralProtection)
+        );
+        assert_eq!(Msr::Star.check_write(u64::MAX, 0, true), Ok(u64::MAX));
+        assert_eq!(Msr::Xss.check_write(0, 0, true), Ok(0));
+        assert_eq!(
+            Msr::Xss.check_write(1 << 8, 0, true),
+            Err(GeneralProtection)
+        );
+        assert_eq!(Msr::Tsc.check_write(5, 0, true), Ok(5));
+        assert_eq!(Msr::Tsc.check_write(u64::MAX, 0, true), Ok(u64::MAX));
+        assert_eq!(Msr::DebugCtl.check_write(2, 0, true), Ok(2));
+        assert_eq!(
+            Msr::DebugCtl.check_write(1, 0, true),
+            Err(GeneralProtection)
+        );
+        assert_eq!(
+            Msr::SysenterCs.check_write(0x1_0000_0010, 0, true),
+            Ok(0x10)
+        );
     }
 
     #[test]
     fn pat_entries_must_be_memory_types() {
-        assert_eq!(Msr::Pat.check_write(PAT_RESET, 0), Ok(PAT_RESET));
+        assert_eq!(Msr::Pat.check_write(PAT_RESET, 0, true), Ok(PAT_RESET));
         assert_eq!(
-            Msr::Pat.check_write(0x0101_0101_0505_0404, 0),
+            Msr::Pat.check_write(0x0101_0101_0505_0404, 0, true),
             Ok(0x0101_0101_0505_0404)
         );
         for bad in [2u64, 3, 8, 0x16] {
             assert_eq!(
-                Msr::Pat.check_write(bad << 24, 0),
+                Msr::Pat.check_write(bad << 24, 0, true),
                 Err(GeneralProtection),
                 "{bad}"
             );
@@ -318,20 +345,34 @@ mod tests {
         let long = efer::LME | efer::LMA;
         // SCE and NXE may change; LMA written as 0 is ignored.
         assert_eq!(
-            Msr::Efer.check_write(efer::LME | efer::SCE | efer::NXE, long),
+            Msr::Efer.check_write(efer::LME | efer::SCE | efer::NXE, long, true),
             Ok(long | efer::SCE | efer::NXE)
         );
         // Clearing LME under paging, or any reserved bit, faults.
         assert_eq!(
-            Msr::Efer.check_write(efer::LMA, long),
+            Msr::Efer.check_write(efer::LMA, long, true),
             Err(GeneralProtection)
         );
         assert_eq!(
-            Msr::Efer.check_write(long | (1 << 12), long),
+            Msr::Efer.check_write(long | (1 << 12), long, true),
             Err(GeneralProtection)
         );
         assert_eq!(
-            Msr::Efer.check_write(long | 2, long),
+            Msr::Efer.check_write(long | 2, long, true),
+            Err(GeneralProtection)
+        );
+    }
+
+    #[test]
+    fn efer_lme_changes_with_paging_off() {
+        // A 32-bit kernel on its way to long mode sets LME before paging; LMA stays the CPU's.
+        assert_eq!(
+            Msr::Efer.check_write(efer::LME | efer::LMA, 0, false),
+            Ok(efer::LME)
+        );
+        assert_eq!(Msr::Efer.check_write(0, efer::LME, false), Ok(0));
+        assert_eq!(
+            Msr::Efer.check_write(efer::LME, 0, true),
             Err(GeneralProtection)
         );
     }

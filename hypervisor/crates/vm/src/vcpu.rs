@@ -26,6 +26,8 @@ pub enum Reg {
     Rflags,
     /// The control registers as the CPU uses them (not the read shadows).
     Cr0,
+    /// What the guest reads for the host-owned CR0 bits ([`crate::cpu_mode::CR0_HOST_OWNED`]).
+    Cr0Shadow,
     Cr3,
     Cr4,
     /// The current privilege level (0-3).
@@ -36,7 +38,8 @@ pub enum Reg {
     /// instruction of an MMIO access.
     CsBase,
     CsAccessRights,
-    /// The PAE page-directory-pointer-table entries (32-bit PAE paging).
+    /// The PAE page-directory-pointer-table entries (32-bit PAE paging): the CPU loads them
+    /// from here at entry when the guest uses PAE paging outside IA-32e mode.
     Pdpte(u8),
 }
 
@@ -107,6 +110,11 @@ pub trait Vcpu {
     /// the VMCS TSC offset for that (with the clock's multiplier). A backend that computes the
     /// guest's TSC in software (RDTSC exiting) has nothing to do.
     fn set_tsc_offset(&mut self, offset: u64);
+    /// Enters the guest in IA-32e mode from now on, or not (the VM-entry control that follows
+    /// EFER.LMA, SDM 25.8.1); [`crate::cpu_mode`] switches it with EFER.LMA.
+    fn set_long_mode(&mut self, active: bool);
+    /// Drops every translation the CPU caches for the guest (its paging mode changed).
+    fn flush_guest_tlb(&mut self);
     /// A host interrupt arrived during the guest: acknowledge it at its controller.
     fn host_interrupt(&mut self, vector: u8);
     /// A host NMI arrived during the guest.
@@ -156,6 +164,9 @@ pub mod fake {
         pub caches_written_back: u32,
         pub host_interrupts: Vec<u8>,
         pub host_nmis: u32,
+        /// The "IA-32e mode guest" entry control.
+        pub long_mode: bool,
+        pub tlb_flushes: u32,
         pub single_steps: u32,
         pub interrupt_window: bool,
         pub nmi_window: bool,
@@ -183,6 +194,8 @@ pub mod fake {
                 caches_written_back: 0,
                 host_interrupts: Vec::new(),
                 host_nmis: 0,
+                long_mode: true,
+                tlb_flushes: 0,
                 single_steps: 0,
                 interrupt_window: false,
                 nmi_window: false,
@@ -211,13 +224,17 @@ pub mod fake {
                 Reg::Rip => "rip",
                 Reg::Rflags => "rflags",
                 Reg::Cr0 => "cr0",
+                Reg::Cr0Shadow => "cr0_shadow",
                 Reg::Cr3 => "cr3",
                 Reg::Cr4 => "cr4",
                 Reg::Cpl => "cpl",
                 Reg::Interruptibility => "interruptibility",
                 Reg::CsBase => "cs_base",
                 Reg::CsAccessRights => "cs_ar",
-                Reg::Pdpte(_) => "pdpte",
+                Reg::Pdpte(0) => "pdpte0",
+                Reg::Pdpte(1) => "pdpte1",
+                Reg::Pdpte(2) => "pdpte2",
+                Reg::Pdpte(_) => "pdpte3",
             }
         }
     }
@@ -296,6 +313,12 @@ pub mod fake {
         }
         fn set_tsc_offset(&mut self, offset: u64) {
             self.tsc_offset = Some(offset);
+        }
+        fn set_long_mode(&mut self, active: bool) {
+            self.long_mode = active;
+        }
+        fn flush_guest_tlb(&mut self) {
+            self.tlb_flushes += 1;
         }
         fn host_interrupt(&mut self, vector: u8) {
             self.host_interrupts.push(vector);

@@ -231,6 +231,15 @@ impl Vm {
         self.state = VmState::Failed;
     }
 
+    /// Whether `port` is one of the 4 ports of the VM's test-exit device (manifest
+    /// `debug_exit`).
+    #[inline(always)]
+    pub fn is_test_exit_port(&self, port: u16) -> bool {
+        self.config
+            .debug_exit_port
+            .is_some_and(|first| port.wrapping_sub(first) < 4)
+    }
+
     pub fn exit_with(&mut self, code: u64) {
         self.end_console();
         log::info!(target: &self.target, "exited with code {code}");

@@ -91,6 +91,9 @@ pub struct VmcsControls {
     pub ept_ad: bool,
     /// VPIDs tag the guests' TLB entries.
     pub vpid: bool,
+    /// Guests may run with paging off or in real mode (SDM 26.6): Multiboot kernels start in
+    /// 32-bit protected mode without paging.
+    pub unrestricted_guest: bool,
     /// The CPU saves the remaining preemption-timer count on exit. The scheduler does not rely
     /// on it: it reloads the timer from the quantum's host-clock deadline before every entry but
     /// a bounded run of fast re-entries (so exit handling is charged to the quantum); it is
@@ -250,6 +253,7 @@ impl VmcsControls {
             0,
         )?;
         let wanted2 = SecondaryProcBased::ENABLE_VPID
+            | SecondaryProcBased::UNRESTRICTED_GUEST
             | SecondaryProcBased::ENABLE_RDTSCP
             | SecondaryProcBased::ENABLE_INVPCID
             | SecondaryProcBased::ENABLE_XSAVES_XRSTORS;
@@ -307,6 +311,7 @@ impl VmcsControls {
             entry,
             ept_ad: caps.ept_ad_bits(),
             vpid,
+            unrestricted_guest: secondary & SecondaryProcBased::UNRESTRICTED_GUEST.bits() != 0,
             save_preemption_timer: exit & ExitControls::SAVE_PREEMPTION_TIMER.bits() != 0,
             tsc_scaling: caps.primary_proc_based().may_be_one()
                 & PrimaryProcBased::USE_TSC_OFFSETTING.bits()

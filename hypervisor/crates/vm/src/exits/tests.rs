@@ -43,6 +43,8 @@ impl Rig {
             memory_mib: 1,
             image: String::from("img"),
             cmdline: String::new(),
+            modules: Vec::new(),
+            debug_exit_port: Some(0x500),
             quantum_us: 1000,
             vcpus: 1,
             sharing_domain: 0,
@@ -54,6 +56,7 @@ impl Rig {
         let memory = GuestMemory::new((0..PAGES).map(|p| p * 4096).collect());
         let mut cpu = FakeVcpu::new(FlatPhys(alloc::vec![0; (PAGES * 4096) as usize]));
         cpu.state.insert("cr0", 0x8001_0033);
+        cpu.state.insert("cr0_shadow", 0x8001_0033);
         let policy = CpuPolicy::from_host(FakeVcpu::cpuid);
         Self {
             vm: Vm::new(
@@ -239,6 +242,26 @@ fn port_io_reaches_the_uart_and_unknown_ports_float() {
     assert_eq!(r.cpu.regs.rax, 0xffff_ffff);
     assert_eq!(r.count(ExitKind::Io), 5);
     assert_eq!(r.cpu.rip(), 0x1000 + 5 * 2);
+}
+
+#[test]
+fn the_test_exit_device_ends_the_vm_with_the_value_written() {
+    // The rig's VM has it at 0x500..=0x503; reads there float like any unclaimed port.
+    let mut r = Rig::new();
+    r.cpu.regs.rax = 0x1234;
+    assert_eq!(r.exit(io(0x500, 1, true)), Next::Resume);
+    assert_eq!(r.cpu.regs.rax, 0x12ff);
+    r.cpu.regs.rax = 0xffff_ff03;
+    assert_eq!(r.exit(io(0x502, 1, false)), Next::Stopped);
+    assert_eq!(r.vm.state, VmState::Exited(3));
+    let mut r = Rig::new();
+    r.cpu.regs.rax = 0x1_0000_0001;
+    assert_eq!(r.exit(io(0x500, 4, false)), Next::Stopped);
+    assert_eq!(r.vm.state, VmState::Exited(1));
+    // Next door is an ordinary (unclaimed) port.
+    let mut r = Rig::new();
+    assert_eq!(r.exit(io(0x504, 4, false)), Next::Resume);
+    assert_eq!(r.vm.state, VmState::Runnable);
 }
 
 #[test]

@@ -1,0 +1,618 @@
+//! `cargo xtask kvm-unit-tests`: the KVM project's x86 unit tests, run as muxvisor guests under
+//! Bochs, judged against the checked-in expectations (`tests/kvm-unit-tests.toml`).
+//!
+//! - The suite comes from `--src DIR` (a kvm-unit-tests checkout) or from the source archive in
+//!   `../shared/third_party/` next to the workspace; it is unpacked and built (`./configure
+//!   --arch=x86_64 && make`) under `target/kvm-unit-tests/` once, and again when the source
+//!   changes.
+//! - Each test of `x86/unittests.cfg` is one VM: its `.flat` kernel (Multiboot) as the image,
+//!   its `test_args` as the command line, the environment file (`NR_CPUS=1`, `MEMSIZE`) as its
+//!   one Multiboot module, and the test-exit device at 0xf4 that the suite's `exit()` writes.
+//!   Several tests share one boot, side by side.
+//! - A test's verdict comes from its exit code (0 all passed, 1 failures, 38 all skipped: the
+//!   suite's own convention), its `PASS:`/`FAIL:`/`SKIP:` lines are counted. A test the
+//!   expectations call must-pass fails the run unless it passes; an excluded test that passes
+//!   fails it too, so the exclusion list only shrinks.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::build;
+use crate::cli::{parse_positive, Args, Spec};
+use crate::deps;
+use crate::engine::{self, BootSpec, Engine};
+use crate::error::{Error, IoContext, Result};
+use crate::iso::{self, IsoSpec};
+use crate::process::{self, Ending};
+use crate::workspace::Workspace;
+
+const USAGE: &str =
+    "cargo xtask kvm-unit-tests [TEST...] [--src DIR] [--set must-pass|excluded|all] \
+                     [--per-boot N]";
+/// The expectations, relative to the workspace root.
+pub const EXPECTATIONS: &str = "tests/kvm-unit-tests.toml";
+/// Tests booted side by side unless `--per-boot` says otherwise.
+const DEFAULT_PER_BOOT: usize = 4;
+/// What the exit code of a kvm-unit-tests `exit()` means (lib/report.c `report_summary`).
+const EXIT_PASS: u64 = 0;
+const EXIT_FAIL: u64 = 1;
+/// 77 >> 1: every check was skipped.
+const EXIT_SKIP: u64 = 38;
+
+/// One `[name]` section of `x86/unittests.cfg`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CfgTest {
+    pub name: String,
+    /// The `.flat` kernel.
+    pub file: String,
+    /// `test_args`: the kernel's command line after its name.
+    pub args: String,
+    /// `smp`: how many CPUs the test wants.
+    pub smp: u32,
+    /// `arch`: only on this architecture (`x86_64`, `i386`), if given.
+    pub arch: Option<String>,
+    /// `timeout` in seconds of QEMU time, if given.
+    pub timeout_s: Option<u64>,
+}
+
+/// Parses `unittests.cfg`: `[name]` sections of `key = value` lines, `#` comments; values may be
+/// quoted with `'` or `"`.
+pub fn parse_cfg(text: &str) -> std::result::Result<Vec<CfgTest>, String> {
+    let mut tests: Vec<CfgTest> = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            tests.push(CfgTest {
+                name: name.to_owned(),
+                file: String::new(),
+                args: String::new(),
+                smp: 1,
+                arch: None,
+                timeout_s: None,
+            });
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("line {}: expected `key = value`", n + 1));
+        };
+        let Some(test) = tests.last_mut() else {
+            return Err(format!(
+                "line {}: `{}` before any [test]",
+                n + 1,
+                key.trim()
+            ));
+        };
+        let value = unquote(value.trim());
+        let number = |what: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("line {}: {what} `{value}` is not a number", n + 1))
+        };
+        match key.trim() {
+            "file" => test.file = value.to_owned(),
+            "test_args" | "extra_params" if value.starts_with("-append") => {
+                test.args = unquote(value.trim_start_matches("-append").trim()).to_owned()
+            }
+            "test_args" => test.args = value.to_owned(),
+            "smp" => test.smp = number("smp")?.try_into().unwrap_or(u32::MAX),
+            "arch" => test.arch = Some(value.to_owned()),
+            "timeout" => test.timeout_s = Some(number("timeout")?),
+            _ => {} // qemu_params, groups, check, accel: QEMU's business
+        }
+    }
+    if let Some(t) = tests.iter().find(|t| t.file.is_empty()) {
+        return Err(format!("[{}] has no `file`", t.name));
+    }
+    Ok(tests)
+}
+
+/// `value` without the `'` or `"` quotes around it, if it has them.
+fn unquote(value: &str) -> &str {
+    value
+        .strip_prefix('\'')
+        .and_then(|v| v.strip_suffix('\''))
+        .or_else(|| value.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
+        .unwrap_or(value)
+}
+
+/// `tests/kvm-unit-tests.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expectations {
+    /// Guest memory of each test VM unless its entry says otherwise.
+    pub memory_mib: u64,
+    /// Emulated seconds a test may take unless its entry says otherwise.
+    pub timeout_s: u64,
+    pub test: BTreeMap<String, Expect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// `pass` (must pass) or `excluded` (with the reason).
+    pub expect: Expected,
+    pub reason: Option<String>,
+    pub memory_mib: Option<u64>,
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expected {
+    Pass,
+    Excluded,
+}
+
+impl Expectations {
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let e: Expectations = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (name, t) in &e.test {
+            match (t.expect, &t.reason) {
+                (Expected::Excluded, None) => {
+                    return Err(format!("[test.{name}]: an excluded test needs a `reason`"))
+                }
+                (Expected::Excluded, Some(r)) if r.trim().is_empty() => {
+                    return Err(format!("[test.{name}]: the `reason` is empty"))
+                }
+                _ => {}
+            }
+        }
+        Ok(e)
+    }
+
+    /// Every x86_64 test of the suite must be listed, and nothing else: a new upstream test gets
+    /// a decision, a removed one leaves no stale entry.
+    pub fn check_complete(&self, tests: &[CfgTest]) -> std::result::Result<(), String> {
+        let unlisted: Vec<&str> = tests
+            .iter()
+            .filter(|t| !self.test.contains_key(&t.name))
+            .map(|t| t.name.as_str())
+            .collect();
+        let unknown: Vec<&str> = self
+            .test
+            .keys()
+            .filter(|name| !tests.iter().any(|t| &t.name == *name))
+            .map(String::as_str)
+            .collect();
+        if unlisted.is_empty() && unknown.is_empty() {
+            return Ok(());
+        }
+        let mut message = String::new();
+        if !unlisted.is_empty() {
+            message += &format!(
+                "tests of the suite not in the expectations: {}",
+                unlisted.join(", ")
+            );
+        }
+        if !unknown.is_empty() {
+            if !message.is_empty() {
+                message += "; ";
+            }
+            message += &format!(
+                "expectations for tests the suite does not have: {}",
+                unknown.join(", ")
+            );
+        }
+        Err(message)
+    }
+}
+
+/// What one test did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub passes: u32,
+    pub failures: u32,
+    pub skips: u32,
+    /// How the VM ended: its exit code, or why it did not exit.
+    pub end: End,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    Exited(u64),
+    /// The hypervisor stopped it (the reason is in the log).
+    Failed(String),
+    /// Still running when the boot's time was up.
+    TimedOut,
+    /// Never created (the hypervisor refused its image or manifest entry).
+    NotStarted(String),
+}
+
+/// The suite's verdict on a test, from its exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Skip,
+    Error,
+}
+
+impl Outcome {
+    pub fn verdict(&self) -> Verdict {
+        match self.end {
+            End::Exited(EXIT_PASS) if self.failures == 0 => Verdict::Pass,
+            End::Exited(EXIT_SKIP) => Verdict::Skip,
+            End::Exited(EXIT_FAIL) => Verdict::Fail,
+            End::Exited(_) | End::Failed(_) | End::TimedOut | End::NotStarted(_) => Verdict::Error,
+        }
+    }
+}
+
+/// Reads the outcome of VM `vm` from a boot's serial log. `timed_out`: the boot was killed.
+pub fn outcome_of(log: &str, vm: &str, timed_out: bool) -> Outcome {
+    let console = format!("{vm} | ");
+    let (mut passes, mut failures, mut skips) = (0, 0, 0);
+    let mut end = None;
+    let stats = format!("[INFO] stats vm={vm} state=");
+    let not_started = format!("vm \"{vm}\" not started: ");
+    let stopped = format!("[ERROR] vm {vm}: ");
+    let mut failure = None;
+    for line in log.lines().map(str::trim_end) {
+        if let Some(text) = line.strip_prefix(&console) {
+            // report() prints `PASS: ...`, `FAIL: ...`, `SKIP: ...`, `XFAIL: ...` (lib/report.c).
+            if text.starts_with("PASS: ") || text.starts_with("XFAIL: ") {
+                passes += 1;
+            } else if text.starts_with("FAIL: ") || text.starts_with("XPASS: ") {
+                failures += 1;
+            } else if text.starts_with("SKIP: ") {
+                skips += 1;
+            }
+        } else if let Some(state) = line.strip_prefix(&stats) {
+            let state = state.split_whitespace().next().unwrap_or("");
+            if let Some(code) = state
+                .strip_prefix("exited(")
+                .and_then(|s| s.strip_suffix(')'))
+                .and_then(|s| s.parse().ok())
+            {
+                end = Some(End::Exited(code));
+            } else if state == "failed" {
+                end = Some(End::Failed(failure.clone().unwrap_or_default()));
+            }
+        } else if let Some(why) = line.split_once(&not_started).map(|(_, w)| w) {
+            end = Some(End::NotStarted(why.to_owned()));
+        } else if let Some(why) = line.strip_prefix(&stopped) {
+            failure.get_or_insert_with(|| why.to_owned());
+        }
+    }
+    let end = end.unwrap_or(if timed_out {
+        End::TimedOut
+    } else {
+        End::Failed(failure.unwrap_or_else(|| "no stats line in the log".to_owned()))
+    });
+    Outcome {
+        passes,
+        failures,
+        skips,
+        end,
+    }
+}
+
+/// The VM name of a test: its name, cut to the manifest's 31 bytes.
+fn vm_name(test: &str) -> String {
+    test.chars().take(hv_manifest::NAME_MAX).collect()
+}
+
+/// Where the suite's build lives and how it came there.
+struct Suite {
+    /// The built tree (x86/*.flat, x86/unittests.cfg).
+    dir: PathBuf,
+    /// For the table's header: the archive or the checkout.
+    origin: String,
+}
+
+/// The source archive in `../shared/third_party/`, if the workspace has one next to it.
+fn shared_archive(ws: &Workspace) -> Option<PathBuf> {
+    let dir = ws.root().parent()?.join("shared").join("third_party");
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("kvm-unit-tests") && n.ends_with(".tar.gz"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Unpacks (from an archive) and builds the suite unless the build is already there.
+fn prepare(ws: &Workspace, src: Option<&Path>) -> Result<Suite> {
+    let base = ws.scratch("kvm-unit-tests");
+    let (tree, origin) = match src {
+        Some(dir) => {
+            if !dir.join("x86").join("unittests.cfg").is_file() {
+                return Err(Error::config(
+                    dir,
+                    "not a kvm-unit-tests tree (no x86/unittests.cfg)",
+                ));
+            }
+            (dir.to_path_buf(), dir.display().to_string())
+        }
+        None => {
+            let Some(archive) = shared_archive(ws) else {
+                return Err(Error::Failed(
+                    "kvm-unit-tests: the suite's source is missing: no --src DIR, and no \
+                     kvm-unit-tests-*.tar.gz in ../shared/third_party/ next to the workspace"
+                        .to_owned(),
+                ));
+            };
+            let stem = archive
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("kvm-unit-tests")
+                .trim_end_matches(".tar.gz")
+                .to_owned();
+            let unpacked = base.join(&stem);
+            let tree = unpacked.join("kvm-unit-tests");
+            if !tree.join("x86").join("unittests.cfg").is_file() {
+                if unpacked.exists() {
+                    fs::remove_dir_all(&unpacked)
+                        .context(|| format!("emptying {}", unpacked.display()))?;
+                }
+                fs::create_dir_all(&unpacked)
+                    .context(|| format!("creating {}", unpacked.display()))?;
+                println!("kvm-unit-tests: unpacking {}", archive.display());
+                process::run_captured(
+                    Command::new("tar")
+                        .arg("xzf")
+                        .arg(&archive)
+                        .arg("-C")
+                        .arg(&unpacked),
+                )?;
+            }
+            (tree, archive.display().to_string())
+        }
+    };
+    let built = tree.join("x86").join("msr.flat");
+    if !built.is_file() {
+        for tool in ["gcc", "make"] {
+            if !process::on_path(tool) {
+                return Err(Error::Deps(format!(
+                    "kvm-unit-tests: `{tool}` is needed to build the suite (run `cargo xtask deps`)"
+                )));
+            }
+        }
+        println!("kvm-unit-tests: building the suite in {}", tree.display());
+        process::run_captured(
+            Command::new("./configure")
+                .arg("--arch=x86_64")
+                .current_dir(&tree),
+        )?;
+        let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+        process::run_captured(
+            Command::new("make")
+                .arg(format!("-j{jobs}"))
+                .current_dir(&tree),
+        )?;
+    }
+    Ok(Suite { dir: tree, origin })
+}
+
+/// `cargo xtask kvm-unit-tests`.
+pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
+    let args = Args::parse(
+        args,
+        &Spec {
+            usage: USAGE,
+            with_value: &["--src", "--set", "--per-boot"],
+            positional: true,
+        },
+    )?;
+    let set = args.value("--set").unwrap_or("must-pass");
+    if !["must-pass", "excluded", "all"].contains(&set) {
+        return Err(Error::Usage(format!(
+            "`--set {set}`: use must-pass, excluded or all\nusage: {USAGE}"
+        )));
+    }
+    let per_boot = match args.value("--per-boot") {
+        Some(v) => parse_positive("--per-boot", v)? as usize,
+        None => DEFAULT_PER_BOOT,
+    };
+    let (passed, failed) = run_suite(
+        ws,
+        args.value("--src").map(Path::new),
+        args.positional(),
+        set,
+        per_boot,
+    )?;
+    if failed > 0 {
+        return Err(Error::AlreadyReported);
+    }
+    debug_assert!(passed > 0 || args.positional().is_empty());
+    Ok(())
+}
+
+/// Builds what is needed, runs the selected tests and prints the table and the closing
+/// `N passed, N failed` line; returns the two counts.
+pub fn run_suite(
+    ws: &Workspace,
+    src: Option<&Path>,
+    names: &[String],
+    set: &str,
+    per_boot: usize,
+) -> Result<(usize, usize)> {
+    let path = ws.root().join(EXPECTATIONS);
+    let text = fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
+    let expectations = Expectations::parse(&text).map_err(|m| Error::config(&path, m))?;
+    deps::ensure_packages()?;
+    let suite = prepare(ws, src)?;
+    let cfg_path = suite.dir.join("x86").join("unittests.cfg");
+    let cfg =
+        fs::read_to_string(&cfg_path).context(|| format!("reading {}", cfg_path.display()))?;
+    let tests: Vec<CfgTest> = parse_cfg(&cfg)
+        .map_err(|m| Error::config(&cfg_path, m))?
+        .into_iter()
+        .filter(|t| t.arch.as_deref().is_none_or(|a| a == "x86_64"))
+        .collect();
+    expectations
+        .check_complete(&tests)
+        .map_err(|m| Error::config(&path, m))?;
+    let selected: Vec<&CfgTest> = if names.is_empty() {
+        tests
+            .iter()
+            .filter(|t| match (set, expectations.test[&t.name].expect) {
+                ("all", _) => true,
+                ("must-pass", e) => e == Expected::Pass,
+                (_, e) => e == Expected::Excluded,
+            })
+            .collect()
+    } else {
+        let mut chosen = Vec::new();
+        for name in names {
+            match tests.iter().find(|t| &t.name == name) {
+                Some(t) => chosen.push(t),
+                None => {
+                    return Err(Error::Usage(format!(
+                        "kvm-unit-tests: no test `{name}` in {}",
+                        cfg_path.display()
+                    )))
+                }
+            }
+        }
+        chosen
+    };
+    build::build_all(ws)?;
+    println!(
+        "kvm-unit-tests: {} tests from {} on Bochs ({} per boot)",
+        selected.len(),
+        suite.origin,
+        per_boot
+    );
+    let mut results: Vec<(&CfgTest, Outcome)> = Vec::new();
+    for (n, batch) in selected.chunks(per_boot.max(1)).enumerate() {
+        let dir = ws
+            .scratch("kvm-unit-tests")
+            .join("runs")
+            .join(format!("boot-{n}"));
+        results.extend(run_batch(ws, &suite, &expectations, batch, &dir)?);
+    }
+    Ok(print_table(&expectations, &results))
+}
+
+/// Boots `batch` side by side (one VM each) and reads each one's outcome.
+fn run_batch<'t>(
+    ws: &Workspace,
+    suite: &Suite,
+    expectations: &Expectations,
+    batch: &[&'t CfgTest],
+    dir: &Path,
+) -> Result<Vec<(&'t CfgTest, Outcome)>> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).context(|| format!("emptying {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+    let mut manifest =
+        String::from("# Written by `cargo xtask kvm-unit-tests`: one VM per test.\n");
+    let mut images: Vec<(String, PathBuf)> = Vec::new();
+    let mut timeout_s = 0;
+    for test in batch {
+        let e = &expectations.test[&test.name];
+        let memory_mib = e.memory_mib.unwrap_or(expectations.memory_mib);
+        timeout_s += e.timeout_s.unwrap_or(expectations.timeout_s);
+        // The environment the suite reads from its first module (lib/x86/setup.c): one CPU,
+        // the VM's memory; it overrides what QEMU's fw_cfg would say.
+        let env_name = format!("env-{memory_mib}");
+        if !images.iter().any(|(n, _)| *n == env_name) {
+            let env = dir.join(&env_name);
+            fs::write(&env, format!("NR_CPUS=1\nMEMSIZE={memory_mib}\n"))
+                .context(|| format!("writing {}", env.display()))?;
+            images.push((env_name.clone(), env));
+        }
+        if !images.iter().any(|(n, _)| *n == test.file) {
+            images.push((test.file.clone(), suite.dir.join("x86").join(&test.file)));
+        }
+        manifest += &format!(
+            "\n[[vm]]\nname = \"{}\"\nmemory_mib = {memory_mib}\nimage = \"{}\"\ncmdline = \"{}\"\n\
+             modules = [\"{env_name}\"]\ndebug_exit = true\n",
+            vm_name(&test.name),
+            test.file,
+            test.args.replace('\\', "\\\\").replace('"', "\\\"")
+        );
+    }
+    let manifest_path = dir.join("manifest.toml");
+    fs::write(&manifest_path, &manifest)
+        .context(|| format!("writing {}", manifest_path.display()))?;
+    let spec = IsoSpec {
+        kernel: ws.kernel_elf(),
+        manifest: manifest_path,
+        images,
+        cmdline: "exit=emulator log=info".to_owned(),
+    };
+    let iso_path = dir.join("kut.iso");
+    iso::make_iso(ws, &spec, &dir.join("iso-root"), &iso_path)?;
+    let boot = BootSpec {
+        engine: Engine::Bochs,
+        iso: iso_path,
+        dir: dir.to_path_buf(),
+        // Emulated time is instructions at BOCHS_IPS; Bochs runs them at a few tens of MIPS.
+        timeout: Duration::from_secs(60 + timeout_s / 3),
+        bochs_ips: engine::BOCHS_IPS,
+        bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
+    };
+    let names: Vec<&str> = batch.iter().map(|t| t.name.as_str()).collect();
+    println!("kvm-unit-tests: booting {}", names.join(", "));
+    let outcome = engine::boot(&boot, || {})?;
+    let serial = boot.serial_log();
+    let log = fs::read(&serial).context(|| format!("reading {}", serial.display()))?;
+    let log = String::from_utf8_lossy(&log);
+    let timed_out = outcome.ending == Ending::TimedOut;
+    Ok(batch
+        .iter()
+        .map(|t| (*t, outcome_of(&log, &vm_name(&t.name), timed_out)))
+        .collect())
+}
+
+/// Prints the table and the closing line; returns (passed, failed) against the expectations.
+fn print_table(expectations: &Expectations, results: &[(&CfgTest, Outcome)]) -> (usize, usize) {
+    let (mut passed, mut failed) = (0, 0);
+    println!(
+        "\n{:<28} {:>5} {:>5} {:>5}  {:<14} {:<9} verdict",
+        "test", "pass", "fail", "skip", "end", "expected"
+    );
+    for (test, o) in results {
+        let expected = expectations.test[&test.name].expect;
+        let verdict = o.verdict();
+        let (ok, note) = match (expected, verdict) {
+            (Expected::Pass, Verdict::Pass) => (true, "ok"),
+            (Expected::Pass, _) => (false, "FAILED (must pass)"),
+            (Expected::Excluded, Verdict::Pass) => (false, "PASSES: take it off the exclusions"),
+            (Expected::Excluded, _) => (true, "excluded"),
+        };
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+        let end = match &o.end {
+            End::Exited(c) => format!("exit {c}"),
+            End::Failed(_) => "stopped".to_owned(),
+            End::TimedOut => "timed out".to_owned(),
+            End::NotStarted(_) => "not started".to_owned(),
+        };
+        let expected = match expected {
+            Expected::Pass => "pass",
+            Expected::Excluded => "excluded",
+        };
+        println!(
+            "{:<28} {:>5} {:>5} {:>5}  {:<14} {:<9} {note}",
+            test.name, o.passes, o.failures, o.skips, end, expected
+        );
+        if let End::Failed(why) | End::NotStarted(why) = &o.end {
+            println!("    {why}");
+        }
+    }
+    println!("\n{passed} passed, {failed} failed");
+    (passed, failed)
+}
+
+#[cfg(test)]
+mod tests;
