@@ -47,6 +47,8 @@ use crate::vmx::{self, vmread, vmwrite};
 /// How the guest starts: the CPU mode and registers its boot protocol gives it.
 struct Entry {
     rip: u64,
+    /// The GDT the entry segments come from.
+    gdt: u64,
     /// 64-bit mode (muxvisor's protocol), or 32-bit protected mode with paging off (Multiboot,
     /// section 3.2 of its specification).
     long_mode: bool,
@@ -229,6 +231,7 @@ impl Vm {
                 }
                 let entry = Entry {
                     rip: elf.entry,
+                    gdt: gboot::GDT_GPA,
                     long_mode: true,
                     // Every register starts at 0 but RDI, the boot-information pointer
                     // (guest-abi boot protocol); RSP and RIP are in the VMCS.
@@ -261,10 +264,11 @@ impl Vm {
                     .map_err(|e| VmError::Image(hv_vm::boot::ImageError::Multiboot(e)))?;
                 let entry = Entry {
                     rip: k.entry,
+                    gdt: plan.gdt,
                     long_mode: false,
                     regs: GuestRegisters {
                         rax: multiboot::BOOTLOADER_MAGIC.into(),
-                        rbx: multiboot::INFO_GPA,
+                        rbx: plan.info,
                         ..Default::default()
                     },
                 };
@@ -525,22 +529,12 @@ impl Vm {
         if c.load_efer {
             vmwrite(f::GUEST_IA32_EFER, entry.efer());
         }
-        let (code, data, cs_rights, gdt) = if entry.long_mode {
+        let (code, data, cs_rights) = if entry.long_mode {
             // Present, code, L=1, G=1.
-            (
-                gboot::CODE_SELECTOR,
-                gboot::DATA_SELECTOR,
-                0xa09b,
-                gboot::GDT_GPA,
-            )
+            (gboot::CODE_SELECTOR, gboot::DATA_SELECTOR, 0xa09b)
         } else {
             // Present, code, D=1, G=1.
-            (
-                multiboot::CODE_SELECTOR,
-                multiboot::DATA_SELECTOR,
-                0xc09b,
-                multiboot::GDT_GPA,
-            )
+            (multiboot::CODE_SELECTOR, multiboot::DATA_SELECTOR, 0xc09b)
         };
         let (code, data) = (u64::from(code), u64::from(data));
         vmwrite(f::GUEST_CS_SELECTOR, code);
@@ -592,7 +586,7 @@ impl Vm {
         vmwrite(f::GUEST_TR_BASE, 0);
         vmwrite(f::GUEST_TR_LIMIT, 0x67);
         vmwrite(f::GUEST_TR_ACCESS_RIGHTS, 0x8b); // present, busy 64-bit TSS
-        vmwrite(f::GUEST_GDTR_BASE, gdt);
+        vmwrite(f::GUEST_GDTR_BASE, entry.gdt);
         vmwrite(f::GUEST_GDTR_LIMIT, 23);
         vmwrite(f::GUEST_IDTR_BASE, 0);
         vmwrite(f::GUEST_IDTR_LIMIT, 0);

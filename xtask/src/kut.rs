@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
+use std::thread;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -33,11 +35,14 @@ use crate::workspace::Workspace;
 
 const USAGE: &str =
     "cargo xtask kvm-unit-tests [TEST...] [--src DIR] [--set must-pass|excluded|all] \
-                     [--per-boot N]";
+                     [--per-boot N] [--jobs N]";
 /// The expectations, relative to the workspace root.
 pub const EXPECTATIONS: &str = "tests/kvm-unit-tests.toml";
-/// Tests booted side by side unless `--per-boot` says otherwise.
-const DEFAULT_PER_BOOT: usize = 4;
+/// Tests booted side by side unless `--per-boot` says otherwise: one, so that a test that hangs
+/// holds up no other.
+const DEFAULT_PER_BOOT: usize = 1;
+/// Boots at once unless `--jobs` says otherwise (each Bochs is single-threaded).
+const DEFAULT_JOBS: usize = 2;
 /// What the exit code of a kvm-unit-tests `exit()` means (lib/report.c `report_summary`).
 const EXIT_PASS: u64 = 0;
 const EXIT_FAIL: u64 = 1;
@@ -137,7 +142,8 @@ pub struct Expectations {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
-    /// `pass` (must pass) or `excluded` (with the reason).
+    /// `pass` (must pass), `skip` (must end with every check skipped, as on a CPU without
+    /// the feature; with the reason) or `excluded` (with the reason).
     pub expect: Expected,
     pub reason: Option<String>,
     pub memory_mib: Option<u64>,
@@ -148,6 +154,7 @@ pub struct Expect {
 #[serde(rename_all = "kebab-case")]
 pub enum Expected {
     Pass,
+    Skip,
     Excluded,
 }
 
@@ -156,10 +163,12 @@ impl Expectations {
         let e: Expectations = toml::from_str(text).map_err(|e| e.to_string())?;
         for (name, t) in &e.test {
             match (t.expect, &t.reason) {
-                (Expected::Excluded, None) => {
-                    return Err(format!("[test.{name}]: an excluded test needs a `reason`"))
+                (Expected::Excluded | Expected::Skip, None) => {
+                    return Err(format!(
+                        "[test.{name}]: an excluded or skipped test needs a `reason`"
+                    ))
                 }
-                (Expected::Excluded, Some(r)) if r.trim().is_empty() => {
+                (_, Some(r)) if r.trim().is_empty() => {
                     return Err(format!("[test.{name}]: the `reason` is empty"))
                 }
                 _ => {}
@@ -403,7 +412,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         args,
         &Spec {
             usage: USAGE,
-            with_value: &["--src", "--set", "--per-boot"],
+            with_value: &["--src", "--set", "--per-boot", "--jobs"],
             positional: true,
         },
     )?;
@@ -413,22 +422,46 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
             "`--set {set}`: use must-pass, excluded or all\nusage: {USAGE}"
         )));
     }
-    let per_boot = match args.value("--per-boot") {
-        Some(v) => parse_positive("--per-boot", v)? as usize,
-        None => DEFAULT_PER_BOOT,
+    let count = |flag: &str, default: usize| -> Result<usize> {
+        Ok(match args.value(flag) {
+            Some(v) => parse_positive(flag, v)? as usize,
+            None => default,
+        })
+    };
+    let shape = Shape {
+        per_boot: count("--per-boot", DEFAULT_PER_BOOT)?,
+        jobs: count("--jobs", DEFAULT_JOBS)?,
     };
     let (passed, failed) = run_suite(
         ws,
         args.value("--src").map(Path::new),
         args.positional(),
         set,
-        per_boot,
+        shape,
     )?;
     if failed > 0 {
         return Err(Error::AlreadyReported);
     }
     debug_assert!(passed > 0 || args.positional().is_empty());
     Ok(())
+}
+
+/// How the tests are spread over boots.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Tests per boot (one VM each).
+    pub per_boot: usize,
+    /// Boots at once.
+    pub jobs: usize,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            per_boot: DEFAULT_PER_BOOT,
+            jobs: DEFAULT_JOBS,
+        }
+    }
 }
 
 /// Builds what is needed, runs the selected tests and prints the table and the closing
@@ -438,7 +471,7 @@ pub fn run_suite(
     src: Option<&Path>,
     names: &[String],
     set: &str,
-    per_boot: usize,
+    shape: Shape,
 ) -> Result<(usize, usize)> {
     let path = ws.root().join(EXPECTATIONS);
     let text = fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
@@ -461,7 +494,7 @@ pub fn run_suite(
             .iter()
             .filter(|t| match (set, expectations.test[&t.name].expect) {
                 ("all", _) => true,
-                ("must-pass", e) => e == Expected::Pass,
+                ("must-pass", e) => e != Expected::Excluded,
                 (_, e) => e == Expected::Excluded,
             })
             .collect()
@@ -482,18 +515,39 @@ pub fn run_suite(
     };
     build::build_all(ws)?;
     println!(
-        "kvm-unit-tests: {} tests from {} on Bochs ({} per boot)",
+        "kvm-unit-tests: {} tests from {} on Bochs ({} per boot, {} boots at once)",
         selected.len(),
         suite.origin,
-        per_boot
+        shape.per_boot,
+        shape.jobs
     );
+    let batches: Vec<&[&CfgTest]> = selected.chunks(shape.per_boot.max(1)).collect();
+    let next = Mutex::new(0usize);
+    type Done<'t> = Vec<(usize, Result<Vec<(&'t CfgTest, Outcome)>>)>;
+    let done: Mutex<Done<'_>> = Mutex::new(Vec::new());
+    thread::scope(|scope| {
+        for _ in 0..shape.jobs.clamp(1, batches.len().max(1)) {
+            scope.spawn(|| loop {
+                let n = {
+                    let mut next = next.lock().expect("no panics while held");
+                    *next += 1;
+                    *next - 1
+                };
+                let Some(batch) = batches.get(n) else { break };
+                let dir = ws
+                    .scratch("kvm-unit-tests")
+                    .join("runs")
+                    .join(format!("boot-{n}"));
+                let result = run_batch(ws, &suite, &expectations, batch, &dir);
+                done.lock().expect("no panics while held").push((n, result));
+            });
+        }
+    });
+    let mut done = done.into_inner().expect("no panics while held");
+    done.sort_by_key(|(n, _)| *n);
     let mut results: Vec<(&CfgTest, Outcome)> = Vec::new();
-    for (n, batch) in selected.chunks(per_boot.max(1)).enumerate() {
-        let dir = ws
-            .scratch("kvm-unit-tests")
-            .join("runs")
-            .join(format!("boot-{n}"));
-        results.extend(run_batch(ws, &suite, &expectations, batch, &dir)?);
+    for (_, result) in done {
+        results.extend(result?);
     }
     Ok(print_table(&expectations, &results))
 }
@@ -519,12 +573,16 @@ fn run_batch<'t>(
         let memory_mib = e.memory_mib.unwrap_or(expectations.memory_mib);
         timeout_s += e.timeout_s.unwrap_or(expectations.timeout_s);
         // The environment the suite reads from its first module (lib/x86/setup.c): one CPU,
-        // the VM's memory; it overrides what QEMU's fw_cfg would say.
+        // the VM's memory, and no QEMU pc-testdev (TEST_DEVICE=0: tests that need it skip
+        // those checks); it overrides what QEMU's fw_cfg would say.
         let env_name = format!("env-{memory_mib}");
         if !images.iter().any(|(n, _)| *n == env_name) {
             let env = dir.join(&env_name);
-            fs::write(&env, format!("NR_CPUS=1\nMEMSIZE={memory_mib}\n"))
-                .context(|| format!("writing {}", env.display()))?;
+            fs::write(
+                &env,
+                format!("NR_CPUS=1\nMEMSIZE={memory_mib}\nTEST_DEVICE=0\n"),
+            )
+            .context(|| format!("writing {}", env.display()))?;
             images.push((env_name.clone(), env));
         }
         if !images.iter().any(|(n, _)| *n == test.file) {
@@ -554,7 +612,7 @@ fn run_batch<'t>(
         iso: iso_path,
         dir: dir.to_path_buf(),
         // Emulated time is instructions at BOCHS_IPS; Bochs runs them at a few tens of MIPS.
-        timeout: Duration::from_secs(60 + timeout_s / 3),
+        timeout: Duration::from_secs(20 + timeout_s / 3),
         bochs_ips: engine::BOCHS_IPS,
         bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
     };
@@ -584,6 +642,9 @@ fn print_table(expectations: &Expectations, results: &[(&CfgTest, Outcome)]) -> 
         let (ok, note) = match (expected, verdict) {
             (Expected::Pass, Verdict::Pass) => (true, "ok"),
             (Expected::Pass, _) => (false, "FAILED (must pass)"),
+            (Expected::Skip, Verdict::Skip) => (true, "ok (skips)"),
+            (Expected::Skip, Verdict::Pass) => (false, "PASSES: expect pass now"),
+            (Expected::Skip, _) => (false, "FAILED (must skip)"),
             (Expected::Excluded, Verdict::Pass) => (false, "PASSES: take it off the exclusions"),
             (Expected::Excluded, _) => (true, "excluded"),
         };
@@ -600,6 +661,7 @@ fn print_table(expectations: &Expectations, results: &[(&CfgTest, Outcome)]) -> 
         };
         let expected = match expected {
             Expected::Pass => "pass",
+            Expected::Skip => "skip",
             Expected::Excluded => "excluded",
         };
         println!(

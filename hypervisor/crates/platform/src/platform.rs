@@ -223,6 +223,11 @@ impl Platform {
 
     /// Whether `gpa` is a device register (the local APIC's page or the IOAPIC's): an access
     /// there is emulated rather than a fault.
+    /// Whether the local APIC is enabled in IA32_APIC_BASE (CPUID.1:EDX.APIC follows it).
+    pub fn lapic_enabled(&self) -> bool {
+        self.lapic.hardware_enabled()
+    }
+
     pub fn is_mmio(&self, gpa: u64) -> bool {
         self.lapic_offset(gpa).is_some() || self.mmio.find(gpa).is_some()
     }

@@ -9,7 +9,11 @@
 //! host-owned ([`CR0_HOST_OWNED`], in the CR0 guest/host mask), every write of it exits, and
 //! [`mov_to_cr0`] does what the CPU would: the checks of MOV to CR0 (SDM Vol. 2B), EFER.LMA, the
 //! entry control, the PAE page-directory-pointer entries for PAE paging outside long mode
-//! (SDM 4.4.1) and the TLB flush. The other CR0 bits are the guest's own and never exit.
+//! (SDM 4.4.1) and the TLB flush. CR0.NE is host-owned too: VMX operation requires it set (SDM
+//! A.7), so a guest that clears it (kvm-unit-tests do) would get #GP from the CPU itself; here
+//! it reads back what it wrote while the CPU keeps running with NE set (x87 errors are then
+//! reported as #MF, never through the legacy FERR# pin). The other CR0 bits are the guest's own
+//! and never exit.
 //!
 //! This module owns those rules; it must not decide CR4 (policy.rs) or EFER writes other than
 //! LMA (msr.rs checks WRMSR EFER, LME included).
@@ -33,7 +37,7 @@ const CR4_PCIDE: u64 = 1 << 17;
 const CS_L: u64 = 1 << 13;
 
 /// The CR0 bits the hypervisor owns: their writes exit, their reads come from the read shadow.
-pub const CR0_HOST_OWNED: u64 = cr0::PG;
+pub const CR0_HOST_OWNED: u64 = cr0::PG | cr0::NE;
 
 /// Why a MOV to CR0 faults: the guest gets #GP(0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +54,8 @@ pub enum Cr0Fault {
     Pdpte,
 }
 
-/// Emulates MOV to CR0 with `value` (the source register) for a vCPU whose CR0.PG is host-owned.
+/// Emulates MOV to CR0 with `value` (the source register) for a vCPU whose CR0.PG and CR0.NE
+/// are host-owned.
 pub fn mov_to_cr0<V: Vcpu>(cpu: &mut V, memory: &GuestMemory, value: u64) -> Result<(), Cr0Fault> {
     let efer_now = cpu.read_msr(Msr::Efer);
     let cs_l = cpu.read(Reg::CsAccessRights) & CS_L != 0;
@@ -70,6 +75,7 @@ pub fn mov_to_cr0<V: Vcpu>(cpu: &mut V, memory: &GuestMemory, value: u64) -> Res
     {
         return Err(Cr0Fault::Invalid);
     }
+    // The shadow holds the guest's PG and NE; the CPU's CR0 the rest.
     let was_paging = cpu.read(Reg::Cr0Shadow) & cr0::PG != 0;
     let paging = value & cr0::PG != 0;
     let cr4 = cpu.read(Reg::Cr4);

@@ -104,7 +104,17 @@ pub fn handle_cpuid<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext) -> Nex
     // Only leaf 1 depends on CR4 (OSXSAVE): spare the other leaves the read.
     let cr4 = if leaf == 1 { cpu.read(Reg::Cr4) } else { 0 };
     let native = cpu.native_cpuid(leaf, subleaf);
-    let [a, b, c, d] = ctx.cpu_policy.cpuid(leaf, subleaf, native, cr4);
+    let [mut a, b, c, mut d] = ctx.cpu_policy.cpuid(leaf, subleaf, native, cr4);
+    // What the VM's own state changes: IA32_MISC_ENABLE's limit on the basic leaves, and the
+    // APIC flag, which follows IA32_APIC_BASE.EN as on a real CPU (SDM 10.4.3).
+    if leaf <= 1 {
+        if leaf == 0 && vm.msrs.misc_enable & crate::msr::MISC_ENABLE_LIMIT_CPUID != 0 {
+            a = a.min(2);
+        }
+        if leaf == 1 && !vm.platform.lapic_enabled() {
+            d &= !crate::policy::EDX_APIC;
+        }
+    }
     let r = cpu.regs();
     (r.rax, r.rbx, r.rcx, r.rdx) = (a.into(), b.into(), c.into(), d.into());
     cpu.skip_instruction();
@@ -113,20 +123,28 @@ pub fn handle_cpuid<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext) -> Nex
 
 /// #UD: what a CPU without the instruction's feature raises.
 fn inject_ud(cpu: &mut impl Vcpu) -> Next {
-    cpu.inject(Interruption::exception(6, false), 0);
-    Next::Resume
+    inject_fault(cpu, 6, false, 0)
 }
 
 /// #GP(0).
 fn inject_gp(cpu: &mut impl Vcpu) -> Next {
-    cpu.inject(Interruption::exception(13, true), 0);
-    Next::Resume
+    inject_fault(cpu, 13, true, 0)
 }
 
 /// #PF at `linear` with `error_code`.
 fn inject_pf(cpu: &mut impl Vcpu, linear: u64, error_code: u32) -> Next {
     cpu.set_cr2(linear);
-    cpu.inject(Interruption::exception(14, true), error_code);
+    inject_fault(cpu, 14, true, error_code)
+}
+
+/// A fault on the exiting instruction, delivered at the next entry. A CPU that delivers a
+/// fault sets RF in the RFLAGS image it saves, so that an instruction breakpoint does not fire
+/// again when the handler returns to the instruction (SDM 17.3.1.1); VM entry pushes the guest
+/// RFLAGS field as it is, so RF is set there.
+fn inject_fault(cpu: &mut impl Vcpu, vector: u8, has_error_code: bool, error_code: u32) -> Next {
+    let flags = cpu.read(Reg::Rflags);
+    cpu.write(Reg::Rflags, flags | rflags::RF);
+    cpu.inject(Interruption::exception(vector, has_error_code), error_code);
     Next::Resume
 }
 
@@ -332,7 +350,7 @@ fn handle_other_exit<V: Vcpu>(
     }
 }
 
-/// MOV to CR0 changing PG (the only host-owned CR0 bit, [`cpu_mode::CR0_HOST_OWNED`]), MOV
+/// MOV to CR0 changing PG or NE (the host-owned CR0 bits, [`cpu_mode::CR0_HOST_OWNED`]), MOV
 /// to/from CR8 (the task-priority register, kept per VM) and MOV to CR4 setting a bit of
 /// [`crate::policy::CR4_GUEST_FORBIDDEN`] (#GP). CR3 accesses do not exit (no CR3 exiting); CLTS
 /// and LMSW cannot touch PG, so they do not exit.
@@ -645,6 +663,7 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
                 vm.tsc_adjust = value.wrapping_sub(vm.guest_tsc(cpu.tsc()));
                 cpu.set_tsc_offset(vm.tsc_offset());
             }
+            Home::Emulated => vm.msrs.write(m, value),
             Home::Computed => {} // XSS = 0 accepted; nothing to store
         }
     } else {
@@ -654,6 +673,8 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
             // one.
             Home::Switched(_) => cpu.read_cpu_msr(index),
             Home::Computed if m == Msr::Tsc => vm.tsc_value(cpu.tsc()),
+            Home::Emulated => vm.msrs.read(m),
+            // XSS and MCG_CAP (no banks, no MCG_CTL) read 0.
             Home::Computed => 0,
         };
         cpu.regs().set_edx_eax(v);

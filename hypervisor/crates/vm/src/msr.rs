@@ -6,7 +6,9 @@
 //! homes ([`Home`]): a VMCS guest-state field, which VM entry and exit switch by themselves; the
 //! hardware MSR itself, which the hypervisor never uses, so it holds the guest's value while the
 //! VM is on the CPU and is saved and reloaded when another VM is switched in ([`SwitchedMsrs`]);
-//! or a value computed on every read. This module decides; the kernel moves the values.
+//! a value kept in software per VM ([`EmulatedMsrs`]), for MSRs the hardware's copy of which
+//! belongs to the host (IA32_MISC_ENABLE, the machine-check globals); or a value computed on
+//! every read. This module decides; the kernel moves the values.
 
 /// The MSRs guests may access, by architectural name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +33,15 @@ pub enum Msr {
     GsBase,
     KernelGsBase,
     TscAux,
+    /// IA32_MISC_ENABLE (0x1a0): [`MISC_ENABLE_WRITABLE`] bits are the guest's, the
+    /// "unavailable" bits read 1, the rest are reserved (#GP).
+    MiscEnable,
+    /// IA32_MCG_CAP (0x179): machine-check architecture with no error-reporting banks and no
+    /// IA32_MCG_CTL, read-only.
+    McgCap,
+    /// IA32_MCG_STATUS (0x17a): bits 3:0 (RIPV, EIPV, MCIP, LMCE_S); no machine check ever
+    /// arrives, so only what the guest wrote.
+    McgStatus,
 }
 
 /// Where a guest's value of an MSR is kept.
@@ -42,8 +53,61 @@ pub enum Home {
     /// The hardware MSR, switched by the hypervisor when another VM comes on the CPU; the index
     /// into [`SwitchedMsrs`].
     Switched(usize),
-    /// Not stored: computed on read (the TSC) or constant (XSS).
+    /// Not stored: computed on read (the TSC) or constant (XSS, MCG_CAP).
     Computed,
+    /// In software, per VM ([`EmulatedMsrs`]).
+    Emulated,
+}
+
+/// IA32_MISC_ENABLE (SDM Vol. 4, Table 2-2): fast strings (0), automatic thermal control (3),
+/// Enhanced SpeedStep (16), MONITOR FSM (18), limit CPUID maxval (22), xTPR disable (23) and XD
+/// disable (34) are the guest's to set. They are stored and read back; limit-CPUID-maxval
+/// lowers CPUID.0:EAX to 2 as the SDM says; the others change nothing else (the features they
+/// govern are either not offered or not the guest's to switch off).
+pub const MISC_ENABLE_WRITABLE: u64 =
+    (1 << 0) | (1 << 3) | (1 << 16) | (1 << 18) | (1 << 22) | (1 << 23) | (1 << 34);
+/// Read-only IA32_MISC_ENABLE bits, always 1: branch-trace storage (11) and PEBS (12)
+/// unavailable. Bit 7 (performance monitoring available) reads 0: no PMU is offered.
+pub const MISC_ENABLE_READ_ONLY: u64 = (1 << 11) | (1 << 12);
+/// IA32_MISC_ENABLE bit 22: CPUID.0:EAX reports at most 2.
+pub const MISC_ENABLE_LIMIT_CPUID: u64 = 1 << 22;
+/// IA32_MCG_STATUS bits a guest may write.
+const MCG_STATUS_WRITABLE: u64 = 0xf;
+
+/// The MSRs of [`Home::Emulated`], as a VM holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmulatedMsrs {
+    pub misc_enable: u64,
+    pub mcg_status: u64,
+}
+
+impl Default for EmulatedMsrs {
+    /// At reset: fast strings on (as firmware leaves it), the read-only bits, no machine check.
+    fn default() -> Self {
+        EmulatedMsrs {
+            misc_enable: 1 | MISC_ENABLE_READ_ONLY,
+            mcg_status: 0,
+        }
+    }
+}
+
+impl EmulatedMsrs {
+    pub fn read(&self, m: Msr) -> u64 {
+        match m {
+            Msr::MiscEnable => self.misc_enable,
+            Msr::McgStatus => self.mcg_status,
+            _ => 0,
+        }
+    }
+
+    /// Stores a value that passed [`Msr::check_write`].
+    pub fn write(&mut self, m: Msr, value: u64) {
+        match m {
+            Msr::MiscEnable => self.misc_enable = value,
+            Msr::McgStatus => self.mcg_status = value,
+            _ => {}
+        }
+    }
 }
 
 /// Why a WRMSR faults: the CPU raises #GP(0).
@@ -96,6 +160,9 @@ impl Msr {
             0xc000_0101 => Self::GsBase,
             0xc000_0102 => Self::KernelGsBase,
             0xc000_0103 => Self::TscAux,
+            0x1a0 => Self::MiscEnable,
+            0x179 => Self::McgCap,
+            0x17a => Self::McgStatus,
             _ => return None,
         })
     }
@@ -119,12 +186,16 @@ impl Msr {
             Self::GsBase => 0xc000_0101,
             Self::KernelGsBase => 0xc000_0102,
             Self::TscAux => 0xc000_0103,
+            Self::MiscEnable => 0x1a0,
+            Self::McgCap => 0x179,
+            Self::McgStatus => 0x17a,
         }
     }
 
     pub const fn home(self) -> Home {
         match self {
-            Self::Tsc | Self::Xss => Home::Computed,
+            Self::Tsc | Self::Xss | Self::McgCap => Home::Computed,
+            Self::MiscEnable | Self::McgStatus => Home::Emulated,
             Self::KernelGsBase => Home::Switched(0),
             Self::Star => Home::Switched(1),
             Self::Lstar => Home::Switched(2),
@@ -171,6 +242,16 @@ impl Msr {
                 }
             }
             Self::Star => true,
+            // The read-only bits keep their value whatever is written (SDM Vol. 4, Table 2-2).
+            Self::MiscEnable => {
+                if value & !(MISC_ENABLE_WRITABLE | MISC_ENABLE_READ_ONLY) != 0 {
+                    false
+                } else {
+                    return Ok((value & MISC_ENABLE_WRITABLE) | MISC_ENABLE_READ_ONLY);
+                }
+            }
+            Self::McgCap => false,
+            Self::McgStatus => value & !MCG_STATUS_WRITABLE == 0,
             // Bits 63:32 of IA32_FMASK and IA32_TSC_AUX are reserved.
             Self::Fmask | Self::TscAux => value >> 32 == 0,
         };
@@ -375,5 +456,37 @@ mod tests {
             Msr::Efer.check_write(efer::LME, 0, true),
             Err(GeneralProtection)
         );
+    }
+
+    #[test]
+    fn misc_enable_and_machine_check_globals() {
+        let reset = EmulatedMsrs::default();
+        assert_eq!(reset.read(Msr::MiscEnable), 0x1801);
+        // kvm-unit-tests' msr test: 0x400c50809 with bits 7, 11 and 12 kept.
+        assert_eq!(
+            Msr::MiscEnable.check_write(0x4_00c5_0809 & !0x1880 | 0x1800, 0, true),
+            Ok(0x4_00c5_1809)
+        );
+        // The read-only bits cannot be cleared; reserved bits fault.
+        assert_eq!(Msr::MiscEnable.check_write(0, 0, true), Ok(0x1800));
+        assert_eq!(
+            Msr::MiscEnable.check_write(1 << 7, 0, true),
+            Err(GeneralProtection)
+        );
+        assert_eq!(
+            Msr::MiscEnable.check_write(1 << 40, 0, true),
+            Err(GeneralProtection)
+        );
+        assert_eq!(Msr::McgCap.check_write(0, 0, true), Err(GeneralProtection));
+        assert_eq!(Msr::McgStatus.check_write(0b101, 0, true), Ok(0b101));
+        assert_eq!(
+            Msr::McgStatus.check_write(1 << 4, 0, true),
+            Err(GeneralProtection)
+        );
+        let mut m = reset;
+        m.write(Msr::McgStatus, 4);
+        assert_eq!(m.read(Msr::McgStatus), 4);
+        assert_eq!(Msr::from_index(0x1a0), Some(Msr::MiscEnable));
+        assert_eq!(Msr::McgCap.home(), Home::Computed);
     }
 }

@@ -4,18 +4,18 @@
 //!
 //! This module only plans and encodes; the kernel writes the pieces into the VM's memory and
 //! enters the guest as section 3.2 says: 32-bit protected mode, paging off, flat 4 GiB code and
-//! data segments, EAX = [`BOOTLOADER_MAGIC`], EBX = [`INFO_GPA`], interrupts off. It is what
+//! data segments, EAX = [`BOOTLOADER_MAGIC`], EBX = the boot information's address, interrupts off. It is what
 //! GRUB and QEMU's `-kernel` do for such a kernel, which is how kvm-unit-tests and many small
 //! kernels expect to start.
 //!
-//! Guest-physical layout (every piece checked to fit the VM's memory):
-//! - [`GDT_GPA`]: a flat GDT (null, 32-bit code at 0x08, 32-bit data at 0x10) that the entry
-//!   segments match, for a kernel that reloads a segment register before its own `lgdt`;
-//! - [`INFO_GPA`]: the boot information, then the command line, the memory map, the module
-//!   list, the module strings and the boot loader's name, all below [`LOW_MEMORY_END`];
-//! - the kernel where its ELF program headers (or the header's address fields) say, at 1 MiB
-//!   or above;
-//! - the modules after the kernel, each on its own page.
+//! Guest-physical layout (every piece checked to fit the VM's memory), as QEMU's loader lays it
+//! out, so that the kernel's own use of low memory never meets the boot information:
+//! - the kernel where its ELF program headers (or the header's address fields) say;
+//! - the modules after the kernel, each on its own page;
+//! - after them, on a new page, a flat GDT (null, 32-bit code at 0x08, 32-bit data at 0x10)
+//!   that the entry segments match (for a kernel that reloads a segment register before its own
+//!   `lgdt`), then the boot information (EBX) with the command line, the memory map, the module
+//!   list, the module strings and the boot loader's name.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -43,19 +43,19 @@ const INFO_MODS: u32 = 1 << 3;
 const INFO_MMAP: u32 = 1 << 6;
 const INFO_LOADER_NAME: u32 = 1 << 9;
 
-/// Where the flat GDT is.
-pub const GDT_GPA: u64 = 0x7000;
 /// The flat GDT: null, 32-bit code (0x08), 32-bit data (0x10), as GRUB gives.
 pub const GDT: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 pub const CODE_SELECTOR: u16 = 0x08;
 pub const DATA_SELECTOR: u16 = 0x10;
-/// Where the boot information is (EBX at entry).
-pub const INFO_GPA: u64 = 0x8000;
+/// The boot information follows the GDT at this offset.
+const INFO_OFFSET: u64 = 0x40;
 /// The end of conventional memory the map reports: 639 KiB, the last KiB being the BIOS data
 /// area a PC keeps there.
 pub const LOW_MEMORY_END: u64 = 0x9_fc00;
-/// Kernels load at 1 MiB or above (below is the boot information and the PC's holes).
-pub const KERNEL_MIN_GPA: u64 = 0x10_0000;
+/// Where extended memory starts (`mem_upper` counts from here).
+pub const EXTENDED_MEMORY: u64 = 0x10_0000;
+/// The boot information must be reachable with paging off: below 4 GiB.
+const BOOT_AREA_LIMIT: u64 = 1 << 32;
 /// What the boot loader calls itself (`boot_loader_name`).
 pub const LOADER_NAME: &str = "muxvisor";
 
@@ -73,7 +73,8 @@ pub enum MultibootError {
     Elf(ElfError),
     /// The header's address fields (flag 16) contradict each other or the file.
     BadAddresses(&'static str),
-    /// The kernel, the modules and the boot information do not fit in the VM's memory.
+    /// The kernel, the modules and the boot information do not fit in the VM's memory (or, for
+    /// the boot information, below 4 GiB).
     TooLarge { needed: u64, memory: u64 },
 }
 
@@ -154,7 +155,7 @@ pub fn load(image: &[u8], mem_size: u64) -> Result<Kernel, MultibootError> {
         return Err(MultibootError::UnknownRequirements(unknown));
     }
     if flags & ADDRESSES == 0 {
-        let elf = elf::parse_any(image, KERNEL_MIN_GPA, mem_size).map_err(MultibootError::Elf)?;
+        let elf = elf::parse_any(image, 0, mem_size).map_err(MultibootError::Elf)?;
         return Ok(Kernel {
             entry: elf.entry,
             segments: elf.segments,
@@ -203,7 +204,7 @@ pub fn load(image: &[u8], mem_size: u64) -> Result<Kernel, MultibootError> {
         }
         end => end - load_addr,
     };
-    elf::check_range(load_addr, memsz, KERNEL_MIN_GPA, mem_size).map_err(MultibootError::Elf)?;
+    elf::check_range(load_addr, memsz, 0, mem_size).map_err(MultibootError::Elf)?;
     if !(load_addr..load_addr + memsz).contains(&entry) {
         return Err(MultibootError::BadAddresses(
             "entry_addr is outside the loaded image",
@@ -235,11 +236,16 @@ pub struct BootPlan {
     pub pieces: Vec<(u64, Vec<u8>)>,
     /// Where each module's bytes go, in the order given.
     pub modules: Vec<u64>,
+    /// The GDT's address (GDTR base at entry).
+    pub gdt: u64,
+    /// The boot information's address (EBX at entry).
+    pub info: u64,
 }
 
 /// Plans the boot information for a kernel that ends at `kernel_end` in a VM of `mem_size`
 /// bytes: `cmdline` is the kernel's command line as the kernel will see it (by convention its
-/// own name first, then its arguments), `modules` go after the kernel, page-aligned.
+/// own name first, then its arguments), `modules` go after the kernel, page-aligned, and the
+/// GDT and boot information after them.
 pub fn boot_plan(
     mem_size: u64,
     cmdline: &str,
@@ -261,12 +267,14 @@ pub fn boot_plan(
         next = page_up(end).ok_or(too_large(u64::MAX))?;
     }
 
-    // The information structure (section 3.3) is 88 bytes with the fields up to the VBE ones;
-    // everything it points to follows it.
+    // The GDT, then the information structure (section 3.3, 88 bytes with the fields up to the
+    // VBE ones), then everything it points to.
     const INFO_LEN: u64 = 88;
+    let gdt_gpa = next;
+    let info_gpa = gdt_gpa + INFO_OFFSET;
     let mut tail = Vec::new();
     let mut place = |bytes: &[u8]| -> u32 {
-        let at = INFO_GPA + INFO_LEN + tail.len() as u64;
+        let at = info_gpa + INFO_LEN + tail.len() as u64;
         tail.extend_from_slice(bytes);
         // Keep every piece 8-byte aligned.
         tail.resize(tail.len().next_multiple_of(8), 0);
@@ -295,15 +303,16 @@ pub fn boot_plan(
     }
     let mods_gpa = place(&mods);
     let name_gpa = place(&nul_terminated(LOADER_NAME));
-    if INFO_GPA + INFO_LEN + tail.len() as u64 > LOW_MEMORY_END {
-        return Err(too_large(INFO_GPA + INFO_LEN + tail.len() as u64));
+    let end = info_gpa + INFO_LEN + tail.len() as u64;
+    if end > mem_size || end > BOOT_AREA_LIMIT {
+        return Err(too_large(end));
     }
 
     let mut info = [0u32; INFO_LEN as usize / 4];
     info[0] = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME;
     info[1] = (LOW_MEMORY_END / 1024) as u32; // mem_lower, KiB from 0
                                               // mem_upper: KiB from 1 MiB to the first hole (the VM's memory is one range).
-    info[2] = (mem_size.saturating_sub(KERNEL_MIN_GPA) / 1024).min(u64::from(u32::MAX)) as u32;
+    info[2] = (mem_size.saturating_sub(EXTENDED_MEMORY) / 1024).min(u64::from(u32::MAX)) as u32;
     info[4] = cmdline_gpa;
     info[5] = modules.len() as u32;
     info[6] = mods_gpa;
@@ -314,8 +323,10 @@ pub fn boot_plan(
     info_bytes.extend_from_slice(&tail);
     let gdt = GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
     Ok(BootPlan {
-        pieces: alloc::vec![(GDT_GPA, gdt), (INFO_GPA, info_bytes)],
+        pieces: alloc::vec![(gdt_gpa, gdt), (info_gpa, info_bytes)],
         modules: module_at,
+        gdt: gdt_gpa,
+        info: info_gpa,
     })
 }
 
@@ -327,7 +338,7 @@ pub fn memory_map(mem_size: u64) -> [(u64, u64, u32); 4] {
         (0, LOW_MEMORY_END, 1),
         (LOW_MEMORY_END, 0xa_0000 - LOW_MEMORY_END, 2),
         (0xf_0000, 0x1_0000, 2),
-        (KERNEL_MIN_GPA, mem_size.saturating_sub(KERNEL_MIN_GPA), 1),
+        (EXTENDED_MEMORY, mem_size.saturating_sub(EXTENDED_MEMORY), 1),
     ]
 }
 

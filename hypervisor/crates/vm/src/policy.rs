@@ -16,19 +16,30 @@
 
 use guest_abi::{ABI_VERSION, CPUID_LEAF_BASE, CPUID_LEAF_MAX, CPUID_SIGNATURE};
 
-/// CPUID.1:ECX bits hidden from guests: MONITOR (3), VMX (5), SMX (6), EST (7), TM2 (8),
-/// PDCM (15), DCA (18); OSXSAVE (27) is the guest's own.
-const LEAF1_ECX_HIDDEN: u32 =
-    (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15) | (1 << 18);
+/// CPUID.1:ECX bits hidden from guests: 64-bit debug store (2), MONITOR (3), CPL-qualified debug
+/// store (4), VMX (5), SMX (6), EST (7), TM2 (8), PDCM (15), DCA (18); OSXSAVE (27) is the
+/// guest's own.
+const LEAF1_ECX_HIDDEN: u32 = (1 << 2)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 8)
+    | (1 << 15)
+    | (1 << 18);
 /// CPUID.1:ECX bits of the emulated local APIC, set whatever the host has: x2APIC (21) and the
 /// TSC-deadline timer (24).
 const LEAF1_ECX_EMULATED: u32 = (1 << 21) | (1 << 24);
-/// CPUID.1:EDX bit 9: an on-chip local APIC (the emulated one).
-const EDX_APIC: u32 = 1 << 9;
+/// CPUID.1:EDX bit 9: an on-chip local APIC (the emulated one), clear while the guest has it
+/// disabled in IA32_APIC_BASE (exits.rs).
+pub const EDX_APIC: u32 = 1 << 9;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_HYPERVISOR: u32 = 1 << 31;
-/// CPUID.1:EDX bits hidden: MTRR (12), MCA (14), ACPI thermal MSRs (22), TM (29).
-const LEAF1_EDX_HIDDEN: u32 = (1 << 12) | (1 << 14) | (1 << 22) | (1 << 29);
+/// CPUID.1:EDX bits hidden: MTRR (12), debug store (21: IA32_DS_AREA is not offered), ACPI
+/// thermal MSRs (22), TM (29). MCE (7) and MCA (14) stay: IA32_MCG_CAP reports no
+/// error-reporting banks (msr.rs).
+const LEAF1_EDX_HIDDEN: u32 = (1 << 12) | (1 << 21) | (1 << 22) | (1 << 29);
 /// The timing leaf (as VMware and KVM define it): EAX the guest TSC's frequency in kHz, EBX
 /// the local APIC timer's (bus) frequency in kHz.
 pub const CPUID_LEAF_TIMING: u32 = 0x4000_0010;

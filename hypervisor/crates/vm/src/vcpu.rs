@@ -53,6 +53,7 @@ pub mod interruptibility {
 /// RFLAGS bits the policy uses.
 pub mod rflags {
     pub const TF: u64 = 1 << 8;
+    pub const RF: u64 = 1 << 16;
     pub const IF: u64 = 1 << 9;
     pub const DF: u64 = 1 << 10;
 }

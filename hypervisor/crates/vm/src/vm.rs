@@ -33,6 +33,8 @@ pub struct Vm {
     /// the clock plus this, and the TSC-deadline timer is armed in that space. The platform's
     /// time does not jump with it, as the PIT, RTC and APIC timer of a CPU do not.
     pub tsc_adjust: u64,
+    /// IA32_MISC_ENABLE and the machine-check globals, kept in software.
+    pub msrs: crate::msr::EmulatedMsrs,
     /// The platform's last deadline (guest TSC) and when it falls on the host's clock: the
     /// conversion divides in 128 bits, and the run loop asks before every entry.
     deadline_cache: Cell<(u64, u64)>,
@@ -86,6 +88,7 @@ impl Vm {
             clock,
             deadline_cache: Cell::new((u64::MAX, u64::MAX)),
             tsc_adjust: 0,
+            msrs: Default::default(),
             halted: None,
             boosted: false,
             console: LineBuffer::default(),

@@ -98,6 +98,10 @@ fn sixty_four_bit_mode_rules() {
         mov_to_cr0(&mut cpu, &memory, PE_ET),
         Err(Cr0Fault::PagingOff)
     );
+    // NE may be cleared: the guest reads its value, the CPU keeps it set.
+    assert_eq!(mov_to_cr0(&mut cpu, &memory, paged & !cr0::NE), Ok(()));
+    assert_eq!(cpu.read(Reg::Cr0Shadow), paged & !cr0::NE);
+    assert_eq!(cpu.read(Reg::Cr0), paged | cr0::NE);
     // Other bits change without a mode switch or a flush (WP here).
     assert_eq!(mov_to_cr0(&mut cpu, &memory, paged | (1 << 16)), Ok(()));
     assert_eq!(cpu.tlb_flushes, 0);

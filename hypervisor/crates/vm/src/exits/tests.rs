@@ -377,12 +377,19 @@ fn control_register_exits() {
     r.cpu.regs.rax = 0x10;
     r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 8, gpr: 0 }));
     assert_eq!(r.cpu.injected.pop(), Some(GP), "CR8 bits 63:4 are reserved");
+    r.cpu.state.insert("rflags", 0x2);
     r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 4, gpr: 0 }));
+    assert_eq!(r.cpu.injected.pop(), Some(GP));
+    // A fault's saved RFLAGS has RF set (kvm-unit-tests' idt_test checks it).
+    assert_eq!(r.cpu.read(Reg::Rflags), 0x2 | rflags::RF);
+    // MOV to CR0 reaches cpu_mode (cpu_mode/tests.rs has the rules): PG without PE faults.
+    r.cpu.regs.rax = 1 << 31;
+    r.exit(VmExit::CrAccess(CrAccess::MovTo { cr: 0, gpr: 0 }));
     assert_eq!(r.cpu.injected.pop(), Some(GP));
     assert_eq!(
         r.exit(VmExit::CrAccess(CrAccess::Clts)),
         Next::Stopped,
-        "the CR0 mask is empty: a hypervisor bug"
+        "CLTS cannot touch the host-owned CR0 bits: a hypervisor bug"
     );
     assert_eq!(r.vm.state, VmState::Failed);
 }

@@ -160,14 +160,18 @@ fn bad_headers_are_errors() {
         Err(MultibootError::BadAddresses(_))
     ));
     let mut f = raw_kernel();
-    put(&mut f, 0x2c, 0x8020); // below 1 MiB
-    put(&mut f, 0x30, 0x8000);
-    put(&mut f, 0x38, 0x9000);
-    put(&mut f, 0x3c, 0x8040);
+    put(&mut f, 0x38, 0x50_0000); // BSS past the VM's 4 MiB
     assert!(matches!(
         load(&f, 4 << 20),
         Err(MultibootError::Elf(ElfError::SegmentOutOfRange { .. }))
     ));
+    // Low memory is fine (kvm-unit-tests' realmode test loads at 0x8000).
+    let mut f = raw_kernel();
+    put(&mut f, 0x2c, 0x8020);
+    put(&mut f, 0x30, 0x8000);
+    put(&mut f, 0x38, 0x9000);
+    put(&mut f, 0x3c, 0x8040);
+    assert_eq!(load(&f, 4 << 20).unwrap().segments[0].gpa, 0x8000);
 }
 
 /// Reads a NUL-terminated string at `gpa` from the plan's pieces.
@@ -196,18 +200,19 @@ fn boot_information_is_what_the_specification_says() {
     let plan = boot_plan(64 << 20, "kernel.flat -v", 0x40_3001, &modules).unwrap();
     assert_eq!(plan.modules, [0x40_4000, 0x40_5000]);
     let (gdt_at, gdt) = &plan.pieces[0];
-    assert_eq!(*gdt_at, GDT_GPA);
+    // GDT and information after the last module, on a new page.
+    assert_eq!((*gdt_at, plan.gdt), (0x40_7000, 0x40_7000));
     assert_eq!(&gdt[8..16], &0x00cf_9b00_0000_ffffu64.to_le_bytes());
     let (info_at, info) = &plan.pieces[1];
-    assert_eq!(*info_at, INFO_GPA);
-    assert!(INFO_GPA + info.len() as u64 <= LOW_MEMORY_END);
+    assert_eq!((*info_at, plan.info), (0x40_7040, 0x40_7040));
+    let info_gpa = plan.info;
     let flags = get(info, 0);
     assert_eq!(flags, 1 | 4 | 8 | 64 | 512);
     assert_eq!(get(info, 4), 639);
     assert_eq!(get(info, 8), 63 * 1024);
     assert_eq!(string_at(&plan, get(info, 16)), "kernel.flat -v");
     assert_eq!(get(info, 20), 2);
-    let mods = (get(info, 24) as u64 - INFO_GPA) as usize;
+    let mods = (get(info, 24) as u64 - info_gpa) as usize;
     assert_eq!(get(info, mods), 0x40_4000);
     assert_eq!(get(info, mods + 4), 0x40_4000 + 100);
     assert_eq!(string_at(&plan, get(info, mods + 8)), "env");
@@ -218,7 +223,7 @@ fn boot_information_is_what_the_specification_says() {
     // The memory map: entries of size 20 (the size field excluded), RAM from 1 MiB to the end.
     let (len, at) = (
         get(info, 44) as usize,
-        (get(info, 48) as u64 - INFO_GPA) as usize,
+        (get(info, 48) as u64 - info_gpa) as usize,
     );
     assert_eq!(len, 4 * 24);
     let entry = |i: usize| {
@@ -241,7 +246,7 @@ fn modules_that_do_not_fit_are_an_error() {
         string: "m",
         len: 1 << 20,
     }];
-    assert!(boot_plan(5 << 20, "k", 0x40_0000, &big).is_ok());
+    assert!(boot_plan(6 << 20, "k", 0x40_0000, &big).is_ok());
     assert_eq!(
         boot_plan(5 << 20, "k", 0x40_0001, &big),
         Err(MultibootError::TooLarge {
@@ -249,13 +254,19 @@ fn modules_that_do_not_fit_are_an_error() {
             memory: 5 << 20
         })
     );
+    // The module fits, the boot information after it does not.
+    assert!(boot_plan(0x50_1000, "k", 0x40_0000, &big).is_ok());
+    assert!(matches!(
+        boot_plan(0x50_0080, "k", 0x40_0000, &big),
+        Err(MultibootError::TooLarge { .. })
+    ));
     let huge = [Module {
         string: "m",
         len: u64::MAX,
     }];
     assert!(boot_plan(5 << 20, "k", 0x40_0000, &huge).is_err());
-    // A command line that does not fit in low memory.
-    let long = "x".repeat(LOW_MEMORY_END as usize);
+    // A command line that does not fit.
+    let long = "x".repeat(2 << 20);
     assert!(boot_plan(5 << 20, &long, 0x40_0000, &[]).is_err());
 }
 
