@@ -25,6 +25,9 @@ pub const PACKAGES: &[&str] = &[
     "xorriso",
     "mtools",
     "qemu-system-x86",
+    // kvm-unit-tests is built from source (cargo xtask kvm-unit-tests).
+    "gcc",
+    "make",
 ];
 
 /// Programs that stand for the packages where dpkg is not available (a non-Debian host).
@@ -34,6 +37,8 @@ const PROGRAMS: &[&str] = &[
     "xorriso",
     "mformat",
     "qemu-system-x86_64",
+    "gcc",
+    "make",
 ];
 
 /// `cargo xtask deps`: packages and the bare-metal Rust target.

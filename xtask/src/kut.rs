@@ -34,8 +34,8 @@ use crate::process::{self, Ending};
 use crate::workspace::Workspace;
 
 const USAGE: &str =
-    "cargo xtask kvm-unit-tests [TEST...] [--src DIR] [--set must-pass|excluded|all] \
-                     [--per-boot N] [--jobs N]";
+    "cargo xtask kvm-unit-tests [TEST...] [--src DIR] [--set must-pass|ci|excluded|all] \
+                     [--per-boot N] [--jobs N] [--engine muxvisor|qemu-tcg]";
 /// The expectations, relative to the workspace root.
 pub const EXPECTATIONS: &str = "tests/kvm-unit-tests.toml";
 /// Tests booted side by side unless `--per-boot` says otherwise: one, so that a test that hangs
@@ -148,6 +148,14 @@ pub struct Expect {
     pub reason: Option<String>,
     pub memory_mib: Option<u64>,
     pub timeout_s: Option<u64>,
+    /// Whether `cargo xtask test` (CI) runs it; `false` for tests too slow under Bochs, which
+    /// `cargo xtask kvm-unit-tests` still runs and judges.
+    #[serde(default = "yes")]
+    pub ci: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -258,23 +266,15 @@ impl Outcome {
 /// Reads the outcome of VM `vm` from a boot's serial log. `timed_out`: the boot was killed.
 pub fn outcome_of(log: &str, vm: &str, timed_out: bool) -> Outcome {
     let console = format!("{vm} | ");
-    let (mut passes, mut failures, mut skips) = (0, 0, 0);
     let mut end = None;
     let stats = format!("[INFO] stats vm={vm} state=");
     let not_started = format!("vm \"{vm}\" not started: ");
     let stopped = format!("[ERROR] vm {vm}: ");
     let mut failure = None;
+    let (passes, failures, skips) =
+        count_checks(log.lines().filter_map(|l| l.strip_prefix(&console)));
     for line in log.lines().map(str::trim_end) {
-        if let Some(text) = line.strip_prefix(&console) {
-            // report() prints `PASS: ...`, `FAIL: ...`, `SKIP: ...`, `XFAIL: ...` (lib/report.c).
-            if text.starts_with("PASS: ") || text.starts_with("XFAIL: ") {
-                passes += 1;
-            } else if text.starts_with("FAIL: ") || text.starts_with("XPASS: ") {
-                failures += 1;
-            } else if text.starts_with("SKIP: ") {
-                skips += 1;
-            }
-        } else if let Some(state) = line.strip_prefix(&stats) {
+        if let Some(state) = line.strip_prefix(&stats) {
             let state = state.split_whitespace().next().unwrap_or("");
             if let Some(code) = state
                 .strip_prefix("exited(")
@@ -304,9 +304,34 @@ pub fn outcome_of(log: &str, vm: &str, timed_out: bool) -> Outcome {
     }
 }
 
+/// Counts the checks in a test's output lines: report() prints `PASS: ...`, `FAIL: ...`,
+/// `SKIP: ...`, `XFAIL: ...` and `XPASS: ...` (lib/report.c).
+fn count_checks<'a>(lines: impl Iterator<Item = &'a str>) -> (u32, u32, u32) {
+    let (mut passes, mut failures, mut skips) = (0, 0, 0);
+    for text in lines.map(str::trim_end) {
+        if text.starts_with("PASS: ") || text.starts_with("XFAIL: ") {
+            passes += 1;
+        } else if text.starts_with("FAIL: ") || text.starts_with("XPASS: ") {
+            failures += 1;
+        } else if text.starts_with("SKIP: ") {
+            skips += 1;
+        }
+    }
+    (passes, failures, skips)
+}
+
 /// The VM name of a test: its name, cut to the manifest's 31 bytes.
 fn vm_name(test: &str) -> String {
     test.chars().take(hv_manifest::NAME_MAX).collect()
+}
+
+/// Why the suite cannot run without `--src`.
+pub const SOURCE_MISSING: &str = "kvm-unit-tests: the suite's source is missing: no --src DIR, \
+     and no kvm-unit-tests-*.tar.gz in ../shared/third_party/ next to the workspace";
+
+/// Whether the suite's source is at hand for a run without `--src`.
+pub fn source_available(ws: &Workspace) -> bool {
+    shared_archive(ws).is_some()
 }
 
 /// Where the suite's build lives and how it came there.
@@ -348,11 +373,7 @@ fn prepare(ws: &Workspace, src: Option<&Path>) -> Result<Suite> {
         }
         None => {
             let Some(archive) = shared_archive(ws) else {
-                return Err(Error::Failed(
-                    "kvm-unit-tests: the suite's source is missing: no --src DIR, and no \
-                     kvm-unit-tests-*.tar.gz in ../shared/third_party/ next to the workspace"
-                        .to_owned(),
-                ));
+                return Err(Error::Failed(SOURCE_MISSING.to_owned()));
             };
             let stem = archive
                 .file_name()
@@ -412,14 +433,14 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         args,
         &Spec {
             usage: USAGE,
-            with_value: &["--src", "--set", "--per-boot", "--jobs"],
+            with_value: &["--src", "--set", "--per-boot", "--jobs", "--engine"],
             positional: true,
         },
     )?;
     let set = args.value("--set").unwrap_or("must-pass");
-    if !["must-pass", "excluded", "all"].contains(&set) {
+    if !["must-pass", "ci", "excluded", "all"].contains(&set) {
         return Err(Error::Usage(format!(
-            "`--set {set}`: use must-pass, excluded or all\nusage: {USAGE}"
+            "`--set {set}`: use must-pass, ci, excluded or all\nusage: {USAGE}"
         )));
     }
     let count = |flag: &str, default: usize| -> Result<usize> {
@@ -428,21 +449,32 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
             None => default,
         })
     };
+    let tcg = match args.value("--engine").unwrap_or("muxvisor") {
+        "muxvisor" => false,
+        "qemu-tcg" => true,
+        other => {
+            return Err(Error::Usage(format!(
+                "`--engine {other}`: use muxvisor or qemu-tcg\nusage: {USAGE}"
+            )))
+        }
+    };
     let shape = Shape {
         per_boot: count("--per-boot", DEFAULT_PER_BOOT)?,
         jobs: count("--jobs", DEFAULT_JOBS)?,
+        tcg,
     };
-    let (passed, failed) = run_suite(
+    let results = run_suite(
         ws,
         args.value("--src").map(Path::new),
         args.positional(),
         set,
         shape,
     )?;
+    let failed = results.iter().filter(|(_, ok)| !ok).count();
+    println!("{} passed, {failed} failed", results.len() - failed);
     if failed > 0 {
         return Err(Error::AlreadyReported);
     }
-    debug_assert!(passed > 0 || args.positional().is_empty());
     Ok(())
 }
 
@@ -453,6 +485,9 @@ pub struct Shape {
     pub per_boot: usize,
     /// Boots at once.
     pub jobs: usize,
+    /// For comparison: each test straight on QEMU TCG (`-cpu max`, one CPU, the same
+    /// environment and test-exit device), without muxvisor.
+    pub tcg: bool,
 }
 
 impl Default for Shape {
@@ -460,19 +495,20 @@ impl Default for Shape {
         Shape {
             per_boot: DEFAULT_PER_BOOT,
             jobs: DEFAULT_JOBS,
+            tcg: false,
         }
     }
 }
 
-/// Builds what is needed, runs the selected tests and prints the table and the closing
-/// `N passed, N failed` line; returns the two counts.
+/// Builds what is needed, runs the selected tests and prints the table; returns each test's
+/// name and whether it did what the expectations say.
 pub fn run_suite(
     ws: &Workspace,
     src: Option<&Path>,
     names: &[String],
     set: &str,
     shape: Shape,
-) -> Result<(usize, usize)> {
+) -> Result<Vec<(String, bool)>> {
     let path = ws.root().join(EXPECTATIONS);
     let text = fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
     let expectations = Expectations::parse(&text).map_err(|m| Error::config(&path, m))?;
@@ -492,10 +528,14 @@ pub fn run_suite(
     let selected: Vec<&CfgTest> = if names.is_empty() {
         tests
             .iter()
-            .filter(|t| match (set, expectations.test[&t.name].expect) {
-                ("all", _) => true,
-                ("must-pass", e) => e != Expected::Excluded,
-                (_, e) => e == Expected::Excluded,
+            .filter(|t| {
+                let e = &expectations.test[&t.name];
+                match set {
+                    "all" => true,
+                    "must-pass" => e.expect != Expected::Excluded,
+                    "ci" => e.expect != Expected::Excluded && e.ci,
+                    _ => e.expect == Expected::Excluded,
+                }
             })
             .collect()
     } else {
@@ -513,15 +553,25 @@ pub fn run_suite(
         }
         chosen
     };
-    build::build_all(ws)?;
-    println!(
-        "kvm-unit-tests: {} tests from {} on Bochs ({} per boot, {} boots at once)",
-        selected.len(),
-        suite.origin,
-        shape.per_boot,
-        shape.jobs
-    );
-    let batches: Vec<&[&CfgTest]> = selected.chunks(shape.per_boot.max(1)).collect();
+    let batches: Vec<&[&CfgTest]> = if shape.tcg {
+        println!(
+            "kvm-unit-tests: {} tests from {} on QEMU TCG without muxvisor ({} at once)",
+            selected.len(),
+            suite.origin,
+            shape.jobs
+        );
+        selected.chunks(1).collect()
+    } else {
+        build::build_all(ws)?;
+        println!(
+            "kvm-unit-tests: {} tests from {} on muxvisor in Bochs ({} per boot, {} boots at once)",
+            selected.len(),
+            suite.origin,
+            shape.per_boot,
+            shape.jobs
+        );
+        selected.chunks(shape.per_boot.max(1)).collect()
+    };
     let next = Mutex::new(0usize);
     type Done<'t> = Vec<(usize, Result<Vec<(&'t CfgTest, Outcome)>>)>;
     let done: Mutex<Done<'_>> = Mutex::new(Vec::new());
@@ -534,11 +584,16 @@ pub fn run_suite(
                     *next - 1
                 };
                 let Some(batch) = batches.get(n) else { break };
+                let runs = if shape.tcg { "runs-tcg" } else { "runs" };
                 let dir = ws
                     .scratch("kvm-unit-tests")
-                    .join("runs")
+                    .join(runs)
                     .join(format!("boot-{n}"));
-                let result = run_batch(ws, &suite, &expectations, batch, &dir);
+                let result = if shape.tcg {
+                    run_on_tcg(&suite, &expectations, batch[0], &dir).map(|o| vec![(batch[0], o)])
+                } else {
+                    run_batch(ws, &suite, &expectations, batch, &dir)
+                };
                 done.lock().expect("no panics while held").push((n, result));
             });
         }
@@ -550,6 +605,86 @@ pub fn run_suite(
         results.extend(result?);
     }
     Ok(print_table(&expectations, &results))
+}
+
+/// The environment file the suite reads from its first module (lib/x86/setup.c): one CPU, the
+/// VM's memory, and no QEMU pc-testdev (TEST_DEVICE=0: tests that need it skip those checks);
+/// it overrides what QEMU's fw_cfg would say. Returns its name and path.
+fn environment(dir: &Path, memory_mib: u64) -> Result<(String, PathBuf)> {
+    let name = format!("env-{memory_mib}");
+    let path = dir.join(&name);
+    fs::write(
+        &path,
+        format!("NR_CPUS=1\nMEMSIZE={memory_mib}\nTEST_DEVICE=0\n"),
+    )
+    .context(|| format!("writing {}", path.display()))?;
+    Ok((name, path))
+}
+
+/// The emulated seconds `test` may take.
+fn budget_s(expectations: &Expectations, test: &CfgTest) -> u64 {
+    // Ours, else the suite's (QEMU's timeout), else the default.
+    expectations.test[&test.name]
+        .timeout_s
+        .or(test.timeout_s)
+        .unwrap_or(expectations.timeout_s)
+}
+
+/// Runs `test` straight on QEMU TCG as upstream's `x86/run` would, with the environment and
+/// test-exit device muxvisor gives it and without pc-testdev.
+fn run_on_tcg(
+    suite: &Suite,
+    expectations: &Expectations,
+    test: &CfgTest,
+    dir: &Path,
+) -> Result<Outcome> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).context(|| format!("emptying {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+    let memory_mib = expectations.test[&test.name]
+        .memory_mib
+        .unwrap_or(expectations.memory_mib);
+    let (_, env) = environment(dir, memory_mib)?;
+    let serial = dir.join("serial.log");
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m"])
+        .arg(format!("{memory_mib}M"))
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(suite.dir.join("x86").join(&test.file))
+        .arg("-initrd")
+        .arg(&env)
+        .args(["-append", &test.args])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    println!("kvm-unit-tests: QEMU TCG: {}", test.name);
+    let mut child = process::GroupChild::spawn(&mut qemu)?;
+    let ending =
+        child.wait_with_deadline(Duration::from_secs(budget_s(expectations, test)), || {})?;
+    let log = fs::read(&serial).unwrap_or_default();
+    let log = String::from_utf8_lossy(&log);
+    let (passes, failures, skips) = count_checks(log.lines());
+    let end = match ending {
+        // isa-debug-exit: QEMU exits with (code << 1) | 1.
+        Ending::Exited(status) => match status.code() {
+            Some(c) if c & 1 == 1 => End::Exited((c >> 1) as u64),
+            other => End::Failed(format!(
+                "QEMU exited with {other:?} without the test-exit device"
+            )),
+        },
+        Ending::TimedOut => End::TimedOut,
+    };
+    Ok(Outcome {
+        passes,
+        failures,
+        skips,
+        end,
+    })
 }
 
 /// Boots `batch` side by side (one VM each) and reads each one's outcome.
@@ -571,18 +706,9 @@ fn run_batch<'t>(
     for test in batch {
         let e = &expectations.test[&test.name];
         let memory_mib = e.memory_mib.unwrap_or(expectations.memory_mib);
-        timeout_s += e.timeout_s.unwrap_or(expectations.timeout_s);
-        // The environment the suite reads from its first module (lib/x86/setup.c): one CPU,
-        // the VM's memory, and no QEMU pc-testdev (TEST_DEVICE=0: tests that need it skip
-        // those checks); it overrides what QEMU's fw_cfg would say.
-        let env_name = format!("env-{memory_mib}");
+        timeout_s += budget_s(expectations, test);
+        let (env_name, env) = environment(dir, memory_mib)?;
         if !images.iter().any(|(n, _)| *n == env_name) {
-            let env = dir.join(&env_name);
-            fs::write(
-                &env,
-                format!("NR_CPUS=1\nMEMSIZE={memory_mib}\nTEST_DEVICE=0\n"),
-            )
-            .context(|| format!("writing {}", env.display()))?;
             images.push((env_name.clone(), env));
         }
         if !images.iter().any(|(n, _)| *n == test.file) {
@@ -629,9 +755,12 @@ fn run_batch<'t>(
         .collect())
 }
 
-/// Prints the table and the closing line; returns (passed, failed) against the expectations.
-fn print_table(expectations: &Expectations, results: &[(&CfgTest, Outcome)]) -> (usize, usize) {
-    let (mut passed, mut failed) = (0, 0);
+/// Prints the table; returns each test's name and whether it met the expectations.
+fn print_table(
+    expectations: &Expectations,
+    results: &[(&CfgTest, Outcome)],
+) -> Vec<(String, bool)> {
+    let mut judged = Vec::new();
     println!(
         "\n{:<28} {:>5} {:>5} {:>5}  {:<14} {:<9} verdict",
         "test", "pass", "fail", "skip", "end", "expected"
@@ -648,11 +777,7 @@ fn print_table(expectations: &Expectations, results: &[(&CfgTest, Outcome)]) -> 
             (Expected::Excluded, Verdict::Pass) => (false, "PASSES: take it off the exclusions"),
             (Expected::Excluded, _) => (true, "excluded"),
         };
-        if ok {
-            passed += 1;
-        } else {
-            failed += 1;
-        }
+        judged.push((test.name.clone(), ok));
         let end = match &o.end {
             End::Exited(c) => format!("exit {c}"),
             End::Failed(_) => "stopped".to_owned(),
@@ -672,8 +797,8 @@ fn print_table(expectations: &Expectations, results: &[(&CfgTest, Outcome)]) -> 
             println!("    {why}");
         }
     }
-    println!("\n{passed} passed, {failed} failed");
-    (passed, failed)
+    println!();
+    judged
 }
 
 #[cfg(test)]

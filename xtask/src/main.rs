@@ -57,7 +57,8 @@ usage: cargo xtask <command> [options]
                               run the integration scenarios (tests/scenarios)
   test                        fmt + clippy + unit tests + build + qemu-test;
                               ends with `N passed, N failed`
-  kvm-unit-tests [TEST...] [--src DIR] [--set must-pass|excluded|all] [--per-boot N]
+  kvm-unit-tests [TEST...] [--src DIR] [--set must-pass|ci|excluded|all] [--per-boot N]
+                 [--jobs N] [--engine muxvisor|qemu-tcg]
                               run the KVM project's x86 unit tests as guests and judge them
                               against tests/kvm-unit-tests.toml
   bench exits [--n N]         VM exit round-trip cost under Bochs (runs N and 4N)

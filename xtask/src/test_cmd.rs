@@ -2,9 +2,13 @@
 //!
 //! Steps: the system packages, `cargo fmt --check`, clippy (`-D warnings`) on the host crates
 //! and on the bare-metal crates, the host unit tests, the release build of the kernel and
-//! guests, then every integration scenario. A failing step does not stop the others (a clippy
-//! complaint should not hide a failing scenario); steps that cannot run because an earlier one
-//! failed count as failed, never as skipped. The last line is exactly `N passed, N failed`.
+//! guests, then every integration scenario, then each kvm-unit-tests test of the CI set
+//! (tests/kvm-unit-tests.toml). A failing step does not stop the others (a clippy complaint
+//! should not hide a failing scenario); steps that cannot run because an earlier one failed
+//! count as failed, never as skipped. The one exception: without the kvm-unit-tests source next
+//! to the checkout (`../shared/third_party/`), a user's run says so and counts nothing, while
+//! CI (`MUXVISOR_REQUIRE_KVM_UNIT_TESTS` set by .ci/run) counts it as a failure. The last line
+//! is exactly `N passed, N failed`.
 
 use std::process::Command;
 use std::time::Instant;
@@ -12,6 +16,7 @@ use std::time::Instant;
 use crate::build;
 use crate::deps;
 use crate::error::{Error, Result};
+use crate::kut;
 use crate::process;
 use crate::qemu_test::{self, Tally};
 use crate::scenario;
@@ -19,6 +24,8 @@ use crate::workspace::{Workspace, BARE_METAL_TARGET, GUESTS_PACKAGE, KERNEL_PACK
 
 /// Scenarios run at once (CI has two cores).
 const JOBS: usize = 2;
+/// Set (by .ci/run) when a missing kvm-unit-tests source must fail the run rather than skip.
+const KUT_REQUIRED: &str = "MUXVISOR_REQUIRE_KVM_UNIT_TESTS";
 
 /// `cargo xtask test`.
 pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
@@ -69,6 +76,27 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         qemu_test::run_scenarios(ws, &scenarios, JOBS)
     };
     tally.add(scenario_tally);
+
+    // kvm-unit-tests' must-pass set that fits in CI (tests/kvm-unit-tests.toml), one check each.
+    if !kut::source_available(ws) && std::env::var_os(KUT_REQUIRED).is_none() {
+        // A user's checkout without the suite next to it: say so, count nothing.
+        println!("SKIP kvm-unit-tests: {}", kut::SOURCE_MISSING);
+    } else if !deps_ok || !built {
+        println!("FAIL kvm-unit-tests: the system packages or the build are missing");
+        tally.count("kvm-unit-tests", false);
+    } else {
+        match kut::run_suite(ws, None, &[], "ci", kut::Shape::default()) {
+            Ok(results) => {
+                for (name, ok) in results {
+                    tally.count(&format!("kvm-unit-tests {name}"), ok);
+                }
+            }
+            Err(e) => {
+                println!("FAIL kvm-unit-tests: {e}");
+                tally.count("kvm-unit-tests", false);
+            }
+        }
+    }
 
     if !tally.failed_names.is_empty() {
         println!("test: failed: {}", tally.failed_names.join(", "));

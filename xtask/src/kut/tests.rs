@@ -111,3 +111,18 @@ tsc | SUMMARY: 3 tests, 1 skipped\n\
     };
     assert_ne!(odd.verdict(), Verdict::Pass);
 }
+
+#[test]
+fn the_checked_in_expectations_parse() {
+    let e = Expectations::parse(include_str!("../../../tests/kvm-unit-tests.toml")).unwrap();
+    assert!(e.test.len() >= 80, "{} tests", e.test.len());
+    // Every test CI runs must pass or skip; nothing slow is in it.
+    for (name, t) in &e.test {
+        if t.ci && t.expect != Expected::Excluded {
+            assert!(
+                t.timeout_s.unwrap_or(e.timeout_s) <= 180,
+                "{name} is in CI with a long budget"
+            );
+        }
+    }
+}
