@@ -73,7 +73,12 @@ _start32:
     wrmsr
     mov eax, cr0
     or eax, 0x80010001                    /* PG | WP | PE */
+    /* Caches on: CD and NW cleared (the Multiboot specification leaves them undefined, and
+       Bochs's BIOS leaves them set). VM entry never loads them from the guest CR0 field (SDM
+       27.3.2.1), so every guest would otherwise run uncached too. */
+    and eax, 0x9fffffff
     mov cr0, eax
+    wbinvd
 
     lgdt [boot_gdt_ptr]
     push 0x08

@@ -25,6 +25,7 @@ use crate::vcpu::{Reg, Vcpu};
 /// CR0 bits (SDM 2.5).
 pub mod cr0 {
     pub const PE: u64 = 1 << 0;
+    pub const ET: u64 = 1 << 4;
     pub const NE: u64 = 1 << 5;
     pub const NW: u64 = 1 << 29;
     pub const CD: u64 = 1 << 30;
@@ -101,9 +102,10 @@ pub fn mov_to_cr0<V: Vcpu>(cpu: &mut V, memory: &GuestMemory, value: u64) -> Res
         cpu.set_long_mode(efer_new & efer::LMA != 0);
     }
     // CR0.NE is fixed to 1 in VMX operation (SDM A.7); PE and PG may be 0 with unrestricted
-    // guest, which every VM that can clear them runs with.
-    cpu.write(Reg::Cr0, value | cr0::NE);
-    cpu.write(Reg::Cr0Shadow, value);
+    // guest, which every VM that can clear them runs with. ET is hardwired to 1 since the P6
+    // (SDM 2.5): writes do not clear it.
+    cpu.write(Reg::Cr0, value | cr0::NE | cr0::ET);
+    cpu.write(Reg::Cr0Shadow, value | cr0::ET);
     if paging != was_paging {
         // The translations cached under the old mode are stale: a real MOV to CR0 that
         // changes PG flushes them (SDM 4.10.4.1).

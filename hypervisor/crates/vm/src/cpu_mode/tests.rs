@@ -77,9 +77,10 @@ fn invalid_combinations_fault() {
     // Outside 64-bit mode the operand is 32 bits: the upper half is not looked at.
     assert_eq!(mov_to_cr0(&mut cpu, &memory, (1 << 40) | PE_ET), Ok(()));
     assert_eq!(cpu.read(Reg::Cr0Shadow), PE_ET);
-    // Real mode: PE off, paging off.
-    assert_eq!(mov_to_cr0(&mut cpu, &memory, 0x10), Ok(()));
-    assert_eq!(cpu.read(Reg::Cr0), 0x10 | cr0::NE);
+    // Real mode: PE off, paging off; ET stays set whatever is written.
+    assert_eq!(mov_to_cr0(&mut cpu, &memory, 0), Ok(()));
+    assert_eq!(cpu.read(Reg::Cr0), cr0::ET | cr0::NE);
+    assert_eq!(cpu.read(Reg::Cr0Shadow), cr0::ET);
 }
 
 #[test]
