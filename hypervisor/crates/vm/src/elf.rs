@@ -30,15 +30,9 @@ pub struct ElfImage {
     pub segments: Vec<Segment>,
 }
 
-impl ElfImage {
-    /// The first byte above every loaded segment.
-    pub fn end(&self) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| s.gpa + s.memsz)
-            .max()
-            .unwrap_or(0)
-    }
+/// The first byte above every segment of `segments` (0 for none).
+pub fn segments_end(segments: &[Segment]) -> u64 {
+    segments.iter().map(|s| s.gpa + s.memsz).max().unwrap_or(0)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

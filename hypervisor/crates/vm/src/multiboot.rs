@@ -126,11 +126,7 @@ pub struct Kernel {
 impl Kernel {
     /// The first byte above the kernel.
     pub fn end(&self) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| s.gpa + s.memsz)
-            .max()
-            .unwrap_or(0)
+        elf::segments_end(&self.segments)
     }
 }
 
