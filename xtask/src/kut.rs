@@ -574,6 +574,14 @@ pub fn run_suite(
         );
         selected.chunks(shape.per_boot.max(1)).collect()
     };
+    // Each invocation has its own directory, so that two runs at once never share a boot's.
+    let runs = ws.scratch("kvm-unit-tests").join(format!(
+        "{}-{}",
+        if shape.tcg { "runs-tcg" } else { "runs" },
+        std::process::id()
+    ));
+    println!("kvm-unit-tests: logs in {}/boot-N/", runs.display());
+    let runs = &runs;
     let next = Mutex::new(0usize);
     type Done<'t> = Vec<(usize, Result<Vec<(&'t CfgTest, Outcome)>>)>;
     let done: Mutex<Done<'_>> = Mutex::new(Vec::new());
@@ -586,11 +594,7 @@ pub fn run_suite(
                     *next - 1
                 };
                 let Some(batch) = batches.get(n) else { break };
-                let runs = if shape.tcg { "runs-tcg" } else { "runs" };
-                let dir = ws
-                    .scratch("kvm-unit-tests")
-                    .join(runs)
-                    .join(format!("boot-{n}"));
+                let dir = runs.join(format!("boot-{n}"));
                 let result = if shape.tcg {
                     run_on_tcg(&suite, &expectations, batch[0], &dir).map(|o| vec![(batch[0], o)])
                 } else {
