@@ -135,11 +135,6 @@ pub fn platforms() -> &'static str {
 
 /// Stages `spec` in `staging` (emptied first) and writes the ISO to `out`.
 pub fn make_iso(ws: &Workspace, spec: &IsoSpec, staging: &Path, out: &Path) -> Result<()> {
-    if !Path::new(GRUB_BIOS_DIR).is_dir() {
-        return Err(Error::Deps(format!(
-            "iso: {GRUB_BIOS_DIR} is missing (package grub-pc-bin); run `cargo xtask deps`"
-        )));
-    }
     validate_cmdline(&spec.cmdline)?;
     let template_path = ws.root().join("boot").join("grub.cfg.in");
     let template = fs::read_to_string(&template_path)
@@ -163,6 +158,16 @@ pub fn make_iso(ws: &Workspace, spec: &IsoSpec, staging: &Path, out: &Path) -> R
     let cfg_path = boot.join("grub").join("grub.cfg");
     fs::write(&cfg_path, grub_cfg).context(|| format!("writing {}", cfg_path.display()))?;
 
+    mkrescue(staging, out)
+}
+
+/// Turns a staged tree (`boot/grub/grub.cfg` and what it loads) into a bootable ISO at `out`.
+pub fn mkrescue(staging: &Path, out: &Path) -> Result<()> {
+    if !Path::new(GRUB_BIOS_DIR).is_dir() {
+        return Err(Error::Deps(format!(
+            "iso: {GRUB_BIOS_DIR} is missing (package grub-pc-bin); run `cargo xtask deps`"
+        )));
+    }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
     }
