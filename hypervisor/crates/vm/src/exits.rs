@@ -121,6 +121,9 @@ pub fn handle_cpuid<V: Vcpu>(vm: &mut Vm, cpu: &mut V, ctx: &ExitContext) -> Nex
     Next::Reenter
 }
 
+/// IA32_DEBUGCTL.BTF: TF single-steps on branches only (SDM 17.4.3).
+const DEBUGCTL_BTF: u64 = 1 << 1;
+
 /// #UD: what a CPU without the instruction's feature raises.
 fn inject_ud(cpu: &mut impl Vcpu) -> Next {
     inject_fault(cpu, 6, false, 0)
@@ -696,7 +699,14 @@ fn handle_hlt<V: Vcpu>(vm: &mut Vm, cpu: &mut V) -> Next {
             blocking & !(interruptibility::STI | interruptibility::MOV_SS),
         );
     }
-    let interruptible = cpu.read(Reg::Rflags) & rflags::IF != 0;
+    let flags = cpu.read(Reg::Rflags);
+    // Single-stepping the HLT: the trap skip_instruction left pending is a debug exception,
+    // which ends the HLT state at once (SDM Vol. 2, HLT), so the vCPU does not halt; the #DB
+    // is delivered at entry, before any interrupt (SDM 6.9), with RIP after the HLT.
+    if flags & rflags::TF != 0 && cpu.read_msr(Msr::DebugCtl) & DEBUGCTL_BTF == 0 {
+        return Next::Resume;
+    }
+    let interruptible = flags & rflags::IF != 0;
     vm.halted = Some(interruptible);
     if vm.wake(cpu.tsc()) {
         Next::Resume

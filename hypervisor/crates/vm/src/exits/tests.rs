@@ -583,6 +583,23 @@ fn hlt_completes_and_blocks_until_an_interrupt_it_can_take() {
 }
 
 #[test]
+fn single_stepping_hlt_delivers_the_trap_instead_of_halting() {
+    // kvm-unit-tests' debug test: TF set, STI; HLT. The #DB after the HLT wakes it at once.
+    let mut r = Rig::new();
+    r.cpu.state.insert("rflags", 2 | rflags::IF | rflags::TF);
+    assert_eq!(r.exit(VmExit::Hlt), Next::Resume);
+    assert_eq!(r.cpu.single_steps, 1, "the trap is pending");
+    assert_eq!(r.cpu.rip(), 0x1002);
+    assert!(r.vm.halted.is_none());
+    assert!(r.vm.may_run());
+    // With DEBUGCTL.BTF, TF traps only branches: HLT halts as usual.
+    let mut r = Rig::new();
+    r.cpu.state.insert("rflags", 2 | rflags::IF | rflags::TF);
+    r.cpu.msrs.insert(Msr::DebugCtl.index(), 2);
+    assert_eq!(r.exit(VmExit::Hlt), Next::Halt);
+}
+
+#[test]
 fn hlt_with_interrupts_disabled_is_not_woken_by_one() {
     let mut r = Rig::new();
     r.cpu.tsc = 0;
