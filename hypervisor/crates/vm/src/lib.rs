@@ -1,6 +1,9 @@
 //! The VM model: everything about a VM that is policy or bookkeeping, not hardware.
 //!
-//! - [`elf`], [`boot`]: loading a guest ELF image and building the 64-bit boot area.
+//! - [`elf`], [`boot`], [`multiboot`]: loading a guest kernel (ELF64 or ELF32), telling which
+//!   boot protocol it uses, muxvisor's 64-bit boot area, and a Multiboot kernel's layout and
+//!   boot information.
+//! - [`cpu_mode`]: the guest's paging-mode switches (MOV to CR0 with PG or NE, EFER.LMA).
 //! - [`frames`]: the physical frame allocator over the boot memory map.
 //! - [`memory`]: a VM's guest-physical memory (which frame backs which page) and checked copies
 //!   in and out of it.
