@@ -119,7 +119,8 @@ const PRIMARY_REQUIRED: u32 = PrimaryProcBased::HLT_EXITING
     .bits();
 const SECONDARY_REQUIRED: u32 = SecondaryProcBased::ENABLE_EPT.bits();
 /// Wanted secondary controls that need nothing beyond their allowed-1 bit.
-const SECONDARY_WANTED_PLAIN: [SecondaryProcBased; 3] = [
+const SECONDARY_WANTED_PLAIN: [SecondaryProcBased; 4] = [
+    SecondaryProcBased::UNRESTRICTED_GUEST,
     SecondaryProcBased::ENABLE_RDTSCP,
     SecondaryProcBased::ENABLE_INVPCID,
     SecondaryProcBased::ENABLE_XSAVES_XRSTORS,

@@ -216,9 +216,14 @@ fn real_cpus_decode_and_negotiate_as_expected() {
             o.xsaves,
             "{name}"
         );
-        // Never asked for by the negotiation: guests start in 64-bit mode, and TSC scaling is
-        // not part of it.
-        assert!(!on(SecondaryProcBased::UNRESTRICTED_GUEST), "{name}");
+        // Unrestricted guest where the CPU has it (Multiboot guests start with paging off).
+        assert_eq!(
+            on(SecondaryProcBased::UNRESTRICTED_GUEST),
+            o.unrestricted_guest,
+            "{name}"
+        );
+        assert_eq!(c.unrestricted_guest, o.unrestricted_guest, "{name}");
+        // Never asked for by the negotiation: TSC scaling is turned on per dilated VM.
         assert!(!on(SecondaryProcBased::USE_TSC_SCALING), "{name}");
     }
 }
