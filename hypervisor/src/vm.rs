@@ -278,7 +278,11 @@ impl Vm {
                     .zip(modules)
                     .map(|(&gpa, (_, data))| (gpa, *data))
                     .collect();
-                (k.segments, plan.pieces, entry, at)
+                // A Multiboot loader runs after the BIOS: what the BIOS leaves in low memory
+                // comes with it (the 8259s and PIT below, once the platform exists).
+                let mut pieces = plan.pieces;
+                pieces.extend(multiboot::firmware_pieces(&k.segments));
+                (k.segments, pieces, entry, at)
             }
         };
         let mut building = Building {
@@ -354,15 +358,22 @@ impl Vm {
             .map_or((host.controls.primary, host.controls.secondary), |t| {
                 (t.1, t.2)
             });
+        let mut platform = Platform::new(Timebase::new(host.tsc_hz), created, host.boot_time)
+            .map_err(VmError::Platform)?;
+        // A Multiboot kernel (the one kind entered outside long mode) finds the 8259s and the
+        // PIT as the BIOS before its boot loader left them.
+        if !entry.long_mode {
+            platform.bios_setup(created);
+        }
+        if config.test_device {
+            // A new platform has only the PC's own devices, whose ranges the test device's
+            // avoid (the manifest keeps the test-exit port off them too).
+            platform
+                .attach_test_device()
+                .expect("the test device fits a new platform");
+        }
         let vm = Self {
-            core: hv_vm::Vm::new(
-                id,
-                config,
-                bytes,
-                Platform::new(Timebase::new(host.tsc_hz), created, host.boot_time)
-                    .map_err(VmError::Platform)?,
-                clock,
-            ),
+            core: hv_vm::Vm::new(id, config, bytes, platform, clock),
             phys: GuestPhys {
                 memory,
                 ept,
@@ -396,6 +407,9 @@ impl Vm {
             config.cpu_share, vm.phys.eptp);
         for (name, (gpa, data)) in modules.iter().zip(&mb_modules) {
             log::info!(target: &vm.core.target, "module \"{}\": {} bytes at {gpa:#x}", name.0, data.len());
+        }
+        if config.test_device {
+            log::info!(target: &vm.core.target, "has the test device (QEMU's pc-testdev): ports 0xe0-0xeb and 0x2000-0x2017, 64 KiB MMIO RAM at 0xff000000");
         }
         if let Some((mode, ..)) = tsc {
             let how = match mode {

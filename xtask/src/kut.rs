@@ -7,7 +7,8 @@
 //!   changes.
 //! - Each test of `x86/unittests.cfg` is one VM: its `.flat` kernel (Multiboot) as the image,
 //!   its `test_args` as the command line, the environment file (`NR_CPUS=1`, `MEMSIZE`) as its
-//!   one Multiboot module, and the test-exit device at 0xf4 that the suite's `exit()` writes.
+//!   one Multiboot module, the test-exit device at 0xf4 that the suite's `exit()` writes, and
+//!   the test device (QEMU's pc-testdev: interrupt-line ports, scratch port, MMIO RAM).
 //!   Several tests share one boot, side by side.
 //! - A test's verdict comes from its exit code (0 all passed, 1 failures, 38 all skipped: the
 //!   suite's own convention), its `PASS:`/`FAIL:`/`SKIP:` lines are counted. A test the
@@ -638,8 +639,11 @@ pub fn run_suite(
 }
 
 /// The environment file the suite reads from its first module (lib/x86/setup.c): one CPU, the
-/// VM's memory, and no QEMU pc-testdev (TEST_DEVICE=0: tests that need it skip those checks);
-/// it overrides what QEMU's fw_cfg would say. Returns its name and path.
+/// VM's memory, and TEST_DEVICE=0 although each VM has the test device: the suite reads that
+/// variable as "not on QEMU+KVM" too, and with it set `syscall` expects SYSCALL in compatibility
+/// mode to work on an Intel CPU (KVM emulates it for cross-vendor migration), where a real Intel
+/// CPU, and so muxvisor, raises #UD. It overrides what QEMU's fw_cfg would say. Returns its name
+/// and path.
 fn environment(dir: &Path, memory_mib: u64) -> Result<(String, PathBuf)> {
     let name = format!("env-{memory_mib}");
     let path = dir.join(&name);
@@ -661,7 +665,7 @@ fn budget_s(expectations: &Expectations, test: &CfgTest) -> u64 {
 }
 
 /// Runs `test` straight on QEMU TCG as upstream's `x86/run` would, with the environment and
-/// test-exit device muxvisor gives it and without pc-testdev.
+/// test-exit device and pc-testdev muxvisor gives it.
 fn run_on_tcg(
     suite: &Suite,
     expectations: &Expectations,
@@ -682,6 +686,7 @@ fn run_on_tcg(
         .arg(format!("{memory_mib}M"))
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"])
+        .args(["-device", "pc-testdev"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-kernel")
@@ -748,7 +753,7 @@ fn run_batch<'t>(
         }
         manifest += &format!(
             "\n[[vm]]\nname = \"{}\"\nmemory_mib = {memory_mib}\nimage = \"{}\"\ncmdline = \"{}\"\n\
-             modules = [\"{env_name}\"]\ndebug_exit = true\n",
+             modules = [\"{env_name}\"]\ndebug_exit = true\ntest_device = true\n",
             vm_name(&test.name),
             test.file,
             test.args.replace('\\', "\\\\").replace('"', "\\\"")

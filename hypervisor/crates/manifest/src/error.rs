@@ -139,8 +139,14 @@ pub enum ErrorKind {
     TooMany { count: usize, max: usize },
     /// `debug_exit_port` without `debug_exit = true`.
     DebugExitOff,
-    /// The test-exit device's 4 ports overlap a device of the virtual PC (at `taken`).
-    PortTaken { port: u64, taken: u16 },
+    /// The test-exit device's 4 ports overlap a device (`owner`, at port `taken`).
+    PortTaken {
+        port: u64,
+        taken: u16,
+        owner: &'static str,
+    },
+    /// `test_device = true` in a VM whose memory reaches the device's MMIO RAM.
+    HidesTestDevice { memory_mib: u64 },
     /// An earlier VM already uses this name (`first_line`: the line of its `name`).
     DuplicateName {
         name: String,
@@ -234,10 +240,17 @@ fn fmt_value_problem(kind: &ErrorKind, f: &mut fmt::Formatter<'_>) -> fmt::Resul
         ErrorKind::DebugExitOff => {
             f.write_str("is set, but the test-exit device is off (add `debug_exit = true`)")
         }
-        ErrorKind::PortTaken { port, taken } => write!(
+        ErrorKind::PortTaken { port, taken, owner } => write!(
             f,
-            "ports {port:#x}..={:#x} overlap port {taken:#x} of the virtual PC",
+            "ports {port:#x}..={:#x} overlap port {taken:#x} of {owner}",
             port + 3
+        ),
+        ErrorKind::HidesTestDevice { memory_mib } => write!(
+            f,
+            "the test device's RAM at {:#x} lies inside the VM's {memory_mib} MiB (memory_mib \
+             may be at most {} with the test device)",
+            crate::TEST_DEVICE_RAM_BASE,
+            crate::TEST_DEVICE_RAM_BASE >> 20
         ),
         ErrorKind::DuplicateName { name, first_line } => {
             write!(f, "duplicate name \"{name}\"")?;

@@ -31,6 +31,7 @@
 //! modules = ["env"]         # optional: boot modules handed to a Multiboot kernel
 //! debug_exit = true         # optional, default false: a test-exit port (QEMU's isa-debug-exit)
 //! debug_exit_port = 0xf4    # optional, default 0xf4: where it is (4 ports)
+//! test_device = true        # optional, default false: QEMU's pc-testdev, for test suites
 //! quantum_us = 5000         # optional, default [defaults].quantum_us or 10000
 //! vcpus = 1                 # optional, default 1 (only 1 is supported for now)
 //! sharing_domain = 0        # optional, default 0: only VMs of one domain share memory
@@ -76,6 +77,12 @@ pub const PLATFORM_PORTS: &[(u16, u16)] = &[
     (0x4d0, 2),
     (0xcf8, 8),
 ];
+
+/// The test device's port ranges (first, count), as QEMU's pc-testdev: scratch and flush ports,
+/// and one port per interrupt line. The platform's `testdev` module places the device there.
+pub const TEST_DEVICE_PORTS: &[(u16, u16)] = &[(0xe0, 12), (0x2000, 24)];
+/// Where the test device's 64 KiB of MMIO RAM starts: a VM with the device must end below it.
+pub const TEST_DEVICE_RAM_BASE: u64 = 0xff00_0000;
 
 /// Longest VM name, in bytes (names appear in every log line of the VM, so keep them short).
 pub const NAME_MAX: usize = 31;
@@ -157,6 +164,9 @@ pub struct VmConfig {
     /// The first of the 4 ports of the VM's test-exit device, when it has one: a write there
     /// ends the VM with the value written as its exit code.
     pub debug_exit_port: Option<u16>,
+    /// The VM has QEMU's pc-testdev ([`TEST_DEVICE_PORTS`], MMIO RAM at
+    /// [`TEST_DEVICE_RAM_BASE`]), which test suites such as kvm-unit-tests use.
+    pub test_device: bool,
     /// Scheduling quantum in microseconds, within [`QUANTUM_US_RANGE`].
     pub quantum_us: u64,
     /// Number of vCPUs (always 1 for now).

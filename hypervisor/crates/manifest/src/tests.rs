@@ -69,6 +69,7 @@ fn good_manifest() {
                 cmdline: "".into(),
                 modules: Vec::new(),
                 debug_exit_port: None,
+                test_device: false,
                 quantum_us: 5000,
                 vcpus: 1,
                 sharing_domain: 0,
@@ -83,6 +84,7 @@ fn good_manifest() {
                 cmdline: "verbose=1 answer=42".into(),
                 modules: Vec::new(),
                 debug_exit_port: None,
+                test_device: false,
                 quantum_us: 1000,
                 vcpus: 1,
                 sharing_domain: 0,
@@ -206,7 +208,7 @@ fn unknown_key_in_vm() {
         [
             "vm \"web-1\" (line 1): missing required key \"memory_mib\"",
             "vm \"web-1\" (line 3): unknown key \"memry_mib\" (known keys: name, memory_mib, \
-             image, cmdline, modules, debug_exit, debug_exit_port, quantum_us, vcpus, \
+             image, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, vcpus, \
              sharing_domain, time_dilation, cpu_share)",
         ]
     );
@@ -223,6 +225,7 @@ fn unknown_key_in_vm() {
                 "modules",
                 "debug_exit",
                 "debug_exit_port",
+                "test_device",
                 "quantum_us",
                 "vcpus",
                 "sharing_domain",
@@ -655,7 +658,7 @@ color = "red"
              supported for now",
             "vm \"too-big\" (line 22): key \"memory_mib\": 64 MiB is more than the host's 32 MiB",
             "vm \"too-big\" (line 24): unknown key \"color\" (known keys: name, memory_mib, \
-             image, cmdline, modules, debug_exit, debug_exit_port, quantum_us, vcpus, \
+             image, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, vcpus, \
              sharing_domain, time_dilation, cpu_share)",
         ]
     );
@@ -788,6 +791,7 @@ mod properties {
                     cmdline: cmdline[i].clone().unwrap_or_default(),
                     modules: Vec::new(),
                     debug_exit_port: None,
+                    test_device: false,
                     quantum_us: quantum[i].or(default_quantum).unwrap_or(DEFAULT_QUANTUM_US),
                     vcpus: 1,
                     sharing_domain: 0,
@@ -1013,6 +1017,29 @@ fn modules_and_the_test_exit_device() {
     // Off unless asked for.
     assert_eq!(vm("").vms[0].debug_exit_port, None);
     assert_eq!(vm("debug_exit = false").vms[0].debug_exit_port, None);
+    assert!(!vm("").vms[0].test_device);
+    let m = vm("test_device = true\ndebug_exit = true");
+    assert!(m.vms[0].test_device);
+    assert_eq!(
+        m.vms[0].debug_exit_port,
+        Some(0xf4),
+        "the default port is free of it"
+    );
+    // Guest RAM up to the device's MMIO RAM, and not one MiB more.
+    let big = |mib: u64| {
+        let text = alloc::format!(
+            "[[vm]]\nname = \"t\"\nmemory_mib = {mib}\nimage = \"kut\"\ntest_device = true\n"
+        );
+        parse(&text, &host).unwrap()
+    };
+    assert_eq!(big(4080).errors, []);
+    assert_eq!(
+        messages(&big(4081)),
+        [
+            "vm \"t\" (line 5): key \"test_device\": the test device's RAM at 0xff000000 lies \
+          inside the VM's 4081 MiB (memory_mib may be at most 4080 with the test device)"
+        ]
+    );
 
     let cases = [
         (
@@ -1054,6 +1081,20 @@ fn modules_and_the_test_exit_device() {
         (
             "debug_exit = 1",
             "vm \"t\" (line 5): key \"debug_exit\": expected boolean, found integer",
+        ),
+        (
+            "test_device = \"yes\"",
+            "vm \"t\" (line 5): key \"test_device\": expected boolean, found string",
+        ),
+        (
+            "test_device = true\ndebug_exit = true\ndebug_exit_port = 0xe8",
+            "vm \"t\" (line 7): key \"debug_exit_port\": ports 0xe8..=0xeb overlap port 0xe0 \
+             of the test device",
+        ),
+        (
+            "test_device = true\ndebug_exit = true\ndebug_exit_port = 0x1ffe",
+            "vm \"t\" (line 7): key \"debug_exit_port\": ports 0x1ffe..=0x2001 overlap port \
+             0x2000 of the test device",
         ),
     ];
     for (extra, message) in cases {

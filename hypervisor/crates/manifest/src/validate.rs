@@ -16,8 +16,8 @@ use crate::{
     ErrorKind, FatalError, HostLimits, Manifest, ManifestError, MemoryConfig, Scope, VmConfig,
     CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE, DEBUG_EXIT_PORT_DEFAULT, DEFAULT_QUANTUM_US,
     MEMORY_MIB_MAX, MEMORY_MIB_MIN, MODULES_MAX, NAME_MAX, PLATFORM_PORTS, QUANTUM_US_RANGE,
-    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TIME_DILATION_MAX,
-    TIME_DILATION_SCALE,
+    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TEST_DEVICE_PORTS,
+    TEST_DEVICE_RAM_BASE, TIME_DILATION_MAX, TIME_DILATION_SCALE,
 };
 
 const TOP_KEYS: &[&str] = &["defaults", "memory", "vm"];
@@ -36,6 +36,7 @@ const VM_KEYS: &[&str] = &[
     "modules",
     "debug_exit",
     "debug_exit_port",
+    "test_device",
     "quantum_us",
     "vcpus",
     "sharing_domain",
@@ -205,16 +206,7 @@ fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
     for (key, value) in table.iter() {
         let name: &str = key.get_ref();
         let result = match name {
-            "multiplex" => match value.get_ref() {
-                DeValue::Boolean(b) => {
-                    config.multiplex = *b;
-                    Ok(())
-                }
-                other => Err(ErrorKind::WrongType {
-                    expected: "boolean",
-                    found: other.type_str(),
-                }),
-            },
+            "multiplex" => boolean(value).map(|b| config.multiplex = b),
             "scan_pages" => integer_in(value, *SCAN_PAGES_RANGE.start(), *SCAN_PAGES_RANGE.end())
                 .map(|n| config.scan_pages = n),
             "scan_interval_us" => integer_in(
@@ -300,6 +292,7 @@ fn check_vm(
     let mut modules = Vec::new();
     let mut debug_exit = false;
     let mut debug_exit_port = None;
+    let mut test_device = false;
     let mut quantum_us = None;
     let vcpus = 1;
     let mut sharing_domain = 0;
@@ -344,16 +337,8 @@ fn check_vm(
                 }
             }),
             "modules" => module_list(value, host).map(|m| modules = m),
-            "debug_exit" => match value.get_ref() {
-                DeValue::Boolean(b) => {
-                    debug_exit = *b;
-                    Ok(())
-                }
-                other => Err(ErrorKind::WrongType {
-                    expected: "boolean",
-                    found: other.type_str(),
-                }),
-            },
+            "debug_exit" => boolean(value).map(|b| debug_exit = b),
+            "test_device" => boolean(value).map(|b| test_device = b),
             // The device takes 4 ports, as QEMU's isa-debug-exit with iosize=4.
             "debug_exit_port" => integer_in(value, 0, 0xfffc).and_then(|port| {
                 let end = port + 4;
@@ -363,6 +348,7 @@ fn check_vm(
                     Some((first, _)) => Err(ErrorKind::PortTaken {
                         port,
                         taken: *first,
+                        owner: "the virtual PC",
                     }),
                     None => {
                         debug_exit_port = Some(port as u16);
@@ -412,6 +398,9 @@ fn check_vm(
         }
     }
     let debug_exit_port = debug_exit.then(|| debug_exit_port.unwrap_or(DEBUG_EXIT_PORT_DEFAULT));
+    if test_device {
+        check_test_device(table, debug_exit_port, memory_mib, &mut problems);
+    }
     for key in VM_REQUIRED {
         if !table.contains_key(*key) {
             problems.push((header, (*key).to_owned(), ErrorKind::MissingKey));
@@ -458,6 +447,7 @@ fn check_vm(
             cmdline: cmdline.to_owned(),
             modules,
             debug_exit_port,
+            test_device,
             quantum_us,
             vcpus,
             sharing_domain,
@@ -529,6 +519,51 @@ fn table_or_error<'v, 'i>(
             errors.push(value.span().start, scope, key, kind);
             None
         }
+    }
+}
+
+fn boolean(value: &Value<'_>) -> Result<bool, ErrorKind> {
+    match value.get_ref() {
+        DeValue::Boolean(b) => Ok(*b),
+        other => Err(ErrorKind::WrongType {
+            expected: "boolean",
+            found: other.type_str(),
+        }),
+    }
+}
+
+/// A VM with the test device: its ports must not meet the test-exit device's, and its MMIO RAM
+/// must lie above the VM's memory (guest RAM would hide it).
+fn check_test_device(
+    table: &DeTable<'_>,
+    debug_exit_port: Option<u16>,
+    memory_mib: Option<u64>,
+    problems: &mut Vec<(usize, String, ErrorKind)>,
+) {
+    let at = |key: &str| table.get(key).map_or(0, |v| v.span().start);
+    if let Some(port) = debug_exit_port {
+        let (port, end) = (u64::from(port), u64::from(port) + 4);
+        if let Some((first, _)) = TEST_DEVICE_PORTS
+            .iter()
+            .find(|(first, count)| u64::from(*first) < end && port < u64::from(first + count))
+        {
+            // Without `debug_exit_port` the clash is with the default: report it at `debug_exit`.
+            let key = if table.contains_key("debug_exit_port") {
+                "debug_exit_port"
+            } else {
+                "debug_exit"
+            };
+            let kind = ErrorKind::PortTaken {
+                port,
+                taken: *first,
+                owner: "the test device",
+            };
+            problems.push((at(key), key.to_owned(), kind));
+        }
+    }
+    if let Some(memory_mib) = memory_mib.filter(|mib| mib << 20 > TEST_DEVICE_RAM_BASE) {
+        let kind = ErrorKind::HidesTestDevice { memory_mib };
+        problems.push((at("test_device"), "test_device".to_owned(), kind));
     }
 }
 

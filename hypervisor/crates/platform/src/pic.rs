@@ -58,6 +58,10 @@ pub const SLAVE_PORT: u16 = 0xA0;
 /// The ELCR, master byte then slave byte.
 pub const ELCR_PORT: u16 = 0x4D0;
 /// Every range the pair answers, as (base, length).
+/// The vector bases a PC BIOS programs (ICW2): IRQ 0-7 at 0x08, IRQ 8-15 at 0x70, which its
+/// real-mode interrupt vector table follows.
+pub const BIOS_MASTER_BASE: u8 = 0x08;
+pub const BIOS_SLAVE_BASE: u8 = 0x70;
 pub const PORT_RANGES: [(u16, u16); 3] = [(MASTER_PORT, 2), (SLAVE_PORT, 2), (ELCR_PORT, 2)];
 
 /// The slave's INT output goes to the master's IR2.

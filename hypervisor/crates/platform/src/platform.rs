@@ -16,13 +16,16 @@
 //!   the local APIC is hardware-disabled;
 //! - a level-triggered vector's EOI at the local APIC goes back to the IOAPIC (remote IRR).
 
-use crate::bus::{Bus, Ctx, MmioDevice, PioDevice};
+use alloc::boxed::Box;
+
+use crate::bus::{Bus, BusError, Ctx, MmioDevice, PioDevice};
 use crate::ioapic::{DeliveryMode, IoApic, Message, IOAPIC_BASE, IOAPIC_SIZE};
 use crate::irq::{IrqLines, LineChanges, LINES};
 use crate::lapic::{Gp, Lapic, LintMode, MMIO_SIZE, MSR_APIC_BASE, MSR_TSC_DEADLINE};
-use crate::pic::{PicPair, PORT_RANGES};
+use crate::pic::{PicPair, BIOS_MASTER_BASE, BIOS_SLAVE_BASE, PORT_RANGES};
 use crate::pit::{Pit, PIT_BASE, PIT_PORTS, PORT61};
 use crate::rtc::{DateTime, Rtc, RtcError, RTC_BASE, RTC_PORTS};
+use crate::testdev::{self, TestDevice};
 use crate::uart::{Uart16550, UART_PORTS};
 use crate::{Timebase, Tsc};
 
@@ -34,6 +37,9 @@ enum PioId {
     Port61,
     Rtc,
     Uart,
+    /// The test device's scratch and flush ports, and its interrupt-line ports.
+    TestDev,
+    TestDevIrq,
 }
 
 /// Which device an MMIO range belongs to. (The local APIC's page is decoded by the CPU itself,
@@ -41,6 +47,7 @@ enum PioId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum MmioId {
     IoApic,
+    TestDevRam,
 }
 
 /// The interrupt the CPU would take next.
@@ -69,6 +76,8 @@ pub struct Platform {
     pit: Pit,
     rtc: Rtc,
     uart: Uart16550,
+    /// QEMU's pc-testdev, when the VM asked for it ([`Self::attach_test_device`]).
+    testdev: Option<Box<TestDevice>>,
     lines: IrqLines,
     pio: Bus<PioId>,
     mmio: Bus<MmioId>,
@@ -119,6 +128,7 @@ impl Platform {
             pit: Pit::new(timebase),
             rtc: Rtc::new(timebase, now, boot)?,
             uart,
+            testdev: None,
             lines: IrqLines::default(),
             pio,
             mmio,
@@ -128,6 +138,55 @@ impl Platform {
             nmi: false,
             timers_dirty: true,
         })
+    }
+
+    /// Leaves the 8259s and the PIT as a PC BIOS does before it hands over to a boot loader
+    /// (SeaBIOS's `pic_setup` and `timer_setup`), for kernels a boot loader starts (Multiboot):
+    /// both 8259s initialised (edge-triggered, vector bases [`BIOS_MASTER_BASE`] and
+    /// [`BIOS_SLAVE_BASE`], cascade on IRQ 2), every input masked but the timer's IRQ 0 and the
+    /// cascade; PIT channel 0 in mode 3 with count 65536 (18.2 Hz). The IOAPIC stays masked.
+    pub fn bios_setup(&mut self, now: Tsc) {
+        let writes: [(u16, u8); 13] = [
+            (0x20, 0x11), // ICW1: edge, cascade, ICW4 follows
+            (0x21, BIOS_MASTER_BASE),
+            (0x21, 0x04), // ICW3: the slave on IRQ 2
+            (0x21, 0x01), // ICW4: 8086 mode, normal EOI
+            (0xa0, 0x11),
+            (0xa1, BIOS_SLAVE_BASE),
+            (0xa1, 0x02), // ICW3: slave ID 2
+            (0xa1, 0x01),
+            (0x21, !0x05), // OCW1: IRQ 0 and the cascade unmasked
+            (0xa1, 0xff),
+            (0x43, 0x36), // PIT channel 0, lobyte/hibyte, mode 3, binary
+            (0x40, 0x00), // count 0 = 65536
+            (0x40, 0x00),
+        ];
+        for (port, value) in writes {
+            self.pio_write(port, 1, value.into(), now);
+        }
+    }
+
+    /// Adds QEMU's pc-testdev ([`crate::testdev`]): its ports and its MMIO RAM. Fails when a
+    /// range is taken (it is already attached).
+    pub fn attach_test_device(&mut self) -> Result<(), BusError> {
+        if self.testdev.is_some() {
+            return Err(BusError::Overlap);
+        }
+        let ports = [
+            (testdev::PORT_BASE, testdev::PORTS, PioId::TestDev),
+            (
+                testdev::IRQ_PORT_BASE,
+                testdev::IRQ_PORTS,
+                PioId::TestDevIrq,
+            ),
+        ];
+        for (base, len, id) in ports {
+            self.pio.insert(u64::from(base), u64::from(len), id)?;
+        }
+        self.mmio
+            .insert(testdev::RAM_BASE, testdev::RAM_SIZE, MmioId::TestDevRam)?;
+        self.testdev = Some(Box::new(TestDevice::new()));
+        Ok(())
     }
 
     /// An IN of `size` bytes (1, 2 or 4) from `port`: each byte lane reads the device at its own
@@ -172,6 +231,15 @@ impl Platform {
                         PioId::Port61 | PioId::Rtc => true,
                         _ => false,
                     };
+                    if id == PioId::TestDevIrq {
+                        // Only a byte write sets a line, as in QEMU: the size is the access's.
+                        let mut ctx = Ctx {
+                            now,
+                            irq: &mut self.lines,
+                        };
+                        TestDevice::irq_write(offset as u16, size, byte[0].into(), &mut ctx);
+                        continue;
+                    }
                     let mut scratch = [0];
                     self.pio_access(id, p, offset as u16, &mut scratch, Some(&byte), now);
                 }
@@ -214,6 +282,15 @@ impl Platform {
             }
             PioId::Rtc => &mut self.rtc,
             PioId::Uart => &mut self.uart,
+            PioId::TestDev => match self.testdev.as_deref_mut() {
+                Some(dev) => dev,
+                None => unreachable!("the test device's ports are mapped only with it"),
+            },
+            // Writes are handled in `pio_write` (they need the access size); reads return 0.
+            PioId::TestDevIrq => {
+                read.fill(0);
+                return;
+            }
         };
         match write {
             Some(data) => device.pio_write(offset, data, &mut ctx),
@@ -263,6 +340,10 @@ impl Platform {
         } else {
             match self.mmio.find(gpa) {
                 Some((MmioId::IoApic, off)) => Some((&mut self.ioapic, off)),
+                Some((MmioId::TestDevRam, off)) => self
+                    .testdev
+                    .as_deref_mut()
+                    .map(|dev| (dev as &mut dyn MmioDevice, off)),
                 None => None,
             }
         };

@@ -15,12 +15,16 @@
 //! - after them, on a new page, a flat GDT (null, 32-bit code at 0x08, 32-bit data at 0x10)
 //!   that the entry segments match (for a kernel that reloads a segment register before its own
 //!   `lgdt`), then the boot information (EBX) with the command line, the memory map, the module
-//!   list, the module strings and the boot loader's name.
+//!   list, the module strings and the boot loader's name;
+//! - what a PC BIOS leaves for real-mode code ([`firmware_pieces`]): the interrupt vector
+//!   table at 0 and minimal handlers at 0xF0000. The kernel also finds the 8259s and the PIT as
+//!   a BIOS leaves them (the platform's `bios_setup`): a Multiboot loader runs after the BIOS.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::elf::{self, ElfError, Segment};
+use hv_platform::pic::{BIOS_MASTER_BASE, BIOS_SLAVE_BASE};
 
 /// The header's magic (section 3.1.1).
 pub const HEADER_MAGIC: u32 = 0x1BAD_B002;
@@ -336,6 +340,50 @@ pub fn memory_map(mem_size: u64) -> [(u64, u64, u32); 4] {
         (0xf_0000, 0x1_0000, 2),
         (EXTENDED_MEMORY, mem_size.saturating_sub(EXTENDED_MEMORY), 1),
     ]
+}
+
+/// Where the real-mode interrupt handlers of [`firmware_pieces`] go: the start of the BIOS ROM
+/// area (segment 0xF000), which the memory map reports reserved.
+pub const BIOS_STUBS: u64 = 0xf_0000;
+
+/// What a PC BIOS leaves in memory for the real-mode code of a Multiboot kernel, which a
+/// kernel that drops back to real mode (kvm-unit-tests' `realmode`) relies on: the interrupt
+/// vector table at 0 (256 far pointers) and the handlers it points to, at [`BIOS_STUBS`].
+/// There are no BIOS services: a software `INT n` returns at once; the 8259s' vectors
+/// acknowledge the interrupt (EOI to the master, and for IRQ 8-15 to the slave first) and
+/// return, as a BIOS's do for the IRQs it owns. A piece that would overlap one of the kernel's
+/// `segments` is left out, so that nothing the kernel loads is overwritten.
+pub fn firmware_pieces(segments: &[Segment]) -> Vec<(u64, Vec<u8>)> {
+    // push ax; mov al, 0x20; [out 0xa0, al;] out 0x20, al; pop ax; iret
+    const IRET: &[u8] = &[0xcf];
+    const MASTER_EOI: &[u8] = &[0x50, 0xb0, 0x20, 0xe6, 0x20, 0x58, 0xcf];
+    const SLAVE_EOI: &[u8] = &[0x50, 0xb0, 0x20, 0xe6, 0xa0, 0xe6, 0x20, 0x58, 0xcf];
+    let (iret_at, master_at, slave_at) = (0u16, 0x10u16, 0x20u16);
+    let mut stubs = alloc::vec![0u8; 0x30];
+    stubs[usize::from(iret_at)..][..IRET.len()].copy_from_slice(IRET);
+    stubs[usize::from(master_at)..][..MASTER_EOI.len()].copy_from_slice(MASTER_EOI);
+    stubs[usize::from(slave_at)..][..SLAVE_EOI.len()].copy_from_slice(SLAVE_EOI);
+    let segment = (BIOS_STUBS >> 4) as u16;
+    let mut ivt = Vec::with_capacity(1024);
+    for vector in 0..=255u8 {
+        let offset = match vector {
+            v if (BIOS_MASTER_BASE..BIOS_MASTER_BASE + 8).contains(&v) => master_at,
+            v if (BIOS_SLAVE_BASE..BIOS_SLAVE_BASE + 8).contains(&v) => slave_at,
+            _ => iret_at,
+        };
+        ivt.extend_from_slice(&offset.to_le_bytes());
+        ivt.extend_from_slice(&segment.to_le_bytes());
+    }
+    let free = |gpa: u64, len: usize| {
+        let end = gpa + len as u64;
+        segments
+            .iter()
+            .all(|s| s.gpa.saturating_add(s.memsz) <= gpa || end <= s.gpa)
+    };
+    [(0, ivt), (BIOS_STUBS, stubs)]
+        .into_iter()
+        .filter(|(gpa, bytes)| free(*gpa, bytes.len()))
+        .collect()
 }
 
 fn page_up(x: u64) -> Option<u64> {

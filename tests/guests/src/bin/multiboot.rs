@@ -18,7 +18,7 @@ fn main() {
 #[cfg(target_os = "none")]
 mod kernel {
     use test_guests::cmdline::Cmdline;
-    use test_guests::{println, rt};
+    use test_guests::{cpu, println, rt};
 
     /// What EAX holds at entry (Multiboot specification 3.2).
     const BOOTLOADER_MAGIC: u32 = 0x2BAD_B002;
@@ -284,6 +284,41 @@ mod kernel {
             );
             rt::report("mb_module_len", (end - start).into());
         }
+
+        // What the BIOS leaves for a boot loader's kernel: the 8259s at their BIOS vector
+        // bases with only the timer and the cascade unmasked, the PIT ticking, and a real-mode
+        // vector table whose IRQ 0 handler acknowledges the 8259.
+        // SAFETY: port I/O to the VM's own 8259s and PIT (interrupts are off).
+        let (master_mask, slave_mask) = unsafe { (cpu::inb(0x21), cpu::inb(0xa1)) };
+        check(
+            (master_mask, slave_mask) == (0xfa, 0xff),
+            "the 8259s mask everything but IRQ 0 and the cascade",
+        );
+        let pit_count = || {
+            // SAFETY: latch and read PIT channel 0's count.
+            unsafe {
+                cpu::outb(0x43, 0x00);
+                u16::from(cpu::inb(0x40)) | u16::from(cpu::inb(0x40)) << 8
+            }
+        };
+        let first = pit_count();
+        let mut moved = false;
+        for _ in 0..1000 {
+            if pit_count() != first {
+                moved = true;
+                break;
+            }
+        }
+        check(moved, "PIT channel 0 is counting");
+        // SAFETY: the vector table at 0 and the BIOS area are in the VM's memory, identity-mapped.
+        let far = u32_at(unsafe { bytes(8 * 4, 4) }, 0);
+        let handler = u64::from(far >> 16) * 16 + u64::from(far & 0xffff);
+        // SAFETY: as above.
+        let code = unsafe { bytes(handler, 7) };
+        check(
+            far >> 16 == 0xf000 && code == [0x50, 0xb0, 0x20, 0xe6, 0x20, 0x58, 0xcf],
+            "vector 8 points into the BIOS area at a handler that sends the 8259 an EOI",
+        );
         println!("{failed} checks failed");
         // The test-exit device ends the VM with the value written.
         // SAFETY: port I/O to the VM's own test-exit device.

@@ -342,3 +342,56 @@ fn periodic_after_tsc_deadline_mode_through_mmio() {
         p.next_deadline()
     );
 }
+
+#[test]
+fn the_test_device_is_absent_until_attached_then_drives_lines_and_keeps_its_ram() {
+    use crate::testdev::{IRQ_PORT_BASE, RAM_BASE};
+    let mut p = platform();
+    // An ordinary PC: the ports float and the RAM is not a device.
+    assert_eq!(p.pio_read(0xe0, 4, 0), 0xffff_ffff);
+    assert!(!p.is_mmio(RAM_BASE));
+    p.pio_write(IRQ_PORT_BASE + 14, 1, 1, 0);
+    assert_eq!(p.pending_interrupt(), None);
+
+    p.attach_test_device().unwrap();
+    assert!(p.attach_test_device().is_err(), "only one");
+    p.pio_write(0xe0, 4, 0xdead_beef, 0);
+    assert_eq!(p.pio_read(0xe0, 4, 0), 0xdead_beef);
+    assert_eq!(p.pio_read(0xe8, 2, 0), 0xbeef);
+    w32(&mut p, RAM_BASE + 0xfffc, 0x1234_5678, 0);
+    assert_eq!(r32(&mut p, RAM_BASE + 0xfffc, 0), 0x1234_5678);
+    assert!(p.is_mmio(RAM_BASE) && !p.is_mmio(RAM_BASE + 0x1_0000));
+
+    // Level-triggered pin 14: the line held high delivers once per EOI while it stays high.
+    route_pin(&mut p, 14, 0x77, true, 0);
+    p.pio_write(IRQ_PORT_BASE + 14, 1, 1, 0);
+    assert_eq!(p.acknowledge(), Some(0x77));
+    p.pio_write(IRQ_PORT_BASE + 14, 1, 0, 0);
+    w32(&mut p, APIC + 0xb0, 0, 0);
+    assert_eq!(p.pending_interrupt(), None);
+    // Edge-triggered pin 15: a pulse by two writes is one interrupt.
+    route_pin(&mut p, 15, 0x66, false, 0);
+    p.pio_write(IRQ_PORT_BASE + 15, 1, 1, 0);
+    p.pio_write(IRQ_PORT_BASE + 15, 1, 0, 0);
+    assert_eq!(run(&mut p, 0, 10, 1), [0x66]);
+    // A 4-byte write to the line ports does nothing (QEMU takes only bytes there).
+    p.pio_write(IRQ_PORT_BASE + 15, 4, 1, 0);
+    assert_eq!(p.pending_interrupt(), None);
+    assert_eq!(p.pio_read(IRQ_PORT_BASE + 15, 1, 0), 0);
+}
+
+#[test]
+fn bios_setup_leaves_the_pit_ticking_at_18_2_hz_on_vector_8_through_the_8259() {
+    let mut p = platform();
+    p.bios_setup(0);
+    // 1_193_182 / 65536 = 18.2 Hz: 18 or 19 ticks in a second, each vector 8 through ExtINT.
+    let taken = run(&mut p, 0, HZ, HZ / 1000);
+    assert!((18..=19).contains(&taken.len()), "{} ticks", taken.len());
+    assert!(taken.iter().all(|&v| v == 8));
+    // The other inputs are masked, and so is every IOAPIC pin.
+    p.pio_write(0x70, 1, 0x0b, 0);
+    p.pio_write(0x71, 1, 0x40, 0); // RTC periodic interrupt on IRQ 8
+    assert!(run(&mut p, HZ, 2 * HZ, HZ / 1000).iter().all(|&v| v == 8));
+    assert_eq!(p.pio_read(0x21, 1, 0), 0xfa);
+    assert_eq!(p.pio_read(0xa1, 1, 0), 0xff);
+}

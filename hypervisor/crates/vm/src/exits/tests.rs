@@ -45,6 +45,7 @@ impl Rig {
             cmdline: String::new(),
             modules: Vec::new(),
             debug_exit_port: Some(0x500),
+            test_device: false,
             quantum_us: 1000,
             vcpus: 1,
             sharing_domain: 0,
@@ -895,4 +896,51 @@ fn a_blocked_nmi_waits_without_an_interrupt_window_storm() {
     r.cpu.state.insert("interruptibility", 0);
     r.before_entry();
     assert_eq!(r.cpu.injected[0].0.kind, Interruption::NMI);
+}
+
+#[test]
+fn the_test_device_is_where_the_manifest_says_and_its_ram_goes_through_the_emulator() {
+    use hv_platform::testdev;
+    // The manifest checks ports and memory against these; the platform places the device here.
+    assert_eq!(
+        hv_manifest::TEST_DEVICE_PORTS,
+        [
+            (testdev::PORT_BASE, testdev::PORTS),
+            (testdev::IRQ_PORT_BASE, testdev::IRQ_PORTS)
+        ]
+    );
+    assert_eq!(hv_manifest::TEST_DEVICE_RAM_BASE, testdev::RAM_BASE);
+
+    let mut r = Rig::new();
+    r.vm.platform.attach_test_device().unwrap();
+    // identity_map's 1 GiB page at 3 GiB covers the device's RAM at 0xff000000.
+    identity_map(&mut r);
+    r.cpu.state.insert("cs_ar", 1 << 13);
+    r.cpu.state.insert("cr0", 0x8000_0011);
+    r.cpu.state.insert("cr4", 1 << 5);
+    r.cpu.msrs.insert(0xc000_0080, 0x500);
+    r.cpu.state.insert("rip", 0x3000);
+    // mov qword [rdi], rax; mov rbx, qword [rdi]
+    r.cpu.phys.0[0x3000..0x3006].copy_from_slice(&[0x48, 0x89, 0x07, 0x48, 0x8b, 0x1f]);
+    r.cpu.regs.rdi = 0xff00_0100;
+    r.cpu.regs.rax = 0x1122_3344_5566_7788;
+    let gpa = 0xff00_0100;
+    let write = EptViolation::from_qualification(0b10);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa,
+            violation: write
+        }),
+        Next::Resume
+    );
+    let read = EptViolation::from_qualification(1);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa,
+            violation: read
+        }),
+        Next::Resume
+    );
+    assert_eq!(r.cpu.regs.rbx, 0x1122_3344_5566_7788);
+    assert_eq!(r.cpu.rip(), 0x3006);
 }

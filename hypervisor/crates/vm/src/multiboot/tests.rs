@@ -289,3 +289,39 @@ fn arbitrary_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn firmware_pieces_are_a_vector_table_and_handlers_that_acknowledge_the_8259s() {
+    let pieces = firmware_pieces(&[]);
+    let (ivt_at, ivt) = &pieces[0];
+    let (stubs_at, stubs) = &pieces[1];
+    assert_eq!((*ivt_at, ivt.len(), *stubs_at), (0, 1024, 0xf_0000));
+    let vector = |v: usize| {
+        let far = get(ivt, v * 4);
+        ((far >> 16) as u64) * 16 + u64::from(far & 0xffff)
+    };
+    let code = |v: usize| &stubs[(vector(v) - 0xf_0000) as usize..];
+    // A software interrupt returns at once.
+    assert_eq!(code(0x10)[0], 0xcf);
+    assert_eq!(code(0x21)[0], 0xcf);
+    // IRQ 0 (vector 8): EOI to the master, then IRET.
+    assert_eq!(code(0x08)[..7], [0x50, 0xb0, 0x20, 0xe6, 0x20, 0x58, 0xcf]);
+    assert_eq!(vector(0x0f), vector(0x08));
+    // IRQ 11 (vector 0x73): EOI to the slave and the master.
+    assert_eq!(
+        code(0x73)[..9],
+        [0x50, 0xb0, 0x20, 0xe6, 0xa0, 0xe6, 0x20, 0x58, 0xcf]
+    );
+    assert_eq!(vector(0x70), vector(0x77));
+    // Nothing the reserved ROM range does not hold, and no piece over the kernel.
+    assert!(stubs.len() <= 0x1_0000);
+    let low_kernel = Segment {
+        gpa: 0x200,
+        offset: 0,
+        filesz: 0x100,
+        memsz: 0x100,
+    };
+    let kept = firmware_pieces(&[low_kernel]);
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].0, 0xf_0000);
+}
