@@ -31,6 +31,17 @@ pub fn apic_bus_khz_from_cpuid() -> Option<u64> {
     }
 }
 
+/// The local APIC timer's input clock in Hz: CPUID leaf 0x4000_0010 EBX, or 1 GHz (KVM's rate,
+/// muxvisor's where the TSC is not slower) without the leaf.
+pub fn apic_bus_hz() -> u64 {
+    apic_bus_khz_from_cpuid().map_or(1_000_000_000, |khz| khz * 1000)
+}
+
+/// `us` microseconds in APIC timer counts at divide by 1 ([`apic_bus_hz`]), saturating.
+pub fn apic_counts_for_us(us: u64) -> u32 {
+    u32::try_from(u128::from(us) * u128::from(apic_bus_hz()) / 1_000_000).unwrap_or(u32::MAX)
+}
+
 /// The guest's clock: `tsc_khz=` from the command line if given, else CPUID leaf 0x4000_0010.
 pub fn clock(cmdline: &Cmdline<'_>) -> Result<Clock, &'static str> {
     let khz = match cmdline.u64("tsc_khz") {

@@ -19,11 +19,11 @@
 //!   thermal, performance counter, LINT0, LINT1, error); no CMCI LVT (its register is undefined)
 //!   and no EOI-broadcast suppression (version bit 24 clear, so SVR bit 12 is reserved).
 //! - The timer counts APIC bus ticks at [`APIC_BUS_HZ`] (1 GHz, as KVM: one tick a
-//!   nanosecond). A write to the initial count starts counting at that instant, not at a bus
-//!   clock edge. Any change of the timer mode disarms the timer and clears the initial count
-//!   and the TSC deadline (10.5.4.1 requires it for switches to and from TSC-deadline mode; KVM
-//!   does it for every switch). Mode 0b11 (reserved) is kept as written and the timer does not
-//!   count in it. A write to the divide configuration while the timer counts keeps the current
+//!   nanosecond), or at the TSC's rate where that is slower ([`apic_bus_hz`]). A write to the initial count starts counting at that instant, not at a bus
+//!   clock edge. A switch to or from TSC-deadline mode disarms the timer and clears the initial
+//!   count and the TSC deadline (10.5.4.1); between one-shot and periodic the count goes on
+//!   from where it is (as KVM; kvm-unit-tests' `apic` checks it). Mode 0b11 (reserved) is kept
+//!   as written and the timer does not count in it. A write to the divide configuration while the timer counts keeps the current
 //!   count and counts on at the new rate from the write (the part of a divided tick already
 //!   elapsed is dropped).
 //! - A software-disabled APIC (SVR bit 8 clear) does not accept fixed interrupts (as KVM);
@@ -69,9 +69,19 @@ use crate::regs::{self, Dwords};
 use crate::time::{Timebase, Tsc};
 
 /// The APIC timer's input clock: the "bus" or core-crystal clock the divide configuration
-/// divides (SDM 10.5.4). 1 GHz as KVM, so one tick is a nanosecond; a guest learns it by
-/// calibrating against the PIT or from the platform's CPUID leaf 0x15, never from the model.
+/// divides (SDM 10.5.4), at most: 1 GHz as KVM, so one tick is a nanosecond, unless the TSC is
+/// slower ([`apic_bus_hz`]). A guest learns it by calibrating against the PIT or from the
+/// hypervisor's CPUID leaf 0x4000_0010, never from the model.
 pub const APIC_BUS_HZ: u64 = 1_000_000_000;
+
+/// The rate the timer counts at on a CPU whose TSC runs at `tsc_hz`: [`APIC_BUS_HZ`], or the
+/// TSC's rate when that is slower (an emulator's TSC can be). On every real CPU the APIC timer's
+/// clock (the bus or crystal clock) is slower than the TSC, and guests rely on it: a count of N
+/// takes at least N TSC ticks (kvm-unit-tests' `apic` checks it). CPUID leaf 0x4000_0010 EBX
+/// reports this rate.
+pub fn apic_bus_hz(tsc_hz: u64) -> u64 {
+    APIC_BUS_HZ.min(tsc_hz.max(1))
+}
 
 /// IA32_APIC_BASE.
 pub const MSR_APIC_BASE: u32 = 0x1B;
@@ -330,8 +340,9 @@ impl Lapic {
     pub fn firmware_setup(&mut self) {
         // SVR first: LVT entries written while software-disabled stay masked.
         self.write_svr(0x1FF);
-        self.write_lvt(LVT_LINT0, 0x700);
-        self.write_lvt(LVT_LINT1, 0x400);
+        // Not the timer's entry: no time is needed.
+        self.write_lvt(LVT_LINT0, 0x700, 0);
+        self.write_lvt(LVT_LINT1, 0x400, 0);
     }
 
     /// Every register back to its power-up value; IA32_APIC_BASE and the statistics stay.
@@ -517,7 +528,7 @@ impl Lapic {
             reg::LVT..=reg::LVT_LAST => {
                 let i = (r - reg::LVT) as usize;
                 check(u64::from(LVT_WRITABLE[i] | LVT_READ_ONLY[i]))?;
-                self.write_lvt(i, v);
+                self.write_lvt(i, v, now);
             }
             reg::TMICT => {
                 check(u64::from(u32::MAX))?;
@@ -579,7 +590,7 @@ impl Lapic {
                 self.send_ipi(self.icr_low, self.icr_high >> 24, 0xFF);
             }
             reg::ICR_HIGH => self.icr_high = v & 0xFF00_0000,
-            reg::LVT..=reg::LVT_LAST => self.write_lvt((r - reg::LVT) as usize, v),
+            reg::LVT..=reg::LVT_LAST => self.write_lvt((r - reg::LVT) as usize, v, now),
             reg::TMICT => self.write_initial_count(v, now),
             reg::TDCR => self.write_divide_config(v, now),
             reg::VERSION
@@ -602,7 +613,7 @@ impl Lapic {
         }
     }
 
-    fn write_lvt(&mut self, i: usize, v: u32) {
+    fn write_lvt(&mut self, i: usize, v: u32, now: Tsc) {
         let Some(&writable) = LVT_WRITABLE.get(i) else {
             return;
         };
@@ -611,10 +622,11 @@ impl Lapic {
             // 10.4.7.2: while software-disabled, attempts to clear a mask bit are ignored.
             new |= LVT_MASKED;
         }
-        if i == LVT_TIMER && (new ^ self.lvt[LVT_TIMER]) & (3 << 17) != 0 {
-            // A mode change disarms (10.5.4.1 for TSC-deadline switches; all switches here).
-            self.initial_count = 0;
-            self.timer = Timer::Idle;
+        if i == LVT_TIMER {
+            let (from, to) = (self.timer_mode(), (new >> 17) & 3);
+            if from != to {
+                self.change_timer_mode(from, to, now);
+            }
         }
         self.lvt[i] = new;
     }
@@ -899,6 +911,11 @@ impl Lapic {
         (self.lvt[LVT_TIMER] >> 17) & 3
     }
 
+    /// The timer's input clock, Hz ([`apic_bus_hz`]).
+    fn bus_hz(&self) -> u64 {
+        apic_bus_hz(self.timebase.tsc_hz())
+    }
+
     /// log2 of the divisor: divide configuration bits 3,1:0 = 0b000 divides by 2, ... 0b110
     /// by 128, 0b111 by 1 (10.5.4, Figure 10-10).
     fn divide_shift(&self) -> u32 {
@@ -916,7 +933,7 @@ impl Lapic {
         // Timebase takes the 64-bit path when the product fits (the common case).
         let bus = self
             .timebase
-            .cycles_in(now.saturating_sub(origin), APIC_BUS_HZ);
+            .cycles_in(now.saturating_sub(origin), self.bus_hz());
         u128::from(bus >> self.divide_shift())
     }
 
@@ -929,12 +946,12 @@ impl Lapic {
             .and_then(|c| c.checked_mul(1 << self.divide_shift()))
             .filter(|bus| bus.checked_mul(self.timebase.tsc_hz()).is_some());
         if let Some(bus) = fast {
-            return origin.saturating_add(self.timebase.ticks_for(bus, APIC_BUS_HZ));
+            return origin.saturating_add(self.timebase.ticks_for(bus, self.bus_hz()));
         }
         let ticks = counts
             .checked_mul(1 << self.divide_shift())
             .and_then(|bus| bus.checked_mul(u128::from(self.timebase.tsc_hz())))
-            .map(|t| t.div_ceil(u128::from(APIC_BUS_HZ)));
+            .map(|t| t.div_ceil(u128::from(self.bus_hz())));
         let ticks = ticks
             .and_then(|t| u64::try_from(t).ok())
             .unwrap_or(u64::MAX);
@@ -957,6 +974,30 @@ impl Lapic {
             0
         };
         u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
+    /// The LVT timer's mode changes `from` -> `to` at `now` (expiries up to `now` already
+    /// handled under the old mode). A switch to or from TSC-deadline mode disarms the timer and
+    /// clears the initial count (10.5.4.1). Between one-shot and periodic the count goes on from
+    /// where it is, as KVM and hardware do: a one-shot count switched to periodic reloads from
+    /// the initial count when it reaches 0, a periodic one switched to one-shot stops there, and
+    /// a one-shot timer that already expired stays at 0.
+    fn change_timer_mode(&mut self, from: u32, to: u32, now: Tsc) {
+        if from == TIMER_TSC_DEADLINE || to == TIMER_TSC_DEADLINE {
+            self.initial_count = 0;
+            self.timer = Timer::Idle;
+            return;
+        }
+        let count = self.current_count(now);
+        let counts = matches!(to, TIMER_ONE_SHOT | TIMER_PERIODIC);
+        self.timer = match self.timer {
+            Timer::Counting { .. } if count != 0 && counts => Timer::Counting {
+                origin: now,
+                first: u64::from(count),
+                fired: 0,
+            },
+            _ => Timer::Idle,
+        };
     }
 
     fn write_initial_count(&mut self, v: u32, now: Tsc) {
@@ -1850,14 +1891,54 @@ mod tests {
     }
 
     #[test]
-    fn mode_change_disarms_counting_timer() {
+    fn the_timer_never_counts_faster_than_the_tsc() {
+        assert_eq!(apic_bus_hz(2_400_000_000), APIC_BUS_HZ);
+        assert_eq!(apic_bus_hz(4_000_000), 4_000_000);
+        // Bochs's TSC at 4 MHz: a one-shot count of 0x10000 at divide by 1 takes 0x10000 ticks.
+        let mut a = Lapic::new(Timebase::new(4_000_000));
+        a.firmware_setup();
+        write(&mut a, 0x3e0, 0xb);
+        write(&mut a, 0x320, 0x30);
+        write(&mut a, 0x380, 0x1_0000);
+        assert_eq!(a.next_deadline(), Some(0x1_0000));
+    }
+
+    #[test]
+    fn tsc_deadline_mode_switches_disarm_and_one_shot_periodic_switches_count_on() {
+        // TSC ticks per divided APIC tick (divide by 2, the reset value) at TSC_HZ.
+        let per = |counts: u64| counts * 2 * TSC_HZ / APIC_BUS_HZ;
         let mut a = enabled();
         write(&mut a, 0x320, 0x30);
         write(&mut a, 0x380, 1000);
-        write(&mut a, 0x320, 0x2_0030);
+        write(&mut a, 0x320, 0x4_0030); // to TSC-deadline mode
         assert_eq!(a.next_deadline(), None);
-        assert_eq!(read(&mut a, 0x380), 0);
-        // Changing only the vector or mask does not.
+        assert_eq!(
+            read(&mut a, 0x380),
+            0,
+            "10.5.4.1: the initial count is cleared"
+        );
+        write(&mut a, 0x320, 0x30); // and back: nothing counts
+        assert_eq!(a.next_deadline(), None);
+
+        // One-shot, a quarter through, to periodic: the count goes on, then reloads.
+        write(&mut a, 0x380, 1000);
+        let quarter = per(250);
+        write_at(&mut a, 0x320, 0x2_0030, quarter);
+        assert_eq!(read(&mut a, 0x380), 1000, "the initial count is kept");
+        assert_eq!(read_at(&mut a, 0x390, quarter), 750);
+        a.advance(per(1000));
+        assert_eq!(a.pending_vector(), Some(0x30));
+        assert_eq!(read_at(&mut a, 0x390, per(1100)), 900, "reloaded at 0");
+        // Periodic to one-shot: counts down to 0 and stops there.
+        write_at(&mut a, 0x320, 0x30, per(1100));
+        assert_eq!(read_at(&mut a, 0x390, per(1500)), 500);
+        assert_eq!(read_at(&mut a, 0x390, per(2500)), 0);
+        // An expired one-shot timer switched to periodic stays at 0.
+        a.advance(per(2500));
+        write_at(&mut a, 0x320, 0x2_0030, per(2500));
+        assert_eq!(read_at(&mut a, 0x390, per(4000)), 0);
+        assert_eq!(a.next_deadline(), None);
+        // Changing only the vector or mask changes nothing.
         write(&mut a, 0x380, 1000);
         write(&mut a, 0x320, 0x3_0031);
         assert!(a.next_deadline().is_some());

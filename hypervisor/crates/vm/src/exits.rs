@@ -30,6 +30,7 @@ use crate::vm::Vm;
 
 /// IA32_TSC_DEADLINE, the platform's (local APIC) MSR that holds a TSC value.
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
+const MSR_APIC_BASE: u32 = 0x1b;
 
 /// What the exit handler decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,7 +237,14 @@ fn handle_exit<V: Vcpu>(
         VmExit::EptViolation { gpa, violation } => {
             vm.acct.count_exit(ExitKind::EptViolation);
             let inside = memory.check(gpa, 1).is_ok();
-            if !inside && vm.platform.is_mmio(gpa) {
+            // Outside the VM's memory, a data access goes to the platform's devices; where none
+            // answers it is open bus, as on a PC (reads all ones, writes dropped), which is what
+            // a guest probing for hardware, or touching a disabled APIC's page, must find.
+            // Executing from there is never meant: the VM is stopped with a report (below).
+            if !inside && violation.access != EptAccess::Fetch {
+                if !vm.platform.is_mmio(gpa) {
+                    note_open_bus(vm, gpa, violation.access);
+                }
                 return handle_mmio(vm, memory, cpu, gpa);
             }
             if ctx.multiplexed && inside {
@@ -249,8 +257,7 @@ fn handle_exit<V: Vcpu>(
             if !inside {
                 let mib = vm.config.memory_mib;
                 vm.fail(format_args!(
-                    "EPT violation at gpa={gpa:#x} ({}) rip={rip:#x}: outside the VM's {mib} MiB",
-                    violation.access.name()
+                    "EPT violation at gpa={gpa:#x} (fetch) rip={rip:#x}: executing outside the VM's {mib} MiB"
                 ));
             } else {
                 vm.fail(format_args!(
@@ -620,6 +627,10 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
             } else {
                 value
             };
+            // The APIC base must be a physical address of this CPU (the model allows 52 bits).
+            if index == MSR_APIC_BASE && cpu_policy.beyond_phys_addr(value) {
+                return inject_gp(cpu);
+            }
             if vm.platform.msr_write(index, value, now) != Some(Ok(())) {
                 return inject_gp(cpu);
             }
@@ -733,6 +744,18 @@ impl Gprs for Snapshot {
 /// memory, decoded and carried out against the platform (`hv_vm::mmio`). An instruction that
 /// cannot be fetched faults as the CPU would (#PF) or is faulted in by the memory engine; one
 /// that cannot be decoded or emulated stops the VM with a report naming it.
+/// The first access of a VM to an address with neither memory nor a device is logged, the
+/// others only counted (the platform's `unclaimed_mmio`, in the stats line): a guest that
+/// probes or scribbles there must not flood the log.
+#[inline(never)]
+fn note_open_bus(vm: &mut Vm, gpa: u64, access: EptAccess) {
+    if vm.platform.stats.unclaimed_mmio == 0 {
+        log::warn!(target: &vm.target,
+            "{} at gpa={gpa:#x}: no memory or device there (open bus: reads all ones, writes are dropped; further accesses only counted)",
+            access.name());
+    }
+}
+
 fn handle_mmio<V: Vcpu>(vm: &mut Vm, memory: &GuestMemory, cpu: &mut V, gpa: u64) -> Next {
     let state = mmio::CpuState {
         rip: cpu.read(Reg::Rip),

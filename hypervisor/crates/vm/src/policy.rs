@@ -85,6 +85,9 @@ pub struct CpuPolicy {
     pub tsc_aux: bool,
     /// The guest TSC's frequency in kHz, for the timing leaf (0 until measured).
     pub tsc_khz: u32,
+    /// MAXPHYADDR, the physical-address width CPUID.80000008H:EAX[7:0] reports (36 where the
+    /// leaf is missing, SDM Vol. 3A 4.1.4); 0 in a policy not derived from a CPU (no check).
+    pub phys_addr_bits: u8,
 }
 
 impl CpuPolicy {
@@ -92,11 +95,17 @@ impl CpuPolicy {
     pub fn from_host(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Self {
         let tsc_aux =
             cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpuid(0x8000_0001, 0)[3] & (1 << 27) != 0;
+        let phys_addr_bits = if cpuid(0x8000_0000, 0)[0] >= 0x8000_0008 {
+            cpuid(0x8000_0008, 0)[0] as u8
+        } else {
+            36
+        };
         let max_leaf = cpuid(0, 0)[0];
         let has_xsave = cpuid(1, 0)[2] & (1 << 26) != 0;
         if max_leaf < 0xd || !has_xsave {
             return Self {
                 tsc_aux,
+                phys_addr_bits,
                 ..Self::default()
             };
         }
@@ -117,7 +126,14 @@ impl CpuPolicy {
             xsave_size: size,
             tsc_aux,
             tsc_khz: 0,
+            phys_addr_bits,
         }
+    }
+
+    /// Whether `address` has a bit set at or above MAXPHYADDR, which registers holding a
+    /// physical address (IA32_APIC_BASE) refuse with #GP.
+    pub fn beyond_phys_addr(&self, address: u64) -> bool {
+        (1..64).contains(&self.phys_addr_bits) && address >> self.phys_addr_bits != 0
     }
 
     /// The policy with the guest TSC frequency `tsc_hz` for the timing leaf.
@@ -207,7 +223,7 @@ impl CpuPolicy {
             l if l == CPUID_LEAF_BASE + 1 => [ABI_VERSION, 0, 0, 0],
             CPUID_LEAF_TIMING => [
                 self.tsc_khz,
-                (hv_platform::lapic::APIC_BUS_HZ / 1000) as u32,
+                (hv_platform::lapic::apic_bus_hz(u64::from(self.tsc_khz) * 1000) / 1000) as u32,
                 0,
                 0,
             ],
@@ -249,7 +265,31 @@ mod tests {
         assert_eq!(p.xcr0_allowed, 0xe7);
         assert_eq!(p.xsave_size, 1664 + 1024);
         let none = CpuPolicy::from_host(|l, s| if l == 1 { [0; 4] } else { host(l, s) });
-        assert_eq!(none, CpuPolicy::default());
+        assert_eq!(
+            none,
+            CpuPolicy {
+                phys_addr_bits: 36,
+                ..CpuPolicy::default()
+            },
+            "nothing but MAXPHYADDR, 36 without leaf 0x80000008"
+        );
+    }
+
+    #[test]
+    fn maxphyaddr_comes_from_leaf_0x80000008_and_bounds_physical_addresses() {
+        let wide = |l: u32, s: u32| match l {
+            0x8000_0000 => [0x8000_0008, 0, 0, 0],
+            0x8000_0008 => [0x3027, 0, 0, 0], // 39 physical, 48 linear bits
+            _ => host(l, s),
+        };
+        let p = CpuPolicy::from_host(wide);
+        assert_eq!(p.phys_addr_bits, 39);
+        assert!(!p.beyond_phys_addr(0x7f_ffff_f000 | 0x900));
+        assert!(p.beyond_phys_addr(1 << 39));
+        assert!(
+            !CpuPolicy::default().beyond_phys_addr(u64::MAX),
+            "unknown: no check"
+        );
     }
 
     #[test]
@@ -296,6 +336,12 @@ mod tests {
         assert_eq!(
             p.cpuid(CPUID_LEAF_TIMING, 0, [9; 4], 0),
             [2_100_000, 1_000_000, 0, 0]
+        );
+        // A TSC slower than 1 GHz (Bochs's 4 MHz): the APIC timer counts no faster.
+        assert_eq!(
+            p.with_tsc_hz(4_000_000)
+                .cpuid(CPUID_LEAF_TIMING, 0, [9; 4], 0),
+            [4_000, 4_000, 0, 0]
         );
         assert_eq!(
             p.cpuid(1, 0, host(1, 0), CR4_OSXSAVE)[2] & ECX_OSXSAVE,

@@ -272,9 +272,11 @@ impl Vm {
         );
         let p = &self.platform.stats;
         line.push_str(&format!(
-            " interrupts={} coalesced_ticks={}",
+            " interrupts={} coalesced_ticks={} unclaimed_pio={} unclaimed_mmio={}",
             p.interrupts,
-            self.platform.coalesced_ticks()
+            self.platform.coalesced_ticks(),
+            p.unclaimed_pio,
+            p.unclaimed_mmio
         ));
         for kind in ExitKind::ALL {
             line.push_str(&format!(" {}={}", kind.name(), s.exits[kind as usize]));

@@ -56,8 +56,6 @@ test_guests::entry!(guest_main);
 const V_WAKE: u8 = 0x40;
 const V_RTC: u8 = 0x58;
 const V_SPURIOUS: u8 = 0xFF;
-/// The local APIC timer's input clock (CPUID leaf 0x4000_0010 EBX, in kHz, says 1 GHz).
-const APIC_BUS_HZ: u64 = 1_000_000_000;
 /// The APIC timer's divider while measuring: 2^32 counts last 68.7 s of guest time.
 const APIC_DIVIDE: u64 = 16;
 const RTC_HZ: u64 = 1024;
@@ -279,7 +277,9 @@ fn guest_main(boot: &Boot) -> u64 {
 
     // Nanoseconds, exactly: ticks * 10^9 / (kHz * 1000).
     let tsc_ns = ((u128::from(tsc1 - tsc0) * 1_000_000) / u128::from(clock.khz)) as u64;
-    let apic_ns = u64::from(apic0.wrapping_sub(apic1)) * APIC_DIVIDE * 1_000_000_000 / APIC_BUS_HZ;
+    // The APIC timer's input clock: CPUID leaf 0x4000_0010 EBX.
+    let apic_ns =
+        u64::from(apic0.wrapping_sub(apic1)) * APIC_DIVIDE * 1_000_000_000 / tsc::apic_bus_hz();
     let pit_ns = ((u128::from(pit_counts) * 1_000_000_000) / u128::from(pit::INPUT_HZ)) as u64;
     let rtc_ns = (rtc1 - rtc0) * 1_000_000_000 / RTC_HZ;
 

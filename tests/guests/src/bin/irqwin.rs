@@ -250,7 +250,12 @@ fn one_round(
     // timer had expired.)
     let expiry = match kind {
         Kind::OneShot => {
-            lapic::start_timer(V_TIMER, TimerMode::OneShot, (delay_us * 1000) as u32, 1);
+            lapic::start_timer(
+                V_TIMER,
+                TimerMode::OneShot,
+                tsc::apic_counts_for_us(delay_us),
+                1,
+            );
             rdtsc() + clock.us_to_ticks(delay_us)
         }
         Kind::Deadline => {
@@ -260,7 +265,12 @@ fn one_round(
             deadline
         }
         Kind::Periodic => {
-            lapic::start_timer(V_TIMER, TimerMode::Periodic, (period_us * 1000) as u32, 1);
+            lapic::start_timer(
+                V_TIMER,
+                TimerMode::Periodic,
+                tsc::apic_counts_for_us(period_us),
+                1,
+            );
             // Three expiries while IF = 0: one pending interrupt.
             rdtsc() + 3 * clock.us_to_ticks(period_us)
         }

@@ -290,7 +290,7 @@ fn guest_main(boot: &Boot) -> u64 {
 
     // 4. Vectors 0..15 as external interrupts.
     lapic::write(reg::LVT_ERROR, u32::from(V_ERROR));
-    lapic::start_timer(5, TimerMode::OneShot, 1000, 1);
+    lapic::start_timer(5, TimerMode::OneShot, tsc::apic_counts_for_us(1).max(1), 1);
     drain(clock);
     let esr = lapic::esr();
     checks.check(

@@ -134,9 +134,9 @@ fn guest_main(boot: &Boot) -> u64 {
         lapic::tsc_deadline_mode(V_TICK);
         lapic::set_tsc_deadline(first);
     } else {
-        // The period in APIC bus ticks (1 GHz: nanoseconds) at divide by 1.
+        // The period in APIC bus ticks (CPUID 0x4000_0010 EBX) at divide by 1.
         // The TSC is read before the timer starts, so no expiry can look early.
-        let count = (1_000_000_000 / hz) as u32;
+        let count = (tsc::apic_bus_hz() / hz) as u32;
         NEXT_DEADLINE.store(rdtsc() + period, SeqCst);
         lapic::start_timer(V_TICK, TimerMode::Periodic, count, 1);
     }

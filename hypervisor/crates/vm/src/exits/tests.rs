@@ -501,7 +501,7 @@ fn an_event_whose_delivery_was_interrupted_is_delivered_again() {
 }
 
 #[test]
-fn ept_violations_are_the_engines_inside_memory_and_fatal_outside() {
+fn ept_violations_are_the_engines_inside_memory_and_stop_where_nothing_can_be_emulated() {
     let mut r = Rig::new();
     r.multiplexed = true;
     let write = EptViolation::from_qualification(0b10);
@@ -516,6 +516,8 @@ fn ept_violations_are_the_engines_inside_memory_and_fatal_outside() {
         }
     );
     assert_eq!(r.vm.state, VmState::Runnable);
+    // Outside memory, the instruction must be emulated: RIP 0 holds no page tables' worth of
+    // code here, so the fetch fails and the VM stops with a report.
     assert_eq!(
         r.exit(VmExit::EptViolation {
             gpa: 0xfee0_0000,
@@ -943,4 +945,56 @@ fn the_test_device_is_where_the_manifest_says_and_its_ram_goes_through_the_emula
     );
     assert_eq!(r.cpu.regs.rbx, 0x1122_3344_5566_7788);
     assert_eq!(r.cpu.rip(), 0x3006);
+}
+
+#[test]
+fn outside_memory_without_a_device_is_open_bus_and_executing_there_stops_the_vm() {
+    let mut r = Rig::new();
+    identity_map(&mut r);
+    r.cpu.state.insert("cs_ar", 1 << 13);
+    r.cpu.state.insert("cr0", 0x8000_0011);
+    r.cpu.state.insert("cr4", 1 << 5);
+    r.cpu.msrs.insert(0xc000_0080, 0x500);
+    r.cpu.state.insert("rip", 0x3000);
+    // mov qword [rdi], rax; mov rbx, qword [rdi]; 1 GiB past the VM's memory, no device.
+    r.cpu.phys.0[0x3000..0x3006].copy_from_slice(&[0x48, 0x89, 0x07, 0x48, 0x8b, 0x1f]);
+    let gpa = 0xc000_0000;
+    r.cpu.regs.rdi = gpa;
+    r.cpu.regs.rax = 0x1122_3344_5566_7788;
+    let write = EptViolation::from_qualification(0b10);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa,
+            violation: write
+        }),
+        Next::Resume
+    );
+    let read = EptViolation::from_qualification(1);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa,
+            violation: read
+        }),
+        Next::Resume
+    );
+    assert_eq!(
+        r.cpu.regs.rbx,
+        u64::MAX,
+        "the write went nowhere; reads float high"
+    );
+    assert_eq!(r.cpu.rip(), 0x3006);
+    assert_eq!(r.vm.platform.stats.unclaimed_mmio, 2);
+    assert_eq!(r.vm.state, VmState::Runnable);
+    assert!(r.vm.stats_line(TSC_HZ).contains(" unclaimed_mmio=2 "));
+    // An instruction fetch there stops the VM.
+    r.cpu.state.insert("rip", gpa);
+    let fetch = EptViolation::from_qualification(0b100);
+    assert_eq!(
+        r.exit(VmExit::EptViolation {
+            gpa,
+            violation: fetch
+        }),
+        Next::Stopped
+    );
+    assert_eq!(r.vm.state, VmState::Failed);
 }
