@@ -24,7 +24,7 @@ use hv_vm::{
     memory::{AccessError, GuestMemory},
     msr::{self, Msr},
     multiboot,
-    policy::{self, CpuPolicy},
+    policy::CpuPolicy,
     regs::GuestRegisters,
     sched,
     vcpu::{rflags, Reg, Vcpu},
@@ -538,7 +538,7 @@ impl Vm {
         // CR4.VMXE must stay set in VMX non-root operation; the guest sees it clear. The other
         // masked bits enable features the guest does not have: setting any exits, and the
         // guest gets #GP (handle_cr_access). The shadow shows all of them clear.
-        vmwrite(f::CR4_GUEST_HOST_MASK, policy::CR4_GUEST_FORBIDDEN);
+        vmwrite(f::CR4_GUEST_HOST_MASK, host.cpu_policy.cr4_forbidden());
         vmwrite(f::CR4_READ_SHADOW, cr4_visible);
         if c.load_efer {
             vmwrite(f::GUEST_IA32_EFER, entry.efer());

@@ -8,11 +8,14 @@
 //! the hypervisor does not keep per VM or whose instructions it does not emulate, so that a
 //! guest sees a coherent CPU that simply lacks them (docs/isolation.md): VMX, SMX, MONITOR/MWAIT,
 //! MTRRs,
-//! machine-check architecture, thermal and power MSRs, performance monitoring, PKU, CET, MPX,
-//! AMX, WAITPKG, SGX, Processor Trace, resource-director technology, IA32_TSC_ADJUST and the
-//! speculation-control MSRs (IBRS, STIBP, SSBD, ...). XSAVE components other
-//! than x87, SSE, AVX and AVX-512 are hidden too. CPUID.1:ECX.OSXSAVE shows the guest's own
-//! CR4.OSXSAVE. MSRs are in [`crate::msr`].
+//! machine-check architecture, thermal and power MSRs, performance monitoring, supervisor
+//! protection keys (PKS), CET, MPX, AMX, WAITPKG, SGX, Processor Trace, resource-director
+//! technology, IA32_TSC_ADJUST and the speculation-control MSRs (IBRS, STIBP, SSBD, ...). XSAVE
+//! components other than x87, SSE, AVX, AVX-512 and PKRU are hidden too. User protection keys
+//! (PKU) are offered where the CPU has them with their XSAVE component, as the PKRU register
+//! is then switched per VM with the rest of the XSAVE state. CPUID.1:ECX.OSXSAVE and
+//! CPUID.7.0:ECX.OSPKE show the guest's own CR4.OSXSAVE and CR4.PKE. MSRs are in
+//! [`crate::msr`].
 
 use guest_abi::{ABI_VERSION, CPUID_LEAF_BASE, CPUID_LEAF_MAX, CPUID_SIGNATURE};
 
@@ -46,9 +49,15 @@ pub const CPUID_LEAF_TIMING: u32 = 0x4000_0010;
 /// CPUID.7.0:EBX bits hidden: IA32_TSC_ADJUST (1), SGX (2), RDT-M (12), MPX (14), RDT-A (15),
 /// Processor Trace (25).
 const LEAF7_EBX_HIDDEN: u32 = (1 << 1) | (1 << 2) | (1 << 12) | (1 << 14) | (1 << 15) | (1 << 25);
-/// CPUID.7.0:ECX bits hidden: PKU (3), OSPKE (4), WAITPKG (5), CET shadow stacks (7), SGX launch
-/// control (30), PKS (31).
-const LEAF7_ECX_HIDDEN: u32 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 30) | (1 << 31);
+/// CPUID.7.0:ECX bits hidden: WAITPKG (5), CET shadow stacks (7), SGX launch control (30), PKS
+/// (31); PKU (3) unless offered ([`CpuPolicy::pku`]), and OSPKE (4), which is the guest's own.
+const LEAF7_ECX_HIDDEN: u32 = (1 << 5) | (1 << 7) | (1 << 30) | (1 << 31);
+const LEAF7_ECX_PKU: u32 = 1 << 3;
+const LEAF7_ECX_OSPKE: u32 = 1 << 4;
+/// CR4.PKE: protection keys for user pages.
+pub const CR4_PKE: u64 = 1 << 22;
+/// The PKRU state component of XCR0 (9).
+const XCR0_PKRU: u64 = 1 << 9;
 /// CPUID.7.0:EDX bits hidden: PCONFIG (18), architectural LBR (19), CET IBT (20), AMX (22, 24,
 /// 25), and the MSRs of speculation control whose state is not kept per VM: IBRS/IBPB (26),
 /// STIBP (27), L1D_FLUSH (28), ARCH_CAPABILITIES (29), CORE_CAPABILITIES (30), SSBD (31).
@@ -62,15 +71,15 @@ const fn hidden_leaf(leaf: u32) -> bool {
 }
 
 /// XCR0 components a guest may enable, when the CPU has them: x87 (0), SSE (1), AVX (2),
-/// AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM (5-7). The hypervisor saves and restores exactly
-/// these with XSAVE when it switches VMs. MPX (3-4), PKRU (9), CET and AMX are not offered.
-pub const XCR0_GUEST_COMPONENTS: u64 = 0b1110_0111;
+/// AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM (5-7), PKRU (9). The hypervisor saves and restores
+/// exactly these with XSAVE when it switches VMs. MPX (3-4), CET and AMX are not offered.
+pub const XCR0_GUEST_COMPONENTS: u64 = 0b10_1110_0111;
 
-/// CR4 bits a guest may not set (the CR4 guest/host mask; setting one raises #GP as on a CPU
-/// without the feature): VMXE (13), SMXE (14), PKE (22), CET (23), PKS (24), UINTR (25).
-/// CR4.VMXE is set in the real CR4 while the guest runs, and the read shadow shows it clear.
-pub const CR4_GUEST_FORBIDDEN: u64 =
-    (1 << 13) | (1 << 14) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25);
+/// CR4 bits a guest may never set (in the CR4 guest/host mask; setting one raises #GP as on a
+/// CPU without the feature): VMXE (13), SMXE (14), CET (23), PKS (24), UINTR (25); PKE (22)
+/// joins them where PKU is not offered ([`CpuPolicy::cr4_forbidden`]). CR4.VMXE is set in the
+/// real CR4 while the guest runs, and the read shadow shows it clear.
+pub const CR4_GUEST_FORBIDDEN: u64 = (1 << 13) | (1 << 14) | (1 << 23) | (1 << 24) | (1 << 25);
 pub const CR4_OSXSAVE: u64 = 1 << 18;
 
 /// The CPU-wide facts the CPUID and XSETBV answers depend on, read once at boot.
@@ -85,6 +94,9 @@ pub struct CpuPolicy {
     pub tsc_aux: bool,
     /// The guest TSC's frequency in kHz, for the timing leaf (0 until measured).
     pub tsc_khz: u32,
+    /// User protection keys are offered: the CPU has PKU and XSAVE's PKRU component, which
+    /// the hypervisor then switches per VM.
+    pub pku: bool,
     /// MAXPHYADDR, the physical-address width CPUID.80000008H:EAX[7:0] reports (36 where the
     /// leaf is missing, SDM Vol. 3A 4.1.4); 0 in a policy not derived from a CPU (no check).
     pub phys_addr_bits: u8,
@@ -111,7 +123,12 @@ impl CpuPolicy {
         }
         let d = cpuid(0xd, 0);
         let supported = u64::from(d[0]) | (u64::from(d[3]) << 32);
-        let allowed = supported & XCR0_GUEST_COMPONENTS;
+        // PKRU's state only with PKU itself (a CPU has both or neither).
+        let pku = max_leaf >= 7 && cpuid(7, 0)[2] & LEAF7_ECX_PKU != 0;
+        let mut allowed = supported & XCR0_GUEST_COMPONENTS;
+        if !pku {
+            allowed &= !XCR0_PKRU;
+        }
         // The legacy region and header are 576 bytes; each further component sits at its
         // standard-format offset (CPUID.0xD.i: EAX size, EBX offset).
         let mut size = 576u32;
@@ -126,7 +143,17 @@ impl CpuPolicy {
             xsave_size: size,
             tsc_aux,
             tsc_khz: 0,
+            pku: allowed & XCR0_PKRU != 0,
             phys_addr_bits,
+        }
+    }
+
+    /// The CR4 bits a guest may not set on this CPU: the CR4 guest/host mask.
+    pub fn cr4_forbidden(&self) -> u64 {
+        if self.pku {
+            CR4_GUEST_FORBIDDEN
+        } else {
+            CR4_GUEST_FORBIDDEN | CR4_PKE
         }
     }
 
@@ -196,12 +223,15 @@ impl CpuPolicy {
             }
             // Extended topology: the x2APIC ID (EDX) is the emulated APIC's (0).
             0xb | 0x1f => [eax, ebx, ecx, 0],
-            7 if subleaf == 0 => [
-                eax,
-                ebx & !LEAF7_EBX_HIDDEN,
-                ecx & !LEAF7_ECX_HIDDEN,
-                edx & !LEAF7_EDX_HIDDEN,
-            ],
+            7 if subleaf == 0 => {
+                let mut ecx = ecx & !LEAF7_ECX_HIDDEN & !LEAF7_ECX_OSPKE;
+                if !self.pku {
+                    ecx &= !LEAF7_ECX_PKU;
+                } else if guest_cr4 & CR4_PKE != 0 {
+                    ecx |= LEAF7_ECX_OSPKE;
+                }
+                [eax, ebx & !LEAF7_EBX_HIDDEN, ecx, edx & !LEAF7_EDX_HIDDEN]
+            }
             0xd if self.xcr0_allowed == 0 => [0; 4],
             0xd if subleaf == 0 => [
                 self.xcr0_allowed as u32,
@@ -305,6 +335,33 @@ mod tests {
         // `host` has no extended leaves: no RDTSCP, so no TSC_AUX.
         let p = CpuPolicy::from_host(host);
         assert!(!p.has_msr(Msr::TscAux) && p.has_msr(Msr::KernelGsBase));
+    }
+
+    #[test]
+    fn protection_keys_with_pku_and_its_xsave_component_only() {
+        let with_pku = |l: u32, s: u32| match (l, s) {
+            (7, 0) => [0, 0, LEAF7_ECX_PKU | LEAF7_ECX_OSPKE, 0],
+            _ => host(l, s),
+        };
+        let p = CpuPolicy::from_host(with_pku);
+        assert!(p.pku);
+        assert_eq!(p.xcr0_allowed, 0x2e7);
+        assert_eq!(p.xsave_size, 2688 + 8, "PKRU's 8 bytes at 2688");
+        assert_eq!(p.check_xsetbv(0, 0x207), Ok(()));
+        assert_eq!(p.cr4_forbidden() & CR4_PKE, 0, "the guest may set CR4.PKE");
+        // OSPKE is the guest's CR4.PKE, not the host's.
+        assert_eq!(p.cpuid(7, 0, with_pku(7, 0), 0)[2], LEAF7_ECX_PKU);
+        assert_eq!(
+            p.cpuid(7, 0, with_pku(7, 0), CR4_PKE)[2],
+            LEAF7_ECX_PKU | LEAF7_ECX_OSPKE
+        );
+        assert_eq!(p.cpuid(0xd, 9, host(0xd, 9), 0), [8, 2688, 0, 0]);
+        // Without PKU (`host`), none of it: the component, the bits, CR4.PKE.
+        let q = CpuPolicy::from_host(host);
+        assert!(!q.pku);
+        assert_eq!(q.xcr0_allowed & XCR0_PKRU, 0);
+        assert_ne!(q.cr4_forbidden() & CR4_PKE, 0);
+        assert_eq!(q.cpuid(7, 0, with_pku(7, 0), CR4_PKE)[2], 0);
     }
 
     #[test]
