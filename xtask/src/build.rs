@@ -8,11 +8,11 @@ use crate::workspace::{Workspace, BARE_METAL_TARGET, GUESTS_PACKAGE, KERNEL_PACK
 
 /// `cargo xtask build`.
 pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
-    if let Some(arg) = args.first() {
-        return Err(Error::Usage(format!(
-            "build takes no arguments (got `{arg}`)"
-        )));
-    }
+    crate::cli::no_arguments(
+        "build",
+        "usage: cargo xtask build   (the hypervisor and the test guests, release builds)",
+        args,
+    )?;
     build_all(ws)?;
     println!("build: kernel {}", ws.kernel_elf().display());
     println!("build: guests in {}", ws.bare_metal_dir().display());

@@ -5,6 +5,18 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 
+/// For a command that takes no arguments: `-h`/`--help` is a request for `usage` (printed on
+/// standard output by `main`, success), anything else a usage error.
+pub fn no_arguments(command: &str, usage: &str, args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        None => Ok(()),
+        Some("-h" | "--help") => Err(Error::Help(usage.to_owned())),
+        Some(arg) => Err(Error::Usage(format!(
+            "{command} takes no arguments (got `{arg}`)\n{usage}"
+        ))),
+    }
+}
+
 /// Parsed arguments of one subcommand.
 #[derive(Debug, Default)]
 pub struct Args {
@@ -30,7 +42,7 @@ impl Args {
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
             if arg == "-h" || arg == "--help" {
-                return Err(Error::Usage(format!("usage: {}", spec.usage)));
+                return Err(Error::Help(format!("usage: {}", spec.usage)));
             }
             if !arg.starts_with('-') || arg == "-" {
                 if !spec.positional {
@@ -104,6 +116,25 @@ mod tests {
         assert_eq!(args.value("-o"), Some("x.iso"));
         assert_eq!(args.value("--m"), None);
         assert_eq!(args.positional(), ["a", "b"]);
+    }
+
+    #[test]
+    fn asking_for_help_is_not_an_error_but_a_request_for_the_usage() {
+        for args in [&["--help"][..], &["a", "-h"], &["--n", "5", "--help"]] {
+            match Args::parse(&strings(args), &SPEC) {
+                Err(Error::Help(text)) => assert_eq!(text, "usage: x [--n N] [-o OUT] [ARGS...]"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            no_arguments("build", "usage: build", &strings(&["--help"])),
+            Err(Error::Help(u)) if u == "usage: build"
+        ));
+        assert!(matches!(
+            no_arguments("build", "usage: build", &strings(&["x"])),
+            Err(Error::Usage(_))
+        ));
+        assert!(no_arguments("build", "usage: build", &[]).is_ok());
     }
 
     #[test]

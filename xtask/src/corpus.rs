@@ -191,7 +191,6 @@ fn parse_args(args: &[String]) -> Result<Options, CorpusError> {
                     other => return Err(CorpusError::Usage(format!("unknown accel {other}"))),
                 }
             }
-            "-h" | "--help" => return Err(CorpusError::Usage("help".into())),
             other => return Err(CorpusError::Usage(format!("unknown argument {other}"))),
         }
     }
@@ -244,9 +243,13 @@ fn vm_specs(set: CorpusSet, vms: usize) -> Vec<VmSpec> {
 }
 
 /// Entry point of `cargo xtask corpus`.
-pub fn run(args: &[String]) -> Result<(), String> {
-    let opts = parse_args(args).map_err(|e| e.to_string())?;
-    generate(&opts).map_err(|e| e.to_string())
+pub fn run(args: &[String]) -> crate::error::Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Err(crate::error::Error::Help(USAGE.to_owned()));
+    }
+    let failed = |e: CorpusError| crate::error::Error::Failed(e.to_string());
+    let opts = parse_args(args).map_err(failed)?;
+    generate(&opts).map_err(failed)
 }
 
 fn generate(opts: &Options) -> Result<(), CorpusError> {

@@ -43,11 +43,11 @@ const PROGRAMS: &[&str] = &[
 
 /// `cargo xtask deps`: packages and the bare-metal Rust target.
 pub fn run(args: &[String]) -> Result<()> {
-    if let Some(arg) = args.first() {
-        return Err(Error::Usage(format!(
-            "deps takes no arguments (got `{arg}`)"
-        )));
-    }
+    crate::cli::no_arguments(
+        "deps",
+        "usage: cargo xtask deps   (checks the system packages and the x86_64-unknown-none target; as root, installs what is missing)",
+        args,
+    )?;
     ensure_packages()?;
     ensure_rust_target()?;
     println!("deps: all system packages and the {BARE_METAL_TARGET} target are present");

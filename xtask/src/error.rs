@@ -17,6 +17,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// Wrong command-line arguments; the message includes the usage line.
     Usage(String),
+    /// `-h`/`--help`: the usage text, which `main` prints on standard output before exiting
+    /// successfully. Asking for help is not an error, but it ends the command.
+    Help(String),
     /// An I/O operation failed; `context` says on what.
     Io { context: String, source: io::Error },
     /// An external program could not be started.
@@ -51,7 +54,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Usage(message) => f.write_str(message),
+            Error::Usage(message) | Error::Help(message) => f.write_str(message),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Spawn { program, source } => write!(f, "cannot run `{program}`: {source}"),
             Error::ToolFailed {

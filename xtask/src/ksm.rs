@@ -505,6 +505,9 @@ pub fn measure(
     Ok(results)
 }
 
+/// How often a long KSM measurement prints its progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn measure_one(
     pid: u32,
     setting: KsmSetting,
@@ -519,6 +522,8 @@ fn measure_one(
 
     let mut samples = vec![sample(pid, t0, cpu0)?];
     let mut tracker = Convergence::new(samples[0], scans0, rule.stable_scans);
+    // At KSM's default rate a setting can take minutes: say how it goes every so often.
+    let mut reported = Instant::now();
     let converged = loop {
         std::thread::sleep(rule.sample_every);
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -526,6 +531,20 @@ fn measure_one(
         }
         let s = sample(pid, t0, cpu0)?;
         samples.push(s);
+        if reported.elapsed() >= PROGRESS_EVERY {
+            reported = Instant::now();
+            eprintln!(
+                "ksm: {}/{} ms: {:.0} s, {} full scans, {} MiB saved so far, ksmd {:.1} CPU-s \
+                 (gives up after {} s)",
+                setting.pages_to_scan,
+                setting.sleep_millisecs,
+                s.seconds,
+                s.full_scans - scans0,
+                s.saved_bytes() >> 20,
+                s.cpu_seconds,
+                rule.cap.as_secs()
+            );
+        }
         if tracker.observe(s) {
             break true;
         }

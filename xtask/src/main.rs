@@ -77,6 +77,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The command printed its verdict already; its last line must stay the last one.
         Err(Error::AlreadyReported) => ExitCode::FAILURE,
+        Err(Error::Help(usage)) => {
+            println!("{usage}");
+            ExitCode::SUCCESS
+        }
         Err(Error::Usage(message)) => {
             eprintln!("{message}");
             ExitCode::from(2)
@@ -100,10 +104,11 @@ fn dispatch(ws: &Workspace, args: &[String]) -> Result<()> {
         ["kvm-unit-tests", ..] => with_interrupts(|| kut::run(ws, &args[1..])),
         ["bench", "exits", ..] => with_interrupts(|| bench::exits(ws, &args[2..])),
         ["bench", "dilation", ..] => with_interrupts(|| dilation_bench::run(ws, &args[2..])),
-        ["bench", "mem", ..] => mem_bench::run(&args[2..]).map_err(Error::Failed),
-        ["corpus", ..] => corpus::run(&args[1..]).map_err(Error::Failed),
-        ["manifest", "check", ..] => manifest_cmd::check(&args[2..]).map_err(Error::Failed),
-        [] | ["help" | "-h" | "--help", ..] => {
+        ["bench", "mem", ..] => mem_bench::run(&args[2..]),
+        ["corpus", ..] => corpus::run(&args[1..]),
+        ["manifest", "check", ..] => manifest_cmd::check(&args[2..]),
+        // `bench` alone or with a help flag: the overview lists its benchmarks.
+        [] | ["help" | "-h" | "--help", ..] | ["bench"] | ["bench", "-h" | "--help", ..] => {
             println!("{USAGE}");
             Ok(())
         }

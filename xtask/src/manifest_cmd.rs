@@ -19,10 +19,13 @@ const USAGE: &str = "usage: cargo xtask manifest check FILE [--images DIR] [--me
 ///
 /// Prints one line per valid VM and one per error on stdout, and returns `Err` (for a non-zero
 /// exit) if the manifest has any error, fatal or not, or the arguments are wrong.
-pub fn check(args: &[String]) -> Result<(), String> {
-    let options = Options::parse(args)?;
+pub fn check(args: &[String]) -> crate::error::Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Err(crate::error::Error::Help(USAGE.to_owned()));
+    }
+    let options = Options::parse(args).map_err(crate::error::Error::Failed)?;
     let stdout = io::stdout();
-    run(&options, &mut stdout.lock())
+    run(&options, &mut stdout.lock()).map_err(crate::error::Error::Failed)
 }
 
 #[derive(Debug, PartialEq)]
@@ -61,7 +64,6 @@ impl Options {
                         .ok_or_else(|| format!("--memory-mib: {v:?} is not a size in MiB"))?;
                     memory_mib = Some(mib);
                 }
-                "-h" | "--help" => return Err(USAGE.to_owned()),
                 _ if flag.starts_with('-') => {
                     return Err(format!("unknown option {flag:?}\n{USAGE}"));
                 }

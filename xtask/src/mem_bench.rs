@@ -43,7 +43,8 @@ const USAGE: &str = "usage: cargo xtask bench mem --images DIR [--json FILE] [--
                               [--ksm-cap-s S] [--ksm-stable-scans N] [--no-ksm]
                               [--fault-samples N] [--exhaustive-sample N] [--max-rounds N]
                               [--no-xor-patches] [--raw-similarity-keys]
-  --images DIR           raw guest-RAM images, one VM per regular file (size a multiple of 4096)
+  --images DIR           raw guest-RAM images, one VM per regular file (size a multiple of 4096;
+                         other files, such as a corpus's manifest.tsv, are skipped with a note)
   --json FILE            write every figure as JSON (fields: docs/benchmarks.md)
   --svg FILE             write a plot of savings against CPU seconds (engine, KSM, upper bound)
   --ksm-cap-s S          give up on a KSM setting after S seconds (default 600)
@@ -161,7 +162,6 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
             }
             "--no-xor-patches" => opts.engine.xor_patches = false,
             "--raw-similarity-keys" => opts.engine.similarity_normalize_pointers = false,
-            "-h" | "--help" => return Err(BenchError::Usage("help".into())),
             other => return Err(BenchError::Usage(format!("unknown argument {other}"))),
         }
     }
@@ -169,13 +169,18 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
     Ok(opts)
 }
 
-/// Entry point of `cargo xtask bench mem`.
-pub fn run(args: &[String]) -> Result<(), String> {
-    if cfg!(debug_assertions) && std::env::var_os(REEXEC_ENV).is_none() {
-        return reexec_release(args).map_err(|e| e.to_string());
+/// Entry point of `cargo xtask bench mem`. `-h`/`--help` anywhere prints the usage and
+/// succeeds, before anything is built or re-run.
+pub fn run(args: &[String]) -> crate::error::Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Err(crate::error::Error::Help(USAGE.to_owned()));
     }
-    let opts = parse_args(args).map_err(|e| e.to_string())?;
-    bench(&opts).map_err(|e| e.to_string())
+    let failed = |e: BenchError| crate::error::Error::Failed(e.to_string());
+    if cfg!(debug_assertions) && std::env::var_os(REEXEC_ENV).is_none() {
+        return reexec_release(args).map_err(failed);
+    }
+    let opts = parse_args(args).map_err(failed)?;
+    bench(&opts).map_err(failed)
 }
 
 /// Runs the same command from a release build: the engine's speed is part of what we measure.
@@ -231,7 +236,13 @@ impl ImageSet {
     }
 }
 
-/// Every regular file of `dir`, sorted by name; each must be a non-empty multiple of 4 KiB.
+/// Files that sit beside images in a corpus directory and are never images, whatever their
+/// size: notes, tables and logs.
+const NOT_IMAGES: &[&str] = &["tsv", "csv", "json", "txt", "md", "log", "toml", "svg"];
+
+/// The images of `dir`: its regular files, sorted by name, each a non-empty multiple of 4 KiB.
+/// Anything else there (a `manifest.tsv`, notes, hidden files, a file of another size) is
+/// skipped with a note on standard error; no image at all is an error.
 fn load_images(dir: &Path) -> Result<ImageSet, BenchError> {
     let mut paths: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io_err(format!("read directory {}", dir.display())))?
@@ -240,33 +251,42 @@ fn load_images(dir: &Path) -> Result<ImageSet, BenchError> {
         .map(|e| e.path())
         .collect();
     paths.sort();
-    if paths.is_empty() {
-        return Err(BenchError::Images(format!(
-            "no regular files in {}",
-            dir.display()
-        )));
-    }
     let mut set = ImageSet {
         names: Vec::new(),
         paths: Vec::new(),
         data: Vec::new(),
     };
     for p in paths {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let extension = p
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if name.starts_with('.') || extension.is_some_and(|e| NOT_IMAGES.contains(&e.as_str())) {
+            eprintln!("bench mem: skipping {}: not a guest-RAM image", p.display());
+            continue;
+        }
         let data = fs::read(&p).map_err(io_err(format!("read {}", p.display())))?;
         if data.is_empty() || data.len() % PAGE_SIZE != 0 {
-            return Err(BenchError::Images(format!(
-                "{} is {} bytes, not a non-empty multiple of {PAGE_SIZE}",
+            eprintln!(
+                "bench mem: skipping {}: {} bytes, not a guest-RAM image (a non-empty multiple \
+                 of {PAGE_SIZE} bytes)",
                 p.display(),
                 data.len()
-            )));
+            );
+            continue;
         }
-        set.names.push(
-            p.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
+        set.names.push(name);
         set.paths.push(p);
         set.data.push(data);
+    }
+    if set.data.is_empty() {
+        return Err(BenchError::Images(format!(
+            "no guest-RAM images (files of a non-empty multiple of {PAGE_SIZE} bytes) in {}",
+            dir.display()
+        )));
     }
     Ok(set)
 }
@@ -611,6 +631,10 @@ fn bench(opts: &Options) -> Result<(), BenchError> {
         opts.images.display()
     );
 
+    eprintln!(
+        "upper bound: computing (every page hashed, {} searched exhaustively)...",
+        opts.exhaustive_sample
+    );
     let ub = {
         let pages = images.pages();
         upper_bound::compute(&pages, opts.exhaustive_sample)
@@ -1494,7 +1518,7 @@ mod tests {
     }
 
     #[test]
-    fn images_must_be_whole_pages() {
+    fn images_are_the_whole_page_files_and_the_rest_is_skipped() {
         let dir = std::env::temp_dir().join(format!("hv-bench-test-{}", std::process::id()));
         fs::create_dir_all(dir.join("sub")).unwrap();
         fs::write(dir.join("a.raw"), vec![0u8; 8192]).unwrap();
@@ -1502,7 +1526,18 @@ mod tests {
         let set = load_images(&dir).unwrap();
         assert_eq!(set.names, ["a.raw"]);
         assert_eq!(set.pages().len(), 2);
+        // A corpus directory: a manifest beside the images (even one of a whole page), notes,
+        // a hidden file and a file of another size are all skipped.
         fs::write(dir.join("b.raw"), vec![0u8; 100]).unwrap();
+        fs::write(dir.join("manifest.tsv"), vec![b'x'; 4096]).unwrap();
+        fs::write(dir.join(".DS_Store"), vec![0u8; 4096]).unwrap();
+        fs::write(dir.join("c.raw"), vec![1u8; 4096]).unwrap();
+        let set = load_images(&dir).unwrap();
+        assert_eq!(set.names, ["a.raw", "c.raw"]);
+        // Nothing left that is an image: an error that says so.
+        for f in ["a.raw", "c.raw"] {
+            fs::remove_file(dir.join(f)).unwrap();
+        }
         assert!(matches!(load_images(&dir), Err(BenchError::Images(_))));
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -29,11 +29,11 @@ const KUT_REQUIRED: &str = "MUXVISOR_REQUIRE_KVM_UNIT_TESTS";
 
 /// `cargo xtask test`.
 pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
-    if let Some(arg) = args.first() {
-        return Err(Error::Usage(format!(
-            "test takes no arguments (got `{arg}`)"
-        )));
-    }
+    crate::cli::no_arguments(
+        "test",
+        "usage: cargo xtask test   (everything CI checks: fmt, clippy, unit tests, builds, scenarios, kvm-unit-tests; ends with `N passed, N failed`)",
+        args,
+    )?;
     let mut tally = Tally::default();
     let mut step = |name: &str, result: Result<()>, start: Instant| {
         let seconds = start.elapsed().as_secs_f64();
