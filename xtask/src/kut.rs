@@ -599,7 +599,9 @@ pub fn run_suite(
         );
         selected.chunks(shape.per_boot.max(1)).collect()
     };
-    // Each invocation has its own directory, so that two runs at once never share a boot's.
+    // Each invocation has its own directory, so that two runs at once never share a boot's;
+    // those of earlier invocations are pruned to the newest few.
+    prune_runs(&ws.scratch("kvm-unit-tests"), KEEP_RUNS);
     let runs = ws.scratch("kvm-unit-tests").join(format!(
         "{}-{}",
         if shape.tcg { "runs-tcg" } else { "runs" },
@@ -636,6 +638,33 @@ pub fn run_suite(
         results.extend(result?);
     }
     Ok(print_table(&expectations, &results))
+}
+
+/// Log directories of finished invocations kept besides the new one.
+const KEEP_RUNS: usize = 4;
+
+/// Removes the `runs-*` directories under `dir` beyond the `keep` newest, never one whose
+/// invocation (the PID in its name) is still running. Failures are ignored: these are logs.
+fn prune_runs(dir: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut finished: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let pid = name.strip_prefix("runs-")?.rsplit('-').next()?;
+            let running = pid.parse::<u32>().is_ok_and(|pid| {
+                pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+            });
+            let modified = e.metadata().and_then(|m| m.modified()).ok()?;
+            (!running).then(|| (modified, e.path()))
+        })
+        .collect();
+    finished.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, path) in finished.into_iter().skip(keep) {
+        let _ = fs::remove_dir_all(path);
+    }
 }
 
 /// The environment file the suite reads from its first module (lib/x86/setup.c): one CPU, the

@@ -126,3 +126,45 @@ fn the_checked_in_expectations_parse() {
         }
     }
 }
+
+#[test]
+fn old_run_directories_are_pruned_to_the_newest_and_running_ones_are_kept() {
+    let dir = std::env::temp_dir().join(format!("kut-prune-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    // PIDs far above any pid_max: finished invocations. Ours is running.
+    for (i, name) in [
+        "runs-4000001",
+        "runs-tcg-4000002",
+        "runs-4000003",
+        "runs-4000004",
+    ]
+    .iter()
+    .enumerate()
+    {
+        fs::create_dir_all(dir.join(name).join("boot-0")).unwrap();
+        // Strictly increasing modification times, oldest first.
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+        fs::File::open(dir.join(name))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+    let mine = format!("runs-{}", std::process::id());
+    fs::create_dir_all(dir.join(&mine)).unwrap();
+    fs::write(dir.join("other-file"), b"kept").unwrap();
+    prune_runs(&dir, 2);
+    let mut left: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    let mut want = vec![
+        "other-file".to_owned(),
+        "runs-4000003".into(),
+        "runs-4000004".into(),
+        mine,
+    ];
+    want.sort();
+    assert_eq!(left, want);
+    fs::remove_dir_all(&dir).unwrap();
+}
