@@ -661,7 +661,7 @@ fn prune_runs(dir: &Path, keep: usize) {
             (!running).then(|| (modified, e.path()))
         })
         .collect();
-    finished.sort_by(|a, b| b.0.cmp(&a.0));
+    finished.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     for (_, path) in finished.into_iter().skip(keep) {
         let _ = fs::remove_dir_all(path);
     }
