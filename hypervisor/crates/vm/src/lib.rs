@@ -3,6 +3,8 @@
 //! - [`elf`], [`boot`], [`multiboot`]: loading a guest kernel (ELF64 or ELF32), telling which
 //!   boot protocol it uses, muxvisor's 64-bit boot area, and a Multiboot kernel's layout and
 //!   boot information.
+//! - [`linux`]: the Linux/x86 boot protocol: a bzImage's setup header, where its kernel, initrd and
+//!   zero page go, the zero page and its e820 map (not wired to the manifest yet).
 //! - [`cpu_mode`]: the guest's paging-mode switches (MOV to CR0 with PG or NE, EFER.LMA).
 //! - [`frames`]: the physical frame allocator over the boot memory map.
 //! - [`memory`]: a VM's guest-physical memory (which frame backs which page) and checked copies
@@ -37,6 +39,7 @@ pub mod exits;
 pub mod frames;
 pub mod hypercall;
 pub mod lines;
+pub mod linux;
 pub mod memory;
 pub mod mmio;
 pub mod msr;
