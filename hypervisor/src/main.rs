@@ -407,9 +407,11 @@ fn create_vms(
                 .map_or(&[][..], |(_, b)| *b)
         };
         let image = find(&config.image);
+        // A Linux kernel's one module is its initrd.
         let modules: Vec<(&str, &[u8])> = config
             .modules
             .iter()
+            .chain(config.initrd.iter())
             .map(|m| (m.as_str(), find(m)))
             .collect();
         match vm::Vm::create(vms.len() as u32, config, image, &modules, host, frames) {

@@ -19,8 +19,10 @@ use hv_vm::{
     clock::GuestClock,
     console::{InputLine, InputRouter},
     cpu_mode,
+    elf::Segment,
     exits::{self, ExitContext, Next},
     frames::FrameAllocator,
+    linux,
     memory::{AccessError, GuestMemory},
     msr::{self, Msr},
     multiboot,
@@ -49,10 +51,16 @@ struct Entry {
     rip: u64,
     /// The GDT the entry segments come from.
     gdt: u64,
-    /// 64-bit mode (muxvisor's protocol), or 32-bit protected mode with paging off (Multiboot,
-    /// section 3.2 of its specification).
+    /// Its length in bytes, less one (GDTR.limit).
+    gdt_limit: u16,
+    /// The code and data selectors, into that GDT.
+    selectors: (u16, u16),
+    /// 64-bit mode (muxvisor's protocol, Linux's 64-bit boot protocol), or 32-bit protected
+    /// mode with paging off (Multiboot, section 3.2 of its specification).
     long_mode: bool,
     regs: GuestRegisters,
+    /// The boot protocol, for the log: "" (muxvisor's), " (Multiboot, 32-bit)", ...
+    protocol: &'static str,
 }
 
 impl Entry {
@@ -204,7 +212,56 @@ impl Building<'_> {
     }
 }
 
+/// What [`Vm::create`] writes into a new VM's memory and how it enters: the kernel's segments
+/// (offsets into its image), the boot pieces, the entry state, and boot modules (address, bytes).
+type BootLayout<'m> = (
+    Vec<Segment>,
+    Vec<(u64, Vec<u8>)>,
+    Entry,
+    Vec<(u64, &'m [u8])>,
+);
+
 impl Vm {
+    /// The layout of a Linux bzImage (manifest `kernel`) booted by the 64-bit boot protocol
+    /// (hv_vm::linux): page tables identity-mapping 4 GiB, the GDT, zero page and command line,
+    /// the protected-mode kernel, and the initrd (the one module, from manifest `initrd`).
+    fn plan_linux<'m>(
+        config: &VmConfig,
+        image: &[u8],
+        modules: &[(&str, &'m [u8])],
+        bytes: u64,
+    ) -> Result<BootLayout<'m>, VmError> {
+        let bad = |e| VmError::Image(hv_vm::boot::ImageError::Linux(e));
+        let k = linux::parse(image).map_err(bad)?;
+        let initrd = modules.first().map(|(_, data)| *data);
+        let plan =
+            linux::plan(&k, bytes, &config.cmdline, initrd.map(|d| d.len() as u64)).map_err(bad)?;
+        let mut pieces = hv_vm::boot::identity_page_tables();
+        pieces.extend(plan.pieces);
+        let len = k.kernel.len() as u64;
+        let kernel = Segment {
+            gpa: plan.kernel,
+            offset: image.len() as u64 - len,
+            filesz: len,
+            memsz: len,
+        };
+        let entry = Entry {
+            rip: plan.entry,
+            gdt: linux::GDT_GPA,
+            gdt_limit: (linux::GDT.len() * 8 - 1) as u16,
+            selectors: (linux::BOOT_CS, linux::BOOT_DS),
+            long_mode: true,
+            // RSI: the zero page (boot.rst, 64-bit boot protocol); every other register 0.
+            regs: GuestRegisters {
+                rsi: plan.zero_page,
+                ..Default::default()
+            },
+            protocol: " (Linux bzImage, 64-bit boot protocol)",
+        };
+        let at = plan.initrd.zip(initrd).into_iter().collect();
+        Ok((alloc::vec![kernel], pieces, entry, at))
+    }
+
     /// Builds a VM: memory, EPT, the image and boot area, its CPU state and its VMCS. On error
     /// every frame taken so far is given back.
     /// `modules` are the VM's boot modules (manifest `modules`) by name, in order.
@@ -222,67 +279,76 @@ impl Vm {
         if frames.free_frames() < pages + pages / 256 + 16 {
             return Err(VmError::OutOfMemory);
         }
-        let kernel = hv_vm::boot::kernel(image, bytes).map_err(VmError::Image)?;
         // What goes into memory besides the kernel's segments, and how the guest starts.
-        let (segments, pieces, entry, mb_modules) = match kernel {
-            Kernel::Native(elf) => {
-                if !modules.is_empty() {
-                    return Err(VmError::ModulesNeedMultiboot);
+        let (segments, pieces, entry, mb_modules) = if config.linux {
+            Self::plan_linux(config, image, modules, bytes)?
+        } else {
+            match hv_vm::boot::kernel(image, bytes).map_err(VmError::Image)? {
+                Kernel::Native(elf) => {
+                    if !modules.is_empty() {
+                        return Err(VmError::ModulesNeedMultiboot);
+                    }
+                    let entry = Entry {
+                        rip: elf.entry,
+                        gdt: gboot::GDT_GPA,
+                        gdt_limit: 23,
+                        selectors: (gboot::CODE_SELECTOR, gboot::DATA_SELECTOR),
+                        long_mode: true,
+                        protocol: "",
+                        // Every register starts at 0 but RDI, the boot-information pointer
+                        // (guest-abi boot protocol); RSP and RIP are in the VMCS.
+                        regs: GuestRegisters {
+                            rdi: gboot::BOOT_INFO_GPA,
+                            ..Default::default()
+                        },
+                    };
+                    let pieces = hv_vm::boot::boot_area(bytes, &config.cmdline);
+                    (elf.segments, pieces, entry, Vec::new())
                 }
-                let entry = Entry {
-                    rip: elf.entry,
-                    gdt: gboot::GDT_GPA,
-                    long_mode: true,
-                    // Every register starts at 0 but RDI, the boot-information pointer
-                    // (guest-abi boot protocol); RSP and RIP are in the VMCS.
-                    regs: GuestRegisters {
-                        rdi: gboot::BOOT_INFO_GPA,
-                        ..Default::default()
-                    },
-                };
-                let pieces = hv_vm::boot::boot_area(bytes, &config.cmdline);
-                (elf.segments, pieces, entry, Vec::new())
-            }
-            Kernel::Multiboot(k) => {
-                if !host.controls.unrestricted_guest {
-                    return Err(VmError::NoUnrestrictedGuest);
+                Kernel::Multiboot(k) => {
+                    if !host.controls.unrestricted_guest {
+                        return Err(VmError::NoUnrestrictedGuest);
+                    }
+                    let list: Vec<multiboot::Module> = modules
+                        .iter()
+                        .map(|(name, data)| multiboot::Module {
+                            string: name,
+                            len: data.len() as u64,
+                        })
+                        .collect();
+                    // The kernel's command line starts with its own name, as GRUB and QEMU give it.
+                    let cmdline = if config.cmdline.is_empty() {
+                        config.image.clone()
+                    } else {
+                        alloc::format!("{} {}", config.image, config.cmdline)
+                    };
+                    let plan = multiboot::boot_plan(bytes, &cmdline, k.end(), &list)
+                        .map_err(|e| VmError::Image(hv_vm::boot::ImageError::Multiboot(e)))?;
+                    let entry = Entry {
+                        rip: k.entry,
+                        gdt: plan.gdt,
+                        gdt_limit: 23,
+                        selectors: (multiboot::CODE_SELECTOR, multiboot::DATA_SELECTOR),
+                        long_mode: false,
+                        protocol: " (Multiboot, 32-bit)",
+                        regs: GuestRegisters {
+                            rax: multiboot::BOOTLOADER_MAGIC.into(),
+                            rbx: plan.info,
+                            ..Default::default()
+                        },
+                    };
+                    let at: Vec<(u64, &[u8])> = plan
+                        .modules
+                        .iter()
+                        .zip(modules)
+                        .map(|(&gpa, (_, data))| (gpa, *data))
+                        .collect();
+                    // A Multiboot loader runs after the BIOS: what the BIOS leaves in low memory
+                    // comes with it (the 8259s and PIT below, once the platform exists).
+                    let mut pieces = plan.pieces;
+                    pieces.extend(multiboot::firmware_pieces(&k.segments));
+                    (k.segments, pieces, entry, at)
                 }
-                let list: Vec<multiboot::Module> = modules
-                    .iter()
-                    .map(|(name, data)| multiboot::Module {
-                        string: name,
-                        len: data.len() as u64,
-                    })
-                    .collect();
-                // The kernel's command line starts with its own name, as GRUB and QEMU give it.
-                let cmdline = if config.cmdline.is_empty() {
-                    config.image.clone()
-                } else {
-                    alloc::format!("{} {}", config.image, config.cmdline)
-                };
-                let plan = multiboot::boot_plan(bytes, &cmdline, k.end(), &list)
-                    .map_err(|e| VmError::Image(hv_vm::boot::ImageError::Multiboot(e)))?;
-                let entry = Entry {
-                    rip: k.entry,
-                    gdt: plan.gdt,
-                    long_mode: false,
-                    regs: GuestRegisters {
-                        rax: multiboot::BOOTLOADER_MAGIC.into(),
-                        rbx: plan.info,
-                        ..Default::default()
-                    },
-                };
-                let at: Vec<(u64, &[u8])> = plan
-                    .modules
-                    .iter()
-                    .zip(modules)
-                    .map(|(&gpa, (_, data))| (gpa, *data))
-                    .collect();
-                // A Multiboot loader runs after the BIOS: what the BIOS leaves in low memory
-                // comes with it (the 8259s and PIT below, once the platform exists).
-                let mut pieces = plan.pieces;
-                pieces.extend(multiboot::firmware_pieces(&k.segments));
-                (k.segments, pieces, entry, at)
             }
         };
         let mut building = Building {
@@ -397,11 +463,7 @@ impl Vm {
         // The EPT is new, but its root frame may have backed an earlier VM's EPT: drop any
         // translations the CPU still caches for it (SDM 29.4.3.1).
         vmx::invept(vm.phys.eptp, host.caps.invept_single_context());
-        let kind = if entry.long_mode {
-            ""
-        } else {
-            " (Multiboot, 32-bit)"
-        };
+        let kind = entry.protocol;
         log::info!(target: &vm.core.target, "created: {} MiB, image \"{}\"{kind} entry {:#x}, quantum {} us (cpu_share {}), eptp {:#x}",
             config.memory_mib, config.image, entry.rip, config.weighted_quantum_us(),
             config.cpu_share, vm.phys.eptp);
@@ -543,14 +605,12 @@ impl Vm {
         if c.load_efer {
             vmwrite(f::GUEST_IA32_EFER, entry.efer());
         }
-        let (code, data, cs_rights) = if entry.long_mode {
-            // Present, code, L=1, G=1.
-            (gboot::CODE_SELECTOR, gboot::DATA_SELECTOR, 0xa09b)
+        let cs_rights = if entry.long_mode {
+            0xa09b // present, code, L=1, G=1
         } else {
-            // Present, code, D=1, G=1.
-            (multiboot::CODE_SELECTOR, multiboot::DATA_SELECTOR, 0xc09b)
+            0xc09b // present, code, D=1, G=1
         };
-        let (code, data) = (u64::from(code), u64::from(data));
+        let (code, data) = (u64::from(entry.selectors.0), u64::from(entry.selectors.1));
         vmwrite(f::GUEST_CS_SELECTOR, code);
         vmwrite(f::GUEST_CS_BASE, 0);
         vmwrite(f::GUEST_CS_LIMIT, 0xffff_ffff);
@@ -601,7 +661,7 @@ impl Vm {
         vmwrite(f::GUEST_TR_LIMIT, 0x67);
         vmwrite(f::GUEST_TR_ACCESS_RIGHTS, 0x8b); // present, busy 64-bit TSS
         vmwrite(f::GUEST_GDTR_BASE, entry.gdt);
-        vmwrite(f::GUEST_GDTR_LIMIT, 23);
+        vmwrite(f::GUEST_GDTR_LIMIT, entry.gdt_limit.into());
         vmwrite(f::GUEST_IDTR_BASE, 0);
         vmwrite(f::GUEST_IDTR_LIMIT, 0);
         vmwrite(f::GUEST_DR7, 0x400);

@@ -99,7 +99,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The distinct guest images the manifest's valid VMs use, sorted. The manifest is parsed with
+/// The distinct boot modules the manifest's valid VMs use (kernels, modules, initrds), sorted. The manifest is parsed with
 /// the hypervisor's own parser; per-VM errors are shown (the hypervisor will skip those VMs).
 fn manifest_images(manifest: &Path) -> Result<Vec<String>> {
     let bytes = fs::read(manifest).context(|| format!("reading {}", manifest.display()))?;
@@ -111,7 +111,17 @@ fn manifest_images(manifest: &Path) -> Result<Vec<String>> {
             manifest.display()
         );
     }
-    let mut images: Vec<String> = parsed.vms.iter().map(|vm| vm.image.clone()).collect();
+    // Each VM's kernel, its Multiboot modules and its initrd.
+    let mut images: Vec<String> = parsed
+        .vms
+        .iter()
+        .flat_map(|vm| {
+            std::iter::once(&vm.image)
+                .chain(&vm.modules)
+                .chain(&vm.initrd)
+                .cloned()
+        })
+        .collect();
     images.sort();
     images.dedup();
     if images.is_empty() {

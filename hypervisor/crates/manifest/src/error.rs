@@ -116,6 +116,14 @@ pub enum ErrorKind {
     UnknownKey { known: &'static [&'static str] },
     /// A required key is absent.
     MissingKey,
+    /// Neither `image` nor `kernel`.
+    MissingKernel,
+    /// Both `image` and `kernel`.
+    TwoKernels,
+    /// `initrd` without `kernel`.
+    NeedsLinuxKernel,
+    /// `modules` (Multiboot's) with `kernel` (Linux's boot protocol has an initrd instead).
+    ModulesWithLinux,
     /// The value has the wrong TOML type (`found` is the TOML type name).
     WrongType {
         expected: &'static str,
@@ -188,6 +196,9 @@ impl fmt::Display for ManifestError {
                 f.write_str(")")
             }
             ErrorKind::MissingKey => write!(f, "missing required key \"{key}\""),
+            ErrorKind::MissingKernel => {
+                f.write_str("missing required key \"image\" (or \"kernel\", for a Linux bzImage)")
+            }
             kind => {
                 if self.key.is_some() {
                     write!(f, "key \"{key}\": ")?;
@@ -202,7 +213,16 @@ impl fmt::Display for ManifestError {
 fn fmt_value_problem(kind: &ErrorKind, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     match kind {
         // Formatted with their key by `ManifestError::fmt`; nothing to add here.
-        ErrorKind::UnknownKey { .. } | ErrorKind::MissingKey => Ok(()),
+        ErrorKind::UnknownKey { .. } | ErrorKind::MissingKey | ErrorKind::MissingKernel => Ok(()),
+        ErrorKind::TwoKernels => {
+            f.write_str("`image` and `kernel` both given: a VM boots one kernel, take one away")
+        }
+        ErrorKind::NeedsLinuxKernel => {
+            f.write_str("an initrd goes with a Linux kernel (`kernel = ...`), not with `image`")
+        }
+        ErrorKind::ModulesWithLinux => f.write_str(
+            "modules are Multiboot's; a Linux kernel (`kernel = ...`) takes an `initrd`",
+        ),
         ErrorKind::WrongType { expected, found } => {
             write!(f, "expected {expected}, found {found}")
         }

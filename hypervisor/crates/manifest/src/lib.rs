@@ -26,7 +26,9 @@
 //! [[vm]]
 //! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
 //! memory_mib = 4            # required, >= 2
-//! image = "hello"           # required, name of the GRUB module2 holding the guest kernel
+//! image = "hello"           # the guest kernel: the GRUB module2 holding an ELF or Multiboot kernel
+//! # kernel = "vmlinuz"      # ... or a Linux bzImage instead of `image` (exactly one of the two)
+//! # initrd = "initramfs"    # optional with `kernel`: the initrd's module
 //! cmdline = "verbose"       # optional, default ""
 //! modules = ["env"]         # optional: boot modules handed to a Multiboot kernel
 //! debug_exit = true         # optional, default false: a test-exit port (QEMU's isa-debug-exit)
@@ -155,12 +157,18 @@ pub struct VmConfig {
     /// RAM size: guest-physical `0..memory_mib MiB`.
     pub memory_mib: u64,
     /// Name of the boot module that holds the guest kernel: a 64-bit ELF (muxvisor's boot
-    /// protocol) or a Multiboot kernel, told apart by the Multiboot header.
+    /// protocol) or a Multiboot kernel, told apart by the Multiboot header (manifest `image`),
+    /// or a Linux bzImage when [`Self::linux`] (manifest `kernel`).
     pub image: String,
     /// Command line handed to the guest (at most [`CMDLINE_MAX`] bytes).
     pub cmdline: String,
     /// Boot modules handed to a Multiboot kernel, in order (at most [`MODULES_MAX`]).
     pub modules: Vec<String>,
+    /// `image` names a Linux bzImage (manifest key `kernel`), booted by the Linux/x86 boot
+    /// protocol.
+    pub linux: bool,
+    /// The boot module holding the initrd of a Linux kernel.
+    pub initrd: Option<String>,
     /// The first of the 4 ports of the VM's test-exit device, when it has one: a write there
     /// ends the VM with the value written as its exit code.
     pub debug_exit_port: Option<u16>,

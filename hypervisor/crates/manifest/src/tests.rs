@@ -68,6 +68,8 @@ fn good_manifest() {
                 image: "hello".into(),
                 cmdline: "".into(),
                 modules: Vec::new(),
+                linux: false,
+                initrd: None,
                 debug_exit_port: None,
                 test_device: false,
                 quantum_us: 5000,
@@ -83,6 +85,8 @@ fn good_manifest() {
                 image: "hello.v2".into(),
                 cmdline: "verbose=1 answer=42".into(),
                 modules: Vec::new(),
+                linux: false,
+                initrd: None,
                 debug_exit_port: None,
                 test_device: false,
                 quantum_us: 1000,
@@ -208,7 +212,8 @@ fn unknown_key_in_vm() {
         [
             "vm \"web-1\" (line 1): missing required key \"memory_mib\"",
             "vm \"web-1\" (line 3): unknown key \"memry_mib\" (known keys: name, memory_mib, \
-             image, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, vcpus, \
+             image, kernel, initrd, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, \
+             vcpus, \
              sharing_domain, time_dilation, cpu_share)",
         ]
     );
@@ -221,6 +226,8 @@ fn unknown_key_in_vm() {
                 "name",
                 "memory_mib",
                 "image",
+                "kernel",
+                "initrd",
                 "cmdline",
                 "modules",
                 "debug_exit",
@@ -281,10 +288,11 @@ fn missing_keys_are_all_reported_on_the_header_line() {
         [
             "vm #2 (line 6): missing required key \"name\"",
             "vm #2 (line 6): missing required key \"memory_mib\"",
-            "vm #2 (line 6): missing required key \"image\"",
+            "vm #2 (line 6): missing required key \"image\" (or \"kernel\", for a Linux bzImage)",
         ]
     );
     assert_eq!(m.errors[0].kind, ErrorKind::MissingKey);
+    assert_eq!(m.errors[2].kind, ErrorKind::MissingKernel);
 }
 
 #[test]
@@ -658,7 +666,8 @@ color = "red"
              supported for now",
             "vm \"too-big\" (line 22): key \"memory_mib\": 64 MiB is more than the host's 32 MiB",
             "vm \"too-big\" (line 24): unknown key \"color\" (known keys: name, memory_mib, \
-             image, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, vcpus, \
+             image, kernel, initrd, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, \
+             vcpus, \
              sharing_domain, time_dilation, cpu_share)",
         ]
     );
@@ -790,6 +799,8 @@ mod properties {
                     image: "img".into(),
                     cmdline: cmdline[i].clone().unwrap_or_default(),
                     modules: Vec::new(),
+                    linux: false,
+                    initrd: None,
                     debug_exit_port: None,
                     test_device: false,
                     quantum_us: quantum[i].or(default_quantum).unwrap_or(DEFAULT_QUANTUM_US),
@@ -1101,5 +1112,65 @@ fn modules_and_the_test_exit_device() {
         let m = vm(extra);
         assert!(m.vms.is_empty(), "{extra}");
         assert_eq!(messages(&m), [message], "{extra}");
+    }
+}
+
+#[test]
+fn a_linux_kernel_with_its_initrd_instead_of_an_image() {
+    let images = ["vmlinuz", "initramfs", "hello"];
+    let host = HostLimits {
+        images: Some(&images),
+        memory_bytes: None,
+    };
+    let vm = |keys: &str| {
+        parse(
+            &alloc::format!("[[vm]]\nname = \"l\"\nmemory_mib = 256\n{keys}\n"),
+            &host,
+        )
+        .unwrap()
+    };
+    let m = vm("kernel = \"vmlinuz\"\ninitrd = \"initramfs\"\ncmdline = \"console=ttyS0\"");
+    assert_eq!(m.errors, []);
+    let v = &m.vms[0];
+    assert!(v.linux);
+    assert_eq!(v.image, "vmlinuz");
+    assert_eq!(v.initrd.as_deref(), Some("initramfs"));
+    let m = vm("kernel = \"vmlinuz\"");
+    assert_eq!((m.vms[0].linux, m.vms[0].initrd.clone()), (true, None));
+    assert!(!vm("image = \"hello\"").vms[0].linux);
+
+    let cases = [
+        (
+            "cmdline = \"x\"",
+            "vm \"l\" (line 1): missing required key \"image\" (or \"kernel\", for a Linux bzImage)",
+        ),
+        (
+            "image = \"hello\"\nkernel = \"vmlinuz\"",
+            "vm \"l\" (line 5): key \"kernel\": `image` and `kernel` both given: a VM boots one \
+             kernel, take one away",
+        ),
+        (
+            "image = \"hello\"\ninitrd = \"initramfs\"",
+            "vm \"l\" (line 5): key \"initrd\": an initrd goes with a Linux kernel (`kernel = ...`), \
+             not with `image`",
+        ),
+        (
+            "kernel = \"vmlinuz\"\nmodules = [\"hello\"]",
+            "vm \"l\" (line 5): key \"modules\": modules are Multiboot's; a Linux kernel (`kernel = \
+             ...`) takes an `initrd`",
+        ),
+        (
+            "kernel = \"nope\"",
+            "vm \"l\" (line 4): key \"kernel\": no image named \"nope\" is available",
+        ),
+        (
+            "kernel = \"vmlinuz\"\ninitrd = \"nope\"",
+            "vm \"l\" (line 5): key \"initrd\": no image named \"nope\" is available",
+        ),
+    ];
+    for (keys, message) in cases {
+        let m = vm(keys);
+        assert!(m.vms.is_empty(), "{keys}");
+        assert_eq!(messages(&m), [message], "{keys}");
     }
 }

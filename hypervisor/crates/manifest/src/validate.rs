@@ -32,6 +32,8 @@ const VM_KEYS: &[&str] = &[
     "name",
     "memory_mib",
     "image",
+    "kernel",
+    "initrd",
     "cmdline",
     "modules",
     "debug_exit",
@@ -43,7 +45,8 @@ const VM_KEYS: &[&str] = &[
     "time_dilation",
     "cpu_share",
 ];
-const VM_REQUIRED: &[&str] = &["name", "memory_mib", "image"];
+/// Required keys; one of `image` and `kernel` is too (checked on its own).
+const VM_REQUIRED: &[&str] = &["name", "memory_mib"];
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
@@ -288,6 +291,8 @@ fn check_vm(
     let mut name: Option<(&str, usize)> = None;
     let mut memory_mib = None;
     let mut image = None;
+    let mut kernel = None;
+    let mut initrd = None;
     let mut cmdline = "";
     let mut modules = Vec::new();
     let mut debug_exit = false;
@@ -323,6 +328,16 @@ fn check_vm(
             "image" => string(value).and_then(|s| {
                 check_name(s, None)?;
                 image = Some(s);
+                available(s, host)
+            }),
+            "kernel" => string(value).and_then(|s| {
+                check_name(s, None)?;
+                kernel = Some(s);
+                available(s, host)
+            }),
+            "initrd" => string(value).and_then(|s| {
+                check_name(s, None)?;
+                initrd = Some(s);
                 available(s, host)
             }),
             "cmdline" => string(value).and_then(|s| {
@@ -406,6 +421,30 @@ fn check_vm(
             problems.push((header, (*key).to_owned(), ErrorKind::MissingKey));
         }
     }
+    // The guest kernel: `image` (an ELF or Multiboot kernel) or `kernel` (a Linux bzImage),
+    // exactly one; `initrd` and `modules` go with one kind each.
+    let at = |key: &str| table.get(key).map_or(header, |v| v.span().start);
+    match (table.contains_key("image"), table.contains_key("kernel")) {
+        (false, false) => problems.push((header, "image".to_owned(), ErrorKind::MissingKernel)),
+        (true, true) => problems.push((at("kernel"), "kernel".to_owned(), ErrorKind::TwoKernels)),
+        _ => {}
+    }
+    if table.contains_key("initrd") && !table.contains_key("kernel") {
+        problems.push((
+            at("initrd"),
+            "initrd".to_owned(),
+            ErrorKind::NeedsLinuxKernel,
+        ));
+    }
+    if table.contains_key("modules") && table.contains_key("kernel") {
+        problems.push((
+            at("modules"),
+            "modules".to_owned(),
+            ErrorKind::ModulesWithLinux,
+        ));
+    }
+    let linux = kernel.is_some();
+    let image = image.or(kernel);
     let quantum_us = match (quantum_us, inherited) {
         (Some(q), _) => Some(q),
         (None, _) if table.contains_key("quantum_us") => None, // invalid, already reported
@@ -446,6 +485,8 @@ fn check_vm(
             image: image.to_owned(),
             cmdline: cmdline.to_owned(),
             modules,
+            linux,
+            initrd: initrd.map(ToOwned::to_owned),
             debug_exit_port,
             test_device,
             quantum_us,

@@ -26,6 +26,8 @@ pub enum Kernel {
 pub enum ImageError {
     Elf(ElfError),
     Multiboot(MultibootError),
+    /// The manifest's `kernel` is no bootable bzImage.
+    Linux(crate::linux::BzImageError),
 }
 
 impl core::fmt::Display for ImageError {
@@ -33,6 +35,7 @@ impl core::fmt::Display for ImageError {
         match self {
             Self::Elf(e) => write!(f, "{e} (and no Multiboot header either)"),
             Self::Multiboot(e) => e.fmt(f),
+            Self::Linux(e) => write!(f, "Linux kernel: {e}"),
         }
     }
 }
@@ -56,8 +59,9 @@ pub fn kernel(image: &[u8], mem_size: u64) -> Result<Kernel, ImageError> {
 const P_RW: u64 = 0x3;
 const PS: u64 = 0x80;
 
-/// The boot area as (guest-physical address, bytes) pieces.
-pub fn boot_area(memory_bytes: u64, cmdline: &str) -> Vec<(u64, Vec<u8>)> {
+/// Page tables at `PML4_GPA`-0x6FFF identity-mapping the first 4 GiB with 2 MiB pages: CR3 for
+/// a guest entered in long mode (muxvisor's protocol, and Linux's 64-bit boot protocol).
+pub fn identity_page_tables() -> Vec<(u64, Vec<u8>)> {
     let pdpt = PML4_GPA + 0x1000;
     let pd0 = pdpt + 0x1000;
     let mut pieces = Vec::new();
@@ -72,6 +76,12 @@ pub fn boot_area(memory_bytes: u64, cmdline: &str) -> Vec<(u64, Vec<u8>)> {
         pds.extend_from_slice(&((page << 21) | P_RW | PS).to_le_bytes());
     }
     pieces.push((pd0, pds));
+    pieces
+}
+
+/// The boot area as (guest-physical address, bytes) pieces.
+pub fn boot_area(memory_bytes: u64, cmdline: &str) -> Vec<(u64, Vec<u8>)> {
+    let mut pieces = identity_page_tables();
     // Null, 64-bit code (0x08), data (0x10): the same descriptors the VMCS segment state says.
     let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
     pieces.push((GDT_GPA, gdt.iter().flat_map(|d| d.to_le_bytes()).collect()));

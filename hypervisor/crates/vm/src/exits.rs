@@ -678,7 +678,8 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
                 cpu.set_tsc_offset(vm.tsc_offset());
             }
             Home::Emulated => vm.msrs.write(m, value),
-            Home::Computed => {} // XSS = 0 accepted; nothing to store
+            // XSS = 0 accepted; BIOS_SIGN_ID: no microcode to load. Nothing to store.
+            Home::Computed => {}
         }
     } else {
         let v = match m.home() {
@@ -688,6 +689,9 @@ fn handle_msr<V: Vcpu>(vm: &mut Vm, cpu: &mut V, cpu_policy: &CpuPolicy, write: 
             Home::Switched(_) => cpu.read_cpu_msr(index),
             Home::Computed if m == Msr::Tsc => vm.tsc_value(cpu.tsc()),
             Home::Emulated => vm.msrs.read(m),
+            Home::Computed if m == Msr::BiosSignId => {
+                u64::from(crate::msr::MICROCODE_REVISION) << 32
+            }
             // XSS and MCG_CAP (no banks, no MCG_CTL) read 0.
             Home::Computed => 0,
         };

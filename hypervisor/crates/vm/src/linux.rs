@@ -13,7 +13,8 @@
 //! never a panic (fuzzed in the tests).
 //!
 //! Guest-physical layout (each piece checked to fit the VM's memory):
-//! - 0x1000: the GDT; 0x7000: the zero page; 0x20000: the command line (as QEMU lays them out);
+//! - 0x1000-0x6FFF: page tables identity-mapping 4 GiB (`boot::identity_page_tables`); 0x7000:
+//!   the GDT; 0x8000: the zero page; 0x20000: the command line;
 //! - the protected-mode kernel at its preferred address (`pref_address`, 16 MiB for distribution
 //!   kernels), or, if that does not leave `init_size` bytes of room, at the lowest address from
 //!   1 MiB aligned to `kernel_alignment` that does (the kernel is relocatable: required);
@@ -55,8 +56,8 @@ const EXT_RAMDISK_SIZE: usize = 0x0c4;
 const EXT_CMD_LINE_PTR: usize = 0x0c8;
 
 /// Where the boot pieces go.
-pub const GDT_GPA: u64 = 0x1000;
-pub const ZERO_PAGE_GPA: u64 = 0x7000;
+pub const GDT_GPA: u64 = 0x7000;
+pub const ZERO_PAGE_GPA: u64 = 0x8000;
 pub const CMDLINE_GPA: u64 = 0x2_0000;
 /// The GDT: null, null, 64-bit code at 0x10 (`__BOOT_CS`), data at 0x18 (`__BOOT_DS`).
 pub const GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];

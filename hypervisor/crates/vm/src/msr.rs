@@ -42,7 +42,14 @@ pub enum Msr {
     /// IA32_MCG_STATUS (0x17a): bits 3:0 (RIPV, EIPV, MCIP, LMCE_S); no machine check ever
     /// arrives, so only what the guest wrote.
     McgStatus,
+    /// IA32_BIOS_SIGN_ID (0x8b): the microcode revision in bits 63:32 ([`MICROCODE_REVISION`]),
+    /// which a write of 0 and a CPUID make the CPU load there (SDM Vol. 3A 10.11.7.1). There is
+    /// no microcode to update: writes are taken and change nothing, as on KVM.
+    BiosSignId,
 }
+
+/// The microcode revision guests read in IA32_BIOS_SIGN_ID[63:32] (KVM's default).
+pub const MICROCODE_REVISION: u32 = 1;
 
 /// Where a guest's value of an MSR is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +170,7 @@ impl Msr {
             0x1a0 => Self::MiscEnable,
             0x179 => Self::McgCap,
             0x17a => Self::McgStatus,
+            0x8b => Self::BiosSignId,
             _ => return None,
         })
     }
@@ -189,12 +197,13 @@ impl Msr {
             Self::MiscEnable => 0x1a0,
             Self::McgCap => 0x179,
             Self::McgStatus => 0x17a,
+            Self::BiosSignId => 0x8b,
         }
     }
 
     pub const fn home(self) -> Home {
         match self {
-            Self::Tsc | Self::Xss | Self::McgCap => Home::Computed,
+            Self::Tsc | Self::Xss | Self::McgCap | Self::BiosSignId => Home::Computed,
             Self::MiscEnable | Self::McgStatus => Home::Emulated,
             Self::KernelGsBase => Home::Switched(0),
             Self::Star => Home::Switched(1),
@@ -241,7 +250,7 @@ impl Msr {
                     return Ok((value & !efer::LMA) | (current & efer::LMA));
                 }
             }
-            Self::Star => true,
+            Self::Star | Self::BiosSignId => true,
             // The read-only bits keep their value whatever is written (SDM Vol. 4, Table 2-2).
             Self::MiscEnable => {
                 if value & !(MISC_ENABLE_WRITABLE | MISC_ENABLE_READ_ONLY) != 0 {

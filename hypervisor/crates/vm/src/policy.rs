@@ -148,6 +148,11 @@ impl CpuPolicy {
         }
     }
 
+    /// The local APIC timer's rate in kHz at this TSC rate (hv_platform's `apic_bus_hz`).
+    fn apic_bus_khz(&self) -> u32 {
+        (hv_platform::lapic::apic_bus_hz(u64::from(self.tsc_khz) * 1000) / 1000) as u32
+    }
+
     /// The CR4 bits a guest may not set on this CPU: the CR4 guest/host mask.
     pub fn cr4_forbidden(&self) -> u64 {
         if self.pku {
@@ -251,12 +256,18 @@ impl CpuPolicy {
                 [CPUID_LEAF_MAX, word(0), word(4), word(8)]
             }
             l if l == CPUID_LEAF_BASE + 1 => [ABI_VERSION, 0, 0, 0],
-            CPUID_LEAF_TIMING => [
-                self.tsc_khz,
-                (hv_platform::lapic::apic_bus_hz(u64::from(self.tsc_khz) * 1000) / 1000) as u32,
-                0,
-                0,
-            ],
+            // The TSC and crystal leaves say the guest's real rates (the host's may describe a
+            // TSC an emulator does not run at): TSC = ECX x EBX / EAX, with the crystal being
+            // the APIC timer's clock, which Linux assumes it is.
+            0x15 if self.tsc_khz != 0 => {
+                let bus_khz = self.apic_bus_khz();
+                [bus_khz, self.tsc_khz, bus_khz.saturating_mul(1000), 0]
+            }
+            0x16 if self.tsc_khz != 0 => {
+                let mhz = (self.tsc_khz / 1000).max(1);
+                [mhz, mhz, (self.apic_bus_khz() / 1000).max(1), 0]
+            }
+            CPUID_LEAF_TIMING => [self.tsc_khz, self.apic_bus_khz(), 0, 0],
             l if l > CPUID_LEAF_BASE && l <= 0x4000_00ff => [0; 4],
             _ => native,
         }
@@ -394,6 +405,14 @@ mod tests {
             p.cpuid(CPUID_LEAF_TIMING, 0, [9; 4], 0),
             [2_100_000, 1_000_000, 0, 0]
         );
+        // Leaves 0x15 and 0x16 say the same rates: TSC = 1 GHz crystal x 2100000 / 1000000.
+        assert_eq!(
+            p.cpuid(0x15, 0, [9; 4], 0),
+            [1_000_000, 2_100_000, 1_000_000_000, 0]
+        );
+        assert_eq!(p.cpuid(0x16, 0, [9; 4], 0), [2100, 2100, 1000, 0]);
+        // Unmeasured: the host's.
+        assert_eq!(CpuPolicy::from_host(host).cpuid(0x15, 0, [9; 4], 0), [9; 4]);
         // A TSC slower than 1 GHz (Bochs's 4 MHz): the APIC timer counts no faster.
         assert_eq!(
             p.with_tsc_hz(4_000_000)

@@ -44,6 +44,8 @@ impl Rig {
             image: String::from("img"),
             cmdline: String::new(),
             modules: Vec::new(),
+            linux: false,
+            initrd: None,
             debug_exit_port: Some(0x500),
             test_device: false,
             quantum_us: 1000,
@@ -997,4 +999,13 @@ fn outside_memory_without_a_device_is_open_bus_and_executing_there_stops_the_vm(
         Next::Stopped
     );
     assert_eq!(r.vm.state, VmState::Failed);
+}
+
+#[test]
+fn the_microcode_signature_msr_reads_a_revision_and_takes_writes() {
+    // Linux writes 0 to IA32_BIOS_SIGN_ID, executes CPUID and reads the revision back.
+    let mut r = Rig::new();
+    assert_eq!(r.wrmsr(0x8b, 0), Next::Resume);
+    assert!(r.cpu.injected.is_empty(), "no #GP");
+    assert_eq!(r.rdmsr(0x8b), 1 << 32);
 }
