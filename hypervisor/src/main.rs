@@ -180,17 +180,24 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     vm::run_all(&mut vms, &host, &mut frames, mux.as_mut());
     interrupts::finish(host.tsc_hz);
 
-    let mut exited = 0;
+    let (mut exited, mut rebooted) = (0, 0);
     for v in &vms {
         println!("[INFO] stats {}", v.core.stats_line(host.tsc_hz));
-        if matches!(v.core.state, hv_vm::sched::VmState::Exited(_)) {
-            exited += 1;
+        match v.core.state {
+            hv_vm::sched::VmState::Exited(_) => exited += 1,
+            hv_vm::sched::VmState::Rebooted => rebooted += 1,
+            _ => {}
         }
     }
     if let Some(mux) = &mux {
         mux.report();
     }
-    log::info!(target: "hv", "all VMs stopped: {exited} exited, {} failed", vms.len() - exited);
+    let failed = vms.len() - exited - rebooted;
+    if rebooted == 0 {
+        log::info!(target: "hv", "all VMs stopped: {exited} exited, {failed} failed");
+    } else {
+        log::info!(target: "hv", "all VMs stopped: {exited} exited, {rebooted} rebooted, {failed} failed");
+    }
     for v in vms {
         v.release(&mut frames);
     }

@@ -21,6 +21,8 @@
 //!   the local APIC (edge and level, remote IRR, masking).
 //! - [`pic`]: the two cascaded 8259A PICs and the PIIX's ELCR, whose INTR reaches the CPU
 //!   through LINT0 in ExtINT mode (or directly while the local APIC is disabled).
+//! - [`reset`]: the PC's reset ports: the 8042's reset command (0x64) and the reset control
+//!   register (0xCF9), which guests use to reboot.
 //! - [`testdev`]: QEMU's pc-testdev for test suites (opt-in): a scratch port, one port per
 //!   interrupt line, and 64 KiB of MMIO RAM at 0xFF000000.
 //! - [`platform`]: one VM's platform: the devices above on their buses, the interrupt lines
@@ -40,6 +42,7 @@ pub mod pic;
 pub mod pit;
 pub mod platform;
 mod regs;
+pub mod reset;
 pub mod rtc;
 pub mod testdev;
 pub mod time;

@@ -24,6 +24,7 @@ use crate::irq::{IrqLines, LineChanges, LINES};
 use crate::lapic::{Gp, Lapic, LintMode, MMIO_SIZE, MSR_APIC_BASE, MSR_TSC_DEADLINE};
 use crate::pic::{PicPair, BIOS_MASTER_BASE, BIOS_SLAVE_BASE, PORT_RANGES};
 use crate::pit::{Pit, PIT_BASE, PIT_PORTS, PORT61};
+use crate::reset::{ResetCause, ResetPorts, KBC_DATA, KBC_STATUS, RESET_CONTROL};
 use crate::rtc::{DateTime, Rtc, RtcError, RTC_BASE, RTC_PORTS};
 use crate::testdev::{self, TestDevice};
 use crate::uart::{Uart16550, UART_PORTS};
@@ -37,6 +38,9 @@ enum PioId {
     Port61,
     Rtc,
     Uart,
+    /// The 8042's data and status ports (reset command), the reset control register.
+    Kbc,
+    ResetControl,
     /// The test device's scratch and flush ports, and its interrupt-line ports.
     TestDev,
     TestDevIrq,
@@ -76,6 +80,8 @@ pub struct Platform {
     pit: Pit,
     rtc: Rtc,
     uart: Uart16550,
+    /// The 8042's reset command and the reset control register.
+    reset: ResetPorts,
     /// QEMU's pc-testdev, when the VM asked for it ([`Self::attach_test_device`]).
     testdev: Option<Box<TestDevice>>,
     lines: IrqLines,
@@ -110,6 +116,9 @@ impl Platform {
             (u64::from(PORT61), 1, PioId::Port61),
             (u64::from(RTC_BASE), u64::from(RTC_PORTS), PioId::Rtc),
             (u64::from(uart.base()), u64::from(UART_PORTS), PioId::Uart),
+            (u64::from(KBC_DATA), 1, PioId::Kbc),
+            (u64::from(KBC_STATUS), 1, PioId::Kbc),
+            (u64::from(RESET_CONTROL), 1, PioId::ResetControl),
         ];
         for (base, len, id) in ranges {
             pio.insert(base, len, id)
@@ -128,6 +137,7 @@ impl Platform {
             pit: Pit::new(timebase),
             rtc: Rtc::new(timebase, now, boot)?,
             uart,
+            reset: ResetPorts::default(),
             testdev: None,
             lines: IrqLines::default(),
             pio,
@@ -164,6 +174,12 @@ impl Platform {
         for (port, value) in writes {
             self.pio_write(port, 1, value.into(), now);
         }
+    }
+
+    /// The reset the guest asked for since the last call (the 8042's reset command or the
+    /// reset control register), if any.
+    pub fn take_reset(&mut self) -> Option<ResetCause> {
+        self.reset.take_request()
     }
 
     /// Adds QEMU's pc-testdev ([`crate::testdev`]): its ports and its MMIO RAM. Fails when a
@@ -231,6 +247,14 @@ impl Platform {
                         PioId::Port61 | PioId::Rtc => true,
                         _ => false,
                     };
+                    if id == PioId::ResetControl {
+                        // Byte writes only: a wider one is the PCI configuration address at
+                        // 0xCF8 (crate::reset).
+                        if size == 1 {
+                            self.reset.write_reset_control(byte[0]);
+                        }
+                        continue;
+                    }
                     if id == PioId::TestDevIrq {
                         // Only a byte write sets a line, as in QEMU: the size is the access's.
                         let mut ctx = Ctx {
@@ -282,6 +306,19 @@ impl Platform {
             }
             PioId::Rtc => &mut self.rtc,
             PioId::Uart => &mut self.uart,
+            // Both 8042 ports as one device: offsets from 0x60.
+            PioId::Kbc => {
+                let offset = port - KBC_DATA;
+                match write {
+                    Some(data) => self.reset.pio_write(offset, data, &mut ctx),
+                    None => self.reset.pio_read(offset, read, &mut ctx),
+                }
+                return;
+            }
+            PioId::ResetControl => {
+                read[0] = self.reset.read_reset_control();
+                return;
+            }
             PioId::TestDev => match self.testdev.as_deref_mut() {
                 Some(dev) => dev,
                 None => unreachable!("the test device's ports are mapped only with it"),

@@ -474,9 +474,21 @@ fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
             return test_exit(vm, io.size, value);
         }
         port_write(vm, io.port, io.size, value, now);
+        if let Some(stopped) = reset_requested(vm) {
+            cpu.skip_instruction();
+            return stopped;
+        }
     }
     cpu.skip_instruction();
     Next::Resume
+}
+
+/// After a port write: the guest asked its platform for a reset (a reboot), which stops it.
+#[inline]
+fn reset_requested(vm: &mut Vm) -> Option<Next> {
+    let cause = vm.platform.take_reset()?;
+    vm.reboot(cause);
+    Some(Next::Stopped)
 }
 
 /// A write to the VM's test-exit device (manifest `debug_exit`, like QEMU's isa-debug-exit):
@@ -572,6 +584,9 @@ fn handle_string_io<V: Vcpu>(
             }
             let now = vm.guest_tsc(cpu.tsc());
             port_write(vm, io.port, io.size, value, now);
+            if let Some(stopped) = reset_requested(vm) {
+                return stopped;
+            }
         }
         // One element done: commit it to the registers, so that a fault or the batch limit
         // leaves the instruction restartable where it stopped.

@@ -21,6 +21,9 @@ pub enum VmState {
     Exited(u64),
     /// Stopped by the hypervisor (EPT violation, triple fault, bad state...).
     Failed,
+    /// Reset itself (a reboot: the 8042's reset command or the reset control register) and was
+    /// stopped there: VMs are not restarted.
+    Rebooted,
 }
 
 impl VmState {

@@ -243,6 +243,13 @@ impl Vm {
             .is_some_and(|first| port.wrapping_sub(first) < 4)
     }
 
+    /// The guest reset the machine (a reboot): the VM stops, with the cause in the log.
+    pub fn reboot(&mut self, cause: hv_platform::reset::ResetCause) {
+        self.end_console();
+        log::info!(target: &self.target, "rebooted through {}: stopped (VMs are not restarted)", cause.name());
+        self.state = VmState::Rebooted;
+    }
+
     pub fn exit_with(&mut self, code: u64) {
         self.end_console();
         log::info!(target: &self.target, "exited with code {code}");
@@ -254,6 +261,7 @@ impl Vm {
         let state = match self.state {
             VmState::Exited(c) => format!("exited({c})"),
             VmState::Failed => String::from("failed"),
+            VmState::Rebooted => String::from("rebooted"),
             VmState::Runnable if self.halted.is_some() => String::from("halted"),
             VmState::Runnable => String::from("runnable"),
         };

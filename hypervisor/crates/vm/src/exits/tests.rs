@@ -1009,3 +1009,23 @@ fn the_microcode_signature_msr_reads_a_revision_and_takes_writes() {
     assert!(r.cpu.injected.is_empty(), "no #GP");
     assert_eq!(r.rdmsr(0x8b), 1 << 32);
 }
+
+#[test]
+fn a_guest_that_resets_its_pc_is_stopped_as_rebooted() {
+    // The 8042's pulse-reset command, as Linux's reboot=k writes it.
+    let mut r = Rig::new();
+    r.cpu.regs.rax = 0x04;
+    assert_eq!(r.exit(io(0x64, 1, true)), Next::Resume);
+    assert_eq!(r.cpu.regs.rax & 0xff, 0x04, "status: buffers empty");
+    r.cpu.regs.rax = 0xfe;
+    assert_eq!(r.exit(io(0x64, 1, false)), Next::Stopped);
+    assert_eq!(r.vm.state, VmState::Rebooted);
+    assert!(r.vm.stats_line(TSC_HZ).contains(" state=rebooted "));
+    // The reset control register: a byte with RST_CPU; a dword at 0xCF8 is a PCI address.
+    let mut r = Rig::new();
+    r.cpu.regs.rax = 0x8000_0400;
+    assert_eq!(r.exit(io(0xcf8, 4, false)), Next::Resume);
+    r.cpu.regs.rax = 0x06;
+    assert_eq!(r.exit(io(0xcf9, 1, false)), Next::Stopped);
+    assert_eq!(r.vm.state, VmState::Rebooted);
+}
