@@ -38,7 +38,9 @@ pub enum ResetCause {
 impl ResetCause {
     pub const fn name(self) -> &'static str {
         match self {
-            Self::KeyboardController => "the keyboard controller's reset command (0xfe to port 0x64)",
+            Self::KeyboardController => {
+                "the keyboard controller's reset command (0xfe to port 0x64)"
+            }
             Self::ResetControl => "the reset control register (port 0xcf9)",
         }
     }
