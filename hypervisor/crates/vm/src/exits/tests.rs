@@ -902,6 +902,30 @@ fn a_blocked_nmi_waits_without_an_interrupt_window_storm() {
     assert_eq!(r.cpu.injected[0].0.kind, Interruption::NMI);
 }
 
+/// In 64-bit mode with [`identity_map`]'s tables (its 1 GiB page at 3 GiB reaches the device
+/// ranges), runs `mov qword [rdi], rax; mov rbx, qword [rdi]` against `gpa` outside the VM's
+/// memory, one EPT violation each: returns what RBX read back.
+fn store_then_load_outside_memory(r: &mut Rig, gpa: u64, value: u64) -> u64 {
+    identity_map(r);
+    r.cpu.state.insert("cs_ar", 1 << 13);
+    r.cpu.state.insert("cr0", 0x8000_0011);
+    r.cpu.state.insert("cr4", 1 << 5);
+    r.cpu.msrs.insert(0xc000_0080, 0x500);
+    r.cpu.state.insert("rip", 0x3000);
+    r.cpu.phys.0[0x3000..0x3006].copy_from_slice(&[0x48, 0x89, 0x07, 0x48, 0x8b, 0x1f]);
+    r.cpu.regs.rdi = gpa;
+    r.cpu.regs.rax = value;
+    for qualification in [0b10, 0b1] {
+        let violation = EptViolation::from_qualification(qualification);
+        assert_eq!(
+            r.exit(VmExit::EptViolation { gpa, violation }),
+            Next::Resume
+        );
+    }
+    assert_eq!(r.cpu.rip(), 0x3006, "both instructions emulated");
+    r.cpu.regs.rbx
+}
+
 #[test]
 fn the_test_device_is_where_the_manifest_says_and_its_ram_goes_through_the_emulator() {
     use hv_platform::testdev;
@@ -917,74 +941,22 @@ fn the_test_device_is_where_the_manifest_says_and_its_ram_goes_through_the_emula
 
     let mut r = Rig::new();
     r.vm.platform.attach_test_device().unwrap();
-    // identity_map's 1 GiB page at 3 GiB covers the device's RAM at 0xff000000.
-    identity_map(&mut r);
-    r.cpu.state.insert("cs_ar", 1 << 13);
-    r.cpu.state.insert("cr0", 0x8000_0011);
-    r.cpu.state.insert("cr4", 1 << 5);
-    r.cpu.msrs.insert(0xc000_0080, 0x500);
-    r.cpu.state.insert("rip", 0x3000);
-    // mov qword [rdi], rax; mov rbx, qword [rdi]
-    r.cpu.phys.0[0x3000..0x3006].copy_from_slice(&[0x48, 0x89, 0x07, 0x48, 0x8b, 0x1f]);
-    r.cpu.regs.rdi = 0xff00_0100;
-    r.cpu.regs.rax = 0x1122_3344_5566_7788;
-    let gpa = 0xff00_0100;
-    let write = EptViolation::from_qualification(0b10);
+    let value = 0x1122_3344_5566_7788;
     assert_eq!(
-        r.exit(VmExit::EptViolation {
-            gpa,
-            violation: write
-        }),
-        Next::Resume
+        store_then_load_outside_memory(&mut r, 0xff00_0100, value),
+        value
     );
-    let read = EptViolation::from_qualification(1);
-    assert_eq!(
-        r.exit(VmExit::EptViolation {
-            gpa,
-            violation: read
-        }),
-        Next::Resume
-    );
-    assert_eq!(r.cpu.regs.rbx, 0x1122_3344_5566_7788);
-    assert_eq!(r.cpu.rip(), 0x3006);
 }
 
 #[test]
 fn outside_memory_without_a_device_is_open_bus_and_executing_there_stops_the_vm() {
+    // 1 GiB past the VM's memory, no device: the write goes nowhere, reads float high.
     let mut r = Rig::new();
-    identity_map(&mut r);
-    r.cpu.state.insert("cs_ar", 1 << 13);
-    r.cpu.state.insert("cr0", 0x8000_0011);
-    r.cpu.state.insert("cr4", 1 << 5);
-    r.cpu.msrs.insert(0xc000_0080, 0x500);
-    r.cpu.state.insert("rip", 0x3000);
-    // mov qword [rdi], rax; mov rbx, qword [rdi]; 1 GiB past the VM's memory, no device.
-    r.cpu.phys.0[0x3000..0x3006].copy_from_slice(&[0x48, 0x89, 0x07, 0x48, 0x8b, 0x1f]);
     let gpa = 0xc000_0000;
-    r.cpu.regs.rdi = gpa;
-    r.cpu.regs.rax = 0x1122_3344_5566_7788;
-    let write = EptViolation::from_qualification(0b10);
     assert_eq!(
-        r.exit(VmExit::EptViolation {
-            gpa,
-            violation: write
-        }),
-        Next::Resume
+        store_then_load_outside_memory(&mut r, gpa, 0x1122),
+        u64::MAX
     );
-    let read = EptViolation::from_qualification(1);
-    assert_eq!(
-        r.exit(VmExit::EptViolation {
-            gpa,
-            violation: read
-        }),
-        Next::Resume
-    );
-    assert_eq!(
-        r.cpu.regs.rbx,
-        u64::MAX,
-        "the write went nowhere; reads float high"
-    );
-    assert_eq!(r.cpu.rip(), 0x3006);
     assert_eq!(r.vm.platform.stats.unclaimed_mmio, 2);
     assert_eq!(r.vm.state, VmState::Runnable);
     assert!(r.vm.stats_line(TSC_HZ).contains(" unclaimed_mmio=2 "));
