@@ -5,6 +5,12 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 
+/// Whether `args` ask for help (`-h` or `--help` anywhere): for commands with a parser of their
+/// own, which then return [`Error::Help`] with their usage before doing anything.
+pub fn help_requested(args: &[String]) -> bool {
+    args.iter().any(|a| a == "-h" || a == "--help")
+}
+
 /// For a command that takes no arguments: `-h`/`--help` is a request for `usage` (printed on
 /// standard output by `main`, success), anything else a usage error.
 pub fn no_arguments(command: &str, usage: &str, args: &[String]) -> Result<()> {
@@ -135,6 +141,8 @@ mod tests {
             Err(Error::Usage(_))
         ));
         assert!(no_arguments("build", "usage: build", &[]).is_ok());
+        assert!(help_requested(&strings(&["--images", "d", "-h"])));
+        assert!(!help_requested(&strings(&["--images", "d"])));
     }
 
     #[test]

@@ -244,7 +244,7 @@ fn vm_specs(set: CorpusSet, vms: usize) -> Vec<VmSpec> {
 
 /// Entry point of `cargo xtask corpus`.
 pub fn run(args: &[String]) -> crate::error::Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
+    if crate::cli::help_requested(args) {
         return Err(crate::error::Error::Help(USAGE.to_owned()));
     }
     let failed = |e: CorpusError| crate::error::Error::Failed(e.to_string());

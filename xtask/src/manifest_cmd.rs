@@ -20,7 +20,7 @@ const USAGE: &str = "usage: cargo xtask manifest check FILE [--images DIR] [--me
 /// Prints one line per valid VM and one per error on stdout, and returns `Err` (for a non-zero
 /// exit) if the manifest has any error, fatal or not, or the arguments are wrong.
 pub fn check(args: &[String]) -> crate::error::Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
+    if crate::cli::help_requested(args) {
         return Err(crate::error::Error::Help(USAGE.to_owned()));
     }
     let options = Options::parse(args).map_err(crate::error::Error::Failed)?;

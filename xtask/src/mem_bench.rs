@@ -172,7 +172,7 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
 /// Entry point of `cargo xtask bench mem`. `-h`/`--help` anywhere prints the usage and
 /// succeeds, before anything is built or re-run.
 pub fn run(args: &[String]) -> crate::error::Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
+    if crate::cli::help_requested(args) {
         return Err(crate::error::Error::Help(USAGE.to_owned()));
     }
     let failed = |e: BenchError| crate::error::Error::Failed(e.to_string());

@@ -325,21 +325,9 @@ fn check_vm(
                     _ => Ok(()),
                 }
             }),
-            "image" => string(value).and_then(|s| {
-                check_name(s, None)?;
-                image = Some(s);
-                available(s, host)
-            }),
-            "kernel" => string(value).and_then(|s| {
-                check_name(s, None)?;
-                kernel = Some(s);
-                available(s, host)
-            }),
-            "initrd" => string(value).and_then(|s| {
-                check_name(s, None)?;
-                initrd = Some(s);
-                available(s, host)
-            }),
+            "image" => boot_module(value, host).map(|s| image = Some(s)),
+            "kernel" => boot_module(value, host).map(|s| kernel = Some(s)),
+            "initrd" => boot_module(value, host).map(|s| initrd = Some(s)),
             "cmdline" => string(value).and_then(|s| {
                 cmdline = s;
                 if s.len() > CMDLINE_MAX {
@@ -355,22 +343,21 @@ fn check_vm(
             "debug_exit" => boolean(value).map(|b| debug_exit = b),
             "test_device" => boolean(value).map(|b| test_device = b),
             // The device takes 4 ports, as QEMU's isa-debug-exit with iosize=4.
-            "debug_exit_port" => integer_in(value, 0, 0xfffc).and_then(|port| {
-                let end = port + 4;
-                match PLATFORM_PORTS.iter().find(|(first, count)| {
-                    u64::from(*first) < end && port < u64::from(first + count)
-                }) {
-                    Some((first, _)) => Err(ErrorKind::PortTaken {
-                        port,
-                        taken: *first,
-                        owner: "the virtual PC",
-                    }),
-                    None => {
-                        debug_exit_port = Some(port as u16);
-                        Ok(())
+            "debug_exit_port" => {
+                integer_in(value, 0, 0xfffc).and_then(|port| {
+                    match first_overlapped(PLATFORM_PORTS, port) {
+                        Some(taken) => Err(ErrorKind::PortTaken {
+                            port,
+                            taken,
+                            owner: "the virtual PC",
+                        }),
+                        None => {
+                            debug_exit_port = Some(port as u16);
+                            Ok(())
+                        }
                     }
-                }
-            }),
+                })
+            }
             "quantum_us" => integer_in(value, *QUANTUM_US_RANGE.start(), *QUANTUM_US_RANGE.end())
                 .map(|q| quantum_us = Some(q)),
             // The range keeps the value within u32.
@@ -524,12 +511,7 @@ fn module_list(value: &Value<'_>, host: &HostLimits<'_>) -> Result<Vec<String>, 
     }
     items
         .iter()
-        .map(|item| {
-            let name = string(item)?;
-            check_name(name, None)?;
-            available(name, host)?;
-            Ok(name.to_owned())
-        })
+        .map(|item| boot_module(item, host).map(ToOwned::to_owned))
         .collect()
 }
 
@@ -563,6 +545,25 @@ fn table_or_error<'v, 'i>(
     }
 }
 
+/// The first port of the range in `ranges` (first, count) that the test-exit device's 4 ports
+/// from `port` overlap, if any.
+fn first_overlapped(ranges: &[(u16, u16)], port: u64) -> Option<u16> {
+    let end = port + 4;
+    ranges
+        .iter()
+        .find(|(first, count)| u64::from(*first) < end && port < u64::from(first + count))
+        .map(|&(first, _)| first)
+}
+
+/// A boot module's name (`image`, `kernel`, `initrd`, each of `modules`): a valid name the host
+/// has.
+fn boot_module<'v>(value: &'v Value<'_>, host: &HostLimits<'_>) -> Result<&'v str, ErrorKind> {
+    let s = string(value)?;
+    check_name(s, None)?;
+    available(s, host)?;
+    Ok(s)
+}
+
 fn boolean(value: &Value<'_>) -> Result<bool, ErrorKind> {
     match value.get_ref() {
         DeValue::Boolean(b) => Ok(*b),
@@ -582,12 +583,8 @@ fn check_test_device(
     problems: &mut Vec<(usize, String, ErrorKind)>,
 ) {
     let at = |key: &str| table.get(key).map_or(0, |v| v.span().start);
-    if let Some(port) = debug_exit_port {
-        let (port, end) = (u64::from(port), u64::from(port) + 4);
-        if let Some((first, _)) = TEST_DEVICE_PORTS
-            .iter()
-            .find(|(first, count)| u64::from(*first) < end && port < u64::from(first + count))
-        {
+    if let Some(port) = debug_exit_port.map(u64::from) {
+        if let Some(taken) = first_overlapped(TEST_DEVICE_PORTS, port) {
             // Without `debug_exit_port` the clash is with the default: report it at `debug_exit`.
             let key = if table.contains_key("debug_exit_port") {
                 "debug_exit_port"
@@ -596,7 +593,7 @@ fn check_test_device(
             };
             let kind = ErrorKind::PortTaken {
                 port,
-                taken: *first,
+                taken,
                 owner: "the test device",
             };
             problems.push((at(key), key.to_owned(), kind));
