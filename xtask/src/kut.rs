@@ -1,10 +1,10 @@
 //! `cargo xtask kvm-unit-tests`: the KVM project's x86 unit tests, run as muxvisor guests under
 //! Bochs, judged against the checked-in expectations (`tests/kvm-unit-tests.toml`).
 //!
-//! - The suite comes from `--src DIR` (a kvm-unit-tests checkout) or from the source archive in
-//!   `../shared/third_party/` next to the workspace; it is unpacked and built (`./configure
-//!   --arch=x86_64 && make`) under `target/kvm-unit-tests/` once, and again when the source
-//!   changes.
+//! - The suite comes from `--src DIR` or `$KVM_UNIT_TESTS_SRC` (a kvm-unit-tests checkout), else
+//!   from the source archive the project's CI machines keep in `../shared/third_party/` next to
+//!   the workspace; it is unpacked and built (`./configure --arch=x86_64 && make`) under
+//!   `target/kvm-unit-tests/` once, and again when the source changes.
 //! - Each test of `x86/unittests.cfg` is one VM: its `.flat` kernel (Multiboot) as the image,
 //!   its `test_args` as the command line, the environment file (`NR_CPUS=1`, `MEMSIZE`) as its
 //!   one Multiboot module, the test-exit device at 0xf4 that the suite's `exit()` writes, and
@@ -350,13 +350,25 @@ fn vm_name(test: &str) -> String {
     test.chars().take(hv_manifest::NAME_MAX).collect()
 }
 
+/// The environment variable naming a kvm-unit-tests checkout, for runs without `--src`
+/// (`cargo xtask test` among them).
+pub const SRC_ENV: &str = "KVM_UNIT_TESTS_SRC";
+
 /// Why the suite cannot run without `--src`.
 pub const SOURCE_MISSING: &str = "kvm-unit-tests: the suite's source is missing: no --src DIR, \
-     and no kvm-unit-tests-*.tar.gz in ../shared/third_party/ next to the workspace";
+     no KVM_UNIT_TESTS_SRC=DIR (a kvm-unit-tests checkout), and no kvm-unit-tests-*.tar.gz in \
+     ../shared/third_party/ next to the workspace";
+
+/// The checkout `$KVM_UNIT_TESTS_SRC` names, if set.
+fn env_source() -> Option<PathBuf> {
+    std::env::var_os(SRC_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
 
 /// Whether the suite's source is at hand for a run without `--src`.
 pub fn source_available(ws: &Workspace) -> bool {
-    shared_archive(ws).is_some()
+    env_source().is_some() || shared_archive(ws).is_some()
 }
 
 /// Where the suite's build lives and how it came there.
@@ -386,7 +398,8 @@ fn shared_archive(ws: &Workspace) -> Option<PathBuf> {
 /// Unpacks (from an archive) and builds the suite unless the build is already there.
 fn prepare(ws: &Workspace, src: Option<&Path>) -> Result<Suite> {
     let base = ws.scratch("kvm-unit-tests");
-    let (tree, origin) = match src {
+    let from_env = env_source();
+    let (tree, origin) = match src.or(from_env.as_deref()) {
         Some(dir) => {
             if !dir.join("x86").join("unittests.cfg").is_file() {
                 return Err(Error::config(
