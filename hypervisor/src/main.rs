@@ -180,24 +180,30 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     vm::run_all(&mut vms, &host, &mut frames, mux.as_mut());
     interrupts::finish(host.tsc_hz);
 
-    let (mut exited, mut rebooted) = (0, 0);
+    // How the VMs ended: "N exited", then the other ends that occurred, then "N failed".
+    let mut ends = [("exited", 0), ("powered off", 0), ("halted", 0), ("rebooted", 0)];
     for v in &vms {
         println!("[INFO] stats {}", v.core.stats_line(host.tsc_hz));
-        match v.core.state {
-            hv_vm::sched::VmState::Exited(_) => exited += 1,
-            hv_vm::sched::VmState::Rebooted => rebooted += 1,
-            _ => {}
-        }
+        let end = match v.core.state {
+            hv_vm::sched::VmState::Exited(_) => 0,
+            hv_vm::sched::VmState::PoweredOff => 1,
+            hv_vm::sched::VmState::Halted => 2,
+            hv_vm::sched::VmState::Rebooted => 3,
+            _ => continue,
+        };
+        ends[end].1 += 1;
     }
     if let Some(mux) = &mux {
         mux.report();
     }
-    let failed = vms.len() - exited - rebooted;
-    if rebooted == 0 {
-        log::info!(target: "hv", "all VMs stopped: {exited} exited, {failed} failed");
-    } else {
-        log::info!(target: "hv", "all VMs stopped: {exited} exited, {rebooted} rebooted, {failed} failed");
+    let ended: usize = ends.iter().map(|(_, n)| n).sum();
+    let mut summary = String::new();
+    for (i, (what, n)) in ends.iter().enumerate() {
+        if i == 0 || *n > 0 {
+            summary.push_str(&alloc::format!("{n} {what}, "));
+        }
     }
+    log::info!(target: "hv", "all VMs stopped: {summary}{} failed", vms.len() - ended);
     for v in vms {
         v.release(&mut frames);
     }

@@ -659,7 +659,7 @@ fn version_key(s: &str) -> Vec<u64> {
 }
 
 /// A statically linked busybox (Debian's `busybox-static` installs it as /bin/busybox).
-fn ensure_busybox() -> Result<PathBuf, CorpusError> {
+pub(crate) fn ensure_busybox() -> Result<PathBuf, CorpusError> {
     let candidates = ["/bin/busybox", "/usr/bin/busybox"];
     let is_static = |p: &Path| fs::read(p).is_ok_and(|elf| elf_is_static(&elf));
     if let Some(p) = candidates.iter().map(Path::new).find(|p| is_static(p)) {

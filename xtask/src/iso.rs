@@ -20,6 +20,7 @@ use crate::build;
 use crate::cli::{Args, Spec};
 use crate::deps;
 use crate::elf;
+use crate::linux;
 use crate::error::{Error, IoContext, Result};
 use crate::process;
 use crate::workspace::Workspace;
@@ -60,7 +61,12 @@ impl IsoSpec {
         let mut resolved = Vec::with_capacity(images.len());
         for name in images {
             validate_image_name(name)?;
-            let elf = ws.guest_elf(name);
+            // The Linux kernel and initramfs images are made on demand (crate::linux).
+            let elf = if linux::is_linux_image(name) {
+                linux::image(ws, name)?
+            } else {
+                ws.guest_elf(name)
+            };
             if !elf.is_file() {
                 return Err(Error::Failed(format!(
                     "iso: no guest binary `{name}` at {} (the guests are \

@@ -29,6 +29,7 @@ mod error;
 mod iso;
 mod ksm;
 mod kut;
+mod linux;
 mod manifest_cmd;
 mod mem_bench;
 mod process;

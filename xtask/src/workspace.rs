@@ -40,6 +40,11 @@ impl Workspace {
         &self.root
     }
 
+    /// Cargo's target directory.
+    pub fn target_dir(&self) -> &Path {
+        &self.target_dir
+    }
+
     /// Where `cargo build --release --target x86_64-unknown-none` puts binaries.
     pub fn bare_metal_dir(&self) -> PathBuf {
         self.target_dir.join(BARE_METAL_TARGET).join("release")

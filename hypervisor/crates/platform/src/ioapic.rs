@@ -133,6 +133,14 @@ impl IoApic {
         self.id
     }
 
+    /// Whether an unmasked entry sends NMIs: the only way a device can still raise an NMI once
+    /// the CPU waits (a halted CPU sends no IPI to itself).
+    pub fn sends_nmi(&self) -> bool {
+        self.redir
+            .iter()
+            .any(|&e| e & MASKED == 0 && (e >> 8) & 7 == 4)
+    }
+
     /// Redirection entry `pin` as the guest reads it.
     pub fn entry(&self, pin: u8) -> Option<u64> {
         self.redir.get(usize::from(pin)).copied()

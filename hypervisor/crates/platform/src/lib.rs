@@ -34,6 +34,7 @@
 
 extern crate alloc;
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod ioapic;
 pub mod irq;

@@ -24,6 +24,7 @@ use crate::irq::{IrqLines, LineChanges, LINES};
 use crate::lapic::{Gp, Lapic, LintMode, MMIO_SIZE, MSR_APIC_BASE, MSR_TSC_DEADLINE};
 use crate::pic::{PicPair, BIOS_MASTER_BASE, BIOS_SLAVE_BASE, PORT_RANGES};
 use crate::pit::{Pit, PIT_BASE, PIT_PORTS, PORT61};
+use crate::acpi_pm::{self, AcpiPm};
 use crate::reset::{ResetCause, ResetPorts, KBC_DATA, KBC_STATUS, RESET_CONTROL};
 use crate::rtc::{DateTime, Rtc, RtcError, RTC_BASE, RTC_PORTS};
 use crate::testdev::{self, TestDevice};
@@ -44,6 +45,8 @@ enum PioId {
     /// The test device's scratch and flush ports, and its interrupt-line ports.
     TestDev,
     TestDevIrq,
+    /// The ACPI PM1 event and control blocks.
+    AcpiPm,
 }
 
 /// Which device an MMIO range belongs to. (The local APIC's page is decoded by the CPU itself,
@@ -74,6 +77,8 @@ pub struct PlatformStats {
 }
 
 pub struct Platform {
+    /// The VM's clock, for devices added later.
+    timebase: Timebase,
     lapic: Lapic,
     ioapic: IoApic,
     pic: PicPair,
@@ -84,6 +89,9 @@ pub struct Platform {
     reset: ResetPorts,
     /// QEMU's pc-testdev, when the VM asked for it ([`Self::attach_test_device`]).
     testdev: Option<Box<TestDevice>>,
+    /// The ACPI power-management registers, when the VM has ACPI tables
+    /// ([`Self::attach_acpi_pm`]).
+    acpi_pm: Option<AcpiPm>,
     lines: IrqLines,
     pio: Bus<PioId>,
     mmio: Bus<MmioId>,
@@ -131,6 +139,7 @@ impl Platform {
         mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, MmioId::IoApic)
             .expect("one range");
         Ok(Self {
+            timebase,
             lapic,
             ioapic: IoApic::new(),
             pic: PicPair::new(),
@@ -139,6 +148,7 @@ impl Platform {
             uart,
             reset: ResetPorts::default(),
             testdev: None,
+            acpi_pm: None,
             lines: IrqLines::default(),
             pio,
             mmio,
@@ -180,6 +190,26 @@ impl Platform {
     /// reset control register), if any.
     pub fn take_reset(&mut self) -> Option<ResetCause> {
         self.reset.take_request()
+    }
+
+    /// Adds the ACPI PM1 event and control blocks ([`crate::acpi_pm`]), for a VM whose FADT
+    /// points at them. Fails when they are already attached.
+    pub fn attach_acpi_pm(&mut self) -> Result<(), BusError> {
+        if self.acpi_pm.is_some() {
+            return Err(BusError::Overlap);
+        }
+        self.pio.insert(
+            u64::from(acpi_pm::PM1A_EVT),
+            u64::from(acpi_pm::PORTS),
+            PioId::AcpiPm,
+        )?;
+        self.acpi_pm = Some(AcpiPm::new(self.timebase));
+        Ok(())
+    }
+
+    /// Whether the guest asked for soft-off (ACPI S5) since the last call.
+    pub fn take_power_off(&mut self) -> bool {
+        self.acpi_pm.as_mut().is_some_and(AcpiPm::take_power_off)
     }
 
     /// Adds QEMU's pc-testdev ([`crate::testdev`]): its ports and its MMIO RAM. Fails when a
@@ -322,6 +352,10 @@ impl Platform {
             PioId::TestDev => match self.testdev.as_deref_mut() {
                 Some(dev) => dev,
                 None => unreachable!("the test device's ports are mapped only with it"),
+            },
+            PioId::AcpiPm => match self.acpi_pm.as_mut() {
+                Some(dev) => dev,
+                None => unreachable!("the ACPI PM ports are mapped only with the device"),
             },
             // Writes are handled in `pio_write` (they need the access size); reads return 0.
             PioId::TestDevIrq => {
@@ -519,6 +553,13 @@ impl Platform {
     /// Whether an external interrupt waits for the CPU (not counting NMIs).
     pub fn external_waiting(&self) -> bool {
         self.pending_interrupt().is_some()
+    }
+
+    /// Whether an NMI waits or a device could still raise one (an IOAPIC entry in NMI mode):
+    /// when neither holds, a vCPU halted with interrupts disabled never runs again (SDM Vol. 2,
+    /// HLT: only NMI, SMI, INIT and reset end it, and this platform raises no SMI or INIT).
+    pub fn nmi_can_arrive(&self) -> bool {
+        self.nmi_waiting() || self.ioapic.sends_nmi()
     }
 
     /// Whether an NMI waits (what wakes a halted vCPU whatever RFLAGS.IF says).

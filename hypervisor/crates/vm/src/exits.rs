@@ -474,7 +474,7 @@ fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
             return test_exit(vm, io.size, value);
         }
         port_write(vm, io.port, io.size, value, now);
-        if let Some(stopped) = reset_requested(vm) {
+        if let Some(stopped) = power_request(vm) {
             cpu.skip_instruction();
             return stopped;
         }
@@ -483,9 +483,14 @@ fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
     Next::Resume
 }
 
-/// After a port write: the guest asked its platform for a reset (a reboot), which stops it.
+/// After a port write: the guest asked its platform for soft-off (ACPI S5) or a reset (a
+/// reboot), either of which stops it.
 #[inline]
-fn reset_requested(vm: &mut Vm) -> Option<Next> {
+fn power_request(vm: &mut Vm) -> Option<Next> {
+    if vm.platform.take_power_off() {
+        vm.power_off();
+        return Some(Next::Stopped);
+    }
     let cause = vm.platform.take_reset()?;
     vm.reboot(cause);
     Some(Next::Stopped)
@@ -584,7 +589,7 @@ fn handle_string_io<V: Vcpu>(
             }
             let now = vm.guest_tsc(cpu.tsc());
             port_write(vm, io.port, io.size, value, now);
-            if let Some(stopped) = reset_requested(vm) {
+            if let Some(stopped) = power_request(vm) {
                 return stopped;
             }
         }
@@ -737,6 +742,10 @@ fn handle_hlt<V: Vcpu>(vm: &mut Vm, cpu: &mut V) -> Next {
         return Next::Resume;
     }
     let interruptible = flags & rflags::IF != 0;
+    if !interruptible && !vm.platform.nmi_can_arrive() {
+        vm.halt_for_good();
+        return Next::Stopped;
+    }
     vm.halted = Some(interruptible);
     if vm.wake(cpu.tsc()) {
         Next::Resume

@@ -24,6 +24,11 @@ pub enum VmState {
     /// Reset itself (a reboot: the 8042's reset command or the reset control register) and was
     /// stopped there: VMs are not restarted.
     Rebooted,
+    /// Turned itself off: entered the ACPI S5 sleep state (`poweroff`).
+    PoweredOff,
+    /// Halted with interrupts disabled where no NMI can ever come (what `halt`, and `poweroff`
+    /// without ACPI, leave a Linux guest in): it would never run again.
+    Halted,
 }
 
 impl VmState {

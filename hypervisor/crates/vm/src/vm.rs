@@ -250,6 +250,21 @@ impl Vm {
         self.state = VmState::Rebooted;
     }
 
+    /// The guest entered ACPI S5 (soft off): the VM stops.
+    pub fn power_off(&mut self) {
+        self.end_console();
+        log::info!(target: &self.target, "powered off (ACPI S5)");
+        self.state = VmState::PoweredOff;
+    }
+
+    /// The vCPU halted with interrupts disabled and nothing can raise an NMI: it is stopped,
+    /// since it would never run again.
+    pub fn halt_for_good(&mut self) {
+        self.end_console();
+        log::info!(target: &self.target, "halted with interrupts disabled and no NMI source: stopped");
+        self.state = VmState::Halted;
+    }
+
     pub fn exit_with(&mut self, code: u64) {
         self.end_console();
         log::info!(target: &self.target, "exited with code {code}");
@@ -262,7 +277,10 @@ impl Vm {
             VmState::Exited(c) => format!("exited({c})"),
             VmState::Failed => String::from("failed"),
             VmState::Rebooted => String::from("rebooted"),
-            VmState::Runnable if self.halted.is_some() => String::from("halted"),
+            VmState::PoweredOff => String::from("powered-off"),
+            VmState::Halted => String::from("halted"),
+            // Waiting in HLT for an interrupt (the run was cut short).
+            VmState::Runnable if self.halted.is_some() => String::from("waiting"),
             VmState::Runnable => String::from("runnable"),
         };
         let mut line = format!(

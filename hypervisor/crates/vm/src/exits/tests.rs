@@ -609,6 +609,9 @@ fn hlt_with_interrupts_disabled_is_not_woken_by_one() {
     let mut r = Rig::new();
     r.cpu.tsc = 0;
     arm_deadline_timer(&mut r, 0x40, 10);
+    // IOAPIC pin 0 in NMI mode, unmasked: an NMI could still end the HLT.
+    r.vm.platform.mmio_write(0xfec0_0000, &[0x10, 0, 0, 0], 0);
+    r.vm.platform.mmio_write(0xfec0_0010, &0x400u32.to_le_bytes(), 0);
     r.cpu.state.insert("rflags", 2);
     r.cpu.tsc = 5;
     assert_eq!(r.exit(VmExit::Hlt), Next::Halt);
@@ -616,6 +619,19 @@ fn hlt_with_interrupts_disabled_is_not_woken_by_one() {
         !r.vm.wake(100),
         "RFLAGS.IF = 0: the interrupt stays pending"
     );
+}
+
+#[test]
+fn hlt_with_interrupts_disabled_and_no_nmi_source_stops_the_vm() {
+    // Linux's `halt` (and `poweroff` without ACPI) ends in CLI; HLT: nothing can end that, so
+    // the VM is stopped rather than kept waiting, even with a timer armed.
+    let mut r = Rig::new();
+    r.cpu.tsc = 0;
+    arm_deadline_timer(&mut r, 0x40, 10);
+    r.cpu.state.insert("rflags", 2);
+    assert_eq!(r.exit(VmExit::Hlt), Next::Stopped);
+    assert_eq!(r.vm.state, VmState::Halted);
+    assert!(r.vm.stats_line(TSC_HZ).contains(" state=halted "));
 }
 
 #[test]
