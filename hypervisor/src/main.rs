@@ -181,7 +181,12 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     interrupts::finish(host.tsc_hz);
 
     // How the VMs ended: "N exited", then the other ends that occurred, then "N failed".
-    let mut ends = [("exited", 0), ("powered off", 0), ("halted", 0), ("rebooted", 0)];
+    let mut ends = [
+        ("exited", 0),
+        ("powered off", 0),
+        ("halted", 0),
+        ("rebooted", 0),
+    ];
     for v in &vms {
         println!("[INFO] stats {}", v.core.stats_line(host.tsc_hz));
         let end = match v.core.state {

@@ -438,6 +438,12 @@ impl Vm {
                 .attach_test_device()
                 .expect("the test device fits a new platform");
         }
+        if config.linux {
+            // A Linux VM gets ACPI tables (hv_vm::acpi), whose FADT points at these ports.
+            platform
+                .attach_acpi_pm()
+                .expect("the ACPI PM ports fit a new platform");
+        }
         let vm = Self {
             core: hv_vm::Vm::new(id, config, bytes, platform, clock),
             phys: GuestPhys {

@@ -20,8 +20,8 @@ use crate::build;
 use crate::cli::{Args, Spec};
 use crate::deps;
 use crate::elf;
-use crate::linux;
 use crate::error::{Error, IoContext, Result};
+use crate::linux;
 use crate::process;
 use crate::workspace::Workspace;
 

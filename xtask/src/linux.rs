@@ -40,7 +40,9 @@ pub fn image(ws: &Workspace, name: &str) -> Result<PathBuf> {
     }
     match name.strip_prefix(INITRAMFS_PREFIX) {
         Some(script) => initramfs(ws, script),
-        None => Err(Error::Failed(format!("linux: `{name}` is not a Linux image"))),
+        None => Err(Error::Failed(format!(
+            "linux: `{name}` is not a Linux image"
+        ))),
     }
 }
 
@@ -68,7 +70,10 @@ pub fn kernel(ws: &Workspace) -> Result<PathBuf> {
     }
     fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
     let package = kernel_package()?;
-    eprintln!("linux: fetching {package} (apt-get download) into {}", dir.display());
+    eprintln!(
+        "linux: fetching {package} (apt-get download) into {}",
+        dir.display()
+    );
     let download = dir.join("download");
     if download.exists() {
         fs::remove_dir_all(&download).context(|| format!("emptying {}", download.display()))?;
@@ -101,7 +106,10 @@ pub fn kernel(ws: &Workspace) -> Result<PathBuf> {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        return Err(Error::Deps(format!("linux: dpkg-deb -x {} failed", deb.display())));
+        return Err(Error::Deps(format!(
+            "linux: dpkg-deb -x {} failed",
+            deb.display()
+        )));
     }
     let boot = unpacked.join("boot");
     let vmlinuz = fs::read_dir(&boot)
@@ -120,7 +128,11 @@ pub fn kernel(ws: &Workspace) -> Result<PathBuf> {
     fs::write(dir.join("vmlinuz.version"), version).context(|| "writing vmlinuz.version".into())?;
     fs::rename(&partial, &cached).context(|| format!("writing {}", cached.display()))?;
     let _ = fs::remove_dir_all(&download);
-    eprintln!("linux: kernel {} cached at {}", file_name(&vmlinuz), cached.display());
+    eprintln!(
+        "linux: kernel {} cached at {}",
+        file_name(&vmlinuz),
+        cached.display()
+    );
     Ok(cached)
 }
 
@@ -177,7 +189,11 @@ pub fn initramfs(ws: &Workspace, name: &str) -> Result<PathBuf> {
              and `-`"
         )));
     }
-    let script_path = ws.root().join("tests").join("linux").join(format!("{name}.sh"));
+    let script_path = ws
+        .root()
+        .join("tests")
+        .join("linux")
+        .join(format!("{name}.sh"));
     let script = fs::read(&script_path).map_err(|e| {
         Error::Failed(format!(
             "linux: image `{INITRAMFS_PREFIX}{name}` needs {}: {e}",
@@ -222,7 +238,10 @@ mod tests {
         assert!(!is_linux_image("hello"));
         let ws = Workspace::locate();
         for bad in ["", "../x", "a b", "a/b"] {
-            assert!(matches!(initramfs(&ws, bad), Err(Error::Usage(_))), "{bad:?}");
+            assert!(
+                matches!(initramfs(&ws, bad), Err(Error::Usage(_))),
+                "{bad:?}"
+            );
         }
     }
 }

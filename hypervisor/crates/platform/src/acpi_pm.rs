@@ -149,7 +149,10 @@ mod tests {
 
     fn write16(pm: &mut AcpiPm, offset: u16, value: u16) {
         let mut irq = IrqLines::default();
-        let mut ctx = Ctx { now: 0, irq: &mut irq };
+        let mut ctx = Ctx {
+            now: 0,
+            irq: &mut irq,
+        };
         for (i, b) in value.to_le_bytes().iter().enumerate() {
             pm.pio_write(offset + i as u16, &[*b], &mut ctx);
         }

@@ -18,13 +18,13 @@
 
 use alloc::boxed::Box;
 
+use crate::acpi_pm::{self, AcpiPm};
 use crate::bus::{Bus, BusError, Ctx, MmioDevice, PioDevice};
 use crate::ioapic::{DeliveryMode, IoApic, Message, IOAPIC_BASE, IOAPIC_SIZE};
 use crate::irq::{IrqLines, LineChanges, LINES};
 use crate::lapic::{Gp, Lapic, LintMode, MMIO_SIZE, MSR_APIC_BASE, MSR_TSC_DEADLINE};
 use crate::pic::{PicPair, BIOS_MASTER_BASE, BIOS_SLAVE_BASE, PORT_RANGES};
 use crate::pit::{Pit, PIT_BASE, PIT_PORTS, PORT61};
-use crate::acpi_pm::{self, AcpiPm};
 use crate::reset::{ResetCause, ResetPorts, KBC_DATA, KBC_STATUS, RESET_CONTROL};
 use crate::rtc::{DateTime, Rtc, RtcError, RTC_BASE, RTC_PORTS};
 use crate::testdev::{self, TestDevice};

@@ -30,6 +30,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod boot;
 pub mod clock;
 pub mod console;

@@ -14,13 +14,15 @@
 //!
 //! Guest-physical layout (each piece checked to fit the VM's memory):
 //! - 0x1000-0x6FFF: page tables identity-mapping 4 GiB (`boot::identity_page_tables`); 0x7000:
-//!   the GDT; 0x8000: the zero page; 0x20000: the command line;
+//!   the GDT; 0x8000: the zero page; 0x20000: the command line; 0xE0000: the ACPI tables
+//!   (`crate::acpi`), whose RSDP address the zero page also gives (`acpi_rsdp_addr`);
 //! - the protected-mode kernel at its preferred address (`pref_address`, 16 MiB for distribution
 //!   kernels), or, if that does not leave `init_size` bytes of room, at the lowest address from
 //!   1 MiB aligned to `kernel_alignment` that does (the kernel is relocatable: required);
 //! - the initrd at the top of memory below `initrd_addr_max`, page-aligned, above the kernel's
 //!   `init_size`.
 
+use crate::acpi;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -54,6 +56,8 @@ const CMD_LINE_PTR: usize = 0x228;
 const EXT_RAMDISK_IMAGE: usize = 0x0c0;
 const EXT_RAMDISK_SIZE: usize = 0x0c4;
 const EXT_CMD_LINE_PTR: usize = 0x0c8;
+/// `acpi_rsdp_addr` (protocol 2.14): where the RSDP is, so that the kernel need not scan.
+const ACPI_RSDP_ADDR: usize = 0x070;
 
 /// Where the boot pieces go.
 pub const GDT_GPA: u64 = 0x7000;
@@ -239,14 +243,19 @@ pub struct E820Entry {
 }
 
 /// The memory map of a VM of `mem_size` bytes (at least 1 MiB) as a PC's firmware reports it:
-/// conventional memory up to 639 KiB, the BIOS data area and ROM reserved (the VGA window is no
-/// memory), RAM from 1 MiB, and the IOAPIC and local APIC pages reserved.
+/// conventional memory up to 639 KiB, the extended BIOS data area and the BIOS area (with the
+/// ACPI tables) reserved (the VGA window is no memory), RAM from 1 MiB, and the IOAPIC and local APIC pages reserved.
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let entry = |base, len, kind| E820Entry { base, len, kind };
     alloc::vec![
         entry(0, 0x9_fc00, E820_RAM),
         entry(0x9_fc00, 0x400, E820_RESERVED),
-        entry(0xf_0000, 0x1_0000, E820_RESERVED),
+        // The BIOS area: the ACPI tables (crate::acpi) in its first half, the ROM above.
+        entry(
+            acpi::TABLES_GPA,
+            0x10_0000 - acpi::TABLES_GPA,
+            E820_RESERVED
+        ),
         entry(HIGH_MEMORY, mem_size.saturating_sub(HIGH_MEMORY), E820_RAM),
         entry(0xfec0_0000, 0x1000, E820_RESERVED),
         entry(0xfee0_0000, 0x1000, E820_RESERVED),
@@ -256,7 +265,8 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
 /// Where everything goes, and the bytes to write besides the kernel and the initrd.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinuxPlan {
-    /// (guest-physical address, bytes): the GDT, the zero page, the command line.
+    /// (guest-physical address, bytes): the GDT, the zero page, the command line, the ACPI
+    /// tables.
     pub pieces: Vec<(u64, Vec<u8>)>,
     /// Where the protected-mode kernel goes.
     pub kernel: u64,
@@ -327,6 +337,7 @@ pub fn plan(
         (GDT_GPA, GDT.iter().flat_map(|d| d.to_le_bytes()).collect()),
         (ZERO_PAGE_GPA, zero_page),
         (CMDLINE_GPA, cmdline_bytes),
+        (acpi::TABLES_GPA, acpi::tables()),
     ];
     let end = initrd
         .zip(initrd_len)
@@ -359,6 +370,7 @@ pub fn zero_page(image: &BzImage<'_>, initrd: Option<(u64, u64)>, map: &[E820Ent
     put32(&mut zp, EXT_RAMDISK_IMAGE, (ramdisk >> 32) as u32);
     put32(&mut zp, RAMDISK_SIZE, ramdisk_len as u32);
     put32(&mut zp, EXT_RAMDISK_SIZE, (ramdisk_len >> 32) as u32);
+    zp[ACPI_RSDP_ADDR..ACPI_RSDP_ADDR + 8].copy_from_slice(&acpi::TABLES_GPA.to_le_bytes());
     let entries = &map[..map.len().min(E820_MAX)];
     zp[E820_ENTRIES] = entries.len() as u8;
     for (i, e) in entries.iter().enumerate() {

@@ -97,6 +97,8 @@ pub struct CpuPolicy {
     /// User protection keys are offered: the CPU has PKU and XSAVE's PKRU component, which
     /// the hypervisor then switches per VM.
     pub pku: bool,
+    /// The CPU's highest basic CPUID leaf (CPUID.0:EAX); 0 in a policy not derived from a CPU.
+    pub max_basic_leaf: u32,
     /// MAXPHYADDR, the physical-address width CPUID.80000008H:EAX[7:0] reports (36 where the
     /// leaf is missing, SDM Vol. 3A 4.1.4); 0 in a policy not derived from a CPU (no check).
     pub phys_addr_bits: u8,
@@ -118,6 +120,7 @@ impl CpuPolicy {
             return Self {
                 tsc_aux,
                 phys_addr_bits,
+                max_basic_leaf: max_leaf,
                 ..Self::default()
             };
         }
@@ -144,6 +147,7 @@ impl CpuPolicy {
             tsc_aux,
             tsc_khz: 0,
             pku: allowed & XCR0_PKRU != 0,
+            max_basic_leaf: max_leaf,
             phys_addr_bits,
         }
     }
@@ -209,7 +213,16 @@ impl CpuPolicy {
     #[inline]
     pub fn cpuid(&self, leaf: u32, subleaf: u32, native: [u32; 4], guest_cr4: u64) -> [u32; 4] {
         let [eax, ebx, ecx, edx] = native;
+        // The TSC and crystal leaves (below) exist whatever the CPU's highest leaf: Linux reads
+        // them only when CPUID.0:EAX reaches them. Leaves that become valid that way and that
+        // the CPU lacks say nothing (zeros), not the highest leaf's data a CPU returns for
+        // leaves beyond its range.
+        let timing = self.tsc_khz != 0;
         match leaf {
+            0 if timing => [eax.max(0x16), ebx, ecx, edx],
+            l if timing && self.max_basic_leaf != 0 && l > self.max_basic_leaf && l < 0x15 => {
+                [0; 4]
+            }
             1 => {
                 let mut ecx =
                     (ecx & !LEAF1_ECX_HIDDEN & !ECX_OSXSAVE) | ECX_HYPERVISOR | LEAF1_ECX_EMULATED;
@@ -310,6 +323,7 @@ mod tests {
             none,
             CpuPolicy {
                 phys_addr_bits: 36,
+                max_basic_leaf: 0x1f,
                 ..CpuPolicy::default()
             },
             "nothing but MAXPHYADDR, 36 without leaf 0x80000008"
@@ -413,6 +427,20 @@ mod tests {
         assert_eq!(p.cpuid(0x16, 0, [9; 4], 0), [2100, 2100, 1000, 0]);
         // Unmeasured: the host's.
         assert_eq!(CpuPolicy::from_host(host).cpuid(0x15, 0, [9; 4], 0), [9; 4]);
+        // A CPU whose basic leaves end below them (Bochs's Skylake-X ends at 0xd): leaf 0 now
+        // reaches 0x16, and the leaves in between that the CPU lacks read as zeros.
+        let short = CpuPolicy {
+            max_basic_leaf: 0xd,
+            ..p
+        };
+        assert_eq!(short.cpuid(0, 0, [0xd, 1, 2, 3], 0), [0x16, 1, 2, 3]);
+        assert_eq!(short.cpuid(0x13, 0, [9; 4], 0), [0; 4]);
+        assert_eq!(short.cpuid(0x15, 0, [9; 4], 0), p.cpuid(0x15, 0, [9; 4], 0));
+        assert_eq!(
+            p.cpuid(0, 0, [0x1f, 1, 2, 3], 0),
+            [0x1f, 1, 2, 3],
+            "higher stays"
+        );
         // A TSC slower than 1 GHz (Bochs's 4 MHz): the APIC timer counts no faster.
         assert_eq!(
             p.with_tsc_hz(4_000_000)

@@ -611,7 +611,8 @@ fn hlt_with_interrupts_disabled_is_not_woken_by_one() {
     arm_deadline_timer(&mut r, 0x40, 10);
     // IOAPIC pin 0 in NMI mode, unmasked: an NMI could still end the HLT.
     r.vm.platform.mmio_write(0xfec0_0000, &[0x10, 0, 0, 0], 0);
-    r.vm.platform.mmio_write(0xfec0_0010, &0x400u32.to_le_bytes(), 0);
+    r.vm.platform
+        .mmio_write(0xfec0_0010, &0x400u32.to_le_bytes(), 0);
     r.cpu.state.insert("rflags", 2);
     r.cpu.tsc = 5;
     assert_eq!(r.exit(VmExit::Hlt), Next::Halt);

@@ -88,7 +88,21 @@ fn plan_and_zero_page_follow_the_boot_protocol() {
     };
     assert_eq!(e(0), (0, 0x9_fc00, E820_RAM));
     assert_eq!(e(3), (MIB, 255 * MIB, E820_RAM));
+    assert_eq!(
+        e(2),
+        (0xe_0000, 0x2_0000, E820_RESERVED),
+        "the BIOS area, ACPI tables"
+    );
     assert_eq!(e(4), (0xfec0_0000, 0x1000, E820_RESERVED));
+    // The ACPI tables at 0xE0000, RSDP first, and the zero page's acpi_rsdp_addr.
+    let tables = &p
+        .pieces
+        .iter()
+        .find(|(at, _)| *at == crate::acpi::TABLES_GPA)
+        .unwrap()
+        .1;
+    assert_eq!(&tables[..8], b"RSD PTR ");
+    assert_eq!(zp[0x70..0x78], 0xe_0000u64.to_le_bytes());
     let cmd = &p
         .pieces
         .iter()
