@@ -147,7 +147,12 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         if cpu_policy.xcr0_allowed == 0 { " (no XSAVE: FXSAVE)" } else { "" });
 
     let host = match start_vmx(&mut frames, cpu_policy) {
-        Ok(h) => h,
+        Ok(h) => {
+            let guest = h.cpu_policy.cpuid(0, 0, platform::cpuid(0, 0), 0)[0];
+            log::info!(target: "hv", "guest CPUID: basic leaves to {guest:#x} (the CPU's to {:#x}); \
+                leaves 0x15/0x16 give the TSC as {} kHz", cpu_policy.max_basic_leaf, h.cpu_policy.tsc_khz);
+            h
+        }
         Err(e) => {
             log::error!(target: "hv", "VT-x not available: {e}");
             log::info!(target: "hv", "halting");

@@ -81,7 +81,8 @@ pub fn kernel(ws: &Workspace) -> Result<PathBuf> {
     fs::create_dir_all(&download).context(|| format!("creating {}", download.display()))?;
     let fetched = || {
         Command::new("apt-get")
-            .args(["download", &package])
+            // As root, apt's download sandbox user cannot write into the cache: do without.
+            .args(["-o", "APT::Sandbox::User=root", "download", &package])
             .current_dir(&download)
             .stdout(Stdio::null())
             .status()

@@ -15,6 +15,7 @@ use crate::engine::{self, BootSpec};
 use crate::error::{Error, IoContext, Result};
 use crate::iso::{self, IsoSpec};
 use crate::process::{self, Ending};
+use crate::scenario::InputFeeder;
 use crate::workspace::Workspace;
 
 const USAGE: &str = "cargo xtask run [--manifest FILE] [--timeout-s N]";
@@ -42,7 +43,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         Some(value) => Duration::from_secs(parse_positive("--timeout-s", value)?),
         None => Duration::MAX,
     };
-    let images = manifest_images(&manifest)?;
+    let (images, linux) = manifest_images(&manifest)?;
 
     deps::ensure_packages()?;
     build::build_all(ws)?;
@@ -71,12 +72,17 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         iso: iso_path,
         dir: run_dir,
         timeout,
-        bochs_ips: engine::BOCHS_IPS,
+        bochs_ips: if linux {
+            engine::BOCHS_IPS_LINUX
+        } else {
+            engine::BOCHS_IPS
+        },
         bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
     };
     let mut tail = LogTail::new(boot.serial_log());
     let stdout = io::stdout();
-    let outcome = engine::boot(&boot, || {
+    // COM1 is a socket this process serves, so that lines typed here reach the VMs.
+    let (outcome, _) = engine::boot_interactive(&boot, InputFeeder::terminal(), || {
         let mut out = stdout.lock();
         // A failed copy to the terminal (closed pipe) must not stop the emulator run.
         let _ = tail.pump(&mut out).and_then(|_| out.flush());
@@ -99,9 +105,10 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The distinct boot modules the manifest's valid VMs use (kernels, modules, initrds), sorted. The manifest is parsed with
-/// the hypervisor's own parser; per-VM errors are shown (the hypervisor will skip those VMs).
-fn manifest_images(manifest: &Path) -> Result<Vec<String>> {
+/// The distinct boot modules the manifest's valid VMs use (kernels, modules, initrds), sorted,
+/// and whether one of the VMs is a Linux guest. The manifest is parsed with the hypervisor's
+/// own parser; per-VM errors are shown (the hypervisor will skip those VMs).
+fn manifest_images(manifest: &Path) -> Result<(Vec<String>, bool)> {
     let bytes = fs::read(manifest).context(|| format!("reading {}", manifest.display()))?;
     let parsed = hv_manifest::parse_bytes(&bytes, &hv_manifest::HostLimits::default())
         .map_err(|e| Error::config(manifest, e.to_string()))?;
@@ -127,7 +134,7 @@ fn manifest_images(manifest: &Path) -> Result<Vec<String>> {
     if images.is_empty() {
         return Err(Error::config(manifest, "no valid VM to run"));
     }
-    Ok(images)
+    Ok((images, parsed.vms.iter().any(|vm| vm.linux)))
 }
 
 /// Follows a file that another process appends to, like `tail -f`.
@@ -193,6 +200,9 @@ mod tests {
     #[test]
     fn demo_manifest_images() {
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
-        assert_eq!(manifest_images(&demo).unwrap(), vec!["hello".to_owned()]);
+        assert_eq!(
+            manifest_images(&demo).unwrap(),
+            (vec!["hello".to_owned()], false)
+        );
     }
 }

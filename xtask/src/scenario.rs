@@ -265,8 +265,8 @@ impl Input {
 
 /// Types a scenario's inputs as the serial log arrives: feed it every byte the emulator's COM1
 /// sends ([`InputFeeder::feed`]); it returns the bytes to send back. Pure, so the timing rules
-/// are unit-tested.
-#[derive(Debug, Clone)]
+/// are unit-tested. Or, for `cargo xtask run`, types what the user types ([`Self::terminal`]).
+#[derive(Debug)]
 pub struct InputFeeder {
     vms: Vec<String>,
     inputs: Vec<Input>,
@@ -276,9 +276,46 @@ pub struct InputFeeder {
     next: usize,
     /// The unfinished last line.
     partial: Vec<u8>,
+    /// Lines the user types on the terminal (`cargo xtask run`), read by a thread.
+    terminal: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl InputFeeder {
+    /// A feeder of what the user types on standard input, line by line (`NAME: text` goes to
+    /// VM NAME, as the hypervisor's console routes it), for `cargo xtask run`.
+    pub fn terminal() -> Self {
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        InputFeeder {
+            vms: Vec::new(),
+            inputs: Vec::new(),
+            seen: Vec::new(),
+            next: 0,
+            partial: Vec::new(),
+            terminal: Some(receive),
+        }
+    }
+
+    /// What the user typed since the last call, each line ended by a CR (Enter on a serial
+    /// terminal).
+    pub fn typed(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(lines) = &self.terminal {
+            for line in lines.try_iter() {
+                out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+                out.push(b'\r');
+            }
+        }
+        out
+    }
+
     /// The feeder of `scenario`'s inputs.
     pub fn new(scenario: &Scenario) -> Self {
         InputFeeder {
@@ -287,6 +324,7 @@ impl InputFeeder {
             seen: vec![false; scenario.inputs.len()],
             next: 0,
             partial: Vec::new(),
+            terminal: None,
         }
     }
 

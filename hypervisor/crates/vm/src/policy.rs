@@ -70,6 +70,53 @@ const fn hidden_leaf(leaf: u32) -> bool {
     matches!(leaf, 6 | 0xa | 0xf | 0x10 | 0x12 | 0x14 | 0x1c..=0x1e)
 }
 
+/// The TSC/crystal ratio of CPUID leaf 0x15 (EBX numerator / EAX denominator) for a TSC of
+/// `tsc_khz` and a crystal of `crystal_khz`, exact where it can be and otherwise the closest
+/// fraction whose numerator keeps `crystal_khz x numerator` within 32 bits: Linux computes the
+/// TSC rate as that product over the denominator in 32-bit arithmetic (`native_calibrate_tsc`),
+/// so the kHz values themselves as the fraction would overflow it. Real CPUs report small
+/// ratios (e.g. 176/2 over a 24 MHz crystal).
+pub fn tsc_crystal_ratio(tsc_khz: u32, crystal_khz: u32) -> (u32, u32) {
+    if tsc_khz == 0 || crystal_khz == 0 {
+        return (1, 1);
+    }
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let (t, c) = (u64::from(tsc_khz), u64::from(crystal_khz));
+    let g = gcd(t, c);
+    let (num, den) = (t / g, c / g);
+    let max_num = u64::from(u32::MAX) / c;
+    if num <= max_num {
+        return (den as u32, num as u32);
+    }
+    // The best approximation t/c with a numerator at most `max_num`: the last convergent of
+    // its continued fraction within the bound, or the best semiconvergent after it.
+    let (mut p0, mut q0, mut p1, mut q1) = (0u64, 1u64, 1u64, 0u64);
+    let (mut a, mut b) = (num, den);
+    while b != 0 {
+        let k = a / b;
+        let (p2, q2) = (k * p1 + p0, k * q1 + q0);
+        if p2 > max_num {
+            // Semiconvergent: the largest j with j*p1 + p0 within the bound, if it is closer.
+            let j = (max_num - p0) / p1;
+            let (ps, qs) = (j * p1 + p0, j * q1 + q0);
+            // |p/q - t/c| = |p c - t q| / (q c): compare across the common factor c.
+            let off = |p: u64, q: u64| u128::from((p * c).abs_diff(t * q));
+            if qs != 0 && off(ps, qs) * u128::from(q1) < off(p1, q1) * u128::from(qs) {
+                return (qs as u32, ps as u32);
+            }
+            break;
+        }
+        (p0, q0, p1, q1) = (p1, q1, p2, q2);
+        (a, b) = (b, a - k * b);
+    }
+    (q1.max(1) as u32, p1.max(1) as u32)
+}
+
 /// XCR0 components a guest may enable, when the CPU has them: x87 (0), SSE (1), AVX (2),
 /// AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM (5-7), PKRU (9). The hypervisor saves and restores
 /// exactly these with XSAVE when it switches VMs. MPX (3-4), CET and AMX are not offered.
@@ -274,7 +321,8 @@ impl CpuPolicy {
             // the APIC timer's clock, which Linux assumes it is.
             0x15 if self.tsc_khz != 0 => {
                 let bus_khz = self.apic_bus_khz();
-                [bus_khz, self.tsc_khz, bus_khz.saturating_mul(1000), 0]
+                let (denominator, numerator) = tsc_crystal_ratio(self.tsc_khz, bus_khz);
+                [denominator, numerator, bus_khz.saturating_mul(1000), 0]
             }
             0x16 if self.tsc_khz != 0 => {
                 let mhz = (self.tsc_khz / 1000).max(1);
@@ -310,6 +358,27 @@ mod tests {
             (0xd, 7) => [1024, 1664, 0, 0],
             (0xd, 9) => [8, 2688, 0, 0],
             _ => [0; 4],
+        }
+    }
+
+    #[test]
+    fn the_tsc_crystal_ratio_stays_within_linux_s_32_bit_arithmetic() {
+        // What Linux's native_calibrate_tsc computes, in 32 bits as it does.
+        let linux_khz = |tsc_khz: u32, crystal_khz: u32| {
+            let (den, num) = tsc_crystal_ratio(tsc_khz, crystal_khz);
+            crystal_khz.checked_mul(num).expect("no 32-bit overflow") / den
+        };
+        // Bochs at 100 MHz (TSC and APIC clock equal, measured 1 kHz apart); a 4 MHz one.
+        assert_eq!(tsc_crystal_ratio(100_000, 100_000), (1, 1));
+        assert_eq!(linux_khz(100_001, 100_001), 100_001);
+        assert_eq!(linux_khz(4_000, 4_000), 4_000);
+        // Fast TSCs over the 1 GHz APIC clock: exact when the fraction is small, else within
+        // a part per million.
+        assert_eq!(tsc_crystal_ratio(2_100_000, 1_000_000), (10, 21));
+        for tsc_khz in [2_893_456u32, 3_499_999, 1_000_001, 4_712_013, 5_999_999] {
+            let got = linux_khz(tsc_khz, 1_000_000);
+            let error = (f64::from(got) - f64::from(tsc_khz)).abs() / f64::from(tsc_khz);
+            assert!(error < 1e-6, "{tsc_khz} kHz read as {got} kHz");
         }
     }
 
@@ -419,11 +488,8 @@ mod tests {
             p.cpuid(CPUID_LEAF_TIMING, 0, [9; 4], 0),
             [2_100_000, 1_000_000, 0, 0]
         );
-        // Leaves 0x15 and 0x16 say the same rates: TSC = 1 GHz crystal x 2100000 / 1000000.
-        assert_eq!(
-            p.cpuid(0x15, 0, [9; 4], 0),
-            [1_000_000, 2_100_000, 1_000_000_000, 0]
-        );
+        // Leaves 0x15 and 0x16 say the same rates: TSC = 1 GHz crystal x 21 / 10.
+        assert_eq!(p.cpuid(0x15, 0, [9; 4], 0), [10, 21, 1_000_000_000, 0]);
         assert_eq!(p.cpuid(0x16, 0, [9; 4], 0), [2100, 2100, 1000, 0]);
         // Unmeasured: the host's.
         assert_eq!(CpuPolicy::from_host(host).cpuid(0x15, 0, [9; 4], 0), [9; 4]);
