@@ -49,6 +49,10 @@ use crate::platform::rdtsc;
 /// bytes per page, docs/benchmarks.md) or the Bochs scenario on tiny VMs (44).
 const METADATA_BOUND_PER_PAGE: u64 = 128;
 
+/// Heap bytes kept free for the rest of the hypervisor when the engine's store is sized: at
+/// least this, and at least a quarter of the heap.
+const HEAP_RESERVE_BYTES: usize = 2 << 20;
+
 /// A VM's own time, as reported to the engine, and what it is computed from.
 #[derive(Clone, Copy, Debug, Default)]
 struct OwnTime {
@@ -114,8 +118,8 @@ impl MemMux {
     /// The engine's metadata and its store of patches and compressed pages live on the
     /// hypervisor's heap (`heap_free` bytes free now). An allocation failure there would stop the
     /// whole hypervisor, so multiplexing is refused up front unless the metadata, at its bound
-    /// per page, fits in half of it; the store itself allocates fallibly and simply keeps pages
-    /// whole when the heap is full.
+    /// per page, fits in half of it; the store itself allocates fallibly, within a limit that
+    /// leaves a reserve free, and simply keeps pages whole once it is reached.
     pub fn new(
         config: &MemoryConfig,
         vms: &[impl HasGuestPhys],
@@ -132,12 +136,23 @@ impl MemMux {
                 need >> 10, heap_free >> 10);
             return None;
         }
+        // The store of patches and compressed pages gets what the metadata (at its bound)
+        // leaves, less a reserve for everything else on the heap: filling the heap to its last
+        // byte would make the next ordinary allocation stop the hypervisor.
+        let reserve = (heap_free / 4).max(HEAP_RESERVE_BYTES);
+        let store_limit = heap_free
+            .saturating_sub(usize::try_from(need).unwrap_or(usize::MAX))
+            .saturating_sub(reserve);
         let engine_config = Config {
             pages_per_scan: usize::try_from(config.scan_pages).unwrap_or(usize::MAX),
             cold_after_us: config.cold_after_us,
             cold_after_wall_us: config.cold_after_us,
+            store_limit_bytes: store_limit,
             ..Config::default()
         };
+        log::info!(target: "mem",
+            "engine heap: metadata up to {} KiB, patches and compressed pages up to {} KiB, of {} KiB free",
+            need >> 10, store_limit >> 10, heap_free >> 10);
         let mut engine = match Engine::new(engine_config) {
             Ok(engine) => engine,
             Err(e) => {

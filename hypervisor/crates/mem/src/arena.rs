@@ -113,6 +113,9 @@ impl Class {
 /// Size-classed storage for variable-length blobs.
 pub struct BlobArena {
     classes: Vec<Class>,
+    /// Heap bytes the store may hold ([`Self::heap_bytes`]); a store that would need a new
+    /// chunk past it fails as if the heap were full.
+    limit_bytes: usize,
     /// Sum of the lengths of live blobs.
     live_bytes: usize,
     live_blobs: usize,
@@ -127,10 +130,16 @@ impl Default for BlobArena {
 impl BlobArena {
     /// An empty store. Allocates only the class table.
     pub fn new() -> Self {
+        Self::with_limit(usize::MAX)
+    }
+
+    /// An empty store that holds at most `limit_bytes` of heap (chunks and free lists).
+    pub fn with_limit(limit_bytes: usize) -> Self {
         BlobArena {
             classes: (0..CLASSES).map(Class::new).collect(),
-            live_bytes: 0,
+            limit_bytes,
             live_blobs: 0,
+            live_bytes: 0,
         }
     }
 
@@ -145,6 +154,16 @@ impl BlobArena {
             return Err(StoreError::TooLarge);
         }
         let c = Self::class_of(len);
+        let class = &self.classes[c];
+        let needs_chunk =
+            class.free.is_empty() && class.used == class.chunks.len() * class.per_chunk;
+        if needs_chunk && self.limit_bytes != usize::MAX {
+            // The new chunk, and room in the free list for every slot of it.
+            let grows = class.per_chunk * (class.slot + 4);
+            if self.heap_bytes().saturating_add(grows) > self.limit_bytes {
+                return Err(StoreError::NoMemory);
+            }
+        }
         let class = &mut self.classes[c];
         let index = class.alloc()?;
         let slot = class.slot_mut(index);
@@ -237,5 +256,27 @@ mod tests {
             a.free(r);
         }
         assert_eq!(a.live_bytes(), 0);
+    }
+
+    #[test]
+    fn the_store_stays_within_its_limit_and_frees_room_again() {
+        let limit = 256 * 1024;
+        let mut a = BlobArena::with_limit(limit);
+        let mut refs = Vec::new();
+        while let Ok(r) = a.store(&[&[1u8; 3000]]) {
+            refs.push(r);
+            assert!(a.heap_bytes() <= limit, "{} over the limit", a.heap_bytes());
+        }
+        assert!(
+            refs.len() > 40,
+            "it filled most of the limit: {}",
+            refs.len()
+        );
+        assert_eq!(a.store(&[&[1u8; 3000]]), Err(StoreError::NoMemory));
+        // Freed slots are reused without growing.
+        a.free(refs.pop().unwrap());
+        a.store(&[&[2u8; 3000]]).unwrap();
+        // Another size class has no chunk yet, and none fits.
+        assert_eq!(a.store(&[b"small"]), Err(StoreError::NoMemory));
     }
 }

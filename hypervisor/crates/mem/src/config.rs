@@ -70,6 +70,11 @@ pub struct Config {
     /// keeping them cut the total footprint by 3.3% against a 3072 cutoff; 4096 gains only 0.2%
     /// more for pages that barely compress.
     pub compress_cutoff: usize,
+    /// Heap bytes the store of patches and compressed pages may hold at most (its chunks and
+    /// free lists): past it a page simply stays as it is. The store allocates fallibly, but an
+    /// embedder whose other allocations cannot fail (the hypervisor's heap) must keep it from
+    /// taking the last free bytes. Default `usize::MAX`: only the allocator's failure stops it.
+    pub store_limit_bytes: usize,
 }
 
 impl Default for Config {
@@ -92,6 +97,7 @@ impl Default for Config {
             similarity_entries_per_page: 4,
             patch_cutoff: 1024,
             compress_cutoff: 3584,
+            store_limit_bytes: usize::MAX,
         }
     }
 }

@@ -380,6 +380,7 @@ impl Engine {
         config.validate()?;
         let positions =
             similarity_positions(config.similarity_seed, config.similarity_blocks as usize);
+        let store_limit = config.store_limit_bytes;
         Ok(Engine {
             config,
             positions,
@@ -392,7 +393,7 @@ impl Engine {
             objects: Vec::new(),
             free_objects: Vec::new(),
             orphans: Vec::new(),
-            blobs: BlobArena::new(),
+            blobs: BlobArena::with_limit(store_limit),
             wall_us: 0,
             total_pages: 0,
             cursor: (0, 0),
