@@ -12,6 +12,7 @@
 //! - `bench exits`: VM exit round-trip cost under Bochs.
 //! - `bench dilation`: time-dilated clocks' rate error, RDTSC cost (dilation_bench.rs).
 //! - `bench mem`: the memory engine against Linux KSM on raw guest-RAM images (mem_bench.rs).
+//! - `bench linux`: a Linux boot under muxvisor against bare Bochs (linux_bench.rs).
 //! - `corpus`: real Linux guest-RAM images made under QEMU, for `bench mem` (corpus.rs).
 //! - `manifest check`: validates a boot manifest with the hypervisor's own parser.
 
@@ -30,6 +31,7 @@ mod iso;
 mod ksm;
 mod kut;
 mod linux;
+mod linux_bench;
 mod manifest_cmd;
 mod mem_bench;
 mod process;
@@ -65,6 +67,7 @@ usage: cargo xtask <command> [options]
   bench exits [--n N]         VM exit round-trip cost under Bochs (runs N and 4N)
   bench dilation              time-dilated clocks' rate error and RDTSC cost under Bochs
   bench mem --images DIR ...  memory engine vs KSM on raw guest-RAM images
+  bench linux                 Debian's cloud kernel under muxvisor vs on bare Bochs
   corpus [--out DIR] ...      make real Linux guest-RAM images under QEMU
   manifest check FILE [--images DIR] [--memory-mib N]
                               validate a boot manifest
@@ -106,6 +109,7 @@ fn dispatch(ws: &Workspace, args: &[String]) -> Result<()> {
         ["bench", "exits", ..] => with_interrupts(|| bench::exits(ws, &args[2..])),
         ["bench", "dilation", ..] => with_interrupts(|| dilation_bench::run(ws, &args[2..])),
         ["bench", "mem", ..] => mem_bench::run(&args[2..]),
+        ["bench", "linux", ..] => with_interrupts(|| linux_bench::run(ws, &args[2..])),
         ["corpus", ..] => corpus::run(&args[1..]),
         ["manifest", "check", ..] => manifest_cmd::check(&args[2..]),
         // `bench` alone or with a help flag: the overview lists its benchmarks.
