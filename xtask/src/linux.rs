@@ -88,7 +88,9 @@ pub fn kernel(ws: &Workspace) -> Result<PathBuf> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !fetched() && !(apt_update() && fetched()) {
+    // Once more after refreshing the package lists, which a fresh machine may lack.
+    let ok = fetched() || (apt_update() && fetched());
+    if !ok {
         return Err(Error::Deps(format!(
             "linux: `apt-get download {package}` failed (needs Debian's package lists); or set \
              {KERNEL_ENV} to a bzImage"

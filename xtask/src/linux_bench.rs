@@ -24,9 +24,13 @@ use crate::iso::{self, IsoSpec};
 use crate::linux;
 use crate::workspace::Workspace;
 
-const USAGE: &str = "cargo xtask bench linux";
+const USAGE: &str = "cargo xtask bench linux [--cmdline \"KERNEL ARGS\"]";
+/// The kernel's command line unless `--cmdline` gives another.
 const CMDLINE: &str = "console=ttyS0 panic=-1";
+/// The kernel's line as it starts /init (not printed with `quiet`), and the line of /init
+/// itself, which gives its uptime: `bench: /init at SECONDS s of uptime`.
 const INIT_LINE: &str = "Run /init as init process";
+const BENCH_LINE: &str = "bench: /init at ";
 const TIMEOUT: Duration = Duration::from_secs(900);
 
 /// One boot's figures.
@@ -41,14 +45,21 @@ struct Boot {
 
 /// `cargo xtask bench linux`.
 pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
-    Args::parse(
+    let args = Args::parse(
         args,
         &Spec {
             usage: USAGE,
-            with_value: &[],
+            with_value: &["--cmdline"],
             positional: false,
         },
     )?;
+    let cmdline = args.value("--cmdline").unwrap_or(CMDLINE).to_owned();
+    if cmdline.contains(['"', '\\', '\n']) {
+        return Err(Error::Usage(format!(
+            "bench linux: --cmdline must not hold quotes, backslashes or line breaks\n{USAGE}"
+        )));
+    }
+    println!("bench linux: kernel command line \"{cmdline}\"");
     deps::ensure_packages()?;
     build::build_all(ws)?;
     let kernel = linux::kernel(ws)?;
@@ -68,7 +79,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
     }
     let cfg = format!(
         "set timeout=0\nset default=0\nmenuentry \"Linux on bare Bochs\" {{\n    linux /boot/vmlinuz \
-         {CMDLINE}\n    initrd /boot/initramfs\n}}\n"
+         {cmdline}\n    initrd /boot/initramfs\n}}\n"
     );
     fs::write(grub.join("grub.cfg"), cfg).context(|| "writing grub.cfg".to_owned())?;
     let bare_iso = bare_dir.join("bare.iso");
@@ -82,7 +93,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
     let manifest = mux_dir.join("manifest.toml");
     let text = format!(
         "[[vm]]\nname = \"linux\"\nmemory_mib = 128\nkernel = \"{}\"\ninitrd = \"{}bench\"\n\
-         cmdline = \"{CMDLINE}\"\n",
+         cmdline = \"{cmdline}\"\n",
         linux::KERNEL_IMAGE,
         linux::INITRAMFS_PREFIX,
     );
@@ -135,21 +146,33 @@ fn boot(dir: &Path, iso: &Path) -> Result<Boot> {
     let start = Instant::now();
     let mut at_init: Option<f64> = None;
     let outcome = engine::boot(&spec, || {
-        if at_init.is_none() && fs::read_to_string(&serial).is_ok_and(|log| log.contains(INIT_LINE))
+        if at_init.is_none()
+            && fs::read_to_string(&serial)
+                .is_ok_and(|log| log.contains(INIT_LINE) || log.contains(BENCH_LINE))
         {
             at_init = Some(start.elapsed().as_secs_f64());
         }
     })?;
     let log = fs::read_to_string(&serial).context(|| format!("reading {}", serial.display()))?;
-    let line = log.lines().find(|l| l.contains(INIT_LINE)).ok_or_else(|| {
-        Error::Failed(format!(
-            "bench linux: the kernel never ran /init (log {})",
-            serial.display()
-        ))
-    })?;
+    // The kernel's timestamp where it printed one, else what /init read from /proc/uptime.
+    let uptime = log
+        .lines()
+        .find(|l| l.contains(INIT_LINE))
+        .and_then(kernel_timestamp)
+        .or_else(|| {
+            let line = log.lines().find(|l| l.contains(BENCH_LINE))?;
+            let rest = &line[line.find(BENCH_LINE)? + BENCH_LINE.len()..];
+            rest.split(' ').next()?.parse().ok()
+        })
+        .ok_or_else(|| {
+            Error::Failed(format!(
+                "bench linux: the kernel never ran /init (log {})",
+                serial.display()
+            ))
+        })?;
     Ok(Boot {
         wall_to_init: at_init.unwrap_or(outcome.wall.as_secs_f64()),
-        uptime_at_init: kernel_timestamp(line).unwrap_or(f64::NAN),
+        uptime_at_init: uptime,
         wall: outcome.wall.as_secs_f64(),
     })
 }
