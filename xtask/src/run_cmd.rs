@@ -204,5 +204,14 @@ mod tests {
             manifest_images(&demo).unwrap(),
             (vec!["hello".to_owned()], false)
         );
+        // The Linux demo: two valid VMs, run at the Linux rate.
+        let linux = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/linux.toml");
+        assert_eq!(
+            manifest_images(&linux).unwrap(),
+            (
+                vec!["initramfs-shell".to_owned(), "vmlinuz".to_owned()],
+                true
+            )
+        );
     }
 }
