@@ -167,35 +167,23 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
 /// to 64 bytes (the FACS must be).
 pub fn tables() -> Vec<u8> {
     const ALIGN: usize = 64;
-    let at = |blob: &Vec<u8>| TABLES_GPA + blob.len().next_multiple_of(ALIGN) as u64;
-    let place = |blob: &mut Vec<u8>, table: &[u8]| {
-        blob.resize(blob.len().next_multiple_of(ALIGN), 0);
-        blob.extend_from_slice(table);
-    };
     // Sizes are fixed, so addresses can be computed before the tables that hold them.
-    let rsdp_len = Rsdp::len();
-    let xsdt_len = 36 + 2 * 8;
-    let fadt_len = acpi_tables::fadt::FADT::len();
-    let facs_len = FACS::len();
     let madt = madt();
     let dsdt = dsdt();
-    let offsets = {
-        let mut off = [0usize; 6];
-        let lens = [
-            rsdp_len,
-            xsdt_len,
-            fadt_len,
-            facs_len,
-            madt.len(),
-            dsdt.len(),
-        ];
-        let mut end = 0usize;
-        for (o, len) in off.iter_mut().zip(lens) {
-            *o = end.next_multiple_of(ALIGN);
-            end = *o + len;
-        }
-        off
-    };
+    let lens = [
+        Rsdp::len(),
+        36 + 2 * 8, // the XSDT: header and two entries
+        acpi_tables::fadt::FADT::len(),
+        FACS::len(),
+        madt.len(),
+        dsdt.len(),
+    ];
+    let mut offsets = [0usize; 6];
+    let mut end = 0usize;
+    for (offset, len) in offsets.iter_mut().zip(lens) {
+        *offset = end.next_multiple_of(ALIGN);
+        end = *offset + len;
+    }
     let gpa = |i: usize| TABLES_GPA + offsets[i] as u64;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(gpa(2));
@@ -208,10 +196,10 @@ pub fn tables() -> Vec<u8> {
         madt,
         dsdt,
     ];
-    let mut blob = Vec::new();
-    for (i, piece) in pieces.iter().enumerate() {
-        debug_assert_eq!(at(&blob), gpa(i));
-        place(&mut blob, piece);
+    let mut blob = alloc::vec![0u8; end];
+    for ((piece, offset), len) in pieces.iter().zip(offsets).zip(lens) {
+        debug_assert_eq!(piece.len(), len, "a table's planned size");
+        blob[offset..offset + piece.len()].copy_from_slice(piece);
     }
     debug_assert!(blob.len() as u64 <= TABLES_SIZE);
     blob
