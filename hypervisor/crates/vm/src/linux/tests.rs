@@ -49,6 +49,12 @@ fn a_distribution_kernels_header_parses() {
     assert_eq!(k.header.len(), 0x26c - 0x1f1);
 }
 
+/// The bytes the plan puts at `gpa`.
+fn piece(plan: &LinuxPlan, gpa: u64) -> &[u8] {
+    let found = plan.pieces.iter().find(|(at, _)| *at == gpa);
+    &found.unwrap_or_else(|| panic!("no piece at {gpa:#x}")).1
+}
+
 #[test]
 fn plan_and_zero_page_follow_the_boot_protocol() {
     let img = image(0x1000);
@@ -61,12 +67,7 @@ fn plan_and_zero_page_follow_the_boot_protocol() {
     assert_eq!(initrd % 4096, 0);
     assert!(initrd + 3 * MIB + 5 <= 256 * MIB && initrd >= p.kernel + k.init_size);
     assert_eq!(p.end, initrd + 3 * MIB + 5, "the initrd ends highest");
-    let zp = &p
-        .pieces
-        .iter()
-        .find(|(at, _)| *at == ZERO_PAGE_GPA)
-        .unwrap()
-        .1;
+    let zp = piece(&p, ZERO_PAGE_GPA);
     assert_eq!(zp.len(), 4096);
     let u32_at = |at: usize| u32::from_le_bytes(zp[at..at + 4].try_into().unwrap());
     // The header copied, then the loader's fields.
@@ -95,22 +96,12 @@ fn plan_and_zero_page_follow_the_boot_protocol() {
     );
     assert_eq!(e(4), (0xfec0_0000, 0x1000, E820_RESERVED));
     // The ACPI tables at 0xE0000, RSDP first, and the zero page's acpi_rsdp_addr.
-    let tables = &p
-        .pieces
-        .iter()
-        .find(|(at, _)| *at == crate::acpi::TABLES_GPA)
-        .unwrap()
-        .1;
+    let tables = piece(&p, crate::acpi::TABLES_GPA);
     assert_eq!(&tables[..8], b"RSD PTR ");
     assert_eq!(zp[0x70..0x78], 0xe_0000u64.to_le_bytes());
-    let cmd = &p
-        .pieces
-        .iter()
-        .find(|(at, _)| *at == CMDLINE_GPA)
-        .unwrap()
-        .1;
-    assert_eq!(cmd.as_slice(), b"console=ttyS0 acpi=off\0");
-    let gdt = &p.pieces.iter().find(|(at, _)| *at == GDT_GPA).unwrap().1;
+    let cmd = piece(&p, CMDLINE_GPA);
+    assert_eq!(cmd, b"console=ttyS0 acpi=off\0");
+    let gdt = piece(&p, GDT_GPA);
     assert_eq!(
         gdt[usize::from(BOOT_CS)..usize::from(BOOT_CS) + 8],
         0x00af_9b00_0000_ffffu64.to_le_bytes()
