@@ -592,6 +592,16 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `apt-get update`, for package lists a fresh machine may lack; whether it succeeded.
+pub(crate) fn apt_update() -> bool {
+    eprintln!("xtask: apt-get update");
+    Command::new("apt-get")
+        .arg("update")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Installs Debian packages (root only), running `apt-get update` once if the first try fails.
 fn apt_install(packages: &[&str]) -> Result<(), CorpusError> {
     eprintln!("corpus: installing {} with apt-get", packages.join(" "));
@@ -606,10 +616,7 @@ fn apt_install(packages: &[&str]) -> Result<(), CorpusError> {
     if matches!(install(), Ok(s) if s.success()) {
         return Ok(());
     }
-    let _ = Command::new("apt-get")
-        .arg("update")
-        .stdout(Stdio::null())
-        .status();
+    apt_update();
     match install() {
         Ok(s) if s.success() => Ok(()),
         _ => Err(CorpusError::Missing(format!(

@@ -89,17 +89,14 @@ pub fn kernel(ws: &Workspace) -> Result<PathBuf> {
             .is_ok_and(|s| s.success())
     };
     // Once more after refreshing the package lists, which a fresh machine may lack.
-    let ok = fetched() || (apt_update() && fetched());
+    let ok = fetched() || (corpus::apt_update() && fetched());
     if !ok {
         return Err(Error::Deps(format!(
             "linux: `apt-get download {package}` failed (needs Debian's package lists); or set \
              {KERNEL_ENV} to a bzImage"
         )));
     }
-    let deb = fs::read_dir(&download)
-        .context(|| format!("reading {}", download.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+    let deb = find_file(&download, |name| name.ends_with(".deb"))?
         .ok_or_else(|| Error::Failed(format!("linux: no .deb in {}", download.display())))?;
     let unpacked = download.join("root");
     let ok = Command::new("dpkg-deb")
@@ -115,14 +112,7 @@ pub fn kernel(ws: &Workspace) -> Result<PathBuf> {
         )));
     }
     let boot = unpacked.join("boot");
-    let vmlinuz = fs::read_dir(&boot)
-        .context(|| format!("reading {}", boot.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
+    let vmlinuz = find_file(&boot, |name| name.starts_with("vmlinuz-"))?
         .ok_or_else(|| Error::Failed(format!("linux: {package} has no boot/vmlinuz-*")))?;
     // Copied, then renamed: an interrupted fetch never leaves a truncated kernel in the cache.
     let partial = dir.join("vmlinuz.partial");
@@ -145,13 +135,12 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn apt_update() -> bool {
-    eprintln!("linux: apt-get update");
-    Command::new("apt-get")
-        .arg("update")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// The first entry of `dir` whose file name satisfies `wanted`.
+fn find_file(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<Option<PathBuf>> {
+    Ok(fs::read_dir(dir)
+        .context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&wanted)))
 }
 
 /// The versioned kernel package the metapackage depends on (`linux-image-6.1.0-N-cloud-amd64`).
@@ -165,7 +154,7 @@ fn kernel_package() -> Result<String> {
         parse_depends(&String::from_utf8_lossy(&out.stdout))
     };
     depends()
-        .or_else(|| apt_update().then(depends).flatten())
+        .or_else(|| corpus::apt_update().then(depends).flatten())
         .ok_or_else(|| {
             Error::Deps(format!(
                 "linux: apt-cache knows no {KERNEL_METAPACKAGE} (needs Debian's package lists); \
