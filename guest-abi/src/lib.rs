@@ -29,8 +29,9 @@ pub const CPUID_SIGNATURE: &[u8; 12] = b"MuxVisor\0\0\0\0";
 pub const CPUID_LEAF_BASE: u32 = 0x4000_0000;
 /// Highest hypervisor leaf answered (EAX of leaf 0x4000_0000).
 pub const CPUID_LEAF_MAX: u32 = 0x4000_0010;
-/// Leaf 0x4000_0001 EAX: the hypercall ABI version below.
-pub const ABI_VERSION: u32 = 1;
+/// Leaf 0x4000_0001 EAX: the hypercall ABI version below. Version 2 added the idle detector's
+/// fields to [`VmStats`] (104 bytes before, 144 now).
+pub const ABI_VERSION: u32 = 2;
 
 /// Longest console write accepted in one call, in bytes.
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
@@ -196,7 +197,21 @@ pub struct VmStats {
     pub cpu_us: u64,
     /// Number of times the VM was scheduled in.
     pub runs: u64,
+    /// The idle detector's state for this VM: [`IDLE_STATE_ACTIVE`], [`IDLE_STATE_IDLE`] or
+    /// [`IDLE_STATE_DORMANT`].
+    pub idle_state: u64,
+    /// Times the idle detector changed this VM's state.
+    pub idle_changes: u64,
+    /// Microseconds of host time spent active, idle and dormant since the VMs started.
+    pub active_us: u64,
+    pub idle_us: u64,
+    pub dormant_us: u64,
 }
+
+/// [`VmStats::idle_state`] values.
+pub const IDLE_STATE_ACTIVE: u64 = 0;
+pub const IDLE_STATE_IDLE: u64 = 1;
+pub const IDLE_STATE_DORMANT: u64 = 2;
 
 #[cfg(test)]
 mod tests {

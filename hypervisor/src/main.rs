@@ -166,7 +166,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     log::info!(target: "hv", "MMIO instruction decoder ready{} in {} us",
         if decoder_ok { "" } else { " (its self-check FAILED)" },
         hv_vm::sched::tsc_to_us(platform::rdtsc() - t, host.tsc_hz));
-    let (mut vms, memory) = create_vms(&mbi, &host, &mut frames);
+    let (mut vms, memory, idle) = create_vms(&mbi, &host, &mut frames);
     if vms.is_empty() {
         log::error!(target: "hv", "no VMs to run");
         platform::shutdown();
@@ -174,7 +174,14 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     // Its own statement: the heap's lock guard must be gone before the engine allocates.
     let heap_free = HEAP.lock().free();
     let mut mux = if memory.multiplex {
-        memmux::MemMux::new(&memory, &vms, host.tsc_hz, host.controls.ept_ad, heap_free)
+        memmux::MemMux::new(
+            &memory,
+            &idle,
+            &vms,
+            host.tsc_hz,
+            host.controls.ept_ad,
+            heap_free,
+        )
     } else {
         None
     };
@@ -182,7 +189,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     if interrupts::SELFTEST.load(Ordering::Relaxed) {
         interrupts::start_selftest();
     }
-    vm::run_all(&mut vms, &host, &mut frames, mux.as_mut());
+    vm::run_all(&mut vms, &host, &mut frames, mux.as_mut(), &idle);
     interrupts::finish(host.tsc_hz);
 
     // How the VMs ended: "N exited", then the other ends that occurred, then "N failed".
@@ -192,8 +199,10 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         ("halted", 0),
         ("rebooted", 0),
     ];
-    for v in &vms {
-        println!("[INFO] stats {}", v.core.stats_line(host.tsc_hz));
+    let end = platform::rdtsc();
+    for v in &mut vms {
+        v.core.update_idle_stats(end);
+        println!("[INFO] stats {}", v.core.stats_line(end, host.tsc_hz));
         let end = match v.core.state {
             hv_vm::sched::VmState::Exited(_) => 0,
             hv_vm::sched::VmState::PoweredOff => 1,
@@ -204,7 +213,7 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         ends[end].1 += 1;
     }
     if let Some(mux) = &mux {
-        mux.report();
+        mux.report(&vms, vms.iter().map(|v| v.core.acct.stats.cpu_tsc).sum());
     }
     let ended: usize = ends.iter().map(|(_, n)| n).sum();
     let mut summary = String::new();
@@ -384,12 +393,16 @@ fn module_bytes(m: &multiboot2::ModuleTag) -> &'static [u8] {
     }
 }
 
-/// Builds the VMs of the manifest; also returns its `[memory]` settings.
+/// Builds the VMs of the manifest; also returns its `[memory]` and `[idle]` settings.
 fn create_vms(
     mbi: &BootInformation,
     host: &vm::HostVmx,
     frames: &mut FrameAllocator,
-) -> (Vec<vm::Vm>, hv_manifest::MemoryConfig) {
+) -> (
+    Vec<vm::Vm>,
+    hv_manifest::MemoryConfig,
+    hv_manifest::IdleConfig,
+) {
     let mut images: Vec<(String, &'static [u8])> = Vec::new();
     let mut manifest: Option<&'static [u8]> = None;
     for m in mbi.module_tags() {
@@ -403,7 +416,7 @@ fn create_vms(
     }
     let Some(text) = manifest else {
         log::error!(target: "manifest", "no module named \"manifest\" (add `module2 /boot/manifest.toml manifest` to the GRUB entry)");
-        return (Vec::new(), Default::default());
+        return (Vec::new(), Default::default(), Default::default());
     };
     let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
     let limits = hv_manifest::HostLimits {
@@ -414,7 +427,7 @@ fn create_vms(
         Ok(m) => m,
         Err(e) => {
             log::error!(target: "manifest", "{e}");
-            return (Vec::new(), Default::default());
+            return (Vec::new(), Default::default(), Default::default());
         }
     };
     for e in &manifest.errors {
@@ -442,5 +455,5 @@ fn create_vms(
             Err(e) => log::error!(target: "hv", "vm \"{}\" not started: {e}", config.name),
         }
     }
-    (vms, manifest.memory)
+    (vms, manifest.memory, manifest.idle)
 }

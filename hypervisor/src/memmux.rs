@@ -31,12 +31,13 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use hv_manifest::MemoryConfig;
+use hv_manifest::{IdleConfig, MemoryConfig};
 use hv_mem::{
     Access, Config, DomainId, Engine, FaultResolution, Frame, Gfn, Mapping, MemoryBackend,
     OutOfFrames, Page, Stats, VmId, PAGE_SIZE,
 };
 use hv_vm::frames::FrameAllocator;
+use hv_vm::idle::IdleState;
 use hv_vm::memory::PageMapping;
 use hv_vmx::ept::EptPerms;
 
@@ -69,6 +70,23 @@ pub struct MemMux {
     engine: Engine,
     scan_pages: u64,
     interval_tsc: u64,
+    /// `[memory] scan_cpu_percent`: the scanner's most share of host time.
+    scan_cpu_percent: u64,
+    /// When the first scan step began: the scan budget counts from there.
+    first_scan: Option<u64>,
+    /// What the last scan step took.
+    last_step_tsc: u64,
+    /// Scan steps put off because the scanner had used its share.
+    budget_waits: u64,
+    /// When the engine was created (the closing report's time base).
+    created: u64,
+    /// Per VM (by index): the idle state its coldness thresholds were last set for.
+    cold_for: Vec<IdleState>,
+    /// Per VM: its private pages when it first became idle (as the scanner saw it), and the fewest
+    /// seen at any step while it was idle or dormant (its footprint down to the working set).
+    idle_footprint: Vec<Option<(u64, u64)>>,
+    /// The thresholds an idle VM's pages get: the detector's window (`idle_after` intervals).
+    idle_cold_us: u64,
     tsc_hz: u64,
     last_scan: u64,
     /// Per VM (by index): TSC ticks the engine spent on its faults, and its own time.
@@ -122,6 +140,7 @@ impl MemMux {
     /// leaves a reserve free, and simply keeps pages whole once it is reached.
     pub fn new(
         config: &MemoryConfig,
+        idle: &IdleConfig,
         vms: &[impl HasGuestPhys],
         tsc_hz: u64,
         ept_ad: bool,
@@ -182,10 +201,27 @@ impl MemMux {
             "a page untouched for {} of its VM's own time and of host time is cold; \
              a full scan pass takes at least {}",
             Micros(config.cold_after_us), Micros(pass_us));
+        // An idle VM's working set is what its wake-ups touched over the detector's window.
+        let idle_cold_us = idle
+            .interval_us
+            .saturating_mul(idle.idle_after)
+            .min(config.cold_after_us);
+        log::info!(target: "mem",
+            "scanner budget: {}% of host time; an idle VM's page untouched for {} is cold{}",
+            config.scan_cpu_percent, Micros(idle_cold_us),
+            if idle.detect { "" } else { " (idle detection is off)" });
         Some(Self {
             engine,
             scan_pages: config.scan_pages,
             interval_tsc: hv_vm::sched::us_to_tsc(config.scan_interval_us, tsc_hz),
+            scan_cpu_percent: config.scan_cpu_percent.clamp(1, 100),
+            first_scan: None,
+            last_step_tsc: 0,
+            budget_waits: 0,
+            created: rdtsc(),
+            cold_for: vec![IdleState::Active; vms.len()],
+            idle_footprint: vec![None; vms.len()],
+            idle_cold_us,
             tsc_hz,
             last_scan: 0,
             vm_fault_tsc: vec![0; vms.len()],
@@ -217,7 +253,14 @@ impl MemMux {
         )
     }
 
-    /// Runs one scan step if the interval since the last one has passed.
+    /// Runs one scan step if the interval since the last one has passed and the scanner is
+    /// within its budget: its total time, this step included (estimated at what the last one
+    /// took), at most `scan_cpu_percent` of the host time since the first step. Over any run it
+    /// takes no more than that share, but for a step that costs more than the one before it.
+    ///
+    /// Before the step, VMs the idle detector calls idle or dormant (and that do not opt out
+    /// with `idle_reclaim = false`) get shorter coldness thresholds: the pages their idle
+    /// wake-ups leave alone go at the next visit, their working set stays.
     ///
     /// The first step waits until every VM has been on the CPU once: the engine merges a page
     /// the guest has not touched on its first visit, and before a VM has run, every page looks
@@ -237,7 +280,16 @@ impl MemMux {
             }
         } else if start.wrapping_sub(self.last_scan) < self.interval_tsc {
             return;
+        } else if let Some(first) = self.first_scan {
+            let allowed =
+                u128::from(start.saturating_sub(first)) * u128::from(self.scan_cpu_percent);
+            if u128::from(self.scan_tsc) * 100 > allowed {
+                self.budget_waits += 1;
+                return;
+            }
         }
+        self.first_scan.get_or_insert(start);
+        self.set_cold_thresholds(vms);
         self.engine
             .set_wall_time(hv_vm::sched::tsc_to_us(start, self.tsc_hz));
         for (i, own) in self.own.iter().enumerate() {
@@ -250,12 +302,52 @@ impl MemMux {
         engine.scan(&mut backend, pages);
         let stats = engine.stats();
         let end = rdtsc();
-        self.scan_tsc += end.wrapping_sub(start);
+        self.last_step_tsc = end.wrapping_sub(start);
+        self.scan_tsc += self.last_step_tsc;
         self.scans += 1;
         self.last_scan = end;
         if beyond_zero(&stats) > beyond_zero(&self.peak) {
             self.peak = stats;
             self.peak_scan = self.scans;
+        }
+        self.track_idle_footprints();
+    }
+
+    /// Records the footprint of every VM whose coldness thresholds are an idle VM's.
+    fn track_idle_footprints(&mut self) {
+        for (i, state) in self.cold_for.iter().enumerate() {
+            if *state == IdleState::Active {
+                continue;
+            }
+            let Ok(private) = self.engine.vm_private_pages(VmId(i as u32)) else {
+                continue;
+            };
+            if let Some(f) = self.idle_footprint.get_mut(i) {
+                let (_, min) = f.get_or_insert((private, private));
+                *min = (*min).min(private);
+            }
+        }
+    }
+
+    /// Gives each VM whose idle state changed the coldness thresholds of its new state.
+    fn set_cold_thresholds(&mut self, vms: &[impl HasGuestPhys]) {
+        for (i, vm) in vms.iter().map(|v| v.vm()).enumerate() {
+            let state = if vm.config.idle_reclaim {
+                vm.idle.state()
+            } else {
+                IdleState::Active
+            };
+            let Some(was) = self.cold_for.get_mut(i) else {
+                continue;
+            };
+            if *was == state || !vm.state.is_runnable() {
+                continue;
+            }
+            *was = state;
+            let after =
+                (state != IdleState::Active).then_some((self.idle_cold_us, self.idle_cold_us));
+            // A VM that stopped has left the engine; nothing to set.
+            let _ = self.engine.set_vm_cold_after(VmId(i as u32), after);
         }
     }
 
@@ -351,7 +443,7 @@ impl MemMux {
     /// sharing, patching and compression: zero pages aside, because VMs are all zero pages
     /// until their guests write, and VMs leave the engine as they stop, so neither the first
     /// nor the final state shows what multiplexing achieves while the VMs run.
-    pub fn report(&self) {
+    pub fn report(&self, vms: &[impl HasGuestPhys], vm_cpu_tsc: u64) {
         let p = &self.peak;
         let c = self.engine.stats().counters;
         let us = |tsc: u64| hv_vm::sched::tsc_to_us(tsc, self.tsc_hz);
@@ -374,6 +466,20 @@ impl MemMux {
             c.merges_zero, c.merges_identical, c.patches_made, c.pages_compressed, c.cow_breaks,
             c.faults_zero, c.faults_shared, c.faults_patched, c.faults_decompressed,
             c.faults_out_of_frames, c.volatile_skips);
+        let run = rdtsc().wrapping_sub(self.created).max(1);
+        let permille = |t: u64| (u128::from(t) * 1000 / u128::from(run)) as u64;
+        log::info!(target: "mem",
+            "cpu: scan_us={} scan_permille={} budget_percent={} budget_waits={} fault_us={} \
+             vm_cpu_us={} vm_cpu_permille={} (permille: of host time since the engine started)",
+            us(self.scan_tsc), permille(self.scan_tsc), self.scan_cpu_percent, self.budget_waits,
+            us(self.fault_tsc), us(vm_cpu_tsc), permille(vm_cpu_tsc));
+        for (v, footprint) in vms.iter().zip(&self.idle_footprint) {
+            if let Some((first, min)) = footprint {
+                log::info!(target: "mem",
+                    "idle footprint vm={} pages={} private_when_idle={first} private_min={min}",
+                    v.vm().name, v.guest_phys().memory.pages());
+            }
+        }
     }
 }
 

@@ -45,6 +45,7 @@ use crate::guest_phys::{
 use crate::memmux::MemMux;
 use crate::platform::{cpuid, rdmsr, rdtsc};
 use crate::vmx::{self, vmread, vmwrite};
+use hv_vm::idle::RunEnd;
 
 /// How the guest starts: the CPU mode and registers its boot protocol gives it.
 struct Entry {
@@ -1059,6 +1060,7 @@ fn route_input(vms: &mut [Vm], router: &mut InputRouter) {
                     return;
                 };
                 let now = rdtsc();
+                vm.core.input_arrived(now);
                 let platform = &mut vm.core.platform;
                 let taken = platform.push_input(text, now) + platform.push_input(b"\r", now);
                 if taken < text.len() + 1 {
@@ -1089,6 +1091,7 @@ pub fn run_all(
     host: &HostVmx,
     frames: &mut FrameAllocator,
     mut mux: Option<&mut MemMux>,
+    idle: &hv_manifest::IdleConfig,
 ) {
     let rate = host.caps.preemption_timer_rate();
     let min_slice = sched::us_to_tsc(MIN_SLICE_US, host.tsc_hz).max(1);
@@ -1101,15 +1104,21 @@ pub fn run_all(
     let mut current: Option<usize> = None;
     let mut last_on_cpu: Option<usize> = None;
     let start = rdtsc();
+    let idle_policy = hv_vm::idle::IdlePolicy::new(idle, host.tsc_hz);
     for vm in vms.iter_mut() {
         vm.core.acct.ready(start);
+        vm.core.start_idle_detection(idle_policy, start);
     }
     let mut round: u64 = 0;
     loop {
         route_input(vms, &mut input);
         let now = rdtsc();
         for vm in vms.iter_mut() {
-            if vm.core.state.is_runnable() && vm.core.halted.is_some() && vm.core.wake(now) {
+            if !vm.core.state.is_runnable() {
+                continue;
+            }
+            vm.core.idle_tick(now);
+            if vm.core.halted.is_some() && vm.core.wake(now) {
                 vm.core.acct.ready(now);
             }
             vm.core.send_console(crate::serial::try_print_line);
@@ -1124,7 +1133,7 @@ pub fn run_all(
             // Longer than a whole round of the VMs that want the CPU: round robin alone would
             // have run it by then, so only boosted sleepers can have kept it waiting.
             |v| {
-                let quantum = sched::us_to_tsc(vms[v].core.quantum_us(), host.tsc_hz);
+                let quantum = sched::us_to_tsc(vms[v].core.current_quantum_us(), host.tsc_hz);
                 vms[v]
                     .core
                     .acct
@@ -1177,18 +1186,21 @@ pub fn run_all(
         }
         // SAFETY: the VMCS belongs to this VM and was initialised by `init_vmcs`.
         unsafe { vmx::vmptrld(vms[i].vmcs) };
-        let quantum = sched::us_to_tsc(vms[i].core.quantum_us(), host.tsc_hz);
+        let quantum = sched::us_to_tsc(vms[i].core.current_quantum_us(), host.tsc_hz);
         let start = rdtsc();
         vms[i].core.acct.schedule_in(start);
         let slice = vms[i].core.acct.next_quantum(quantum);
         let mut deadline = start.saturating_add(slice);
         vms[i].core.boosted = false;
         // A halted VM's timer ends this quantum when it is due, so that the sleeper answers it
-        // without waiting for the quantum's end (it runs next: boosted).
+        // without waiting for the quantum's end (it runs next: boosted); a dormant VM's timer
+        // waits for its turn (hv_vm::idle).
         let others_wake = vms
             .iter()
             .enumerate()
-            .filter(|&(j, v)| j != i && v.core.state.is_runnable())
+            .filter(|&(j, v)| {
+                j != i && v.core.state.is_runnable() && !v.core.timer_waits_its_turn()
+            })
             .filter_map(|(_, v)| v.core.wake_deadline())
             .min()
             .unwrap_or(u64::MAX);
@@ -1210,6 +1222,8 @@ pub fn run_all(
         // many exits' handling, which the next quantum pays back (sched::Accounting).
         let mut reenter = false;
         let mut fast_left = 0u32;
+        // The run ended by the guest's yield rather than by preemption.
+        let mut yielded = false;
         loop {
             if !reenter {
                 fast_left = FAST_REENTRIES;
@@ -1323,7 +1337,11 @@ pub fn run_all(
                     reenter = true;
                 }
                 Next::Resume | Next::Reenter => continue,
-                Next::Reschedule | Next::Halt | Next::Stopped => break,
+                Next::Reschedule => {
+                    yielded = true;
+                    break;
+                }
+                Next::Halt | Next::Stopped => break,
                 Next::GuestFault { .. } | Next::HypercallFault { .. } => {
                     vms[i]
                         .core
@@ -1333,10 +1351,20 @@ pub fn run_all(
             }
         }
         let ready = vms[i].core.state.is_runnable() && vms[i].core.halted.is_none();
-        vms[i]
-            .core
-            .acct
-            .schedule_out(rdtsc(), deadline, host.tsc_hz, ready);
+        let end = rdtsc();
+        let core = &mut vms[i].core;
+        core.acct.schedule_out(end, deadline, host.tsc_hz, ready);
+        let how = if !ready || yielded {
+            RunEnd::GaveBack
+        } else if end >= deadline {
+            RunEnd::QuantumOver
+        } else {
+            RunEnd::CutShort
+        };
+        core.run_ended(core.acct.last_run_tsc, how, end);
+        if !core.state.is_runnable() {
+            core.acct.stop(end);
+        }
         if !vms[i].core.state.is_runnable() {
             if let Some(mux) = mux.as_deref_mut() {
                 mux.remove_vm(vms, frames, i);

@@ -39,6 +39,7 @@ pub mod idt;
 pub mod interrupts;
 pub mod ioapic;
 pub mod lapic;
+pub mod pages;
 pub mod pic;
 pub mod pit;
 pub mod rt;

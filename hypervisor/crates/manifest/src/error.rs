@@ -91,6 +91,8 @@ pub enum Scope {
     Defaults,
     /// The `[memory]` table.
     Memory,
+    /// The `[idle]` table.
+    Idle,
     /// The `index`-th `[[vm]]` (1-based, in file order). `name` is set when the entry has a valid
     /// name that no earlier VM uses; otherwise the VM is identified by its index.
     Vm { index: usize, name: Option<String> },
@@ -174,6 +176,7 @@ impl fmt::Display for ManifestError {
             Scope::TopLevel => f.write_str("top level")?,
             Scope::Defaults => f.write_str("[defaults]")?,
             Scope::Memory => f.write_str("[memory]")?,
+            Scope::Idle => f.write_str("[idle]")?,
             Scope::Vm {
                 name: Some(name), ..
             } => write!(f, "vm \"{name}\"")?,

@@ -22,6 +22,15 @@
 //! scan_pages = 1024         # pages the scanner visits per step, default 1024
 //! scan_interval_us = 10000  # at most one scan step per interval, default 10000
 //! cold_after_us = 1000000   # a page untouched this long (VM and host time) is cold, default 1 s
+//! scan_cpu_percent = 5      # the scanner's most CPU, percent of host time, default 5
+//!
+//! [idle]                    # optional: the idle-VM detector (docs/manifest.md, "[idle]")
+//! detect = true             # default true
+//! interval_us = 100000      # one classification per interval, default 100 ms
+//! idle_after = 3            # quiet intervals in a row that make a VM idle, default 3
+//! dormant_after = 50        # further quiet intervals that make it dormant, default 50
+//! busy_cpu_percent = 10     # an interval with more CPU than this is not quiet, default 10
+//! quantum_shrink = 4        # idle: quantum / 4; dormant: / 16; default 4
 //!
 //! [[vm]]
 //! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
@@ -39,6 +48,7 @@
 //! sharing_domain = 0        # optional, default 0: only VMs of one domain share memory
 //! time_dilation = 2.5       # optional, default 1: the guest's clocks run 2.5 times slower
 //! cpu_share = 2             # optional, default 1: a weight; the quantum is quantum_us x share
+//! idle_reclaim = true       # optional, default true: false exempts the VM from idle policy
 //! ```
 //!
 //! The crate is `no_std` + `alloc`; it parses with the `toml` crate's spanned parse tree
@@ -113,6 +123,21 @@ pub const SCAN_INTERVAL_US_RANGE: RangeInclusive<u64> = 100..=10_000_000;
 pub const DEFAULT_COLD_AFTER_US: u64 = 1_000_000;
 /// Allowed `cold_after_us` (up to an hour).
 pub const COLD_AFTER_US_RANGE: RangeInclusive<u64> = 100..=3_600_000_000;
+/// `scan_cpu_percent` when `[memory]` does not set it.
+pub const DEFAULT_SCAN_CPU_PERCENT: u64 = 5;
+/// Allowed `scan_cpu_percent`.
+pub const SCAN_CPU_PERCENT_RANGE: RangeInclusive<u64> = 1..=100;
+/// `[idle]` defaults and ranges (docs/manifest.md).
+pub const DEFAULT_IDLE_INTERVAL_US: u64 = 100_000;
+pub const IDLE_INTERVAL_US_RANGE: RangeInclusive<u64> = 1_000..=10_000_000;
+pub const DEFAULT_IDLE_AFTER: u64 = 3;
+pub const IDLE_AFTER_RANGE: RangeInclusive<u64> = 1..=1_000;
+pub const DEFAULT_DORMANT_AFTER: u64 = 50;
+pub const DORMANT_AFTER_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+pub const DEFAULT_BUSY_CPU_PERCENT: u64 = 10;
+pub const BUSY_CPU_PERCENT_RANGE: RangeInclusive<u64> = 1..=100;
+pub const DEFAULT_QUANTUM_SHRINK: u64 = 4;
+pub const QUANTUM_SHRINK_RANGE: RangeInclusive<u64> = 1..=64;
 /// Largest `sharing_domain`.
 pub const SHARING_DOMAIN_MAX: u64 = u32::MAX as u64;
 /// Largest `time_dilation` (the guest's clocks then run 1000 times slower than the host's).
@@ -136,6 +161,10 @@ pub struct MemoryConfig {
     /// given, not time spent waiting for the CPU) and of host time is cold, within
     /// [`COLD_AFTER_US_RANGE`].
     pub cold_after_us: u64,
+    /// The most host time the scanner may take, in percent, within [`SCAN_CPU_PERCENT_RANGE`]:
+    /// a scan step waits until the scanner's total is under this share of the time since the
+    /// first step.
+    pub scan_cpu_percent: u64,
 }
 
 impl Default for MemoryConfig {
@@ -145,6 +174,42 @@ impl Default for MemoryConfig {
             scan_pages: DEFAULT_SCAN_PAGES,
             scan_interval_us: DEFAULT_SCAN_INTERVAL_US,
             cold_after_us: DEFAULT_COLD_AFTER_US,
+            scan_cpu_percent: DEFAULT_SCAN_CPU_PERCENT,
+        }
+    }
+}
+
+/// The `[idle]` table: how the idle-VM detector classifies VMs and what it does to idle ones
+/// (docs/manifest.md, "[idle]"; the detector is hv-vm's `idle` module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleConfig {
+    /// Classify VMs at all. Off: every VM stays active. Off when `[idle]` has any error.
+    pub detect: bool,
+    /// Length of one classification interval, host time, within [`IDLE_INTERVAL_US_RANGE`].
+    pub interval_us: u64,
+    /// Quiet intervals in a row (no full quantum, no input, CPU under `busy_cpu_percent`) that
+    /// make an active VM idle, within [`IDLE_AFTER_RANGE`].
+    pub idle_after: u64,
+    /// Quiet intervals in a row, after it became idle, that make a VM dormant, within
+    /// [`DORMANT_AFTER_RANGE`].
+    pub dormant_after: u64,
+    /// An interval in which the VM was on the CPU for more than this share is not quiet,
+    /// within [`BUSY_CPU_PERCENT_RANGE`].
+    pub busy_cpu_percent: u64,
+    /// An idle VM's quantum is its quantum divided by this, a dormant VM's by its square,
+    /// within [`QUANTUM_SHRINK_RANGE`].
+    pub quantum_shrink: u64,
+}
+
+impl Default for IdleConfig {
+    fn default() -> Self {
+        Self {
+            detect: true,
+            interval_us: DEFAULT_IDLE_INTERVAL_US,
+            idle_after: DEFAULT_IDLE_AFTER,
+            dormant_after: DEFAULT_DORMANT_AFTER,
+            busy_cpu_percent: DEFAULT_BUSY_CPU_PERCENT,
+            quantum_shrink: DEFAULT_QUANTUM_SHRINK,
         }
     }
 }
@@ -187,6 +252,10 @@ pub struct VmConfig {
     pub time_dilation_milli: u32,
     /// The VM's CPU weight, within [`CPU_SHARE_RANGE`]: its quantum is `quantum_us` times this.
     pub cpu_share: u32,
+    /// The idle policy applies to the VM (manifest `idle_reclaim`, default true): once idle, its
+    /// quantum shrinks, its memory is reclaimed first, and once dormant its timer waits for its
+    /// turn. False for latency-critical VMs: they are still classified, and nothing else.
+    pub idle_reclaim: bool,
     /// 1-based line of the VM's `[[vm]]` header.
     pub line: Option<usize>,
 }
@@ -238,6 +307,8 @@ pub struct Manifest {
     pub vms: Vec<VmConfig>,
     /// `[memory]`, or its defaults.
     pub memory: MemoryConfig,
+    /// `[idle]`, or its defaults.
+    pub idle: IdleConfig,
     pub errors: Vec<ManifestError>,
 }
 

@@ -77,6 +77,7 @@ fn good_manifest() {
                 sharing_domain: 0,
                 time_dilation_milli: 1000,
                 cpu_share: 1,
+                idle_reclaim: true,
                 line: Some(5),
             },
             VmConfig {
@@ -94,6 +95,7 @@ fn good_manifest() {
                 sharing_domain: 0,
                 time_dilation_milli: 1000,
                 cpu_share: 1,
+                idle_reclaim: true,
                 line: Some(10),
             },
         ]
@@ -214,7 +216,7 @@ fn unknown_key_in_vm() {
             "vm \"web-1\" (line 3): unknown key \"memry_mib\" (known keys: name, memory_mib, \
              image, kernel, initrd, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, \
              vcpus, \
-             sharing_domain, time_dilation, cpu_share)",
+             sharing_domain, time_dilation, cpu_share, idle_reclaim)",
         ]
     );
     assert_eq!(m.vms, []);
@@ -237,7 +239,8 @@ fn unknown_key_in_vm() {
                 "vcpus",
                 "sharing_domain",
                 "time_dilation",
-                "cpu_share"
+                "cpu_share",
+                "idle_reclaim"
             ]
         }
     );
@@ -271,7 +274,7 @@ fn unknown_top_level_key() {
     let m = ok("title = \"x\"\n[[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n");
     assert_eq!(
         messages(&m),
-        ["top level (line 1): unknown key \"title\" (known keys: defaults, memory, vm)"]
+        ["top level (line 1): unknown key \"title\" (known keys: defaults, memory, idle, vm)"]
     );
     assert_eq!(m.errors[0].scope, Scope::TopLevel);
     assert_eq!(names(&m), ["a"]);
@@ -657,7 +660,7 @@ color = "red"
     assert_eq!(
         messages(&m),
         [
-            "top level (line 1): unknown key \"title\" (known keys: defaults, memory, vm)",
+            "top level (line 1): unknown key \"title\" (known keys: defaults, memory, idle, vm)",
             "vm #2 (line 9): key \"name\": \"bad one\" contains ' '; only A-Z a-z 0-9 _ . - are \
              allowed",
             "vm #2 (line 10): key \"memory_mib\": 1 is out of range 2..=17592186044415",
@@ -668,7 +671,7 @@ color = "red"
             "vm \"too-big\" (line 24): unknown key \"color\" (known keys: name, memory_mib, \
              image, kernel, initrd, cmdline, modules, debug_exit, debug_exit_port, test_device, quantum_us, \
              vcpus, \
-             sharing_domain, time_dilation, cpu_share)",
+             sharing_domain, time_dilation, cpu_share, idle_reclaim)",
         ]
     );
     assert_eq!(
@@ -808,6 +811,7 @@ mod properties {
                     sharing_domain: 0,
                     time_dilation_milli: 1000,
                     cpu_share: 1,
+                    idle_reclaim: true,
                     line: Some(line),
                 });
             }
@@ -833,7 +837,7 @@ fn memory_multiplexing_is_off_by_default() {
 fn memory_table_and_sharing_domains() {
     let m = ok(
         "[memory]\nmultiplex = true\nscan_pages = 256\nscan_interval_us = 500\n\
-                cold_after_us = 20_000\n\n\
+                cold_after_us = 20_000\nscan_cpu_percent = 12\n\n\
                 [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\nsharing_domain = 7\n\n\
                 [[vm]]\nname = \"b\"\nmemory_mib = 4\nimage = \"i\"\n",
     );
@@ -845,6 +849,7 @@ fn memory_table_and_sharing_domains() {
             scan_pages: 256,
             scan_interval_us: 500,
             cold_after_us: 20_000,
+            scan_cpu_percent: 12,
         }
     );
     assert_eq!(m.vms[0].sharing_domain, 7);
@@ -863,7 +868,7 @@ fn bad_memory_table_turns_multiplexing_off_and_keeps_the_vms() {
             "[memory] (line 2): key \"multiplex\": expected boolean, found string",
             "[memory] (line 3): key \"scan_pages\": 0 is out of range 1..=1048576",
             "[memory] (line 4): unknown key \"scan_rate\" (known keys: multiplex, scan_pages, \
-             scan_interval_us, cold_after_us)",
+             scan_interval_us, cold_after_us, scan_cpu_percent)",
         ]
     );
     assert!(!m.memory.multiplex);
@@ -1173,4 +1178,52 @@ fn a_linux_kernel_with_its_initrd_instead_of_an_image() {
         assert!(m.vms.is_empty(), "{keys}");
         assert_eq!(messages(&m), [message], "{keys}");
     }
+}
+
+#[test]
+fn idle_table_and_per_vm_opt_out() {
+    let m = ok("[[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\n");
+    assert_eq!(m.idle, IdleConfig::default());
+    assert!(m.idle.detect, "detection is on by default");
+    assert!(m.vms[0].idle_reclaim);
+    let m = ok(
+        "[idle]\ndetect = true\ninterval_us = 50_000\nidle_after = 2\n\
+                dormant_after = 10\nbusy_cpu_percent = 20\nquantum_shrink = 8\n\n\
+                [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\nidle_reclaim = false\n",
+    );
+    assert_eq!(messages(&m), Vec::<String>::new());
+    assert_eq!(
+        m.idle,
+        IdleConfig {
+            detect: true,
+            interval_us: 50_000,
+            idle_after: 2,
+            dormant_after: 10,
+            busy_cpu_percent: 20,
+            quantum_shrink: 8,
+        }
+    );
+    assert!(!m.vms[0].idle_reclaim);
+}
+
+#[test]
+fn bad_idle_table_turns_detection_off_and_keeps_the_vms() {
+    let m = ok(
+        "[idle]\ninterval_us = 10\nquantum_shrink = 0\nbusy = 5\nidle_after = \"3\"\n\n\
+                [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\nidle_reclaim = 1\n\n\
+                [[vm]]\nname = \"b\"\nmemory_mib = 4\nimage = \"i\"\n",
+    );
+    assert_eq!(
+        messages(&m),
+        [
+            "[idle] (line 2): key \"interval_us\": 10 is out of range 1000..=10000000",
+            "[idle] (line 3): key \"quantum_shrink\": 0 is out of range 1..=64",
+            "[idle] (line 4): unknown key \"busy\" (known keys: detect, interval_us, idle_after, \
+             dormant_after, busy_cpu_percent, quantum_shrink)",
+            "[idle] (line 5): key \"idle_after\": expected integer, found string",
+            "vm \"a\" (line 11): key \"idle_reclaim\": expected boolean, found integer",
+        ]
+    );
+    assert!(!m.idle.detect);
+    assert_eq!(names(&m), ["b"]);
 }

@@ -13,20 +13,31 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::{
-    ErrorKind, FatalError, HostLimits, Manifest, ManifestError, MemoryConfig, Scope, VmConfig,
-    CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE, DEBUG_EXIT_PORT_DEFAULT, DEFAULT_QUANTUM_US,
-    MEMORY_MIB_MAX, MEMORY_MIB_MIN, MODULES_MAX, NAME_MAX, PLATFORM_PORTS, QUANTUM_US_RANGE,
-    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TEST_DEVICE_PORTS,
-    TEST_DEVICE_RAM_BASE, TIME_DILATION_MAX, TIME_DILATION_SCALE,
+    ErrorKind, FatalError, HostLimits, IdleConfig, Manifest, ManifestError, MemoryConfig, Scope,
+    VmConfig, BUSY_CPU_PERCENT_RANGE, CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE,
+    DEBUG_EXIT_PORT_DEFAULT, DEFAULT_QUANTUM_US, DORMANT_AFTER_RANGE, IDLE_AFTER_RANGE,
+    IDLE_INTERVAL_US_RANGE, MEMORY_MIB_MAX, MEMORY_MIB_MIN, MODULES_MAX, NAME_MAX, PLATFORM_PORTS,
+    QUANTUM_SHRINK_RANGE, QUANTUM_US_RANGE, SCAN_CPU_PERCENT_RANGE, SCAN_INTERVAL_US_RANGE,
+    SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TEST_DEVICE_PORTS, TEST_DEVICE_RAM_BASE,
+    TIME_DILATION_MAX, TIME_DILATION_SCALE,
 };
 
-const TOP_KEYS: &[&str] = &["defaults", "memory", "vm"];
+const TOP_KEYS: &[&str] = &["defaults", "memory", "idle", "vm"];
 const DEFAULTS_KEYS: &[&str] = &["quantum_us"];
 const MEMORY_KEYS: &[&str] = &[
     "multiplex",
     "scan_pages",
     "scan_interval_us",
     "cold_after_us",
+    "scan_cpu_percent",
+];
+const IDLE_KEYS: &[&str] = &[
+    "detect",
+    "interval_us",
+    "idle_after",
+    "dormant_after",
+    "busy_cpu_percent",
+    "quantum_shrink",
 ];
 const VM_KEYS: &[&str] = &[
     "name",
@@ -44,6 +55,7 @@ const VM_KEYS: &[&str] = &[
     "sharing_domain",
     "time_dilation",
     "cpu_share",
+    "idle_reclaim",
 ];
 /// Required keys; one of `image` and `kernel` is too (checked on its own).
 const VM_REQUIRED: &[&str] = &["name", "memory_mib"];
@@ -135,12 +147,14 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
     let mut vm = None;
     let mut defaults = None;
     let mut memory = None;
+    let mut idle = None;
     let mut unknown = Vec::new();
     for (key, value) in doc.get_ref().iter() {
         match key.get_ref().as_ref() {
             "vm" => vm = Some(value),
             "defaults" => defaults = Some(value),
             "memory" => memory = Some(value),
+            "idle" => idle = Some(value),
             _ => unknown.push(key),
         }
     }
@@ -183,6 +197,10 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
         Some(value) => check_memory(value, &mut errors),
         None => MemoryConfig::default(),
     };
+    let idle = match idle {
+        Some(value) => check_idle(value, &mut errors),
+        None => IdleConfig::default(),
+    };
 
     // Name -> line of the `name` key of the first VM that uses it.
     let mut names = BTreeMap::new();
@@ -194,6 +212,7 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
     Ok(Manifest {
         vms,
         memory,
+        idle,
         errors: errors.into_sorted(),
     })
 }
@@ -224,6 +243,9 @@ fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
                 *COLD_AFTER_US_RANGE.end(),
             )
             .map(|n| config.cold_after_us = n),
+            "scan_cpu_percent" => {
+                in_range(value, &SCAN_CPU_PERCENT_RANGE).map(|n| config.scan_cpu_percent = n)
+            }
             _ => {
                 let kind = ErrorKind::UnknownKey { known: MEMORY_KEYS };
                 errors.push(key.span().start, Scope::Memory, Some(name), kind);
@@ -240,6 +262,51 @@ fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
         config.multiplex = false;
     }
     config
+}
+
+/// `[idle]`. Any error turns detection off (every VM then stays active, which is how the
+/// hypervisor ran before it had a detector), after reporting every problem of the table.
+fn check_idle(value: &Value<'_>, errors: &mut Errors<'_>) -> IdleConfig {
+    let Some(table) = table_or_error(value, errors, Scope::TopLevel, Some("idle")) else {
+        return IdleConfig::default();
+    };
+    let mut config = IdleConfig::default();
+    let mut bad = false;
+    for (key, value) in table.iter() {
+        let name: &str = key.get_ref();
+        let c = &mut config;
+        let result = match name {
+            "detect" => boolean(value).map(|b| c.detect = b),
+            "interval_us" => in_range(value, &IDLE_INTERVAL_US_RANGE).map(|n| c.interval_us = n),
+            "idle_after" => in_range(value, &IDLE_AFTER_RANGE).map(|n| c.idle_after = n),
+            "dormant_after" => in_range(value, &DORMANT_AFTER_RANGE).map(|n| c.dormant_after = n),
+            "busy_cpu_percent" => {
+                in_range(value, &BUSY_CPU_PERCENT_RANGE).map(|n| c.busy_cpu_percent = n)
+            }
+            "quantum_shrink" => {
+                in_range(value, &QUANTUM_SHRINK_RANGE).map(|n| c.quantum_shrink = n)
+            }
+            _ => {
+                let kind = ErrorKind::UnknownKey { known: IDLE_KEYS };
+                errors.push(key.span().start, Scope::Idle, Some(name), kind);
+                bad = true;
+                Ok(())
+            }
+        };
+        if let Err(kind) = result {
+            errors.push(value.span().start, Scope::Idle, Some(name), kind);
+            bad = true;
+        }
+    }
+    if bad {
+        config.detect = false;
+    }
+    config
+}
+
+/// An integer within `range`.
+fn in_range(value: &Value<'_>, range: &core::ops::RangeInclusive<u64>) -> Result<u64, ErrorKind> {
+    integer_in(value, *range.start(), *range.end())
 }
 
 fn check_defaults(value: &Value<'_>, errors: &mut Errors<'_>) -> Inherited {
@@ -303,6 +370,7 @@ fn check_vm(
     let mut sharing_domain = 0;
     let mut time_dilation_milli = TIME_DILATION_SCALE;
     let mut cpu_share = 1;
+    let mut idle_reclaim = true;
 
     for (spanned_key, value) in table.iter() {
         let key: &str = spanned_key.get_ref();
@@ -368,6 +436,7 @@ fn check_vm(
             // The range keeps the value within u32.
             "cpu_share" => integer_in(value, *CPU_SHARE_RANGE.start(), *CPU_SHARE_RANGE.end())
                 .map(|w| cpu_share = w as u32),
+            "idle_reclaim" => boolean(value).map(|b| idle_reclaim = b),
             "vcpus" => match value.get_ref() {
                 // Any other integer, even one that overflows, gets the "not supported"
                 // message rather than a range error: that is what the user needs to know.
@@ -481,6 +550,7 @@ fn check_vm(
             sharing_domain,
             time_dilation_milli,
             cpu_share,
+            idle_reclaim,
             line: Some(errors.lines.line(header)),
         });
     }

@@ -213,6 +213,11 @@ struct VmSlot {
     pages: Vec<PageMeta>,
     /// The VM's aging clock: when its pages are cold.
     clock: AgingClock,
+    /// Its pages backed by a writable frame of their own: its footprint beyond what it shares.
+    private: u64,
+    /// Its own coldness thresholds (own time, host time), in place of the configuration's:
+    /// shorter for an idle VM, whose pages outside the working set should go at once.
+    cold_after: Option<(u64, u64)>,
 }
 
 /// Content indexes of one sharing domain. Nothing ever looks across domains.
@@ -459,6 +464,8 @@ impl Engine {
             base: self.next_base,
             pages: vec![PageMeta::PRIVATE; pages as usize],
             clock: AgingClock::new(self.wall_us),
+            private: pages,
+            cold_after: None,
         }));
         self.slot_bases.push(self.next_base);
         self.next_base += pages;
@@ -563,10 +570,20 @@ impl Engine {
     }
 
     fn meta_mut(&mut self, at: Loc) -> &mut PageMeta {
-        match self.vms.get_mut(at.slot) {
-            Some(Some(s)) => &mut s.pages[at.gfn],
-            _ => unreachable!("slot {} is live", at.slot),
+        &mut self.slot_mut(at.slot).pages[at.gfn]
+    }
+
+    fn slot_mut(&mut self, slot: usize) -> &mut VmSlot {
+        match self.vms.get_mut(slot) {
+            Some(Some(s)) => s,
+            _ => unreachable!("slot {slot} is live"),
         }
+    }
+
+    /// VM `vm`'s pages that have a writable frame of their own (private): the frames it holds
+    /// alone, its footprint beyond the zero, shared and compressed pages it refers to.
+    pub fn vm_private_pages(&self, vm: VmId) -> Result<u64, Error> {
+        Ok(self.slot(self.slot_of(vm)?).private)
     }
 
     /// The global page number of a page, if it fits a similarity index entry.
@@ -635,6 +652,9 @@ impl Engine {
         }
         self.count_kind(old, false);
         self.count_kind(kind, true);
+        let vm = self.slot_mut(at.slot);
+        vm.private =
+            vm.private - u64::from(old == Kind::Private) + u64::from(kind == Kind::Private);
         let d = &mut self.domains[at.domain];
         if old == Kind::Zero {
             d.zero_pages -= 1;
@@ -890,6 +910,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Gives VM `vm` its own coldness thresholds, microseconds of its own time and of host time
+    /// (each at least 1), or back the configuration's (`None`); read at the start of each scan
+    /// call. The hypervisor shortens them for an idle VM: a page its idle wake-ups have not
+    /// touched for that long is outside its working set. A page already found warm keeps its
+    /// stamp, so it goes cold after the new threshold from then on, never sooner.
+    pub fn set_vm_cold_after(&mut self, vm: VmId, after: Option<(u64, u64)>) -> Result<(), Error> {
+        let slot = self.slot_of(vm)?;
+        match self.vms.get_mut(slot) {
+            Some(Some(s)) => s.cold_after = after.map(|(own, wall)| (own.max(1), wall.max(1))),
+            _ => unreachable!("slot {slot} is live"),
+        }
+        Ok(())
+    }
+
     /// Advances host time and every VM's own time by `us`, as if every VM had run that long:
     /// the clock of batch use, where there is no VM running (guest RAM images, tests).
     pub fn advance_time(&mut self, us: u64) {
@@ -979,7 +1013,8 @@ impl Engine {
             self.config.cold_after_wall_us,
         );
         for vm in self.vms.iter_mut().flatten() {
-            vm.clock.update(wall, own_after, wall_after);
+            let (own, wall_cold) = vm.cold_after.unwrap_or((own_after, wall_after));
+            vm.clock.update(wall, own, wall_cold);
         }
         let orphans = self.compress_orphans(mem);
         rep.changes += orphans;
@@ -2109,6 +2144,13 @@ impl Engine {
         let mut patch_bytes = 0u64;
         let mut refs = vec![(0u32, 0u32, 0u32); self.objects.len()];
         for vm in self.vms.iter().flatten() {
+            let private = vm.pages.iter().filter(|m| m.kind == Kind::Private).count() as u64;
+            if private != vm.private {
+                return Err(format!(
+                    "VM {}: {private} private pages, its gauge says {}",
+                    vm.id.0, vm.private
+                ));
+            }
             for (gfn, m) in vm.pages.iter().enumerate() {
                 let g = Gfn(gfn as u64);
                 let mapping = mem.mapping(vm.id, g);

@@ -1090,3 +1090,64 @@ fn waiting_for_the_cpu_does_not_age_pages() {
     assert_vm(&engine, &mem, vm, &pages);
     engine.check_consistency(&mem).unwrap();
 }
+
+#[test]
+fn a_vm_with_shorter_cold_thresholds_loses_its_untouched_pages_first() {
+    let (idle, busy) = (VmId(1), VmId(2));
+    let a: Vec<Page> = (0..8).map(|i| text_page(i * 31 + 3)).collect();
+    let b: Vec<Page> = (0..8).map(|i| text_page(i * 53 + 1000)).collect();
+    let config = Config {
+        patching: false,
+        ..Config::default()
+    };
+    let tenth = config.cold_span_us() / 10;
+    let (mut engine, mut mem) = setup(config, &[(idle, D0, &a), (busy, D0, &b)]);
+    engine
+        .set_vm_cold_after(idle, Some((tenth, tenth)))
+        .unwrap();
+    assert!(matches!(
+        engine.set_vm_cold_after(VmId(9), None),
+        Err(Error::UnknownVm(_))
+    ));
+    // Three rounds a tenth of the configured threshold apart; both VMs touch pages 0 and 1.
+    for _ in 0..3 {
+        for vm in [idle, busy] {
+            assert!(mem.touch(vm, Gfn(0)));
+            assert!(mem.touch(vm, Gfn(1)));
+        }
+        engine.advance_time(tenth + 1);
+        engine.scan_round(&mut mem);
+    }
+    for gfn in 2..8 {
+        assert!(
+            mem.mapping(idle, Gfn(gfn)).is_none(),
+            "idle VM's page {gfn}"
+        );
+        assert!(
+            mem.mapping(busy, Gfn(gfn)).is_some(),
+            "busy VM's page {gfn}"
+        );
+    }
+    for gfn in 0..2 {
+        assert!(
+            mem.mapping(idle, Gfn(gfn)).is_some(),
+            "working-set page {gfn}"
+        );
+    }
+    assert_vm(&engine, &mem, idle, &a);
+    assert_vm(&engine, &mem, busy, &b);
+    // Back to the configured thresholds: nothing more goes at the short pace.
+    engine.set_vm_cold_after(idle, None).unwrap();
+    assert!(engine
+        .fault(&mut mem, idle, Gfn(2), hv_mem::Access::Read)
+        .is_ok());
+    for _ in 0..3 {
+        engine.advance_time(tenth + 1);
+        engine.scan_round(&mut mem);
+    }
+    assert!(
+        mem.mapping(idle, Gfn(2)).is_some(),
+        "warm again, cold only after a whole threshold"
+    );
+    engine.check_consistency(&mem).unwrap();
+}

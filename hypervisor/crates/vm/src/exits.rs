@@ -410,6 +410,10 @@ pub fn handle_vmcall<V: Vcpu>(vm: &mut Vm, memory: &GuestMemory, cpu: &mut V) ->
         a2: r.rdx,
         a3: r.r10,
     };
+    if args.nr == guest_abi::Hypercall::VmStats as u64 {
+        let now = cpu.tsc();
+        vm.update_idle_stats(now);
+    }
     // Disjoint field borrows: the outcome may point into `vm.scratch` while the console is fed.
     let (rax, next) = match hypercall::handle(
         args,

@@ -18,6 +18,7 @@
 //!   instruction fetched at RIP, decoded (with `iced-x86`) and done against the device.
 //! - [`msr`]: the MSRs a guest may touch, the checks on their values, and where each is kept.
 //! - [`sched`]: round-robin scheduling with quanta, and per-VM statistics.
+//! - [`idle`]: the idle-VM detector (active, idle, dormant) and the quantum it calls for.
 //! - [`regs`]: the guest's general-purpose registers as the kernel saves them.
 //! - [`vcpu`]: the vendor-neutral vCPU backend trait the exit policy works through.
 //! - [`vm`]: a VM's policy state (name, configuration, run state, console, devices).
@@ -39,6 +40,7 @@ pub mod elf;
 pub mod exits;
 pub mod frames;
 pub mod hypercall;
+pub mod idle;
 pub mod lines;
 pub mod linux;
 pub mod memory;

@@ -117,6 +117,9 @@ pub struct Accounting {
     /// How long the last run lasted, and the quantum it had, in TSC ticks.
     pub last_run_tsc: u64,
     pub last_quantum_tsc: u64,
+    /// When the VM was first ready to run, and when it stopped.
+    started: Option<u64>,
+    stopped: Option<u64>,
 }
 
 impl Accounting {
@@ -128,6 +131,22 @@ impl Accounting {
     /// The VM is ready to run from `now` on (at start, before its first run).
     pub fn ready(&mut self, now: u64) {
         self.ready_since.get_or_insert(now);
+        self.started.get_or_insert(now);
+    }
+
+    /// The VM stopped for good at `now`.
+    pub fn stop(&mut self, now: u64) {
+        self.stopped.get_or_insert(now);
+    }
+
+    /// Its CPU time in thousandths of its life so far (from its first readiness to its stop, or
+    /// to `now`): its share of the CPU.
+    pub fn cpu_permille(&self, now: u64) -> u64 {
+        let Some(start) = self.started else {
+            return 0;
+        };
+        let life = self.stopped.unwrap_or(now).saturating_sub(start).max(1);
+        (u128::from(self.stats.cpu_tsc) * 1000 / u128::from(life)).min(1000) as u64
     }
 
     pub fn schedule_in(&mut self, now: u64) {
@@ -255,6 +274,18 @@ mod tests {
         a.schedule_out(5100, 6000, 1, true);
         a.schedule_in(6100);
         assert_eq!(a.max_wait_tsc, 1000);
+    }
+
+    #[test]
+    fn cpu_share_is_cpu_time_over_life() {
+        let mut a = Accounting::default();
+        assert_eq!(a.cpu_permille(100), 0, "never started");
+        a.ready(1000);
+        a.schedule_in(1000);
+        a.schedule_out(1900, 2000, 1, false);
+        assert_eq!(a.cpu_permille(2000), 900);
+        a.stop(3000);
+        assert_eq!(a.cpu_permille(1_000_000), 450, "its life ended at the stop");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use hv_manifest::VmConfig;
 use crate::clock::GuestClock;
 use crate::console::ConsoleOutput;
 use crate::hypercall::Scratch;
+use crate::idle::{IdleDetector, IdlePolicy, IdleState};
 use crate::lines::LineBuffer;
 use crate::sched::{self, Accounting, VmState};
 use hv_platform::Platform;
@@ -43,6 +44,11 @@ pub struct Vm {
     pub halted: Option<bool>,
     /// It woke from HLT and may run before the VMs waiting for the CPU (sched::next_to_run).
     pub boosted: bool,
+    /// Whether it is active, idle or dormant, and the `[idle]` settings it is judged by.
+    pub idle: IdleDetector,
+    pub idle_policy: IdlePolicy,
+    /// Input arrived while it waited in HLT: when that wakes it, it runs next.
+    input_pending: bool,
     pub(crate) console: LineBuffer,
     /// Console lines waiting for room in the serial output.
     pub(crate) console_out: ConsoleOutput,
@@ -91,6 +97,9 @@ impl Vm {
             msrs: Default::default(),
             halted: None,
             boosted: false,
+            idle: IdleDetector::new(0),
+            idle_policy: IdlePolicy::default(),
+            input_pending: false,
             console: LineBuffer::default(),
             console_out: ConsoleOutput::default(),
             info,
@@ -105,6 +114,67 @@ impl Vm {
     /// The VM's quantum: the manifest's `quantum_us` times its `cpu_share`.
     pub fn quantum_us(&self) -> u64 {
         self.config.weighted_quantum_us()
+    }
+
+    /// The quantum the scheduler gives it now: [`Self::quantum_us`], shrunk while it is idle or
+    /// dormant (unless `idle_reclaim = false`).
+    pub fn current_quantum_us(&self) -> u64 {
+        self.idle.quantum_us(
+            self.quantum_us(),
+            &self.idle_policy,
+            self.config.idle_reclaim,
+        )
+    }
+
+    /// Starts the idle detector at `now` (the VMs' start) with `policy`.
+    pub fn start_idle_detection(&mut self, policy: IdlePolicy, now: u64) {
+        self.idle_policy = policy;
+        self.idle = IdleDetector::new(now);
+    }
+
+    /// Whether the idle policy applies to it and it is dormant: its timer then waits for its
+    /// turn instead of cutting the running VM's quantum short, and does not put it first.
+    pub fn timer_waits_its_turn(&self) -> bool {
+        self.config.idle_reclaim && self.idle.state() == IdleState::Dormant
+    }
+
+    /// Closes the idle detector's intervals up to `now`, logging a change of state.
+    pub fn idle_tick(&mut self, now: u64) {
+        if let Some(t) = self.idle.advance(now, &self.idle_policy) {
+            self.log_idle(t);
+        }
+    }
+
+    /// Input arrived for it at `now`: active at once, and it runs next once the input wakes it.
+    pub fn input_arrived(&mut self, now: u64) {
+        self.input_pending = true;
+        if let Some(t) = self.idle.event(now) {
+            self.log_idle(t);
+        }
+    }
+
+    fn log_idle(&self, t: crate::idle::Transition) {
+        log::info!(target: &self.target, "{} -> {}: {} (quantum now {} us)",
+            t.from.name(), t.to.name(), t.why, self.current_quantum_us());
+    }
+
+    /// A run of `ran` ticks ended at `now`, as `end` says.
+    pub fn run_ended(&mut self, ran: u64, end: crate::idle::RunEnd, now: u64) {
+        if let Some(t) = self.idle.run_ended(ran, end, now) {
+            self.log_idle(t);
+        }
+    }
+
+    /// Copies the idle detector's view at `now` into the statistics (the VM-stats hypercall
+    /// and the closing stats line show them).
+    pub fn update_idle_stats(&mut self, now: u64) {
+        let us = |state| sched::tsc_to_us(self.idle.time_in(state, now), self.idle_policy.tsc_hz);
+        let s = &mut self.acct.stats;
+        s.idle_state = self.idle.state() as u64;
+        s.idle_changes = self.idle.changes;
+        s.active_us = us(IdleState::Active);
+        s.idle_us = us(IdleState::Idle);
+        s.dormant_us = us(IdleState::Dormant);
     }
 
     /// Console bytes of the guest (hypercall or UART), collected into lines.
@@ -155,7 +225,10 @@ impl Vm {
         let p = &self.platform;
         if p.nmi_waiting() || (interruptible && p.interrupt_waiting()) {
             self.halted = None;
-            self.boosted = self.acct.deserves_boost();
+            // Input puts it first; its own timer only if it gave its last quantum back and is
+            // not dormant (a dormant VM's tick waits for its turn).
+            self.boosted = core::mem::take(&mut self.input_pending)
+                || (self.acct.deserves_boost() && !self.timer_waits_its_turn());
         }
         self.halted.is_none()
     }
@@ -271,7 +344,8 @@ impl Vm {
         self.state = VmState::Exited(code);
     }
 
-    pub fn stats_line(&self, tsc_hz: u64) -> String {
+    /// The closing `[INFO] stats` line's text at `now` (after [`Self::update_idle_stats`]).
+    pub fn stats_line(&self, now: u64, tsc_hz: u64) -> String {
         let s = &self.acct.stats;
         let state = match self.state {
             VmState::Exited(c) => format!("exited({c})"),
@@ -284,18 +358,27 @@ impl Vm {
             VmState::Runnable => String::from("runnable"),
         };
         let mut line = format!(
-            "vm={} state={} tdf={} cpu_share={} cpu_us={} runs={} max_wait_us={} \
+            "vm={} state={} tdf={} cpu_share={} cpu_us={} cpu_permille={} runs={} max_wait_us={} \
              max_overrun_us={} exits={}",
             self.name,
             state,
             self.config.time_dilation_text(),
             self.config.cpu_share,
             s.cpu_us,
+            self.acct.cpu_permille(now),
             s.runs,
             sched::tsc_to_us(self.acct.max_wait_tsc, tsc_hz),
             sched::tsc_to_us(self.acct.max_overrun_tsc, tsc_hz),
             self.acct.total_exits()
         );
+        line.push_str(&format!(
+            " idle_state={} idle_changes={} active_us={} idle_us={} dormant_us={}",
+            IdleState::ALL[s.idle_state as usize % 3].name(),
+            s.idle_changes,
+            s.active_us,
+            s.idle_us,
+            s.dormant_us
+        ));
         let p = &self.platform.stats;
         line.push_str(&format!(
             " interrupts={} coalesced_ticks={} unclaimed_pio={} unclaimed_mmio={}",

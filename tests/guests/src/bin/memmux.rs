@@ -16,6 +16,7 @@
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 use guest_abi::{guest, ExitKind};
+use test_guests::pages::{expected, fill, region_checksum, PAGE};
 use test_guests::println;
 use test_guests::rt::{self, Boot, EXIT_USAGE};
 
@@ -23,87 +24,8 @@ test_guests::entry!(guest_main);
 
 /// First byte of the region: above the image (linked at 1 MiB) and below the stack (at the top).
 const REGION: u64 = 2 << 20;
-const PAGE: usize = 4096;
 /// Room left for the stack under the top of memory.
 const STACK_ROOM: u64 = 256 << 10;
-
-/// xorshift64*: cheap, deterministic, full-period.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-}
-
-/// The content of page `k` for VM `seed`, and, once `touched`, with the byte the write phase
-/// changes.
-fn fill(page: &mut [u8; PAGE], k: u64, seed: u64, touched: bool) {
-    match k % 5 {
-        0 => page.fill(0),
-        1 | 2 => {
-            let mut s = k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            for chunk in page.chunks_exact_mut(8) {
-                chunk.copy_from_slice(&next(&mut s).to_le_bytes());
-            }
-            if k % 5 == 2 {
-                let at = (seed as usize * 64) % (PAGE - 16);
-                page[at..at + 16].fill(seed as u8 ^ 0xa5);
-            }
-        }
-        3 => {
-            let mut line = [0u8; 32];
-            let text = b"vm seed=0000 page=000000 text. ";
-            line[..text.len()].copy_from_slice(text);
-            line[8..12].copy_from_slice(&digits::<4>(seed));
-            line[18..24].copy_from_slice(&digits::<6>(k));
-            for chunk in page.chunks_exact_mut(32) {
-                chunk.copy_from_slice(&line);
-            }
-        }
-        _ => {
-            let mut s = (seed << 32 ^ k).wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
-            for chunk in page.chunks_exact_mut(8) {
-                chunk.copy_from_slice(&next(&mut s).to_le_bytes());
-            }
-        }
-    }
-    if touched {
-        page[(k as usize * 7) % PAGE] ^= 0x5a;
-    }
-}
-
-fn digits<const N: usize>(mut v: u64) -> [u8; N] {
-    let mut out = [b'0'; N];
-    for d in out.iter_mut().rev() {
-        *d = b'0' + (v % 10) as u8;
-        v /= 10;
-    }
-    out
-}
-
-/// FNV-1a over 8-byte words: order-sensitive, enough to catch any changed byte.
-fn checksum(bytes: &[u8]) -> u64 {
-    bytes.chunks_exact(8).fold(0xcbf2_9ce4_8422_2325, |h, w| {
-        (h ^ u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// The checksum the region must have: every page regenerated.
-fn expected(pages: u64, seed: u64, touched: bool) -> u64 {
-    let mut page = [0u8; PAGE];
-    let mut h = 0u64;
-    for k in 0..pages {
-        fill(&mut page, k, seed, touched);
-        h = h.rotate_left(5) ^ checksum(&page);
-    }
-    h
-}
-
-fn region_checksum(region: &[u8]) -> u64 {
-    region
-        .chunks_exact(PAGE)
-        .fold(0u64, |h, page| h.rotate_left(5) ^ checksum(page))
-}
 
 fn ept_exits() -> u64 {
     guest::vm_stats().map_or(0, |s| s.exits[ExitKind::EptViolation as usize])

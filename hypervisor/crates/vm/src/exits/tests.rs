@@ -53,6 +53,7 @@ impl Rig {
             sharing_domain: 0,
             time_dilation_milli: 1000,
             cpu_share: 1,
+            idle_reclaim: true,
             line: None,
         };
         // Guest page n is host frame n: identity, for readable tests.
@@ -632,7 +633,7 @@ fn hlt_with_interrupts_disabled_and_no_nmi_source_stops_the_vm() {
     r.cpu.state.insert("rflags", 2);
     assert_eq!(r.exit(VmExit::Hlt), Next::Stopped);
     assert_eq!(r.vm.state, VmState::Halted);
-    assert!(r.vm.stats_line(TSC_HZ).contains(" state=halted "));
+    assert!(r.vm.stats_line(0, TSC_HZ).contains(" state=halted "));
 }
 
 #[test]
@@ -976,7 +977,7 @@ fn outside_memory_without_a_device_is_open_bus_and_executing_there_stops_the_vm(
     );
     assert_eq!(r.vm.platform.stats.unclaimed_mmio, 2);
     assert_eq!(r.vm.state, VmState::Runnable);
-    assert!(r.vm.stats_line(TSC_HZ).contains(" unclaimed_mmio=2 "));
+    assert!(r.vm.stats_line(0, TSC_HZ).contains(" unclaimed_mmio=2 "));
     // An instruction fetch there stops the VM.
     r.cpu.state.insert("rip", gpa);
     let fetch = EptViolation::from_qualification(0b100);
@@ -1009,7 +1010,7 @@ fn a_guest_that_resets_its_pc_is_stopped_as_rebooted() {
     r.cpu.regs.rax = 0xfe;
     assert_eq!(r.exit(io(0x64, 1, false)), Next::Stopped);
     assert_eq!(r.vm.state, VmState::Rebooted);
-    assert!(r.vm.stats_line(TSC_HZ).contains(" state=rebooted "));
+    assert!(r.vm.stats_line(0, TSC_HZ).contains(" state=rebooted "));
     // The reset control register: a byte with RST_CPU; a dword at 0xCF8 is a PCI address.
     let mut r = Rig::new();
     r.cpu.regs.rax = 0x8000_0400;

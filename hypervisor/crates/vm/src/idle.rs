@@ -1,0 +1,439 @@
+//! The idle-VM detector: classifies a VM as active, idle or dormant from what the scheduler
+//! already sees, after Burtsev et al.'s "pageable VMs": an idle VM keeps giving the CPU back
+//! before its quantum ends (it blocks in HLT until its next timer tick) and nothing but its
+//! timer wakes it.
+//!
+//! This module owns the classification and the time spent in each state; it must not touch the
+//! run loop or the memory engine. The kernel feeds it each run's end ([`IdleDetector::run_ended`]),
+//! each event that is not the VM's own timer ([`IdleDetector::event`]: input on its serial
+//! port), and the passing of host time ([`IdleDetector::advance`]); it asks back the state and
+//! the quantum the VM should get ([`IdleDetector::quantum`]).
+//!
+//! Host time is cut into intervals of `[idle] interval_us`. An interval is *busy* when a run of
+//! the VM ended because its quantum ran out (it was preempted; it did not block in HLT or
+//! yield) or it was on the CPU for more than
+//! `busy_cpu_percent` of the interval; it is *quiet* when neither holds and no event came. The
+//! states (docs/platform.md, "Idle VMs"):
+//! - active -> idle after `idle_after` quiet intervals in a row;
+//! - idle -> dormant after `dormant_after` more;
+//! - idle or dormant -> active at once on an event or when it runs its (shrunk) quantum to the
+//!   end, else at the end of a busy interval.
+//!
+//! The asymmetry is the hysteresis: it takes several quiet intervals to be called idle and one
+//! busy one (or one keystroke) to be active again, so a VM that works in bursts is never
+//! starved of its quantum by a misclassification for longer than one interval.
+
+use hv_manifest::IdleConfig;
+
+use crate::sched::us_to_tsc;
+
+/// Where the detector puts a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IdleState {
+    Active = 0,
+    Idle = 1,
+    Dormant = 2,
+}
+
+impl IdleState {
+    pub const ALL: [Self; 3] = [Self::Active, Self::Idle, Self::Dormant];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Idle => "idle",
+            Self::Dormant => "dormant",
+        }
+    }
+}
+
+/// How a run of the VM ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// It blocked in HLT, yielded or stopped: it gave the CPU back.
+    GaveBack,
+    /// It still wanted the CPU when another VM's timer or its console backlog took it. Says
+    /// nothing either way: sleepers whose ticks fall together cut each other short.
+    CutShort,
+    /// It ran until its quantum was over.
+    QuantumOver,
+}
+
+/// Why the state changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// This many quiet intervals in a row.
+    Quiet(u64),
+    /// In the last interval it was preempted: it wanted more CPU than it got.
+    Preempted,
+    /// The last interval had this many thousandths of CPU.
+    Cpu(u64),
+    /// Input arrived for it.
+    Event,
+}
+
+impl core::fmt::Display for Why {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Quiet(n) => write!(f, "{n} quiet intervals in a row"),
+            Self::Preempted => f.write_str("it was preempted"),
+            Self::Cpu(permille) => {
+                write!(f, "it used {}.{}% of the CPU", permille / 10, permille % 10)
+            }
+            Self::Event => f.write_str("input arrived for it"),
+        }
+    }
+}
+
+/// A change of state, for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub from: IdleState,
+    pub to: IdleState,
+    pub why: Why,
+}
+
+/// The `[idle]` settings in TSC ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdlePolicy {
+    pub detect: bool,
+    /// The host TSC's rate, to report times in microseconds.
+    pub tsc_hz: u64,
+    pub interval_tsc: u64,
+    pub idle_after: u64,
+    pub dormant_after: u64,
+    pub busy_permille: u64,
+    pub quantum_shrink: u64,
+}
+
+/// The smallest quantum shrinking gives (unless the VM's own quantum is smaller): enough for a
+/// timer interrupt's handler, so that an idle VM's wake-up is not cut into pieces.
+pub const QUANTUM_FLOOR_US: u64 = 500;
+
+impl IdlePolicy {
+    pub fn new(config: &IdleConfig, tsc_hz: u64) -> Self {
+        Self {
+            detect: config.detect,
+            tsc_hz,
+            interval_tsc: us_to_tsc(config.interval_us, tsc_hz).max(1),
+            idle_after: config.idle_after.max(1),
+            dormant_after: config.dormant_after.max(1),
+            busy_permille: config.busy_cpu_percent * 10,
+            quantum_shrink: config.quantum_shrink.max(1),
+        }
+    }
+}
+
+impl Default for IdlePolicy {
+    /// The manifest's defaults at 1 GHz: what a VM has until the kernel starts detection.
+    fn default() -> Self {
+        Self::new(&IdleConfig::default(), 1_000_000_000)
+    }
+}
+
+/// What one interval saw.
+#[derive(Clone, Copy, Debug, Default)]
+struct Interval {
+    start: u64,
+    cpu_tsc: u64,
+    preempted_runs: u64,
+    events: u64,
+}
+
+/// The detector of one VM.
+#[derive(Clone, Debug)]
+pub struct IdleDetector {
+    state: IdleState,
+    /// When the current state began (host TSC).
+    since: u64,
+    /// TSC ticks in each state before the current one began, by [`IdleState`] index.
+    closed: [u64; 3],
+    /// State changes so far.
+    pub changes: u64,
+    /// Quiet intervals in a row, up to the last one closed.
+    quiet: u64,
+    current: Interval,
+}
+
+impl IdleDetector {
+    /// A VM starting at `now`: active.
+    pub fn new(now: u64) -> Self {
+        Self {
+            state: IdleState::Active,
+            since: now,
+            closed: [0; 3],
+            changes: 0,
+            quiet: 0,
+            current: Interval {
+                start: now,
+                ..Interval::default()
+            },
+        }
+    }
+
+    pub fn state(&self) -> IdleState {
+        self.state
+    }
+
+    /// A run of `ran` ticks ended at `now`, as `end` says. A VM that runs a whole quantum is
+    /// not idle: it is active at once, so that its quantum is whole again for its next run.
+    pub fn run_ended(&mut self, ran: u64, end: RunEnd, now: u64) -> Option<Transition> {
+        self.current.cpu_tsc = self.current.cpu_tsc.saturating_add(ran);
+        if end != RunEnd::QuantumOver {
+            return None;
+        }
+        self.current.preempted_runs += 1;
+        self.quiet = 0;
+        self.enter(IdleState::Active, Why::Preempted, now)
+    }
+
+    /// Something other than the VM's timer wants it at `now` (input on its serial port): it is
+    /// active at once.
+    pub fn event(&mut self, now: u64) -> Option<Transition> {
+        self.current.events += 1;
+        self.quiet = 0;
+        self.enter(IdleState::Active, Why::Event, now)
+    }
+
+    /// Closes every interval that ended by `now`, and returns the state change this causes.
+    pub fn advance(&mut self, now: u64, policy: &IdlePolicy) -> Option<Transition> {
+        if !policy.detect {
+            return None;
+        }
+        let elapsed = now.saturating_sub(self.current.start);
+        if elapsed < policy.interval_tsc {
+            return None;
+        }
+        let closed = elapsed / policy.interval_tsc;
+        let seen = self.current;
+        let end = seen.start + policy.interval_tsc;
+        self.current = Interval {
+            start: seen.start + closed * policy.interval_tsc,
+            ..Interval::default()
+        };
+        let cpu_permille = u128::from(seen.cpu_tsc) * 1000 / u128::from(policy.interval_tsc.max(1));
+        let cpu_permille = cpu_permille.min(u128::from(u64::MAX)) as u64;
+        // The first interval closed held everything recorded; any further ones (the VM slept
+        // through them untouched) were quiet.
+        let busy = if seen.preempted_runs > 0 {
+            Some(Why::Preempted)
+        } else if cpu_permille > policy.busy_permille {
+            Some(Why::Cpu(cpu_permille))
+        } else {
+            None
+        };
+        if let Some(why) = busy {
+            let t = self.enter(IdleState::Active, why, end);
+            self.quiet = closed - 1;
+            return t.or_else(|| self.settle(now, policy));
+        }
+        self.quiet = if seen.events > 0 {
+            closed - 1
+        } else {
+            self.quiet.saturating_add(closed)
+        };
+        self.settle(now, policy)
+    }
+
+    /// The state the quiet streak calls for.
+    fn settle(&mut self, now: u64, policy: &IdlePolicy) -> Option<Transition> {
+        let to = if self.quiet >= policy.idle_after.saturating_add(policy.dormant_after) {
+            IdleState::Dormant
+        } else if self.quiet >= policy.idle_after {
+            IdleState::Idle
+        } else {
+            return None;
+        };
+        // Only deeper: an idle VM's streak was reset by whatever made it active.
+        if to <= self.state {
+            return None;
+        }
+        self.enter(to, Why::Quiet(self.quiet), now)
+    }
+
+    fn enter(&mut self, to: IdleState, why: Why, at: u64) -> Option<Transition> {
+        let from = self.state;
+        if from == to {
+            return None;
+        }
+        let at = at.max(self.since);
+        self.closed[from as usize] += at - self.since;
+        self.since = at;
+        self.state = to;
+        self.changes += 1;
+        Some(Transition { from, to, why })
+    }
+
+    /// TSC ticks spent in `state` up to `now`.
+    pub fn time_in(&self, state: IdleState, now: u64) -> u64 {
+        let open = if state == self.state {
+            now.saturating_sub(self.since)
+        } else {
+            0
+        };
+        self.closed[state as usize] + open
+    }
+
+    /// The quantum the VM gets now, from its manifest quantum: shrunk by `quantum_shrink` when
+    /// idle and by its square when dormant, but not below [`QUANTUM_FLOOR_US`] (or the manifest
+    /// quantum if that is smaller). `applies` is false for a VM exempt from the idle policy.
+    pub fn quantum_us(&self, quantum_us: u64, policy: &IdlePolicy, applies: bool) -> u64 {
+        if !applies || !policy.detect {
+            return quantum_us;
+        }
+        let divisor = match self.state {
+            IdleState::Active => 1,
+            IdleState::Idle => policy.quantum_shrink,
+            IdleState::Dormant => policy.quantum_shrink.saturating_mul(policy.quantum_shrink),
+        };
+        (quantum_us / divisor).max(QUANTUM_FLOOR_US.min(quantum_us))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use IdleState::*;
+    use RunEnd::*;
+
+    /// 1 tick = 1 us; 100-tick intervals; idle after 3 quiet, dormant after 5 more; busy above
+    /// 10%; quantum / 4 when idle.
+    fn policy() -> IdlePolicy {
+        IdlePolicy::new(
+            &IdleConfig {
+                detect: true,
+                interval_us: 100,
+                idle_after: 3,
+                dormant_after: 5,
+                busy_cpu_percent: 10,
+                quantum_shrink: 4,
+            },
+            1_000_000,
+        )
+    }
+
+    /// One step of a trace: at `t`, what happened, then the state expected after it.
+    enum Step {
+        /// A run of this many ticks, and how it ended.
+        Run(u64, RunEnd),
+        Event,
+        Advance,
+    }
+
+    fn trace(steps: &[(u64, Step, IdleState)]) -> IdleDetector {
+        let p = policy();
+        let mut d = IdleDetector::new(0);
+        for (i, (t, step, want)) in steps.iter().enumerate() {
+            match step {
+                Step::Run(ran, end) => {
+                    d.run_ended(*ran, *end, *t);
+                }
+                Step::Event => {
+                    d.event(*t);
+                }
+                Step::Advance => {
+                    d.advance(*t, &p);
+                }
+            }
+            assert_eq!(d.state(), *want, "step {i} at t={t}");
+        }
+        d
+    }
+
+    #[test]
+    fn quiet_intervals_make_a_vm_idle_then_dormant() {
+        use Step::*;
+        let d = trace(&[
+            (50, Run(5, GaveBack), Active),
+            (99, Advance, Active),  // the first interval is not over
+            (100, Advance, Active), // 1 quiet (5% of the CPU)
+            (150, Run(9, GaveBack), Active),
+            (299, Advance, Active), // 2 quiet
+            (300, Advance, Idle),   // 3 quiet
+        ]);
+        assert_eq!(d.changes, 1);
+        let d = trace(&[
+            (300, Advance, Idle),    // 3 quiet intervals at once: it slept through them
+            (799, Advance, Idle),    // 7 quiet
+            (800, Advance, Dormant), // 8 quiet = 3 + 5
+            (10_000, Advance, Dormant),
+        ]);
+        assert_eq!(d.changes, 2);
+        assert_eq!(d.time_in(Active, 10_000), 300);
+        assert_eq!(d.time_in(Idle, 10_000), 500);
+        assert_eq!(d.time_in(Dormant, 10_000), 9_200);
+    }
+
+    #[test]
+    fn preemption_or_much_cpu_makes_it_active_again() {
+        use Step::*;
+        let d = trace(&[
+            (300, Advance, Idle),
+            (340, Run(1, CutShort), Idle), // cut short: neither busy nor quiet
+            (350, Run(10, QuantumOver), Active), // preempted at its quantum's end: at once
+            (400, Advance, Active),
+            (699, Advance, Active), // 2 quiet
+            (700, Advance, Idle),   // 3 quiet
+        ]);
+        assert_eq!(d.changes, 3);
+        assert_eq!(d.time_in(Active, 700), 300 + 350);
+        let d = trace(&[
+            (800, Advance, Dormant),
+            (850, Run(1, QuantumOver), Active), // a whole quantum: at once
+            (900, Advance, Active),
+        ]);
+        assert_eq!(d.time_in(Dormant, 900), 50);
+        let d = trace(&[
+            (300, Advance, Idle),
+            (320, Run(11, GaveBack), Idle), // 11% of an interval: busy
+            (400, Advance, Active),
+            (420, Run(10, GaveBack), Active), // 10%: not above the threshold
+            (500, Advance, Active),
+            (700, Advance, Idle),
+        ]);
+        assert_eq!(d.changes, 3);
+    }
+
+    #[test]
+    fn input_makes_it_active_at_once_and_restarts_the_streak() {
+        use Step::*;
+        let d = trace(&[
+            (900, Advance, Dormant), // 9 quiet at once: straight to dormant
+            (950, Event, Active),
+            (1000, Advance, Active), // the interval with the event is not quiet
+            (1299, Advance, Active),
+            (1300, Advance, Idle), // three quiet ones after it
+        ]);
+        assert_eq!(d.changes, 3);
+        assert_eq!(d.time_in(Dormant, 1300), 50);
+        assert_eq!(d.time_in(Active, 1300), 900 + 350);
+        // An event while active changes nothing.
+        let mut d = IdleDetector::new(0);
+        assert_eq!(d.event(10), None);
+        assert_eq!(d.changes, 0);
+    }
+
+    #[test]
+    fn shrunk_quanta_have_a_floor_and_an_opt_out() {
+        let p = policy();
+        let mut d = IdleDetector::new(0);
+        assert_eq!(d.quantum_us(10_000, &p, true), 10_000);
+        d.advance(300, &p);
+        assert_eq!(d.state(), Idle);
+        assert_eq!(d.quantum_us(10_000, &p, true), 2_500);
+        assert_eq!(d.quantum_us(1_000, &p, true), 500, "the floor");
+        assert_eq!(d.quantum_us(200, &p, true), 200, "never above the VM's own");
+        assert_eq!(
+            d.quantum_us(10_000, &p, false),
+            10_000,
+            "idle_reclaim = false"
+        );
+        d.advance(800, &p);
+        assert_eq!(d.state(), Dormant);
+        assert_eq!(d.quantum_us(10_000, &p, true), 625);
+        let off = IdlePolicy { detect: false, ..p };
+        let mut d = IdleDetector::new(0);
+        assert_eq!(d.advance(1_000_000, &off), None);
+        assert_eq!(d.state(), Active);
+    }
+}
