@@ -77,6 +77,21 @@ impl GuestPhys {
         }
     }
 
+    /// Gives every frame still mapped back to the allocator now, for a VM that stopped for good
+    /// (after it left the memory engine, which leaves only its private frames mapped): its
+    /// memory goes back to the pool while the other VMs run. Its EPT leaves and the mirror are
+    /// cleared, so that [`Self::release`] later frees only the tables.
+    pub fn release_memory(&mut self, frames: &mut FrameAllocator) {
+        for page in 0..self.memory.pages() {
+            if let Some(m) = self.memory.page(page) {
+                self.ept.unmap(&mut TableFrames(frames), page * 4096);
+                self.memory.set_page(page, None);
+                frames.free(m.hpa);
+            }
+        }
+        self.stale = true;
+    }
+
     /// Gives the EPT tables and every frame still mapped back to the allocator.
     pub fn release(self, frames: &mut FrameAllocator) {
         free_ept_tables(&self.ept, frames);

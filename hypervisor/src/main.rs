@@ -166,18 +166,19 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
     log::info!(target: "hv", "MMIO instruction decoder ready{} in {} us",
         if decoder_ok { "" } else { " (its self-check FAILED)" },
         hv_vm::sched::tsc_to_us(platform::rdtsc() - t, host.tsc_hz));
-    let (mut vms, memory, idle) = create_vms(&mbi, &host, &mut frames);
+    let (mut vms, memory, idle, on_demand) = create_vms(&mbi, &host, &mut frames);
     if vms.is_empty() {
         log::error!(target: "hv", "no VMs to run");
         platform::shutdown();
     }
     // Its own statement: the heap's lock guard must be gone before the engine allocates.
     let heap_free = HEAP.lock().free();
-    let mut mux = if memory.multiplex {
+    let mut mux = if on_demand {
         memmux::MemMux::new(
             &memory,
             &idle,
-            &vms,
+            &mut vms,
+            &mut frames,
             host.tsc_hz,
             host.controls.ept_ad,
             heap_free,
@@ -393,7 +394,9 @@ fn module_bytes(m: &multiboot2::ModuleTag) -> &'static [u8] {
     }
 }
 
-/// Builds the VMs of the manifest; also returns its `[memory]` and `[idle]` settings.
+/// Builds the VMs of the manifest; also returns its `[memory]` and `[idle]` settings, and
+/// whether the VMs' memory is allocated on demand: when multiplexing is asked for and the
+/// engine's metadata for all of it fits on the heap, since the engine must then run.
 fn create_vms(
     mbi: &BootInformation,
     host: &vm::HostVmx,
@@ -402,6 +405,7 @@ fn create_vms(
     Vec<vm::Vm>,
     hv_manifest::MemoryConfig,
     hv_manifest::IdleConfig,
+    bool,
 ) {
     let mut images: Vec<(String, &'static [u8])> = Vec::new();
     let mut manifest: Option<&'static [u8]> = None;
@@ -416,7 +420,7 @@ fn create_vms(
     }
     let Some(text) = manifest else {
         log::error!(target: "manifest", "no module named \"manifest\" (add `module2 /boot/manifest.toml manifest` to the GRUB entry)");
-        return (Vec::new(), Default::default(), Default::default());
+        return (Vec::new(), Default::default(), Default::default(), false);
     };
     let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
     let limits = hv_manifest::HostLimits {
@@ -427,12 +431,21 @@ fn create_vms(
         Ok(m) => m,
         Err(e) => {
             log::error!(target: "manifest", "{e}");
-            return (Vec::new(), Default::default(), Default::default());
+            return (Vec::new(), Default::default(), Default::default(), false);
         }
     };
     for e in &manifest.errors {
         log::error!(target: "manifest", "{e}");
     }
+    let declared: u64 = manifest.vms.iter().map(|c| c.memory_bytes()).sum();
+    let free = frames.free_bytes();
+    let on_demand = manifest.memory.multiplex && {
+        let heap_free = HEAP.lock().free();
+        memmux::MemMux::admits(declared / 4096, heap_free)
+    };
+    log::info!(target: "hv", "guest memory: {} MiB declared by {} VMs against {} MiB free for VMs{}",
+        declared >> 20, manifest.vms.len(), free >> 20,
+        if on_demand { " (allocated on demand: a page gets a frame on its first write)" } else { "" });
     let mut vms = Vec::new();
     for config in &manifest.vms {
         // The manifest checked that every name is a boot module.
@@ -450,10 +463,18 @@ fn create_vms(
             .chain(config.initrd.iter())
             .map(|m| (m.as_str(), find(m)))
             .collect();
-        match vm::Vm::create(vms.len() as u32, config, image, &modules, host, frames) {
+        match vm::Vm::create(
+            vms.len() as u32,
+            config,
+            image,
+            &modules,
+            host,
+            frames,
+            on_demand,
+        ) {
             Ok(v) => vms.push(v),
             Err(e) => log::error!(target: "hv", "vm \"{}\" not started: {e}", config.name),
         }
     }
-    (vms, manifest.memory, manifest.idle)
+    (vms, manifest.memory, manifest.idle, on_demand)
 }

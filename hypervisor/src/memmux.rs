@@ -76,6 +76,10 @@ pub struct MemMux {
     first_scan: Option<u64>,
     /// What the last scan step took.
     last_step_tsc: u64,
+    /// Scan steps run under memory pressure, outside the budget.
+    pressure_steps: u64,
+    /// Free frames below which memory is under pressure.
+    pub low_watermark_frames: u64,
     /// Scan steps put off because the scanner had used its share.
     budget_waits: u64,
     /// When the engine was created (the closing report's time base).
@@ -120,6 +124,13 @@ pub enum FaultError {
     Stuck,
 }
 
+impl FaultError {
+    /// No host frame was free: the VM can wait for one instead of stopping.
+    pub fn out_of_frames(&self) -> bool {
+        matches!(self, Self::Engine(hv_mem::Error::OutOfFrames))
+    }
+}
+
 impl core::fmt::Display for FaultError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
@@ -138,23 +149,36 @@ impl MemMux {
     /// whole hypervisor, so multiplexing is refused up front unless the metadata, at its bound
     /// per page, fits in half of it; the store itself allocates fallibly, within a limit that
     /// leaves a reserve free, and simply keeps pages whole once it is reached.
-    pub fn new(
-        config: &MemoryConfig,
-        idle: &IdleConfig,
-        vms: &[impl HasGuestPhys],
-        tsc_hz: u64,
-        ept_ad: bool,
-        heap_free: usize,
-    ) -> Option<Self> {
-        let pages: u64 = vms.iter().map(|v| v.guest_phys().memory.pages()).sum();
+    /// Whether the engine's metadata for `pages` guest pages, at its bound per page, fits in
+    /// half of `heap_free` heap bytes (logged when it does not). The kernel asks before it
+    /// creates the VMs, whose memory is then allocated on demand only if the engine will run.
+    pub fn admits(pages: u64, heap_free: usize) -> bool {
         let need = pages.saturating_mul(METADATA_BOUND_PER_PAGE);
         if need > heap_free as u64 / 2 {
             log::error!(target: "mem",
                 "memory multiplexing off: {pages} guest pages may need {} KiB of engine metadata, \
                  more than half of the {} KiB free on the hypervisor heap",
                 need >> 10, heap_free >> 10);
+            return false;
+        }
+        true
+    }
+
+    /// `vms` may have memory allocated on demand (absent pages): they become zero pages.
+    pub fn new(
+        config: &MemoryConfig,
+        idle: &IdleConfig,
+        vms: &mut [impl HasGuestPhys],
+        frames: &mut FrameAllocator,
+        tsc_hz: u64,
+        ept_ad: bool,
+        heap_free: usize,
+    ) -> Option<Self> {
+        let pages: u64 = vms.iter().map(|v| v.guest_phys().memory.pages()).sum();
+        if !Self::admits(pages, heap_free) {
             return None;
         }
+        let need = pages.saturating_mul(METADATA_BOUND_PER_PAGE);
         // The store of patches and compressed pages gets what the metadata (at its bound)
         // leaves, less a reserve for everything else on the heap: filling the heap to its last
         // byte would make the next ordinary allocation stop the hypervisor.
@@ -179,16 +203,36 @@ impl MemMux {
                 return None;
             }
         };
-        for (i, v) in vms.iter().enumerate() {
-            let vm = v.vm();
-            let domain = DomainId(vm.sharing_domain());
-            if let Err(e) = engine.add_vm(VmId(i as u32), domain, v.guest_phys().memory.pages()) {
-                log::error!(target: "mem", "memory multiplexing off: cannot register vm {}: {e}", vm.name);
-                return None;
+        let mut backend = EptBackend {
+            vms,
+            frames,
+            ept_ad,
+        };
+        for i in 0..backend.vms.len() {
+            let (domain, pages, name) = {
+                let v = &backend.vms[i];
+                let (vm, memory) = (v.vm(), &v.guest_phys().memory);
+                (
+                    DomainId(vm.sharing_domain()),
+                    memory.pages(),
+                    vm.name.clone(),
+                )
+            };
+            match engine.add_vm_on_demand(&mut backend, VmId(i as u32), domain, pages) {
+                // The engine names VMs by number in its own log lines; say once which is which.
+                Ok(zeros) => log::info!(target: "mem",
+                    "vm {name} is engine VM {i} (sharing domain {}){}", domain.0,
+                    if zeros > 0 { alloc::format!(", {zeros} of its {pages} pages allocated on demand") } else { alloc::string::String::new() }),
+                Err(e) => {
+                    // A VM whose memory is on demand cannot run without the engine: the caller
+                    // only allocates on demand when `admits` said yes, and registering a new
+                    // VM fails only for want of one frame (the zero frame).
+                    log::error!(target: "mem", "memory multiplexing off: cannot register vm {name}: {e}");
+                    return None;
+                }
             }
-            // The engine names VMs by number in its own log lines; say once which is which.
-            log::info!(target: "mem", "vm {} is engine VM {i} (sharing domain {})", vm.name, domain.0);
         }
+        let vms = &*backend.vms;
         log::info!(target: "mem",
             "memory multiplexing on: {} VMs, scan step {} pages every {} us, EPT A/D bits {}",
             vms.len(), config.scan_pages, config.scan_interval_us,
@@ -217,6 +261,8 @@ impl MemMux {
             scan_cpu_percent: config.scan_cpu_percent.clamp(1, 100),
             first_scan: None,
             last_step_tsc: 0,
+            pressure_steps: 0,
+            low_watermark_frames: config.low_watermark_mib << 8,
             budget_waits: 0,
             created: rdtsc(),
             cold_for: vec![IdleState::Active; vms.len()],
@@ -266,11 +312,22 @@ impl MemMux {
     /// the guest has not touched on its first visit, and before a VM has run, every page looks
     /// untouched, so its code and stack would be compressed or merged only to be faulted back in
     /// by its first instructions.
-    pub fn maybe_scan(&mut self, vms: &mut [impl HasGuestPhys], frames: &mut FrameAllocator) {
+    ///
+    /// Under memory `pressure` (free memory below `low_watermark_mib`, or a VM waiting for a
+    /// frame) the step runs at once, outside the interval and the budget: reclaiming is then
+    /// what lets the VMs run at all.
+    pub fn maybe_scan(
+        &mut self,
+        vms: &mut [impl HasGuestPhys],
+        frames: &mut FrameAllocator,
+        pressure: bool,
+    ) {
         // Called before every quantum, so at most one VM ran since the last call.
         self.account(vms);
         let start = rdtsc();
-        if self.scans == 0 {
+        if pressure {
+            self.pressure_steps += 1;
+        } else if self.scans == 0 {
             if vms
                 .iter()
                 .map(|v| v.vm())
@@ -349,6 +406,11 @@ impl MemMux {
             // A VM that stopped has left the engine; nothing to set.
             let _ = self.engine.set_vm_cold_after(VmId(i as u32), after);
         }
+    }
+
+    /// Full scan rounds the engine has completed.
+    pub fn rounds(&self) -> u64 {
+        self.engine.rounds()
     }
 
     /// Brings every VM's own time up to date: since the last call, the CPU time it was charged
@@ -469,9 +531,11 @@ impl MemMux {
         let run = rdtsc().wrapping_sub(self.created).max(1);
         let permille = |t: u64| (u128::from(t) * 1000 / u128::from(run)) as u64;
         log::info!(target: "mem",
-            "cpu: scan_us={} scan_permille={} budget_percent={} budget_waits={} fault_us={} \
-             vm_cpu_us={} vm_cpu_permille={} (permille: of host time since the engine started)",
+            "cpu: scan_us={} scan_permille={} budget_percent={} budget_waits={} pressure_steps={} \
+             fault_us={} vm_cpu_us={} vm_cpu_permille={} (permille: of host time since the engine \
+             started)",
             us(self.scan_tsc), permille(self.scan_tsc), self.scan_cpu_percent, self.budget_waits,
+            self.pressure_steps,
             us(self.fault_tsc), us(vm_cpu_tsc), permille(vm_cpu_tsc));
         for (v, footprint) in vms.iter().zip(&self.idle_footprint) {
             if let Some((first, min)) = footprint {

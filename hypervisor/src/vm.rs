@@ -266,6 +266,10 @@ impl Vm {
     /// Builds a VM: memory, EPT, the image and boot area, its CPU state and its VMCS. On error
     /// every frame taken so far is given back.
     /// `modules` are the VM's boot modules (manifest `modules`) by name, in order.
+    ///
+    /// `on_demand`: only the pages the loader writes get frames; the others are left absent for
+    /// the memory engine, which registers them as zero pages and gives each a frame on the
+    /// guest's first write (`hv_mem::Engine::add_vm_on_demand`).
     pub fn create(
         id: u32,
         config: &VmConfig,
@@ -273,13 +277,10 @@ impl Vm {
         modules: &[(&str, &[u8])],
         host: &HostVmx,
         frames: &mut FrameAllocator,
+        on_demand: bool,
     ) -> Result<Self, VmError> {
         let bytes = config.memory_bytes();
         let pages = bytes / 4096;
-        // Refuse early rather than half-build a VM that cannot fit (plus EPT tables: 1/512).
-        if frames.free_frames() < pages + pages / 256 + 16 {
-            return Err(VmError::OutOfMemory);
-        }
         // What goes into memory besides the kernel's segments, and how the guest starts.
         let (segments, pieces, entry, mb_modules) = if config.linux {
             Self::plan_linux(config, image, modules, bytes)?
@@ -352,16 +353,42 @@ impl Vm {
                 }
             }
         };
-        let mut building = Building {
-            frames,
-            taken: Vec::with_capacity(pages as usize + 3),
-        };
-        for _ in 0..pages {
-            if let Err(e) = building.frame() {
-                return Err(building.fail(None, e));
+        // The pages that get a frame now: all of them, or on demand those the loader writes.
+        let mut backed = alloc::vec![!on_demand; pages as usize];
+        if on_demand {
+            let writes = segments
+                .iter()
+                .map(|seg| (seg.gpa, seg.filesz))
+                .chain(pieces.iter().map(|(gpa, d)| (*gpa, d.len() as u64)))
+                .chain(mb_modules.iter().map(|(gpa, d)| (*gpa, d.len() as u64)));
+            for (gpa, len) in writes.filter(|&(_, len)| len > 0) {
+                // The plans checked every piece against the memory size.
+                let (first, last) = (gpa / 4096, (gpa + len - 1) / 4096);
+                for page in first..=last.min(pages - 1) {
+                    backed[page as usize] = true;
+                }
             }
         }
-        let backing = building.taken.clone();
+        let framed = backed.iter().filter(|&&b| b).count() as u64;
+        // Refuse early rather than half-build a VM that cannot fit (plus EPT tables: 1/512).
+        if frames.free_frames() < framed + pages / 256 + 16 {
+            return Err(VmError::OutOfMemory);
+        }
+        let mut building = Building {
+            frames,
+            taken: Vec::with_capacity(framed as usize + 3),
+        };
+        let mut backing = Vec::with_capacity(pages as usize);
+        for &b in &backed {
+            if !b {
+                backing.push(None);
+                continue;
+            }
+            match building.frame() {
+                Ok(frame) => backing.push(Some(frame)),
+                Err(e) => return Err(building.fail(None, e)),
+            }
+        }
         let (vmcs, xsave_area) = match (building.frame(), building.frame()) {
             (Ok(v), Ok(x)) => (v, x),
             (Err(e), _) | (_, Err(e)) => return Err(building.fail(None, e)),
@@ -379,17 +406,19 @@ impl Vm {
             Err(e) => return Err(building.fail(None, VmError::Ept(e))),
         };
         for (page, &frame) in backing.iter().enumerate() {
-            let mapped = ept.map(
-                &mut TableFrames(building.frames),
-                page as u64 * 4096,
-                frame,
-                EptPerms::RWX,
-            );
+            let tables = &mut TableFrames(building.frames);
+            let gpa = page as u64 * 4096;
+            // An absent page gets its leaf table now, so that mapping it later (the engine,
+            // on the guest's first touch) never needs a frame.
+            let mapped = match frame {
+                Some(frame) => ept.map(tables, gpa, frame, EptPerms::RWX),
+                None => ept.prepare(tables, gpa),
+            };
             if let Err(e) = mapped {
                 return Err(building.fail(Some(ept), VmError::Ept(e)));
             }
         }
-        let memory = GuestMemory::new(backing);
+        let memory = GuestMemory::sparse(backing);
         let mut phys = IdentityPhys;
         let mut load = || -> Result<(), AccessError> {
             for seg in &segments {
@@ -471,7 +500,12 @@ impl Vm {
         // translations the CPU still caches for it (SDM 29.4.3.1).
         vmx::invept(vm.phys.eptp, host.caps.invept_single_context());
         let kind = entry.protocol;
-        log::info!(target: &vm.core.target, "created: {} MiB, image \"{}\"{kind} entry {:#x}, quantum {} us (cpu_share {}), eptp {:#x}",
+        let demand = if on_demand {
+            alloc::format!(" ({} KiB loaded, the rest on demand)", framed * 4)
+        } else {
+            alloc::string::String::new()
+        };
+        log::info!(target: &vm.core.target, "created: {} MiB{demand}, image \"{}\"{kind} entry {:#x}, quantum {} us (cpu_share {}), eptp {:#x}",
             config.memory_mib, config.image, entry.rip, config.weighted_quantum_us(),
             config.cpu_share, vm.phys.eptp);
         for (name, (gpa, data)) in modules.iter().zip(&mb_modules) {
@@ -1075,6 +1109,57 @@ fn route_input(vms: &mut [Vm], router: &mut InputRouter) {
     });
 }
 
+/// Frames that must be free before a VM waiting for memory resumes: enough that it gets
+/// somewhere before it needs another (256 KiB).
+const RESUME_FRAMES: u64 = 64;
+
+/// Whether memory is under pressure: free frames below the low watermark, or a VM waiting for
+/// a frame. Resumes the waiting VMs once [`RESUME_FRAMES`] are free; when no VM can compute
+/// (each waits for memory or for an interrupt) and the scanner has made two whole rounds since
+/// the wait began with frames still short, nothing more can be reclaimed, and the waiting VM
+/// with the most memory is stopped so that the others can go on:
+/// its index is returned, for the caller to take it out of the engine and free its memory.
+fn memory_pressure(
+    vms: &mut [Vm],
+    frames: &FrameAllocator,
+    mux: &MemMux,
+    waiting_since_round: &mut Option<u64>,
+) -> (bool, Option<usize>) {
+    let free = frames.free_frames();
+    let low = free < mux.low_watermark_frames;
+    let waiting = |v: &Vm| v.core.state.is_runnable() && v.core.waiting_for_memory.is_some();
+    if !vms.iter().any(waiting) {
+        *waiting_since_round = None;
+        return (low, None);
+    }
+    if free >= RESUME_FRAMES {
+        for v in vms.iter_mut() {
+            v.core.memory_available(free);
+        }
+        *waiting_since_round = None;
+        return (low, None);
+    }
+    // While another VM can compute, it may yet free memory (by stopping): wait for it.
+    let can_compute = |v: &Vm| v.core.may_run() || v.core.must_drain();
+    let since = *waiting_since_round.get_or_insert(mux.rounds());
+    if vms.iter().any(can_compute) || mux.rounds() < since + 2 {
+        return (true, None);
+    }
+    *waiting_since_round = None;
+    let victim = (0..vms.len())
+        .filter(|&j| waiting(&vms[j]))
+        .max_by_key(|&j| vms[j].phys.memory.present_frames().count());
+    if let Some(j) = victim {
+        let core = &mut vms[j].core;
+        let gpa = core.waiting_for_memory.take().unwrap_or(0);
+        core.fail(format_args!(
+            "out of memory: no host frame for its page at {gpa:#x}, and two scan rounds \
+             reclaimed none ({free} frames free)"
+        ));
+    }
+    (true, victim)
+}
+
 /// Runs all VMs round-robin until every one has stopped. With `mux`, the memory engine scans
 /// between quanta and resolves the faults on pages it manages.
 ///
@@ -1110,8 +1195,19 @@ pub fn run_all(
         vm.core.start_idle_detection(idle_policy, start);
     }
     let mut round: u64 = 0;
+    // While a VM waits for memory: the engine's round count when the wait began.
+    let mut waiting_since_round: Option<u64> = None;
     loop {
         route_input(vms, &mut input);
+        let mut pressure = false;
+        if let Some(mux) = mux.as_deref_mut() {
+            let stopped;
+            (pressure, stopped) = memory_pressure(vms, frames, mux, &mut waiting_since_round);
+            if let Some(j) = stopped {
+                mux.remove_vm(vms, frames, j);
+                vms[j].phys.release_memory(frames);
+            }
+        }
         let now = rdtsc();
         for vm in vms.iter_mut() {
             if !vm.core.state.is_runnable() {
@@ -1144,6 +1240,13 @@ pub fn run_all(
             if alive().next().is_none() {
                 break;
             }
+            if pressure && vms.iter().any(|v| v.core.waiting_for_memory.is_some()) {
+                // Every VM that could run waits for a frame: reclaim.
+                if let Some(mux) = mux.as_deref_mut() {
+                    mux.maybe_scan(vms, frames, true);
+                }
+                continue;
+            }
             if alive().all(|v| v.core.halted.is_some()) {
                 // Every VM waits for an interrupt: sleep until the first timer is due.
                 let cap = if crate::serial::output_pending() {
@@ -1167,7 +1270,7 @@ pub fn run_all(
         round += 1;
         crate::interrupts::selftest_round(round);
         if let Some(mux) = mux.as_deref_mut() {
-            mux.maybe_scan(vms, frames);
+            mux.maybe_scan(vms, frames, pressure);
         }
         if last_on_cpu != Some(i) {
             let (out, into) = match last_on_cpu {
@@ -1312,13 +1415,22 @@ pub fn run_all(
                     break; // the policy only asks for faults when the engine runs
                 };
                 let hypercall = matches!(next, Next::HypercallFault { .. });
-                if let Err(e) = mux.fault(vms, frames, i, gpa, write, hypercall) {
-                    vms[i].core.fail(format_args!(
-                        "memory engine could not fault in gpa={gpa:#x} ({}): {e}",
-                        if write { "write" } else { "read" }
-                    ));
-                    next = Next::Stopped;
-                    break;
+                match mux.fault(vms, frames, i, gpa, write, hypercall) {
+                    Ok(()) => {}
+                    // The access is retried when it resumes (RIP still points at it).
+                    Err(e) if e.out_of_frames() => {
+                        vms[i].core.wait_for_memory(gpa);
+                        next = Next::Halt;
+                        break;
+                    }
+                    Err(e) => {
+                        vms[i].core.fail(format_args!(
+                            "memory engine could not fault in gpa={gpa:#x} ({}): {e}",
+                            if write { "write" } else { "read" }
+                        ));
+                        next = Next::Stopped;
+                        break;
+                    }
                 }
                 next = match next {
                     Next::HypercallFault { .. } => {
@@ -1350,7 +1462,9 @@ pub fn run_all(
                 }
             }
         }
-        let ready = vms[i].core.state.is_runnable() && vms[i].core.halted.is_none();
+        let core = &vms[i].core;
+        let ready =
+            core.state.is_runnable() && core.halted.is_none() && core.waiting_for_memory.is_none();
         let end = rdtsc();
         let core = &mut vms[i].core;
         core.acct.schedule_out(end, deadline, host.tsc_hz, ready);
@@ -1369,6 +1483,8 @@ pub fn run_all(
             if let Some(mux) = mux.as_deref_mut() {
                 mux.remove_vm(vms, frames, i);
             }
+            // Its memory goes back to the pool now, for the VMs still running.
+            vms[i].phys.release_memory(frames);
         }
     }
     for vm in vms.iter_mut() {

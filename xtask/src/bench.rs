@@ -224,6 +224,7 @@ pub(crate) fn boot_one(one: &OneVm<'_>) -> Result<Booted> {
         timeout: one.timeout,
         bochs_ips: one.bochs_ips,
         bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
+        memory_mib: engine::MEMORY_MIB,
     };
     println!("{} on Bochs ...", one.what);
     let outcome = engine::boot(&boot, || {})?;

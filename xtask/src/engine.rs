@@ -297,6 +297,8 @@ pub struct BootSpec {
     pub bochs_ips: u64,
     /// Bochs only: the CPU model ([`BOCHS_CPU_MODEL`] unless a scenario asks for another).
     pub bochs_cpu: String,
+    /// The machine's RAM in MiB ([`MEMORY_MIB`] unless a scenario asks for another).
+    pub memory_mib: u32,
 }
 
 impl BootSpec {
@@ -517,7 +519,7 @@ fn boot_once(
         Engine::Bochs => bochs_command(spec, &iso, com1)?,
         Engine::QemuKvm | Engine::QemuTcg => {
             let mut command = Command::new(QEMU);
-            command.args(qemu_args(spec.engine, &iso, com1));
+            command.args(qemu_args(spec.engine, &iso, com1, spec.memory_mib));
             command
         }
     };
@@ -563,6 +565,7 @@ fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command>
         &dir.join("bochs.log"),
         spec.bochs_ips,
         &spec.bochs_cpu,
+        spec.memory_mib,
     )
     .map_err(|message| Error::Failed(format!("bochs: {message}")))?;
     let rc_path = dir.join("bochsrc");
@@ -582,7 +585,7 @@ fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command>
     Ok(command)
 }
 
-/// The Bochs configuration: 256 MiB, a Skylake-X CPU with VT-x/EPT, deterministic time, boot from
+/// The Bochs configuration: `memory_mib` of RAM, a Skylake-X CPU with VT-x/EPT, deterministic time, boot from
 /// the ISO, COM1 into a file or a socket server, no GUI, and fatal panics.
 pub fn bochsrc(
     iso: &Path,
@@ -590,6 +593,7 @@ pub fn bochsrc(
     log: &Path,
     ips: u64,
     cpu: &str,
+    memory_mib: u32,
 ) -> std::result::Result<String, String> {
     let quoted = |path: &Path| {
         let text = path.display().to_string();
@@ -607,7 +611,7 @@ pub fn bochsrc(
     };
     Ok(format!(
         "# Written by cargo xtask (xtask/src/engine.rs) for one run.\n\
-         memory: guest={MEMORY_MIB}, host={MEMORY_MIB}\n\
+         memory: guest={memory_mib}, host={memory_mib}\n\
          romimage: file={BOCHS_BIOS}, options=fastboot\n\
          vgaromimage: file={BOCHS_VGA_BIOS}\n\
          cpu: model={cpu}, count=1, ips={ips}, reset_on_triple_fault=0\n\
@@ -632,7 +636,7 @@ pub fn bochsrc(
 }
 
 /// QEMU's arguments: KVM with the host CPU plus VMX, or TCG's qemu64 (no VMX).
-pub fn qemu_args(engine: Engine, iso: &Path, com1: Com1<'_>) -> Vec<String> {
+pub fn qemu_args(engine: Engine, iso: &Path, com1: Com1<'_>, memory_mib: u32) -> Vec<String> {
     let (accel, cpu) = match engine {
         Engine::QemuKvm => ("kvm", "host,+vmx"),
         Engine::QemuTcg | Engine::Bochs => ("tcg", "qemu64"),
@@ -643,7 +647,7 @@ pub fn qemu_args(engine: Engine, iso: &Path, com1: Com1<'_>) -> Vec<String> {
         "-cpu",
         cpu,
         "-m",
-        &format!("{MEMORY_MIB}M"),
+        &format!("{memory_mib}M"),
         "-cdrom",
         &qemu_escape(iso),
         "-serial",
@@ -797,6 +801,7 @@ mod tests {
             Path::new("/r/bochs.log"),
             BOCHS_IPS,
             BOCHS_CPU_MODEL,
+            MEMORY_MIB,
         )
         .unwrap();
         for line in [
@@ -819,7 +824,8 @@ mod tests {
             s,
             Path::new("/l"),
             BOCHS_IPS,
-            BOCHS_CPU_MODEL
+            BOCHS_CPU_MODEL,
+            MEMORY_MIB
         )
         .is_err());
         // With input, COM1 is a socket server that waits for the runner.
@@ -829,6 +835,7 @@ mod tests {
             Path::new("/l"),
             400_000_000,
             "corei7_haswell_4770",
+            128,
         )
         .unwrap();
         assert!(
@@ -836,8 +843,12 @@ mod tests {
                 .any(|l| l == "com1: enabled=1, mode=socket-server, dev=localhost:40123"),
             "{rc}"
         );
-        // A scenario's own instruction rate.
+        // A scenario's own instruction rate and memory.
         assert!(rc.lines().any(|l| l.contains(" ips=400000000,")), "{rc}");
+        assert!(
+            rc.lines().any(|l| l == "memory: guest=128, host=128"),
+            "{rc}"
+        );
     }
 
     #[test]
@@ -846,6 +857,7 @@ mod tests {
             Engine::QemuKvm,
             Path::new("/r/x.iso"),
             Com1::File(Path::new("/r/s,1.log")),
+            MEMORY_MIB,
         );
         let text = kvm.join(" ");
         assert!(
@@ -861,7 +873,12 @@ mod tests {
             text.contains("-display none") && text.contains("-no-reboot"),
             "{text}"
         );
-        let tcg = qemu_args(Engine::QemuTcg, Path::new("/x.iso"), Com1::Socket(5555));
+        let tcg = qemu_args(
+            Engine::QemuTcg,
+            Path::new("/x.iso"),
+            Com1::Socket(5555),
+            MEMORY_MIB,
+        );
         let text = tcg.join(" ");
         assert!(text.starts_with("-accel tcg -cpu qemu64 "), "{text}");
         assert!(

@@ -820,6 +820,7 @@ fn run_batch<'t>(
         timeout: Duration::from_secs(20 + timeout_s / 3),
         bochs_ips: engine::BOCHS_IPS,
         bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
+        memory_mib: engine::MEMORY_MIB,
     };
     let names: Vec<&str> = batch.iter().map(|t| t.name.as_str()).collect();
     println!("kvm-unit-tests: booting {}", names.join(", "));

@@ -150,6 +150,7 @@ fn boot(dir: &Path, iso: &Path) -> Result<Boot> {
         timeout: TIMEOUT,
         bochs_ips: engine::BOCHS_IPS_LINUX,
         bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
+        memory_mib: engine::MEMORY_MIB,
     };
     let serial = spec.serial_log();
     let start = Instant::now();

@@ -232,6 +232,7 @@ fn run_one(ws: &Workspace, engines: &Engines, dir: &ScenarioDir) -> Report {
         timeout: Duration::from_secs(scenario.timeout_s),
         bochs_ips: scenario.bochs_ips,
         bochs_cpu: scenario.bochs_cpu.clone(),
+        memory_mib: scenario.memory_mib,
     };
     // With `[[input]]`, COM1 is a socket this process serves (engine::boot_interactive).
     let booted = if scenario.inputs.is_empty() {

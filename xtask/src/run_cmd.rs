@@ -78,6 +78,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
             engine::BOCHS_IPS
         },
         bochs_cpu: engine::BOCHS_CPU_MODEL.to_owned(),
+        memory_mib: engine::MEMORY_MIB,
     };
     let mut tail = LogTail::new(boot.serial_log());
     let stdout = io::stdout();

@@ -10,6 +10,7 @@
 //! timeout_s = 120         # hard limit of the emulator run
 //! bochs_ips = 400000000   # optional: Bochs's emulated instructions per emulated second
 //!                         # (default engine::BOCHS_IPS, 4000000; 1000000 to 2000000000)
+//! memory_mib = 128           # optional: the emulated machine's RAM (default 256, 64..=2048)
 //! bochs_cpu = "corei7_haswell_4770"  # optional: another Bochs CPU model (default
 //!                         # engine::BOCHS_CPU_MODEL; one of engine::BOCHS_CPU_MODELS)
 //! cmdline = ""            # extra hypervisor words; the runner always adds exit=emulator
@@ -123,6 +124,9 @@ pub enum EngineKind {
     NoVmx,
 }
 
+/// What `memory_mib` may be: enough for the hypervisor's 16 MiB heap and a VM, and what Bochs
+/// takes on this machine.
+const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
 /// What `bochs_ips` may be: Bochs needs at least a million, and keeps the figure in 32 bits.
 const BOCHS_IPS_RANGE: std::ops::RangeInclusive<u64> = 1_000_000..=2_000_000_000;
 
@@ -135,6 +139,7 @@ struct ScenarioFile {
     timeout_s: u64,
     bochs_ips: Option<u64>,
     bochs_cpu: Option<String>,
+    memory_mib: Option<u32>,
     #[serde(default)]
     cmdline: String,
     #[serde(default)]
@@ -207,6 +212,8 @@ pub struct Scenario {
     pub bochs_ips: u64,
     /// The Bochs CPU model: which VMX features the hypervisor finds.
     pub bochs_cpu: String,
+    /// The emulated machine's RAM, MiB.
+    pub memory_mib: u32,
     /// Extra hypervisor command-line words.
     pub cmdline: String,
     /// Guest binaries on the ISO (module name = binary name).
@@ -754,6 +761,14 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
             BOCHS_IPS_RANGE.end()
         ));
     }
+    let memory_mib = file.memory_mib.unwrap_or(engine::MEMORY_MIB);
+    if !MEMORY_MIB_RANGE.contains(&memory_mib) {
+        return Err(format!(
+            "memory_mib must be from {} to {}",
+            MEMORY_MIB_RANGE.start(),
+            MEMORY_MIB_RANGE.end()
+        ));
+    }
     // A scenario that expects nothing passes on an empty log: it could not fail.
     if file.expect.is_empty() {
         return Err("expect must list at least one pattern".to_owned());
@@ -811,6 +826,7 @@ pub fn parse(text: &str, vms: &[String]) -> Result<Scenario, String> {
         timeout_s: file.timeout_s,
         bochs_ips,
         bochs_cpu,
+        memory_mib,
         cmdline: file.cmdline,
         images: file.images,
         vms: vms.to_vec(),

@@ -6,6 +6,27 @@
 /// Bytes per page.
 pub const PAGE: usize = 4096;
 
+/// Which contents a region gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mix {
+    /// The five kinds in turn, as a guest's memory holds them.
+    Guest,
+    /// Pseudo-random bytes unique to the VM in every page: nothing to share, patch or
+    /// compress, so every page needs a frame of its own.
+    Random,
+}
+
+impl Mix {
+    /// The mix named `name` (`guest` or `random`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "guest" => Some(Self::Guest),
+            "random" => Some(Self::Random),
+            _ => None,
+        }
+    }
+}
+
 /// xorshift64*: cheap, deterministic, full-period.
 pub fn next(state: &mut u64) -> u64 {
     *state ^= *state >> 12;
@@ -16,15 +37,19 @@ pub fn next(state: &mut u64) -> u64 {
 
 /// The content of page `k` for VM `seed`, and, once `touched`, with the byte the write phase
 /// changes.
-pub fn fill(page: &mut [u8; PAGE], k: u64, seed: u64, touched: bool) {
-    match k % 5 {
+pub fn fill(page: &mut [u8; PAGE], k: u64, seed: u64, touched: bool, mix: Mix) {
+    let kind = match mix {
+        Mix::Guest => k % 5,
+        Mix::Random => 4,
+    };
+    match kind {
         0 => page.fill(0),
         1 | 2 => {
             let mut s = k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             for chunk in page.chunks_exact_mut(8) {
                 chunk.copy_from_slice(&next(&mut s).to_le_bytes());
             }
-            if k % 5 == 2 {
+            if kind == 2 {
                 let at = (seed as usize * 64) % (PAGE - 16);
                 page[at..at + 16].fill(seed as u8 ^ 0xa5);
             }
@@ -68,11 +93,11 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 }
 
 /// The checksum the region must have: every page regenerated.
-pub fn expected(pages: u64, seed: u64, touched: bool) -> u64 {
+pub fn expected(pages: u64, seed: u64, touched: bool, mix: Mix) -> u64 {
     let mut page = [0u8; PAGE];
     let mut h = 0u64;
     for k in 0..pages {
-        fill(&mut page, k, seed, touched);
+        fill(&mut page, k, seed, touched, mix);
         h = h.rotate_left(5) ^ checksum(&page);
     }
     h

@@ -23,6 +23,7 @@
 //! scan_interval_us = 10000  # at most one scan step per interval, default 10000
 //! cold_after_us = 1000000   # a page untouched this long (VM and host time) is cold, default 1 s
 //! scan_cpu_percent = 5      # the scanner's most CPU, percent of host time, default 5
+//! low_watermark_mib = 4     # below this much free memory the scanner runs unbudgeted, default 4
 //!
 //! [idle]                    # optional: the idle-VM detector (docs/manifest.md, "[idle]")
 //! detect = true             # default true
@@ -127,6 +128,10 @@ pub const COLD_AFTER_US_RANGE: RangeInclusive<u64> = 100..=3_600_000_000;
 pub const DEFAULT_SCAN_CPU_PERCENT: u64 = 5;
 /// Allowed `scan_cpu_percent`.
 pub const SCAN_CPU_PERCENT_RANGE: RangeInclusive<u64> = 1..=100;
+/// `low_watermark_mib` when `[memory]` does not set it.
+pub const DEFAULT_LOW_WATERMARK_MIB: u64 = 4;
+/// Allowed `low_watermark_mib`.
+pub const LOW_WATERMARK_MIB_RANGE: RangeInclusive<u64> = 0..=1 << 20;
 /// `[idle]` defaults and ranges (docs/manifest.md).
 pub const DEFAULT_IDLE_INTERVAL_US: u64 = 100_000;
 pub const IDLE_INTERVAL_US_RANGE: RangeInclusive<u64> = 1_000..=10_000_000;
@@ -165,6 +170,9 @@ pub struct MemoryConfig {
     /// a scan step waits until the scanner's total is under this share of the time since the
     /// first step.
     pub scan_cpu_percent: u64,
+    /// Below this much free host memory (MiB, within [`LOW_WATERMARK_MIB_RANGE`]) the scanner
+    /// runs without its budget, to reclaim; so it does while a VM waits for a frame.
+    pub low_watermark_mib: u64,
 }
 
 impl Default for MemoryConfig {
@@ -175,6 +183,7 @@ impl Default for MemoryConfig {
             scan_interval_us: DEFAULT_SCAN_INTERVAL_US,
             cold_after_us: DEFAULT_COLD_AFTER_US,
             scan_cpu_percent: DEFAULT_SCAN_CPU_PERCENT,
+            low_watermark_mib: DEFAULT_LOW_WATERMARK_MIB,
         }
     }
 }

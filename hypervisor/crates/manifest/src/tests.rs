@@ -837,7 +837,7 @@ fn memory_multiplexing_is_off_by_default() {
 fn memory_table_and_sharing_domains() {
     let m = ok(
         "[memory]\nmultiplex = true\nscan_pages = 256\nscan_interval_us = 500\n\
-                cold_after_us = 20_000\nscan_cpu_percent = 12\n\n\
+                cold_after_us = 20_000\nscan_cpu_percent = 12\nlow_watermark_mib = 0\n\n\
                 [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\nsharing_domain = 7\n\n\
                 [[vm]]\nname = \"b\"\nmemory_mib = 4\nimage = \"i\"\n",
     );
@@ -850,6 +850,7 @@ fn memory_table_and_sharing_domains() {
             scan_interval_us: 500,
             cold_after_us: 20_000,
             scan_cpu_percent: 12,
+            low_watermark_mib: 0,
         }
     );
     assert_eq!(m.vms[0].sharing_domain, 7);
@@ -868,7 +869,7 @@ fn bad_memory_table_turns_multiplexing_off_and_keeps_the_vms() {
             "[memory] (line 2): key \"multiplex\": expected boolean, found string",
             "[memory] (line 3): key \"scan_pages\": 0 is out of range 1..=1048576",
             "[memory] (line 4): unknown key \"scan_rate\" (known keys: multiplex, scan_pages, \
-             scan_interval_us, cold_after_us, scan_cpu_percent)",
+             scan_interval_us, cold_after_us, scan_cpu_percent, low_watermark_mib)",
         ]
     );
     assert!(!m.memory.multiplex);

@@ -16,10 +16,10 @@ use crate::{
     ErrorKind, FatalError, HostLimits, IdleConfig, Manifest, ManifestError, MemoryConfig, Scope,
     VmConfig, BUSY_CPU_PERCENT_RANGE, CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE,
     DEBUG_EXIT_PORT_DEFAULT, DEFAULT_QUANTUM_US, DORMANT_AFTER_RANGE, IDLE_AFTER_RANGE,
-    IDLE_INTERVAL_US_RANGE, MEMORY_MIB_MAX, MEMORY_MIB_MIN, MODULES_MAX, NAME_MAX, PLATFORM_PORTS,
-    QUANTUM_SHRINK_RANGE, QUANTUM_US_RANGE, SCAN_CPU_PERCENT_RANGE, SCAN_INTERVAL_US_RANGE,
-    SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TEST_DEVICE_PORTS, TEST_DEVICE_RAM_BASE,
-    TIME_DILATION_MAX, TIME_DILATION_SCALE,
+    IDLE_INTERVAL_US_RANGE, LOW_WATERMARK_MIB_RANGE, MEMORY_MIB_MAX, MEMORY_MIB_MIN, MODULES_MAX,
+    NAME_MAX, PLATFORM_PORTS, QUANTUM_SHRINK_RANGE, QUANTUM_US_RANGE, SCAN_CPU_PERCENT_RANGE,
+    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TEST_DEVICE_PORTS,
+    TEST_DEVICE_RAM_BASE, TIME_DILATION_MAX, TIME_DILATION_SCALE,
 };
 
 const TOP_KEYS: &[&str] = &["defaults", "memory", "idle", "vm"];
@@ -30,6 +30,7 @@ const MEMORY_KEYS: &[&str] = &[
     "scan_interval_us",
     "cold_after_us",
     "scan_cpu_percent",
+    "low_watermark_mib",
 ];
 const IDLE_KEYS: &[&str] = &[
     "detect",
@@ -245,6 +246,9 @@ fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
             .map(|n| config.cold_after_us = n),
             "scan_cpu_percent" => {
                 in_range(value, &SCAN_CPU_PERCENT_RANGE).map(|n| config.scan_cpu_percent = n)
+            }
+            "low_watermark_mib" => {
+                in_range(value, &LOW_WATERMARK_MIB_RANGE).map(|n| config.low_watermark_mib = n)
             }
             _ => {
                 let kind = ErrorKind::UnknownKey { known: MEMORY_KEYS };

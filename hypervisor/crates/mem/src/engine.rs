@@ -482,6 +482,63 @@ impl Engine {
         Ok(())
     }
 
+    /// Registers a VM as [`Engine::add_vm`] does, but one whose memory is allocated on demand:
+    /// every gfn the backend has no mapping for is a zero page from the start, mapped read-only
+    /// onto the domain's zero frame (taken from the backend here if the domain has none yet),
+    /// and the guest's first write to it gets a frame of its own through [`Engine::fault`].
+    /// Mapped gfns must be writable frames the VM owns, as for `add_vm`. Returns how many
+    /// pages start as zero pages. Out of frames for the zero frame: nothing is registered.
+    pub fn add_vm_on_demand<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        vm: VmId,
+        domain: DomainId,
+        pages: u64,
+    ) -> Result<u64, Error> {
+        let absent = |mem: &M, g: u64| mem.mapping(vm, Gfn(g)).is_none();
+        let any_absent = (0..pages).any(|g| absent(mem, g));
+        let has_zero = self
+            .domains
+            .iter()
+            .any(|d| d.id == domain && d.zero_frame.is_some());
+        let fresh = if any_absent && !has_zero {
+            let f = mem.alloc_frame().map_err(|_| Error::OutOfFrames)?;
+            mem.frame_mut(f).fill(0);
+            Some(f)
+        } else {
+            None
+        };
+        if let Err(e) = self.add_vm(vm, domain, pages) {
+            if let Some(f) = fresh {
+                mem.free_frame(f);
+            }
+            return Err(e);
+        }
+        let slot = self.slot_of(vm)?;
+        let d = self.slot(slot).domain;
+        if let Some(f) = fresh {
+            self.domains[d].zero_frame = Some(f);
+        }
+        let Some(zero) = self.domains[d].zero_frame else {
+            return Ok(0);
+        };
+        let mut zeros = 0;
+        for g in 0..pages {
+            if absent(mem, g) {
+                let at = Loc {
+                    slot,
+                    gfn: g as usize,
+                    vm,
+                    domain: d,
+                };
+                mem.map(vm, Gfn(g), zero, false);
+                self.set_page(at, Kind::Zero, 0, false);
+                zeros += 1;
+            }
+        }
+        Ok(zeros)
+    }
+
     /// Unregisters a VM. Every page the engine mapped (zero, shared) is unmapped and every
     /// reference it held is dropped; afterwards every page still mapped in the VM is a private
     /// frame that the caller owns and frees with the VM.

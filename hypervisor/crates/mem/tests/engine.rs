@@ -1151,3 +1151,57 @@ fn a_vm_with_shorter_cold_thresholds_loses_its_untouched_pages_first() {
     );
     engine.check_consistency(&mem).unwrap();
 }
+
+#[test]
+fn memory_on_demand_starts_as_zero_pages_and_gets_frames_on_first_write() {
+    let (a, b) = (VmId(1), VmId(2));
+    let mut engine = Engine::new(Config::default()).unwrap();
+    let mut mem = PlainMemory::new();
+    // VM a: 16 pages of which only 0 and 5 were loaded; VM b: all 4 present.
+    mem.create_vm_with(a, 16, |gfn, p| p[0] = gfn as u8 + 1)
+        .unwrap();
+    for gfn in (0..16).filter(|g| *g != 0 && *g != 5) {
+        let f = mem.mapping(a, Gfn(gfn)).unwrap().frame;
+        mem.unmap(a, Gfn(gfn));
+        mem.free_frame(f);
+    }
+    mem.create_vm_with(b, 4, |_, p| p[1] = 9).unwrap();
+    let in_use = mem.frames_in_use();
+    assert_eq!(engine.add_vm_on_demand(&mut mem, a, D0, 16).unwrap(), 14);
+    assert_eq!(
+        mem.frames_in_use(),
+        in_use + 1,
+        "one zero frame for the domain"
+    );
+    assert_eq!(engine.add_vm_on_demand(&mut mem, b, D0, 4).unwrap(), 0);
+    assert_eq!(engine.vm_private_pages(a).unwrap(), 2);
+    let s = engine.stats();
+    assert_eq!((s.pages_zero, s.pages_private), (14, 6));
+    engine.check_consistency(&mem).unwrap();
+    // Reads see zeros without a frame; the first write takes one.
+    assert!(access_read(&mut engine, &mut mem, a, Gfn(3))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(mem.frames_in_use(), in_use + 1);
+    let r = access_write(&mut engine, &mut mem, a, Gfn(3), 100, b"x").unwrap();
+    assert_eq!(r, Some(FaultResolution::ZeroFilled));
+    assert_eq!(
+        access_read(&mut engine, &mut mem, a, Gfn(5)).unwrap()[0],
+        6,
+        "loaded page"
+    );
+    assert_eq!(mem.frames_in_use(), in_use + 2);
+    assert_eq!(engine.vm_private_pages(a).unwrap(), 3);
+    engine.check_consistency(&mem).unwrap();
+    // Leaving gives the zero frame back once no page uses it; what stays is the VM's own.
+    engine.remove_vm(&mut mem, a).unwrap();
+    assert_eq!(mem.frames_in_use(), in_use + 1);
+    engine.check_consistency(&mem).unwrap();
+    // A duplicate registration takes nothing.
+    assert!(matches!(
+        engine.add_vm_on_demand(&mut mem, b, D0, 4),
+        Err(Error::DuplicateVm(_))
+    ));
+    assert_eq!(mem.frames_in_use(), in_use + 1);
+}

@@ -195,6 +195,16 @@ impl IdleDetector {
         self.enter(IdleState::Active, Why::Event, now)
     }
 
+    /// The VM cannot run for a reason of the hypervisor's (it waits for memory): the interval
+    /// in progress starts again at `now`, unjudged, so that the wait makes it neither busy nor
+    /// quiet.
+    pub fn hold(&mut self, now: u64) {
+        self.current = Interval {
+            start: now,
+            ..Interval::default()
+        };
+    }
+
     /// Closes every interval that ended by `now`, and returns the state change this causes.
     pub fn advance(&mut self, now: u64, policy: &IdlePolicy) -> Option<Transition> {
         if !policy.detect {
@@ -407,6 +417,14 @@ mod tests {
         assert_eq!(d.changes, 3);
         assert_eq!(d.time_in(Dormant, 1300), 50);
         assert_eq!(d.time_in(Active, 1300), 900 + 350);
+        // Waiting for memory is neither busy nor quiet: held intervals are not judged.
+        let p = policy();
+        let mut d = IdleDetector::new(0);
+        for t in (0..1000).step_by(50) {
+            d.hold(t);
+            assert_eq!(d.advance(t, &p), None);
+        }
+        assert_eq!(d.state(), Active);
         // An event while active changes nothing.
         let mut d = IdleDetector::new(0);
         assert_eq!(d.event(10), None);

@@ -79,6 +79,22 @@ impl GuestMemory {
         Self { pages }
     }
 
+    /// Memory of `frames.len()` pages in which page `n` is backed by `frames[n]` (present and
+    /// writable) or, for `None`, not present: memory allocated on demand, whose absent pages
+    /// the memory engine registers as zero pages.
+    pub fn sparse(frames: Vec<Option<u64>>) -> Self {
+        let pages = frames
+            .into_iter()
+            .map(|f| {
+                f.map_or(0, |hpa| {
+                    debug_assert_eq!(hpa % FRAME_SIZE, 0, "frames are 4 KiB aligned");
+                    hpa | PRESENT | WRITABLE
+                })
+            })
+            .collect();
+        Self { pages }
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.pages.len() as u64 * FRAME_SIZE
@@ -254,6 +270,30 @@ pub(crate) mod tests {
         assert_eq!(phys.0[2 * 4096 + 100], 0);
         assert_eq!(phys.0[2 * 4096 + 101], 1);
         assert_eq!(mem.translate(4096 + 5), Some(5));
+    }
+
+    #[test]
+    fn sparse_memory_refuses_its_absent_pages_until_they_are_mapped() {
+        let mut mem = GuestMemory::sparse(vec![Some(FRAME_SIZE), None, Some(0)]);
+        let mut phys = FlatPhys(vec![0; 2 * 4096]);
+        assert_eq!(mem.pages(), 3);
+        assert_eq!(mem.page(1), None);
+        assert_eq!(
+            mem.write(&mut phys, 4000, &[1; 200]),
+            Err(AccessError::Unavailable { gpa: 4096 })
+        );
+        assert!(phys.0.iter().all(|&b| b == 0), "nothing copied");
+        mem.write(&mut phys, 2 * 4096, b"ok").unwrap();
+        assert_eq!(&phys.0[..2], b"ok");
+        assert_eq!(mem.present_frames().collect::<Vec<_>>(), [FRAME_SIZE, 0]);
+        mem.set_page(
+            1,
+            Some(PageMapping {
+                hpa: FRAME_SIZE,
+                writable: true,
+            }),
+        );
+        assert!(mem.write(&mut phys, 4000, &[1; 200]).is_ok());
     }
 
     #[test]

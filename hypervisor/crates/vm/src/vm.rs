@@ -49,6 +49,11 @@ pub struct Vm {
     pub idle_policy: IdlePolicy,
     /// Input arrived while it waited in HLT: when that wakes it, it runs next.
     input_pending: bool,
+    /// The memory engine had no free frame for a page it touched (the guest physical address):
+    /// it does not run until frames free up, and then retries that access.
+    pub waiting_for_memory: Option<u64>,
+    /// Times it had to wait for memory.
+    pub memory_waits: u64,
     pub(crate) console: LineBuffer,
     /// Console lines waiting for room in the serial output.
     pub(crate) console_out: ConsoleOutput,
@@ -100,6 +105,8 @@ impl Vm {
             idle: IdleDetector::new(0),
             idle_policy: IdlePolicy::default(),
             input_pending: false,
+            waiting_for_memory: None,
+            memory_waits: 0,
             console: LineBuffer::default(),
             console_out: ConsoleOutput::default(),
             info,
@@ -138,8 +145,13 @@ impl Vm {
         self.config.idle_reclaim && self.idle.state() == IdleState::Dormant
     }
 
-    /// Closes the idle detector's intervals up to `now`, logging a change of state.
+    /// Closes the idle detector's intervals up to `now`, logging a change of state. A VM waiting
+    /// for memory is not judged: it is not running by its own choice.
     pub fn idle_tick(&mut self, now: u64) {
+        if self.waiting_for_memory.is_some() {
+            self.idle.hold(now);
+            return;
+        }
         if let Some(t) = self.idle.advance(now, &self.idle_policy) {
             self.log_idle(t);
         }
@@ -209,10 +221,28 @@ impl Vm {
         self.console_out.must_drain()
     }
 
-    /// The VM may be entered: it is runnable, not halted, and not waiting for its console
-    /// output to drain.
+    /// The VM may be entered: it is runnable, not halted, not waiting for memory, and not
+    /// waiting for its console output to drain.
     pub fn may_run(&self) -> bool {
-        self.state.is_runnable() && self.halted.is_none() && !self.console_out.must_drain()
+        self.state.is_runnable()
+            && self.halted.is_none()
+            && self.waiting_for_memory.is_none()
+            && !self.console_out.must_drain()
+    }
+
+    /// No frame was free for its access to `gpa`: it waits (is paused) until frames free up.
+    pub fn wait_for_memory(&mut self, gpa: u64) {
+        if self.waiting_for_memory.replace(gpa).is_none() {
+            self.memory_waits += 1;
+            log::warn!(target: &self.target, "paused: no free host frame for its page at {gpa:#x}; it resumes when frames free up");
+        }
+    }
+
+    /// Frames are free again (`free` of them): it resumes, retrying the access it stopped at.
+    pub fn memory_available(&mut self, free: u64) {
+        if let Some(gpa) = self.waiting_for_memory.take() {
+            log::info!(target: &self.target, "resumed: {free} host frames free (it waited for its page at {gpa:#x})");
+        }
     }
 
     /// Brings a halted VM's platform up to `now` and wakes it if an interrupt it can take (or
@@ -381,7 +411,8 @@ impl Vm {
         ));
         let p = &self.platform.stats;
         line.push_str(&format!(
-            " interrupts={} coalesced_ticks={} unclaimed_pio={} unclaimed_mmio={}",
+            " memory_waits={} interrupts={} coalesced_ticks={} unclaimed_pio={} unclaimed_mmio={}",
+            self.memory_waits,
             p.interrupts,
             self.platform.coalesced_ticks(),
             p.unclaimed_pio,

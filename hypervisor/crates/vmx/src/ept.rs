@@ -140,6 +140,13 @@ impl Ept {
         Ok(())
     }
 
+    /// Creates the tables down to the leaf table of `gpa` and leaves its entry as it is (not
+    /// present for a new EPT): a page mapped later then needs no allocation.
+    pub fn prepare(&mut self, frames: &mut impl FrameSource, gpa: u64) -> Result<(), EptError> {
+        Self::check(gpa, 0)?;
+        self.leaf_slot(frames, gpa, true).map(|_| ())
+    }
+
     /// Removes the mapping of `gpa`; returns what it was.
     pub fn unmap(&mut self, frames: &mut impl FrameSource, gpa: u64) -> Option<Mapping> {
         let old = self.translate(frames, gpa)?;
@@ -279,6 +286,20 @@ mod tests {
         assert_eq!(pte, 0x9000 | (6 << 3) | 5);
         assert_eq!(ept.eptp(true) & 0xfff, 0x5e);
         assert_eq!(ept.eptp(false) & 0xfff, 0x1e);
+    }
+
+    #[test]
+    fn prepared_pages_are_absent_and_map_without_allocating() {
+        let mut f = frames();
+        let mut ept = Ept::new(&mut f).unwrap();
+        ept.prepare(&mut f, 0x40_0000).unwrap();
+        let tables = f.tables.len();
+        assert_eq!(ept.translate(&mut f, 0x40_0000), None);
+        f.limit = tables; // no frame left: mapping must not need one
+        ept.map(&mut f, 0x40_0000, 0x9000, EptPerms::RWX).unwrap();
+        ept.map(&mut f, 0x40_1000, 0x9000, EptPerms::RWX).unwrap();
+        assert_eq!(ept.translate(&mut f, 0x40_0000).unwrap().hpa, 0x9000);
+        assert!(ept.prepare(&mut f, 0x123).is_err(), "not page aligned");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use guest_abi::guest;
 use test_guests::interrupts::{self, Interrupted};
 use test_guests::ioapic::{self, Route};
 use test_guests::lapic;
-use test_guests::pages::{expected, fill, region_checksum, PAGE};
+use test_guests::pages::{expected, fill, region_checksum, Mix, PAGE};
 use test_guests::rt::{self, Boot, EXIT_USAGE};
 use test_guests::uart::{self, LineBuf, Ring};
 use test_guests::{println, serial_println, tsc};
@@ -115,9 +115,9 @@ fn guest_main(boot: &Boot) -> u64 {
         unsafe { core::slice::from_raw_parts_mut(REGION as *mut u8, (pages as usize) * PAGE) };
     for (k, page) in region.chunks_exact_mut(PAGE).enumerate() {
         let page: &mut [u8; PAGE] = page.try_into().unwrap_or_else(|_| unreachable!());
-        fill(page, k as u64, seed, false);
+        fill(page, k as u64, seed, false, Mix::Guest);
     }
-    let want = expected(pages, seed, false);
+    let want = expected(pages, seed, false, Mix::Guest);
 
     interrupts::install();
     interrupts::register(V_TICK, Some(on_tick));

@@ -3,7 +3,8 @@
 //! Fills `pages=N` pages (default 256) from 2 MiB up with five kinds of content, in turn: zero
 //! pages; pages identical in every VM; pages identical in every VM but for 16 bytes that depend
 //! on `seed=S` (similar: patch material); text that names the VM and the page (unique to this VM
-//! but compressible); and pseudo-random bytes unique to this VM. Then it leaves them alone for
+//! but compressible); and pseudo-random bytes unique to this VM. With `mix=random` every page
+//! is of the last kind: memory the engine cannot reclaim. Then it leaves them alone for
 //! `wait=W` yields (default 40) while the hypervisor's memory engine scans, reads everything back
 //! and compares a checksum with the one taken after filling, writes one byte in every page and
 //! checks again. The EPT-violation counter of `vm_stats` shows whether the engine had taken
@@ -16,7 +17,7 @@
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 use guest_abi::{guest, ExitKind};
-use test_guests::pages::{expected, fill, region_checksum, PAGE};
+use test_guests::pages::{expected, fill, region_checksum, Mix, PAGE};
 use test_guests::println;
 use test_guests::rt::{self, Boot, EXIT_USAGE};
 
@@ -40,6 +41,9 @@ fn guest_main(boot: &Boot) -> u64 {
         (Ok(p), Ok(s), Ok(w)) => (p, s, w),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return rt::usage_error(e),
     };
+    let Some(mix) = Mix::parse(boot.cmdline.get("mix").unwrap_or("guest")) else {
+        return rt::usage_error("mix must be guest or random");
+    };
     let end = REGION + pages * PAGE as u64;
     if pages == 0 || seed > 9999 || end + STACK_ROOM > boot.memory_bytes() {
         println!(
@@ -55,7 +59,7 @@ fn guest_main(boot: &Boot) -> u64 {
         unsafe { core::slice::from_raw_parts_mut(REGION as *mut u8, (pages as usize) * PAGE) };
     for (k, page) in region.chunks_exact_mut(PAGE).enumerate() {
         let page: &mut [u8; PAGE] = page.try_into().unwrap_or_else(|_| unreachable!());
-        fill(page, k as u64, seed, false);
+        fill(page, k as u64, seed, false, mix);
     }
     let filled = region_checksum(region);
     println!(
@@ -68,7 +72,7 @@ fn guest_main(boot: &Boot) -> u64 {
     let before = ept_exits();
     let read_back = region_checksum(core::hint::black_box(&*region));
     let read_faults = ept_exits() - before;
-    let read_ok = read_back == filled && filled == expected(pages, seed, false);
+    let read_ok = read_back == filled && filled == expected(pages, seed, false, mix);
 
     let before = ept_exits();
     for (k, page) in region.chunks_exact_mut(PAGE).enumerate() {
@@ -81,7 +85,7 @@ fn guest_main(boot: &Boot) -> u64 {
         }
     }
     let write_faults = ept_exits() - before;
-    let written_ok = region_checksum(region) == expected(pages, seed, true);
+    let written_ok = region_checksum(region) == expected(pages, seed, true, mix);
 
     println!(
         "memmux: read back {} ({read_faults} EPT faults), written {} ({write_faults} EPT faults)",
