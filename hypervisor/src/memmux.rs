@@ -50,6 +50,10 @@ use crate::platform::rdtsc;
 /// bytes per page, docs/benchmarks.md) or the Bochs scenario on tiny VMs (44).
 const METADATA_BOUND_PER_PAGE: u64 = 128;
 
+/// Pages a scan step visits between two looks at the clock (a step of `scan_pages` is cut
+/// short at a chunk's end once it has used its budget).
+const SCAN_CHUNK_PAGES: u64 = 256;
+
 /// Heap bytes kept free for the rest of the hypervisor when the engine's store is sized: at
 /// least this, and at least a quarter of the heap.
 const HEAP_RESERVE_BYTES: usize = 2 << 20;
@@ -74,8 +78,6 @@ pub struct MemMux {
     scan_cpu_percent: u64,
     /// When the first scan step began: the scan budget counts from there.
     first_scan: Option<u64>,
-    /// What the last scan step took.
-    last_step_tsc: u64,
     /// Scan steps run under memory pressure, outside the budget.
     pressure_steps: u64,
     /// Free frames below which memory is under pressure.
@@ -260,7 +262,6 @@ impl MemMux {
             interval_tsc: hv_vm::sched::us_to_tsc(config.scan_interval_us, tsc_hz),
             scan_cpu_percent: config.scan_cpu_percent.clamp(1, 100),
             first_scan: None,
-            last_step_tsc: 0,
             pressure_steps: 0,
             low_watermark_frames: config.low_watermark_mib << 8,
             budget_waits: 0,
@@ -300,9 +301,10 @@ impl MemMux {
     }
 
     /// Runs one scan step if the interval since the last one has passed and the scanner is
-    /// within its budget: its total time, this step included (estimated at what the last one
-    /// took), at most `scan_cpu_percent` of the host time since the first step. Over any run it
-    /// takes no more than that share, but for a step that costs more than the one before it.
+    /// within its budget: its total time at most `scan_cpu_percent` of the host time since the
+    /// first step. A step runs in chunks of [`SCAN_CHUNK_PAGES`] and ends early when it has used
+    /// what the budget allows, so over any run the scanner takes no more than its share plus
+    /// one chunk.
     ///
     /// Before the step, VMs the idle detector calls idle or dormant (and that do not opt out
     /// with `idle_reclaim = false`) get shorter coldness thresholds: the pages their idle
@@ -337,13 +339,9 @@ impl MemMux {
             }
         } else if start.wrapping_sub(self.last_scan) < self.interval_tsc {
             return;
-        } else if let Some(first) = self.first_scan {
-            let allowed =
-                u128::from(start.saturating_sub(first)) * u128::from(self.scan_cpu_percent);
-            if u128::from(self.scan_tsc) * 100 > allowed {
-                self.budget_waits += 1;
-                return;
-            }
+        } else if self.allowance(start) == Some(0) {
+            self.budget_waits += 1;
+            return;
         }
         self.first_scan.get_or_insert(start);
         self.set_cold_thresholds(vms);
@@ -354,13 +352,27 @@ impl MemMux {
             // A VM that stopped has left the engine; nothing to tell about it.
             let _ = self.engine.set_vm_time(VmId(i as u32), us);
         }
-        let pages = self.scan_pages;
+        // The step runs in chunks, and stops early once it has used what the budget allows now:
+        // what a page costs varies tenfold (a cold page is compressed, a quiet one only looked
+        // at), so a step sized in pages alone could overrun the budget by a whole step.
+        let allowance = if pressure {
+            None
+        } else {
+            self.allowance(start)
+        };
+        let mut left = self.scan_pages;
         let (engine, mut backend) = self.backend(vms, frames);
-        engine.scan(&mut backend, pages);
+        while left > 0 {
+            let chunk = left.min(SCAN_CHUNK_PAGES);
+            engine.scan(&mut backend, chunk);
+            left -= chunk;
+            if allowance.is_some_and(|a| rdtsc().wrapping_sub(start) >= a) {
+                break;
+            }
+        }
         let stats = engine.stats();
         let end = rdtsc();
-        self.last_step_tsc = end.wrapping_sub(start);
-        self.scan_tsc += self.last_step_tsc;
+        self.scan_tsc += end.wrapping_sub(start);
         self.scans += 1;
         self.last_scan = end;
         if beyond_zero(&stats) > beyond_zero(&self.peak) {
@@ -368,6 +380,15 @@ impl MemMux {
             self.peak_scan = self.scans;
         }
         self.track_idle_footprints();
+    }
+
+    /// What the scan budget allows the scanner to spend at `now`, TSC ticks: its share of the
+    /// host time since its first step, less what it spent. `None` before the first step.
+    fn allowance(&self, now: u64) -> Option<u64> {
+        let first = self.first_scan?;
+        let allowed =
+            u128::from(now.saturating_sub(first)) * u128::from(self.scan_cpu_percent) / 100;
+        Some((allowed.min(u128::from(u64::MAX)) as u64).saturating_sub(self.scan_tsc))
     }
 
     /// Records the footprint of every VM whose coldness thresholds are an idle VM's.
