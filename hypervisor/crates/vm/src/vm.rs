@@ -17,6 +17,9 @@ use crate::lines::LineBuffer;
 use crate::sched::{self, Accounting, VmState};
 use hv_platform::Platform;
 
+/// Answer delays kept per VM for the percentiles of the stats line.
+pub const ANSWERS_KEPT: usize = 4096;
+
 pub struct Vm {
     pub name: String,
     /// `vm NAME`, the log target.
@@ -54,6 +57,12 @@ pub struct Vm {
     pub waiting_for_memory: Option<u64>,
     /// Times it had to wait for memory.
     pub memory_waits: u64,
+    /// When (host TSC) input arrived that no console line of the VM has answered yet.
+    input_at: Option<u64>,
+    /// How long after input arrived the VM's next line came, microseconds (the first
+    /// [`ANSWERS_KEPT`]; `answers` counts them all).
+    answer_us: alloc::vec::Vec<u32>,
+    answers: u64,
     pub(crate) console: LineBuffer,
     /// Console lines waiting for room in the serial output.
     pub(crate) console_out: ConsoleOutput,
@@ -107,6 +116,9 @@ impl Vm {
             input_pending: false,
             waiting_for_memory: None,
             memory_waits: 0,
+            input_at: None,
+            answer_us: alloc::vec::Vec::new(),
+            answers: 0,
             console: LineBuffer::default(),
             console_out: ConsoleOutput::default(),
             info,
@@ -157,9 +169,11 @@ impl Vm {
         }
     }
 
-    /// Input arrived for it at `now`: active at once, and it runs next once the input wakes it.
+    /// Input arrived for it at `now` (host TSC): active at once, and it runs next once the
+    /// input wakes it. Its next console line counts as the answer.
     pub fn input_arrived(&mut self, now: u64) {
         self.input_pending = true;
+        self.input_at.get_or_insert(now);
         if let Some(t) = self.idle.event(now) {
             self.log_idle(t);
         }
@@ -317,11 +331,38 @@ impl Vm {
         self.clock.offset().wrapping_add(self.tsc_adjust)
     }
 
-    /// Moves what the guest sent on COM1 into its console lines.
-    pub fn collect_uart_output(&mut self) {
+    /// Moves what the guest sent on COM1 into its console lines, at host time `now`; a line
+    /// that follows input answers it (the answer's delay is in the stats line).
+    pub fn collect_uart_output(&mut self, now: u64) {
         let (name, out, console) = (&self.name, &mut self.console_out, &mut self.console);
-        self.platform
-            .take_uart_output(|bytes| console.push(bytes, |line| out.push(name, line)));
+        let mut lines = 0;
+        self.platform.take_uart_output(|bytes| {
+            console.push(bytes, |line| {
+                lines += 1;
+                out.push(name, line)
+            })
+        });
+        if lines > 0 {
+            if let Some(at) = self.input_at.take() {
+                let us = sched::tsc_to_us(now.saturating_sub(at), self.idle_policy.tsc_hz);
+                self.answers += 1;
+                if self.answer_us.len() < ANSWERS_KEPT {
+                    self.answer_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                }
+            }
+        }
+    }
+
+    /// The answer delays' 50th and 99th percentiles and maximum, microseconds (nearest rank).
+    pub fn answer_percentiles(&self) -> (u32, u32, u32) {
+        let mut v = self.answer_us.clone();
+        v.sort_unstable();
+        let at = |p: usize| {
+            v.len().checked_sub(1).map_or(0, |last| {
+                v[(v.len() * p).div_ceil(100).clamp(1, last + 1) - 1]
+            })
+        };
+        (at(50), at(99), v.last().copied().unwrap_or(0))
     }
 
     /// Queues the VM's unfinished console line: it stopped, so no newline will end it.
@@ -410,9 +451,15 @@ impl Vm {
             s.dormant_us
         ));
         let p = &self.platform.stats;
+        let (p50, p99, max) = self.answer_percentiles();
         line.push_str(&format!(
-            " memory_waits={} interrupts={} coalesced_ticks={} unclaimed_pio={} unclaimed_mmio={}",
+            " memory_waits={} input_answers={} input_p50_us={} input_p99_us={} input_max_us={} \
+             interrupts={} coalesced_ticks={} unclaimed_pio={} unclaimed_mmio={}",
             self.memory_waits,
+            self.answers,
+            p50,
+            p99,
+            max,
             p.interrupts,
             self.platform.coalesced_ticks(),
             p.unclaimed_pio,

@@ -1019,3 +1019,36 @@ fn a_guest_that_resets_its_pc_is_stopped_as_rebooted() {
     assert_eq!(r.exit(io(0xcf9, 1, false)), Next::Stopped);
     assert_eq!(r.vm.state, VmState::Rebooted);
 }
+
+#[test]
+fn the_line_after_input_is_its_answer_and_its_delay_is_measured() {
+    let mut r = Rig::new();
+    r.vm.start_idle_detection(
+        crate::idle::IdlePolicy::new(&hv_manifest::IdleConfig::default(), TSC_HZ),
+        0,
+    );
+    let say = |r: &mut Rig, at: u64, text: &[u8]| {
+        r.cpu.tsc = at;
+        for &b in text {
+            r.cpu.regs.rax = u64::from(b);
+            r.exit(io(0x3f8, 1, false));
+        }
+    };
+    // A line with no input before it answers nothing.
+    say(&mut r, 1_000, b"hello\n");
+    // Input at 10 us (in TSC ticks at TSC_HZ), then the answer is finished at 2.5 ms; the
+    // second input waits 40 ms, and only its first line counts.
+    let us = |t: u64| t * TSC_HZ / 1_000_000;
+    r.vm.input_arrived(us(10));
+    say(&mut r, us(2_510), b"pong alpha\n");
+    r.vm.input_arrived(us(100_000));
+    r.vm.input_arrived(us(100_500)); // still unanswered: the delay runs from the first
+    say(&mut r, us(140_000), b"pong again\n");
+    say(&mut r, us(150_000), b"more\n");
+    assert_eq!(r.vm.answer_percentiles(), (2_500, 40_000, 40_000));
+    let line = r.vm.stats_line(0, TSC_HZ);
+    assert!(
+        line.contains(" input_answers=2 input_p50_us=2500 input_p99_us=40000 input_max_us=40000 "),
+        "{line}"
+    );
+}
