@@ -54,6 +54,14 @@ const METADATA_BOUND_PER_PAGE: u64 = 128;
 /// short at a chunk's end once it has used its budget).
 const SCAN_CHUNK_PAGES: u64 = 256;
 
+/// Free frames kept for breaking shares and decompressing: a first write to a zero page waits
+/// when no more than this many are free (128 KiB).
+const RESERVED_FRAMES: u64 = 32;
+
+/// Passes over an idle VM's own pages, one idle coldness threshold apart, that the scanner makes
+/// before anything else once the VM becomes idle.
+const IDLE_PASSES: u32 = 3;
+
 /// Heap bytes kept free for the rest of the hypervisor when the engine's store is sized: at
 /// least this, and at least a quarter of the heap.
 const HEAP_RESERVE_BYTES: usize = 2 << 20;
@@ -88,6 +96,13 @@ pub struct MemMux {
     created: u64,
     /// Per VM (by index): the idle state its coldness thresholds were last set for.
     cold_for: Vec<IdleState>,
+    /// Per VM: own passes ([`hv_mem::Engine::scan_vm`]) still to make while it is idle, and
+    /// when the next may start (host TSC).
+    own_passes: Vec<(u32, u64)>,
+    /// Own passes of idle VMs completed.
+    idle_passes: u64,
+    /// First writes to zero pages refused to keep [`RESERVED_FRAMES`] free.
+    engine_refusals: u64,
     /// Per VM: its private pages when it first became idle (as the scanner saw it), and the fewest
     /// seen at any step while it was idle or dormant (its footprint down to the working set).
     idle_footprint: Vec<Option<(u64, u64)>>,
@@ -268,6 +283,9 @@ impl MemMux {
             created: rdtsc(),
             cold_for: vec![IdleState::Active; vms.len()],
             idle_footprint: vec![None; vms.len()],
+            own_passes: vec![(0, 0); vms.len()],
+            idle_passes: 0,
+            engine_refusals: 0,
             idle_cold_us,
             tsc_hz,
             last_scan: 0,
@@ -344,7 +362,7 @@ impl MemMux {
             return;
         }
         self.first_scan.get_or_insert(start);
-        self.set_cold_thresholds(vms);
+        self.set_cold_thresholds(vms, start);
         self.engine
             .set_wall_time(hv_vm::sched::tsc_to_us(start, self.tsc_hz));
         for (i, own) in self.own.iter().enumerate() {
@@ -360,7 +378,12 @@ impl MemMux {
         } else {
             self.allowance(start)
         };
-        let mut left = self.scan_pages;
+        let over = |since: u64| allowance.is_some_and(|a| rdtsc().wrapping_sub(since) >= a);
+        // Idle VMs first: the scan work that reclaims the most for the least.
+        let mut left = self.scan_idle_first(vms, frames, start, self.scan_pages, || over(start));
+        if over(start) {
+            left = 0;
+        }
         let (engine, mut backend) = self.backend(vms, frames);
         while left > 0 {
             let chunk = left.min(SCAN_CHUNK_PAGES);
@@ -408,7 +431,7 @@ impl MemMux {
     }
 
     /// Gives each VM whose idle state changed the coldness thresholds of its new state.
-    fn set_cold_thresholds(&mut self, vms: &[impl HasGuestPhys]) {
+    fn set_cold_thresholds(&mut self, vms: &[impl HasGuestPhys], now: u64) {
         for (i, vm) in vms.iter().map(|v| v.vm()).enumerate() {
             let state = if vm.config.idle_reclaim {
                 vm.idle.state()
@@ -421,12 +444,63 @@ impl MemMux {
             if *was == state || !vm.state.is_runnable() {
                 continue;
             }
+            let became_idle = *was == IdleState::Active;
             *was = state;
+            let id = VmId(i as u32);
             let after =
                 (state != IdleState::Active).then_some((self.idle_cold_us, self.idle_cold_us));
             // A VM that stopped has left the engine; nothing to set.
-            let _ = self.engine.set_vm_cold_after(VmId(i as u32), after);
+            let _ = self.engine.set_vm_cold_after(id, after);
+            let (Some(passes), Some(footprint)) =
+                (self.own_passes.get_mut(i), self.idle_footprint.get_mut(i))
+            else {
+                continue;
+            };
+            if after.is_none() {
+                *passes = (0, 0);
+            } else if became_idle {
+                // Passes of its own, one cold threshold apart: the first finds what its wake-ups
+                // touch, the next ones take the rest.
+                *passes = (IDLE_PASSES, now);
+                if let (None, Ok(private)) = (&footprint, self.engine.vm_private_pages(id)) {
+                    *footprint = Some((private, private));
+                }
+            }
         }
+    }
+
+    /// Spends up to `left` pages of a scan step on the own passes of idle VMs that are due at
+    /// `now`, in chunks, stopping when `over_budget` says so; returns the pages left.
+    fn scan_idle_first<V: HasGuestPhys>(
+        &mut self,
+        vms: &mut [V],
+        frames: &mut FrameAllocator,
+        now: u64,
+        mut left: u64,
+        over_budget: impl Fn() -> bool,
+    ) -> u64 {
+        let cold_tsc = hv_vm::sched::us_to_tsc(self.idle_cold_us, self.tsc_hz);
+        for i in 0..self.own_passes.len() {
+            while left > 0 && !over_budget() {
+                let (passes, due) = self.own_passes[i];
+                if passes == 0 || now < due {
+                    break;
+                }
+                let chunk = left.min(SCAN_CHUNK_PAGES);
+                left -= chunk;
+                let (engine, mut backend) = self.backend(vms, frames);
+                match engine.scan_vm(&mut backend, VmId(i as u32), chunk) {
+                    Ok(r) if r.rounds_completed > 0 => {
+                        self.own_passes[i] = (passes - 1, rdtsc().saturating_add(cold_tsc));
+                        self.idle_passes += 1;
+                    }
+                    Ok(_) => {}
+                    // It left the engine (stopped).
+                    Err(_) => self.own_passes[i] = (0, 0),
+                }
+            }
+        }
+        left
     }
 
     /// Full scan rounds the engine has completed.
@@ -469,6 +543,19 @@ impl MemMux {
         hypercall: bool,
     ) -> Result<(), FaultError> {
         self.hypercall_faults += u64::from(hypercall);
+        // The last frames are kept for breaking shares and decompressing: a VM that would
+        // take one for a page it never wrote waits instead, so that a VM holding shared pages
+        // can still write them and go on (and perhaps stop, freeing its memory).
+        if write
+            && frames.free_frames() <= RESERVED_FRAMES
+            && self
+                .engine
+                .is_zero_page(VmId(index as u32), Gfn(gpa >> 12))
+                .unwrap_or(false)
+        {
+            self.engine_refusals += 1;
+            return Err(FaultError::Engine(hv_mem::Error::OutOfFrames));
+        }
         let start = rdtsc();
         let access = if write { Access::Write } else { Access::Read };
         let (engine, mut backend) = self.backend(vms, frames);
@@ -552,11 +639,11 @@ impl MemMux {
         let run = rdtsc().wrapping_sub(self.created).max(1);
         let permille = |t: u64| (u128::from(t) * 1000 / u128::from(run)) as u64;
         log::info!(target: "mem",
-            "cpu: scan_us={} scan_permille={} budget_percent={} budget_waits={} pressure_steps={} \
+            "cpu: scan_us={} scan_permille={} budget_percent={} budget_waits={} pressure_steps={} idle_passes={} reserve_waits={} \
              fault_us={} vm_cpu_us={} vm_cpu_permille={} (permille: of host time since the engine \
              started)",
             us(self.scan_tsc), permille(self.scan_tsc), self.scan_cpu_percent, self.budget_waits,
-            self.pressure_steps,
+            self.pressure_steps, self.idle_passes, self.engine_refusals,
             us(self.fault_tsc), us(vm_cpu_tsc), permille(vm_cpu_tsc));
         for (v, footprint) in vms.iter().zip(&self.idle_footprint) {
             if let Some((first, min)) = footprint {

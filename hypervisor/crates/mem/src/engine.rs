@@ -215,6 +215,8 @@ struct VmSlot {
     clock: AgingClock,
     /// Its pages backed by a writable frame of their own: its footprint beyond what it shares.
     private: u64,
+    /// Where [`Engine::scan_vm`] goes on in this VM.
+    own_cursor: usize,
     /// Its own coldness thresholds (own time, host time), in place of the configuration's:
     /// shorter for an idle VM, whose pages outside the working set should go at once.
     cold_after: Option<(u64, u64)>,
@@ -465,6 +467,7 @@ impl Engine {
             pages: vec![PageMeta::PRIVATE; pages as usize],
             clock: AgingClock::new(self.wall_us),
             private: pages,
+            own_cursor: 0,
             cold_after: None,
         }));
         self.slot_bases.push(self.next_base);
@@ -635,6 +638,12 @@ impl Engine {
             Some(Some(s)) => s,
             _ => unreachable!("slot {slot} is live"),
         }
+    }
+
+    /// Whether page `gfn` of VM `vm` is a zero page (its first write takes a new frame).
+    pub fn is_zero_page(&self, vm: VmId, gfn: Gfn) -> Result<bool, Error> {
+        let at = self.locate(vm, gfn)?;
+        Ok(self.meta(at).kind == Kind::Zero)
     }
 
     /// VM `vm`'s pages that have a writable frame of their own (private): the frames it holds
@@ -1064,15 +1073,7 @@ impl Engine {
         if self.total_pages == 0 {
             return rep;
         }
-        let (wall, own_after, wall_after) = (
-            self.wall_us,
-            self.config.cold_after_us,
-            self.config.cold_after_wall_us,
-        );
-        for vm in self.vms.iter_mut().flatten() {
-            let (own, wall_cold) = vm.cold_after.unwrap_or((own_after, wall_after));
-            vm.clock.update(wall, own, wall_cold);
-        }
+        self.update_clocks();
         let orphans = self.compress_orphans(mem);
         rep.changes += orphans;
         self.round_changes += orphans;
@@ -1115,6 +1116,67 @@ impl Engine {
             }
         }
         rep
+    }
+
+    /// Brings every VM's aging clock up to the reported times.
+    fn update_clocks(&mut self) {
+        let (wall, own_after, wall_after) = (
+            self.wall_us,
+            self.config.cold_after_us,
+            self.config.cold_after_wall_us,
+        );
+        for vm in self.vms.iter_mut().flatten() {
+            let (own, wall_cold) = vm.cold_after.unwrap_or((own_after, wall_after));
+            vm.clock.update(wall, own, wall_cold);
+        }
+    }
+
+    /// Visits up to `max_pages` pages of VM `vm` alone, from where the last call for it
+    /// stopped, as the scan would: the hypervisor's way to spend scan work on a VM first (an
+    /// idle one, whose memory should go at once). The global scan's cursor and rounds are
+    /// unaffected; a change counts against the round in progress, which then does not count
+    /// as converged. `rounds_completed` says how many times this VM's own pass wrapped.
+    pub fn scan_vm<M: MemoryBackend + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        vm: VmId,
+        max_pages: u64,
+    ) -> Result<ScanReport, Error> {
+        let slot = self.slot_of(vm)?;
+        let mut rep = ScanReport::default();
+        let (domain, n) = {
+            let s = self.slot(slot);
+            (s.domain, s.pages.len())
+        };
+        if n == 0 {
+            return Ok(rep);
+        }
+        self.update_clocks();
+        while rep.pages < max_pages {
+            let gfn = self.slot(slot).own_cursor;
+            let at = Loc {
+                slot,
+                gfn,
+                vm,
+                domain,
+            };
+            match self.scan_page(mem, at) {
+                Outcome::Changed => {
+                    rep.changes += 1;
+                    self.round_changes += 1;
+                }
+                Outcome::Pending => self.round_pending += 1,
+                Outcome::Final => {}
+            }
+            rep.pages += 1;
+            let s = self.slot_mut(slot);
+            s.own_cursor = (gfn + 1) % n;
+            if s.own_cursor == 0 {
+                rep.rounds_completed += 1;
+            }
+        }
+        self.round_clean = false;
+        Ok(rep)
     }
 
     fn scan_page<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc) -> Outcome {

@@ -1174,6 +1174,9 @@ fn memory_on_demand_starts_as_zero_pages_and_gets_frames_on_first_write() {
         "one zero frame for the domain"
     );
     assert_eq!(engine.add_vm_on_demand(&mut mem, b, D0, 4).unwrap(), 0);
+    assert!(engine.is_zero_page(a, Gfn(3)).unwrap());
+    assert!(!engine.is_zero_page(a, Gfn(5)).unwrap());
+    assert!(engine.is_zero_page(a, Gfn(16)).is_err());
     assert_eq!(engine.vm_private_pages(a).unwrap(), 2);
     let s = engine.stats();
     assert_eq!((s.pages_zero, s.pages_private), (14, 6));
@@ -1204,4 +1207,40 @@ fn memory_on_demand_starts_as_zero_pages_and_gets_frames_on_first_write() {
         Err(Error::DuplicateVm(_))
     ));
     assert_eq!(mem.frames_in_use(), in_use + 1);
+}
+
+#[test]
+fn scanning_one_vm_reclaims_its_pages_and_leaves_the_others_alone() {
+    let (idle, busy) = (VmId(1), VmId(2));
+    let a: Vec<Page> = (0..8).map(|i| text_page(i * 31 + 3)).collect();
+    let b: Vec<Page> = (0..8).map(|i| text_page(i * 53 + 1000)).collect();
+    let config = Config {
+        patching: false,
+        ..Config::default()
+    };
+    let span = config.cold_span_us();
+    let (mut engine, mut mem) = setup(config, &[(idle, D0, &a), (busy, D0, &b)]);
+    let mut wraps = 0;
+    for _ in 0..4 {
+        engine.advance_time(span + 1);
+        let r = engine.scan_vm(&mut mem, idle, 8).unwrap();
+        assert_eq!(r.pages, 8);
+        wraps += r.rounds_completed;
+    }
+    assert_eq!(wraps, 4, "one pass of its own per call");
+    assert!(
+        (0..8).all(|g| mem.mapping(idle, Gfn(g)).is_none()),
+        "cold and compressed"
+    );
+    assert_eq!(engine.vm_private_pages(idle).unwrap(), 0);
+    assert_eq!(engine.vm_private_pages(busy).unwrap(), 8, "never visited");
+    assert_eq!(engine.rounds(), 0, "the global scan did not move");
+    assert_vm(&engine, &mem, idle, &a);
+    assert!(matches!(
+        engine.scan_vm(&mut mem, VmId(5), 1),
+        Err(Error::UnknownVm(_))
+    ));
+    // The global scan goes on as before and converges.
+    converge(&mut engine, &mut mem);
+    assert_vm(&engine, &mem, busy, &b);
 }

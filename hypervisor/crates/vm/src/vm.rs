@@ -248,7 +248,7 @@ impl Vm {
     pub fn wait_for_memory(&mut self, gpa: u64) {
         if self.waiting_for_memory.replace(gpa).is_none() {
             self.memory_waits += 1;
-            log::warn!(target: &self.target, "paused: no free host frame for its page at {gpa:#x}; it resumes when frames free up");
+            log::warn!(target: &self.target, "paused: out of host frames for its page at {gpa:#x}; it resumes when frames free up");
         }
     }
 
