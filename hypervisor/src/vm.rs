@@ -1296,14 +1296,12 @@ pub fn run_all(
         let mut deadline = start.saturating_add(slice);
         vms[i].core.boosted = false;
         // A halted VM's timer ends this quantum when it is due, so that the sleeper answers it
-        // without waiting for the quantum's end (it runs next: boosted); a dormant VM's timer
-        // waits for its turn (hv_vm::idle).
+        // without waiting for the quantum's end (it runs next: boosted). Dormant VMs' ticks too:
+        // deferring them would lose ticks of guests that count them (docs/platform.md).
         let others_wake = vms
             .iter()
             .enumerate()
-            .filter(|&(j, v)| {
-                j != i && v.core.state.is_runnable() && !v.core.timer_waits_its_turn()
-            })
+            .filter(|&(j, v)| j != i && v.core.state.is_runnable())
             .filter_map(|(_, v)| v.core.wake_deadline())
             .min()
             .unwrap_or(u64::MAX);

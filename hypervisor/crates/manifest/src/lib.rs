@@ -262,8 +262,8 @@ pub struct VmConfig {
     /// The VM's CPU weight, within [`CPU_SHARE_RANGE`]: its quantum is `quantum_us` times this.
     pub cpu_share: u32,
     /// The idle policy applies to the VM (manifest `idle_reclaim`, default true): once idle, its
-    /// quantum shrinks, its memory is reclaimed first, and once dormant its timer waits for its
-    /// turn. False for latency-critical VMs: they are still classified, and nothing else.
+    /// quantum shrinks and its memory is reclaimed first, down to its working set. False for
+    /// latency-critical VMs: they are still classified, and nothing else.
     pub idle_reclaim: bool,
     /// 1-based line of the VM's `[[vm]]` header.
     pub line: Option<usize>,

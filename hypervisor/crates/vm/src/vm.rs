@@ -151,12 +151,6 @@ impl Vm {
         self.idle = IdleDetector::new(now);
     }
 
-    /// Whether the idle policy applies to it and it is dormant: its timer then waits for its
-    /// turn instead of cutting the running VM's quantum short, and does not put it first.
-    pub fn timer_waits_its_turn(&self) -> bool {
-        self.config.idle_reclaim && self.idle.state() == IdleState::Dormant
-    }
-
     /// Closes the idle detector's intervals up to `now`, logging a change of state. A VM waiting
     /// for memory is not judged: it is not running by its own choice.
     pub fn idle_tick(&mut self, now: u64) {
@@ -269,10 +263,8 @@ impl Vm {
         let p = &self.platform;
         if p.nmi_waiting() || (interruptible && p.interrupt_waiting()) {
             self.halted = None;
-            // Input puts it first; its own timer only if it gave its last quantum back and is
-            // not dormant (a dormant VM's tick waits for its turn).
-            self.boosted = core::mem::take(&mut self.input_pending)
-                || (self.acct.deserves_boost() && !self.timer_waits_its_turn());
+            // Input puts it first; its own timer only if it gave its last quantum back.
+            self.boosted = core::mem::take(&mut self.input_pending) || self.acct.deserves_boost();
         }
         self.halted.is_none()
     }
