@@ -66,6 +66,8 @@ pub struct GuestPhys {
     /// The EPT changed (a leaf remapped, an accessed or dirty flag cleared) since the CPU's
     /// cached translations were last dropped: drop them before the guest runs again.
     pub stale: bool,
+    /// [`Self::release_memory`] gave its frames back already.
+    pub released: bool,
 }
 
 impl GuestPhys {
@@ -82,6 +84,9 @@ impl GuestPhys {
     /// memory goes back to the pool while the other VMs run. Its EPT leaves and the mirror are
     /// cleared, so that [`Self::release`] later frees only the tables.
     pub fn release_memory(&mut self, frames: &mut FrameAllocator) {
+        if core::mem::replace(&mut self.released, true) {
+            return;
+        }
         for page in 0..self.memory.pages() {
             if let Some(m) = self.memory.page(page) {
                 self.ept.unmap(&mut TableFrames(frames), page * 4096);

@@ -481,6 +481,7 @@ impl Vm {
                 ept,
                 eptp,
                 stale: false,
+                released: false,
             },
             vmcs,
             launched: false,
@@ -1195,6 +1196,7 @@ pub fn run_all(
         vm.core.start_idle_detection(idle_policy, start);
     }
     let mut round: u64 = 0;
+    let mut next_idle_tick = start;
     // While a VM waits for memory: the engine's round count when the wait began.
     let mut waiting_since_round: Option<u64> = None;
     loop {
@@ -1205,17 +1207,30 @@ pub fn run_all(
             (pressure, stopped) = memory_pressure(vms, frames, mux, &mut waiting_since_round);
             if let Some(j) = stopped {
                 mux.remove_vm(vms, frames, j);
-                vms[j].phys.release_memory(frames);
+            }
+            if pressure {
+                // The memory of VMs that stopped goes back to the pool when it is wanted (not
+                // at once: on a slow CPU giving back a large VM's frames takes a while).
+                for v in vms.iter_mut().filter(|v| !v.core.state.is_runnable()) {
+                    v.phys.release_memory(frames);
+                }
             }
         }
         let now = rdtsc();
+        // The idle detector judges whole intervals: a look every eighth of one is enough, and
+        // keeps its cost out of every scheduling decision.
+        let idle_tick = now >= next_idle_tick;
+        if idle_tick {
+            next_idle_tick = now.saturating_add(idle_policy.interval_tsc / 8);
+        }
         for vm in vms.iter_mut() {
-            if !vm.core.state.is_runnable() {
-                continue;
-            }
-            vm.core.idle_tick(now);
-            if vm.core.halted.is_some() && vm.core.wake(now) {
-                vm.core.acct.ready(now);
+            if vm.core.state.is_runnable() {
+                if idle_tick {
+                    vm.core.idle_tick(now);
+                }
+                if vm.core.halted.is_some() && vm.core.wake(now) {
+                    vm.core.acct.ready(now);
+                }
             }
             vm.core.send_console(crate::serial::try_print_line);
         }
@@ -1481,8 +1496,6 @@ pub fn run_all(
             if let Some(mux) = mux.as_deref_mut() {
                 mux.remove_vm(vms, frames, i);
             }
-            // Its memory goes back to the pool now, for the VMs still running.
-            vms[i].phys.release_memory(frames);
         }
     }
     for vm in vms.iter_mut() {

@@ -454,10 +454,9 @@ fn port_read(vm: &mut Vm, port: u16, size: u8, now: u64) -> u32 {
     vm.platform.pio_read(port, size, now)
 }
 
-/// Writes `size` bytes of `value` to `port` at host time `host`; what the guest sent on COM1
-/// goes to its console.
-fn port_write(vm: &mut Vm, port: u16, size: u8, value: u32, host: u64) {
-    let now = vm.guest_tsc(host);
+/// Writes `size` bytes of `value` to `port` at guest time `now` (host time `host`); what the
+/// guest sent on COM1 goes to its console.
+fn port_write(vm: &mut Vm, port: u16, size: u8, value: u32, now: u64, host: u64) {
     vm.platform.pio_write(port, size, value, now);
     vm.collect_uart_output(host);
 }
@@ -480,7 +479,7 @@ fn handle_io<V: Vcpu>(vm: &mut Vm, cpu: &mut V, io: IoExit) -> Next {
             cpu.skip_instruction();
             return test_exit(vm, io.size, value);
         }
-        port_write(vm, io.port, io.size, value, host);
+        port_write(vm, io.port, io.size, value, now, host);
         if let Some(stopped) = power_request(vm) {
             cpu.skip_instruction();
             return stopped;
@@ -594,7 +593,9 @@ fn handle_string_io<V: Vcpu>(
             if vm.is_test_exit_port(io.port) {
                 return test_exit(vm, io.size, value);
             }
-            port_write(vm, io.port, io.size, value, cpu.tsc());
+            let host = cpu.tsc();
+            let now = vm.guest_tsc(host);
+            port_write(vm, io.port, io.size, value, now, host);
             if let Some(stopped) = power_request(vm) {
                 return stopped;
             }
