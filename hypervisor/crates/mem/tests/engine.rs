@@ -1091,15 +1091,21 @@ fn waiting_for_the_cpu_does_not_age_pages() {
     engine.check_consistency(&mem).unwrap();
 }
 
-#[test]
-fn a_vm_with_shorter_cold_thresholds_loses_its_untouched_pages_first() {
-    let (idle, busy) = (VmId(1), VmId(2));
-    let a: Vec<Page> = (0..8).map(|i| text_page(i * 31 + 3)).collect();
-    let b: Vec<Page> = (0..8).map(|i| text_page(i * 53 + 1000)).collect();
+/// Two VMs of 8 compressible pages each, different in every page, and a configuration
+/// without patching: what happens to one VM's pages and not the other's shows plainly.
+fn idle_and_busy() -> (VmId, VmId, Vec<Page>, Vec<Page>, Config) {
+    let a = (0..8).map(|i| text_page(i * 31 + 3)).collect();
+    let b = (0..8).map(|i| text_page(i * 53 + 1000)).collect();
     let config = Config {
         patching: false,
         ..Config::default()
     };
+    (VmId(1), VmId(2), a, b, config)
+}
+
+#[test]
+fn a_vm_with_shorter_cold_thresholds_loses_its_untouched_pages_first() {
+    let (idle, busy, a, b, config) = idle_and_busy();
     let tenth = config.cold_span_us() / 10;
     let (mut engine, mut mem) = setup(config, &[(idle, D0, &a), (busy, D0, &b)]);
     engine
@@ -1211,13 +1217,7 @@ fn memory_on_demand_starts_as_zero_pages_and_gets_frames_on_first_write() {
 
 #[test]
 fn scanning_one_vm_reclaims_its_pages_and_leaves_the_others_alone() {
-    let (idle, busy) = (VmId(1), VmId(2));
-    let a: Vec<Page> = (0..8).map(|i| text_page(i * 31 + 3)).collect();
-    let b: Vec<Page> = (0..8).map(|i| text_page(i * 53 + 1000)).collect();
-    let config = Config {
-        patching: false,
-        ..Config::default()
-    };
+    let (idle, busy, a, b, config) = idle_and_busy();
     let span = config.cold_span_us();
     let (mut engine, mut mem) = setup(config, &[(idle, D0, &a), (busy, D0, &b)]);
     let mut wraps = 0;
