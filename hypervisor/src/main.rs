@@ -200,10 +200,10 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
         ("halted", 0),
         ("rebooted", 0),
     ];
-    let end = platform::rdtsc();
+    let now = platform::rdtsc();
     for v in &mut vms {
-        v.core.update_idle_stats(end);
-        println!("[INFO] stats {}", v.core.stats_line(end, host.tsc_hz));
+        v.core.update_idle_stats(now);
+        println!("[INFO] stats {}", v.core.stats_line(now, host.tsc_hz));
         let end = match v.core.state {
             hv_vm::sched::VmState::Exited(_) => 0,
             hv_vm::sched::VmState::PoweredOff => 1,

@@ -94,18 +94,12 @@ pub struct MemMux {
     budget_waits: u64,
     /// When the engine was created (the closing report's time base).
     created: u64,
-    /// Per VM (by index): the idle state its coldness thresholds were last set for.
-    cold_for: Vec<IdleState>,
-    /// Per VM: own passes ([`hv_mem::Engine::scan_vm`]) still to make while it is idle, and
-    /// when the next may start (host TSC).
-    own_passes: Vec<(u32, u64)>,
+    /// Per VM (by index): what the scanner does about it being idle.
+    idle: Vec<IdleReclaim>,
     /// Own passes of idle VMs completed.
     idle_passes: u64,
     /// First writes to zero pages refused to keep [`RESERVED_FRAMES`] free.
     engine_refusals: u64,
-    /// Per VM: its private pages when it first became idle (as the scanner saw it), and the fewest
-    /// seen at any step while it was idle or dormant (its footprint down to the working set).
-    idle_footprint: Vec<Option<(u64, u64)>>,
     /// The thresholds an idle VM's pages get: the detector's window (`idle_after` intervals).
     idle_cold_us: u64,
     tsc_hz: u64,
@@ -129,6 +123,31 @@ pub struct MemMux {
     /// compression so far, and that step's number.
     peak: Stats,
     peak_scan: u64,
+}
+
+/// What the scanner does about one VM being idle.
+#[derive(Clone, Copy, Debug)]
+struct IdleReclaim {
+    /// The idle state its coldness thresholds were last set for.
+    state: IdleState,
+    /// Own passes ([`hv_mem::Engine::scan_vm`]) still to make while it is idle, and when the
+    /// next may start (host TSC).
+    passes_left: u32,
+    next_pass: u64,
+    /// Its private pages when it first became idle (as the scanner saw it), and the fewest seen
+    /// at any step while it was idle or dormant (its footprint down to the working set).
+    footprint: Option<(u64, u64)>,
+}
+
+impl Default for IdleReclaim {
+    fn default() -> Self {
+        Self {
+            state: IdleState::Active,
+            passes_left: 0,
+            next_pass: 0,
+            footprint: None,
+        }
+    }
 }
 
 /// Why a fault could not be resolved.
@@ -158,14 +177,6 @@ impl core::fmt::Display for FaultError {
 }
 
 impl MemMux {
-    /// Creates the engine and registers every VM (VM index = `VmId`). `None`, after logging why,
-    /// if the engine cannot be set up; the VMs then run with plain memory.
-    ///
-    /// The engine's metadata and its store of patches and compressed pages live on the
-    /// hypervisor's heap (`heap_free` bytes free now). An allocation failure there would stop the
-    /// whole hypervisor, so multiplexing is refused up front unless the metadata, at its bound
-    /// per page, fits in half of it; the store itself allocates fallibly, within a limit that
-    /// leaves a reserve free, and simply keeps pages whole once it is reached.
     /// Whether the engine's metadata for `pages` guest pages, at its bound per page, fits in
     /// half of `heap_free` heap bytes (logged when it does not). The kernel asks before it
     /// creates the VMs, whose memory is then allocated on demand only if the engine will run.
@@ -181,7 +192,15 @@ impl MemMux {
         true
     }
 
-    /// `vms` may have memory allocated on demand (absent pages): they become zero pages.
+    /// Creates the engine and registers every VM (VM index = `VmId`). `None`, after logging why,
+    /// if the engine cannot be set up; the VMs then run with plain memory. `vms` may have memory
+    /// allocated on demand (absent pages): they become zero pages.
+    ///
+    /// The engine's metadata and its store of patches and compressed pages live on the
+    /// hypervisor's heap (`heap_free` bytes free now). An allocation failure there would stop the
+    /// whole hypervisor, so multiplexing is refused up front unless the metadata, at its bound
+    /// per page, fits in half of it ([`Self::admits`]); the store itself allocates fallibly,
+    /// within a limit that leaves a reserve free, and simply keeps pages whole once it is reached.
     pub fn new(
         config: &MemoryConfig,
         idle: &IdleConfig,
@@ -281,9 +300,7 @@ impl MemMux {
             low_watermark_frames: config.low_watermark_mib << 8,
             budget_waits: 0,
             created: rdtsc(),
-            cold_for: vec![IdleState::Active; vms.len()],
-            idle_footprint: vec![None; vms.len()],
-            own_passes: vec![(0, 0); vms.len()],
+            idle: vec![IdleReclaim::default(); vms.len()],
             idle_passes: 0,
             engine_refusals: 0,
             idle_cold_us,
@@ -378,20 +395,14 @@ impl MemMux {
         } else {
             self.allowance(start)
         };
-        let over = |since: u64| allowance.is_some_and(|a| rdtsc().wrapping_sub(since) >= a);
+        let over = || allowance.is_some_and(|a| rdtsc().wrapping_sub(start) >= a);
         // Idle VMs first: the scan work that reclaims the most for the least.
-        let mut left = self.scan_idle_first(vms, frames, start, self.scan_pages, || over(start));
-        if over(start) {
-            left = 0;
-        }
+        let mut left = self.scan_idle_first(vms, frames, start, self.scan_pages, over);
         let (engine, mut backend) = self.backend(vms, frames);
-        while left > 0 {
+        while left > 0 && !over() {
             let chunk = left.min(SCAN_CHUNK_PAGES);
             engine.scan(&mut backend, chunk);
             left -= chunk;
-            if allowance.is_some_and(|a| rdtsc().wrapping_sub(start) >= a) {
-                break;
-            }
         }
         let stats = engine.stats();
         let end = rdtsc();
@@ -416,17 +427,15 @@ impl MemMux {
 
     /// Records the footprint of every VM whose coldness thresholds are an idle VM's.
     fn track_idle_footprints(&mut self) {
-        for (i, state) in self.cold_for.iter().enumerate() {
-            if *state == IdleState::Active {
+        for (i, idle) in self.idle.iter_mut().enumerate() {
+            if idle.state == IdleState::Active {
                 continue;
             }
             let Ok(private) = self.engine.vm_private_pages(VmId(i as u32)) else {
                 continue;
             };
-            if let Some(f) = self.idle_footprint.get_mut(i) {
-                let (_, min) = f.get_or_insert((private, private));
-                *min = (*min).min(private);
-            }
+            let (_, min) = idle.footprint.get_or_insert((private, private));
+            *min = (*min).min(private);
         }
     }
 
@@ -438,32 +447,27 @@ impl MemMux {
             } else {
                 IdleState::Active
             };
-            let Some(was) = self.cold_for.get_mut(i) else {
+            let Some(idle) = self.idle.get_mut(i) else {
                 continue;
             };
-            if *was == state || !vm.state.is_runnable() {
+            if idle.state == state || !vm.state.is_runnable() {
                 continue;
             }
-            let became_idle = *was == IdleState::Active;
-            *was = state;
+            let became_idle = idle.state == IdleState::Active;
+            idle.state = state;
             let id = VmId(i as u32);
             let after =
                 (state != IdleState::Active).then_some((self.idle_cold_us, self.idle_cold_us));
             // A VM that stopped has left the engine; nothing to set.
             let _ = self.engine.set_vm_cold_after(id, after);
-            let (Some(passes), Some(footprint)) =
-                (self.own_passes.get_mut(i), self.idle_footprint.get_mut(i))
-            else {
-                continue;
-            };
             if after.is_none() {
-                *passes = (0, 0);
+                idle.passes_left = 0;
             } else if became_idle {
                 // Passes of its own, one cold threshold apart: the first finds what its wake-ups
                 // touch, the next ones take the rest.
-                *passes = (IDLE_PASSES, now);
-                if let (None, Ok(private)) = (&footprint, self.engine.vm_private_pages(id)) {
-                    *footprint = Some((private, private));
+                (idle.passes_left, idle.next_pass) = (IDLE_PASSES, now);
+                if let (None, Ok(private)) = (idle.footprint, self.engine.vm_private_pages(id)) {
+                    idle.footprint = Some((private, private));
                 }
             }
         }
@@ -480,10 +484,10 @@ impl MemMux {
         over_budget: impl Fn() -> bool,
     ) -> u64 {
         let cold_tsc = hv_vm::sched::us_to_tsc(self.idle_cold_us, self.tsc_hz);
-        for i in 0..self.own_passes.len() {
+        for i in 0..self.idle.len() {
             while left > 0 && !over_budget() {
-                let (passes, due) = self.own_passes[i];
-                if passes == 0 || now < due {
+                let idle = self.idle[i];
+                if idle.passes_left == 0 || now < idle.next_pass {
                     break;
                 }
                 let chunk = left.min(SCAN_CHUNK_PAGES);
@@ -491,12 +495,13 @@ impl MemMux {
                 let (engine, mut backend) = self.backend(vms, frames);
                 match engine.scan_vm(&mut backend, VmId(i as u32), chunk) {
                     Ok(r) if r.rounds_completed > 0 => {
-                        self.own_passes[i] = (passes - 1, rdtsc().saturating_add(cold_tsc));
+                        self.idle[i].passes_left -= 1;
+                        self.idle[i].next_pass = rdtsc().saturating_add(cold_tsc);
                         self.idle_passes += 1;
                     }
                     Ok(_) => {}
                     // It left the engine (stopped).
-                    Err(_) => self.own_passes[i] = (0, 0),
+                    Err(_) => self.idle[i].passes_left = 0,
                 }
             }
         }
@@ -645,8 +650,8 @@ impl MemMux {
             us(self.scan_tsc), permille(self.scan_tsc), self.scan_cpu_percent, self.budget_waits,
             self.pressure_steps, self.idle_passes, self.engine_refusals,
             us(self.fault_tsc), us(vm_cpu_tsc), permille(vm_cpu_tsc));
-        for (v, footprint) in vms.iter().zip(&self.idle_footprint) {
-            if let Some((first, min)) = footprint {
+        for (v, idle) in vms.iter().zip(&self.idle) {
+            if let Some((first, min)) = idle.footprint {
                 log::info!(target: "mem",
                     "idle footprint vm={} pages={} private_when_idle={first} private_min={min}",
                     v.vm().name, v.guest_phys().memory.pages());

@@ -1475,11 +1475,10 @@ pub fn run_all(
                 }
             }
         }
-        let core = &vms[i].core;
+        let core = &mut vms[i].core;
         let ready =
             core.state.is_runnable() && core.halted.is_none() && core.waiting_for_memory.is_none();
         let end = rdtsc();
-        let core = &mut vms[i].core;
         core.acct.schedule_out(end, deadline, host.tsc_hz, ready);
         let how = if !ready || yielded {
             RunEnd::GaveBack
@@ -1491,8 +1490,6 @@ pub fn run_all(
         core.run_ended(core.acct.last_run_tsc, how, end);
         if !core.state.is_runnable() {
             core.acct.stop(end);
-        }
-        if !vms[i].core.state.is_runnable() {
             if let Some(mux) = mux.as_deref_mut() {
                 mux.remove_vm(vms, frames, i);
             }
