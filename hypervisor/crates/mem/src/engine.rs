@@ -1096,16 +1096,7 @@ impl Engine {
                 },
                 None => unreachable!("settled cursor points at a live VM"),
             };
-            let outcome = self.scan_page(mem, at);
-            rep.pages += 1;
-            match outcome {
-                Outcome::Changed => {
-                    rep.changes += 1;
-                    self.round_changes += 1;
-                }
-                Outcome::Pending => self.round_pending += 1,
-                Outcome::Final => {}
-            }
+            self.visit(mem, at, &mut rep);
             self.cursor = (slot, gfn + 1);
             if self.settle_cursor() {
                 self.finish_round();
@@ -1160,15 +1151,7 @@ impl Engine {
                 vm,
                 domain,
             };
-            match self.scan_page(mem, at) {
-                Outcome::Changed => {
-                    rep.changes += 1;
-                    self.round_changes += 1;
-                }
-                Outcome::Pending => self.round_pending += 1,
-                Outcome::Final => {}
-            }
-            rep.pages += 1;
+            self.visit(mem, at, &mut rep);
             let s = self.slot_mut(slot);
             s.own_cursor = (gfn + 1) % n;
             if s.own_cursor == 0 {
@@ -1177,6 +1160,19 @@ impl Engine {
         }
         self.round_clean = false;
         Ok(rep)
+    }
+
+    /// Scans the page at `at` and counts the visit in `rep` and in the round in progress.
+    fn visit<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc, rep: &mut ScanReport) {
+        rep.pages += 1;
+        match self.scan_page(mem, at) {
+            Outcome::Changed => {
+                rep.changes += 1;
+                self.round_changes += 1;
+            }
+            Outcome::Pending => self.round_pending += 1,
+            Outcome::Final => {}
+        }
     }
 
     fn scan_page<M: MemoryBackend + ?Sized>(&mut self, mem: &mut M, at: Loc) -> Outcome {
