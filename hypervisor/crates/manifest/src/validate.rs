@@ -221,91 +221,93 @@ pub(crate) fn parse(text: &str, host: &HostLimits<'_>) -> Result<Manifest, Fatal
 /// `[memory]`. Any error turns multiplexing off (the VMs then run with plain memory, which is
 /// always correct), after reporting every problem of the table.
 fn check_memory(value: &Value<'_>, errors: &mut Errors<'_>) -> MemoryConfig {
-    let Some(table) = table_or_error(value, errors, Scope::TopLevel, Some("memory")) else {
-        return MemoryConfig::default();
-    };
     let mut config = MemoryConfig::default();
-    let mut bad = false;
-    for (key, value) in table.iter() {
-        let name: &str = key.get_ref();
-        let result = match name {
-            "multiplex" => boolean(value).map(|b| config.multiplex = b),
-            "scan_pages" => integer_in(value, *SCAN_PAGES_RANGE.start(), *SCAN_PAGES_RANGE.end())
-                .map(|n| config.scan_pages = n),
-            "scan_interval_us" => integer_in(
-                value,
-                *SCAN_INTERVAL_US_RANGE.start(),
-                *SCAN_INTERVAL_US_RANGE.end(),
-            )
-            .map(|n| config.scan_interval_us = n),
-            "cold_after_us" => integer_in(
-                value,
-                *COLD_AFTER_US_RANGE.start(),
-                *COLD_AFTER_US_RANGE.end(),
-            )
-            .map(|n| config.cold_after_us = n),
-            "scan_cpu_percent" => {
-                in_range(value, &SCAN_CPU_PERCENT_RANGE).map(|n| config.scan_cpu_percent = n)
-            }
-            "low_watermark_mib" => {
-                in_range(value, &LOW_WATERMARK_MIB_RANGE).map(|n| config.low_watermark_mib = n)
-            }
-            _ => {
-                let kind = ErrorKind::UnknownKey { known: MEMORY_KEYS };
-                errors.push(key.span().start, Scope::Memory, Some(name), kind);
-                bad = true;
-                Ok(())
-            }
-        };
-        if let Err(kind) = result {
-            errors.push(value.span().start, Scope::Memory, Some(name), kind);
-            bad = true;
+    let c = &mut config;
+    let bad = settings_table(
+        value,
+        errors,
+        "memory",
+        Scope::Memory,
+        MEMORY_KEYS,
+        |name, v| {
+            Some(match name {
+                "multiplex" => boolean(v).map(|b| c.multiplex = b),
+                "scan_pages" => in_range(v, &SCAN_PAGES_RANGE).map(|n| c.scan_pages = n),
+                "scan_interval_us" => {
+                    in_range(v, &SCAN_INTERVAL_US_RANGE).map(|n| c.scan_interval_us = n)
+                }
+                "cold_after_us" => in_range(v, &COLD_AFTER_US_RANGE).map(|n| c.cold_after_us = n),
+                "scan_cpu_percent" => {
+                    in_range(v, &SCAN_CPU_PERCENT_RANGE).map(|n| c.scan_cpu_percent = n)
+                }
+                "low_watermark_mib" => {
+                    in_range(v, &LOW_WATERMARK_MIB_RANGE).map(|n| c.low_watermark_mib = n)
+                }
+                _ => return None,
+            })
+        },
+    );
+    match bad {
+        None => MemoryConfig::default(),
+        Some(bad) => {
+            config.multiplex &= !bad;
+            config
         }
     }
-    if bad {
-        config.multiplex = false;
-    }
-    config
 }
 
 /// `[idle]`. Any error turns detection off (every VM then stays active, which is how the
 /// hypervisor ran before it had a detector), after reporting every problem of the table.
 fn check_idle(value: &Value<'_>, errors: &mut Errors<'_>) -> IdleConfig {
-    let Some(table) = table_or_error(value, errors, Scope::TopLevel, Some("idle")) else {
-        return IdleConfig::default();
-    };
     let mut config = IdleConfig::default();
-    let mut bad = false;
-    for (key, value) in table.iter() {
-        let name: &str = key.get_ref();
-        let c = &mut config;
-        let result = match name {
-            "detect" => boolean(value).map(|b| c.detect = b),
-            "interval_us" => in_range(value, &IDLE_INTERVAL_US_RANGE).map(|n| c.interval_us = n),
-            "idle_after" => in_range(value, &IDLE_AFTER_RANGE).map(|n| c.idle_after = n),
-            "dormant_after" => in_range(value, &DORMANT_AFTER_RANGE).map(|n| c.dormant_after = n),
+    let c = &mut config;
+    let bad = settings_table(value, errors, "idle", Scope::Idle, IDLE_KEYS, |name, v| {
+        Some(match name {
+            "detect" => boolean(v).map(|b| c.detect = b),
+            "interval_us" => in_range(v, &IDLE_INTERVAL_US_RANGE).map(|n| c.interval_us = n),
+            "idle_after" => in_range(v, &IDLE_AFTER_RANGE).map(|n| c.idle_after = n),
+            "dormant_after" => in_range(v, &DORMANT_AFTER_RANGE).map(|n| c.dormant_after = n),
             "busy_cpu_percent" => {
-                in_range(value, &BUSY_CPU_PERCENT_RANGE).map(|n| c.busy_cpu_percent = n)
+                in_range(v, &BUSY_CPU_PERCENT_RANGE).map(|n| c.busy_cpu_percent = n)
             }
-            "quantum_shrink" => {
-                in_range(value, &QUANTUM_SHRINK_RANGE).map(|n| c.quantum_shrink = n)
-            }
-            _ => {
-                let kind = ErrorKind::UnknownKey { known: IDLE_KEYS };
-                errors.push(key.span().start, Scope::Idle, Some(name), kind);
-                bad = true;
-                Ok(())
-            }
-        };
-        if let Err(kind) = result {
-            errors.push(value.span().start, Scope::Idle, Some(name), kind);
-            bad = true;
+            "quantum_shrink" => in_range(v, &QUANTUM_SHRINK_RANGE).map(|n| c.quantum_shrink = n),
+            _ => return None,
+        })
+    });
+    match bad {
+        None => IdleConfig::default(),
+        Some(bad) => {
+            config.detect &= !bad;
+            config
         }
     }
-    if bad {
-        config.detect = false;
+}
+
+/// Walks a settings table (`[memory]`, `[idle]`) key by key: `set` applies a key's value and
+/// says whether it fits, or returns `None` for a key it does not know. Every problem is
+/// recorded under `scope`. Returns whether the table had any problem, or `None` when `value`
+/// is not a table (also recorded).
+fn settings_table(
+    value: &Value<'_>,
+    errors: &mut Errors<'_>,
+    name: &str,
+    scope: Scope,
+    known: &'static [&'static str],
+    mut set: impl FnMut(&str, &Value<'_>) -> Option<Result<(), ErrorKind>>,
+) -> Option<bool> {
+    let table = table_or_error(value, errors, Scope::TopLevel, Some(name))?;
+    let mut bad = false;
+    for (key, value) in table.iter() {
+        let key_name: &str = key.get_ref();
+        let (at, problem) = match set(key_name, value) {
+            Some(Ok(())) => continue,
+            Some(Err(kind)) => (value.span().start, kind),
+            None => (key.span().start, ErrorKind::UnknownKey { known }),
+        };
+        errors.push(at, scope.clone(), Some(key_name), problem);
+        bad = true;
     }
-    config
+    Some(bad)
 }
 
 /// An integer within `range`.
