@@ -44,11 +44,11 @@ use hv_vmx::ept::EptPerms;
 use crate::guest_phys::{HasGuestPhys, TableFrames};
 use crate::platform::rdtsc;
 
-/// Heap bytes per guest page the engine's metadata may take at most, for the admission check in
-/// [`MemMux::new`]: above the engine's worst case (about 100 bytes, when every page is an object
-/// of its own) and far above what `cargo xtask bench mem` measures on real guest RAM (11 to 20
-/// bytes per page, docs/benchmarks.md) or the Bochs scenario on tiny VMs (44).
-const METADATA_BOUND_PER_PAGE: u64 = 128;
+/// Heap bytes every declared guest page costs whatever its content, for the admission check
+/// ([`MemMux::admits`]): the engine's per-page state and the VM's guest-memory mirror (one
+/// `u64` per page). Everything else the engine holds (objects, indexes, patches, compressed
+/// pages) grows with what it does and is capped by `Config::heap_limit_bytes`.
+const FIXED_BYTES_PER_PAGE: u64 = hv_mem::PAGE_META_BYTES as u64 + 8;
 
 /// Pages a scan step visits between two looks at the clock (a step of `scan_pages` is cut
 /// short at a chunk's end once it has used its budget).
@@ -177,14 +177,15 @@ impl core::fmt::Display for FaultError {
 }
 
 impl MemMux {
-    /// Whether the engine's metadata for `pages` guest pages, at its bound per page, fits in
-    /// half of `heap_free` heap bytes (logged when it does not). The kernel asks before it
-    /// creates the VMs, whose memory is then allocated on demand only if the engine will run.
+    /// Whether the heap bytes every one of `pages` guest pages costs (its state in the engine
+    /// and its entry in the VM's memory mirror) fit in half of `heap_free` heap bytes (logged
+    /// when they do not). The kernel asks before it creates the VMs, whose memory is then
+    /// allocated on demand only if the engine will run.
     pub fn admits(pages: u64, heap_free: usize) -> bool {
-        let need = pages.saturating_mul(METADATA_BOUND_PER_PAGE);
+        let need = pages.saturating_mul(FIXED_BYTES_PER_PAGE);
         if need > heap_free as u64 / 2 {
             log::error!(target: "mem",
-                "memory multiplexing off: {pages} guest pages may need {} KiB of engine metadata, \
+                "memory multiplexing off: {pages} guest pages need {} KiB of per-page state, \
                  more than half of the {} KiB free on the hypervisor heap",
                 need >> 10, heap_free >> 10);
             return false;
@@ -197,10 +198,11 @@ impl MemMux {
     /// allocated on demand (absent pages): they become zero pages.
     ///
     /// The engine's metadata and its store of patches and compressed pages live on the
-    /// hypervisor's heap (`heap_free` bytes free now). An allocation failure there would stop the
-    /// whole hypervisor, so multiplexing is refused up front unless the metadata, at its bound
-    /// per page, fits in half of it ([`Self::admits`]); the store itself allocates fallibly,
-    /// within a limit that leaves a reserve free, and simply keeps pages whole once it is reached.
+    /// hypervisor's heap (`heap_free` bytes free now, the VMs' memory mirrors already taken).
+    /// An allocation failure there would stop the whole hypervisor, so multiplexing is refused
+    /// up front unless the per-page state fits in half of it ([`Self::admits`]); what grows
+    /// (objects, indexes, the store) is capped by the engine's heap limit, which leaves a
+    /// reserve free, and past it the engine simply keeps pages whole.
     pub fn new(
         config: &MemoryConfig,
         idle: &IdleConfig,
@@ -214,24 +216,25 @@ impl MemMux {
         if !Self::admits(pages, heap_free) {
             return None;
         }
-        let need = pages.saturating_mul(METADATA_BOUND_PER_PAGE);
-        // The store of patches and compressed pages gets what the metadata (at its bound)
-        // leaves, less a reserve for everything else on the heap: filling the heap to its last
-        // byte would make the next ordinary allocation stop the hypervisor.
+        let per_page = pages.saturating_mul(hv_mem::PAGE_META_BYTES as u64);
+        // What grows gets what the per-page state leaves, less a reserve for everything else
+        // on the heap: filling the heap to its last byte would make the next ordinary
+        // allocation stop the hypervisor.
         let reserve = (heap_free / 4).max(HEAP_RESERVE_BYTES);
-        let store_limit = heap_free
-            .saturating_sub(usize::try_from(need).unwrap_or(usize::MAX))
+        let heap_limit = heap_free
+            .saturating_sub(usize::try_from(per_page).unwrap_or(usize::MAX))
             .saturating_sub(reserve);
         let engine_config = Config {
             pages_per_scan: usize::try_from(config.scan_pages).unwrap_or(usize::MAX),
             cold_after_us: config.cold_after_us,
             cold_after_wall_us: config.cold_after_us,
-            store_limit_bytes: store_limit,
+            heap_limit_bytes: heap_limit,
             ..Config::default()
         };
         log::info!(target: "mem",
-            "engine heap: metadata up to {} KiB, patches and compressed pages up to {} KiB, of {} KiB free",
-            need >> 10, store_limit >> 10, heap_free >> 10);
+            "engine heap: per-page state {} KiB; objects, indexes, patches and compressed pages \
+             up to {} KiB; of {} KiB free",
+            per_page >> 10, heap_limit >> 10, heap_free >> 10);
         let mut engine = match Engine::new(engine_config) {
             Ok(engine) => engine,
             Err(e) => {
@@ -636,11 +639,11 @@ impl MemMux {
             "work: scans={} scan_us={} faults={} fault_us={} hypercall_faults={} rounds={} merges_zero={} \
              merges_identical={} patches_made={} pages_compressed={} cow_breaks={} \
              faults_zero={} faults_shared={} faults_patched={} faults_decompressed={} \
-             faults_out_of_frames={} volatile_skips={}",
+             faults_out_of_frames={} volatile_skips={} heap_limited={}",
             self.scans, us(self.scan_tsc), self.faults, us(self.fault_tsc), self.hypercall_faults, c.rounds,
             c.merges_zero, c.merges_identical, c.patches_made, c.pages_compressed, c.cow_breaks,
             c.faults_zero, c.faults_shared, c.faults_patched, c.faults_decompressed,
-            c.faults_out_of_frames, c.volatile_skips);
+            c.faults_out_of_frames, c.volatile_skips, c.heap_limited);
         let run = rdtsc().wrapping_sub(self.created).max(1);
         let permille = |t: u64| (u128::from(t) * 1000 / u128::from(run)) as u64;
         log::info!(target: "mem",

@@ -143,6 +143,12 @@ impl BlobArena {
         }
     }
 
+    /// Changes the limit: later stores that need a new chunk past it fail; what is stored
+    /// stays.
+    pub fn set_limit(&mut self, limit_bytes: usize) {
+        self.limit_bytes = limit_bytes;
+    }
+
     fn class_of(len: usize) -> usize {
         (len + LEN_BYTES).div_ceil(GRAIN) - 1
     }

@@ -70,11 +70,15 @@ pub struct Config {
     /// keeping them cut the total footprint by 3.3% against a 3072 cutoff; 4096 gains only 0.2%
     /// more for pages that barely compress.
     pub compress_cutoff: usize,
-    /// Heap bytes the store of patches and compressed pages may hold at most (its chunks and
-    /// free lists): past it a page simply stays as it is. The store allocates fallibly, but an
-    /// embedder whose other allocations cannot fail (the hypervisor's heap) must keep it from
-    /// taking the last free bytes. Default `usize::MAX`: only the allocator's failure stops it.
-    pub store_limit_bytes: usize,
+    /// Heap bytes the engine's growing structures may hold at most: the store of patches and
+    /// compressed pages (its chunks and free lists), the object table and the content indexes.
+    /// Past it a page simply stays as it is (counted in [`crate::Counters::heap_limited`]) and
+    /// index hints are dropped. Per-page state, 7 bytes per guest page allocated when a VM is
+    /// added, is not part of it, so an embedder can bound the engine's heap by that plus this
+    /// whatever the guests' memory holds. The store allocates fallibly, but an embedder whose
+    /// other allocations cannot fail (the hypervisor's heap) must keep the engine from taking
+    /// the last free bytes. Default `usize::MAX`: no limit.
+    pub heap_limit_bytes: usize,
 }
 
 impl Default for Config {
@@ -97,7 +101,7 @@ impl Default for Config {
             similarity_entries_per_page: 4,
             patch_cutoff: 1024,
             compress_cutoff: 3584,
-            store_limit_bytes: usize::MAX,
+            heap_limit_bytes: usize::MAX,
         }
     }
 }

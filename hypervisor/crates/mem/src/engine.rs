@@ -11,7 +11,7 @@
 //! Fault-ins allocate first and change state only once nothing can fail any more, so an
 //! allocation failure leaves the page exactly as it was.
 
-use crate::arena::{BlobArena, BlobRef};
+use crate::arena::{BlobArena, BlobRef, StoreError};
 use crate::backend::{Access, DomainId, Frame, Gfn, MemoryBackend, Page, VmId, PAGE_SIZE};
 use crate::clock::{AgingClock, COLD_TICKS, QUIET_TICKS};
 use crate::compress::{self, MAX_COMPRESSED};
@@ -93,7 +93,11 @@ struct PageMeta {
     flags: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<PageMeta>() == 7);
+const _: () = assert!(core::mem::size_of::<PageMeta>() == PAGE_META_BYTES);
+
+/// Heap bytes of engine state per registered guest page, whatever the page holds (what an
+/// embedder must budget for before [`Config::heap_limit_bytes`]).
+pub const PAGE_META_BYTES: usize = 7;
 
 impl PageMeta {
     const PRIVATE: PageMeta = PageMeta {
@@ -387,7 +391,6 @@ impl Engine {
         config.validate()?;
         let positions =
             similarity_positions(config.similarity_seed, config.similarity_blocks as usize);
-        let store_limit = config.store_limit_bytes;
         Ok(Engine {
             config,
             positions,
@@ -400,7 +403,7 @@ impl Engine {
             objects: Vec::new(),
             free_objects: Vec::new(),
             orphans: Vec::new(),
-            blobs: BlobArena::with_limit(store_limit),
+            blobs: BlobArena::new(),
             wall_us: 0,
             total_pages: 0,
             cursor: (0, 0),
@@ -772,15 +775,83 @@ impl Engine {
             }
             None => {
                 // Grow by a quarter rather than doubling: the table is metadata charged to
-                // the engine, and most objects are made in one or two rounds.
+                // the engine, and most objects are made in one or two rounds. The free list
+                // grows with it, so that freeing an object never allocates.
                 if self.objects.len() == self.objects.capacity() {
-                    let more = (self.objects.len() / 4).max(256);
-                    self.objects.reserve_exact(more);
+                    self.objects.reserve_exact(self.object_growth());
+                    let free_room = self.objects.capacity() - self.free_objects.len();
+                    self.free_objects.reserve_exact(free_room);
                 }
                 self.objects.push(obj);
                 (self.objects.len() - 1) as u32
             }
         }
+    }
+
+    /// Object slots the table grows by when it is full.
+    fn object_growth(&self) -> usize {
+        (self.objects.len() / 4).max(256)
+    }
+
+    /// Heap bytes of the tables that grow as the engine works, besides the store: the object
+    /// table and its free lists, the content indexes. (Per-page state is allocated when a VM is
+    /// added and is not charged to [`Config::heap_limit_bytes`].)
+    fn table_bytes(&self) -> usize {
+        let indexes: usize = self
+            .domains
+            .iter()
+            .map(|d| d.shared.heap_bytes() + d.unstable.heap_bytes() + d.similar.heap_bytes())
+            .sum();
+        indexes
+            + self.objects.capacity() * core::mem::size_of::<Object>()
+            + (self.free_objects.capacity() + self.orphans.capacity()) * 4
+    }
+
+    /// Whether `extra` more heap bytes fit under [`Config::heap_limit_bytes`] beside what the
+    /// tables and the store hold now.
+    fn heap_room(&self, extra: usize) -> bool {
+        let limit = self.config.heap_limit_bytes;
+        limit == usize::MAX
+            || self
+                .table_bytes()
+                .saturating_add(self.blobs.heap_bytes())
+                .saturating_add(extra)
+                <= limit
+    }
+
+    /// Whether one more object of `domain`, and its entry in the domain's shared index, fit
+    /// under the heap limit (counted in [`Counters::heap_limited`] when not): asked before an
+    /// operation that makes one changes anything.
+    fn object_room(&mut self, domain: usize) -> bool {
+        let table = if self.free_objects.is_empty() && self.objects.len() == self.objects.capacity()
+        {
+            self.object_growth() * (core::mem::size_of::<Object>() + 4)
+        } else {
+            0
+        };
+        let fits = self.heap_room(table + self.domains[domain].shared.growth_bytes());
+        if !fits {
+            self.counters.heap_limited += 1;
+        }
+        fits
+    }
+
+    /// Gives the store what the heap limit leaves beside the tables: called before each store
+    /// (the tables grow and shrink between stores).
+    fn sync_store_limit(&mut self) {
+        let limit = self.config.heap_limit_bytes;
+        if limit != usize::MAX {
+            self.blobs
+                .set_limit(limit.saturating_sub(self.table_bytes()));
+        }
+    }
+
+    /// The outcome of a store, a refusal counted in [`Counters::heap_limited`].
+    fn stored(&mut self, result: Result<BlobRef, StoreError>) -> Option<BlobRef> {
+        if result.is_err() {
+            self.counters.heap_limited += 1;
+        }
+        result.ok()
     }
 
     /// The census class of an object: `[content compressed][pages refer to it]` as an index
@@ -1290,10 +1361,13 @@ impl Engine {
                             if self.pair(mem, at, frame, p, pf) {
                                 return Outcome::Changed;
                             }
-                        } else if !was_stable || found.is_some() {
+                        } else if (!was_stable || found.is_some())
+                            && self.heap_room(self.domains[at.domain].unstable.growth_bytes())
+                        {
                             // A page enters the index when it turns stable (or takes over a
                             // stale entry), not on every visit: after convergence drops the
-                            // index, unchanged pages stay out of it.
+                            // index, unchanged pages stay out of it. Past the heap limit it
+                            // stays out: the entry is only a hint.
                             self.domains[at.domain].unstable.insert(h, me);
                             self.meta_mut(at).flags |= F_INDEXED;
                             just_indexed = true;
@@ -1414,7 +1488,9 @@ impl Engine {
     ) -> Option<BlobRef> {
         let cutoff = self.config.compress_cutoff;
         let n = compress::compress(mem.frame(f), &mut self.scratch_lz, cutoff)?;
-        self.blobs.store(&[&self.scratch_lz[..n]]).ok()
+        self.sync_store_limit();
+        let result = self.blobs.store(&[&self.scratch_lz[..n]]);
+        self.stored(result)
     }
 
     fn protect<M: MemoryBackend + ?Sized>(mem: &mut M, at: Loc, frame: Frame) {
@@ -1571,6 +1647,9 @@ impl Engine {
         other_frame: Frame,
     ) -> bool {
         debug_assert_eq!(at.domain, other.domain, "never compare across domains");
+        if !self.object_room(at.domain) {
+            return false;
+        }
         Self::protect(mem, at, frame);
         Self::protect(mem, other, other_frame);
         if mem.frame(frame) != mem.frame(other_frame) {
@@ -1614,9 +1693,13 @@ impl Engine {
         // Capacity follows the pages and objects that were recorded (never more than the
         // domain's pages allow): grow by a quarter when it is exceeded, rehashing what is in.
         let want = (d.sources.min(d.pages) * per_source).clamp(MIN_SIM_ENTRIES, 1 << 30) as usize;
-        if want > d.similar.capacity() {
-            d.similar.resize(want + want / 4);
+        // Past the heap limit the table keeps its size and evicts older hints instead.
+        let grown = want + want / 4;
+        if want > d.similar.capacity() && self.heap_room(grown * 8) {
+            let d = &mut self.domains[domain];
+            d.similar.resize(grown);
         }
+        let d = &mut self.domains[domain];
         for k in keys.iter().flatten() {
             d.similar.insert(*k, value);
         }
@@ -1633,6 +1716,11 @@ impl Engine {
     ) -> Outcome {
         if !self.config.patching && !self.config.compression {
             return Outcome::Final;
+        }
+        // A patch (against a page that becomes an object) or a compressed page needs one more
+        // object; without room the page waits for a later visit.
+        if !self.object_room(at.domain) {
+            return Outcome::Pending;
         }
         Self::protect(mem, at, frame);
         let h = self.content_hash(mem.frame(frame));
@@ -1666,7 +1754,9 @@ impl Engine {
             }
         }
         if let Some(n) = lz {
-            if let Ok(blob) = self.blobs.store(&[&self.scratch_lz[..n]]) {
+            self.sync_store_limit();
+            let result = self.blobs.store(&[&self.scratch_lz[..n]]);
+            if let Some(blob) = self.stored(result) {
                 let id = self.new_object(Object::new(h, Store::Blob(blob), 1, 0, at.domain));
                 if self.config.share_identical {
                     self.domains[at.domain].shared.insert(h, id);
@@ -1683,6 +1773,10 @@ impl Engine {
                 self.counters.pages_compressed += 1;
                 return Outcome::Changed;
             }
+            // The store is at the heap limit: a later visit tries again (pages faulted back
+            // free room).
+            Self::unprotect(mem, at, frame);
+            return Outcome::Pending;
         }
         Self::unprotect(mem, at, frame);
         Outcome::Final
@@ -1856,10 +1950,11 @@ impl Engine {
             // storing the patch fails below it simply stays that way (a valid state).
             Reference::Page { at: r, frame: rf } => self.page_to_object(mem, r, rf),
         };
-        let stored = self
+        self.sync_store_limit();
+        let result = self
             .blobs
             .store(&[&base.to_le_bytes(), &self.scratch_best[..len]]);
-        let Ok(blob) = stored else {
+        let Some(blob) = self.stored(result) else {
             return false;
         };
         self.bytes_patches += (PATCH_HEADER + len) as u64;
@@ -2222,6 +2317,7 @@ impl Engine {
         s.bytes_patches = self.bytes_patches;
         s.bytes_compressed = self.blobs.live_bytes() as u64 - self.bytes_patches;
         s.bytes_blob_heap = self.blobs.heap_bytes() as u64;
+        s.bytes_heap_limited = (self.blobs.heap_bytes() + self.table_bytes()) as u64;
         let pages: usize = self
             .vms
             .iter()

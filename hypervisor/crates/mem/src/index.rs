@@ -80,11 +80,24 @@ impl U32Map {
         self.find(key).map(|i| self.slots[i].1)
     }
 
+    /// The table size the next insert of a new key grows to, if it grows.
+    fn grown_len(&self) -> Option<usize> {
+        ((self.len + 1) * 5 > self.slots.len() * 4)
+            .then(|| (self.slots.len() + self.slots.len() / 2).max(64))
+    }
+
+    /// Heap bytes the next insert of a new key allocates: the new table when it grows (the old
+    /// one is freed after the rehash), else 0. For callers that keep a heap budget.
+    pub fn growth_bytes(&self) -> usize {
+        self.grown_len()
+            .map_or(0, |n| n * core::mem::size_of::<(u32, u32)>())
+    }
+
     /// Inserts or replaces.
     pub fn insert(&mut self, key: u32, value: u32) {
         debug_assert_ne!(value, EMPTY);
-        if (self.len + 1) * 5 > self.slots.len() * 4 {
-            self.rebuild((self.slots.len() + self.slots.len() / 2).max(64));
+        if let Some(n) = self.grown_len() {
+            self.rebuild(n);
         }
         let mut i = self.home(key);
         loop {
@@ -274,6 +287,20 @@ impl SimTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_growth_bytes_say_what_the_next_insert_allocates() {
+        let mut m = U32Map::new();
+        for k in 0..1000u32 {
+            let (before, said) = (m.heap_bytes(), m.growth_bytes());
+            m.insert(k.wrapping_mul(0x9e37_79b9), k);
+            let grew = m.heap_bytes() != before;
+            assert_eq!(grew, said > 0, "insert {k}");
+            if grew {
+                assert_eq!(m.heap_bytes(), said);
+            }
+        }
+    }
 
     #[test]
     fn map_insert_get_remove_with_collisions() {

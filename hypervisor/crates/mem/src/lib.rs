@@ -284,7 +284,7 @@ pub use backend::{
     Access, DomainId, Frame, Gfn, Mapping, MemoryBackend, OutOfFrames, Page, VmId, PAGE_SIZE,
 };
 pub use config::Config;
-pub use engine::{Engine, FaultResolution, ScanReport};
+pub use engine::{Engine, FaultResolution, ScanReport, PAGE_META_BYTES};
 pub use error::{CorruptKind, Error};
 pub use plain::{access_read, access_write, GuestFault, PlainMemory, SPARE_FRAMES};
 pub use stats::{Counters, Stats};

@@ -45,6 +45,9 @@ pub struct Counters {
     pub faults_spurious: u64,
     /// Fault-ins that failed because no frame was available.
     pub faults_out_of_frames: u64,
+    /// Shares, patches and compressions not made, and blobs not stored, because the engine's
+    /// tables and store had reached [`crate::Config::heap_limit_bytes`].
+    pub heap_limited: u64,
 }
 
 /// A snapshot of the engine's accounting. Gauges describe the current state; `counters` are
@@ -90,6 +93,9 @@ pub struct Stats {
     pub bytes_blob_heap: u64,
     /// Heap bytes of metadata: per-page state, the object table, the content indexes.
     pub bytes_metadata: u64,
+    /// Heap bytes charged to [`crate::Config::heap_limit_bytes`]: the blob heap and the
+    /// growing tables (the object table and its free lists, the content indexes).
+    pub bytes_heap_limited: u64,
     /// Event counters.
     pub counters: Counters,
 }

@@ -475,6 +475,45 @@ fn cold_shared_frames_are_compressed_and_fault_back_shared() {
 type VmSpec = (VmId, DomainId, Vec<Page>);
 
 /// A VM with every kind of page: zero, shared (twice), similar, compressible, unique.
+#[test]
+fn the_heap_limit_bounds_the_store_and_tables_and_pages_past_it_stay_intact() {
+    // 1200 distinct compressible pages, each ~1 KiB compressed: about 1.2 MiB of store and
+    // 40 KiB of tables if nothing stopped it.
+    let vm = VmId(1);
+    let pages: Vec<Page> = (0..1200).map(|i| text_page(i * 13 + 5)).collect();
+    let limit = 256 << 10;
+    let config = Config {
+        patching: false,
+        heap_limit_bytes: limit,
+        ..Config::default()
+    };
+    let (mut engine, mut mem) = setup(config, &[(vm, D0, &pages)]);
+    for _ in 0..4 {
+        round_later(&mut engine, &mut mem);
+        assert!(engine.stats().bytes_heap_limited <= limit as u64);
+    }
+    let s = engine.stats();
+    assert!(s.counters.heap_limited > 0, "{s:?}");
+    assert!(s.objects_compressed > 50, "{s:?}");
+    assert!(s.pages_private > 200, "the rest stays private: {s:?}");
+    assert_eq!(s.frames_in_use, mem.frames_in_use() as u64);
+    engine.check_consistency(&mem).unwrap();
+    assert_vm(&engine, &mem, vm, &pages);
+    // Faulting compressed pages back frees store room; later visits use it.
+    for gfn in 0..1200 {
+        if mem.mapping(vm, Gfn(gfn)).is_none() {
+            access_read(&mut engine, &mut mem, vm, Gfn(gfn)).unwrap();
+        }
+    }
+    round_later(&mut engine, &mut mem);
+    round_later(&mut engine, &mut mem);
+    let after = engine.stats();
+    assert!(after.bytes_heap_limited <= limit as u64);
+    assert!(after.objects_compressed > 50, "{after:?}");
+    engine.check_consistency(&mem).unwrap();
+    assert_vm(&engine, &mem, vm, &pages);
+}
+
 fn mixed_vms() -> Vec<VmSpec> {
     let base: Vec<Page> = (0..4).map(|i| random_page(i + 300)).collect();
     let mut vms = Vec::new();

@@ -4,7 +4,9 @@
 //! pages; pages identical in every VM; pages identical in every VM but for 16 bytes that depend
 //! on `seed=S` (similar: patch material); text that names the VM and the page (unique to this VM
 //! but compressible); and pseudo-random bytes unique to this VM. With `mix=random` every page
-//! is of the last kind: memory the engine cannot reclaim. Then it leaves them alone for
+//! is of the last kind: memory the engine cannot reclaim. With `delay=D` it first yields D
+//! times (default 0), so that VMs given different delays fill their memory in turns. Then it
+//! leaves them alone for
 //! `wait=W` yields (default 40) while the hypervisor's memory engine scans, reads everything back
 //! and compares a checksum with the one taken after filling, writes one byte in every page and
 //! checks again. The EPT-violation counter of `vm_stats` shows whether the engine had taken
@@ -33,13 +35,16 @@ fn ept_exits() -> u64 {
 }
 
 fn guest_main(boot: &Boot) -> u64 {
-    let (pages, seed, wait) = match (
+    let (pages, seed, wait, delay) = match (
         boot.cmdline.u64_or("pages", 256),
         boot.cmdline.u64_or("seed", 1),
         boot.cmdline.u64_or("wait", 40),
+        boot.cmdline.u64_or("delay", 0),
     ) {
-        (Ok(p), Ok(s), Ok(w)) => (p, s, w),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return rt::usage_error(e),
+        (Ok(p), Ok(s), Ok(w), Ok(d)) => (p, s, w, d),
+        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
+            return rt::usage_error(e)
+        }
     };
     let Some(mix) = Mix::parse(boot.cmdline.get("mix").unwrap_or("guest")) else {
         return rt::usage_error("mix must be guest or random");
@@ -57,6 +62,9 @@ fn guest_main(boot: &Boot) -> u64 {
     // stack in the top STACK_ROOM bytes.
     let region =
         unsafe { core::slice::from_raw_parts_mut(REGION as *mut u8, (pages as usize) * PAGE) };
+    for _ in 0..delay {
+        guest::yield_now();
+    }
     for (k, page) in region.chunks_exact_mut(PAGE).enumerate() {
         let page: &mut [u8; PAGE] = page.try_into().unwrap_or_else(|_| unreachable!());
         fill(page, k as u64, seed, false, mix);
