@@ -9,27 +9,50 @@
 //! together with equal work under a fair round robin all end within about one round of each
 //! other, while a scheduler that ran them one after the other would spread their ends over the
 //! whole run.
+//!
+//! With `after_ms=T` it first gives the CPU away (yields) until T ms of its TSC have passed, so
+//! that its work falls in a phase the scenario chooses (after other VMs have booted and gone
+//! idle). It reports `busy_cpu_permille`: its CPU time over the work (VM-stats hypercall)
+//! against the TSC time the work took, the share of the machine it got meanwhile.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
+use guest_abi::guest;
 use test_guests::cpu::rdtsc;
-use test_guests::println;
 use test_guests::rt::{self, Boot};
 use test_guests::work::{busy_work, DEFAULT_WORK};
+use test_guests::{println, tsc};
 
 test_guests::entry!(guest_main);
 
 fn guest_main(boot: &Boot) -> u64 {
-    let work = match boot.cmdline.u64_or("work", DEFAULT_WORK) {
-        Ok(work) => work,
-        Err(e) => return rt::usage_error(e),
+    let (work, after_ms) = match (
+        boot.cmdline.u64_or("work", DEFAULT_WORK),
+        boot.cmdline.u64_or("after_ms", 0),
+    ) {
+        (Ok(w), Ok(a)) => (w, a),
+        (Err(e), _) | (_, Err(e)) => return rt::usage_error(e),
     };
+    // Without CPUID's TSC rate the share cannot be computed; the work still runs.
+    let clock = tsc::clock(&boot.cmdline).ok();
+    if let (Some(clock), true) = (clock, after_ms > 0) {
+        let until = rdtsc() + clock.ms_to_ticks(after_ms);
+        while rdtsc() < until {
+            guest::yield_now();
+        }
+    }
     println!("busy: work={work}");
+    let cpu_before = guest::vm_stats().map_or(0, |s| s.cpu_us);
     // black_box on the way in: the iteration count stays a run-time value, so the work is really
     // done here. black_box on the way out: the work must be finished before the second RDTSC
     // (asm statements keep their order, pure arithmetic could otherwise move across them).
     let start_tsc = rdtsc();
     let checksum = core::hint::black_box(busy_work(core::hint::black_box(work)));
     let end_tsc = rdtsc();
+    let cpu_us = guest::vm_stats().map_or(0, |s| s.cpu_us) - cpu_before;
+    if let Some(clock) = clock {
+        let window_us = clock.ticks_to_us(end_tsc - start_tsc).max(1);
+        rt::report("busy_cpu_permille", cpu_us * 1000 / window_us);
+    }
     println!("busy: done, checksum={checksum}");
     rt::report("busy_checksum", checksum);
     rt::report("busy_start_tsc", start_tsc);

@@ -47,7 +47,7 @@ fn guest_main(boot: &Boot) -> u64 {
         }
     };
     let Some(mix) = Mix::parse(boot.cmdline.get("mix").unwrap_or("guest")) else {
-        return rt::usage_error("mix must be guest or random");
+        return rt::usage_error("mix must be guest, random or linux");
     };
     let end = REGION + pages * PAGE as u64;
     if pages == 0 || seed > 9999 || end + STACK_ROOM > boot.memory_bytes() {
