@@ -13,6 +13,8 @@
 //! - `bench dilation`: time-dilated clocks' rate error, RDTSC cost (dilation_bench.rs).
 //! - `bench mem`: the memory engine against Linux KSM on raw guest-RAM images (mem_bench.rs).
 //! - `bench linux`: a Linux boot under muxvisor against bare Bochs (linux_bench.rs).
+//! - `bench density`: idle VMs per machine, answer delays, the busy VM's share
+//!   (density_bench.rs).
 //! - `corpus`: real Linux guest-RAM images made under QEMU, for `bench mem` (corpus.rs).
 //! - `manifest check`: validates a boot manifest with the hypervisor's own parser.
 
@@ -22,6 +24,7 @@ mod bench;
 mod build;
 mod cli;
 mod corpus;
+mod density_bench;
 mod deps;
 mod dilation_bench;
 mod elf;
@@ -68,6 +71,8 @@ usage: cargo xtask <command> [options]
   bench dilation              time-dilated clocks' rate error and RDTSC cost under Bochs
   bench mem --images DIR ...  memory engine vs KSM on raw guest-RAM images
   bench linux                 Debian's cloud kernel under muxvisor vs on bare Bochs
+  bench density [--vms N] [--vm-mib M] [--ram-mib R] ...
+                              idle VMs per machine: memory per VM, answer delays, busy share
   corpus [--out DIR] ...      make real Linux guest-RAM images under QEMU
   manifest check FILE [--images DIR] [--memory-mib N]
                               validate a boot manifest
@@ -110,6 +115,7 @@ fn dispatch(ws: &Workspace, args: &[String]) -> Result<()> {
         ["bench", "dilation", ..] => with_interrupts(|| dilation_bench::run(ws, &args[2..])),
         ["bench", "mem", ..] => mem_bench::run(&args[2..]),
         ["bench", "linux", ..] => with_interrupts(|| linux_bench::run(ws, &args[2..])),
+        ["bench", "density", ..] => with_interrupts(|| density_bench::run(ws, &args[2..])),
         ["corpus", ..] => corpus::run(&args[1..]),
         ["manifest", "check", ..] => manifest_cmd::check(&args[2..]),
         // `bench` alone or with a help flag: the overview lists its benchmarks.

@@ -337,6 +337,8 @@ impl Vm {
         if lines > 0 {
             if let Some(at) = self.input_at.take() {
                 let us = sched::tsc_to_us(now.saturating_sub(at), self.idle_policy.tsc_hz);
+                // One line per answer, for benchmarks that need every delay (`log=debug`).
+                log::debug!(target: &self.target, "input answered in {us} us");
                 self.answers += 1;
                 if self.answer_us.len() < ANSWERS_KEPT {
                     self.answer_us.push(u32::try_from(us).unwrap_or(u32::MAX));
