@@ -3,11 +3,58 @@
 //! GRUB enters `_start32` in 32-bit protected mode with paging off, EAX = the Multiboot2 magic,
 //! EBX = the physical address of the boot information (Multiboot2 spec, 3.3). This file builds
 //! an identity map of the first 4 GiB with 2 MiB pages, enables PAE and IA32_EFER.LME, turns
-//! paging on, loads a 64-bit GDT and jumps to `kmain(magic, info)` on the boot stack. It owns
-//! nothing after that: the Rust side installs its own GDT, TSS and IDT.
+//! paging on, loads a 64-bit GDT and jumps to `kmain(magic, info)` on the boot stack. Once the
+//! heap is up, [`extend_identity_map`] maps the RAM above 4 GiB the same way. It owns nothing
+//! else: the Rust side installs its own GDT, TSS and IDT.
 
 /// Size of the boot stack, also the hypervisor's only stack (one physical CPU).
 pub const STACK_SIZE: usize = 256 * 1024;
+
+/// What `_start32` identity-maps: the first 4 GiB.
+pub const BOOT_IDENTITY_MAPPED: u64 = 4 << 30;
+
+/// The most the identity map can reach: what PML4 entry 0 (one PDPT) covers.
+pub const MAX_IDENTITY_MAPPED: u64 = 512 << 30;
+
+const PAGE_2M: u64 = 2 << 20;
+/// Present, writable, 2 MiB page (SDM Vol. 3A, 4.5.4, Table 4-17); the directory entries are
+/// present and writable (Table 4-16).
+const PDE_2M_FLAGS: u64 = 0x83;
+const TABLE_FLAGS: u64 = 0x3;
+
+/// Identity-maps physical memory from 4 GiB up to `end` (rounded up to 2 MiB, at most
+/// [`MAX_IDENTITY_MAPPED`]) with 2 MiB pages, as `_start32` mapped the first 4 GiB, so that
+/// frames up there can be handed out and touched like those below. The page directories come
+/// from the heap (identity-mapped, below 4 GiB) and are never freed. Returns the new limit of
+/// the identity map. Call once, before anything uses memory above 4 GiB.
+pub fn extend_identity_map(end: u64) -> u64 {
+    let end = end.min(MAX_IDENTITY_MAPPED).next_multiple_of(PAGE_2M);
+    if end <= BOOT_IDENTITY_MAPPED {
+        return BOOT_IDENTITY_MAPPED;
+    }
+    let first_dir = (BOOT_IDENTITY_MAPPED >> 30) as usize;
+    let dirs = end.div_ceil(1 << 30) as usize;
+    for d in first_dir..dirs {
+        let mut pd = alloc::boxed::Box::new(PageTable([0; 512]));
+        for (i, entry) in pd.0.iter_mut().enumerate() {
+            let page = ((d as u64) << 30) + (i as u64) * PAGE_2M;
+            if page < end {
+                *entry = page | PDE_2M_FLAGS;
+            }
+        }
+        // The heap is identity-mapped, so the box's address is the directory's physical
+        // address; `PageTable` is 4 KiB aligned, as a paging structure must be.
+        let pd_phys = alloc::boxed::Box::into_raw(pd) as u64;
+        // SAFETY: BOOT_PDPT is the live PDPT of PML4[0]; entry `d` (4..512) is not present
+        // (only `_start32` wrote entries 0..4), so nothing maps through it yet and no TLB or
+        // paging-structure cache holds it (SDM Vol. 3A, 4.10.2.3: not-present entries are not
+        // cached). One CPU runs; the write is a plain aligned u64 store.
+        unsafe {
+            BOOT_PDPT.0[d] = pd_phys | TABLE_FLAGS;
+        }
+    }
+    end
+}
 
 core::arch::global_asm!(
     r#"

@@ -32,8 +32,6 @@ use linked_list_allocator::LockedHeap;
 use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
 
 const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
-/// Physical memory the boot page tables map (and so the most the frame allocator uses).
-const IDENTITY_MAPPED: u64 = 4 << 30;
 /// Most memory-map areas and boot-time reserved ranges considered (fixed arrays: the heap is
 /// placed before it exists).
 const MAX_RANGES: usize = 64;
@@ -108,11 +106,20 @@ extern "C" fn kmain(magic: u32, info_addr: u32) -> ! {
             .init(heap.start as *mut u8, (heap.end - heap.start) as usize)
     };
 
+    // Frames are touched through the identity map: map RAM above 4 GiB first.
+    let ram_end = available.iter().map(|r| r.end).max().unwrap_or(0);
+    let mapped = boot::extend_identity_map(ram_end);
     let mut frames = FrameAllocator::new(
         available,
         &[reserved, core::slice::from_ref(&heap)].concat(),
-        IDENTITY_MAPPED,
+        mapped,
     );
+    if mapped > boot::BOOT_IDENTITY_MAPPED {
+        log::info!(target: "hv", "RAM above 4 GiB: identity-mapped up to {} MiB", mapped >> 20);
+    }
+    if ram_end > mapped {
+        log::warn!(target: "hv", "RAM above {} GiB is not used (the identity map ends there)", mapped >> 30);
+    }
     log::info!(target: "hv", "muxvisor {} booting; command line \"{cmdline}\"; heap {} MiB at {:#x}; {} MiB free for VMs",
         env!("CARGO_PKG_VERSION"), (heap.end - heap.start) >> 20, heap.start, frames.free_bytes() >> 20);
     report_cpu_and_acpi(&mbi);
@@ -269,19 +276,24 @@ fn boot_reserved<'a>(mbi: &BootInformation, out: &'a mut [Range<u64>]) -> &'a [R
     &out[..n]
 }
 
-/// The heap's place: a sixteenth of RAM (`heap_bytes_for`), as high as it fits; if that much
-/// does not fit anywhere, the 16 MiB minimum.
+/// The heap's place: a sixteenth of RAM (`heap_bytes_for`), as high as it fits below 4 GiB
+/// (what the boot page tables map: the heap holds the directories that map the rest); if that
+/// much does not fit there, the 16 MiB minimum.
 fn place_heap(available: &[Range<u64>], reserved: &[Range<u64>]) -> Range<u64> {
     let ram: u64 = available
         .iter()
-        .map(|r| r.end.min(IDENTITY_MAPPED).saturating_sub(r.start))
+        .map(|r| r.end.min(boot::MAX_IDENTITY_MAPPED).saturating_sub(r.start))
         .sum();
     let wanted = hv_vm::frames::heap_bytes_for(ram);
     let minimum = hv_vm::frames::heap_bytes_for(0);
     for size in [wanted, minimum] {
-        if let Some(heap) =
-            hv_vm::frames::place_region(available, reserved, size, 2 << 20, IDENTITY_MAPPED)
-        {
+        if let Some(heap) = hv_vm::frames::place_region(
+            available,
+            reserved,
+            size,
+            2 << 20,
+            boot::BOOT_IDENTITY_MAPPED,
+        ) {
             return heap;
         }
     }

@@ -39,7 +39,7 @@ const USAGE: &str = "cargo xtask bench density [--vms N] [--vm-mib M] [--ram-mib
        [--pings K] [--busy-work W] [--busy-after-ms T] [--ips I] [--runs both|multiplexed|baseline]
   --vms N            idle VMs (default 100)
   --vm-mib M         memory of each idle VM (default 64)
-  --ram-mib R        the emulated machine's RAM (default 2048, at most 2048)
+  --ram-mib R        the emulated machine's RAM (default 2048, at most 8192)
   --hz H             the idle VMs' timer rate (default 100)
   --pings K          pings to VMs drawn at random while the busy VM computes (default N)
   --busy-work W      the busy VM's work, in busy_work iterations (default 60000000)
@@ -115,9 +115,9 @@ impl Options {
             multiplexed,
             baseline,
         };
-        if o.vm_mib <= RESERVED_MIB + 1 || o.ram_mib < 64 || o.ram_mib > 2048 || o.hz > 1000 {
+        if o.vm_mib <= RESERVED_MIB + 1 || o.ram_mib < 64 || o.ram_mib > 8192 || o.hz > 1000 {
             return Err(Error::Usage(format!(
-                "need --vm-mib > {}, 64 <= --ram-mib <= 2048, --hz <= 1000\n{USAGE}",
+                "need --vm-mib > {}, 64 <= --ram-mib <= 8192, --hz <= 1000\n{USAGE}",
                 RESERVED_MIB + 1
             )));
         }

@@ -585,6 +585,9 @@ fn bochs_command(spec: &BootSpec, iso: &Path, com1: Com1<'_>) -> Result<Command>
     Ok(command)
 }
 
+/// The most RAM Bochs 2.7 allocates up front (`memory: host=`, "out of range 1 to 2048").
+const BOCHS_HOST_MIB_MAX: u32 = 2048;
+
 /// The Bochs configuration: `memory_mib` of RAM, a Skylake-X CPU with VT-x/EPT, deterministic time, boot from
 /// the ISO, COM1 into a file or a socket server, no GUI, and fatal panics.
 pub fn bochsrc(
@@ -609,9 +612,12 @@ pub fn bochsrc(
         // Bochs accepts the client before the machine starts (so nothing is lost before it).
         Com1::Socket(port) => format!("mode=socket-server, dev=localhost:{port}"),
     };
+    // Bochs allocates at most 2 GiB up front (`host`); guest RAM beyond it is taken as the
+    // guest touches it.
+    let host_mib = memory_mib.min(BOCHS_HOST_MIB_MAX);
     Ok(format!(
         "# Written by cargo xtask (xtask/src/engine.rs) for one run.\n\
-         memory: guest={memory_mib}, host={memory_mib}\n\
+         memory: guest={memory_mib}, host={host_mib}\n\
          romimage: file={BOCHS_BIOS}, options=fastboot\n\
          vgaromimage: file={BOCHS_VGA_BIOS}\n\
          cpu: model={cpu}, count=1, ips={ips}, reset_on_triple_fault=0\n\

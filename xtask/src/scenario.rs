@@ -10,7 +10,7 @@
 //! timeout_s = 120         # hard limit of the emulator run
 //! bochs_ips = 400000000   # optional: Bochs's emulated instructions per emulated second
 //!                         # (default engine::BOCHS_IPS, 4000000; 1000000 to 2000000000)
-//! memory_mib = 128           # optional: the emulated machine's RAM (default 256, 64..=2048)
+//! memory_mib = 128           # optional: the emulated machine's RAM (default 256, 64..=8192)
 //! bochs_cpu = "corei7_haswell_4770"  # optional: another Bochs CPU model (default
 //!                         # engine::BOCHS_CPU_MODEL; one of engine::BOCHS_CPU_MODELS)
 //! cmdline = ""            # extra hypervisor words; the runner always adds exit=emulator
@@ -124,9 +124,9 @@ pub enum EngineKind {
     NoVmx,
 }
 
-/// What `memory_mib` may be: enough for the hypervisor's 16 MiB heap and a VM, and what Bochs
-/// takes on this machine.
-const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
+/// What `memory_mib` may be: enough for the hypervisor's 16 MiB heap and a VM, and room above
+/// 4 GiB (Bochs allocates up to 2 GiB at start and the rest on the guest's first touch).
+const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=8192;
 /// What `bochs_ips` may be: Bochs needs at least a million, and keeps the figure in 32 bits.
 const BOCHS_IPS_RANGE: std::ops::RangeInclusive<u64> = 1_000_000..=2_000_000_000;
 

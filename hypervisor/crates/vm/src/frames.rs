@@ -1,9 +1,10 @@
 //! Physical frame allocator: the usable RAM of the boot memory map minus what is in use (the
 //! kernel image, the boot information, the modules), handed out in 4 KiB frames.
 //!
-//! Free memory is a sorted list of disjoint ranges; freed frames go on a stack and are reused
-//! first. Frames above `limit` are ignored: the kernel only reaches memory through its identity
-//! map.
+//! Free memory is a sorted list of disjoint ranges, handed out from the top down, so that RAM
+//! above 4 GiB is used before the low memory that boot-time structures (the heap, the kernel,
+//! the modules) share; freed frames go on a stack and are reused first. Frames above `limit`
+//! are ignored: the kernel only reaches memory through its identity map.
 
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -63,11 +64,11 @@ impl FrameAllocator {
         let frame = match self.freed.pop() {
             Some(f) => f,
             None => {
-                let r = self.ranges.first_mut()?;
-                let f = r.start;
-                r.start += FRAME_SIZE;
+                let r = self.ranges.last_mut()?;
+                r.end -= FRAME_SIZE;
+                let f = r.end;
                 if r.start == r.end {
-                    self.ranges.remove(0);
+                    self.ranges.pop();
                 }
                 f
             }
@@ -181,6 +182,20 @@ mod tests {
             0x1_0000_0000,
         );
         assert_eq!(a.free_frames(), 3); // 0x2000..0x5000
+    }
+
+    #[test]
+    fn the_highest_frames_go_first() {
+        let mut a = FrameAllocator::new(
+            &[0x1000..0x3000, 0x1_0000_0000..0x1_0000_2000],
+            &[],
+            u64::MAX,
+        );
+        assert_eq!(a.alloc(), Some(0x1_0000_1000));
+        assert_eq!(a.alloc(), Some(0x1_0000_0000));
+        assert_eq!(a.alloc(), Some(0x2000));
+        assert_eq!(a.alloc(), Some(0x1000));
+        assert_eq!(a.alloc(), None);
     }
 
     #[test]
