@@ -5,15 +5,17 @@
 //! the proportions of idle Linux guests (`mix=linux`: 63% zero, 14% identical across VMs, 10%
 //! similar, 9% half-compressible, 4% random: what the memory engine made of the `cargo xtask
 //! corpus` heterogeneous set, see `tests/guests/src/pages.rs`), then sleeps between `--hz`
-//! timer ticks touching 4 pages on each. The busy VM waits `--busy-after-ms` (by default long
-//! enough for the others to boot and go idle), then computes, and reports its share of the
-//! machine over that work (`busy_cpu_permille`, from the VM-stats hypercall).
+//! timer ticks touching 4 pages on each.
 //!
-//! While it computes, the harness types `ping` to `--pings` VMs drawn at random (each after the
-//! previous answer); then `check` to every VM (each reads its memory back against its fill and
-//! answers `checking NAME` at once, then `check NAME ok`), then `quit`. Answer delays come from
-//! the hypervisor (`log=debug`: `input answered in N us`, from the line's hand-over to the VM
-//! to the VM's next line, in Bochs-exact host time), so they are guest-time figures.
+//! The harness pings every idle VM once it says it is ready (each after the previous answer:
+//! every VM boots and answers), then starts the busy VM (`start=line`), which computes and
+//! reports its share of the machine over that work (`busy_cpu_permille`, from the VM-stats
+//! hypercall). While it computes, the harness types `ping` to `--pings` VMs drawn at random;
+//! then `check` to every VM (each reads its memory back against its fill and answers
+//! `checking NAME` at once, then `check NAME ok`), then `quit`. Answer delays come from the
+//! hypervisor (`log=debug`: `input answered in N us`, from the line's hand-over to the VM to the
+//! VM's next line, in Bochs-exact host time), so they are guest-time figures; the chain is
+//! sequential, so the log's order tells the three phases apart.
 //!
 //! The baseline is the same manifest with multiplexing and idle detection off: every VM's
 //! memory is allocated at creation, so only as many VMs start as fit; they run for a fixed
@@ -36,14 +38,13 @@ use crate::scenario::ScenarioDir;
 use crate::workspace::Workspace;
 
 const USAGE: &str = "cargo xtask bench density [--vms N] [--vm-mib M] [--ram-mib R] [--hz H]
-       [--pings K] [--busy-work W] [--busy-after-ms T] [--ips I] [--runs both|multiplexed|baseline]
+       [--pings K] [--busy-work W] [--ips I] [--runs both|multiplexed|baseline]
   --vms N            idle VMs (default 100)
   --vm-mib M         memory of each idle VM (default 64)
   --ram-mib R        the emulated machine's RAM (default 2048, at most 8192)
   --hz H             the idle VMs' timer rate (default 100)
   --pings K          pings to VMs drawn at random while the busy VM computes (default N)
   --busy-work W      the busy VM's work, in busy_work iterations (default 60000000)
-  --busy-after-ms T  when the busy VM starts, in its own TSC time (default N x M x 12 ms)
   --ips I            Bochs instructions per emulated second (default 400000000)
   --runs R           which runs (default both)";
 
@@ -53,6 +54,9 @@ const STACK_KIB: u64 = 256;
 const BUSY_MIB: u64 = 2;
 /// How long a baseline VM runs before it stops itself, own time.
 const BASELINE_MS: u64 = 4_000;
+/// When the baseline's busy VM starts (its own TSC time): the baseline's VMs need no faults to
+/// fill their memory, which is allocated at creation.
+const BASELINE_BUSY_AFTER_MS: u64 = 2_000;
 
 struct Options {
     vms: u64,
@@ -61,7 +65,6 @@ struct Options {
     hz: u64,
     pings: u64,
     busy_work: u64,
-    busy_after_ms: u64,
     ips: u64,
     multiplexed: bool,
     baseline: bool,
@@ -80,7 +83,6 @@ impl Options {
                     "--hz",
                     "--pings",
                     "--busy-work",
-                    "--busy-after-ms",
                     "--ips",
                     "--runs",
                 ],
@@ -110,7 +112,6 @@ impl Options {
             hz: num("--hz", 100)?,
             pings: num("--pings", vms)?,
             busy_work: num("--busy-work", 60_000_000)?,
-            busy_after_ms: num("--busy-after-ms", vms * vm_mib * 12)?,
             ips: num("--ips", 400_000_000)?,
             multiplexed,
             baseline,
@@ -165,21 +166,27 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
             "    idle VMs started {} of {}, answered every ping and check: {}, data intact: {} of {} checked",
             r.ready, o.vms, r.all_answered, r.checks_ok, r.checks
         );
-        if !r.delays.is_empty() {
-            println!(
-                "    answer delay (ping and check), us: n={} p50 {} p99 {} max {}",
-                r.delays.len(),
-                percentile(&r.delays, 50),
-                percentile(&r.delays, 99),
-                r.delays.iter().max().copied().unwrap_or(0)
-            );
+        for (what, delays) in [
+            ("first ping, as each VM is ready", &r.phases[0]),
+            ("pings while the busy VM computes", &r.phases[1]),
+            ("check, acknowledged", &r.phases[2]),
+        ] {
+            if !delays.is_empty() {
+                println!(
+                    "    answer delay, {what}, us: n={} p50 {} p99 {} max {}",
+                    delays.len(),
+                    percentile(delays, 50),
+                    percentile(delays, 99),
+                    delays.iter().max().copied().unwrap_or(0)
+                );
+            }
         }
         match r.busy_permille {
             Some(p) => println!("    busy VM's share over its work: {:.1}%", p as f64 / 10.0),
             None => println!("    busy VM's share: not reported (it did not finish)"),
         }
         if !r.busy_after_ready {
-            println!("    note: the busy VM started before every idle VM was ready (raise --busy-after-ms)");
+            println!("    note: the busy VM started before every idle VM was ready");
         }
         if let Some(m) = &r.mem {
             let per_vm = |x: f64| x / r.ready.max(1) as f64;
@@ -213,7 +220,8 @@ struct RunResult {
     all_answered: bool,
     checks: u64,
     checks_ok: u64,
-    delays: Vec<u64>,
+    /// Answer delays, us: the first pings, the pings under load, the checks.
+    phases: [Vec<u64>; 3],
     busy_permille: Option<u64>,
     busy_after_ready: bool,
     mem: Option<BTreeMap<String, u64>>,
@@ -232,11 +240,11 @@ fn manifest_text(o: &Options, multiplexed: bool) -> String {
          # At Bochs speed a tick with its exits takes tens of microseconds: keep the dormant\n\
          # quantum well above that.\nquantum_shrink = 2\n\n\
          [[vm]]\nname = \"busy\"\nmemory_mib = {BUSY_MIB}\nimage = \"busy\"\n\
-         cmdline = \"after_ms={} work={}\"\n",
+         cmdline = \"{} work={}\"\n",
         if multiplexed {
-            o.busy_after_ms
+            "start=line".to_owned()
         } else {
-            BASELINE_MS / 2
+            format!("after_ms={BASELINE_BUSY_AFTER_MS}")
         },
         o.busy_work
     );
@@ -284,7 +292,16 @@ fn scenario_text(o: &Options, multiplexed: bool) -> String {
             "\n[[input]]\nafter = {after:?}\ntext = {text:?}\n"
         ))
     };
-    let mut after = "busy | busy: work=".to_owned();
+    // Every VM once, as it becomes ready (typed earlier, its line would meet a UART the guest
+    // has not set up yet); then the busy VM starts.
+    // Inputs are typed in order, each once its line has been seen (at any time before): ping v
+    // goes out when VM v is ready and ping v-1 was typed, so several may be in flight.
+    for v in 1..=o.vms {
+        input(format!("idle-{v} | ready"), format!("idle-{v}: ping"));
+    }
+    let mut after = format!("idle-{} | pong idle-{}", o.vms, o.vms);
+    input(after, "busy: go".to_owned());
+    after = "busy | busy: work=".to_owned();
     for v in draws(o.vms, o.pings) {
         input(after, format!("idle-{v}: ping"));
         after = format!("idle-{v} | pong idle-{v}");
@@ -355,14 +372,26 @@ fn analyze(o: &Options, log: &str, wall_s: f64) -> RunResult {
         .iter()
         .filter(|l| l.contains(" | check idle-") && l.ends_with(" ok"))
         .count() as u64;
-    let delays: Vec<u64> = lines
-        .iter()
-        .filter_map(|l| {
-            l.split_once("input answered in ")
-                .and_then(|(_, rest)| rest.strip_suffix(" us"))
-                .and_then(|n| n.parse().ok())
-        })
-        .collect();
+    // The phases by position: before the busy VM starts; until the last pong; the checks.
+    let last_pong = lines.iter().rposition(|l| l.contains(" | pong idle-"));
+    let mut phases: [Vec<u64>; 3] = Default::default();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(us) = l
+            .split_once("input answered in ")
+            .and_then(|(_, rest)| rest.strip_suffix(" us"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        let phase = if busy_start.is_none_or(|b| i < b) {
+            0
+        } else if last_pong.is_some_and(|p| i < p) {
+            1
+        } else {
+            2
+        };
+        phases[phase].push(us);
+    }
     let key = |line: &str, key: &str| -> Option<u64> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
@@ -402,7 +431,7 @@ fn analyze(o: &Options, log: &str, wall_s: f64) -> RunResult {
         all_answered,
         checks,
         checks_ok,
-        delays,
+        phases,
         busy_permille,
         busy_after_ready: matches!((busy_start, last_ready), (Some(b), Some(r)) if b > r),
         mem,
@@ -459,8 +488,11 @@ mod tests {
             let vms = crate::scenario::manifest_vm_names(&manifest_text(&o, multiplexed)).unwrap();
             let s = crate::scenario::parse(&scenario_text(&o, multiplexed), &vms).unwrap();
             assert_eq!(s.memory_mib, 128);
-            // Pings, checks and quits: each VM is checked and told to quit once.
-            assert_eq!(s.inputs.len(), if multiplexed { 5 + 5 + 5 } else { 0 });
+            // A ping each as it is ready, the busy VM's start, random pings, checks and quits.
+            assert_eq!(
+                s.inputs.len(),
+                if multiplexed { 5 + 1 + 5 + 5 + 5 } else { 0 }
+            );
         }
     }
 
@@ -472,6 +504,8 @@ mod tests {
             "[INFO] hv: guest memory: 18 MiB declared by 3 VMs against 109 MiB free for VMs\n\
              idle-1 | idler: 1472 pages filled (seed 2), ticking at 100 Hz, working set 4 pages; ready\n\
              idle-2 | idler: 1472 pages filled (seed 3), ticking at 100 Hz, working set 4 pages; ready\n\
+             [DEBUG] vm idle-1: input answered in 3000 us\nidle-1 | pong idle-1\n\
+             [DEBUG] vm idle-2: input answered in 2000 us\nidle-2 | pong idle-2\n\
              busy | busy: work=5\n",
         );
         for v in &pinged {
@@ -488,8 +522,11 @@ mod tests {
         let r = analyze(&o, &log, 1.0);
         assert_eq!((r.ready, r.checks, r.checks_ok), (2, 2, 1));
         assert!(r.all_answered && r.busy_after_ready);
-        assert_eq!(r.delays.len(), pinged.len() + 1);
-        assert_eq!(percentile(&r.delays, 99), 7000);
+        assert_eq!(r.phases[0], [3000, 2000]);
+        assert_eq!(r.phases[1], vec![100; pinged.len()]);
+        assert_eq!(r.phases[2], [7000]);
+        assert_eq!(percentile(&r.phases[0], 50), 2000);
+        assert_eq!(percentile(&r.phases[0], 99), 3000);
         assert_eq!(r.busy_permille, Some(912));
         assert_eq!(r.scan_permille, Some(48));
         let mem = r.mem.unwrap();

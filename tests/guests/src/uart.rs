@@ -51,6 +51,11 @@ pub fn enable_rx_interrupts() {
     let _ = (inb(LSR), inb(RBR), inb(IIR), inb(MSR));
 }
 
+/// A received byte, if one is waiting (polled: no interrupt needed).
+pub fn poll_byte() -> Option<u8> {
+    (inb(LSR) & LSR_DR != 0).then(|| inb(RBR))
+}
+
 /// Turns the UART's interrupts off (IER 0, OUT2 clear).
 pub fn disable_interrupts() {
     outb(IER, 0);

@@ -10,9 +10,9 @@
 //! other, while a scheduler that ran them one after the other would spread their ends over the
 //! whole run.
 //!
-//! With `after_ms=T` it first gives the CPU away (yields) until T ms of its TSC have passed, so
-//! that its work falls in a phase the scenario chooses (after other VMs have booted and gone
-//! idle). It reports `busy_cpu_permille`: its CPU time over the work (VM-stats hypercall)
+//! With `after_ms=T` it first gives the CPU away (yields) until T ms of its TSC have passed;
+//! with `start=line`, until a line typed on its COM1 ends (polled between yields). Either way
+//! its work falls in a phase the scenario chooses (after other VMs have booted and gone idle). It reports `busy_cpu_permille`: its CPU time over the work (VM-stats hypercall)
 //! against the TSC time the work took, the share of the machine it got meanwhile.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
@@ -20,7 +20,7 @@ use guest_abi::guest;
 use test_guests::cpu::rdtsc;
 use test_guests::rt::{self, Boot};
 use test_guests::work::{busy_work, DEFAULT_WORK};
-use test_guests::{println, tsc};
+use test_guests::{println, tsc, uart};
 
 test_guests::entry!(guest_main);
 
@@ -37,6 +37,12 @@ fn guest_main(boot: &Boot) -> u64 {
     if let (Some(clock), true) = (clock, after_ms > 0) {
         let until = rdtsc() + clock.ms_to_ticks(after_ms);
         while rdtsc() < until {
+            guest::yield_now();
+        }
+    }
+    if boot.cmdline.get("start") == Some("line") {
+        println!("busy: waiting for a line on COM1");
+        while !matches!(uart::poll_byte(), Some(b'\r' | b'\n')) {
             guest::yield_now();
         }
     }
