@@ -65,12 +65,16 @@ impl Ring {
         true
     }
 
-    /// Sends everything buffered, giving up after a bounded number of polls that find the
-    /// transmitter busy (a UART that never drains must not hang a shutdown or a panic report).
+    /// Sends everything buffered, giving up after a bounded number of polls in a row that find
+    /// the transmitter busy (a UART that never drains must not hang a shutdown or a panic
+    /// report). The bound is per FIFO, not for the whole ring: a slow line with a full ring
+    /// (tens of KiB at 115200 baud, seconds) takes many more polls in all than any one FIFO.
     fn flush(&mut self) {
         let mut busy: u64 = 0;
         while self.len > 0 && busy < 100_000_000 {
-            if !self.pump_once() {
+            if self.pump_once() {
+                busy = 0;
+            } else {
                 busy += 1;
             }
         }

@@ -262,17 +262,22 @@ fn manifest_text(o: &Options, multiplexed: bool) -> String {
     m
 }
 
-/// xorshift64*, seeded: the same VMs are pinged in every run.
+/// xorshift64*, seeded: the same VMs are pinged in every run. Never the same VM twice in a row:
+/// its second ping would be typed before its first answer (the chain waits for that answer's
+/// line, already seen), and one answer would stand for two pings.
 fn draws(n: u64, count: u64) -> Vec<u64> {
     let mut s: u64 = 0x5eed_0de9_5171_u64;
-    (0..count)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            s.wrapping_mul(0x2545_f491_4f6c_dd1d) % n + 1
-        })
-        .collect()
+    let mut out: Vec<u64> = Vec::new();
+    while (out.len() as u64) < count {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        let v = s.wrapping_mul(0x2545_f491_4f6c_dd1d) % n + 1;
+        if n == 1 || out.last() != Some(&v) {
+            out.push(v);
+        }
+    }
+    out
 }
 
 fn scenario_text(o: &Options, multiplexed: bool) -> String {
