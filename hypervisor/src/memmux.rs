@@ -213,10 +213,16 @@ impl MemMux {
         heap_free: usize,
     ) -> Option<Self> {
         let pages: u64 = vms.iter().map(|v| v.guest_phys().memory.pages()).sum();
-        if !Self::admits(pages, heap_free) {
+        // The mirrors are allocated already (the kernel asked `admits` before creating the
+        // VMs): only the engine's own per-page state is still to come.
+        let per_page = pages.saturating_mul(hv_mem::PAGE_META_BYTES as u64);
+        if per_page > heap_free as u64 / 2 {
+            log::error!(target: "mem",
+                "memory multiplexing off: {pages} guest pages need {} KiB of engine state, \
+                 more than half of the {} KiB free on the hypervisor heap",
+                per_page >> 10, heap_free >> 10);
             return None;
         }
-        let per_page = pages.saturating_mul(hv_mem::PAGE_META_BYTES as u64);
         // What grows gets what the per-page state leaves, less a reserve for everything else
         // on the heap: filling the heap to its last byte would make the next ordinary
         // allocation stop the hypervisor.
