@@ -2324,23 +2324,15 @@ impl Engine {
             .flatten()
             .map(|v| v.pages.capacity() * core::mem::size_of::<PageMeta>())
             .sum();
-        let indexes: usize = self
-            .domains
-            .iter()
-            .map(|d| d.shared.heap_bytes() + d.unstable.heap_bytes() + d.similar.heap_bytes())
-            .sum();
         // Everything the engine holds on the heap besides the blob store: per-page state, the
-        // indexes, the object table and its free list, the VM and domain tables, the scratch
-        // buffers.
+        // growing tables (indexes, the object table and its free lists), the VM and domain
+        // tables, the scratch buffers.
         s.bytes_metadata = (pages
-            + indexes
-            + self.objects.capacity() * core::mem::size_of::<Object>()
-            + self.free_objects.capacity() * 4
+            + self.table_bytes()
             + self.vms.capacity() * core::mem::size_of::<Option<VmSlot>>()
             + self.slot_bases.capacity() * 8
             + self.vm_slots.capacity() * core::mem::size_of::<(VmId, usize)>()
             + self.domains.capacity() * core::mem::size_of::<DomainIndex>()
-            + self.orphans.capacity() * 4
             + 4 * PAGE_SIZE
             + MAX_COMPRESSED) as u64;
         s
