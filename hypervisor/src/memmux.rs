@@ -366,10 +366,13 @@ impl MemMux {
         &mut self,
         vms: &mut [impl HasGuestPhys],
         frames: &mut FrameAllocator,
+        ran: Option<usize>,
         pressure: bool,
     ) {
-        // Called before every quantum, so at most one VM ran since the last call.
-        self.account(vms);
+        // Called before every quantum, so at most one VM (`ran`) ran since the last call.
+        if let Some(i) = ran {
+            self.account(vms, i);
+        }
         let start = rdtsc();
         if pressure {
             self.pressure_steps += 1;
@@ -522,15 +525,16 @@ impl MemMux {
         self.engine.rounds()
     }
 
-    /// Brings every VM's own time up to date: since the last call, the CPU time it was charged
+    /// Brings VM `i`'s own time up to date: since the last call, the CPU time it was charged
     /// less the engine's work on its faults, and at least a full quantum per time it was
     /// scheduled (a VM that yields or halts gave the rest of its quantum away; it was not
     /// kept waiting).
-    fn account(&mut self, vms: &[impl HasGuestPhys]) {
-        for (i, vm) in vms.iter().map(|v| v.vm()).enumerate() {
+    fn account(&mut self, vms: &[impl HasGuestPhys], i: usize) {
+        let vm = vms[i].vm();
+        {
             let (Some(own), Some(&fault_tsc)) = (self.own.get_mut(i), self.vm_fault_tsc.get(i))
             else {
-                continue;
+                return;
             };
             let s = &vm.acct.stats;
             let runs = s.runs.saturating_sub(own.runs);

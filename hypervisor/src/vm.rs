@@ -1083,18 +1083,21 @@ const IDLE_MAX_US_OUTPUT: u64 = 1_000;
 
 /// Reads what was typed on the host console and hands each `NAME: text` line to that VM's COM1
 /// (docs/platform.md, "Serial input").
-fn route_input(vms: &mut [Vm], router: &mut InputRouter) {
+fn route_input(vms: &mut [Vm], slots: &mut [Slot], router: &mut InputRouter) {
     crate::serial::read_input(|byte| {
         router.push(byte, |line| match line {
             InputLine::ForVm { name, text } => {
-                let Some(vm) = vms
+                let Some((j, vm)) = vms
                     .iter_mut()
-                    .find(|v| v.core.name == name && v.core.state.is_runnable())
+                    .enumerate()
+                    .find(|(_, v)| v.core.name == name && v.core.state.is_runnable())
                 else {
                     log::warn!(target: "hv", "input for \"{name}\", which is not a running VM, dropped");
                     return;
                 };
                 let now = rdtsc();
+                // Its interrupt may wake it: look at the next decision.
+                slots[j].wake_at = 0;
                 vm.core.input_arrived(now);
                 let platform = &mut vm.core.platform;
                 let taken = platform.push_input(text, now) + platform.push_input(b"\r", now);
@@ -1110,6 +1113,108 @@ fn route_input(vms: &mut [Vm], router: &mut InputRouter) {
     });
 }
 
+/// What the scheduler keeps of each VM between decisions, so that a decision reads one small
+/// array rather than every VM's state: with a hundred VMs asleep, looking at each of them at
+/// every decision would cost more than running the one that works (docs/benchmarks.md).
+///
+/// A VM's slot changes only when the VM runs, wakes, gets input, prints, or when memory
+/// pressure pauses or resumes VMs; each of those refreshes it.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// When (host TSC) to look whether the halted VM woke: its earliest platform timer, 0 to
+    /// look at the next decision (it just halted, or input arrived for it), `u64::MAX` when it
+    /// is not halted (or not runnable) or has no timer armed.
+    wake_at: u64,
+    /// [`Slot::MAY_RUN`], [`Slot::OUTPUT`], [`Slot::WAITS_FOR_MEMORY`].
+    flags: u8,
+}
+
+impl Slot {
+    /// `hv_vm::Vm::may_run`.
+    const MAY_RUN: u8 = 1;
+    /// Console lines wait to be sent.
+    const OUTPUT: u8 = 2;
+    /// Runnable, but paused until a host frame is free.
+    const WAITS_FOR_MEMORY: u8 = 4;
+
+    fn of(core: &hv_vm::Vm) -> Self {
+        let mut slot = Slot {
+            wake_at: u64::MAX,
+            flags: 0,
+        };
+        slot.refresh(core);
+        if core.state.is_runnable() && core.halted.is_some() {
+            slot.wake_at = 0;
+        }
+        slot
+    }
+
+    /// Takes the flags from the VM's state again (its wake time stays).
+    fn refresh(&mut self, core: &hv_vm::Vm) {
+        let runnable = core.state.is_runnable();
+        let flag = |on: bool, flag: u8| if on { flag } else { 0 };
+        self.flags = flag(core.may_run(), Self::MAY_RUN)
+            | flag(core.has_console_output(), Self::OUTPUT)
+            | flag(
+                runnable && core.waiting_for_memory.is_some(),
+                Self::WAITS_FOR_MEMORY,
+            );
+        if !runnable {
+            self.wake_at = u64::MAX;
+        }
+    }
+
+    fn has(self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Where the host CPU's time went while [`run_all`] ran, in TSC ticks, for the closing
+/// `hv: host time:` line: what the scheduler itself costs beside the guests.
+#[derive(Default)]
+struct HostTime {
+    /// In VMX non-root operation: from the VM entry to the VM exit, transitions included.
+    guest: u64,
+    /// Handling exits within a quantum: decoding, the policy, fault-ins, the checks and timer
+    /// setup before the next entry.
+    exits: u64,
+    /// From picking a VM to its first entry: saving and loading CPU state, the VMCS load, the
+    /// checks before the entry (the memory engine's scan step is counted apart).
+    switch: u64,
+    /// The memory engine's scan steps between quanta.
+    scan: u64,
+    /// Deciding: input routing, memory pressure, wake-ups, console lines, picking the next VM,
+    /// and the accounting after a quantum.
+    sched: u64,
+    /// Asleep, every VM waiting for an interrupt.
+    idle: u64,
+    /// Scheduling decisions that picked a VM.
+    decisions: u64,
+    /// VM entries.
+    entries: u64,
+    /// Halted VMs looked at because their timer was due or input arrived, and of those, the
+    /// ones that woke.
+    wake_checks: u64,
+    wakeups: u64,
+    /// Sleeps of dormant VMs whose timer was deferred to the slack grid.
+    deferred_wakes: u64,
+}
+
+impl HostTime {
+    fn log(&self, tsc_hz: u64) {
+        let us = |t: u64| sched::tsc_to_us(t, tsc_hz);
+        let per = |t: u64, n: u64| t.checked_div(n).unwrap_or(0);
+        log::info!(target: "hv",
+            "host time: guest_us={} exit_us={} switch_us={} scan_us={} sched_us={} idle_us={} \
+             decisions={} entries={} sched_tsc_per_decision={} switch_tsc_per_decision={} \
+             exit_tsc_per_entry={} wake_checks={} wakeups={} deferred_wakes={}",
+            us(self.guest), us(self.exits), us(self.switch), us(self.scan), us(self.sched),
+            us(self.idle), self.decisions, self.entries, per(self.sched, self.decisions),
+            per(self.switch, self.decisions), per(self.exits, self.entries), self.wake_checks,
+            self.wakeups, self.deferred_wakes);
+    }
+}
+
 /// Frames that must be free before a VM waiting for memory resumes: enough that it gets
 /// somewhere before it needs another (256 KiB).
 const RESUME_FRAMES: u64 = 64;
@@ -1122,6 +1227,7 @@ const RESUME_FRAMES: u64 = 64;
 /// its index is returned, for the caller to take it out of the engine and free its memory.
 fn memory_pressure(
     vms: &mut [Vm],
+    slots: &[Slot],
     frames: &FrameAllocator,
     mux: &MemMux,
     waiting_since_round: &mut Option<u64>,
@@ -1129,7 +1235,7 @@ fn memory_pressure(
     let free = frames.free_frames();
     let low = free < mux.low_watermark_frames;
     let waiting = |v: &Vm| v.core.state.is_runnable() && v.core.waiting_for_memory.is_some();
-    if !vms.iter().any(waiting) {
+    if !slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY)) {
         *waiting_since_round = None;
         return (low, None);
     }
@@ -1195,18 +1301,36 @@ pub fn run_all(
         vm.core.acct.ready(start);
         vm.core.start_idle_detection(idle_policy, start);
     }
+    if idle.detect && idle.dormant_timer_slack_us > 0 {
+        log::info!(target: "hv", "idle: a dormant VM whose timers are all one-shot gets their \
+            interrupts up to {} us late, together with the other dormant VMs", idle.dormant_timer_slack_us);
+    }
+    let mut slots: Vec<Slot> = vms.iter().map(|v| Slot::of(&v.core)).collect();
+    // The VM that ran since the memory engine last accounted for the VMs' time.
+    let mut ran: Option<usize> = None;
     let mut round: u64 = 0;
     let mut next_idle_tick = start;
     // While a VM waits for memory: the engine's round count when the wait began.
     let mut waiting_since_round: Option<u64> = None;
+    let mut time = HostTime::default();
+    // The end of the last interval charged to `time`.
+    let mut mark = start;
     loop {
-        route_input(vms, &mut input);
+        route_input(vms, &mut slots, &mut input);
         let mut pressure = false;
         if let Some(mux) = mux.as_deref_mut() {
             let stopped;
-            (pressure, stopped) = memory_pressure(vms, frames, mux, &mut waiting_since_round);
+            let waited = slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY));
+            (pressure, stopped) =
+                memory_pressure(vms, &slots, frames, mux, &mut waiting_since_round);
             if let Some(j) = stopped {
                 mux.remove_vm(vms, frames, j);
+            }
+            if waited {
+                // VMs may have resumed, or one was stopped.
+                for (slot, v) in slots.iter_mut().zip(vms.iter()) {
+                    slot.refresh(&v.core);
+                }
             }
             if pressure {
                 // The memory of VMs that stopped goes back to the pool when it is wanted (not
@@ -1223,23 +1347,43 @@ pub fn run_all(
         if idle_tick {
             next_idle_tick = now.saturating_add(idle_policy.interval_tsc / 8);
         }
-        for vm in vms.iter_mut() {
-            if vm.core.state.is_runnable() {
-                if idle_tick {
-                    vm.core.idle_tick(now);
-                }
-                if vm.core.halted.is_some() && vm.core.wake(now) {
-                    vm.core.acct.ready(now);
+        if idle_tick {
+            for vm in vms.iter_mut().filter(|v| v.core.state.is_runnable()) {
+                vm.core.idle_tick(now);
+            }
+        }
+        // Wake the sleepers whose timer is due (or that got input), send what the VMs printed,
+        // and find the earliest timer of those still asleep.
+        let mut ready_vms = 0u64;
+        let mut first_wake = u64::MAX;
+        for (j, slot) in slots.iter_mut().enumerate() {
+            if slot.wake_at <= now {
+                let core = &mut vms[j].core;
+                time.wake_checks += 1;
+                if core.wake(now) {
+                    time.wakeups += 1;
+                    core.acct.ready(now);
+                    slot.wake_at = u64::MAX;
+                    slot.refresh(core);
+                } else {
+                    slot.wake_at = core.sleep_until().unwrap_or(u64::MAX);
+                    time.deferred_wakes +=
+                        u64::from(core.wake_deadline().is_some_and(|d| d < slot.wake_at));
                 }
             }
-            vm.core.send_console(crate::serial::try_print_line);
+            if slot.has(Slot::OUTPUT) {
+                let core = &mut vms[j].core;
+                core.send_console(crate::serial::try_print_line);
+                slot.refresh(core);
+            }
+            first_wake = first_wake.min(slot.wake_at);
+            ready_vms += u64::from(slot.has(Slot::MAY_RUN));
         }
         crate::serial::pump();
-        let ready_vms = vms.iter().filter(|v| v.core.may_run()).count() as u64;
         let Some(i) = sched::next_to_run(
             vms.len(),
             current,
-            |v| vms[v].core.may_run(),
+            |v| slots[v].has(Slot::MAY_RUN),
             |v| vms[v].core.boosted,
             // Longer than a whole round of the VMs that want the CPU: round robin alone would
             // have run it by then, so only boosted sleepers can have kept it waiting.
@@ -1255,10 +1399,14 @@ pub fn run_all(
             if alive().next().is_none() {
                 break;
             }
-            if pressure && vms.iter().any(|v| v.core.waiting_for_memory.is_some()) {
+            if pressure && slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY)) {
                 // Every VM that could run waits for a frame: reclaim.
                 if let Some(mux) = mux.as_deref_mut() {
-                    mux.maybe_scan(vms, frames, true);
+                    let t = rdtsc();
+                    time.sched += t.wrapping_sub(mark);
+                    mux.maybe_scan(vms, frames, ran.take(), true);
+                    mark = rdtsc();
+                    time.scan += mark.wrapping_sub(t);
                 }
                 continue;
             }
@@ -1269,12 +1417,12 @@ pub fn run_all(
                 } else {
                     IDLE_MAX_US
                 };
-                let wake = alive()
-                    .filter_map(|v| v.core.wake_deadline())
-                    .min()
-                    .unwrap_or(u64::MAX)
-                    .min(now.saturating_add(sched::us_to_tsc(cap, host.tsc_hz)));
+                let wake = first_wake.min(now.saturating_add(sched::us_to_tsc(cap, host.tsc_hz)));
+                let t = rdtsc();
+                time.sched += t.wrapping_sub(mark);
                 crate::interrupts::idle_until(wake, host.tsc_hz);
+                mark = rdtsc();
+                time.idle += mark.wrapping_sub(t);
             } else {
                 // Every VM that could run waits for the serial line: let it drain.
                 core::hint::spin_loop();
@@ -1283,10 +1431,18 @@ pub fn run_all(
         };
         current = Some(i);
         round += 1;
+        time.decisions += 1;
+        let t = rdtsc();
+        time.sched += t.wrapping_sub(mark);
+        mark = t;
         crate::interrupts::selftest_round(round);
         if let Some(mux) = mux.as_deref_mut() {
-            mux.maybe_scan(vms, frames, pressure);
+            mux.maybe_scan(vms, frames, ran.take(), pressure);
+            let t = rdtsc();
+            time.scan += t.wrapping_sub(mark);
+            mark = t;
         }
+        let mut time_switching = true;
         if last_on_cpu != Some(i) {
             let (out, into) = match last_on_cpu {
                 Some(j) if j < i => {
@@ -1313,13 +1469,8 @@ pub fn run_all(
         // A halted VM's timer ends this quantum when it is due, so that the sleeper answers it
         // without waiting for the quantum's end (it runs next: boosted). Dormant VMs' ticks too:
         // deferring them would lose ticks of guests that count them (docs/platform.md).
-        let others_wake = vms
-            .iter()
-            .enumerate()
-            .filter(|&(j, v)| j != i && v.core.state.is_runnable())
-            .filter_map(|(_, v)| v.core.wake_deadline())
-            .min()
-            .unwrap_or(u64::MAX);
+        // (The VM picked is not asleep: its own wake time is u64::MAX.)
+        let others_wake = first_wake;
         // Past the deadline the guest is still entered twice at most: for its first entry of
         // the quantum, however short (the hypervisor's own work before it may take longer than
         // a small quantum), and once to retry an instruction after the memory engine faulted
@@ -1388,8 +1539,19 @@ pub fn run_all(
             }
             reenter = false;
             let vm = &mut vms[i];
+            let entered = rdtsc();
+            let prep = entered.wrapping_sub(mark);
+            if time_switching {
+                time.switch += prep;
+                time_switching = false;
+            } else {
+                time.exits += prep;
+            }
+            time.entries += 1;
             // SAFETY: the VM's VMCS is current with complete host state; regs is the VM's own.
             let failed = unsafe { vmx::run_guest(&mut vm.hw.regs, u64::from(vm.launched)) };
+            mark = rdtsc();
+            time.guest += mark.wrapping_sub(entered);
             if failed != 0 {
                 let err = vmread(f::VM_INSTRUCTION_ERROR);
                 vm.core
@@ -1475,10 +1637,12 @@ pub fn run_all(
                 }
             }
         }
+        let end = rdtsc();
+        time.exits += end.wrapping_sub(mark);
+        mark = end;
         let core = &mut vms[i].core;
         let ready =
             core.state.is_runnable() && core.halted.is_none() && core.waiting_for_memory.is_none();
-        let end = rdtsc();
         core.acct.schedule_out(end, deadline, host.tsc_hz, ready);
         let how = if !ready || yielded {
             RunEnd::GaveBack
@@ -1488,6 +1652,8 @@ pub fn run_all(
             RunEnd::CutShort
         };
         core.run_ended(core.acct.last_run_tsc, how, end);
+        slots[i] = Slot::of(core);
+        ran = Some(i);
         if !core.state.is_runnable() {
             core.acct.stop(end);
             if let Some(mux) = mux.as_deref_mut() {
@@ -1495,6 +1661,8 @@ pub fn run_all(
             }
         }
     }
+    time.sched += rdtsc().wrapping_sub(mark);
+    time.log(host.tsc_hz);
     for vm in vms.iter_mut() {
         vm.core
             .drain_console(|line| crate::serial::print(format_args!("{line}")));

@@ -1078,6 +1078,12 @@ impl Lapic {
         }
     }
 
+    /// The timer counts in periodic mode: it expires again by itself, so an expiry handled late
+    /// is a tick lost (coalesced) rather than a tick delayed.
+    pub fn timer_periodic(&self) -> bool {
+        matches!(self.timer, Timer::Counting { .. }) && self.timer_mode() == TIMER_PERIODIC
+    }
+
     /// Processes timer expiries up to `now`: each sets the LVT timer vector in the IRR if the
     /// entry is unmasked (lost if masked, as on hardware). Periodic expiries are computed from
     /// the origin (expiry n at origin + first + (n - 1) * period), so they do not drift; if
@@ -1919,11 +1925,14 @@ mod tests {
         );
         write(&mut a, 0x320, 0x30); // and back: nothing counts
         assert_eq!(a.next_deadline(), None);
+        assert!(!a.timer_periodic());
 
         // One-shot, a quarter through, to periodic: the count goes on, then reloads.
         write(&mut a, 0x380, 1000);
         let quarter = per(250);
+        assert!(!a.timer_periodic(), "one-shot");
         write_at(&mut a, 0x320, 0x2_0030, quarter);
+        assert!(a.timer_periodic());
         assert_eq!(read(&mut a, 0x380), 1000, "the initial count is kept");
         assert_eq!(read_at(&mut a, 0x390, quarter), 750);
         a.advance(per(1000));
@@ -1938,6 +1947,7 @@ mod tests {
         write_at(&mut a, 0x320, 0x2_0030, per(2500));
         assert_eq!(read_at(&mut a, 0x390, per(4000)), 0);
         assert_eq!(a.next_deadline(), None);
+        assert!(!a.timer_periodic(), "stopped at 0: nothing will expire");
         // Changing only the vector or mask changes nothing.
         write(&mut a, 0x380, 1000);
         write(&mut a, 0x320, 0x3_0031);

@@ -552,6 +552,13 @@ impl Pit {
             .map(|e| self.tb.ticks_for(e, PIT_HZ))
     }
 
+    /// Counter 0 runs in a periodic mode (2 or 3): IRQ 0 rises by itself once per period, so
+    /// a late edge is a tick lost (coalesced) rather than a tick delayed.
+    pub fn periodic(&self) -> bool {
+        let ch = &self.ch[0];
+        matches!(ch.mode, 2 | 3) && matches!(ch.ce, Ce::Running { .. })
+    }
+
     /// Raises the IRQ 0 edges due by `now`: one pulse however many periods passed, the others
     /// counted in [`Self::coalesced`]. A `now` earlier than a previous one changes nothing.
     pub fn advance(&mut self, now: Tsc, irq: &mut IrqLines) {

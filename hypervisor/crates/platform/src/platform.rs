@@ -491,6 +491,16 @@ impl Platform {
         .min()
     }
 
+    /// A timer that fires by itself, period after period, is armed: the LAPIC timer in periodic
+    /// mode, PIT counter 0 in mode 2 or 3, or any RTC interrupt (periodic, update or alarm).
+    /// When none is, every timer interrupt the guest gets is one it armed itself (one-shot or
+    /// TSC-deadline), and its handler arms the next from the time it handles this one or from
+    /// this one's deadline: an interrupt that comes late delays the guest's ticks but loses
+    /// none, which is what lets the scheduler wake a dormant VM a little late.
+    pub fn periodic_timer_armed(&self) -> bool {
+        self.lapic.timer_periodic() || self.pit.periodic() || self.rtc.next_deadline().is_some()
+    }
+
     /// Host input for the VM's COM1: returns how many bytes it took (the rest did not fit).
     pub fn push_input(&mut self, bytes: &[u8], now: Tsc) -> usize {
         let mut ctx = Ctx {

@@ -104,6 +104,8 @@ pub struct IdlePolicy {
     pub dormant_after: u64,
     pub busy_permille: u64,
     pub quantum_shrink: u64,
+    /// How late a dormant VM's self-armed timers may fire, TSC ticks (0: never late).
+    pub timer_slack_tsc: u64,
 }
 
 /// The smallest quantum shrinking gives (unless the VM's own quantum is smaller): enough for a
@@ -120,6 +122,7 @@ impl IdlePolicy {
             dormant_after: config.dormant_after.max(1),
             busy_permille: config.busy_cpu_percent * 10,
             quantum_shrink: config.quantum_shrink.max(1),
+            timer_slack_tsc: us_to_tsc(config.dormant_timer_slack_us, tsc_hz),
         }
     }
 }
@@ -298,6 +301,29 @@ impl IdleDetector {
         };
         (quantum_us / divisor).max(QUANTUM_FLOOR_US.min(quantum_us))
     }
+
+    /// When (host TSC) a halted VM whose earliest timer is due at `deadline` is woken for it.
+    /// A dormant VM (with `applies`, idle reclaim not opted out) whose timers the guest arms
+    /// itself (`periodic` false: see `Platform::periodic_timer_armed`) is woken at the next
+    /// multiple of the policy's slack instead: every dormant VM due within the same slack
+    /// window wakes at the same instant, so that a working VM is interrupted once for all of
+    /// them, and a VM whose ticks come faster than the slack handles several in one run (its
+    /// handler finds the next deadline already passed). A periodic timer is never deferred:
+    /// its expiries would merge into one interrupt, and the guest would lose ticks.
+    pub fn timer_wake(
+        &self,
+        deadline: u64,
+        policy: &IdlePolicy,
+        applies: bool,
+        periodic: bool,
+    ) -> u64 {
+        let slack = policy.timer_slack_tsc;
+        if !applies || !policy.detect || periodic || slack == 0 || self.state != IdleState::Dormant
+        {
+            return deadline;
+        }
+        deadline.div_ceil(slack).saturating_mul(slack).max(deadline)
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +343,7 @@ mod tests {
                 dormant_after: 5,
                 busy_cpu_percent: 10,
                 quantum_shrink: 4,
+                dormant_timer_slack_us: 50,
             },
             1_000_000,
         )
@@ -429,6 +456,43 @@ mod tests {
         let mut d = IdleDetector::new(0);
         assert_eq!(d.event(10), None);
         assert_eq!(d.changes, 0);
+    }
+
+    #[test]
+    fn only_dormant_vms_with_self_armed_timers_wake_late_on_a_shared_grid() {
+        let p = policy(); // slack 50 ticks
+        let mut d = IdleDetector::new(0);
+        // (state reached at, deadline, opted in, periodic timer) -> wake time
+        let cases: [(u64, u64, bool, bool, u64); 9] = [
+            (0, 1_234, true, false, 1_234),   // active: on time
+            (300, 1_234, true, false, 1_234), // idle: on time
+            (800, 1_234, true, false, 1_250), // dormant: the next multiple of 50
+            (800, 1_250, true, false, 1_250), // already on the grid
+            (800, 1_201, true, false, 1_250),
+            (800, 1_234, false, false, 1_234), // idle_reclaim = false
+            (800, 1_234, true, true, 1_234),   // a periodic timer is never deferred
+            (800, u64::MAX - 3, true, false, u64::MAX), // saturates, no overflow
+            (800, 0, true, false, 0),
+        ];
+        for (i, &(at, deadline, applies, periodic, want)) in cases.iter().enumerate() {
+            d.advance(at, &p);
+            assert_eq!(
+                d.timer_wake(deadline, &p, applies, periodic),
+                want,
+                "case {i} in state {:?}",
+                d.state()
+            );
+        }
+        // Two dormant VMs due at different times within one window wake together.
+        assert_eq!(
+            d.timer_wake(1_203, &p, true, false),
+            d.timer_wake(1_249, &p, true, false)
+        );
+        let off = IdlePolicy {
+            timer_slack_tsc: 0,
+            ..p
+        };
+        assert_eq!(d.timer_wake(1_234, &off, true, false), 1_234, "slack 0");
     }
 
     #[test]

@@ -224,6 +224,11 @@ impl Vm {
         }
     }
 
+    /// Whether console lines wait to be sent ([`Vm::send_console`]).
+    pub fn has_console_output(&self) -> bool {
+        !self.console_out.is_empty()
+    }
+
     /// Whether too much console output waits for the serial line to run the VM now.
     pub fn must_drain(&self) -> bool {
         self.console_out.must_drain()
@@ -275,6 +280,19 @@ impl Vm {
         self.halted?;
         let host = self.platform_deadline();
         (host != u64::MAX).then_some(host)
+    }
+
+    /// When (host TSC) the scheduler looks at a halted VM again for its timers: its earliest
+    /// timer ([`Self::wake_deadline`]), or for a dormant VM whose timers the guest arms itself,
+    /// that time rounded up to the idle policy's timer slack (`IdleDetector::timer_wake`).
+    pub fn sleep_until(&self) -> Option<u64> {
+        let deadline = self.wake_deadline()?;
+        Some(self.idle.timer_wake(
+            deadline,
+            &self.idle_policy,
+            self.config.idle_reclaim,
+            self.platform.periodic_timer_armed(),
+        ))
     }
 
     /// When (host TSC) the running VM must leave the guest for its platform's next timer:

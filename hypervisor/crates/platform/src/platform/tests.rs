@@ -395,3 +395,35 @@ fn bios_setup_leaves_the_pit_ticking_at_18_2_hz_on_vector_8_through_the_8259() {
     assert_eq!(p.pio_read(0x21, 1, 0), 0xfa);
     assert_eq!(p.pio_read(0xa1, 1, 0), 0xff);
 }
+
+#[test]
+fn only_self_repeating_timers_count_as_periodic() {
+    let mut p = platform();
+    assert!(!p.periodic_timer_armed(), "nothing armed at power-on");
+    // x2APIC TSC-deadline: one-shot, the guest arms each next deadline itself.
+    p.msr_write(MSR_APIC_BASE, 0xfee0_0d00, 0);
+    p.msr_write(0x832, (2 << 17) | 0x50, 0);
+    p.msr_write(MSR_TSC_DEADLINE, 1000, 0);
+    assert!(!p.periodic_timer_armed());
+    // LAPIC periodic mode with a count: periodic; masked-count zero stops it.
+    p.msr_write(0x832, (1 << 17) | 0x50, 0);
+    p.msr_write(0x838, 5000, 0);
+    assert!(p.periodic_timer_armed());
+    p.msr_write(0x838, 0, 0);
+    assert!(!p.periodic_timer_armed());
+    // PIT mode 0 (one-shot), then mode 2 (rate generator).
+    p.pio_write(0x43, 1, 0x30, 0);
+    p.pio_write(0x40, 1, 0x00, 0);
+    p.pio_write(0x40, 1, 0x10, 0);
+    assert!(!p.periodic_timer_armed(), "mode 0 fires once");
+    p.pio_write(0x43, 1, 0x34, 0);
+    p.pio_write(0x40, 1, 11932 & 0xff, 0);
+    p.pio_write(0x40, 1, 11932 >> 8, 0);
+    assert!(p.periodic_timer_armed(), "mode 2 repeats");
+    // Back to mode 0, then the RTC's periodic interrupt.
+    p.pio_write(0x43, 1, 0x30, 0);
+    assert!(!p.periodic_timer_armed());
+    p.pio_write(0x70, 1, 0x0b, 0);
+    p.pio_write(0x71, 1, 0x42, 0);
+    assert!(p.periodic_timer_armed(), "RTC PIE");
+}
