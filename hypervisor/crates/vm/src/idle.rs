@@ -70,6 +70,10 @@ pub enum Why {
     Cpu(u64),
     /// Input arrived for it.
     Event,
+    /// It did not give the CPU back once in the last interval: it computed, or waited for the
+    /// CPU, throughout (beside many VMs, a VM that works may run less than `busy_cpu_percent`
+    /// of an interval, yet it is not idle).
+    NeverGaveBack,
 }
 
 impl core::fmt::Display for Why {
@@ -81,6 +85,7 @@ impl core::fmt::Display for Why {
                 write!(f, "it used {}.{}% of the CPU", permille / 10, permille % 10)
             }
             Self::Event => f.write_str("input arrived for it"),
+            Self::NeverGaveBack => f.write_str("it did not give the CPU back in a whole interval"),
         }
     }
 }
@@ -141,6 +146,9 @@ struct Interval {
     cpu_tsc: u64,
     preempted_runs: u64,
     events: u64,
+    /// The VM was asleep at the interval's start, or gave the CPU back during it (halted or
+    /// yielded): only then can the interval be quiet.
+    gave_back: bool,
 }
 
 /// The detector of one VM.
@@ -182,6 +190,7 @@ impl IdleDetector {
     /// not idle: it is active at once, so that its quantum is whole again for its next run.
     pub fn run_ended(&mut self, ran: u64, end: RunEnd, now: u64) -> Option<Transition> {
         self.current.cpu_tsc = self.current.cpu_tsc.saturating_add(ran);
+        self.current.gave_back |= end == RunEnd::GaveBack;
         if end != RunEnd::QuantumOver {
             return None;
         }
@@ -209,7 +218,8 @@ impl IdleDetector {
     }
 
     /// Closes every interval that ended by `now`, and returns the state change this causes.
-    pub fn advance(&mut self, now: u64, policy: &IdlePolicy) -> Option<Transition> {
+    /// `asleep`: the VM is halted now (the next interval starts with it asleep).
+    pub fn advance(&mut self, now: u64, policy: &IdlePolicy, asleep: bool) -> Option<Transition> {
         if !policy.detect {
             return None;
         }
@@ -222,6 +232,7 @@ impl IdleDetector {
         let end = seen.start + policy.interval_tsc;
         self.current = Interval {
             start: seen.start + closed * policy.interval_tsc,
+            gave_back: asleep,
             ..Interval::default()
         };
         let cpu_permille = u128::from(seen.cpu_tsc) * 1000 / u128::from(policy.interval_tsc.max(1));
@@ -232,12 +243,19 @@ impl IdleDetector {
             Some(Why::Preempted)
         } else if cpu_permille > policy.busy_permille {
             Some(Why::Cpu(cpu_permille))
+        } else if !seen.gave_back {
+            Some(Why::NeverGaveBack)
         } else {
             None
         };
         if let Some(why) = busy {
             let t = self.enter(IdleState::Active, why, end);
-            self.quiet = closed - 1;
+            // A VM that never gave the CPU back did not sleep through the later ones either.
+            self.quiet = if why == Why::NeverGaveBack {
+                0
+            } else {
+                closed - 1
+            };
             return t.or_else(|| self.settle(now, policy));
         }
         self.quiet = if seen.events > 0 {
@@ -354,12 +372,17 @@ mod tests {
         /// A run of this many ticks, and how it ended.
         Run(u64, RunEnd),
         Event,
+        /// Intervals close while the VM is asleep.
         Advance,
+        /// Intervals close while the VM is ready to run (computing, or waiting for the CPU).
+        AdvanceReady,
     }
 
+    /// A VM started at 0 that halts at once (a VM that never halts is never quiet), then
+    /// `steps`.
     fn trace(steps: &[(u64, Step, IdleState)]) -> IdleDetector {
         let p = policy();
-        let mut d = IdleDetector::new(0);
+        let mut d = asleep_at_start();
         for (i, (t, step, want)) in steps.iter().enumerate() {
             match step {
                 Step::Run(ran, end) => {
@@ -369,12 +392,49 @@ mod tests {
                     d.event(*t);
                 }
                 Step::Advance => {
-                    d.advance(*t, &p);
+                    d.advance(*t, &p, true);
+                }
+                Step::AdvanceReady => {
+                    d.advance(*t, &p, false);
                 }
             }
             assert_eq!(d.state(), *want, "step {i} at t={t}");
         }
         d
+    }
+
+    fn asleep_at_start() -> IdleDetector {
+        let mut d = IdleDetector::new(0);
+        d.run_ended(0, GaveBack, 0);
+        d
+    }
+
+    #[test]
+    fn a_vm_that_never_gives_the_cpu_back_is_not_quiet_however_little_it_ran() {
+        use Step::*;
+        // Beside many VMs it gets 1% of each interval and is cut short, never halting: it
+        // works, or waits for the CPU. A fresh VM has not halted yet either.
+        let d = trace(&[
+            (300, Advance, Idle), // asleep: idle
+            (310, Run(1, CutShort), Idle),
+            (399, AdvanceReady, Idle),
+            (400, AdvanceReady, Idle), // the interval that began asleep is quiet
+            (410, Run(1, CutShort), Idle),
+            (500, AdvanceReady, Active), // a whole interval without giving the CPU back
+            (510, Run(1, CutShort), Active),
+            (600, AdvanceReady, Active),
+            (650, Run(1, GaveBack), Active), // halts: this interval can be quiet
+            (700, Advance, Active),
+            (900, Advance, Idle), // 3 quiet (600-700, 700-800, 800-900)
+        ]);
+        assert_eq!(d.changes, 3);
+        let p = policy();
+        let mut fresh = IdleDetector::new(0);
+        // Three intervals without halting: none is quiet. Asleep since 300: idle at 600.
+        assert_eq!(fresh.advance(300, &p, true), None);
+        assert_eq!(fresh.state(), Active);
+        assert_eq!(fresh.advance(599, &p, true), None);
+        assert_eq!(fresh.advance(600, &p, true).map(|t| t.to), Some(Idle));
     }
 
     #[test]
@@ -446,10 +506,10 @@ mod tests {
         assert_eq!(d.time_in(Active, 1300), 900 + 350);
         // Waiting for memory is neither busy nor quiet: held intervals are not judged.
         let p = policy();
-        let mut d = IdleDetector::new(0);
+        let mut d = asleep_at_start();
         for t in (0..1000).step_by(50) {
             d.hold(t);
-            assert_eq!(d.advance(t, &p), None);
+            assert_eq!(d.advance(t, &p, true), None);
         }
         assert_eq!(d.state(), Active);
         // An event while active changes nothing.
@@ -461,7 +521,7 @@ mod tests {
     #[test]
     fn only_dormant_vms_with_self_armed_timers_wake_late_on_a_shared_grid() {
         let p = policy(); // slack 50 ticks
-        let mut d = IdleDetector::new(0);
+        let mut d = asleep_at_start();
         // (state reached at, deadline, opted in, periodic timer) -> wake time
         let cases: [(u64, u64, bool, bool, u64); 9] = [
             (0, 1_234, true, false, 1_234),   // active: on time
@@ -475,7 +535,7 @@ mod tests {
             (800, 0, true, false, 0),
         ];
         for (i, &(at, deadline, applies, periodic, want)) in cases.iter().enumerate() {
-            d.advance(at, &p);
+            d.advance(at, &p, true);
             assert_eq!(
                 d.timer_wake(deadline, &p, applies, periodic),
                 want,
@@ -498,9 +558,9 @@ mod tests {
     #[test]
     fn shrunk_quanta_have_a_floor_and_an_opt_out() {
         let p = policy();
-        let mut d = IdleDetector::new(0);
+        let mut d = asleep_at_start();
         assert_eq!(d.quantum_us(10_000, &p, true), 10_000);
-        d.advance(300, &p);
+        d.advance(300, &p, true);
         assert_eq!(d.state(), Idle);
         assert_eq!(d.quantum_us(10_000, &p, true), 2_500);
         assert_eq!(d.quantum_us(1_000, &p, true), 500, "the floor");
@@ -510,12 +570,12 @@ mod tests {
             10_000,
             "idle_reclaim = false"
         );
-        d.advance(800, &p);
+        d.advance(800, &p, true);
         assert_eq!(d.state(), Dormant);
         assert_eq!(d.quantum_us(10_000, &p, true), 625);
         let off = IdlePolicy { detect: false, ..p };
         let mut d = IdleDetector::new(0);
-        assert_eq!(d.advance(1_000_000, &off), None);
+        assert_eq!(d.advance(1_000_000, &off, true), None);
         assert_eq!(d.state(), Active);
     }
 }

@@ -158,7 +158,10 @@ impl Vm {
             self.idle.hold(now);
             return;
         }
-        if let Some(t) = self.idle.advance(now, &self.idle_policy) {
+        if let Some(t) = self
+            .idle
+            .advance(now, &self.idle_policy, self.halted.is_some())
+        {
             self.log_idle(t);
         }
     }
