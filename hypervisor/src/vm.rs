@@ -27,6 +27,7 @@ use hv_vm::{
     msr::{self, Msr},
     multiboot,
     policy::CpuPolicy,
+    pressure::{Action, PressurePolicy, ROUNDS_BEFORE_STOP},
     regs::GuestRegisters,
     sched,
     vcpu::{rflags, Reg, Vcpu},
@@ -1215,56 +1216,48 @@ impl HostTime {
     }
 }
 
-/// Frames that must be free before a VM waiting for memory resumes: enough that it gets
-/// somewhere before it needs another (256 KiB).
-const RESUME_FRAMES: u64 = 64;
-
-/// Whether memory is under pressure: free frames below the low watermark, or a VM waiting for
-/// a frame. Resumes the waiting VMs once [`RESUME_FRAMES`] are free; when no VM can compute
-/// (each waits for memory or for an interrupt) and the scanner has made two whole rounds since
-/// the wait began with frames still short, nothing more can be reclaimed, and the waiting VM
-/// with the most memory is stopped so that the others can go on:
-/// its index is returned, for the caller to take it out of the engine and free its memory.
+/// Carries out the memory-pressure policy (`hv_vm::pressure`) for this decision: returns
+/// whether memory is short, and the index of a VM it stopped (nothing more could be reclaimed
+/// and no VM could compute), for the caller to take it out of the engine and free its memory.
 fn memory_pressure(
     vms: &mut [Vm],
     slots: &[Slot],
     frames: &FrameAllocator,
     mux: &MemMux,
-    waiting_since_round: &mut Option<u64>,
+    policy: &mut PressurePolicy,
 ) -> (bool, Option<usize>) {
     let free = frames.free_frames();
-    let low = free < mux.low_watermark_frames;
     let waiting = |v: &Vm| v.core.state.is_runnable() && v.core.waiting_for_memory.is_some();
-    if !slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY)) {
-        *waiting_since_round = None;
-        return (low, None);
-    }
-    if free >= RESUME_FRAMES {
-        for v in vms.iter_mut() {
-            v.core.memory_available(free);
+    let any_waiting = slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY));
+    let waiters = (0..vms.len()).filter(|&j| any_waiting && waiting(&vms[j]));
+    let frames_of = |j: usize| vms[j].phys.memory.present_frames().count() as u64;
+    let can_compute = || vms.iter().any(|v| v.core.may_run() || v.core.must_drain());
+    let decision = policy.decide(
+        free,
+        mux.low_watermark_frames,
+        waiters,
+        frames_of,
+        can_compute,
+        mux.rounds(),
+    );
+    match decision.action {
+        Action::None => (decision.pressure, None),
+        Action::ResumeAll => {
+            for v in vms.iter_mut() {
+                v.core.memory_available(free);
+            }
+            (decision.pressure, None)
         }
-        *waiting_since_round = None;
-        return (low, None);
+        Action::Stop(j) => {
+            let core = &mut vms[j].core;
+            let gpa = core.waiting_for_memory.take().unwrap_or(0);
+            core.fail(format_args!(
+                "out of memory: no host frame for its page at {gpa:#x}, and {ROUNDS_BEFORE_STOP} \
+                 scan rounds reclaimed none ({free} frames free)"
+            ));
+            (true, Some(j))
+        }
     }
-    // While another VM can compute, it may yet free memory (by stopping): wait for it.
-    let can_compute = |v: &Vm| v.core.may_run() || v.core.must_drain();
-    let since = *waiting_since_round.get_or_insert(mux.rounds());
-    if vms.iter().any(can_compute) || mux.rounds() < since + 2 {
-        return (true, None);
-    }
-    *waiting_since_round = None;
-    let victim = (0..vms.len())
-        .filter(|&j| waiting(&vms[j]))
-        .max_by_key(|&j| vms[j].phys.memory.present_frames().count());
-    if let Some(j) = victim {
-        let core = &mut vms[j].core;
-        let gpa = core.waiting_for_memory.take().unwrap_or(0);
-        core.fail(format_args!(
-            "out of memory: no host frame for its page at {gpa:#x}, and two scan rounds \
-             reclaimed none ({free} frames free)"
-        ));
-    }
-    (true, victim)
 }
 
 /// Runs all VMs round-robin until every one has stopped. With `mux`, the memory engine scans
@@ -1310,8 +1303,7 @@ pub fn run_all(
     let mut ran: Option<usize> = None;
     let mut round: u64 = 0;
     let mut next_idle_tick = start;
-    // While a VM waits for memory: the engine's round count when the wait began.
-    let mut waiting_since_round: Option<u64> = None;
+    let mut pressure_policy = PressurePolicy::default();
     let mut time = HostTime::default();
     // The end of the last interval charged to `time`.
     let mut mark = start;
@@ -1321,8 +1313,7 @@ pub fn run_all(
         if let Some(mux) = mux.as_deref_mut() {
             let stopped;
             let waited = slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY));
-            (pressure, stopped) =
-                memory_pressure(vms, &slots, frames, mux, &mut waiting_since_round);
+            (pressure, stopped) = memory_pressure(vms, &slots, frames, mux, &mut pressure_policy);
             if let Some(j) = stopped {
                 mux.remove_vm(vms, frames, j);
             }

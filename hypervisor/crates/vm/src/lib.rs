@@ -19,6 +19,8 @@
 //! - [`msr`]: the MSRs a guest may touch, the checks on their values, and where each is kept.
 //! - [`sched`]: round-robin scheduling with quanta, and per-VM statistics.
 //! - [`idle`]: the idle-VM detector (active, idle, dormant) and the quantum it calls for.
+//! - [`pressure`]: the memory-pressure policy: when VMs paused for want of a frame resume, and
+//!   which one is stopped when nothing more can be reclaimed.
 //! - [`regs`]: the guest's general-purpose registers as the kernel saves them.
 //! - [`vcpu`]: the vendor-neutral vCPU backend trait the exit policy works through.
 //! - [`vm`]: a VM's policy state (name, configuration, run state, console, devices).
@@ -49,6 +51,7 @@ pub mod msr;
 pub mod multiboot;
 pub mod paging;
 pub mod policy;
+pub mod pressure;
 pub mod regs;
 pub mod sched;
 pub mod vcpu;
