@@ -1189,6 +1189,10 @@ struct HostTime {
     sched: u64,
     /// Asleep, every VM waiting for an interrupt.
     idle: u64,
+    /// Of `sched`: the memory-pressure policy and giving stopped VMs' memory back.
+    pressure: u64,
+    /// Of `sched`: the idle detector's look, waking sleepers and sending console lines.
+    sleepers: u64,
     /// Scheduling decisions that picked a VM.
     decisions: u64,
     /// VM entries.
@@ -1202,19 +1206,25 @@ struct HostTime {
 }
 
 impl HostTime {
-    fn log(&self, tsc_hz: u64) {
+    /// Logs the totals so far at `level`, at host TSC `now` (a benchmark takes the difference
+    /// of two debug-level snapshots to see one phase of a run).
+    fn log(&self, level: log::Level, now: u64, tsc_hz: u64) {
         let us = |t: u64| sched::tsc_to_us(t, tsc_hz);
         let per = |t: u64, n: u64| t.checked_div(n).unwrap_or(0);
-        log::info!(target: "hv",
-            "host time: guest_us={} exit_us={} switch_us={} scan_us={} sched_us={} idle_us={} \
-             decisions={} entries={} sched_tsc_per_decision={} switch_tsc_per_decision={} \
-             exit_tsc_per_entry={} wake_checks={} wakeups={} deferred_wakes={}",
+        log::log!(target: "hv", level,
+            "host time: at_tsc={now} guest_us={} exit_us={} switch_us={} scan_us={} sched_us={} \
+             idle_us={} pressure_us={} sleepers_us={} decisions={} entries={} \
+             sched_tsc_per_decision={} switch_tsc_per_decision={} exit_tsc_per_entry={} \
+             wake_checks={} wakeups={} deferred_wakes={}",
             us(self.guest), us(self.exits), us(self.switch), us(self.scan), us(self.sched),
-            us(self.idle), self.decisions, self.entries, per(self.sched, self.decisions),
-            per(self.switch, self.decisions), per(self.exits, self.entries), self.wake_checks,
-            self.wakeups, self.deferred_wakes);
+            us(self.idle), us(self.pressure), us(self.sleepers), self.decisions, self.entries,
+            per(self.sched, self.decisions), per(self.switch, self.decisions),
+            per(self.exits, self.entries), self.wake_checks, self.wakeups, self.deferred_wakes);
     }
 }
+
+/// How often `run_all` logs its host-time totals at debug level.
+const HOST_TIME_SNAPSHOT_US: u64 = 1_000_000;
 
 /// Carries out the memory-pressure policy (`hv_vm::pressure`) for this decision: returns
 /// whether memory is short, and the index of a VM it stopped (nothing more could be reclaimed
@@ -1307,7 +1317,10 @@ pub fn run_all(
     let mut time = HostTime::default();
     // The end of the last interval charged to `time`.
     let mut mark = start;
+    let snapshot_tsc = sched::us_to_tsc(HOST_TIME_SNAPSHOT_US, host.tsc_hz);
+    let mut next_snapshot = start.saturating_add(snapshot_tsc);
     loop {
+        let top = rdtsc();
         route_input(vms, &mut slots, &mut input);
         let mut pressure = false;
         if let Some(mux) = mux.as_deref_mut() {
@@ -1332,11 +1345,16 @@ pub fn run_all(
             }
         }
         let now = rdtsc();
+        time.pressure += now.wrapping_sub(top);
         // The idle detector judges whole intervals: a look every eighth of one is enough, and
         // keeps its cost out of every scheduling decision.
         let idle_tick = now >= next_idle_tick;
         if idle_tick {
             next_idle_tick = now.saturating_add(idle_policy.interval_tsc / 8);
+            if now >= next_snapshot && log::log_enabled!(target: "hv", log::Level::Debug) {
+                next_snapshot = now.saturating_add(snapshot_tsc);
+                time.log(log::Level::Debug, now, host.tsc_hz);
+            }
         }
         if idle_tick {
             for vm in vms.iter_mut().filter(|v| v.core.state.is_runnable()) {
@@ -1370,6 +1388,7 @@ pub fn run_all(
             first_wake = first_wake.min(slot.wake_at);
             ready_vms += u64::from(slot.has(Slot::MAY_RUN));
         }
+        time.sleepers += rdtsc().wrapping_sub(now);
         crate::serial::pump();
         let Some(i) = sched::next_to_run(
             vms.len(),
@@ -1652,8 +1671,9 @@ pub fn run_all(
             }
         }
     }
-    time.sched += rdtsc().wrapping_sub(mark);
-    time.log(host.tsc_hz);
+    let end = rdtsc();
+    time.sched += end.wrapping_sub(mark);
+    time.log(log::Level::Info, end, host.tsc_hz);
     for vm in vms.iter_mut() {
         vm.core
             .drain_console(|line| crate::serial::print(format_args!("{line}")));

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use crate::build;
 use crate::cli::{parse_positive, Args, Spec};
+use crate::density_plot::{self, SweepPoint};
 use crate::deps;
 use crate::engine::BOCHS_CPU_MODEL;
 use crate::error::{Error, IoContext, Result};
@@ -39,7 +40,11 @@ use crate::workspace::Workspace;
 
 const USAGE: &str = "cargo xtask bench density [--vms N] [--vm-mib M] [--ram-mib R] [--hz H]
        [--pings K] [--busy-work W] [--ips I] [--runs both|multiplexed|baseline]
+       [--sweep N1,N2,...]
   --vms N            idle VMs (default 100)
+  --sweep N1,N2,...  one multiplexed run for each number of idle VMs instead, and a plot of
+                     memory per VM, ping p99 and the busy VM's share against N
+                     (target/bench/density-sweep.svg)
   --vm-mib M         memory of each idle VM (default 64)
   --ram-mib R        the emulated machine's RAM (default 2048, at most 8192)
   --hz H             the idle VMs' timer rate (default 100)
@@ -58,6 +63,7 @@ const BASELINE_MS: u64 = 4_000;
 /// fill their memory, which is allocated at creation.
 const BASELINE_BUSY_AFTER_MS: u64 = 2_000;
 
+#[derive(Clone)]
 struct Options {
     vms: u64,
     vm_mib: u64,
@@ -68,6 +74,9 @@ struct Options {
     ips: u64,
     multiplexed: bool,
     baseline: bool,
+    /// `--pings` as given: a sweep's runs default to one ping per VM each.
+    pings_flag: Option<u64>,
+    sweep: Vec<u64>,
 }
 
 impl Options {
@@ -85,6 +94,7 @@ impl Options {
                     "--busy-work",
                     "--ips",
                     "--runs",
+                    "--sweep",
                 ],
                 positional: false,
             },
@@ -105,6 +115,17 @@ impl Options {
                 )))
             }
         };
+        let pings_flag = args
+            .value("--pings")
+            .map(|v| parse_positive("--pings", v))
+            .transpose()?;
+        let sweep = match args.value("--sweep") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|n| parse_positive("--sweep", n.trim()))
+                .collect::<Result<Vec<u64>>>()?,
+        };
         let o = Options {
             vms,
             vm_mib,
@@ -115,6 +136,8 @@ impl Options {
             ips: num("--ips", 400_000_000)?,
             multiplexed,
             baseline,
+            pings_flag,
+            sweep,
         };
         if o.vm_mib <= RESERVED_MIB + 1 || o.ram_mib < 64 || o.ram_mib > 8192 || o.hz > 1000 {
             return Err(Error::Usage(format!(
@@ -141,12 +164,70 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         ));
     }
     build::build_all(ws)?;
+    if !o.sweep.is_empty() {
+        return sweep(ws, &o);
+    }
     let mut results = Vec::new();
     for (run, label) in [(o.multiplexed, "multiplexed"), (o.baseline, "baseline")] {
         if run {
             results.push((label, boot(ws, &o, label == "multiplexed")?));
         }
     }
+    print_header(&o);
+    for (label, r) in &results {
+        print_run(&o, label, r);
+    }
+    Ok(())
+}
+
+/// `--sweep`: one multiplexed run per number of idle VMs, then the plot.
+fn sweep(ws: &Workspace, o: &Options) -> Result<()> {
+    let mut points = Vec::new();
+    for &n in &o.sweep {
+        let run = Options {
+            vms: n,
+            pings: o.pings_flag.unwrap_or(n),
+            ..o.clone()
+        };
+        let r = boot(ws, &run, true)?;
+        print_header(&run);
+        print_run(&run, "multiplexed", &r);
+        let (Some(mem), Some(busy)) = (&r.mem, r.busy_permille) else {
+            println!("    (not plotted: the run gave no memory or busy figures)");
+            continue;
+        };
+        let frames = mem["pages"].saturating_sub(mem["saved_frames"]);
+        points.push(SweepPoint {
+            vms: n,
+            mib_per_vm: frames as f64 * 4096.0 / r.ready.max(1) as f64 / 1048576.0,
+            ping_p99_ms: percentile_or_zero(&r.phases[1], 99) as f64 / 1000.0,
+            busy_percent: busy as f64 / 10.0,
+        });
+    }
+    let dir = ws.target_dir().join("bench");
+    fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("density-sweep.svg");
+    let title = format!(
+        "bench density: {} MiB idle VMs on a {} MiB machine (Bochs, {} M instructions/s)",
+        o.vm_mib,
+        o.ram_mib,
+        o.ips / 1_000_000
+    );
+    fs::write(&path, density_plot::svg(&points, o.vm_mib, &title))
+        .context(|| format!("writing {}", path.display()))?;
+    println!();
+    println!("idle VMs\tMiB per idle VM\tping p99 ms\tbusy VM %");
+    for p in &points {
+        println!(
+            "{}\t{:.2}\t{:.1}\t{:.1}",
+            p.vms, p.mib_per_vm, p.ping_p99_ms, p.busy_percent
+        );
+    }
+    println!("plot: {}", path.display());
+    Ok(())
+}
+
+fn print_header(o: &Options) {
     println!();
     println!(
         "bench density: Bochs {BOCHS_CPU_MODEL} at {} M instructions per emulated second, {} MiB \
@@ -158,58 +239,93 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
         o.fill_pages(),
         o.hz
     );
-    for (label, r) in &results {
-        println!();
-        println!("  {label} ({:.0} s wall):", r.wall_s);
-        println!("    {}", r.free_line);
-        println!(
-            "    idle VMs started {} of {}, answered every ping and check: {}, data intact: {} of {} checked",
-            r.ready, o.vms, r.all_answered, r.checks_ok, r.checks
-        );
-        for (what, delays) in [
-            ("first ping, as each VM is ready", &r.phases[0]),
-            ("pings while the busy VM computes", &r.phases[1]),
-            ("check, acknowledged", &r.phases[2]),
-        ] {
-            if !delays.is_empty() {
-                println!(
-                    "    answer delay, {what}, us: n={} p50 {} p99 {} max {}",
-                    delays.len(),
-                    percentile(delays, 50),
-                    percentile(delays, 99),
-                    delays.iter().max().copied().unwrap_or(0)
-                );
-            }
-        }
-        match r.busy_permille {
-            Some(p) => println!("    busy VM's share over its work: {:.1}%", p as f64 / 10.0),
-            None => println!("    busy VM's share: not reported (it did not finish)"),
-        }
-        if !r.busy_after_ready {
-            println!("    note: the busy VM started before every idle VM was ready");
-        }
-        if let Some(m) = &r.mem {
-            let per_vm = |x: f64| x / r.ready.max(1) as f64;
-            let frames = m["pages"].saturating_sub(m["saved_frames"]);
+}
+
+fn print_run(o: &Options, label: &str, r: &RunResult) {
+    println!();
+    println!("  {label} ({:.0} s wall):", r.wall_s);
+    println!("    {}", r.free_line);
+    println!(
+        "    idle VMs started {} of {}, answered every ping and check: {}, data intact: {} of {} checked",
+        r.ready, o.vms, r.all_answered, r.checks_ok, r.checks
+    );
+    for (what, delays) in [
+        ("first ping, as each VM is ready", &r.phases[0]),
+        ("pings while the busy VM computes", &r.phases[1]),
+        ("check, acknowledged", &r.phases[2]),
+    ] {
+        if !delays.is_empty() {
             println!(
-                "    memory at the engine's peak: {} frames in use of {} pages ({:.2} MiB per idle VM), \
-                 engine heap {:.2} MiB ({:.1} KiB per idle VM: blob heap {} KiB, metadata {} KiB in all)",
-                frames,
-                m["pages"],
-                per_vm(frames as f64 * 4096.0) / 1048576.0,
-                (m["blob_heap_bytes"] + m["metadata_bytes"]) as f64 / 1048576.0,
-                per_vm((m["blob_heap_bytes"] + m["metadata_bytes"]) as f64) / 1024.0,
-                m["blob_heap_bytes"] / 1024,
-                m["metadata_bytes"] / 1024
+                "    answer delay, {what}, us: n={} p50 {} p99 {} max {}",
+                delays.len(),
+                percentile(delays, 50),
+                percentile(delays, 99),
+                delays.iter().max().copied().unwrap_or(0)
             );
-        } else {
-            println!("    memory: {} MiB per VM, allocated at creation", o.vm_mib);
-        }
-        if let Some(scan) = r.scan_permille {
-            println!("    scanner: {:.1}% of the machine", scan as f64 / 10.0);
         }
     }
-    Ok(())
+    match r.busy_permille {
+        Some(p) => println!("    busy VM's share over its work: {:.1}%", p as f64 / 10.0),
+        None => println!("    busy VM's share: not reported (it did not finish)"),
+    }
+    if !r.busy_after_ready {
+        println!("    note: the busy VM started before every idle VM was ready");
+    }
+    if let Some(m) = &r.mem {
+        let per_vm = |x: f64| x / r.ready.max(1) as f64;
+        let frames = m["pages"].saturating_sub(m["saved_frames"]);
+        println!(
+            "    memory at the engine's peak: {} frames in use of {} pages ({:.2} MiB per idle VM), \
+             engine heap {:.2} MiB ({:.1} KiB per idle VM: blob heap {} KiB, metadata {} KiB in all)",
+            frames,
+            m["pages"],
+            per_vm(frames as f64 * 4096.0) / 1048576.0,
+            (m["blob_heap_bytes"] + m["metadata_bytes"]) as f64 / 1048576.0,
+            per_vm((m["blob_heap_bytes"] + m["metadata_bytes"]) as f64) / 1024.0,
+            m["blob_heap_bytes"] / 1024,
+            m["metadata_bytes"] / 1024
+        );
+    } else {
+        println!("    memory: {} MiB per VM, allocated at creation", o.vm_mib);
+    }
+    if let Some(scan) = r.scan_permille {
+        println!("    scanner: {:.1}% of the machine", scan as f64 / 10.0);
+    }
+    if let Some(w) = &r.busy_window {
+        let total: u64 = [
+            "guest_us",
+            "exit_us",
+            "switch_us",
+            "scan_us",
+            "sched_us",
+            "idle_us",
+        ]
+        .iter()
+        .map(|k| w[*k])
+        .sum();
+        let pct = |k: &str| w[k] as f64 * 100.0 / total.max(1) as f64;
+        println!(
+            "    host time around the busy VM's work ({:.1} s, snapshots 1 s apart): in guests \
+             {:.1}%, handling exits {:.1}%, switching VMs {:.1}%, scanning {:.1}%, deciding \
+             {:.1}% (memory pressure {:.1}%, waking sleepers and console {:.1}%), asleep {:.1}%; \
+             {} decisions ({} TSC ticks each), {} wake-ups, {} deferred to the slack grid",
+            total as f64 / 1e6,
+            pct("guest_us"),
+            pct("exit_us"),
+            pct("switch_us"),
+            pct("scan_us"),
+            pct("sched_us"),
+            pct("pressure_us"),
+            pct("sleepers_us"),
+            pct("idle_us"),
+            w["decisions"],
+            (w["sched_us"] * (o.ips / 1_000_000))
+                .checked_div(w["decisions"])
+                .unwrap_or(0),
+            w["wakeups"],
+            w["deferred_wakes"]
+        );
+    }
 }
 
 /// What one boot showed.
@@ -226,7 +342,26 @@ struct RunResult {
     busy_after_ready: bool,
     mem: Option<BTreeMap<String, u64>>,
     scan_permille: Option<u64>,
+    /// The hypervisor's host-time totals over the busy VM's work: the difference of its
+    /// debug-level snapshots (one a second) around it.
+    busy_window: Option<BTreeMap<String, u64>>,
 }
+
+/// The fields of a `hv: host time:` line the benchmark reads.
+const HOST_TIME_KEYS: [&str; 12] = [
+    "at_tsc",
+    "guest_us",
+    "exit_us",
+    "switch_us",
+    "scan_us",
+    "sched_us",
+    "idle_us",
+    "pressure_us",
+    "sleepers_us",
+    "decisions",
+    "wakeups",
+    "deferred_wakes",
+];
 
 /// The idle VMs' names.
 fn names(o: &Options) -> Vec<String> {
@@ -421,6 +556,21 @@ fn analyze(o: &Options, log: &str, wall_s: f64) -> RunResult {
         .rev()
         .find(|l| l.starts_with("[INFO] mem: cpu:"))
         .and_then(|l| key(l, "scan_permille"));
+    // The last snapshot before the busy VM's work and the first after its report.
+    let snapshot = |i: usize| lines[i].starts_with("[DEBUG] hv: host time: at_tsc=");
+    let busy_end = position("[INFO] vm busy: report busy_cpu_permille=");
+    let busy_window = busy_start
+        .and_then(|b| (0..b).rev().find(|&i| snapshot(i)))
+        .zip(busy_end.and_then(|e| (e..lines.len()).find(|&i| snapshot(i))))
+        .map(|(from, to)| {
+            HOST_TIME_KEYS
+                .iter()
+                .map(|k| {
+                    let v = |i: usize| key(lines[i], k).unwrap_or(0);
+                    (k.to_string(), v(to).saturating_sub(v(from)))
+                })
+                .collect()
+        });
     let pinged = draws(o.vms, o.pings);
     let all_answered = pinged
         .iter()
@@ -441,6 +591,16 @@ fn analyze(o: &Options, log: &str, wall_s: f64) -> RunResult {
         busy_after_ready: matches!((busy_start, last_ready), (Some(b), Some(r)) if b > r),
         mem,
         scan_permille,
+        busy_window,
+    }
+}
+
+/// [`percentile`], 0 for no values.
+fn percentile_or_zero(values: &[u64], p: usize) -> u64 {
+    if values.is_empty() {
+        0
+    } else {
+        percentile(values, p)
     }
 }
 
@@ -511,6 +671,7 @@ mod tests {
              idle-2 | idler: 1472 pages filled (seed 3), ticking at 100 Hz, working set 4 pages; ready\n\
              [DEBUG] vm idle-1: input answered in 3000 us\nidle-1 | pong idle-1\n\
              [DEBUG] vm idle-2: input answered in 2000 us\nidle-2 | pong idle-2\n\
+             [DEBUG] hv: host time: at_tsc=1000 guest_us=10 exit_us=5 sched_us=1 decisions=3\n\
              busy | busy: work=5\n",
         );
         for v in &pinged {
@@ -522,7 +683,8 @@ mod tests {
             "[DEBUG] vm idle-1: input answered in 7000 us\nidle-1 | check idle-1 ok\n\
              idle-2 | check idle-2 CORRUPTED\n[INFO] vm busy: report busy_cpu_permille=912\n\
              [INFO] mem: peak at scan 3 of 4: pages=4608 saved_frames=4000 blob_heap_bytes=2048 metadata_bytes=1024\n\
-             [INFO] mem: cpu: scan_us=1 scan_permille=48 budget_percent=5\n",
+             [INFO] mem: cpu: scan_us=1 scan_permille=48 budget_percent=5\n\
+             [DEBUG] hv: host time: at_tsc=9000 guest_us=910 exit_us=25 sched_us=3 decisions=13\n",
         );
         let r = analyze(&o, &log, 1.0);
         assert_eq!((r.ready, r.checks, r.checks_ok), (2, 2, 1));
@@ -536,5 +698,8 @@ mod tests {
         assert_eq!(r.scan_permille, Some(48));
         let mem = r.mem.unwrap();
         assert_eq!((mem["pages"], mem["saved_frames"]), (4608, 4000));
+        let w = r.busy_window.unwrap();
+        assert_eq!((w["at_tsc"], w["guest_us"], w["exit_us"]), (8000, 900, 20));
+        assert_eq!((w["sched_us"], w["decisions"], w["idle_us"]), (2, 10, 0));
     }
 }

@@ -25,6 +25,7 @@ mod build;
 mod cli;
 mod corpus;
 mod density_bench;
+mod density_plot;
 mod deps;
 mod dilation_bench;
 mod elf;
