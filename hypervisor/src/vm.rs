@@ -29,6 +29,7 @@ use hv_vm::{
     policy::CpuPolicy,
     pressure::{Action, PressurePolicy, ROUNDS_BEFORE_STOP},
     regs::GuestRegisters,
+    runqueue::{Rank, RunQueue, Sleepers},
     sched,
     vcpu::{rflags, Reg, Vcpu},
 };
@@ -1084,7 +1085,7 @@ const IDLE_MAX_US_OUTPUT: u64 = 1_000;
 
 /// Reads what was typed on the host console and hands each `NAME: text` line to that VM's COM1
 /// (docs/platform.md, "Serial input").
-fn route_input(vms: &mut [Vm], slots: &mut [Slot], router: &mut InputRouter) {
+fn route_input(vms: &mut [Vm], queues: &mut Queues, router: &mut InputRouter) {
     crate::serial::read_input(|byte| {
         router.push(byte, |line| match line {
             InputLine::ForVm { name, text } => {
@@ -1097,8 +1098,6 @@ fn route_input(vms: &mut [Vm], slots: &mut [Slot], router: &mut InputRouter) {
                     return;
                 };
                 let now = rdtsc();
-                // Its interrupt may wake it: look at the next decision.
-                slots[j].wake_at = 0;
                 vm.core.input_arrived(now);
                 let platform = &mut vm.core.platform;
                 let taken = platform.push_input(text, now) + platform.push_input(b"\r", now);
@@ -1106,6 +1105,11 @@ fn route_input(vms: &mut [Vm], slots: &mut [Slot], router: &mut InputRouter) {
                     log::warn!(target: &vm.core.target, "input: {} of {} bytes did not fit in COM1's receive queue and were dropped",
                         text.len() + 1 - taken, text.len() + 1);
                 }
+                // Its interrupt may wake it: look at the next decision.
+                if vm.core.halted.is_some() {
+                    queues.sleepers.set(j, 0);
+                }
+                queues.place(j, &vm.core);
             }
             InputLine::Unaddressed => {
                 log::warn!(target: "hv", "input line without a VM name dropped (type `NAME: text`)");
@@ -1114,23 +1118,27 @@ fn route_input(vms: &mut [Vm], slots: &mut [Slot], router: &mut InputRouter) {
     });
 }
 
-/// What the scheduler keeps of each VM between decisions, so that a decision reads one small
-/// array rather than every VM's state: with a hundred VMs asleep, looking at each of them at
-/// every decision would cost more than running the one that works (docs/benchmarks.md).
+/// What the scheduler keeps between decisions, so that a decision looks only at the VMs that
+/// want something (those ready to run, those whose timer is due, those with console lines to
+/// send) rather than at every VM: with a hundred VMs asleep, looking at each at every decision
+/// would cost more than running the one that works (docs/benchmarks.md).
 ///
-/// A VM's slot changes only when the VM runs, wakes, gets input, prints, or when memory
-/// pressure pauses or resumes VMs; each of those refreshes it.
-#[derive(Clone, Copy)]
-struct Slot {
-    /// When (host TSC) to look whether the halted VM woke: its earliest platform timer, 0 to
-    /// look at the next decision (it just halted, or input arrived for it), `u64::MAX` when it
-    /// is not halted (or not runnable) or has no timer armed.
-    wake_at: u64,
-    /// [`Slot::MAY_RUN`], [`Slot::OUTPUT`], [`Slot::WAITS_FOR_MEMORY`].
-    flags: u8,
+/// A VM's entries change only when the VM runs, wakes, gets input or prints, and when memory
+/// pressure pauses or resumes VMs; [`Queues::place`] brings them up to date after each.
+struct Queues {
+    /// Per VM: [`Queues::MAY_RUN`], [`Queues::OUTPUT`], [`Queues::WAITS_FOR_MEMORY`].
+    flags: Vec<u8>,
+    ready: RunQueue,
+    /// Halted VMs, by when to look whether they woke: their earliest platform timer (after the
+    /// dormant timer slack), 0 to look at the next decision (just halted, or input arrived).
+    sleepers: Sleepers,
+    /// VMs with console lines queued.
+    printing: Vec<usize>,
+    /// VMs paused for want of a host frame.
+    memory_waiters: usize,
 }
 
-impl Slot {
+impl Queues {
     /// `hv_vm::Vm::may_run`.
     const MAY_RUN: u8 = 1;
     /// Console lines wait to be sent.
@@ -1138,35 +1146,50 @@ impl Slot {
     /// Runnable, but paused until a host frame is free.
     const WAITS_FOR_MEMORY: u8 = 4;
 
-    fn of(core: &hv_vm::Vm) -> Self {
-        let mut slot = Slot {
-            wake_at: u64::MAX,
-            flags: 0,
+    fn new(vms: &[Vm]) -> Self {
+        let n = vms.len();
+        let mut q = Queues {
+            flags: alloc::vec![0; n],
+            ready: RunQueue::new(n),
+            sleepers: Sleepers::new(n),
+            printing: Vec::new(),
+            memory_waiters: 0,
         };
-        slot.refresh(core);
-        if core.state.is_runnable() && core.halted.is_some() {
-            slot.wake_at = 0;
+        for (j, v) in vms.iter().enumerate() {
+            q.place(j, &v.core);
         }
-        slot
+        q
     }
 
-    /// Takes the flags from the VM's state again (its wake time stays).
-    fn refresh(&mut self, core: &hv_vm::Vm) {
+    /// Files VM `j` anew after its state changed: in the run queue if it may run, among the
+    /// sleepers (looked at the next decision) if it halted, among the printers if it has
+    /// console lines.
+    fn place(&mut self, j: usize, core: &hv_vm::Vm) {
+        let old = self.flags[j];
         let runnable = core.state.is_runnable();
         let flag = |on: bool, flag: u8| if on { flag } else { 0 };
-        self.flags = flag(core.may_run(), Self::MAY_RUN)
+        let new = flag(core.may_run(), Self::MAY_RUN)
             | flag(core.has_console_output(), Self::OUTPUT)
             | flag(
                 runnable && core.waiting_for_memory.is_some(),
                 Self::WAITS_FOR_MEMORY,
             );
-        if !runnable {
-            self.wake_at = u64::MAX;
+        self.flags[j] = new;
+        if new & Self::MAY_RUN != 0 {
+            self.ready.push(j);
         }
-    }
-
-    fn has(self, flag: u8) -> bool {
-        self.flags & flag != 0
+        if runnable && core.halted.is_some() {
+            if self.sleepers.at(j) == u64::MAX {
+                self.sleepers.set(j, 0);
+            }
+        } else {
+            self.sleepers.set(j, u64::MAX);
+        }
+        if new & Self::OUTPUT != 0 && old & Self::OUTPUT == 0 {
+            self.printing.push(j);
+        }
+        let waits = |f: u8| usize::from(f & Self::WAITS_FOR_MEMORY != 0);
+        self.memory_waiters = self.memory_waiters + waits(new) - waits(old);
     }
 }
 
@@ -1231,14 +1254,13 @@ const HOST_TIME_SNAPSHOT_US: u64 = 1_000_000;
 /// and no VM could compute), for the caller to take it out of the engine and free its memory.
 fn memory_pressure(
     vms: &mut [Vm],
-    slots: &[Slot],
+    any_waiting: bool,
     frames: &FrameAllocator,
     mux: &MemMux,
     policy: &mut PressurePolicy,
 ) -> (bool, Option<usize>) {
     let free = frames.free_frames();
     let waiting = |v: &Vm| v.core.state.is_runnable() && v.core.waiting_for_memory.is_some();
-    let any_waiting = slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY));
     let waiters = (0..vms.len()).filter(|&j| any_waiting && waiting(&vms[j]));
     let frames_of = |j: usize| vms[j].phys.memory.present_frames().count() as u64;
     let can_compute = || vms.iter().any(|v| v.core.may_run() || v.core.must_drain());
@@ -1296,7 +1318,6 @@ pub fn run_all(
         multiplexed: mux.is_some(),
     };
     let mut input = InputRouter::default();
-    let mut current: Option<usize> = None;
     let mut last_on_cpu: Option<usize> = None;
     let start = rdtsc();
     let idle_policy = hv_vm::idle::IdlePolicy::new(idle, host.tsc_hz);
@@ -1308,7 +1329,10 @@ pub fn run_all(
         log::info!(target: "hv", "idle: a dormant VM whose timers are all one-shot gets their \
             interrupts up to {} us late, together with the other dormant VMs", idle.dormant_timer_slack_us);
     }
-    let mut slots: Vec<Slot> = vms.iter().map(|v| Slot::of(&v.core)).collect();
+    let mut queues = Queues::new(vms);
+    // VMs that stopped and whose memory has not been given back yet.
+    let mut unreleased = false;
+    let mut due: Vec<usize> = Vec::new();
     // The VM that ran since the memory engine last accounted for the VMs' time.
     let mut ran: Option<usize> = None;
     let mut round: u64 = 0;
@@ -1321,22 +1345,23 @@ pub fn run_all(
     let mut next_snapshot = start.saturating_add(snapshot_tsc);
     loop {
         let top = rdtsc();
-        route_input(vms, &mut slots, &mut input);
+        route_input(vms, &mut queues, &mut input);
         let mut pressure = false;
         if let Some(mux) = mux.as_deref_mut() {
+            let waited = queues.memory_waiters > 0;
             let stopped;
-            let waited = slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY));
-            (pressure, stopped) = memory_pressure(vms, &slots, frames, mux, &mut pressure_policy);
+            (pressure, stopped) = memory_pressure(vms, waited, frames, mux, &mut pressure_policy);
             if let Some(j) = stopped {
                 mux.remove_vm(vms, frames, j);
+                unreleased = true;
             }
             if waited {
-                // VMs may have resumed, or one was stopped.
-                for (slot, v) in slots.iter_mut().zip(vms.iter()) {
-                    slot.refresh(&v.core);
+                // VMs may have resumed, or one was stopped (a rare path: only while VMs wait).
+                for (j, v) in vms.iter().enumerate() {
+                    queues.place(j, &v.core);
                 }
             }
-            if pressure {
+            if pressure && core::mem::take(&mut unreleased) {
                 // The memory of VMs that stopped goes back to the pool when it is wanted (not
                 // at once: on a slow CPU giving back a large VM's frames takes a while).
                 for v in vms.iter_mut().filter(|v| !v.core.state.is_runnable()) {
@@ -1348,68 +1373,74 @@ pub fn run_all(
         time.pressure += now.wrapping_sub(top);
         // The idle detector judges whole intervals: a look every eighth of one is enough, and
         // keeps its cost out of every scheduling decision.
-        let idle_tick = now >= next_idle_tick;
-        if idle_tick {
+        if now >= next_idle_tick {
             next_idle_tick = now.saturating_add(idle_policy.interval_tsc / 8);
             if now >= next_snapshot && log::log_enabled!(target: "hv", log::Level::Debug) {
                 next_snapshot = now.saturating_add(snapshot_tsc);
                 time.log(log::Level::Debug, now, host.tsc_hz);
             }
-        }
-        if idle_tick {
             for vm in vms.iter_mut().filter(|v| v.core.state.is_runnable()) {
                 vm.core.idle_tick(now);
             }
         }
-        // Wake the sleepers whose timer is due (or that got input), send what the VMs printed,
-        // and find the earliest timer of those still asleep.
-        let mut ready_vms = 0u64;
-        let mut first_wake = u64::MAX;
-        for (j, slot) in slots.iter_mut().enumerate() {
-            if slot.wake_at <= now {
-                let core = &mut vms[j].core;
-                time.wake_checks += 1;
-                if core.wake(now) {
-                    time.wakeups += 1;
-                    core.acct.ready(now);
-                    slot.wake_at = u64::MAX;
-                    slot.refresh(core);
-                } else {
-                    slot.wake_at = core.sleep_until().unwrap_or(u64::MAX);
-                    time.deferred_wakes +=
-                        u64::from(core.wake_deadline().is_some_and(|d| d < slot.wake_at));
-                }
+        // Wake the sleepers whose timer is due (or that got input), and send what the VMs
+        // printed.
+        queues.sleepers.take_due(now, &mut due);
+        for j in due.drain(..) {
+            let core = &mut vms[j].core;
+            if !core.state.is_runnable() {
+                continue;
             }
-            if slot.has(Slot::OUTPUT) {
-                let core = &mut vms[j].core;
-                core.send_console(crate::serial::try_print_line);
-                slot.refresh(core);
+            time.wake_checks += 1;
+            if core.wake(now) {
+                time.wakeups += 1;
+                core.acct.ready(now);
+                queues.place(j, core);
+            } else {
+                let at = core.sleep_until().unwrap_or(u64::MAX);
+                time.deferred_wakes += u64::from(core.wake_deadline().is_some_and(|d| d < at));
+                queues.sleepers.set(j, at);
             }
-            first_wake = first_wake.min(slot.wake_at);
-            ready_vms += u64::from(slot.has(Slot::MAY_RUN));
         }
+        let mut k = 0;
+        while let Some(&j) = queues.printing.get(k) {
+            let core = &mut vms[j].core;
+            core.send_console(crate::serial::try_print_line);
+            if core.has_console_output() {
+                k += 1;
+            } else {
+                queues.printing.swap_remove(k);
+            }
+            // Sending may have let a VM blocked on its output run again.
+            queues.place(j, core);
+        }
+        let first_wake = queues.sleepers.first();
         time.sleepers += rdtsc().wrapping_sub(now);
         crate::serial::pump();
-        let Some(i) = sched::next_to_run(
-            vms.len(),
-            current,
-            |v| slots[v].has(Slot::MAY_RUN),
-            |v| vms[v].core.boosted,
-            // Longer than a whole round of the VMs that want the CPU: round robin alone would
-            // have run it by then, so only boosted sleepers can have kept it waiting.
+        let ready_vms = queues.ready.len() as u64;
+        let flags = &queues.flags;
+        let Some(i) = queues.ready.pop(
+            |v| flags[v] & Queues::MAY_RUN != 0,
             |v| {
-                let quantum = sched::us_to_tsc(vms[v].core.current_quantum_us(), host.tsc_hz);
-                vms[v]
-                    .core
+                let core = &vms[v].core;
+                // Longer than a whole round of the VMs that want the CPU: round robin alone
+                // would have run it by then, so only boosted sleepers can have kept it waiting.
+                let quantum = sched::us_to_tsc(core.current_quantum_us(), host.tsc_hz);
+                if core
                     .acct
                     .waited(now, quantum.saturating_mul(ready_vms.max(1)))
+                {
+                    Rank::Starving
+                } else {
+                    core.wake_rank()
+                }
             },
         ) else {
             let alive = || vms.iter().filter(|v| v.core.state.is_runnable());
             if alive().next().is_none() {
                 break;
             }
-            if pressure && slots.iter().any(|s| s.has(Slot::WAITS_FOR_MEMORY)) {
+            if pressure && queues.memory_waiters > 0 {
                 // Every VM that could run waits for a frame: reclaim.
                 if let Some(mux) = mux.as_deref_mut() {
                     let t = rdtsc();
@@ -1439,7 +1470,6 @@ pub fn run_all(
             }
             continue;
         };
-        current = Some(i);
         round += 1;
         time.decisions += 1;
         let t = rdtsc();
@@ -1475,7 +1505,7 @@ pub fn run_all(
         vms[i].core.acct.schedule_in(start);
         let slice = vms[i].core.acct.next_quantum(quantum);
         let mut deadline = start.saturating_add(slice);
-        vms[i].core.boosted = false;
+        vms[i].core.picked();
         // A halted VM's timer ends this quantum when it is due, so that the sleeper answers it
         // without waiting for the quantum's end (it runs next: boosted). Dormant VMs' ticks too:
         // deferring them would lose ticks of guests that count them (docs/platform.md).
@@ -1662,9 +1692,10 @@ pub fn run_all(
             RunEnd::CutShort
         };
         core.run_ended(core.acct.last_run_tsc, how, end);
-        slots[i] = Slot::of(core);
+        queues.place(i, core);
         ran = Some(i);
         if !core.state.is_runnable() {
+            unreleased = true;
             core.acct.stop(end);
             if let Some(mux) = mux.as_deref_mut() {
                 mux.remove_vm(vms, frames, i);

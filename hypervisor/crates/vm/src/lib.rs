@@ -18,6 +18,8 @@
 //!   instruction fetched at RIP, decoded (with `iced-x86`) and done against the device.
 //! - [`msr`]: the MSRs a guest may touch, the checks on their values, and where each is kept.
 //! - [`sched`]: round-robin scheduling with quanta, and per-VM statistics.
+//! - [`runqueue`]: the VMs ready to run and the sleeping VMs by wake time, so that a scheduling
+//!   decision does not look at every VM.
 //! - [`idle`]: the idle-VM detector (active, idle, dormant) and the quantum it calls for.
 //! - [`pressure`]: the memory-pressure policy: when VMs paused for want of a frame resume, and
 //!   which one is stopped when nothing more can be reclaimed.
@@ -53,6 +55,7 @@ pub mod paging;
 pub mod policy;
 pub mod pressure;
 pub mod regs;
+pub mod runqueue;
 pub mod sched;
 pub mod vcpu;
 pub mod vm;

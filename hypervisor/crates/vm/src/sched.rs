@@ -37,50 +37,6 @@ impl VmState {
     }
 }
 
-/// Picks the next of `n` VMs after `current` in round-robin order, `current` itself last, for
-/// which `runnable` holds.
-pub fn next_runnable(
-    n: usize,
-    current: Option<usize>,
-    runnable: impl Fn(usize) -> bool,
-) -> Option<usize> {
-    let start = current.map_or(0, |c| c + 1);
-    (0..n).map(|i| (start + i) % n).find(|&i| runnable(i))
-}
-
-/// Picks the next VM as [`next_runnable`] does, but a VM for which `boosted` holds (it just
-/// woke from HLT, see [`Accounting::deserves_boost`]) goes before the others, so that a sleeper
-/// answers its timer or its input without waiting for every other VM's quantum; and before
-/// those, a VM for which `starving` holds (the caller's test: it has waited for the CPU longer
-/// than round robin alone would have made it wait), so that a stream of boosted sleepers cannot
-/// keep a runnable VM off the CPU.
-///
-/// One pass over the VMs, asking `boosted` and `starving` only of runnable ones: with many
-/// VMs asleep this runs at every scheduling decision.
-pub fn next_to_run(
-    n: usize,
-    current: Option<usize>,
-    runnable: impl Fn(usize) -> bool,
-    boosted: impl Fn(usize) -> bool,
-    starving: impl Fn(usize) -> bool,
-) -> Option<usize> {
-    let start = current.map_or(0, |c| c + 1);
-    let (mut first_boosted, mut first) = (None, None);
-    for i in (0..n).map(|k| (start + k) % n) {
-        if !runnable(i) {
-            continue;
-        }
-        if starving(i) {
-            return Some(i);
-        }
-        if first_boosted.is_none() && boosted(i) {
-            first_boosted = Some(i);
-        }
-        first.get_or_insert(i);
-    }
-    first_boosted.or(first)
-}
-
 impl Accounting {
     /// Whether a VM that just woke from HLT may go before the VMs waiting for the CPU: only if
     /// its last run gave back at least half of its quantum. A VM that halts for a moment and then
@@ -212,46 +168,8 @@ impl Accounting {
 mod tests {
     use super::*;
 
-    /// The one-pass pick is the three-pass definition: the first starving VM in round-robin
-    /// order, else the first boosted one, else the first runnable one; for every combination
-    /// over five VMs.
     #[test]
-    fn the_one_pass_pick_matches_its_definition_exhaustively() {
-        let n = 5;
-        for bits in 0u32..1 << (3 * n) {
-            let (run, boost, starve) = (bits & 31, (bits >> 5) & 31, (bits >> 10) & 31);
-            let runnable = |i: usize| run >> i & 1 != 0;
-            let boosted = |i: usize| boost >> i & 1 != 0;
-            let starving = |i: usize| starve >> i & 1 != 0;
-            for current in core::iter::once(None).chain((0..n).map(Some)) {
-                let expected = next_runnable(n, current, |i| runnable(i) && starving(i))
-                    .or_else(|| next_runnable(n, current, |i| runnable(i) && boosted(i)))
-                    .or_else(|| next_runnable(n, current, runnable));
-                assert_eq!(
-                    next_to_run(n, current, runnable, boosted, starving),
-                    expected,
-                    "runnable {run:05b} boosted {boost:05b} starving {starve:05b} after {current:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn woken_sleepers_go_first_but_only_if_they_gave_their_quantum_back() {
-        // VMs 0-3 runnable, 2 boosted: after 0, 2 goes before 1.
-        let runnable = |i: usize| i < 4;
-        let none = |_| false;
-        assert_eq!(next_to_run(4, Some(0), runnable, |i| i == 2, none), Some(2));
-        assert_eq!(next_to_run(4, Some(0), runnable, none, none), Some(1));
-        assert_eq!(
-            next_to_run(4, Some(0), |i| i == 0, |i| i == 2, none),
-            Some(0)
-        );
-        // A VM that waited too long goes before the boosted one.
-        assert_eq!(
-            next_to_run(4, Some(0), runnable, |i| i == 2, |i| i == 3),
-            Some(3)
-        );
+    fn only_a_sleeper_that_gave_back_most_of_its_quantum_deserves_a_boost() {
         let mut a = Accounting::default();
         a.schedule_in(1000);
         a.schedule_out(1400, 2000, 1_000_000, false);
@@ -259,19 +177,6 @@ mod tests {
         a.schedule_in(3000);
         a.schedule_out(3600, 4000, 1_000_000, false);
         assert!(!a.deserves_boost(), "ran 60% of its quantum");
-    }
-
-    #[test]
-    fn round_robin_skips_stopped_vms() {
-        use VmState::*;
-        let next = |s: &[VmState], c| next_runnable(s.len(), c, |i| s[i].is_runnable());
-        let s = [Runnable, Exited(0), Runnable, Failed];
-        assert_eq!(next(&s, None), Some(0));
-        assert_eq!(next(&s, Some(0)), Some(2));
-        assert_eq!(next(&s, Some(2)), Some(0));
-        assert_eq!(next(&[Runnable], Some(0)), Some(0));
-        assert_eq!(next(&[Failed, Exited(1)], Some(1)), None);
-        assert_eq!(next(&[], None), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::console::ConsoleOutput;
 use crate::hypercall::Scratch;
 use crate::idle::{IdleDetector, IdlePolicy, IdleState};
 use crate::lines::LineBuffer;
+use crate::runqueue::Rank;
 use crate::sched::{self, Accounting, VmState};
 use hv_platform::Platform;
 
@@ -45,7 +46,7 @@ pub struct Vm {
     /// The vCPU executed HLT and waits for an interrupt: `Some(if)` with its RFLAGS.IF, which
     /// says whether an external interrupt wakes it (an NMI always does).
     pub halted: Option<bool>,
-    /// It woke from HLT and may run before the VMs waiting for the CPU (sched::next_to_run).
+    /// It woke from HLT and may run before the VMs waiting for the CPU ([`Self::wake_rank`]).
     pub boosted: bool,
     /// Whether it is active, idle or dormant, and the `[idle]` settings it is judged by.
     pub idle: IdleDetector,
@@ -272,9 +273,28 @@ impl Vm {
         if p.nmi_waiting() || (interruptible && p.interrupt_waiting()) {
             self.halted = None;
             // Input puts it first; its own timer only if it gave its last quantum back.
-            self.boosted = core::mem::take(&mut self.input_pending) || self.acct.deserves_boost();
+            self.boosted = self.input_pending || self.acct.deserves_boost();
         }
         self.halted.is_none()
+    }
+
+    /// How much it should go before the other ready VMs: input waits for it (it is what a user
+    /// waits for), or it woke from HLT for its timer having given back most of its last
+    /// quantum (`Accounting::deserves_boost`), or neither.
+    pub fn wake_rank(&self) -> Rank {
+        if self.input_pending {
+            Rank::Urgent
+        } else if self.boosted {
+            Rank::Boosted
+        } else {
+            Rank::Normal
+        }
+    }
+
+    /// It was picked to run: what made it go first is spent.
+    pub fn picked(&mut self) {
+        self.boosted = false;
+        self.input_pending = false;
     }
 
     /// When (host TSC) a halted VM's platform next needs time to pass (its earliest timer),
