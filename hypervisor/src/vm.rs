@@ -1325,9 +1325,10 @@ pub fn run_all(
         vm.core.acct.ready(start);
         vm.core.start_idle_detection(idle_policy, start);
     }
-    if idle.detect && idle.dormant_timer_slack_us > 0 {
+    if idle.detect && idle.timer_slack_us > 0 {
         log::info!(target: "hv", "idle: a dormant VM whose timers are all one-shot gets their \
-            interrupts up to {} us late, together with the other dormant VMs", idle.dormant_timer_slack_us);
+            interrupts up to {} us late (an idle one up to {} us), together with the others",
+            idle.timer_slack_us, idle.timer_slack_us / 4);
     }
     let mut queues = Queues::new(vms);
     // VMs that stopped and whose memory has not been given back yet.

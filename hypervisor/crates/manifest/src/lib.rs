@@ -32,7 +32,8 @@
 //! dormant_after = 50        # further quiet intervals that make it dormant, default 50
 //! busy_cpu_percent = 10     # an interval with more CPU than this is not quiet, default 10
 //! quantum_shrink = 4        # idle: quantum / 4; dormant: / 16; default 4
-//! dormant_timer_slack_us = 50000  # a dormant VM's one-shot timers may fire this late, default 50 ms
+//! timer_slack_us = 50000    # a dormant VM's one-shot timers may fire this late (an idle
+//!                           # VM's a quarter of it), default 50 ms
 //!
 //! [[vm]]
 //! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
@@ -144,8 +145,8 @@ pub const DEFAULT_BUSY_CPU_PERCENT: u64 = 10;
 pub const BUSY_CPU_PERCENT_RANGE: RangeInclusive<u64> = 1..=100;
 pub const DEFAULT_QUANTUM_SHRINK: u64 = 4;
 pub const QUANTUM_SHRINK_RANGE: RangeInclusive<u64> = 1..=64;
-pub const DEFAULT_DORMANT_TIMER_SLACK_US: u64 = 50_000;
-pub const DORMANT_TIMER_SLACK_US_RANGE: RangeInclusive<u64> = 0..=1_000_000;
+pub const DEFAULT_TIMER_SLACK_US: u64 = 50_000;
+pub const TIMER_SLACK_US_RANGE: RangeInclusive<u64> = 0..=1_000_000;
 /// Largest `sharing_domain`.
 pub const SHARING_DOMAIN_MAX: u64 = u32::MAX as u64;
 /// Largest `time_dilation` (the guest's clocks then run 1000 times slower than the host's).
@@ -212,9 +213,10 @@ pub struct IdleConfig {
     /// within [`QUANTUM_SHRINK_RANGE`].
     pub quantum_shrink: u64,
     /// How late a dormant VM's timer interrupts may come when the guest arms each timer itself
-    /// (no periodic timer), so that dormant VMs wake together; 0 for never late. Within
-    /// [`DORMANT_TIMER_SLACK_US_RANGE`].
-    pub dormant_timer_slack_us: u64,
+    /// (no periodic timer), so that dormant VMs wake together; an idle VM's a quarter of it;
+    /// 0 for never late. Within
+    /// [`TIMER_SLACK_US_RANGE`].
+    pub timer_slack_us: u64,
 }
 
 impl Default for IdleConfig {
@@ -226,7 +228,7 @@ impl Default for IdleConfig {
             dormant_after: DEFAULT_DORMANT_AFTER,
             busy_cpu_percent: DEFAULT_BUSY_CPU_PERCENT,
             quantum_shrink: DEFAULT_QUANTUM_SHRINK,
-            dormant_timer_slack_us: DEFAULT_DORMANT_TIMER_SLACK_US,
+            timer_slack_us: DEFAULT_TIMER_SLACK_US,
         }
     }
 }

@@ -1190,7 +1190,7 @@ fn idle_table_and_per_vm_opt_out() {
     let m = ok(
         "[idle]\ndetect = true\ninterval_us = 50_000\nidle_after = 2\n\
                 dormant_after = 10\nbusy_cpu_percent = 20\nquantum_shrink = 8\n\
-                dormant_timer_slack_us = 0\n\n\
+                timer_slack_us = 0\n\n\
                 [[vm]]\nname = \"a\"\nmemory_mib = 4\nimage = \"i\"\nidle_reclaim = false\n",
     );
     assert_eq!(messages(&m), Vec::<String>::new());
@@ -1203,7 +1203,7 @@ fn idle_table_and_per_vm_opt_out() {
             dormant_after: 10,
             busy_cpu_percent: 20,
             quantum_shrink: 8,
-            dormant_timer_slack_us: 0,
+            timer_slack_us: 0,
         }
     );
     assert!(!m.vms[0].idle_reclaim);
@@ -1222,7 +1222,7 @@ fn bad_idle_table_turns_detection_off_and_keeps_the_vms() {
             "[idle] (line 2): key \"interval_us\": 10 is out of range 1000..=10000000",
             "[idle] (line 3): key \"quantum_shrink\": 0 is out of range 1..=64",
             "[idle] (line 4): unknown key \"busy\" (known keys: detect, interval_us, idle_after, \
-             dormant_after, busy_cpu_percent, quantum_shrink, dormant_timer_slack_us)",
+             dormant_after, busy_cpu_percent, quantum_shrink, timer_slack_us)",
             "[idle] (line 5): key \"idle_after\": expected integer, found string",
             "vm \"a\" (line 11): key \"idle_reclaim\": expected boolean, found integer",
         ]

@@ -15,11 +15,11 @@ use toml::Spanned;
 use crate::{
     ErrorKind, FatalError, HostLimits, IdleConfig, Manifest, ManifestError, MemoryConfig, Scope,
     VmConfig, BUSY_CPU_PERCENT_RANGE, CMDLINE_MAX, COLD_AFTER_US_RANGE, CPU_SHARE_RANGE,
-    DEBUG_EXIT_PORT_DEFAULT, DEFAULT_QUANTUM_US, DORMANT_AFTER_RANGE, DORMANT_TIMER_SLACK_US_RANGE,
-    IDLE_AFTER_RANGE, IDLE_INTERVAL_US_RANGE, LOW_WATERMARK_MIB_RANGE, MEMORY_MIB_MAX,
-    MEMORY_MIB_MIN, MODULES_MAX, NAME_MAX, PLATFORM_PORTS, QUANTUM_SHRINK_RANGE, QUANTUM_US_RANGE,
-    SCAN_CPU_PERCENT_RANGE, SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX,
-    TEST_DEVICE_PORTS, TEST_DEVICE_RAM_BASE, TIME_DILATION_MAX, TIME_DILATION_SCALE,
+    DEBUG_EXIT_PORT_DEFAULT, DEFAULT_QUANTUM_US, DORMANT_AFTER_RANGE, IDLE_AFTER_RANGE,
+    IDLE_INTERVAL_US_RANGE, LOW_WATERMARK_MIB_RANGE, MEMORY_MIB_MAX, MEMORY_MIB_MIN, MODULES_MAX,
+    NAME_MAX, PLATFORM_PORTS, QUANTUM_SHRINK_RANGE, QUANTUM_US_RANGE, SCAN_CPU_PERCENT_RANGE,
+    SCAN_INTERVAL_US_RANGE, SCAN_PAGES_RANGE, SHARING_DOMAIN_MAX, TEST_DEVICE_PORTS,
+    TEST_DEVICE_RAM_BASE, TIMER_SLACK_US_RANGE, TIME_DILATION_MAX, TIME_DILATION_SCALE,
 };
 
 const TOP_KEYS: &[&str] = &["defaults", "memory", "idle", "vm"];
@@ -39,7 +39,7 @@ const IDLE_KEYS: &[&str] = &[
     "dormant_after",
     "busy_cpu_percent",
     "quantum_shrink",
-    "dormant_timer_slack_us",
+    "timer_slack_us",
 ];
 const VM_KEYS: &[&str] = &[
     "name",
@@ -272,9 +272,7 @@ fn check_idle(value: &Value<'_>, errors: &mut Errors<'_>) -> IdleConfig {
                 in_range(v, &BUSY_CPU_PERCENT_RANGE).map(|n| c.busy_cpu_percent = n)
             }
             "quantum_shrink" => in_range(v, &QUANTUM_SHRINK_RANGE).map(|n| c.quantum_shrink = n),
-            "dormant_timer_slack_us" => {
-                in_range(v, &DORMANT_TIMER_SLACK_US_RANGE).map(|n| c.dormant_timer_slack_us = n)
-            }
+            "timer_slack_us" => in_range(v, &TIMER_SLACK_US_RANGE).map(|n| c.timer_slack_us = n),
             _ => return None,
         })
     });

@@ -109,7 +109,8 @@ pub struct IdlePolicy {
     pub dormant_after: u64,
     pub busy_permille: u64,
     pub quantum_shrink: u64,
-    /// How late a dormant VM's self-armed timers may fire, TSC ticks (0: never late).
+    /// How late a dormant VM's self-armed timers may fire, TSC ticks (0: never late); an idle
+    /// VM's, a quarter of it.
     pub timer_slack_tsc: u64,
 }
 
@@ -127,7 +128,7 @@ impl IdlePolicy {
             dormant_after: config.dormant_after.max(1),
             busy_permille: config.busy_cpu_percent * 10,
             quantum_shrink: config.quantum_shrink.max(1),
-            timer_slack_tsc: us_to_tsc(config.dormant_timer_slack_us, tsc_hz),
+            timer_slack_tsc: us_to_tsc(config.timer_slack_us, tsc_hz),
         }
     }
 }
@@ -323,11 +324,12 @@ impl IdleDetector {
     /// When (host TSC) a halted VM whose earliest timer is due at `deadline` is woken for it.
     /// A dormant VM (with `applies`, idle reclaim not opted out) whose timers the guest arms
     /// itself (`periodic` false: see `Platform::periodic_timer_armed`) is woken at the next
-    /// multiple of the policy's slack instead: every dormant VM due within the same slack
-    /// window wakes at the same instant, so that a working VM is interrupted once for all of
-    /// them, and a VM whose ticks come faster than the slack handles several in one run (its
-    /// handler finds the next deadline already passed). A periodic timer is never deferred:
-    /// its expiries would merge into one interrupt, and the guest would lose ticks.
+    /// multiple of the policy's slack instead, an idle one at the next multiple of a quarter
+    /// of it: every such VM due within the same window wakes at the same instant, so that a
+    /// working VM is interrupted once for all of them, and a VM whose ticks come faster than
+    /// the slack handles several in one run (its handler finds the next deadline already
+    /// passed). A periodic timer is never deferred: its expiries would merge into one
+    /// interrupt, and the guest would lose ticks.
     pub fn timer_wake(
         &self,
         deadline: u64,
@@ -335,9 +337,12 @@ impl IdleDetector {
         applies: bool,
         periodic: bool,
     ) -> u64 {
-        let slack = policy.timer_slack_tsc;
-        if !applies || !policy.detect || periodic || slack == 0 || self.state != IdleState::Dormant
-        {
+        let slack = match self.state {
+            IdleState::Active => 0,
+            IdleState::Idle => policy.timer_slack_tsc / 4,
+            IdleState::Dormant => policy.timer_slack_tsc,
+        };
+        if !applies || !policy.detect || periodic || slack == 0 {
             return deadline;
         }
         deadline.div_ceil(slack).saturating_mul(slack).max(deadline)
@@ -361,7 +366,7 @@ mod tests {
                 dormant_after: 5,
                 busy_cpu_percent: 10,
                 quantum_shrink: 4,
-                dormant_timer_slack_us: 50,
+                timer_slack_us: 50,
             },
             1_000_000,
         )
@@ -519,13 +524,14 @@ mod tests {
     }
 
     #[test]
-    fn only_dormant_vms_with_self_armed_timers_wake_late_on_a_shared_grid() {
+    fn only_idle_vms_with_self_armed_timers_wake_late_on_a_shared_grid() {
         let p = policy(); // slack 50 ticks
         let mut d = asleep_at_start();
         // (state reached at, deadline, opted in, periodic timer) -> wake time
-        let cases: [(u64, u64, bool, bool, u64); 9] = [
+        let cases: [(u64, u64, bool, bool, u64); 10] = [
             (0, 1_234, true, false, 1_234),   // active: on time
-            (300, 1_234, true, false, 1_234), // idle: on time
+            (300, 1_234, true, false, 1_236), // idle: the next multiple of 12 (50 / 4)
+            (300, 1_236, true, false, 1_236),
             (800, 1_234, true, false, 1_250), // dormant: the next multiple of 50
             (800, 1_250, true, false, 1_250), // already on the grid
             (800, 1_201, true, false, 1_250),
