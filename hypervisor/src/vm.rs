@@ -29,7 +29,7 @@ use hv_vm::{
     policy::CpuPolicy,
     pressure::{Action, PressurePolicy, ROUNDS_BEFORE_STOP},
     regs::GuestRegisters,
-    runqueue::{Rank, RunQueue, Sleepers},
+    runqueue::{RunQueue, Sleepers},
     sched,
     vcpu::{rflags, Reg, Vcpu},
 };
@@ -1176,7 +1176,7 @@ impl Queues {
             );
         self.flags[j] = new;
         if new & Self::MAY_RUN != 0 {
-            self.ready.push(j);
+            self.ready.push(j, core.wake_rank());
         }
         if runnable && core.halted.is_some() {
             if self.sleepers.at(j) == u64::MAX {
@@ -1422,19 +1422,13 @@ pub fn run_all(
         let flags = &queues.flags;
         let Some(i) = queues.ready.pop(
             |v| flags[v] & Queues::MAY_RUN != 0,
+            // Longer than a whole round of the VMs that want the CPU: round robin alone would
+            // have run it by then, so only boosted sleepers can have kept it waiting.
             |v| {
                 let core = &vms[v].core;
-                // Longer than a whole round of the VMs that want the CPU: round robin alone
-                // would have run it by then, so only boosted sleepers can have kept it waiting.
                 let quantum = sched::us_to_tsc(core.current_quantum_us(), host.tsc_hz);
-                if core
-                    .acct
+                core.acct
                     .waited(now, quantum.saturating_mul(ready_vms.max(1)))
-                {
-                    Rank::Starving
-                } else {
-                    core.wake_rank()
-                }
             },
         ) else {
             let alive = || vms.iter().filter(|v| v.core.state.is_runnable());

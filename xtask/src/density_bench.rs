@@ -9,9 +9,8 @@
 //!
 //! The harness pings every idle VM once it says it is ready (each after the previous answer:
 //! every VM boots and answers), then, once the last one is idle again, starts the busy VM
-//! (`start=line`), which computes and
-//! reports its share of the machine over that work (`busy_cpu_permille`, from the VM-stats
-//! hypercall). While it computes, the harness types `ping` to `--pings` VMs drawn at random;
+//! (`start=line`), which computes and reports its share of the machine over that work
+//! (`busy_cpu_permille`, from the VM-stats hypercall). While it computes, the harness types `ping` to `--pings` VMs drawn at random;
 //! then `check` to every VM (each reads its memory back against its fill and answers
 //! `checking NAME` at once, then `check NAME ok`), then `quit`. Answer delays come from the
 //! hypervisor (`log=debug`: `input answered in N us`, from the line's hand-over to the VM to the
