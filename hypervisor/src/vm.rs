@@ -29,7 +29,7 @@ use hv_vm::{
     policy::CpuPolicy,
     pressure::{Action, PressurePolicy, ROUNDS_BEFORE_STOP},
     regs::GuestRegisters,
-    runqueue::{RunQueue, Sleepers},
+    runqueue::{Rank, RunQueue, Sleepers},
     sched,
     vcpu::{rflags, Reg, Vcpu},
 };
@@ -1176,7 +1176,7 @@ impl Queues {
             );
         self.flags[j] = new;
         if new & Self::MAY_RUN != 0 {
-            self.ready.push(j, core.wake_rank());
+            self.ready.push(j);
         }
         if runnable && core.halted.is_some() {
             if self.sleepers.at(j) == u64::MAX {
@@ -1327,8 +1327,7 @@ pub fn run_all(
     }
     if idle.detect && idle.timer_slack_us > 0 {
         log::info!(target: "hv", "idle: a dormant VM whose timers are all one-shot gets their \
-            interrupts up to {} us late (an idle one up to {} us), together with the others",
-            idle.timer_slack_us, idle.timer_slack_us / 4);
+            interrupts up to {} us late, together with the other dormant VMs", idle.timer_slack_us);
     }
     let mut queues = Queues::new(vms);
     // VMs that stopped and whose memory has not been given back yet.
@@ -1343,6 +1342,7 @@ pub fn run_all(
     // The end of the last interval charged to `time`.
     let mut mark = start;
     let snapshot_tsc = sched::us_to_tsc(HOST_TIME_SNAPSHOT_US, host.tsc_hz);
+    let tsc_per_us = (host.tsc_hz / 1_000_000).max(1);
     let mut next_snapshot = start.saturating_add(snapshot_tsc);
     loop {
         let top = rdtsc();
@@ -1422,13 +1422,21 @@ pub fn run_all(
         let flags = &queues.flags;
         let Some(i) = queues.ready.pop(
             |v| flags[v] & Queues::MAY_RUN != 0,
-            // Longer than a whole round of the VMs that want the CPU: round robin alone would
-            // have run it by then, so only boosted sleepers can have kept it waiting.
             |v| {
                 let core = &vms[v].core;
-                let quantum = sched::us_to_tsc(core.current_quantum_us(), host.tsc_hz);
-                core.acct
+                // Longer than a whole round of the VMs that want the CPU: round robin alone
+                // would have run it by then, so only boosted sleepers can have kept it waiting.
+                // (Asked of every queued VM at every decision: integer microseconds times the
+                // TSC's whole megahertz is close enough, and cheap.)
+                let quantum = core.current_quantum_us().saturating_mul(tsc_per_us);
+                if core
+                    .acct
                     .waited(now, quantum.saturating_mul(ready_vms.max(1)))
+                {
+                    Rank::Starving
+                } else {
+                    core.wake_rank()
+                }
             },
         ) else {
             let alive = || vms.iter().filter(|v| v.core.state.is_runnable());

@@ -32,8 +32,7 @@
 //! dormant_after = 50        # further quiet intervals that make it dormant, default 50
 //! busy_cpu_percent = 10     # an interval with more CPU than this is not quiet, default 10
 //! quantum_shrink = 4        # idle: quantum / 4; dormant: / 16; default 4
-//! timer_slack_us = 50000    # a dormant VM's one-shot timers may fire this late (an idle
-//!                           # VM's a quarter of it), default 50 ms
+//! timer_slack_us = 50000    # a dormant VM's one-shot timers may fire this late, default 50 ms
 //!
 //! [[vm]]
 //! name = "hello-a"          # required, unique, 1..=31 bytes of A-Z a-z 0-9 _ . -
@@ -213,8 +212,7 @@ pub struct IdleConfig {
     /// within [`QUANTUM_SHRINK_RANGE`].
     pub quantum_shrink: u64,
     /// How late a dormant VM's timer interrupts may come when the guest arms each timer itself
-    /// (no periodic timer), so that dormant VMs wake together; an idle VM's a quarter of it;
-    /// 0 for never late. Within
+    /// (no periodic timer), so that dormant VMs wake together; 0 for never late. Within
     /// [`TIMER_SLACK_US_RANGE`].
     pub timer_slack_us: u64,
 }

@@ -109,8 +109,7 @@ pub struct IdlePolicy {
     pub dormant_after: u64,
     pub busy_permille: u64,
     pub quantum_shrink: u64,
-    /// How late a dormant VM's self-armed timers may fire, TSC ticks (0: never late); an idle
-    /// VM's, a quarter of it.
+    /// How late a dormant VM's self-armed timers may fire, TSC ticks (0: never late).
     pub timer_slack_tsc: u64,
 }
 
@@ -324,12 +323,13 @@ impl IdleDetector {
     /// When (host TSC) a halted VM whose earliest timer is due at `deadline` is woken for it.
     /// A dormant VM (with `applies`, idle reclaim not opted out) whose timers the guest arms
     /// itself (`periodic` false: see `Platform::periodic_timer_armed`) is woken at the next
-    /// multiple of the policy's slack instead, an idle one at the next multiple of a quarter
-    /// of it: every such VM due within the same window wakes at the same instant, so that a
-    /// working VM is interrupted once for all of them, and a VM whose ticks come faster than
-    /// the slack handles several in one run (its handler finds the next deadline already
-    /// passed). A periodic timer is never deferred: its expiries would merge into one
-    /// interrupt, and the guest would lose ticks.
+    /// multiple of the policy's slack instead: every dormant VM due within the same window
+    /// wakes at the same instant, so that a working VM is interrupted once for all of them,
+    /// and a VM whose ticks come faster than the slack handles several in one run (its handler
+    /// finds the next deadline already passed). A periodic timer is never deferred: its
+    /// expiries would merge into one interrupt, and the guest would lose ticks. An idle VM
+    /// (quiet for 300 ms at the defaults) keeps its timers exact: a guest that halts between
+    /// the ticks it depends on is idle too.
     pub fn timer_wake(
         &self,
         deadline: u64,
@@ -337,12 +337,9 @@ impl IdleDetector {
         applies: bool,
         periodic: bool,
     ) -> u64 {
-        let slack = match self.state {
-            IdleState::Active => 0,
-            IdleState::Idle => policy.timer_slack_tsc / 4,
-            IdleState::Dormant => policy.timer_slack_tsc,
-        };
-        if !applies || !policy.detect || periodic || slack == 0 {
+        let slack = policy.timer_slack_tsc;
+        if !applies || !policy.detect || periodic || slack == 0 || self.state != IdleState::Dormant
+        {
             return deadline;
         }
         deadline.div_ceil(slack).saturating_mul(slack).max(deadline)
@@ -524,14 +521,13 @@ mod tests {
     }
 
     #[test]
-    fn only_idle_vms_with_self_armed_timers_wake_late_on_a_shared_grid() {
+    fn only_dormant_vms_with_self_armed_timers_wake_late_on_a_shared_grid() {
         let p = policy(); // slack 50 ticks
         let mut d = asleep_at_start();
         // (state reached at, deadline, opted in, periodic timer) -> wake time
-        let cases: [(u64, u64, bool, bool, u64); 10] = [
+        let cases: [(u64, u64, bool, bool, u64); 9] = [
             (0, 1_234, true, false, 1_234),   // active: on time
-            (300, 1_234, true, false, 1_236), // idle: the next multiple of 12 (50 / 4)
-            (300, 1_236, true, false, 1_236),
+            (300, 1_234, true, false, 1_234), // idle: on time
             (800, 1_234, true, false, 1_250), // dormant: the next multiple of 50
             (800, 1_250, true, false, 1_250), // already on the grid
             (800, 1_201, true, false, 1_250),

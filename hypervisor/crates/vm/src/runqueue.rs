@@ -27,100 +27,64 @@ pub enum Rank {
     Starving,
 }
 
-/// The VMs ready to run: a FIFO per [`Rank`] below `Starving`, each VM queued at most once
-/// (a VM whose rank rises while it waits is queued again at the higher rank; its older entry is
-/// skipped when met). Every operation costs O(1) amortized, whatever the number of VMs.
+/// The VMs ready to run, each at most once, in the order they became ready.
 #[derive(Clone, Debug, Default)]
 pub struct RunQueue {
-    /// `Normal`, `Boosted`, `Urgent`: (VM, the push that queued it).
-    fifo: [VecDeque<(usize, u64)>; 3],
-    /// Per VM: whether it is queued, at which rank, by which push (an entry of an earlier
-    /// push is stale).
-    queued: Vec<Option<(Rank, u64)>>,
-    count: usize,
-    pushes: u64,
+    queue: VecDeque<usize>,
+    queued: Vec<bool>,
 }
 
 impl RunQueue {
     /// A queue for VMs `0..n`, empty.
     pub fn new(n: usize) -> Self {
         Self {
-            fifo: Default::default(),
-            queued: vec![None; n],
-            count: 0,
-            pushes: 0,
+            queue: VecDeque::with_capacity(n),
+            queued: vec![false; n],
         }
     }
 
-    /// Queues `vm` at `rank` (`Starving` counts as `Urgent`: starvation is judged at
-    /// [`Self::pop`]), unless it is queued at that rank or higher already.
-    pub fn push(&mut self, vm: usize, rank: Rank) {
-        let rank = rank.min(Rank::Urgent);
-        match self.queued[vm] {
-            Some((r, _)) if r >= rank => return,
-            Some(_) => {}
-            None => self.count += 1,
+    /// Puts `vm` at the end, unless it is queued already.
+    pub fn push(&mut self, vm: usize) {
+        if !core::mem::replace(&mut self.queued[vm], true) {
+            self.queue.push_back(vm);
         }
-        self.pushes += 1;
-        self.queued[vm] = Some((rank, self.pushes));
-        self.fifo[rank as usize].push_back((vm, self.pushes));
     }
 
     /// VMs queued (some may no longer be ready: they are dropped when met).
     pub fn len(&self) -> usize {
-        self.count
+        self.queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.queue.is_empty()
     }
 
-    /// The first live entry of `fifo[r]`: entries of VMs taken meanwhile (through another
-    /// rank), queued again at a higher rank, or no longer `ready` are dropped.
-    fn head(&mut self, r: usize, ready: &impl Fn(usize) -> bool) -> Option<usize> {
-        while let Some(&(vm, push)) = self.fifo[r].front() {
-            match self.queued[vm] {
-                Some((_, p)) if p == push => {
-                    if ready(vm) {
-                        return Some(vm);
-                    }
-                    self.queued[vm] = None;
-                    self.count -= 1;
-                }
-                _ => {}
-            }
-            self.fifo[r].pop_front();
-        }
-        None
-    }
-
-    /// Takes out the next VM to run: the VM at the head of the round-robin (`Normal`) queue if
-    /// it is `starving` (it has waited longer than a whole round: no stream of sleepers may
-    /// keep it off the CPU); else the first `Urgent` one, else the first `Boosted` one, else
-    /// the head of the round robin. VMs no longer `ready` are dropped on the way, to be pushed
-    /// again when they are.
+    /// Takes out the next VM to run: of the queued VMs still `ready`, the first in queue order
+    /// of the highest [`Rank`]. Queued VMs no longer ready are dropped on the way (to be pushed
+    /// again when they are). Costs the length of the queue, which holds only ready VMs.
     pub fn pop(
         &mut self,
         ready: impl Fn(usize) -> bool,
-        starving: impl Fn(usize) -> bool,
+        rank: impl Fn(usize) -> Rank,
     ) -> Option<usize> {
-        let (normal, urgent, boosted) = (
-            Rank::Normal as usize,
-            Rank::Urgent as usize,
-            Rank::Boosted as usize,
-        );
-        let head = self.head(normal, &ready);
-        let r = match head {
-            Some(vm) if starving(vm) => normal,
-            _ if self.head(urgent, &ready).is_some() => urgent,
-            _ if self.head(boosted, &ready).is_some() => boosted,
-            Some(_) => normal,
-            None => return None,
-        };
-        // The VM taken is the head of its FIFO.
-        let (vm, _) = self.fifo[r].pop_front()?;
-        self.queued[vm] = None;
-        self.count -= 1;
+        let queued = &mut self.queued;
+        self.queue.retain(|&vm| {
+            let keep = ready(vm);
+            queued[vm] = keep;
+            keep
+        });
+        let mut best: Option<(usize, Rank)> = None;
+        for (pos, &vm) in self.queue.iter().enumerate() {
+            let r = rank(vm);
+            if best.is_none_or(|(_, b)| r > b) {
+                best = Some((pos, r));
+                if r == Rank::Starving {
+                    break;
+                }
+            }
+        }
+        let vm = self.queue.remove(best?.0)?;
+        self.queued[vm] = false;
         Some(vm)
     }
 }
@@ -210,98 +174,35 @@ mod tests {
     fn round_robin_with_ranks_and_stale_entries_dropped() {
         let mut q = RunQueue::new(5);
         for vm in [3, 1, 4, 1] {
-            q.push(vm, Normal);
+            q.push(vm);
         }
         assert_eq!(q.len(), 3, "each VM once");
         let all = |_| true;
-        let never = |_| false;
-        assert_eq!(q.pop(all, never), Some(3));
-        q.push(3, Normal); // it ran and is still ready: last
-        assert_eq!(q.pop(all, never), Some(1));
-        assert_eq!(q.pop(all, never), Some(4));
-        assert_eq!(q.pop(all, never), Some(3));
-        assert_eq!(q.pop(all, never), None);
-        assert!(q.is_empty());
-        // Ranks: urgent > boosted > normal, first queued among equals.
+        let normal = |_| Normal;
+        assert_eq!(q.pop(all, normal), Some(3));
+        q.push(3); // it ran and is still ready: last
+        assert_eq!(q.pop(all, normal), Some(1));
+        assert_eq!(q.pop(all, normal), Some(4));
+        assert_eq!(q.pop(all, normal), Some(3));
+        assert_eq!(q.pop(all, normal), None);
+        // Ranks: starving > urgent > boosted > normal, first in queue order among equals.
+        for vm in 0..5 {
+            q.push(vm);
+        }
         let ranks = [Normal, Boosted, Urgent, Boosted, Urgent];
-        for (vm, &rank) in ranks.iter().enumerate() {
-            q.push(vm, rank);
-        }
-        assert_eq!(q.pop(all, never), Some(2));
-        assert_eq!(q.pop(all, never), Some(4));
-        assert_eq!(q.pop(all, never), Some(1));
-        // The round robin's head goes first when it starves.
-        q.push(2, Urgent);
-        assert_eq!(q.pop(all, |v| v == 0), Some(0));
-        assert_eq!(q.pop(all, never), Some(2));
-        assert_eq!(q.pop(all, never), Some(3));
-        assert!(q.is_empty());
+        assert_eq!(q.pop(all, |v| ranks[v]), Some(2));
+        assert_eq!(q.pop(all, |v| ranks[v]), Some(4));
+        assert_eq!(q.pop(all, |v| ranks[v]), Some(1));
+        q.push(2);
+        assert_eq!(
+            q.pop(all, |v| if v == 2 { Starving } else { ranks[v] }),
+            Some(2)
+        );
         // A VM no longer ready is dropped, and can be queued again later.
-        q.push(0, Normal);
-        q.push(3, Normal);
-        assert_eq!(q.pop(|v| v != 0, never), Some(3));
+        assert_eq!(q.pop(|v| v != 0, normal), Some(3));
         assert_eq!(q.len(), 0, "0 was dropped, 3 taken");
-        q.push(0, Normal);
-        assert_eq!(q.pop(all, never), Some(0));
-        // Input while it waits: queued again higher, taken once.
-        q.push(1, Normal);
-        q.push(4, Normal);
-        q.push(4, Urgent);
-        q.push(4, Boosted); // lower than it is queued at: nothing
-        assert_eq!(q.len(), 2);
-        assert_eq!(q.pop(all, never), Some(4));
-        assert_eq!(q.pop(all, never), Some(1));
-        assert_eq!(q.pop(all, never), None, "4's normal entry is stale");
-    }
-
-    /// Against a plain list: the same pick for any sequence of pushes at any rank and of
-    /// starvation, and each VM at most once.
-    #[test]
-    fn the_run_queue_matches_its_definition() {
-        let n = 6;
-        let mut q = RunQueue::new(n);
-        // The reference: (vm, rank, order pushed) of the queued VMs.
-        let mut plain: Vec<(usize, Rank, u64)> = Vec::new();
-        let mut order = 0u64;
-        let mut x: u64 = 0x2545_f491;
-        for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let vm = (x % n as u64) as usize;
-            if x >> 61 < 5 {
-                let rank = [Normal, Boosted, Urgent][(x >> 40) as usize % 3];
-                q.push(vm, rank);
-                match plain.iter_mut().find(|e| e.0 == vm) {
-                    Some(e) if e.1 >= rank => {}
-                    Some(e) => *e = (vm, rank, order),
-                    None => plain.push((vm, rank, order)),
-                }
-                order += 1;
-            } else {
-                // (Readiness is dropped lazily, when met: the test above covers it.)
-                let starving = (x >> 30) as usize % (n + 3); // >= n: none starves
-                let got = q.pop(|_| true, |v| v == starving);
-                let normal_head = plain
-                    .iter()
-                    .filter(|e| e.1 == Normal)
-                    .min_by_key(|e| e.2)
-                    .map(|e| e.0);
-                let want = match normal_head {
-                    Some(h) if h == starving => Some(h),
-                    _ => [Urgent, Boosted, Normal].iter().find_map(|&r| {
-                        plain
-                            .iter()
-                            .filter(|e| e.1 == r)
-                            .min_by_key(|e| e.2)
-                            .map(|e| e.0)
-                    }),
-                };
-                assert_eq!(got, want);
-                plain.retain(|e| Some(e.0) != got);
-            }
-            assert_eq!(q.len(), plain.len());
-        }
+        q.push(0);
+        assert_eq!(q.pop(all, normal), Some(0));
     }
 
     #[test]
