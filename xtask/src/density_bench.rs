@@ -8,11 +8,12 @@
 //! timer ticks touching 4 pages on each.
 //!
 //! The harness pings every idle VM once it says it is ready (each after the previous answer:
-//! every VM boots and answers), then, once the last one is idle again, starts the busy VM
+//! every VM boots and answers), then, once the last one is dormant again, starts the busy VM
 //! (`start=line`), which computes and reports its share of the machine over that work
-//! (`busy_cpu_permille`, from the VM-stats hypercall). While it computes, the harness types `ping` to `--pings` VMs drawn at random;
-//! then `check` to every VM (each reads its memory back against its fill and answers
-//! `checking NAME` at once, then `check NAME ok`), then `quit`. Answer delays come from the
+//! (`busy_cpu_permille`, from the VM-stats hypercall). While it computes, the harness types
+//! `ping` to `--pings` VMs drawn at random; then `check` to every VM (each reads its memory
+//! back against its fill and answers `checking NAME` at once, then `check NAME ok`), then
+//! `quit`. Answer delays come from the
 //! hypervisor (`log=debug`: `input answered in N us`, from the line's hand-over to the VM to the
 //! VM's next line, in Bochs-exact host time), so they are guest-time figures; the chain is
 //! sequential, so the log's order tells the three phases apart.
@@ -439,9 +440,10 @@ fn scenario_text(o: &Options, multiplexed: bool) -> String {
     for v in 1..=o.vms {
         input(format!("idle-{v} | ready"), format!("idle-{v}: ping"));
     }
-    // The busy VM starts once the last VM pinged is idle again (300 ms after its answer at the
-    // detector's defaults): the fleet has settled, as a consolidated machine's idle VMs are.
-    let mut after = format!("[INFO] vm idle-{}: active -> idle", o.vms);
+    // The busy VM starts once the last VM pinged is dormant again (5.3 s after its answer at
+    // the detector's defaults): the fleet has settled, as a consolidated machine's idle VMs
+    // have; the pings while the busy VM computes wake some of them again.
+    let mut after = format!("[INFO] vm idle-{}: idle -> dormant", o.vms);
     input(after, "busy: go".to_owned());
     after = "busy | busy: work=".to_owned();
     for v in draws(o.vms, o.pings) {

@@ -70,10 +70,6 @@ pub enum Why {
     Cpu(u64),
     /// Input arrived for it.
     Event,
-    /// It did not give the CPU back once in the last interval: it computed, or waited for the
-    /// CPU, throughout (beside many VMs, a VM that works may run less than `busy_cpu_percent`
-    /// of an interval, yet it is not idle).
-    NeverGaveBack,
 }
 
 impl core::fmt::Display for Why {
@@ -85,7 +81,6 @@ impl core::fmt::Display for Why {
                 write!(f, "it used {}.{}% of the CPU", permille / 10, permille % 10)
             }
             Self::Event => f.write_str("input arrived for it"),
-            Self::NeverGaveBack => f.write_str("it did not give the CPU back in a whole interval"),
         }
     }
 }
@@ -147,7 +142,10 @@ struct Interval {
     preempted_runs: u64,
     events: u64,
     /// The VM was asleep at the interval's start, or gave the CPU back during it (halted or
-    /// yielded): only then can the interval be quiet.
+    /// yielded): only then can the interval be quiet. An interval without either (the VM
+    /// computed, or waited for the CPU, throughout) and not busy is not judged: beside many
+    /// VMs a VM that works may run less than `busy_cpu_percent` of an interval, yet it is not
+    /// idle; and a VM that is idle does not stop being so by waiting for its turn.
     gave_back: bool,
 }
 
@@ -243,20 +241,17 @@ impl IdleDetector {
             Some(Why::Preempted)
         } else if cpu_permille > policy.busy_permille {
             Some(Why::Cpu(cpu_permille))
-        } else if !seen.gave_back {
-            Some(Why::NeverGaveBack)
         } else {
             None
         };
         if let Some(why) = busy {
             let t = self.enter(IdleState::Active, why, end);
-            // A VM that never gave the CPU back did not sleep through the later ones either.
-            self.quiet = if why == Why::NeverGaveBack {
-                0
-            } else {
-                closed - 1
-            };
+            self.quiet = closed - 1;
             return t.or_else(|| self.settle(now, policy));
+        }
+        if !seen.gave_back {
+            // Not judged (and neither are the later ones: it did not sleep through them).
+            return None;
         }
         self.quiet = if seen.events > 0 {
             closed - 1
@@ -412,29 +407,31 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_that_never_gives_the_cpu_back_is_not_quiet_however_little_it_ran() {
+    fn an_interval_without_giving_the_cpu_back_is_not_judged() {
         use Step::*;
         // Beside many VMs it gets 1% of each interval and is cut short, never halting: it
-        // works, or waits for the CPU. A fresh VM has not halted yet either.
+        // works, or waits for the CPU. Such intervals change nothing, either way.
         let d = trace(&[
             (300, Advance, Idle), // asleep: idle
             (310, Run(1, CutShort), Idle),
             (399, AdvanceReady, Idle),
             (400, AdvanceReady, Idle), // the interval that began asleep is quiet
             (410, Run(1, CutShort), Idle),
-            (500, AdvanceReady, Active), // a whole interval without giving the CPU back
-            (510, Run(1, CutShort), Active),
-            (600, AdvanceReady, Active),
-            (650, Run(1, GaveBack), Active), // halts: this interval can be quiet
-            (700, Advance, Active),
-            (900, Advance, Idle), // 3 quiet (600-700, 700-800, 800-900)
+            (700, AdvanceReady, Idle), // three intervals waiting: not judged, still idle
+            (710, Run(1, QuantumOver), Active), // it computes: active at once
+            (720, Run(1, GaveBack), Active),
+            (800, Advance, Active),  // 700-800 was busy (a whole quantum)
+            (1099, Advance, Active), // 2 quiet
+            (1100, Advance, Idle),   // 3 quiet (800-900, 900-1000, 1000-1100)
         ]);
         assert_eq!(d.changes, 3);
+        // A fresh VM has not halted yet: its first intervals are not judged.
         let p = policy();
         let mut fresh = IdleDetector::new(0);
-        // Three intervals without halting: none is quiet. Asleep since 300: idle at 600.
-        assert_eq!(fresh.advance(300, &p, true), None);
+        assert_eq!(fresh.advance(300, &p, false), None);
         assert_eq!(fresh.state(), Active);
+        // It halts at 300: three quiet intervals make it idle at 600.
+        assert_eq!(fresh.run_ended(1, GaveBack, 300), None);
         assert_eq!(fresh.advance(599, &p, true), None);
         assert_eq!(fresh.advance(600, &p, true).map(|t| t.to), Some(Idle));
     }
