@@ -293,17 +293,7 @@ fn print_run(o: &Options, label: &str, r: &RunResult) {
         println!("    scanner: {:.1}% of the machine", scan as f64 / 10.0);
     }
     if let Some(w) = &r.busy_window {
-        let total: u64 = [
-            "guest_us",
-            "exit_us",
-            "switch_us",
-            "scan_us",
-            "sched_us",
-            "idle_us",
-        ]
-        .iter()
-        .map(|k| w[*k])
-        .sum();
+        let total: u64 = HOST_TIME_PARTS.iter().map(|k| w[*k]).sum();
         let pct = |k: &str| w[k] as f64 * 100.0 / total.max(1) as f64;
         println!(
             "    host time around the busy VM's work ({:.1} s, snapshots 1 s apart): in guests \
@@ -348,15 +338,19 @@ struct RunResult {
     busy_window: Option<BTreeMap<String, u64>>,
 }
 
-/// The fields of a `hv: host time:` line the benchmark reads.
-const HOST_TIME_KEYS: [&str; 12] = [
-    "at_tsc",
+/// The parts of a `hv: host time:` line that add up to the host's whole time.
+const HOST_TIME_PARTS: [&str; 6] = [
     "guest_us",
     "exit_us",
     "switch_us",
     "scan_us",
     "sched_us",
     "idle_us",
+];
+
+/// The other fields of that line the benchmark reads.
+const HOST_TIME_KEYS: [&str; 6] = [
+    "at_tsc",
     "pressure_us",
     "sleepers_us",
     "decisions",
@@ -567,8 +561,9 @@ fn analyze(o: &Options, log: &str, wall_s: f64) -> RunResult {
         .and_then(|b| (0..b).rev().find(|&i| snapshot(i)))
         .zip(busy_end.and_then(|e| (e..lines.len()).find(|&i| snapshot(i))))
         .map(|(from, to)| {
-            HOST_TIME_KEYS
+            HOST_TIME_PARTS
                 .iter()
+                .chain(&HOST_TIME_KEYS)
                 .map(|k| {
                     let v = |i: usize| key(lines[i], k).unwrap_or(0);
                     (k.to_string(), v(to).saturating_sub(v(from)))
