@@ -1261,7 +1261,9 @@ fn memory_pressure(
 ) -> (bool, Option<usize>) {
     let free = frames.free_frames();
     let waiting = |v: &Vm| v.core.state.is_runnable() && v.core.waiting_for_memory.is_some();
-    let waiters = (0..vms.len()).filter(|&j| any_waiting && waiting(&vms[j]));
+    // No VM walked at all unless one waits: this runs at every scheduling decision.
+    let candidates = if any_waiting { vms.len() } else { 0 };
+    let waiters = (0..candidates).filter(|&j| waiting(&vms[j]));
     let frames_of = |j: usize| vms[j].phys.memory.present_frames().count() as u64;
     let can_compute = || vms.iter().any(|v| v.core.may_run() || v.core.must_drain());
     let decision = policy.decide(
