@@ -735,6 +735,9 @@ impl Lapic {
     /// since the platform last asked, for the IOAPIC's [`crate::ioapic::IoApic::eoi`]. The
     /// platform drains it after each access.
     pub fn take_level_eoi(&mut self) -> Option<u8> {
+        if self.level_eois == [0; 8] {
+            return None;
+        }
         let v = lowest(&self.level_eois)?;
         bit_set(&mut self.level_eois, v, false);
         Some(v)

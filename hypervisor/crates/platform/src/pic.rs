@@ -163,7 +163,13 @@ impl Pic {
     /// The priority rank (0 = highest) of the highest-priority IRQ in `mask`, given the
     /// rotation.
     fn rank(&self, mask: u8) -> Option<u8> {
-        (0..8u8).find(|r| mask & (1 << ((r + self.priority_base) & 7)) != 0)
+        // IRQ n has rank (n - priority_base) mod 8: rotating the mask by the base puts each
+        // IRQ at its rank's bit, and the lowest set bit is the best. (The platform asks this
+        // after every interrupt, mostly of an empty mask.)
+        (mask != 0).then(|| {
+            mask.rotate_right(u32::from(self.priority_base & 7))
+                .trailing_zeros() as u8
+        })
     }
 
     fn irq_of_rank(&self, rank: u8) -> u8 {
