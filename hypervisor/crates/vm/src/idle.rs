@@ -22,6 +22,12 @@
 //! The asymmetry is the hysteresis: it takes several quiet intervals to be called idle and one
 //! busy one (or one keystroke) to be active again, so a VM that works in bursts is never
 //! starved of its quantum by a misclassification for longer than one interval.
+//!
+//! Input alone does not erase a VM's history: the quiet intervals before an event are banked,
+//! and once `idle_after` quiet intervals follow it (the VM answered and went back to sleep) the
+//! streak counts them again, so a dormant VM that answers a ping is dormant again 0.3 s later
+//! (at the defaults) instead of after another `idle_after + dormant_after` intervals. Work
+//! erases it: a busy interval, or a run to the end of its quantum, empties the bank.
 
 use hv_manifest::IdleConfig;
 
@@ -70,6 +76,8 @@ pub enum Why {
     Cpu(u64),
     /// Input arrived for it.
     Event,
+    /// This many quiet intervals since the input that last woke it, and this many before it.
+    QuietAgain(u64, u64),
 }
 
 impl core::fmt::Display for Why {
@@ -81,6 +89,10 @@ impl core::fmt::Display for Why {
                 write!(f, "it used {}.{}% of the CPU", permille / 10, permille % 10)
             }
             Self::Event => f.write_str("input arrived for it"),
+            Self::QuietAgain(after, before) => write!(
+                f,
+                "{after} quiet intervals in a row since its last input, {before} before it"
+            ),
         }
     }
 }
@@ -161,6 +173,9 @@ pub struct IdleDetector {
     pub changes: u64,
     /// Quiet intervals in a row, up to the last one closed.
     quiet: u64,
+    /// Quiet intervals before the events since the last busy one (see the module's doc): they
+    /// count again once `idle_after` quiet intervals follow the last event.
+    banked: u64,
     current: Interval,
 }
 
@@ -173,6 +188,7 @@ impl IdleDetector {
             closed: [0; 3],
             changes: 0,
             quiet: 0,
+            banked: 0,
             current: Interval {
                 start: now,
                 ..Interval::default()
@@ -194,6 +210,7 @@ impl IdleDetector {
         }
         self.current.preempted_runs += 1;
         self.quiet = 0;
+        self.banked = 0;
         self.enter(IdleState::Active, Why::Preempted, now)
     }
 
@@ -201,7 +218,7 @@ impl IdleDetector {
     /// active at once.
     pub fn event(&mut self, now: u64) -> Option<Transition> {
         self.current.events += 1;
-        self.quiet = 0;
+        self.banked = self.banked.saturating_add(core::mem::take(&mut self.quiet));
         self.enter(IdleState::Active, Why::Event, now)
     }
 
@@ -247,6 +264,7 @@ impl IdleDetector {
         if let Some(why) = busy {
             let t = self.enter(IdleState::Active, why, end);
             self.quiet = closed - 1;
+            self.banked = 0;
             return t.or_else(|| self.settle(now, policy));
         }
         if !seen.gave_back {
@@ -261,20 +279,28 @@ impl IdleDetector {
         self.settle(now, policy)
     }
 
-    /// The state the quiet streak calls for.
+    /// The state the quiet streak calls for: the quiet intervals since the last event, and
+    /// those banked before it once there are `idle_after` of the former.
     fn settle(&mut self, now: u64, policy: &IdlePolicy) -> Option<Transition> {
-        let to = if self.quiet >= policy.idle_after.saturating_add(policy.dormant_after) {
-            IdleState::Dormant
-        } else if self.quiet >= policy.idle_after {
-            IdleState::Idle
-        } else {
+        if self.quiet < policy.idle_after {
             return None;
+        }
+        let streak = self.quiet.saturating_add(self.banked);
+        let to = if streak >= policy.idle_after.saturating_add(policy.dormant_after) {
+            IdleState::Dormant
+        } else {
+            IdleState::Idle
         };
         // Only deeper: an idle VM's streak was reset by whatever made it active.
         if to <= self.state {
             return None;
         }
-        self.enter(to, Why::Quiet(self.quiet), now)
+        let why = if self.banked > 0 {
+            Why::QuietAgain(self.quiet, self.banked)
+        } else {
+            Why::Quiet(self.quiet)
+        };
+        self.enter(to, why, now)
     }
 
     fn enter(&mut self, to: IdleState, why: Why, at: u64) -> Option<Transition> {
@@ -491,18 +517,63 @@ mod tests {
     }
 
     #[test]
-    fn input_makes_it_active_at_once_and_restarts_the_streak() {
+    fn input_makes_it_active_at_once_and_its_quiet_history_counts_again_after_it() {
         use Step::*;
-        let d = trace(&[
-            (900, Advance, Dormant), // 9 quiet at once: straight to dormant
-            (950, Event, Active),
-            (1000, Advance, Active), // the interval with the event is not quiet
-            (1299, Advance, Active),
-            (1300, Advance, Idle), // three quiet ones after it
-        ]);
+        let p = policy();
+        let mut d = asleep_at_start();
+        assert!(d.advance(900, &p, true).is_some()); // 9 quiet at once: straight to dormant
+        assert_eq!(d.state(), Dormant);
+        let t = d.event(950).expect("active at once");
+        assert_eq!((t.from, t.to, t.why), (Dormant, Active, Why::Event));
+        assert_eq!(d.advance(1000, &p, true), None); // the interval with the event is not quiet
+        assert_eq!(d.advance(1299, &p, true), None); // 2 quiet since it
+                                                     // Three quiet ones after it, nine before: dormant again, without passing through idle.
+        let t = d.advance(1300, &p, true).expect("dormant again");
+        assert_eq!(
+            (t.from, t.to, t.why),
+            (Active, Dormant, Why::QuietAgain(3, 9))
+        );
+        assert_eq!(
+            alloc::string::ToString::to_string(&t.why),
+            "3 quiet intervals in a row since its last input, 9 before it"
+        );
         assert_eq!(d.changes, 3);
         assert_eq!(d.time_in(Dormant, 1300), 50);
         assert_eq!(d.time_in(Active, 1300), 900 + 350);
+
+        // An idle VM pinged twice keeps its progress towards dormancy: 4 quiet before the first
+        // event, 1 between the two, then 3 after the last make 8.
+        let d = trace(&[
+            (400, Advance, Idle),
+            (410, Event, Active),
+            (500, Advance, Active),
+            (600, Advance, Active), // 1 quiet
+            (610, Event, Active),
+            (700, Advance, Active),
+            (999, Advance, Active),
+            (1000, Advance, Dormant),
+        ]);
+        assert_eq!(d.changes, 3);
+
+        // Work empties the bank: after a busy interval the streak starts from nothing.
+        let d = trace(&[
+            (900, Advance, Dormant),
+            (950, Event, Active),
+            (960, Run(20, GaveBack), Active), // it worked: 20% of the interval
+            (1000, Advance, Active),
+            (1300, Advance, Idle), // three quiet: only idle
+            (1799, Advance, Idle),
+            (1800, Advance, Dormant), // 8 quiet since the work
+        ]);
+        assert_eq!(d.changes, 4);
+        let d = trace(&[
+            (900, Advance, Dormant),
+            (950, Event, Active),
+            (960, Run(10, QuantumOver), Active),
+            (1000, Advance, Active),
+            (1300, Advance, Idle),
+        ]);
+        assert_eq!(d.changes, 3);
         // Waiting for memory is neither busy nor quiet: held intervals are not judged.
         let p = policy();
         let mut d = asleep_at_start();
