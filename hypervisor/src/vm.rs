@@ -1130,12 +1130,14 @@ struct Queues {
     flags: Vec<u8>,
     ready: RunQueue,
     /// Halted VMs, by when to look whether they woke: their earliest platform timer (after the
-    /// dormant timer slack), 0 to look at the next decision (just halted, or input arrived).
+    /// dormant timer slack), 0 to look at the next decision (input arrived).
     sleepers: Sleepers,
     /// VMs with console lines queued.
     printing: Vec<usize>,
     /// VMs paused for want of a host frame.
     memory_waiters: usize,
+    /// Sleeps of dormant VMs whose timer was deferred to the slack grid.
+    deferred_wakes: u64,
 }
 
 impl Queues {
@@ -1154,6 +1156,7 @@ impl Queues {
             sleepers: Sleepers::new(n),
             printing: Vec::new(),
             memory_waiters: 0,
+            deferred_wakes: 0,
         };
         for (j, v) in vms.iter().enumerate() {
             q.place(j, &v.core);
@@ -1162,8 +1165,7 @@ impl Queues {
     }
 
     /// Files VM `j` anew after its state changed: in the run queue if it may run, among the
-    /// sleepers (looked at the next decision) if it halted, among the printers if it has
-    /// console lines.
+    /// sleepers if it halted, among the printers if it has console lines.
     fn place(&mut self, j: usize, core: &hv_vm::Vm) {
         let old = self.flags[j];
         let runnable = core.state.is_runnable();
@@ -1180,7 +1182,9 @@ impl Queues {
         }
         if runnable && core.halted.is_some() {
             if self.sleepers.at(j) == u64::MAX {
-                self.sleepers.set(j, 0);
+                // It halted (the HLT exit found no interrupt it could take): asleep until its
+                // timer, not looked at before.
+                self.sleep(j, core);
             }
         } else {
             self.sleepers.set(j, u64::MAX);
@@ -1190,6 +1194,15 @@ impl Queues {
         }
         let waits = |f: u8| usize::from(f & Self::WAITS_FOR_MEMORY != 0);
         self.memory_waiters = self.memory_waiters + waits(new) - waits(old);
+    }
+
+    /// Files halted VM `j` among the sleepers at the time its timers call for (after the
+    /// dormant timer slack: `hv_vm::Vm::sleep_until`), never if none is armed (only input wakes
+    /// it then).
+    fn sleep(&mut self, j: usize, core: &hv_vm::Vm) {
+        let at = core.sleep_until().unwrap_or(u64::MAX);
+        self.deferred_wakes += u64::from(core.wake_deadline().is_some_and(|d| d < at));
+        self.sleepers.set(j, at);
     }
 }
 
@@ -1224,7 +1237,7 @@ struct HostTime {
     /// ones that woke.
     wake_checks: u64,
     wakeups: u64,
-    /// Sleeps of dormant VMs whose timer was deferred to the slack grid.
+    /// Sleeps of dormant VMs whose timer was deferred to the slack grid (kept by [`Queues`]).
     deferred_wakes: u64,
 }
 
@@ -1380,6 +1393,7 @@ pub fn run_all(
             next_idle_tick = now.saturating_add(idle_policy.interval_tsc / 8);
             if now >= next_snapshot && log::log_enabled!(target: "hv", log::Level::Debug) {
                 next_snapshot = now.saturating_add(snapshot_tsc);
+                time.deferred_wakes = queues.deferred_wakes;
                 time.log(log::Level::Debug, now, host.tsc_hz);
             }
             for vm in vms.iter_mut().filter(|v| v.core.state.is_runnable()) {
@@ -1400,9 +1414,7 @@ pub fn run_all(
                 core.acct.ready(now);
                 queues.place(j, core);
             } else {
-                let at = core.sleep_until().unwrap_or(u64::MAX);
-                time.deferred_wakes += u64::from(core.wake_deadline().is_some_and(|d| d < at));
-                queues.sleepers.set(j, at);
+                queues.sleep(j, core);
             }
         }
         let mut k = 0;
@@ -1709,6 +1721,7 @@ pub fn run_all(
     }
     let end = rdtsc();
     time.sched += end.wrapping_sub(mark);
+    time.deferred_wakes = queues.deferred_wakes;
     time.log(log::Level::Info, end, host.tsc_hz);
     for vm in vms.iter_mut() {
         vm.core
