@@ -1358,6 +1358,14 @@ pub fn run_all(
     let mut mark = start;
     let snapshot_tsc = sched::us_to_tsc(HOST_TIME_SNAPSHOT_US, host.tsc_hz);
     let tsc_per_us = (host.tsc_hz / 1_000_000).max(1);
+    // No VM's quantum is ever shorter: the idle detector shrinks none below its floor (or the
+    // VM's own quantum when that is shorter), and manifest quanta do not change.
+    let min_quantum_tsc = vms
+        .iter()
+        .map(|v| v.core.quantum_us().min(hv_vm::idle::QUANTUM_FLOOR_US))
+        .min()
+        .unwrap_or(0)
+        .saturating_mul(tsc_per_us);
     let mut next_snapshot = start.saturating_add(snapshot_tsc);
     loop {
         let top = rdtsc();
@@ -1433,6 +1441,9 @@ pub fn run_all(
         time.sleepers += rdtsc().wrapping_sub(now);
         crate::serial::pump();
         let ready_vms = queues.ready.len() as u64;
+        // Whoever has waited less than this cannot be starving (below): most queued VMs, spared
+        // computing their own quantum at every pick.
+        let starving_floor = min_quantum_tsc.saturating_mul(ready_vms.max(1));
         let flags = &queues.flags;
         let Some(i) = queues.ready.pop(
             |v| flags[v] & Queues::MAY_RUN != 0,
@@ -1442,11 +1453,11 @@ pub fn run_all(
                 // would have run it by then, so only boosted sleepers can have kept it waiting.
                 // (Asked of every queued VM at every decision: integer microseconds times the
                 // TSC's whole megahertz is close enough, and cheap.)
-                let quantum = core.current_quantum_us().saturating_mul(tsc_per_us);
-                if core
-                    .acct
-                    .waited(now, quantum.saturating_mul(ready_vms.max(1)))
-                {
+                if core.acct.waited(now, starving_floor) && {
+                    let quantum = core.current_quantum_us().saturating_mul(tsc_per_us);
+                    core.acct
+                        .waited(now, quantum.saturating_mul(ready_vms.max(1)))
+                } {
                     Rank::Starving
                 } else {
                     core.wake_rank()
