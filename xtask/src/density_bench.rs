@@ -296,10 +296,15 @@ fn print_run(o: &Options, label: &str, r: &RunResult) {
         let total: u64 = HOST_TIME_PARTS.iter().map(|k| w[*k]).sum();
         let pct = |k: &str| w[k] as f64 * 100.0 / total.max(1) as f64;
         println!(
-            "    host time around the busy VM's work ({:.1} s, snapshots 1 s apart): in guests \
+            "    host time {} the busy VM's work ({:.1} s, snapshots 1 s apart): in guests \
              {:.1}%, handling exits {:.1}%, switching VMs {:.1}%, scanning {:.1}%, deciding \
              {:.1}% (memory pressure {:.1}%, waking sleepers and console {:.1}%), asleep {:.1}%; \
              {} decisions ({} TSC ticks each), {} wake-ups, {} deferred to the slack grid",
+            if r.busy_window_inside {
+                "during"
+            } else {
+                "around"
+            },
             total as f64 / 1e6,
             pct("guest_us"),
             pct("exit_us"),
@@ -333,9 +338,12 @@ struct RunResult {
     busy_after_ready: bool,
     mem: Option<BTreeMap<String, u64>>,
     scan_permille: Option<u64>,
-    /// The hypervisor's host-time totals over the busy VM's work: the difference of its
-    /// debug-level snapshots (one a second) around it.
+    /// The hypervisor's host-time totals over the busy VM's work: the difference of two of its
+    /// debug-level snapshots (one a second), both inside the work when two fall in it, else the
+    /// last before and the first after it.
     busy_window: Option<BTreeMap<String, u64>>,
+    /// Whether `busy_window` lies inside the work.
+    busy_window_inside: bool,
 }
 
 /// The parts of a `hv: host time:` line that add up to the host's whole time.
@@ -554,22 +562,29 @@ fn analyze(o: &Options, log: &str, wall_s: f64) -> RunResult {
         .rev()
         .find(|l| l.starts_with("[INFO] mem: cpu:"))
         .and_then(|l| key(l, "scan_permille"));
-    // The last snapshot before the busy VM's work and the first after its report.
+    // Two snapshots inside the busy VM's work when there are (before its start line the busy VM
+    // polls COM1 between yields, thousands of scheduling decisions a second that a window
+    // around the work would mix in), else the last before the work and the first after it.
     let snapshot = |i: usize| lines[i].starts_with("[DEBUG] hv: host time: at_tsc=");
     let busy_end = position("[INFO] vm busy: report busy_cpu_permille=");
-    let busy_window = busy_start
+    let inside = busy_start.zip(busy_end).and_then(|(b, e)| {
+        let first = (b..e).find(|&i| snapshot(i))?;
+        let last = (first + 1..e).rev().find(|&i| snapshot(i))?;
+        Some((first, last))
+    });
+    let around = busy_start
         .and_then(|b| (0..b).rev().find(|&i| snapshot(i)))
-        .zip(busy_end.and_then(|e| (e..lines.len()).find(|&i| snapshot(i))))
-        .map(|(from, to)| {
-            HOST_TIME_PARTS
-                .iter()
-                .chain(&HOST_TIME_KEYS)
-                .map(|k| {
-                    let v = |i: usize| key(lines[i], k).unwrap_or(0);
-                    (k.to_string(), v(to).saturating_sub(v(from)))
-                })
-                .collect()
-        });
+        .zip(busy_end.and_then(|e| (e..lines.len()).find(|&i| snapshot(i))));
+    let busy_window = inside.or(around).map(|(from, to)| {
+        HOST_TIME_PARTS
+            .iter()
+            .chain(&HOST_TIME_KEYS)
+            .map(|k| {
+                let v = |i: usize| key(lines[i], k).unwrap_or(0);
+                (k.to_string(), v(to).saturating_sub(v(from)))
+            })
+            .collect()
+    });
     let pinged = draws(o.vms, o.pings);
     let all_answered = pinged
         .iter()
@@ -591,6 +606,7 @@ fn analyze(o: &Options, log: &str, wall_s: f64) -> RunResult {
         mem,
         scan_permille,
         busy_window,
+        busy_window_inside: inside.is_some(),
     }
 }
 
@@ -698,7 +714,23 @@ mod tests {
         let mem = r.mem.unwrap();
         assert_eq!((mem["pages"], mem["saved_frames"]), (4608, 4000));
         let w = r.busy_window.unwrap();
+        assert!(
+            !r.busy_window_inside,
+            "one snapshot during the work: around it"
+        );
         assert_eq!((w["at_tsc"], w["guest_us"], w["exit_us"]), (8000, 900, 20));
         assert_eq!((w["sched_us"], w["decisions"], w["idle_us"]), (2, 10, 0));
+
+        // Two snapshots during the work: the window is between them, without what came before
+        // the start line.
+        let during = "busy | busy: work=5\n\
+            [DEBUG] hv: host time: at_tsc=3000 guest_us=100 exit_us=6 sched_us=1 decisions=4\n\
+            [DEBUG] hv: host time: at_tsc=5000 guest_us=500 exit_us=8 sched_us=2 decisions=6\n";
+        let log = log.replacen("busy | busy: work=5\n", during, 1);
+        let r = analyze(&o, &log, 1.0);
+        assert!(r.busy_window_inside);
+        let w = r.busy_window.unwrap();
+        assert_eq!((w["at_tsc"], w["guest_us"], w["exit_us"]), (2000, 400, 2));
+        assert_eq!((w["sched_us"], w["decisions"]), (1, 2));
     }
 }
