@@ -1200,9 +1200,9 @@ impl Queues {
     /// dormant timer slack: `hv_vm::Vm::sleep_until`), never if none is armed (only input wakes
     /// it then).
     fn sleep(&mut self, j: usize, core: &hv_vm::Vm) {
-        let at = core.sleep_until().unwrap_or(u64::MAX);
-        self.deferred_wakes += u64::from(core.wake_deadline().is_some_and(|d| d < at));
-        self.sleepers.set(j, at);
+        let sleep = core.sleep_until();
+        self.deferred_wakes += u64::from(sleep.is_some_and(|s| s.deadline < s.wake));
+        self.sleepers.set(j, sleep.map_or(u64::MAX, |s| s.wake));
     }
 }
 
@@ -1237,14 +1237,13 @@ struct HostTime {
     /// ones that woke.
     wake_checks: u64,
     wakeups: u64,
-    /// Sleeps of dormant VMs whose timer was deferred to the slack grid (kept by [`Queues`]).
-    deferred_wakes: u64,
 }
 
 impl HostTime {
-    /// Logs the totals so far at `level`, at host TSC `now` (a benchmark takes the difference
-    /// of two debug-level snapshots to see one phase of a run).
-    fn log(&self, level: log::Level, now: u64, tsc_hz: u64) {
+    /// Logs the totals so far at `level`, at host TSC `now`, with the sleeps deferred to the
+    /// slack grid (`deferred_wakes`, kept by [`Queues`]) (a benchmark takes the difference of
+    /// two debug-level snapshots to see one phase of a run).
+    fn log(&self, level: log::Level, now: u64, tsc_hz: u64, deferred_wakes: u64) {
         let us = |t: u64| sched::tsc_to_us(t, tsc_hz);
         let per = |t: u64, n: u64| t.checked_div(n).unwrap_or(0);
         log::log!(target: "hv", level,
@@ -1255,7 +1254,7 @@ impl HostTime {
             us(self.guest), us(self.exits), us(self.switch), us(self.scan), us(self.sched),
             us(self.idle), us(self.pressure), us(self.sleepers), self.decisions, self.entries,
             per(self.sched, self.decisions), per(self.switch, self.decisions),
-            per(self.exits, self.entries), self.wake_checks, self.wakeups, self.deferred_wakes);
+            per(self.exits, self.entries), self.wake_checks, self.wakeups, deferred_wakes);
     }
 }
 
@@ -1401,8 +1400,7 @@ pub fn run_all(
             next_idle_tick = now.saturating_add(idle_policy.interval_tsc / 8);
             if now >= next_snapshot && log::log_enabled!(target: "hv", log::Level::Debug) {
                 next_snapshot = now.saturating_add(snapshot_tsc);
-                time.deferred_wakes = queues.deferred_wakes;
-                time.log(log::Level::Debug, now, host.tsc_hz);
+                time.log(log::Level::Debug, now, host.tsc_hz, queues.deferred_wakes);
             }
             for vm in vms.iter_mut().filter(|v| v.core.state.is_runnable()) {
                 vm.core.idle_tick(now);
@@ -1453,11 +1451,11 @@ pub fn run_all(
                 // would have run it by then, so only boosted sleepers can have kept it waiting.
                 // (Asked of every queued VM at every decision: integer microseconds times the
                 // TSC's whole megahertz is close enough, and cheap.)
-                if core.acct.waited(now, starving_floor) && {
+                let round = || {
                     let quantum = core.current_quantum_us().saturating_mul(tsc_per_us);
-                    core.acct
-                        .waited(now, quantum.saturating_mul(ready_vms.max(1)))
-                } {
+                    quantum.saturating_mul(ready_vms.max(1))
+                };
+                if core.acct.waited(now, starving_floor) && core.acct.waited(now, round()) {
                     Rank::Starving
                 } else {
                     core.wake_rank()
@@ -1732,8 +1730,7 @@ pub fn run_all(
     }
     let end = rdtsc();
     time.sched += end.wrapping_sub(mark);
-    time.deferred_wakes = queues.deferred_wakes;
-    time.log(log::Level::Info, end, host.tsc_hz);
+    time.log(log::Level::Info, end, host.tsc_hz, queues.deferred_wakes);
     for vm in vms.iter_mut() {
         vm.core
             .drain_console(|line| crate::serial::print(format_args!("{line}")));

@@ -527,7 +527,8 @@ mod tests {
         assert_eq!((t.from, t.to, t.why), (Dormant, Active, Why::Event));
         assert_eq!(d.advance(1000, &p, true), None); // the interval with the event is not quiet
         assert_eq!(d.advance(1299, &p, true), None); // 2 quiet since it
-                                                     // Three quiet ones after it, nine before: dormant again, without passing through idle.
+
+        // Three quiet ones after it, nine before: dormant again, without passing through idle.
         let t = d.advance(1300, &p, true).expect("dormant again");
         assert_eq!(
             (t.from, t.to, t.why),

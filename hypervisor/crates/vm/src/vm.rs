@@ -75,6 +75,16 @@ pub struct Vm {
     pub(crate) scratch: Box<Scratch>,
 }
 
+/// When a halted VM's timer is due and when the scheduler looks at it for it
+/// ([`Vm::sleep_until`]), host TSC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sleep {
+    /// Its earliest timer.
+    pub deadline: u64,
+    /// `deadline`, or later for a dormant VM whose timer the idle policy defers.
+    pub wake: u64,
+}
+
 impl Vm {
     /// A VM `id` of `config`, with `memory_bytes` of guest memory, before its first entry;
     /// `clock` is its TSC, whose time `platform` was created at.
@@ -305,17 +315,19 @@ impl Vm {
         (host != u64::MAX).then_some(host)
     }
 
-    /// When (host TSC) the scheduler looks at a halted VM again for its timers: its earliest
-    /// timer ([`Self::wake_deadline`]), or for a dormant VM whose timers the guest arms itself,
-    /// that time rounded up to the idle policy's timer slack (`IdleDetector::timer_wake`).
-    pub fn sleep_until(&self) -> Option<u64> {
+    /// A halted VM's earliest timer and when (host TSC) the scheduler looks at it again for
+    /// that timer: at the timer itself ([`Self::wake_deadline`]), or for a dormant VM whose
+    /// timers the guest arms itself, that time rounded up to the idle policy's timer slack
+    /// (`IdleDetector::timer_wake`). None if no timer is armed.
+    pub fn sleep_until(&self) -> Option<Sleep> {
         let deadline = self.wake_deadline()?;
-        Some(self.idle.timer_wake(
+        let wake = self.idle.timer_wake(
             deadline,
             &self.idle_policy,
             self.config.idle_reclaim,
             self.platform.periodic_timer_armed(),
-        ))
+        );
+        Some(Sleep { deadline, wake })
     }
 
     /// When (host TSC) the running VM must leave the guest for its platform's next timer:
